@@ -1,0 +1,178 @@
+"""Command line: parses arguments and hands an options object to library code. Nothing else."""
+
+from __future__ import annotations
+
+__all__ = ["main", "build_parser"]
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from inspectd import __version__
+from inspectd.errors import ExitCode, InspectdError, UsageError
+from inspectd.imageio import parse_size
+
+
+def _cmd_train(args) -> int:
+    from inspectd.model.train import TrainOptions, train
+
+    opts = TrainOptions(
+        dataset=args.dataset, out=args.out, backbone=args.backbone, stride=args.stride,
+        input_size=parse_size(args.input_size) if args.input_size else None, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, weights=args.weights, val=args.val,
+        val_fraction=args.val_fraction, seed=args.seed, balance=args.balance, augment=not args.no_augment,
+    )
+    result = train(opts)
+    print(json.dumps({"model": str(result.model_path), "best_epoch": result.best_epoch,
+                      "val_roc_auc": result.val_metrics.get("roc_auc"), "val_f1": result.val_metrics.get("f1")}))
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from inspectd.model.convert import convert
+
+    out = convert(args.classifier, args.out, args.input_range, args.threshold, args.mask_threshold)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_infer(args) -> int:
+    from inspectd.model.infer import InferOptions, infer, raise_if_skipped
+
+    opts = InferOptions(model=args.model, inputs=tuple(args.inputs), out=args.out, batch_size=args.batch_size,
+                        every_s=args.every, max_frames=args.max_frames, threshold=args.threshold,
+                        mask_threshold=args.mask_threshold)
+    written, skipped = infer(opts)
+    print(f"wrote {written} overlay/mask pairs and results.jsonl to {args.out}")
+    raise_if_skipped(skipped)
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from inspectd.model.evaluate import EvalOptions, evaluate, format_table
+
+    report = evaluate(EvalOptions(args.model, args.dataset, args.report, args.batch_size, args.threshold))
+    print(format_table(report))
+    if args.report:
+        print(f"\nwrote {args.report / 'report.json'} and {args.report / 'roc_pr.png'}")
+    return 0
+
+
+def _cmd_synth(args) -> int:
+    from inspectd.synth import write_dataset
+
+    width, height = parse_size(args.size)
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 10) == 0:
+            print(f"inspectd synth: {done}/{total} images", file=sys.stderr, flush=True)
+
+    try:
+        summary = write_dataset(args.out, args.n, width, height, args.seed, args.defect_ratio, progress)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"wrote {summary.n_ok} ok + {summary.n_defect} defect images ({width}x{height}, masks in "
+          f"{args.out / 'masks'}) to {args.out}")
+    return 0
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train the binary classifier (seed recipe), save the deployable model",
+                       description="Train on DATASET/ok|defect (aliases 0|1, good|bad); writes MODEL.keras, "
+                       "MODEL.history.json and MODEL.curves.png.")
+    p.add_argument("dataset", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="deployable model file (.keras)")
+    p.add_argument("--backbone", default="efficientnetv2b0", help="efficientnetv2b0 | convnext_tiny | mobilenetv3large")
+    p.add_argument("--stride", type=int, default=16, choices=(16, 32), help="16: truncated as in the paper; 32: full")
+    p.add_argument("--input-size", help="WxH, multiples of the stride (default: median image size, rounded to 32)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (warm-up 15 %%, hold 10 %%, cosine)")
+    p.add_argument("--weights", default="imagenet", help="imagenet (needs the internet) | none | PATH")
+    p.add_argument("--val", type=Path, help="validation dataset (default: a stratified split of DATASET)")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--balance", default="auto", choices=("auto", "oversample", "none"),
+                   help="auto: oversample to 50/50 when classes differ by more than 1.5x")
+    p.add_argument("--no-augment", action="store_true", help="switch the seed's augmentations off")
+    p.set_defaults(func=_cmd_train)
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="turn a plain classifier (.keras/.h5/.hdf5/SavedModel) into the deployable model")
+    p.add_argument("classifier", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--input-range", default="0-255", choices=("0-255", "0-1", "-1-1"),
+                   help="the input range the classifier expects (the deployable model always takes RGB 0..255)")
+    p.add_argument("--threshold", type=float, default=0.5, help="default image-level threshold stored in the model")
+    p.add_argument("--mask-threshold", type=float, default=0.5, help="default per-pixel threshold stored in the model")
+    p.set_defaults(func=_cmd_convert)
+
+
+def _add_infer(sub) -> None:
+    p = sub.add_parser("infer", help="images / folders / videos -> overlays, masks, results.jsonl")
+    p.add_argument("model", type=Path)
+    p.add_argument("inputs", type=Path, nargs="+", metavar="INPUT")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--every", type=float, default=1.0, help="videos: one frame per this many seconds")
+    p.add_argument("--max-frames", type=int, default=0, help="videos: at most this many frames each (0: all)")
+    p.add_argument("--threshold", type=float, help="image-level threshold (default: the model's)")
+    p.add_argument("--mask-threshold", type=float, help="per-pixel threshold for regions (default: the model's)")
+    p.set_defaults(func=_cmd_infer)
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="image-level and pixel-level (with masks/) quality report")
+    p.add_argument("model", type=Path)
+    p.add_argument("dataset", type=Path)
+    p.add_argument("--report", type=Path, help="folder for report.json and roc_pr.png")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threshold", type=float, help="image-level threshold (default: the model's)")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _add_synth(sub) -> None:
+    p = sub.add_parser("synth", help="generate a synthetic defect dataset with masks")
+    p.add_argument("out", type=Path)
+    p.add_argument("--n", type=int, default=200, help="number of images")
+    p.add_argument("--size", default="256x256", help="WxH")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--defect-ratio", type=float, default=0.5)
+    p.set_defaults(func=_cmd_synth)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="inspectd", description="Single-pass defect score + CAM mask inspection: offline toolkit.",
+        epilog="Exit codes: 0 ok, 1 internal error, 2 usage, 65 bad data/model, 66 missing input, "
+               "69 unavailable (e.g. ImageNet weights offline), 130 interrupted. See docs/cli.md.")
+    parser.add_argument("--version", action="version", version=f"inspectd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_train, _add_convert, _add_infer, _add_evaluate, _add_synth):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command != "synth":
+            from inspectd.tfload import import_tensorflow
+
+            import_tensorflow()
+        return args.func(args)
+    except InspectdError as exc:
+        print(f"inspectd {args.command}: error: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        print(f"inspectd {args.command}: interrupted", file=sys.stderr)
+        return int(ExitCode.INTERRUPTED)
+    except Exception as exc:  # a bug: one line by default, the traceback on request
+        if os.environ.get("INSPECTD_DEBUG"):
+            raise
+        print(f"inspectd {args.command}: internal error: {type(exc).__name__}: {exc} "
+              "(set INSPECTD_DEBUG=1 for the traceback)", file=sys.stderr)
+        return int(ExitCode.INTERNAL)

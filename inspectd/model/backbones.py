@@ -1,0 +1,93 @@
+"""Backbones truncated at output stride 16 (SEED.md) or full (stride 32), as feature extractors.
+
+Every backbone takes RGB in 0..255: the Keras applications used here carry their own
+preprocessing layers (include_preprocessing), so the deployable model's input contract is the
+same whatever the backbone.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BACKBONES", "Backbone", "build_features", "check_input_size"]
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from inspectd.errors import NoInputError, UnavailableError, UsageError
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    factory: str  # attribute of keras.applications
+    # Picks the stride-16 feature tensor from the built application model.
+    cut16: Callable
+
+
+def _named(layer_name: str) -> Callable:
+    return lambda app: app.get_layer(layer_name).output
+
+
+def _mobilenet_cut(app):
+    # The reference took layers[193] of the Keras-2 model: the hard-swish after
+    # expanded_conv_12's 1x1 expansion, the last stride-16 tensor (672 channels). Keras 3 builds
+    # fewer layers and names that activation by a global counter, so find it structurally: it is
+    # the input of the stride-2 depthwise block's padding layer.
+    return app.get_layer("expanded_conv_12_depthwise_pad").input
+
+
+BACKBONES: dict[str, Backbone] = {
+    b.name: b
+    for b in (
+        Backbone("efficientnetv2b0", "EfficientNetV2B0", _named("block6a_expand_activation")),
+        Backbone("convnext_tiny", "ConvNeXtTiny", _named("convnext_tiny_stage_2_block_8_identity")),
+        Backbone("mobilenetv3large", "MobileNetV3Large", _mobilenet_cut),
+    )
+}
+
+
+def check_input_size(size: tuple[int, int], stride: int) -> None:
+    """Width and height must be multiples of the output stride so the CAM grid tiles the image."""
+    w, h = size
+    if stride not in (16, 32):
+        raise UsageError(f"stride {stride}: must be 16 (truncated, SEED.md) or 32 (full backbone)")
+    if w % stride or h % stride or w < stride * 2 or h < stride * 2:
+        raise UsageError(
+            f"input size {w}x{h}: width and height must be multiples of the output stride {stride} "
+            f"and at least {2 * stride} (e.g. {max(2, round(w / stride)) * stride}x{max(2, round(h / stride)) * stride})"
+        )
+
+
+def _weights_arg(weights: str) -> str | None:
+    if weights == "none":
+        return None
+    if weights == "imagenet":
+        return "imagenet"
+    path = Path(weights)
+    if not path.is_file():
+        raise NoInputError(f"--weights {weights}: not 'imagenet', 'none' or an existing weights file")
+    return str(path)
+
+
+def build_features(name: str, stride: int, size: tuple[int, int], weights: str = "none"):
+    """Keras model: RGB 0..255 [B, H, W, 3] -> feature map F [B, H/stride, W/stride, C]."""
+    import keras
+
+    if name not in BACKBONES:
+        raise UsageError(f"backbone {name!r}: choose one of {', '.join(BACKBONES)}")
+    check_input_size(size, stride)
+    spec = BACKBONES[name]
+    w, h = size
+    factory = getattr(keras.applications, spec.factory)
+    try:
+        app = factory(include_top=False, weights=_weights_arg(weights), input_shape=(h, w, 3))
+    except Exception as exc:  # keras raises a bare Exception on a failed download
+        if weights != "imagenet":
+            raise UsageError(f"--weights {weights}: could not load into {name}: {exc}") from None
+        raise UnavailableError(
+            f"could not download ImageNet weights for {name} ({type(exc).__name__}); this machine "
+            "seems offline: use --weights none (train from scratch) or --weights PATH "
+            "(a Keras weights file for this backbone, include_top=False)"
+        ) from None
+    features = spec.cut16(app) if stride == 16 else app.output
+    return keras.Model(app.input, features, name=f"{name}_s{stride}")

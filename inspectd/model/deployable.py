@@ -1,0 +1,224 @@
+"""The deployable model: one Keras model, one forward pass, outputs `score` [B] and `cam_logits` [B, h, w].
+
+`cam_logits = F . w + b` (a 1x1 convolution carrying the classifier's Dense weights), so
+`mean(cam_logits)` is exactly the classifier's logit and `sigmoid(cam_logits)` is a per-location
+defect probability. The file is a standard `.keras` archive plus an `inspectd.json` entry with the
+metadata; loading always uses Keras' safe mode. This module is on the daemon's path: it imports
+no training-only packages.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FORMAT",
+    "INPUT_RANGES",
+    "Head",
+    "Deployable",
+    "find_head",
+    "build_deployable",
+    "save_model",
+    "load_model",
+    "read_metadata",
+]
+
+import hashlib
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inspectd import __version__
+from inspectd.errors import ModelFileError, NoInputError, UsageError
+
+FORMAT = "inspectd.model/1"
+META_ENTRY = "inspectd.json"
+# What the wrapped classifier expects -> (scale, offset) applied to 0..255 input.
+INPUT_RANGES = {"0-255": None, "0-1": (1 / 255.0, 0.0), "-1-1": (1 / 127.5, -1.0)}
+
+
+@dataclass(frozen=True)
+class Head:
+    """The classifier's GAP -> Dense head, reduced to one logit: F [B,h,w,C] and w [C], b."""
+
+    features: Any  # KerasTensor feeding GlobalAveragePooling2D
+    weight: np.ndarray
+    bias: float
+
+
+@dataclass(frozen=True)
+class Deployable:
+    model: Any  # keras.Model with outputs {"score", "cam_logits"}
+    meta: dict
+    path: Path
+    sha256: str
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return int(self.meta["input"]["width"]), int(self.meta["input"]["height"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.meta["thresholds"]["score"])
+
+    @property
+    def mask_threshold(self) -> float:
+        return float(self.meta["thresholds"]["mask"])
+
+    @property
+    def name(self) -> str:
+        return str(self.meta.get("name") or self.path.stem)
+
+
+def _producer(tensor):
+    # Keras 3 keeps the layer that produced a symbolic tensor in `_keras_history`; there is no
+    # public accessor for walking a functional graph backwards.
+    return tensor._keras_history[0]
+
+
+def _dense_logit(dense, activation: str) -> tuple[np.ndarray, float]:
+    kernel = np.asarray(dense.kernel)
+    bias = np.asarray(dense.bias) if dense.use_bias else np.zeros(dense.units)
+    if dense.units == 1 and activation in ("sigmoid", "linear"):
+        return kernel[:, 0], float(bias[0])
+    if dense.units == 2 and activation == "softmax":
+        # softmax over two classes == sigmoid of the logit difference: the CAM stays exact.
+        return kernel[:, 1] - kernel[:, 0], float(bias[1] - bias[0])
+    raise ModelFileError(
+        f"classifier head is Dense({dense.units}, {activation}); expected Dense(1, sigmoid) "
+        "(or Dense(2, softmax)) after GlobalAveragePooling2D"
+    )
+
+
+def find_head(classifier) -> Head:
+    """Locate `F -> GlobalAveragePooling2D -> [Dropout] -> Dense` at the classifier's output."""
+    import keras
+
+    if len(classifier.outputs) != 1:
+        raise ModelFileError(f"classifier has {len(classifier.outputs)} outputs; expected one score")
+    layer = _producer(classifier.outputs[0])
+    activation = None
+    if isinstance(layer, keras.layers.Activation):
+        activation = keras.activations.serialize(layer.activation)
+        layer = _producer(layer.input)
+    if not isinstance(layer, keras.layers.Dense):
+        raise ModelFileError(
+            f"classifier output comes from {type(layer).__name__} {layer.name!r}; expected "
+            "GlobalAveragePooling2D -> Dense(1, sigmoid) as in the reference method"
+        )
+    act = activation or keras.activations.serialize(layer.activation)
+    act = act if isinstance(act, str) else act.get("config", {}).get("name", str(act))
+    weight, bias = _dense_logit(layer, act)
+    pool = _producer(layer.input)
+    while isinstance(pool, keras.layers.Dropout):
+        pool = _producer(pool.input)
+    if not isinstance(pool, keras.layers.GlobalAveragePooling2D):
+        raise ModelFileError(
+            f"the Dense head is fed by {type(pool).__name__} {pool.name!r}; a CAM needs "
+            "GlobalAveragePooling2D directly before it"
+        )
+    return Head(pool.input, weight.astype(np.float32), bias)
+
+
+def build_deployable(classifier, input_range: str = "0-255"):
+    """Wrap a GAP+Dense classifier into the two-output model (shares the classifier's weights)."""
+    import keras
+
+    head = find_head(classifier)
+    shape = tuple(classifier.inputs[0].shape[1:])
+    if len(shape) != 3 or None in shape or shape[2] != 3:
+        raise ModelFileError(
+            f"classifier input shape {shape}: expected a fixed (height, width, 3) input; "
+            "rebuild it with a fixed input_shape"
+        )
+    features = keras.Model(classifier.inputs, head.features, name="features")
+    image = keras.Input(shape, name="image")
+    x = image
+    if INPUT_RANGES[input_range] is not None:
+        scale, offset = INPUT_RANGES[input_range]
+        x = keras.layers.Rescaling(scale, offset, name="input_range")(x)
+    fmap = features(x)
+    h, w, channels = fmap.shape[1:]
+    cam = keras.layers.Conv2D(1, 1, name="cam", dtype="float32")(fmap)
+    cam_logits = keras.layers.Reshape((h, w), name="cam_logits")(cam)
+    logit = keras.layers.GlobalAveragePooling2D(name="logit")(cam)
+    score = keras.layers.Reshape((), name="score")(keras.layers.Activation("sigmoid")(logit))
+    model = keras.Model(image, {"score": score, "cam_logits": cam_logits}, name="inspectd_cam")
+    model.get_layer("cam").set_weights([head.weight.reshape(1, 1, channels, 1), np.array([head.bias], np.float32)])
+    return model
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_model(model, path: Path, meta: dict) -> Path:
+    """Write the model and its metadata atomically (a half-written model never replaces a good one)."""
+    path = Path(path)
+    if path.suffix != ".keras":
+        raise UsageError(f"--out {path}: the model file name must end in .keras")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _, h, w, _ = model.inputs[0].shape
+    cam_h, cam_w = model.get_layer("cam_logits").output.shape[1:]
+    meta = {
+        "format": FORMAT,
+        "inspectd_version": __version__,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "thresholds": {"score": 0.5, "mask": 0.5},
+        **meta,
+        # Derived from the model itself, so the metadata cannot disagree with the graph.
+        "input": {"width": int(w), "height": int(h), "channels": 3, "channel_order": "RGB",
+                  "range": "0-255", "preprocessing": "inside the model: feed RGB 0..255 float"},
+        "stride": int(h // cam_h),
+        "cam": {"height": int(cam_h), "width": int(cam_w)},
+    }
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.keras")
+    try:
+        model.save(tmp)
+        with zipfile.ZipFile(tmp, "a") as archive:
+            archive.writestr(META_ENTRY, json.dumps(meta, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_metadata(path: Path) -> dict:
+    """The metadata alone, without TensorFlow (cheap: for `inspectd` tools and the daemon)."""
+    path = Path(path)
+    if not path.is_file():
+        raise NoInputError(f"{path}: no such model file")
+    if not zipfile.is_zipfile(path):
+        raise ModelFileError(f"{path}: not an inspectd model (not a .keras archive)")
+    with zipfile.ZipFile(path) as archive:
+        if META_ENTRY not in archive.namelist():
+            raise ModelFileError(
+                f"{path}: a Keras model but not an inspectd deployable model (no {META_ENTRY}); "
+                "turn a classifier into one with `inspectd convert`"
+            )
+        meta = json.loads(archive.read(META_ENTRY))
+    if meta.get("format") != FORMAT:
+        raise ModelFileError(f"{path}: model format {meta.get('format')!r}, this inspectd reads {FORMAT!r}")
+    return meta
+
+
+def load_model(path: Path) -> Deployable:
+    """Load a deployable model in Keras safe mode (a model file can never run code)."""
+    import keras
+
+    path = Path(path)
+    meta = read_metadata(path)
+    try:
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFileError(f"{path}: cannot load the model safely: {first}") from None
+    return Deployable(model, meta, path, _sha256(path))

@@ -1,0 +1,140 @@
+"""`inspectd infer`: images, folders and video files -> overlay PNG, mask PNG and a results.jsonl line each."""
+
+from __future__ import annotations
+
+__all__ = ["InferOptions", "infer", "raise_if_skipped"]
+
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from inspectd.engine import Predictor
+from inspectd.errors import DataError, NoInputError, UsageError
+from inspectd.imageio import IMAGE_SUFFIXES, VIDEO_SUFFIXES, read_rgb, to_rgb, write_png
+from inspectd.model.deployable import load_model
+from inspectd.postprocess import find_regions, overlay, probability, to_mask_u8, upsample
+
+
+@dataclass(frozen=True)
+class InferOptions:
+    model: Path
+    inputs: tuple[Path, ...]
+    out: Path
+    batch_size: int = 8
+    every_s: float = 1.0  # video: one frame per this many seconds of video
+    max_frames: int = 0  # video: 0 = no limit
+    threshold: float | None = None  # None = the model's own
+    mask_threshold: float | None = None
+
+
+@dataclass(frozen=True)
+class _Key:
+    input: Path
+    name: str
+    frame: int | None = None
+
+
+def _expand(inputs: tuple[Path, ...]) -> list[Path]:
+    files: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise NoInputError(f"{path}: no such file or folder")
+    if not files:
+        raise DataError(f"no images or videos in {', '.join(map(str, inputs))}")
+    return files
+
+
+def _unique(stem: str, used: set[str]) -> str:
+    name, n = stem, 1
+    while name in used:
+        n += 1
+        name = f"{stem}-{n}"
+    used.add(name)
+    return name
+
+
+def _video_frames(path: Path, name: str, opts: InferOptions) -> Iterator[tuple[_Key, np.ndarray]]:
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise DataError(f"{path}: not a readable video")
+    fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
+    step = max(1, round(fps * opts.every_s))
+    index = taken = 0
+    try:
+        while opts.max_frames <= 0 or taken < opts.max_frames:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            if index % step == 0:
+                taken += 1
+                yield _Key(path, f"{name}_f{index:06d}", index), to_rgb(frame)
+            index += 1
+    finally:
+        cap.release()
+    if taken == 0:
+        raise DataError(f"{path}: no frames could be decoded")
+
+
+def _items(files: list[Path], opts: InferOptions, errors: list[dict]) -> Iterator[tuple[_Key, np.ndarray]]:
+    used: set[str] = set()
+    for path in files:
+        name = _unique(path.stem, used)
+        try:
+            if path.suffix.lower() in VIDEO_SUFFIXES:
+                yield from _video_frames(path, name, opts)
+            else:
+                yield _Key(path, name), read_rgb(path)
+        except DataError as exc:
+            # One bad file must not cost the results of all the others: report it and go on.
+            print(f"inspectd infer: skipped: {exc}", file=sys.stderr)
+            errors.append({"input": str(path), "error": str(exc)})
+
+
+def _record(key: _Key, image: np.ndarray, pred, out: Path, thr: float, mask_thr: float) -> dict:
+    h, w = image.shape[:2]
+    prob = upsample(probability(pred.cam_logits), w, h)
+    write_png(out / f"{key.name}_overlay.png", overlay(image, prob, pred.score, thr))
+    write_png(out / f"{key.name}_mask.png", to_mask_u8(prob), rgb=False)
+    record = {"input": str(key.input), "name": key.name, "score": round(pred.score, 6), "threshold": thr,
+              "is_defect": bool(pred.score >= thr), "mask_threshold": mask_thr,
+              "regions": [r.as_dict() for r in find_regions(prob, mask_thr)] if pred.score >= thr else []}
+    if key.frame is not None:
+        record["frame"] = key.frame
+    return record
+
+
+def infer(opts: InferOptions) -> tuple[int, int]:
+    """Run the model over every input; returns (images written, inputs skipped)."""
+    if opts.batch_size < 1:
+        raise UsageError("--batch-size must be positive")
+    files = _expand(opts.inputs)
+    model = load_model(opts.model)
+    thr = model.threshold if opts.threshold is None else opts.threshold
+    mask_thr = model.mask_threshold if opts.mask_threshold is None else opts.mask_threshold
+    opts.out.mkdir(parents=True, exist_ok=True)
+    errors: list[dict] = []
+    written = 0
+    with open(opts.out / "results.jsonl", "w") as results:
+        for key, image, pred in Predictor(model, opts.batch_size).stream(_items(files, opts, errors)):
+            results.write(json.dumps(_record(key, image, pred, opts.out, thr, mask_thr)) + "\n")
+            results.flush()
+            written += 1
+            print(f"inspectd infer: {key.name}: score {pred.score:.3f}", file=sys.stderr)
+        for err in errors:
+            results.write(json.dumps(err) + "\n")
+    return written, len(errors)
+
+
+def raise_if_skipped(skipped: int) -> None:
+    if skipped:
+        raise DataError(f"{skipped} input(s) could not be read (see results.jsonl); the others were written")
+

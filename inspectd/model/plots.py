@@ -1,0 +1,51 @@
+"""Plots people would rather look at than read: training curves, ROC/PR curves."""
+
+from __future__ import annotations
+
+__all__ = ["plot_training", "plot_roc_pr"]
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; a line PC has no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+_PANELS = (("loss", "loss"), ("accuracy", "accuracy"), ("precision", "precision"), ("recall", "recall"), ("auc", "ROC-AUC"))
+
+
+def plot_training(epochs: list[dict], best_epoch: int, out: Path) -> Path:
+    """Train/validation curves per metric with the kept (best) epoch marked, as the reference plotted."""
+    x = [e["epoch"] for e in epochs]
+    fig, axes = plt.subplots(1, len(_PANELS), figsize=(4 * len(_PANELS), 3.2), constrained_layout=True)
+    for ax, (key, title) in zip(axes, _PANELS):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            if prefix + key in epochs[0]:
+                ax.plot(x, [e[prefix + key] for e in epochs], style, label="validation" if prefix else "train")
+        ax.axvline(best_epoch, color="tab:red", lw=1, alpha=0.7, label=f"best epoch {best_epoch}")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return Path(out)
+
+
+def plot_roc_pr(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], pr: tuple[np.ndarray, np.ndarray, float], out: Path) -> Path:
+    """ROC curves (image level, and pixel level when given) and the image-level PR curve."""
+    fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(10, 4.2), constrained_layout=True)
+    for label, (fpr, tpr, auc) in curves.items():
+        ax_roc.plot(fpr, tpr, label=f"{label} (AUC {auc:.3f})")
+    ax_roc.plot([0, 1], [0, 1], ":", color="grey")
+    ax_roc.set(title="ROC", xlabel="false positive rate", ylabel="true positive rate")
+    recall, precision, ap = pr
+    ax_pr.plot(recall, precision, label=f"image (AP {ap:.3f})")
+    ax_pr.set(title="precision-recall (image level)", xlabel="recall", ylabel="precision", ylim=(0, 1.02))
+    for ax in (ax_roc, ax_pr):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right" if ax is ax_roc else "lower left")
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return Path(out)

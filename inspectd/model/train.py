@@ -1,0 +1,203 @@
+"""`inspectd train`: the seed's recipe (focal loss, warm-up/hold/cosine, augmentations) -> deployable model."""
+
+from __future__ import annotations
+
+__all__ = ["TrainOptions", "TrainResult", "train"]
+
+import json
+import math
+import sys
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from inspectd.errors import UsageError
+from inspectd.model import dataset as datasets
+from inspectd.model.backbones import BACKBONES, build_features, check_input_size
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    dataset: Path
+    out: Path
+    backbone: str = "efficientnetv2b0"
+    stride: int = 16
+    input_size: tuple[int, int] | None = None  # (width, height); None = from the data
+    epochs: int = 30
+    batch_size: int = 8
+    lr: float = 1e-3
+    weights: str = "imagenet"
+    val: Path | None = None
+    val_fraction: float = 0.2
+    seed: int = 0
+    balance: str = "auto"  # auto | oversample | none
+    augment: bool = True
+    verbose: int | None = None  # Keras fit verbosity; None = bar on a terminal, a line per epoch otherwise
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model_path: Path
+    history_path: Path
+    curves_path: Path
+    best_epoch: int
+    val_metrics: dict = field(default_factory=dict)
+
+
+def _log(msg: str) -> None:
+    print(f"inspectd train: {msg}", file=sys.stderr, flush=True)
+
+
+def _auto_size(sizes: list[tuple[int, int]], stride: int) -> tuple[int, int]:
+    """Median image size, rounded to the nearest multiple of 32 and capped at 768 on the long side."""
+    w, h = np.median(np.array(sizes), axis=0)
+    scale = min(1.0, 768 / max(w, h))
+    return tuple(int(max(2, round(v * scale / 32)) * 32) for v in (w, h))
+
+
+def _classifier(opts: TrainOptions, size):
+    import keras
+
+    features = build_features(opts.backbone, opts.stride, size, opts.weights)
+    image = keras.Input((size[1], size[0], 3), name="image")
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(features(image))
+    score = keras.layers.Dense(1, activation="sigmoid", name="score")(x)
+    return keras.Model(image, score, name=f"classifier_{opts.backbone}")
+
+
+class _BestWeights:
+    """Keep the weights of the best epoch by validation ROC-AUC, ties broken by validation loss.
+
+    Hand-written rather than ModelCheckpoint because the key is a pair (AUC saturates at 1.0 on
+    small validation sets, and the lower loss is then the better calibrated model).
+    """
+
+    def __init__(self):
+        import keras
+
+        class Callback(keras.callbacks.Callback):
+            def on_epoch_end(cb, epoch, logs=None):
+                self.update(cb.model, epoch, logs or {})
+
+        self.callback = Callback()
+        self.best_key = (-math.inf, -math.inf)
+        self.best_epoch = 0
+        self.weights = None
+
+    def update(self, model, epoch: int, logs: dict) -> None:
+        key = (round(float(logs.get("val_auc", 0.0)), 6), -float(logs.get("val_loss", math.inf)))
+        if key > self.best_key:
+            self.best_key, self.best_epoch = key, epoch + 1
+            self.weights = [w.copy() for w in model.get_weights()]
+
+
+def _prepare(opts: TrainOptions):
+    """Scan and check the data; pick the input size and the train/val split."""
+    from inspectd.model.pipeline import decode_check
+
+    if opts.backbone not in BACKBONES:
+        raise UsageError(f"--backbone {opts.backbone}: choose one of {', '.join(BACKBONES)}")
+    if opts.epochs < 1 or opts.batch_size < 1 or opts.lr <= 0:
+        raise UsageError("--epochs, --batch-size and --lr must be positive")
+    if opts.input_size is not None:
+        check_input_size(opts.input_size, opts.stride)
+    data = datasets.scan(opts.dataset)
+    if opts.val is not None:
+        train_ds, val_ds = data, datasets.scan(opts.val)
+    else:
+        train_ds, val_ds = datasets.stratified_split(data, opts.val_fraction, opts.seed)
+    _log(f"checking {len(train_ds.items) + len(val_ds.items)} images")
+    sizes = decode_check(train_ds) + decode_check(val_ds)
+    size = opts.input_size or _auto_size(sizes, opts.stride)
+    check_input_size(size, opts.stride)
+    return train_ds, val_ds, size
+
+
+def _balance(opts: TrainOptions, train_ds) -> bool:
+    counts = train_ds.counts()
+    ratio = max(counts.values()) / max(1, min(counts.values()))
+    if opts.balance == "oversample" or (opts.balance == "auto" and ratio > 1.5):
+        _log(f"class balance {counts} (ratio {ratio:.1f}): oversampling to 50/50 per batch")
+        return True
+    _log(f"class balance {counts} (ratio {ratio:.1f}): sampling as found")
+    return False
+
+
+def _fit(opts: TrainOptions, train_ds, val_ds, size, balance: bool):
+    import keras
+
+    from inspectd.model.pipeline import eval_pipeline, train_pipeline
+    from inspectd.model.schedule import WarmupHoldCosine
+
+    model = _classifier(opts, size)
+    steps = max(1, math.ceil(len(train_ds.items) / opts.batch_size))
+    model.compile(
+        optimizer=keras.optimizers.Adam(WarmupHoldCosine(opts.lr, steps * opts.epochs)),
+        loss=keras.losses.BinaryFocalCrossentropy(),
+        metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.Precision(name="precision"),
+                 keras.metrics.Recall(name="recall"), keras.metrics.AUC(name="auc")],
+    )
+    best = _BestWeights()
+    train_data = train_pipeline(train_ds, size, opts.batch_size, balance, opts.seed, None if not opts.augment else _spec())
+    verbose = opts.verbose if opts.verbose is not None else (1 if sys.stderr.isatty() else 2)
+    # Keras warns that shuffle=True is ignored for tf.data input; ours is shuffled in the pipeline.
+    warnings.filterwarnings("ignore", message=r".*`shuffle=True` was passed.*")
+    history = model.fit(
+        train_data, steps_per_epoch=steps, epochs=opts.epochs, verbose=verbose,
+        validation_data=eval_pipeline(val_ds, size, opts.batch_size), callbacks=[best.callback],
+    )
+    model.set_weights(best.weights)
+    return model, history.history, best.best_epoch
+
+
+def _spec():
+    from inspectd.model.augment import AugmentSpec
+
+    return AugmentSpec()
+
+
+def _val_scores(model, val_ds, size, batch_size: int) -> np.ndarray:
+    from inspectd.model.pipeline import eval_pipeline
+
+    return np.concatenate([model(x, training=False).numpy()[:, 0] for x, _ in eval_pipeline(val_ds, size, batch_size)])
+
+
+def train(opts: TrainOptions) -> TrainResult:
+    """Train, keep the best epoch, write the deployable model + history JSON + curves PNG."""
+    import keras
+
+    from inspectd.model.deployable import build_deployable, save_model
+    from inspectd.model.plots import plot_training
+    from inspectd.model.scoring import image_metrics
+
+    out = Path(opts.out)
+    if out.suffix != ".keras":
+        raise UsageError(f"--out {out}: the model file name must end in .keras")
+    keras.utils.set_random_seed(opts.seed)
+    train_ds, val_ds, size = _prepare(opts)
+    _log(f"train {train_ds.describe()}; val {val_ds.describe()}; input {size[0]}x{size[1]}, "
+         f"{opts.backbone} stride {opts.stride}, weights {opts.weights}")
+    balance = _balance(opts, train_ds)
+    model, history, best_epoch = _fit(opts, train_ds, val_ds, size, balance)
+    val = image_metrics(val_ds.labels, _val_scores(model, val_ds, size, opts.batch_size))
+    _log(f"best epoch {best_epoch}: val ROC-AUC {val['roc_auc']:.3f}, F1@0.5 {val['f1']:.3f}")
+    meta = {
+        "name": out.stem,
+        "source": {"kind": "train"},
+        "backbone": opts.backbone,
+        "training": {
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items() if k not in ("out", "verbose")},
+            "input_size": list(size), "best_epoch": best_epoch, "balanced_sampling": balance,
+            "train_counts": train_ds.counts(), "val_counts": val_ds.counts(),
+        },
+        "metrics": {"val": val},
+    }
+    save_model(build_deployable(model), out, meta)
+    history_path = out.with_suffix(".history.json")
+    epochs = [{k: float(v[i]) for k, v in history.items()} | {"epoch": i + 1} for i in range(len(history["loss"]))]
+    history_path.write_text(json.dumps({"best_epoch": best_epoch, "epochs": epochs, "val": val}, indent=2))
+    curves = plot_training(epochs, best_epoch, out.with_suffix(".curves.png"))
+    _log(f"wrote {out}, {history_path.name}, {curves.name}")
+    return TrainResult(out, history_path, curves, best_epoch, val)

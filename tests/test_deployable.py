@@ -1,0 +1,142 @@
+"""The two-output model: the CAM identity, save/load round trip, safe-mode loading, metadata."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from inspectd.errors import ModelFileError, NoInputError, UsageError
+from inspectd.model.deployable import build_deployable, find_head, load_model, read_metadata, save_model
+
+SIZE = (96, 64)  # width, height: not square, so a transposed axis would show
+
+
+@pytest.fixture(scope="module")
+def classifier(tf):
+    """A random, untrained GAP+Dense classifier with a head strong enough to give varied scores."""
+    import keras
+
+    from inspectd.model.backbones import build_features
+
+    keras.utils.set_random_seed(3)
+    features = build_features("efficientnetv2b0", 16, SIZE, "none")
+    image = keras.Input((SIZE[1], SIZE[0], 3))
+    x = keras.layers.GlobalAveragePooling2D()(features(image))
+    x = keras.layers.Dropout(0.3)(x)
+    score = keras.layers.Dense(1, activation="sigmoid")(x)
+    model = keras.Model(image, score)
+    dense = model.layers[-1]
+    rng = np.random.default_rng(0)
+    dense.set_weights([rng.normal(0, 3, dense.kernel.shape).astype("float32"), np.array([0.7], "float32")])
+    return model
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return np.random.default_rng(1).uniform(0, 255, (4, SIZE[1], SIZE[0], 3)).astype("float32")
+
+
+def test_cam_identity(classifier, batch):
+    """mean(cam_logits) is exactly the classifier's logit; score equals the classifier's output."""
+    import keras
+
+    deploy = build_deployable(classifier)
+    out = deploy(batch)
+    cam = out["cam_logits"].numpy()
+    assert cam.shape == (4, SIZE[1] // 16, SIZE[0] // 16)
+    head = find_head(classifier)
+    pooled = keras.Model(classifier.inputs, classifier.layers[-3].output)(batch).numpy()
+    logit = pooled @ head.weight + head.bias
+    assert np.std(logit) > 0.05, "the probe must exercise varied logits"
+    np.testing.assert_allclose(cam.mean(axis=(1, 2)), logit, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out["score"].numpy(), classifier(batch).numpy()[:, 0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["score"].numpy(), 1 / (1 + np.exp(-cam.mean(axis=(1, 2)))), rtol=1e-5, atol=1e-6)
+
+
+def test_softmax_two_class_head_is_exact(tf, batch):
+    import keras
+
+    x = keras.Input((SIZE[1], SIZE[0], 3))
+    f = keras.layers.Conv2D(8, 3, strides=16, padding="same")(x)
+    p = keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling2D()(f))
+    clf = keras.Model(x, p)
+    out = build_deployable(clf)(batch)
+    np.testing.assert_allclose(out["score"].numpy(), clf(batch).numpy()[:, 1], rtol=1e-5, atol=1e-6)
+
+
+def test_sequential_classifier(tf, batch):
+    import keras
+
+    from inspectd.model.backbones import build_features
+
+    seq = keras.Sequential([keras.Input((SIZE[1], SIZE[0], 3)), build_features("mobilenetv3large", 32, SIZE, "none"),
+                            keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1, activation="sigmoid")])
+    out = build_deployable(seq)(batch)
+    np.testing.assert_allclose(out["score"].numpy(), seq(batch).numpy()[:, 0], rtol=1e-5, atol=1e-6)
+    assert out["cam_logits"].shape == (4, 2, 3)
+
+
+def test_head_without_gap_is_refused(tf):
+    import keras
+
+    x = keras.Input((32, 32, 3))
+    y = keras.layers.Dense(1, activation="sigmoid")(keras.layers.Flatten()(keras.layers.Conv2D(4, 3)(x)))
+    with pytest.raises(ModelFileError, match="GlobalAveragePooling2D"):
+        find_head(keras.Model(x, y))
+
+
+def test_save_load_round_trip(classifier, batch, tmp_path):
+    deploy = build_deployable(classifier)
+    path = save_model(deploy, tmp_path / "m.keras", {"name": "m", "backbone": "efficientnetv2b0"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.keras"], "no temporary file may be left behind"
+    loaded = load_model(path)
+    before, after = deploy(batch), loaded.model(batch)
+    np.testing.assert_array_equal(before["score"].numpy(), after["score"].numpy())
+    np.testing.assert_array_equal(before["cam_logits"].numpy(), after["cam_logits"].numpy())
+    assert loaded.meta["input"]["width"] == SIZE[0] and loaded.meta["cam"] == {"height": 4, "width": 6}
+    assert loaded.meta["stride"] == 16 and loaded.input_size == SIZE
+    assert loaded.threshold == 0.5 and loaded.mask_threshold == 0.5
+    assert len(loaded.sha256) == 64 and load_model(path).sha256 == loaded.sha256
+
+
+def test_save_requires_keras_suffix(classifier, tmp_path):
+    with pytest.raises(UsageError, match=r"\.keras"):
+        save_model(build_deployable(classifier), tmp_path / "m.h5", {})
+
+
+def test_safe_mode_refuses_code(tf, tmp_path):
+    """A model file carrying a Lambda (Python bytecode) must not load, even with our metadata."""
+    import keras
+
+    x = keras.Input((32, 32, 3))
+    y = keras.layers.Lambda(lambda t: t * 2.0)(x)
+    path = tmp_path / "evil.keras"
+    keras.Model(x, y).save(path)
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr("inspectd.json", json.dumps({"format": "inspectd.model/1"}))
+    with pytest.raises(ModelFileError, match="cannot load the model safely"):
+        load_model(path)
+
+
+def test_files_that_are_not_ours(tf, tmp_path):
+    import keras
+
+    junk = tmp_path / "junk.keras"
+    junk.write_bytes(b"not a zip at all")
+    with pytest.raises(ModelFileError, match="not an inspectd model"):
+        read_metadata(junk)
+    plain = tmp_path / "plain.keras"
+    x = keras.Input((8,))
+    keras.Model(x, keras.layers.Dense(1)(x)).save(plain)
+    with pytest.raises(ModelFileError, match="inspectd convert"):
+        load_model(plain)
+    with pytest.raises(NoInputError):
+        load_model(tmp_path / "missing.keras")
+    future = tmp_path / "future.keras"
+    with zipfile.ZipFile(future, "w") as z:
+        z.writestr("inspectd.json", json.dumps({"format": "inspectd.model/9"}))
+    with pytest.raises(ModelFileError, match="inspectd.model/9"):
+        read_metadata(future)
