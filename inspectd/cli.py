@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Imported only by the offline tools (train/evaluate), installed by the `toolkit` extra.
+_TOOLKIT_MODULES = {"sklearn", "matplotlib"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -167,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     except InspectdError as exc:
         print(f"inspectd {args.command}: error: {exc}", file=sys.stderr)
         return int(exc.exit_code)
+    except ModuleNotFoundError as exc:
+        if exc.name not in _TOOLKIT_MODULES:
+            raise
+        print(f"inspectd {args.command}: error: this command needs the toolkit extra "
+              f"({exc.name} is missing): pip install 'inspectd[toolkit]'", file=sys.stderr)
+        return int(ExitCode.UNAVAILABLE)
     except KeyboardInterrupt:
         print(f"inspectd {args.command}: interrupted", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)

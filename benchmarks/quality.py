@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""Quality benchmark on real data (not run in CI): magnetic-tile-dev and the reference's Oliena demo.
+
+    .venv/bin/python benchmarks/quality.py [--tiles DIR] [--oliena DIR] [--out runs/quality] [--epochs N]
+
+1. magnetic-tile-dev: a stratified 25 % test split is held out once (seed 0) and never used for
+   training, model selection or threshold tuning; `inspectd train` runs on the rest (with its own
+   validation split for checkpointing), then `inspectd evaluate` on the test split, which reports
+   image-level and pixel-level metrics for the calibrated map and the reference's min-max map.
+2. oliena-samples: the reference's own demonstration: overfit on the 8 frames at 752x480 and
+   render overlays of the cracked ones.
+Results go to OUT/ and a Markdown summary to OUT/summary.md (copied into docs/quality.md by hand,
+with the command line). Weights are `none` by default: this machine cannot download ImageNet weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def sh(*args) -> float:
+    """Run `inspectd ARGS`; returns seconds taken; stops the benchmark on failure."""
+    cmd = [sys.executable, "-m", "inspectd", *map(str, args)]
+    print("$ inspectd", " ".join(map(str, args)), flush=True)
+    t0 = time.monotonic()
+    subprocess.run(cmd, check=True)
+    return time.monotonic() - t0
+
+
+def split_tiles(src: Path, out: Path, test_fraction: float, seed: int) -> tuple[Path, Path]:
+    """Symlink a stratified train/test split of a dataset (masks follow their images)."""
+    rng = np.random.default_rng(seed)
+    for part in ("train", "test"):
+        for sub in ("ok", "defect", "masks"):
+            (out / part / sub).mkdir(parents=True, exist_ok=True)
+    for cls in ("ok", "defect"):
+        files = sorted((src / cls).iterdir())
+        test = set(rng.permutation(len(files))[: round(len(files) * test_fraction)].tolist())
+        for i, f in enumerate(files):
+            part = "test" if i in test else "train"
+            link = out / part / cls / f.name
+            if not link.exists():
+                link.symlink_to(f.resolve())
+            mask = src / "masks" / f"{f.stem}.png"
+            if cls == "defect" and mask.exists() and not (out / part / "masks" / mask.name).exists():
+                (out / part / "masks" / mask.name).symlink_to(mask.resolve())
+    return out / "train", out / "test"
+
+
+def tiles(args) -> dict:
+    train_dir, test_dir = split_tiles(args.tiles, args.out / "tiles-split", 0.25, 0)
+    model = args.out / "tiles" / "tiles.keras"
+    t_train = sh("train", train_dir, "--out", model, "--weights", args.weights, "--epochs", args.epochs,
+                 "--batch-size", 8, "--input-size", args.tiles_size, "--backbone", args.backbone, "--seed", 0)
+    report_dir = args.out / "tiles" / "report"
+    sh("evaluate", model, test_dir, "--report", report_dir)
+    report = json.loads((report_dir / "report.json").read_text())
+    return {"report": report, "train_seconds": t_train, "model": str(model)}
+
+
+def oliena(args) -> dict:
+    model = args.out / "oliena" / "oliena.keras"
+    t_train = sh("train", args.oliena, "--val", args.oliena, "--out", model, "--weights", args.weights,
+                 "--epochs", args.oliena_epochs, "--batch-size", 2, "--input-size", "752x480", "--seed", 0)
+    sh("infer", model, args.oliena / "1", "--out", args.out / "oliena" / "overlays")
+    scores = [json.loads(line) for line in (args.out / "oliena" / "overlays" / "results.jsonl").read_text().splitlines()]
+    return {"train_seconds": t_train, "scores": {s["name"]: s["score"] for s in scores}}
+
+
+def summary(res: dict, args) -> str:
+    lines = ["# Measured by benchmarks/quality.py", "", f"command: `{' '.join(sys.argv)}`", ""]
+    if "tiles" in res:
+        r = res["tiles"]["report"]
+        im, px = r["image"], r.get("pixel", {})
+        lines += [f"magnetic-tile-dev test split: {r['n_images']} images {r['counts']}, training took "
+                  f"{res['tiles']['train_seconds'] / 60:.1f} min", "",
+                  "| image level | ROC-AUC | AP | acc | prec | rec | F1 (thr) |", "|---|---|---|---|---|---|---|",
+                  f"| at 0.5 | {im['roc_auc']:.3f} | {im['average_precision']:.3f} | {im['accuracy']:.3f} | "
+                  f"{im['precision']:.3f} | {im['recall']:.3f} | {im['f1']:.3f} ({im['threshold']:.2f}) |"]
+        if im.get("best_f1"):
+            b = im["best_f1"]
+            lines.append(f"| best-F1 (oracle) | | | {b['accuracy']:.3f} | {b['precision']:.3f} | {b['recall']:.3f} | "
+                         f"{b['f1']:.3f} ({b['threshold']:.2f}) |")
+        if px:
+            lines += ["", "| pixel level | ROC-AUC | IoU | Dice | threshold |", "|---|---|---|---|---|"]
+            for name in ("calibrated", "minmax"):
+                m = px[name]
+                lines.append(f"| {name} (best threshold) | {m['roc_auc']:.3f} | {m['iou']:.3f} | {m['dice']:.3f} | {m['threshold']:.2f} |")
+            at = px["calibrated"]["at_model_threshold"]
+            lines.append(f"| calibrated at the model's 0.5 | | {at['iou']:.3f} | {at['dice']:.3f} | {at['threshold']:.2f} |")
+    if "oliena" in res:
+        o = res["oliena"]
+        lines += ["", f"oliena-samples overfit (752x480, {args.oliena_epochs} epochs, {o['train_seconds'] / 60:.1f} min): "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in o["scores"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiles", type=Path, default=DATA / "magnetic-tile-dev")
+    ap.add_argument("--oliena", type=Path, default=DATA / "oliena-samples")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--oliena-epochs", type=int, default=60)
+    ap.add_argument("--tiles-size", default="256x256")
+    ap.add_argument("--backbone", default="efficientnetv2b0")
+    ap.add_argument("--weights", default="none")
+    ap.add_argument("--only", choices=("tiles", "oliena"))
+    args = ap.parse_args()
+    res = {}
+    if args.only in (None, "tiles"):
+        if not args.tiles.is_dir():
+            sys.exit(f"quality: {args.tiles}: no such dataset (pass --tiles DIR)")
+        res["tiles"] = tiles(args)
+    if args.only in (None, "oliena"):
+        if not args.oliena.is_dir():
+            sys.exit(f"quality: {args.oliena}: no such dataset (pass --oliena DIR)")
+        res["oliena"] = oliena(args)
+    text = summary(res, args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"summary-{args.only or 'all'}.md").write_text(text)
+    (args.out / f"results-{args.only or 'all'}.json").write_text(json.dumps(res, indent=2, default=str))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

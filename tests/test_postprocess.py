@@ -1,0 +1,44 @@
+"""Probability maps -> regions and mask encodings (the code the daemon will share)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from inspectd.postprocess import find_regions, overlay, probability, to_mask_u8, upsample
+
+
+def test_probability_is_sigmoid_and_stable():
+    logits = np.array([[-1000.0, 0.0, 1000.0]], np.float32)
+    np.testing.assert_allclose(probability(logits), [[0.0, 0.5, 1.0]], atol=1e-6)
+
+
+def test_regions_found_with_stats():
+    prob = np.zeros((40, 60), np.float32)
+    prob[5:10, 10:20] = 0.9  # 50 px
+    prob[30:32, 40:41] = 0.6  # 2 px
+    prob[7, 15] = 0.99
+    regions = find_regions(prob, 0.5)
+    assert [r.bbox for r in regions] == [(10, 5, 10, 5), (40, 30, 1, 2)]
+    assert regions[0].area_px == 50 and regions[0].peak == np.float32(0.99)
+    assert 0.9 < regions[0].mean < 0.92
+    assert find_regions(prob, 0.5, min_area_px=3) == regions[:1]
+    assert find_regions(prob, 0.995) == []
+
+
+def test_mask_encoding_and_upsample():
+    prob = np.array([[0.0, 1.0], [0.5, 0.25]], np.float32)
+    np.testing.assert_array_equal(to_mask_u8(prob), [[0, 255], [128, 64]])
+    up = upsample(prob, 8, 6)
+    assert up.shape == (6, 8) and up.min() >= 0.0 and up.max() <= 1.0
+
+
+def test_overlay_marks_the_hot_area():
+    image = np.full((120, 160, 3), 128, np.uint8)
+    prob = np.zeros((120, 160), np.float32)
+    prob[60:100, 100:150] = 1.0
+    out = overlay(image, prob, score=0.9, threshold=0.5)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    hot, cold = out[80, 125], out[100, 20]
+    assert hot[0] > hot[2] and cold[2] > cold[0]  # jet: red where the defect is, blue elsewhere
+    assert not np.array_equal(out[:12, :40], cv2.addWeighted(image, 0.65, image, 0.35, 0)[:12, :40])  # label drawn
