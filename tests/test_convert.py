@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, run_cli
+
 from inspectd.errors import ModelFileError
 from inspectd.model.convert import convert, load_classifier
 from inspectd.model.deployable import load_model

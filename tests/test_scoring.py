@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from inspectd.model.scoring import best_f1_threshold, image_metrics, iou_dice, minmax_map

@@ -46,6 +46,7 @@ def _refuse_code(path: Path, classes: set[str]) -> None:
 
 def _load_h5(path: Path):
     import h5py
+
     # The public loader cannot read Keras 2 files that carry keys Keras 3 dropped; this is the same
     # legacy path with the config cleaned first.
     from keras.src.legacy.saving import legacy_h5_format, saving_utils

@@ -33,7 +33,10 @@ def plot_training(epochs: list[dict], best_epoch: int, out: Path) -> Path:
     return Path(out)
 
 
-def plot_roc_pr(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], pr: tuple[np.ndarray, np.ndarray, float], out: Path) -> Path:
+Curve = tuple[np.ndarray, np.ndarray, float]  # x, y, area
+
+
+def plot_roc_pr(curves: dict[str, Curve], pr: Curve, out: Path) -> Path:
     """ROC curves (image level, and pixel level when given) and the image-level PR curve."""
     fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(10, 4.2), constrained_layout=True)
     for label, (fpr, tpr, auc) in curves.items():

@@ -128,6 +128,7 @@ def _balance(opts: TrainOptions, train_ds) -> bool:
 def _fit(opts: TrainOptions, train_ds, val_ds, size, balance: bool):
     import keras
 
+    from inspectd.model.augment import AugmentSpec
     from inspectd.model.pipeline import eval_pipeline, train_pipeline
     from inspectd.model.schedule import WarmupHoldCosine
 
@@ -140,7 +141,8 @@ def _fit(opts: TrainOptions, train_ds, val_ds, size, balance: bool):
                  keras.metrics.Recall(name="recall"), keras.metrics.AUC(name="auc")],
     )
     best = _BestWeights()
-    train_data = train_pipeline(train_ds, size, opts.batch_size, balance, opts.seed, None if not opts.augment else _spec())
+    spec = AugmentSpec() if opts.augment else None
+    train_data = train_pipeline(train_ds, size, opts.batch_size, balance, opts.seed, spec)
     verbose = opts.verbose if opts.verbose is not None else (1 if sys.stderr.isatty() else 2)
     # Keras warns that shuffle=True is ignored for tf.data input; ours is shuffled in the pipeline.
     warnings.filterwarnings("ignore", message=r".*`shuffle=True` was passed.*")
@@ -150,12 +152,6 @@ def _fit(opts: TrainOptions, train_ds, val_ds, size, balance: bool):
     )
     model.set_weights(best.weights)
     return model, history.history, best.best_epoch
-
-
-def _spec():
-    from inspectd.model.augment import AugmentSpec
-
-    return AugmentSpec()
 
 
 def _val_scores(model, val_ds, size, batch_size: int) -> np.ndarray:
