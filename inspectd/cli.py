@@ -6,6 +6,7 @@ __all__ = ["main", "build_parser"]
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -13,6 +14,46 @@ from pathlib import Path
 from inspectd import __version__
 from inspectd.errors import ExitCode, InspectdError, UsageError
 from inspectd.imageio import parse_size
+
+# The example config at the top of a source checkout: the demo's fallback when /etc has none.
+_EXAMPLE_CONFIG = Path(__file__).resolve().parents[1] / "config.example.toml"
+
+
+def _settings(args):
+    from inspectd.config import DEFAULT_CONFIG, load_settings
+
+    path = args.config
+    if path is None:
+        path = DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else _EXAMPLE_CONFIG
+        if path == _EXAMPLE_CONFIG:
+            print(f"inspectd: {DEFAULT_CONFIG} not found; using the demo config {path}", file=sys.stderr)
+    return load_settings(path), path
+
+
+def _cmd_run(args) -> int:
+    from inspectd.daemon import Daemon
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings, _ = _settings(args)
+    return Daemon(settings).run()
+
+
+def _cmd_check_config(args) -> int:
+    settings, path = _settings(args)
+    print(f"# effective configuration from {path} (after INSPECTD_* environment overrides)")
+    print(json.dumps(settings.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from inspectd.bench import BenchOptions, bench, format_bench
+
+    width, height = parse_size(args.size)
+    res = bench(BenchOptions(model=args.model, batch=args.batch, cameras=args.cameras, camera_fps=args.camera_fps,
+                             width=width, height=height, seconds=args.seconds, device=args.device))
+    print(json.dumps(res) if args.json else format_bench(res))
+    return 0
 
 
 def _cmd_train(args) -> int:
@@ -144,18 +185,50 @@ def _add_synth(sub) -> None:
     p.set_defaults(func=_cmd_synth)
 
 
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="the daemon: cameras -> batched single-pass inference -> ZeroMQ events, metrics")
+    p.add_argument("--config", type=Path, help="TOML file (default /etc/inspectd/config.toml, else the demo config)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=_cmd_run)
+
+
+def _add_check_config(sub) -> None:
+    p = sub.add_parser("check-config", help="validate the config, print the effective values (exit 0, or 78 on error)")
+    p.add_argument("--config", type=Path, help="TOML file (default /etc/inspectd/config.toml, else the demo config)")
+    p.set_defaults(func=_cmd_check_config)
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="frames/s of the bare model and of the full pipeline, same batch size, one run")
+    p.add_argument("--model", default="builtin:demo")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--cameras", type=int, default=2, help="synthetic cameras, each faster than the model")
+    p.add_argument("--camera-fps", type=float, default=100.0)
+    p.add_argument("--size", default="320x240", help="camera frame size WxH")
+    p.add_argument("--seconds", type=float, default=20.0, help="measuring time for each of the two")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="inspectd", description="Single-pass defect score + CAM mask inspection: offline toolkit.",
+        prog="inspectd", description="Streaming defect inspection: single-pass score + CAM mask, ZeroMQ events, "
+        "Prometheus metrics; and the model toolkit.",
         epilog="Exit codes: 0 ok, 1 internal error, 2 usage, 65 bad data/model, 66 missing input, "
                "69 unavailable (e.g. ImageNet weights offline), 130 interrupted. See docs/cli.md.")
     parser.add_argument("--version", action="version", version=f"inspectd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_train, _add_convert, _add_infer, _add_evaluate, _add_synth):
+    from inspectd.watch import add_parser as _add_watch
+
+    commands = (_add_run, _add_check_config, _add_watch, _add_bench,
+                _add_train, _add_convert, _add_infer, _add_evaluate, _add_synth)
+    for add in commands:
         add(sub)
     return parser
 
 
+_TF_COMMANDS = {"train", "convert", "infer", "evaluate"}  # the daemon imports TensorFlow itself, after logging is set up
 # Imported only by the offline tools (train/evaluate), installed by the `toolkit` extra.
 _TOOLKIT_MODULES = {"sklearn", "matplotlib"}
 
@@ -163,7 +236,7 @@ _TOOLKIT_MODULES = {"sklearn", "matplotlib"}
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command != "synth":
+        if args.command in _TF_COMMANDS:
             from inspectd.tfload import import_tensorflow
 
             import_tensorflow()

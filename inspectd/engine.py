@@ -6,7 +6,7 @@ Preprocessing (resize to the model input, uint8 -> float) and the forward pass r
 
 from __future__ import annotations
 
-__all__ = ["RESIZE", "Prediction", "Predictor"]
+__all__ = ["RESIZE", "Prediction", "Predictor", "InferenceEngine", "select_device", "with_policy"]
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -52,7 +52,6 @@ class Predictor:
 
         self._forward = forward
         self._resize = resize
-        self.traces = 0
 
     def _prepare(self, images: Sequence[np.ndarray]) -> np.ndarray:
         batch = np.zeros((self.batch_size, *self.deployable.model.inputs[0].shape[1:]), np.float32)
@@ -84,3 +83,108 @@ class Predictor:
     def _flush(self, pending):
         preds = self.predict([image for _, image in pending])
         return [(key, image, pred) for (key, image), pred in zip(pending, preds)]
+
+
+def with_policy(model, policy: str):
+    """A copy of `model` whose float32 layers compute in `policy` (e.g. mixed_float16), same weights.
+
+    A loaded model keeps the dtype policy saved in its config, so the global Keras policy would not
+    apply: the config is rewritten instead (only the DTypePolicy entries change).
+    """
+    import keras
+
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("class_name") == "DTypePolicy" and node.get("config", {}).get("name") == "float32":
+                node["config"]["name"] = policy
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    config = model.get_config()
+    walk(config)
+    clone = keras.Model.from_config(config)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def select_device(device: str) -> str:
+    """'auto' -> the first GPU when TensorFlow sees one (memory growth on), else the CPU."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised (a reload): growth was set the first time
+            pass
+    if device == "cpu" or (device == "auto" and not gpus):
+        return "/CPU:0"
+    index = 0 if device == "auto" else int(device.split(":")[1])
+    if index >= len(gpus):
+        from inspectd.errors import ConfigError
+
+        raise ConfigError(f"model.device: {device!r} but TensorFlow sees {len(gpus)} GPU(s)")
+    return f"/GPU:{index}"
+
+
+class InferenceEngine:
+    """The daemon's model call: uint8 frames -> (score [n], cam_logits [n, h, w]).
+
+    One `tf.function` per padded batch size ("bucket", as TF Serving's allowed_batch_sizes) does
+    uint8 -> float, the resize to the model input and the forward pass on the device. Every bucket
+    is traced once at warm-up; `traces()` lets tests prove nothing is retraced afterwards.
+    """
+
+    def __init__(self, deployable: Deployable, buckets: tuple[int, ...], device: str = "auto", xla: bool = False,
+                 precision: str = "float32"):
+        import tensorflow as tf
+
+        self.deployable = deployable
+        self.buckets = tuple(sorted(buckets))
+        self.device = select_device(device)
+        w, h = deployable.input_size
+        self._size = (h, w)
+        model = deployable.model if precision == "float32" else with_policy(deployable.model, precision)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)], jit_compile=xla)
+        def run(batch):
+            x = tf.image.resize(batch, (h, w), **RESIZE)
+            out = model(x, training=False)
+            return tf.cast(out["score"], tf.float32), tf.cast(out["cam_logits"], tf.float32)
+
+        self._run = run
+        self._tf = tf
+
+    def traces(self) -> int:
+        return int(self._run.experimental_get_tracing_count())
+
+    def bucket(self, n: int) -> int:
+        return next((b for b in self.buckets if b >= n), self.buckets[-1])
+
+    def _stack(self, images: list[np.ndarray], size: int) -> np.ndarray:
+        """Pad to `size` frames; frames of different sizes are first resized to the model input."""
+        shapes = {im.shape for im in images}
+        if len(shapes) > 1:
+            images = [self._tf.image.resize(im, self._size, **RESIZE).numpy().round().clip(0, 255).astype(np.uint8)
+                      for im in images]
+        batch = np.zeros((size, *images[0].shape), np.uint8)
+        batch[: len(images)] = images
+        return batch
+
+    def infer(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and cam_logits for up to max(buckets) RGB uint8 frames."""
+        if len(images) > self.buckets[-1]:
+            raise ValueError(f"{len(images)} frames > largest bucket {self.buckets[-1]}")
+        batch = self._stack(images, self.bucket(len(images)))
+        with self._tf.device(self.device):
+            scores, cams = self._run(batch)
+        return scores.numpy()[: len(images)], cams.numpy()[: len(images)]
+
+    def warmup(self, frame_size: tuple[int, int] | None = None) -> None:
+        """Trace and run every bucket once (frame_size (w, h) defaults to the model input)."""
+        w, h = frame_size or self.deployable.input_size
+        for size in self.buckets:
+            self.infer([np.zeros((h, w, 3), np.uint8)] * size)

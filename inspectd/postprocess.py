@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["Region", "probability", "upsample", "find_regions", "to_mask_u8", "encode_png", "overlay"]
+__all__ = [
+    "Region", "InspectOptions", "probability", "upsample", "find_regions", "to_mask_u8", "encode_png", "overlay", "inspect",
+]
 
 from dataclasses import asdict, dataclass
 
@@ -73,3 +75,35 @@ def overlay(image_rgb: np.ndarray, prob: np.ndarray, score: float, threshold: fl
     color = (255, 64, 64) if defect else (64, 255, 64)
     cv2.putText(out, text, (4, th + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, color, thick, cv2.LINE_AA)
     return out
+
+
+@dataclass(frozen=True)
+class InspectOptions:
+    """How an inference result becomes an Inspection (from [model] and [postprocess])."""
+
+    threshold: float
+    mask_threshold: float
+    mask_resolution: str = "frame"  # frame | cam
+    min_region_px: int = 1
+    attach_frame: bool = False
+    jpeg_quality: int = 85
+    mask_for_all: bool = False  # encode masks of good frames too (result.<camera> events)
+
+
+def inspect(frame, score: float, cam_logits: np.ndarray, opts: InspectOptions):
+    """Probability map -> regions (frame pixels), mask PNG, optional JPEG: one frame's Inspection."""
+    from inspectd.frames import Inspection
+
+    cam_prob = probability(cam_logits)
+    prob = upsample(cam_prob, frame.width, frame.height)
+    is_defect = bool(score >= opts.threshold)
+    regions = tuple(find_regions(prob, opts.mask_threshold, opts.min_region_px)) if is_defect else ()
+    mask = prob if opts.mask_resolution == "frame" else cam_prob
+    png = encode_png(to_mask_u8(mask)) if is_defect or opts.mask_for_all else b""
+    jpeg = b""
+    if opts.attach_frame and is_defect:
+        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR),
+                               [cv2.IMWRITE_JPEG_QUALITY, opts.jpeg_quality])
+        jpeg = buf.tobytes() if ok else b""
+    return Inspection(frame=frame, score=float(score), threshold=opts.threshold, is_defect=is_defect, regions=regions,
+                      mask_png=png, mask_size=(mask.shape[1], mask.shape[0]), frame_jpeg=jpeg)

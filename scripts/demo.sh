@@ -1,19 +1,44 @@
 #!/usr/bin/env bash
-# The README's main-job command (until the daemon lands): set up, then the offline demo
-#   synth -> train (from scratch, CPU, about a minute) -> infer,
-# ending with overlay and mask images in demo-out/overlays/.
+# The README's main-job command: set up, then run the daemon on config.example.toml (two synthetic
+# cameras, the bundled demo model) and a watcher that prints its events and saves masks and
+# overlays of defects to demo-out/events/. Ctrl-C stops both cleanly.
+#   scripts/demo.sh            run until Ctrl-C
+#   scripts/demo.sh 30         stop by itself after 30 seconds
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$root/scripts/bootstrap.sh" toolkit
 venv="${INSPECTD_VENV:-$root/.venv}"
-out="${1:-$root/demo-out}"
-inspectd() { "$venv/bin/inspectd" "$@"; }
+seconds="${1:-0}"
+out="$root/demo-out/events"
+mkdir -p "$out"
 
-inspectd synth "$out/train" --n 240 --size 128x128 --seed 1
-inspectd train "$out/train" --out "$out/model/demo.keras" --weights none --epochs 12 --batch-size 16 \
-    --lr 2e-3 --input-size 128x128 --seed 0
-inspectd synth "$out/new-parts" --n 12 --size 256x256 --seed 7
-inspectd infer "$out/model/demo.keras" "$out/new-parts/defect" "$out/new-parts/ok" --out "$out/overlays"
-echo
-echo "demo: overlays and masks in $out/overlays/ (results.jsonl has the scores and regions);"
-echo "demo: training curves in $out/model/demo.curves.png"
+# The demo attaches frames to defect events so the watcher can draw overlays.
+INSPECTD_PUBLISH__ATTACH_FRAME=true "$venv/bin/inspectd" run --config "$root/config.example.toml" &
+daemon=$!
+stop() {
+    trap - INT TERM EXIT
+    # Background jobs of a script ignore SIGINT, so both are stopped with SIGTERM.
+    [[ -n "${watcher:-}" ]] && kill -TERM "$watcher" 2>/dev/null || true
+    kill -TERM "$daemon" 2>/dev/null || true
+    wait "$daemon" 2>/dev/null || true
+    echo "demo: stopped; masks and overlays of the defects seen are in $out/"
+}
+trap stop INT TERM EXIT
+
+# Wait for the daemon to report ready (model warm, publisher bound).
+for _ in $(seq 1 240); do
+    "$venv/bin/python" - <<'PY' 2>/dev/null && break
+import urllib.request; urllib.request.urlopen("http://127.0.0.1:9108/readyz", timeout=1)
+PY
+    kill -0 "$daemon" 2>/dev/null || { echo "demo: the daemon exited; see its messages above" >&2; exit 1; }
+    sleep 0.5
+done
+echo "demo: daemon ready; metrics at http://127.0.0.1:9108/metrics; events on tcp://127.0.0.1:5556 (Ctrl-C stops)"
+
+if [[ "$seconds" -gt 0 ]]; then
+    timeout --signal=TERM "$seconds" "$venv/bin/inspectd" watch --save "$out" &
+else
+    "$venv/bin/inspectd" watch --save "$out" &
+fi
+watcher=$!
+wait "$watcher" || true

@@ -1,0 +1,139 @@
+"""`inspectd bench`: frames/s of the bare model and of the full pipeline, at the same batch size, in one run.
+
+The bare model: `InferenceEngine.infer` in a loop on frames already in memory (the ceiling).
+The full pipeline: a real in-process Daemon with synthetic cameras faster than the model, so the
+model is never idle: capture -> slots -> batcher -> inference -> post-processing -> ZeroMQ.
+The ratio of the two is the pipeline's overhead; absolute numbers move with machine load, so
+compare within one run.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BenchOptions", "bench", "format_bench"]
+
+import socket
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    model: str = "builtin:demo"
+    batch: int = 1
+    cameras: int = 2
+    camera_fps: float = 100.0
+    width: int = 320
+    height: int = 240
+    seconds: float = 20.0
+    device: str = "auto"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bare_model(opts: BenchOptions) -> dict:
+    """Frames/s of the engine alone, full batches of `opts.batch` frames, after warm-up."""
+    from inspectd.config import resolve_model_path
+    from inspectd.engine import InferenceEngine
+    from inspectd.model.deployable import load_model
+
+    engine = InferenceEngine(load_model(resolve_model_path(opts.model)), (opts.batch,), opts.device)
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (opts.height, opts.width, 3), dtype=np.uint8) for _ in range(opts.batch)]
+    engine.warmup((opts.width, opts.height))
+    n, t0 = 0, time.monotonic()
+    while time.monotonic() - t0 < opts.seconds:
+        engine.infer(frames)
+        n += opts.batch
+    elapsed = time.monotonic() - t0
+    return {"frames": n, "seconds": round(elapsed, 2), "fps": round(n / elapsed, 2), "device": engine.device}
+
+
+def _settings(opts: BenchOptions):
+    from inspectd.config import BatchingConfig, CameraConfig, MetricsConfig, ModelConfig, PublishConfig, Settings
+
+    url = f"synthetic://?fps={opts.camera_fps}&width={opts.width}&height={opts.height}&defect_rate=0.3&seed="
+    cams = [CameraConfig(id=f"bench{i}", url=url + str(i)) for i in range(opts.cameras)]
+    return Settings(model=ModelConfig(path=opts.model, device=opts.device),
+                    batching=BatchingConfig(max_batch=opts.batch, max_wait_ms=10), cameras=cams,
+                    publish=PublishConfig(endpoint=f"tcp://127.0.0.1:{_free_port()}"),
+                    metrics=MetricsConfig(port=0))
+
+
+def _quantile(registry, name: str, q: float, labels: dict | None = None) -> float | None:
+    """Upper bound of the histogram bucket holding quantile q (what Prometheus would interpolate)."""
+    buckets = []
+    for metric in registry.collect():
+        for s in metric.samples:
+            if s.name == f"{name}_bucket" and all(s.labels.get(k) == v for k, v in (labels or {}).items()):
+                buckets.append((float(s.labels["le"]), s.value))
+    if not buckets:
+        return None
+    bounds = sorted({le for le, _ in buckets})
+    counts = [sum(v for le, v in buckets if le == b) for b in bounds]
+    total = counts[-1]
+    return next((b for b, c in zip(bounds, counts) if total and c >= q * total), None)
+
+
+def _total(registry, name: str, label: str | None = None, value: str | None = None) -> float:
+    out = 0.0
+    for metric in registry.collect():
+        for s in metric.samples:
+            if s.name == name and (label is None or s.labels.get(label) == value):
+                out += s.value
+    return out
+
+
+def full_pipeline(opts: BenchOptions) -> dict:
+    """Frames/s through the real daemon, measured over `opts.seconds` after it reported ready."""
+    from inspectd.daemon import Daemon
+
+    daemon = Daemon(_settings(opts))
+    try:
+        daemon.startup()
+        time.sleep(2.0)  # cameras connected, first batches through
+        reg = daemon.registry
+        def counts():
+            return (_total(reg, "inspectd_frames_captured_total"), _total(reg, "inspectd_frames_inferred_total"),
+                    time.monotonic())
+
+        c0, n0, t0 = counts()
+        time.sleep(opts.seconds)
+        c1, n1, t1 = counts()
+        return {
+            "frames": int(n1 - n0), "seconds": round(t1 - t0, 2), "fps": round((n1 - n0) / (t1 - t0), 2),
+            "captured_fps": round((c1 - c0) / (t1 - t0), 2),
+            "stale_dropped": int(_total(reg, "inspectd_frames_dropped_total", "reason", "stale")),
+            "end_to_end_p50_s": _quantile(reg, "inspectd_end_to_end_seconds", 0.5),
+            "end_to_end_p99_s": _quantile(reg, "inspectd_end_to_end_seconds", 0.99),
+            "inference_p50_s": _quantile(reg, "inspectd_inference_seconds", 0.5),
+        }
+    finally:
+        daemon.shutdown()
+
+
+def bench(opts: BenchOptions) -> dict:
+    from inspectd.tfload import import_tensorflow
+
+    import_tensorflow()
+    return {"options": opts.__dict__, "bare_model": bare_model(opts), "pipeline": full_pipeline(opts)}
+
+
+def format_bench(res: dict) -> str:
+    o, bare, pipe = res["options"], res["bare_model"], res["pipeline"]
+    ratio = pipe["fps"] / bare["fps"] if bare["fps"] else float("nan")
+    return "\n".join([
+        f"model {o['model']}  batch {o['batch']}  {o['cameras']} synthetic cameras at {o['camera_fps']} fps, "
+        f"{o['width']}x{o['height']}  device {bare['device']}",
+        f"bare model     {bare['fps']:8.2f} frames/s  ({bare['frames']} frames in {bare['seconds']} s)",
+        f"full pipeline  {pipe['fps']:8.2f} frames/s  ({pipe['frames']} frames in {pipe['seconds']} s) = "
+        f"{100 * ratio:.0f} % of the bare model",
+        f"pipeline: captured {pipe['captured_fps']} frames/s, {pipe['stale_dropped']} stale frames dropped, "
+        f"end-to-end p50 <= {pipe['end_to_end_p50_s']} s, p99 <= {pipe['end_to_end_p99_s']} s, "
+        f"inference p50 <= {pipe['inference_p50_s']} s per batch",
+    ])

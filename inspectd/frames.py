@@ -1,0 +1,66 @@
+"""What moves between the daemon's stages: frozen dataclasses, each carrying camera, sequence and time."""
+
+from __future__ import annotations
+
+__all__ = ["CameraState", "Frame", "Batch", "Inspection"]
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class CameraState(str, enum.Enum):
+    """A camera's connection state. Allowed transitions:
+
+    STARTING -> UP | DOWN;  UP -> DOWN (error, end of stream, stall);  DOWN -> UP (reconnected);
+    any -> STOPPED (shutdown). Every transition is counted, exported as `inspectd_camera_up`, and
+    published on `status.<camera>`.
+    """
+
+    STARTING = "starting"
+    UP = "up"
+    DOWN = "down"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, eq=False)
+class Frame:
+    """One captured image. `image` is HxWx3 RGB uint8 (after the camera's ROI crop)."""
+
+    camera: str
+    seq: int  # per-camera capture counter, from 1
+    captured_at: float  # wall clock, time.time()
+    captured_mono: float  # time.monotonic(), for latency measurements
+    image: np.ndarray
+
+    @property
+    def width(self) -> int:
+        return int(self.image.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.image.shape[0])
+
+
+@dataclass(frozen=True, eq=False)
+class Batch:
+    """Frames inferred together (at most one per camera), in round-robin order."""
+
+    frames: tuple[Frame, ...]
+    formed_mono: float
+
+
+@dataclass(frozen=True, eq=False)
+class Inspection:
+    """The model's verdict on one frame, post-processed and ready to publish."""
+
+    frame: Frame
+    score: float
+    threshold: float
+    is_defect: bool
+    regions: tuple = ()  # tuple[postprocess.Region, ...] in frame pixels
+    mask_png: bytes = b""  # probability 0-255, at `mask_size`
+    mask_size: tuple[int, int] = (0, 0)  # (width, height)
+    frame_jpeg: bytes = b""
+    extra: dict = field(default_factory=dict)

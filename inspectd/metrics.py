@@ -1,0 +1,113 @@
+"""Every Prometheus metric of the daemon, on a registry passed in; the /metrics, /healthz, /readyz server.
+
+>>> m = Metrics(CollectorRegistry())
+>>> m.frames_captured.labels(camera="line1-top").inc()
+Nothing is registered at import time; tests use a private registry each.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Metrics", "MetricsServer", "BATCH_BUCKETS", "LATENCY_BUCKETS"]
+
+import socketserver
+import threading
+from collections.abc import Callable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    make_wsgi_app,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from inspectd import __version__
+
+NS = "inspectd"
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+# Inference on CPU takes 0.05-1 s per batch; on a GPU a few ms: buckets cover both.
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0)
+SCORE_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 10)) + (0.95, 0.99)
+
+
+class Metrics:
+    """The daemon's metrics (names are a contract: Grafana and the alert rules use them)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        r = {"registry": registry, "namespace": NS}
+        self.frames_captured = Counter("frames_captured", "Frames read from the camera", ["camera"], **r)
+        self.frames_dropped = Counter("frames_dropped", "Frames not inferred, by reason (stale: replaced by a newer "
+                                      "frame before inference; fps_limit; decode)", ["camera", "reason"], **r)
+        self.frames_inferred = Counter("frames_inferred", "Frames run through the model", ["camera"], **r)
+        self.defects = Counter("defects", "Frames judged defective (score >= threshold)", ["camera"], **r)
+        self.camera_up = Gauge("camera_up", "1 while the camera delivers frames, else 0", ["camera"], **r)
+        self.camera_reconnects = Counter("camera_reconnects", "Reconnection attempts", ["camera"], **r)
+        self.batch_size = Histogram("batch_size", "Real (unpadded) frames per inference batch", buckets=BATCH_BUCKETS, **r)
+        self.inference_seconds = Histogram("inference_seconds", "Model call per batch (preprocess + forward)",
+                                           buckets=LATENCY_BUCKETS, **r)
+        self.end_to_end_seconds = Histogram("end_to_end_seconds", "Capture to publish, per frame", ["camera"],
+                                            buckets=LATENCY_BUCKETS, **r)
+        self.score = Histogram("score", "Defect score per inferred frame", ["camera"], buckets=SCORE_BUCKETS, **r)
+        self.events_published = Counter("events_published", "ZeroMQ messages sent", ["topic"], **r)
+        self.events_dropped = Counter("events_dropped", "ZeroMQ messages dropped (send queue full)", ["topic"], **r)
+        self.reload_failures = Counter("reload_failures", "Reloads (SIGHUP) rejected; the old config/model kept", **r)
+        self.model_info = Gauge("model_info", "The loaded model (value 1)", ["name", "sha256", "backbone", "input"], **r)
+        self.build = Info("build", "inspectd build", **r)
+        self.build.info({"version": __version__})
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+
+    def set_model(self, name: str, sha256: str, backbone: str, input_size: tuple[int, int]) -> None:
+        """Export the loaded model as the only `model_info` series."""
+        self.model_info.clear()
+        self.model_info.labels(name=name, sha256=sha256, backbone=backbone, input=f"{input_size[0]}x{input_size[1]}").set(1)
+
+
+class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002  (scrapes every few seconds would flood the journal)
+        pass
+
+
+Check = Callable[[], tuple[bool, str]]
+
+
+class MetricsServer:
+    """HTTP server: /metrics (Prometheus), /healthz (alive and progressing), /readyz (warm and bound)."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int, healthz: Check, readyz: Check):
+        metrics_app = make_wsgi_app(registry)
+        checks = {"/healthz": healthz, "/readyz": readyz}
+
+        def app(environ, start_response):
+            check = checks.get(environ.get("PATH_INFO", ""))
+            if check is None:
+                return metrics_app(environ, start_response)
+            ok, detail = check()
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")])
+            return [f"{'ok' if ok else 'fail'}: {detail}\n".encode()]
+
+        self._server = make_server(host, port, app, _ThreadingWSGIServer, handler_class=_QuietHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_port)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

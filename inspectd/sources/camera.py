@@ -1,0 +1,256 @@
+"""The camera worker: one thread per camera that reads frames and hands each to a sink, forever.
+
+It reconnects on any SourceError and on a stall (no new frame for `stall_timeout_s`), waiting a
+capped exponential backoff with jitter between attempts; a camera that is down at start-up just
+keeps retrying. Nothing raises out of the thread: every failure is logged (logger
+"inspectd.sources", with the camera id, credentials redacted) and reported as a state change.
+
+States (CameraState): STARTING -> UP | DOWN; UP -> DOWN; DOWN -> UP; any -> STOPPED. UP means "a
+frame arrived since the last (re)connect"; every transition sets `inspectd_camera_up` and calls
+`on_state(camera, state, detail)` (under the worker's lock, so callbacks arrive in order: keep them
+short and non-blocking).
+"""
+
+from __future__ import annotations
+
+__all__ = ["CameraWorker", "backoff_delay", "crop_roi", "RateLimiter", "READ_SLICE_S"]
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from inspectd.config import CameraConfig
+from inspectd.frames import CameraState, Frame
+from inspectd.metrics import Metrics
+from inspectd.sources.base import DecodeError, EndOfStream, Source, SourceError, frame_period, redact
+
+log = logging.getLogger("inspectd.sources")
+
+READ_SLICE_S = 0.2  # longest wait inside one read(): stop requests and stalls are checked between reads
+WAIT_SLICE_S = 0.2  # heartbeat period while backing off or idle
+JITTER = 0.2  # reconnect delays are stretched by up to 20 % so that cameras of a line do not retry in step
+
+_ALLOWED = {
+    CameraState.STARTING: {CameraState.UP, CameraState.DOWN, CameraState.STOPPED},
+    CameraState.UP: {CameraState.DOWN, CameraState.STOPPED},
+    CameraState.DOWN: {CameraState.UP, CameraState.STOPPED},
+    CameraState.STOPPED: set(),
+}
+
+
+def backoff_delay(attempt: int, initial: float, maximum: float, jitter: float = JITTER,
+                  rand: Callable[[], float] = random.random) -> float:
+    """Delay before reconnect attempt `attempt` (0-based): initial * 2**attempt capped at maximum, plus jitter.
+
+    The result lies in [base, base * (1 + jitter)]; `rand` returns a float in [0, 1).
+    """
+    base = min(maximum, initial * 2.0 ** min(attempt, 64))
+    return base * (1.0 + jitter * rand())
+
+
+def crop_roi(image: np.ndarray, roi: tuple[int, int, int, int] | None) -> np.ndarray:
+    """Crop [x, y, w, h] (clipped to the frame) into a contiguous copy; SourceError if nothing is left."""
+    if roi is None:
+        return image
+    x, y, w, h = roi
+    height, width = image.shape[:2]
+    x0, y0, x1, y1 = max(0, x), max(0, y), min(width, x + w), min(height, y + h)
+    if x1 <= x0 or y1 <= y0:
+        raise SourceError(f"roi {list(roi)} lies outside the {width}x{height} frame")
+    # A copy, not a view: a view would keep the whole frame alive downstream.
+    return np.ascontiguousarray(image[y0:y1, x0:x1])
+
+
+class RateLimiter:
+    """`fps_limit`: lets at most `fps` frames per second through, on a fixed grid (0 = everything)."""
+
+    def __init__(self, fps: float):
+        self.period = 1.0 / fps if fps > 0 else 0.0
+        self._due = float("-inf")
+
+    def allow(self, now: float) -> bool:
+        if now < self._due:
+            return False
+        # On time: keep the grid (a 30 fps camera limited to 10 gives 10, not 7.5). After a gap the
+        # grid restarts at `now` instead of letting a burst through to catch up.
+        first = self._due == float("-inf")
+        self._due = now + self.period if first else max(self._due + self.period, now + self.period / 2)
+        return True
+
+
+class CameraWorker:
+    """Runs one camera in a thread named `capture:{camera}`; frames go to `sink`, never into a queue.
+
+    >>> w = CameraWorker(cfg, sink=slot.put, metrics=Metrics(CollectorRegistry()))
+    >>> w.start(); w.state               # CameraState.STARTING, then UP / DOWN
+    >>> w.stop(); w.join(2.0)            # True once the thread has ended
+    """
+
+    def __init__(self, cfg: CameraConfig, sink: Callable[[Frame], None], metrics: Metrics,
+                 on_state: Callable[[str, CameraState, str], None] = lambda cam, state, detail: None,
+                 source_factory: Callable[[CameraConfig], Source] | None = None):
+        if source_factory is None:
+            from inspectd.sources import open_source  # the package imports this module
+
+            source_factory = open_source
+        self.cfg = cfg
+        self._sink, self._on_state, self._factory = sink, on_state, source_factory
+        self._source: Source | None = None
+        self._stop = threading.Event()
+        self._lock = threading.RLock()
+        self._state = CameraState.STARTING
+        self._thread = threading.Thread(target=self._run, name=f"capture:{cfg.id}", daemon=True)
+        self._seq = 0
+        self._attempt = 0  # failed attempts since the last frame: drives the backoff
+        self._limiter = RateLimiter(cfg.fps_limit)
+        self.last_frame_mono: float | None = None
+        self.heartbeat_mono: float = time.monotonic()
+        cam = cfg.id
+        self._m_captured = metrics.frames_captured.labels(camera=cam)
+        self._m_fps_drop = metrics.frames_dropped.labels(camera=cam, reason="fps_limit")
+        self._m_decode_drop = metrics.frames_dropped.labels(camera=cam, reason="decode")
+        self._m_up = metrics.camera_up.labels(camera=cam)
+        self._m_reconnects = metrics.camera_reconnects.labels(camera=cam)
+
+    @property
+    def state(self) -> CameraState:
+        return self._state
+
+    @property
+    def source(self) -> Source | None:
+        """The camera's Source once built (tests read e.g. SyntheticSource.last_mask through it)."""
+        return self._source
+
+    # ----------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        self._m_up.set(0)  # the series exists (and alerts can fire) before the first connect
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the thread to end (it closes the source); returns at once. The state is STOPPED from now on."""
+        self._stop.set()
+        self._transition(CameraState.STOPPED, "stopped")
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread; True if it has ended (or never started)."""
+        if self._thread.ident is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # ----------------------------------------------------------------------------- the thread
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                error = self._session()
+                if error is None or self._stop.is_set():
+                    break
+                delay = backoff_delay(self._attempt, self.cfg.reconnect_initial_s, self.cfg.reconnect_max_s)
+                self._attempt += 1
+                self._report_down(error, delay)
+                if isinstance(error, EndOfStream):
+                    self._wait(float("inf"))  # a finished file/folder stays finished until stop()
+                elif self._wait(delay):
+                    self._m_reconnects.inc()
+        except BaseException:  # a bug in the worker itself: say so; the stalled heartbeat tells the watchdog
+            log.exception("camera %s: capture thread crashed", self.cfg.id)
+        finally:
+            self._close()
+            self._transition(CameraState.STOPPED, "stopped")
+
+    def _session(self) -> Exception | None:
+        """One connection: open, stream until failure or stop, close. Returns the failure (None: stopped)."""
+        try:
+            if self._source is None:
+                self._source = self._factory(self.cfg)
+            self._source.open()
+            self._stream()
+            return None
+        except SourceError as exc:
+            return exc
+        except Exception as exc:  # a bug in a source or in the sink: log the traceback, then reconnect
+            log.exception("camera %s: unexpected error", self.cfg.id)
+            return exc
+        finally:
+            self._close()
+
+    def _stream(self) -> None:
+        """Read until stop(); raise SourceError on a read failure or a stall."""
+        last_new = time.monotonic()  # the stall clock starts at open
+        stall_s = max(self.cfg.stall_timeout_s, 2 * frame_period(self._source))
+        while not self._stop.is_set():
+            self.heartbeat_mono = time.monotonic()
+            try:
+                image = self._source.read(READ_SLICE_S)
+            except DecodeError as exc:  # one bad frame, not a bad camera
+                self._m_decode_drop.inc()
+                log.warning("camera %s: frame dropped: %s", self.cfg.id, redact(str(exc)))
+                image = None
+            now = time.monotonic()
+            if image is not None:
+                last_new = now
+                self._on_frame(image, now)
+            elif now - last_new > stall_s:
+                raise SourceError(f"stalled: no frame for {now - last_new:.1f} s")
+
+    def _on_frame(self, image: np.ndarray, now: float) -> None:
+        wall = time.time()
+        self._seq += 1
+        self._m_captured.inc()
+        self.last_frame_mono = now
+        if self._state is not CameraState.UP and self._transition(CameraState.UP, "receiving frames"):
+            self._attempt = 0
+            log.info("camera %s: up (%dx%d)", self.cfg.id, image.shape[1], image.shape[0])
+        if not self._limiter.allow(now):
+            self._m_fps_drop.inc()
+            return
+        self._sink(Frame(self.cfg.id, self._seq, wall, now, crop_roi(image, self.cfg.roi)))
+
+    def _report_down(self, error: Exception, delay: float) -> None:
+        detail = redact(str(error) or type(error).__name__)
+        if isinstance(error, EndOfStream):
+            self._transition(CameraState.DOWN, detail)
+            log.info("camera %s: %s", self.cfg.id, detail)
+            return
+        first = self._transition(CameraState.DOWN, detail)
+        # The first failure of an outage is a warning; the retries of a camera known to be down are not.
+        log.log(logging.WARNING if first else logging.INFO, "camera %s: %s; reconnecting in %.1f s",
+                self.cfg.id, detail, delay)
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep `seconds` unless stopped (returns False then); keeps the heartbeat going meanwhile."""
+        deadline = time.monotonic() + seconds
+        while True:
+            now = time.monotonic()
+            self.heartbeat_mono = now
+            if now >= deadline:
+                return True
+            if self._stop.wait(min(WAIT_SLICE_S, deadline - now)):
+                return False
+
+    def _close(self) -> None:
+        if self._source is None:
+            return
+        try:
+            self._source.close()
+        except Exception:
+            log.exception("camera %s: closing the source failed", self.cfg.id)
+
+    def _transition(self, state: CameraState, detail: str) -> bool:
+        """Move to `state` if allowed (False otherwise); set camera_up and tell on_state, in order."""
+        with self._lock:
+            if state not in _ALLOWED[self._state]:
+                return False
+            self._state = state
+            self._m_up.set(1 if state is CameraState.UP else 0)
+            try:
+                self._on_state(self.cfg.id, state, detail)
+            except Exception:
+                log.exception("camera %s: on_state callback failed", self.cfg.id)
+            return True

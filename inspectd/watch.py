@@ -1,0 +1,140 @@
+"""`inspectd watch`: subscribe to daemons, print one line per event, optionally save masks and overlays.
+
+Built on `inspectd.client`. By default it subscribes to `defect.`, `status.` and `heartbeat`;
+heartbeats then only confirm the connection (one "connected" line per run, and they keep
+`--timeout` from firing while the daemon is alive) and are printed only when asked for with
+`--topic heartbeat`. Sequence gaps and publisher restarts are reported as lines starting with
+`!` (on stdout, or on stderr with `--json` so that stdout stays one JSON header per line).
+"""
+
+from __future__ import annotations
+
+__all__ = ["DEFAULT_TOPICS", "add_parser", "run"]
+
+import argparse
+import json
+import re
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from inspectd.client import Event, EventKind, Subscriber
+from inspectd.errors import UsageError
+from inspectd.imageio import write_png
+from inspectd.postprocess import overlay, upsample
+from inspectd.publish import DEFAULT_ENDPOINT, parse_rfc3339
+
+DEFAULT_TOPICS = ("defect.", "status.", "heartbeat")
+
+
+def add_parser(subparsers) -> None:
+    """Register `watch` on the CLI's subparsers."""
+    p = subparsers.add_parser(
+        "watch", help="subscribe to a daemon's events and print them; save masks and overlays",
+        description="Print one line per event (defects and camera status by default). Heartbeats are "
+        "subscribed to confirm the connection but printed only with --topic heartbeat. Lost events (seq "
+        "gaps) and daemon restarts are reported on lines starting with '!'.")
+    p.add_argument("endpoints", nargs="*", metavar="ENDPOINT", default=[DEFAULT_ENDPOINT],
+                   help=f"daemon publish endpoint(s) (default {DEFAULT_ENDPOINT})")
+    p.add_argument("--topic", action="append", metavar="T",
+                   help="topic prefix, repeatable: defect. | defect.CAMERA | result. | status. | heartbeat | '' "
+                   f"for everything (default: {' '.join(DEFAULT_TOPICS)})")
+    p.add_argument("--save", type=Path, metavar="DIR",
+                   help="write CAMERA_FRAMESEQ_mask.png, and with an attached frame _frame.jpg and _overlay.png")
+    p.add_argument("--json", action="store_true", help="print each event's header as one JSON line")
+    p.add_argument("--count", type=int, metavar="N", help="exit 0 after N printed events")
+    p.add_argument("--timeout", type=float, metavar="S",
+                   help="exit 1 if nothing (not even a heartbeat) arrives for S seconds")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print events until Ctrl-C (exit 0), --count events (exit 0) or --timeout silence (exit 1)."""
+    if args.count is not None and args.count < 1:
+        raise UsageError(f"--count {args.count}: must be at least 1")
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError(f"--timeout {args.timeout}: must be more than 0 seconds")
+    topics = list(DEFAULT_TOPICS) if args.topic is None else args.topic
+    show_heartbeats = args.topic is not None and any("heartbeat".startswith(t) for t in topics)
+    if args.save is not None:
+        try:
+            args.save.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--save {args.save}: cannot create the folder: {exc.strerror}") from None
+    notices = sys.stderr if args.json else sys.stdout
+    shown = 0
+    runs: dict[str, str] = {}  # endpoint -> run_id seen last
+    try:
+        with Subscriber(args.endpoints, topics, decode=args.save is not None) as sub:
+            while args.count is None or shown < args.count:
+                event = sub.recv(timeout_s=args.timeout)
+                if event is None:
+                    print(f"inspectd watch: no event for {args.timeout:g} s from {', '.join(args.endpoints)}",
+                          file=sys.stderr)
+                    return 1
+                _notices(event, runs, notices)
+                if event.kind is EventKind.HEARTBEAT and not show_heartbeats:
+                    continue
+                print(json.dumps(event.header, ensure_ascii=False) if args.json else describe(event), flush=True)
+                if args.save is not None:
+                    _save(event, args.save)
+                shown += 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _local_time(stamp: str) -> str:
+    return datetime.fromtimestamp(parse_rfc3339(stamp)).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def _notices(event: Event, runs: dict[str, str], out) -> None:
+    """'connected' on the first message from a run, '!' lines for restarts and lost messages."""
+    h = event.header
+    when = _local_time(h["published_at"])
+    if runs.get(event.endpoint) != h["run_id"]:
+        runs[event.endpoint] = h["run_id"]
+        what = "! daemon restarted, now run" if event.restarted else "connected to run"
+        print(f"{when}  {what} {h['run_id']} at {event.endpoint}", file=out, flush=True)
+    if event.gap:
+        print(f"{when}  ! {event.gap} message(s) lost on {event.topic} before seq {h['seq']}", file=out, flush=True)
+
+
+def describe(event: Event) -> str:
+    """One human-readable line: time, topic, then what matters for the kind of event."""
+    h = event.header
+    if event.kind in (EventKind.DEFECT, EventKind.RESULT):
+        verdict = "DEFECT" if h["is_defect"] else "ok"
+        line = (f"{_local_time(h['captured_at'])}  {event.topic}  camera {h['camera']}  frame {h['frame_seq']}  "
+                f"{verdict} score {h['score']:.3f} (threshold {h['threshold']:.2f})  regions {len(h['regions'])}")
+        if h["regions"]:
+            x, y, w, hh = max(h["regions"], key=lambda r: r["area_px"])["bbox"]
+            line += f"  largest {w}x{hh} at {x},{y}"
+        return line
+    if event.kind is EventKind.STATUS:
+        detail = f"  ({h['detail']})" if h.get("detail") else ""
+        return f"{_local_time(h['published_at'])}  {event.topic}  camera {h['camera']}  {h['state']}{detail}"
+    cameras = " ".join(f"{c}={s}" for c, s in (h.get("cameras") or {}).items()) or "none"
+    fps = "?" if h.get("fps") is None else f"{h['fps']:.1f}"
+    return f"{_local_time(h['published_at'])}  {event.topic}  fps {fps}  cameras {cameras}  uptime {h['uptime_s']:.0f} s"
+
+
+def _save(event: Event, folder: Path) -> None:
+    """The mask as sent; with a frame, the frame as sent and an overlay of the mask on it."""
+    if "mask" not in event.raw:
+        return
+    h = event.header
+    stem = folder / f"{re.sub(r'[^A-Za-z0-9_-]', '_', h['camera'])}_{int(h['frame_seq'])}"
+    try:
+        Path(f"{stem}_mask.png").write_bytes(event.raw["mask"])
+        if event.frame is not None and event.mask is not None:
+            Path(f"{stem}_frame.jpg").write_bytes(event.raw["frame"])
+            prob = event.mask.astype(np.float32) / 255.0
+            height, width = event.frame.shape[:2]
+            if prob.shape != (height, width):  # a CAM-resolution mask
+                prob = upsample(prob, width, height)
+            write_png(Path(f"{stem}_overlay.png"), overlay(event.frame, prob, h["score"], h["threshold"]))
+    except OSError as exc:  # keep watching: a full disk must not hide the events themselves
+        print(f"inspectd watch: cannot save {stem}_*: {exc.strerror}", file=sys.stderr, flush=True)

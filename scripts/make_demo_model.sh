@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Rebuilds the bundled demo model inspectd/assets/demo.keras with the project's own tools:
+# synthetic 320x240 frames (what the example config's synthetic cameras render), trained from
+# scratch on the CPU (about 2 minutes on 2 cores). Deterministic for the seeds up to TensorFlow's
+# CPU nondeterminism; docs/model.md records the metrics of the committed file.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${INSPECTD_VENV:-$root/.venv}"
+work="${1:-$root/runs/demo-model}"
+"$venv/bin/inspectd" synth "$work/data" --n 400 --size 320x240 --seed 11
+"$venv/bin/inspectd" train "$work/data" --out "$work/demo.keras" --weights none --epochs 15 --batch-size 16 \
+    --lr 2e-3 --input-size 160x128 --seed 0
+"$venv/bin/inspectd" synth "$work/test" --n 100 --size 320x240 --seed 12
+"$venv/bin/inspectd" evaluate "$work/demo.keras" "$work/test" --report "$work/report"
+cp "$work/demo.keras" "$root/inspectd/assets/demo.keras"
+echo "demo model: $root/inspectd/assets/demo.keras ($(du -h "$root/inspectd/assets/demo.keras" | cut -f1))"

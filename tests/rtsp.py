@@ -1,0 +1,229 @@
+"""A real RTSP camera for tests: GStreamer's RTSP server serving H.264 on 127.0.0.1.
+
+The server runs in its own process (``python tests/rtsp.py --port N ...``), so stopping it
+(SIGTERM/SIGKILL) is a clean camera loss, ``freeze()`` (SIGSTOP) is a camera that hangs with its
+connections still open, and nothing GLib-related ever runs inside pytest.
+
+>>> with RtspServer(mode="synthetic", seed=3) as cam:      # doctest: +SKIP
+...     read_frames(cam.url)                                 # rtsp://127.0.0.1:PORT/cam
+...     cam.mask                                             # where the injected defects are
+...     cam.restart()                                        # same port, same URL
+
+Modes: ``testsrc`` (videotestsrc's moving ball) and ``synthetic`` (one frame rendered by
+``inspectd.synth`` with defects, pushed through ``appsrc`` at the set fps, so an end-to-end test
+can check that detected regions fall on ``cam.mask``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["RtspServer", "free_port", "synthetic_frame", "h264_encoder", "wait_until"]
+
+MOUNT = "/cam"
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.02) -> float:
+    """Poll `predicate` until true; return the seconds it took (AssertionError after `timeout`)."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+    return time.monotonic() - start
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def synthetic_frame(seed: int, width: int, height: int):
+    """The defect frame the synthetic mode serves: an ``inspectd.synth.Sample`` (grey image + mask)."""
+    from inspectd.synth import render
+
+    return render(np.random.default_rng(seed), width, height, defect=True)
+
+
+def h264_encoder() -> str:
+    """The encoder part of the launch line: x264 (gst-plugins-ugly) if present, else OpenH264 (bad)."""
+    from gi.repository import Gst
+
+    if Gst.ElementFactory.find("x264enc"):
+        # threads=1: one slice per frame, as most IP cameras send. zerolatency alone enables sliced
+        # threads (2+ slices per frame), which OpenCV 5.0's FFmpeg path returns as torn frames (each
+        # half of the picture in a different frame, measured); GStreamer decodes them fine.
+        return "x264enc tune=zerolatency speed-preset=ultrafast key-int-max=10 bframes=0 threads=1"
+    if Gst.ElementFactory.find("openh264enc"):
+        return "openh264enc gop-size=10"
+    raise RuntimeError("no H.264 encoder: install gstreamer1.0-plugins-ugly (x264enc) or -bad (openh264enc)")
+
+
+class RtspServer:
+    """Starts/stops the server process; ``url`` stays the same across ``restart()``."""
+
+    def __init__(self, mode: str = "testsrc", width: int = 160, height: int = 120, fps: int = 10,
+                 seed: int = 0, port: int | None = None):
+        if mode not in ("testsrc", "synthetic"):
+            raise ValueError(f"mode {mode!r}: expected testsrc or synthetic")
+        self.mode, self.width, self.height, self.fps, self.seed = mode, width, height, fps, seed
+        self.port = port or free_port()
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"rtsp://127.0.0.1:{self.port}{MOUNT}"
+
+    @property
+    def mask(self) -> np.ndarray:
+        """(H, W) uint8, 255 where the synthetic mode's frame has a defect."""
+        if self.mode != "synthetic":
+            raise ValueError("only the synthetic mode has a defect mask")
+        return synthetic_frame(self.seed, self.width, self.height).mask
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout: float = 15.0) -> RtspServer:
+        """Start the server process; return once its port accepts connections."""
+        if self.running:
+            return self
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--port", str(self.port), "--mode", self.mode,
+               "--width", str(self.width), "--height", str(self.height), "--fps", str(self.fps),
+               "--seed", str(self.seed)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))}
+        self._proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE)
+        self._wait_listening(timeout)
+        return self
+
+    def _wait_listening(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode(errors="replace").strip()
+                raise RuntimeError(f"RTSP server exited with {self._proc.returncode}: {err[-2000:]}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"RTSP server did not listen on port {self.port} within {timeout} s")
+
+    def stop(self, kill: bool = False) -> None:
+        """Camera gone: SIGKILL (abrupt) or SIGTERM; waits until the process has exited."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGCONT)  # a frozen process cannot act on SIGTERM
+            proc.kill() if kill else proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        proc.stderr.close()
+
+    def restart(self, timeout: float = 15.0) -> RtspServer:
+        """Stop and start again on the same port (the camera reboots)."""
+        self.stop()
+        return self.start(timeout)
+
+    def freeze(self) -> None:
+        """SIGSTOP: the camera hangs; its sockets stay open but nothing is sent."""
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self._proc.send_signal(signal.SIGCONT)
+
+    def __enter__(self) -> RtspServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop(kill=True)
+
+
+# ------------------------------------------------------------------ the server process itself
+
+
+def _launch_line(args: argparse.Namespace) -> str:
+    caps = f"width={args.width},height={args.height},framerate={args.fps}/1"
+    if args.mode == "testsrc":
+        src = f"videotestsrc is-live=true pattern=ball ! video/x-raw,{caps}"
+    else:
+        src = f"appsrc name=src is-live=true format=time caps=video/x-raw,format=GRAY8,{caps}"
+    # config-interval=-1: SPS/PPS with every IDR, so a client joining (or re-joining) decodes at once.
+    return (f"( {src} ! videoconvert ! video/x-raw,format=I420 ! {h264_encoder()} ! "
+            f"rtph264pay name=pay0 pt=96 config-interval=-1 )")
+
+
+def _feed_appsrc(media, args: argparse.Namespace) -> None:
+    """Push the synthetic frame at args.fps with running timestamps (need-data, as test-appsrc.c does)."""
+    from gi.repository import Gst
+
+    frame = synthetic_frame(args.seed, args.width, args.height).image.tobytes()
+    appsrc = media.get_element().get_by_name_recurse_up("src")
+    duration = Gst.SECOND // args.fps
+    state = {"n": 0}
+
+    def need_data(src, _length):
+        buf = Gst.Buffer.new_wrapped(frame)
+        buf.pts = buf.dts = state["n"] * duration
+        buf.duration = duration
+        state["n"] += 1
+        src.emit("push-buffer", buf)
+
+    appsrc.connect("need-data", need_data)
+
+
+def serve(args: argparse.Namespace) -> None:
+    import gi
+
+    gi.require_version("Gst", "1.0")
+    gi.require_version("GstRtspServer", "1.0")
+    from gi.repository import GLib, Gst, GstRtspServer
+
+    Gst.init(None)
+    server = GstRtspServer.RTSPServer()
+    server.set_address("127.0.0.1")
+    server.set_service(str(args.port))
+    factory = GstRtspServer.RTSPMediaFactory()
+    factory.set_launch(_launch_line(args))
+    factory.set_shared(True)  # several clients (workers) share one encoder
+    if args.mode == "synthetic":
+        factory.connect("media-configure", lambda _f, media: _feed_appsrc(media, args))
+    server.get_mount_points().add_factory(MOUNT, factory)
+    if server.attach(None) == 0:
+        sys.exit(f"cannot listen on 127.0.0.1:{args.port}")
+    loop = GLib.MainLoop()
+    GLib.unix_signal_add(GLib.PRIORITY_DEFAULT, signal.SIGTERM, loop.quit)
+    loop.run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--mode", choices=("testsrc", "synthetic"), default="testsrc")
+    p.add_argument("--width", type=int, default=160)
+    p.add_argument("--height", type=int, default=120)
+    p.add_argument("--fps", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    serve(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

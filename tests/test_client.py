@@ -1,0 +1,354 @@
+"""The consumer side against a real Publisher: inspectd.client, `inspectd watch`, and the documented example."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import zmq
+from conftest import ROOT
+from test_publish import make_inspection, start_publisher  # noqa: F401  (start_publisher is a fixture)
+
+from inspectd.client import EventKind, SeqTracker, Subscriber, decode_event
+from inspectd.errors import UsageError
+from inspectd.frames import CameraState
+from inspectd.publish import WireFormatError, encode_message, inspection_body, parse_rfc3339, status_body
+
+MODEL = {"name": "tiny", "sha256": "ab" * 32}
+
+
+def wait_connected(sub: Subscriber, timeout: float = 5.0):
+    """Slow joiner: nothing published before the subscription is in place arrives; a heartbeat proves it is."""
+    deadline = time.monotonic() + timeout
+    while (ev := sub.recv(timeout_s=max(0.0, deadline - time.monotonic()))) is not None:
+        if ev.kind is EventKind.HEARTBEAT:
+            return ev
+    raise AssertionError("no heartbeat: subscriber not connected")
+
+
+def next_of(sub: Subscriber, kind: EventKind, timeout: float = 5.0):
+    deadline = time.monotonic() + timeout
+    while (ev := sub.recv(timeout_s=max(0.0, deadline - time.monotonic()))) is not None:
+        if ev.kind is kind:
+            return ev
+    raise AssertionError(f"no {kind.value} event within {timeout} s")
+
+
+# -- pure: loss and restart detection ---------------------------------------------------------------
+
+
+def test_seq_tracker_gaps_baseline_and_restart():
+    t = SeqTracker()
+    assert t.observe("A", "defect.cam1", 7) == (0, False)  # joined late: the baseline, not loss
+    assert t.observe("A", "defect.cam1", 8) == (0, False)
+    assert t.observe("A", "defect.cam1", 12) == (3, False)
+    assert t.observe("A", "status.cam1", 1) == (0, False)  # topics are independent
+    assert t.observe("A", "defect.cam1", 12) == (0, False)  # a duplicate is not loss
+    assert t.observe("A", "defect.cam1", 13) == (0, False)
+    assert t.observe("B", "heartbeat", 1) == (0, True)  # a new run: restarted, seqs start afresh
+    assert t.observe("B", "defect.cam1", 2) == (0, False)
+    assert t.observe("B", "defect.cam1", 4) == (1, False)
+
+
+def test_decode_event_from_crafted_messages():
+    insp = make_inspection(attach_frame=True)
+    body, attachments = inspection_body(insp, MODEL, with_frame=True)
+    ev = decode_event(encode_message("defect.cam1", "run", 3, body, attachments))
+    assert (ev.topic, ev.kind, ev.header["seq"], ev.gap, ev.restarted) == ("defect.cam1", EventKind.DEFECT, 3, 0, False)
+    assert np.array_equal(ev.mask, cv2.imdecode(np.frombuffer(insp.mask_png, np.uint8), cv2.IMREAD_GRAYSCALE))
+    bgr = cv2.imdecode(np.frombuffer(insp.frame_jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert np.array_equal(ev.frame, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    red = decode_event(encode_message("defect.cam1", "run", 4, *inspection_body(
+        make_inspection(attach_frame=True, color=(200, 30, 30)), MODEL, with_frame=True)))
+    assert np.abs(red.frame.reshape(-1, 3).mean(axis=0) - (200, 30, 30)).max() < 5  # RGB, not BGR
+    assert ev.raw == {"mask": insp.mask_png, "frame": insp.frame_jpeg}
+    lazy = decode_event(encode_message("defect.cam1", "run", 3, body, attachments), decode=False)
+    assert lazy.mask is None and lazy.frame is None and lazy.raw["mask"] == insp.mask_png
+    with pytest.raises(WireFormatError):
+        decode_event(encode_message("bogus.cam1", "run", 1, status_body("cam1", CameraState.UP)))
+
+
+# -- Subscriber against a real Publisher ------------------------------------------------------------
+
+
+def test_subscriber_receives_decoded_defects(start_publisher):  # noqa: F811
+    pub = start_publisher(attach_frame=True)
+    insp = make_inspection(attach_frame=True)
+    with Subscriber(pub.endpoint, ["defect.", "heartbeat"]) as sub:
+        hb = wait_connected(sub)
+        assert (hb.restarted, hb.header["run_id"], hb.endpoint) == (False, pub.run_id, pub.endpoint)
+        pub.publish_inspection(insp)
+        ev = next_of(sub, EventKind.DEFECT)
+    assert (ev.topic, ev.camera, ev.gap, ev.restarted, ev.header["seq"]) == ("defect.cam1", "cam1", 0, False, 1)
+    assert np.array_equal(ev.mask, cv2.imdecode(np.frombuffer(insp.mask_png, np.uint8), cv2.IMREAD_GRAYSCALE))
+    assert ev.frame.shape == insp.frame.image.shape and ev.raw["frame"] == insp.frame_jpeg
+    assert sub.gaps == {}
+
+
+def test_recv_times_out_with_none(start_publisher):  # noqa: F811
+    pub = start_publisher()
+    with Subscriber(pub.endpoint, ["defect."]) as sub:
+        t0 = time.monotonic()
+        assert sub.recv(timeout_s=0.2) is None
+        assert 0.19 < time.monotonic() - t0 < 1.0
+
+
+def test_subscriber_detects_a_restart(start_publisher, tmp_path):  # noqa: F811
+    endpoint = f"ipc://{tmp_path}/pub.sock"
+    first = start_publisher(endpoint)
+    with Subscriber(endpoint, ["heartbeat", "status."]) as sub:
+        wait_connected(sub)
+        first.stop()
+        second = start_publisher(endpoint)
+        while (ev := sub.recv(timeout_s=5.0)).header["run_id"] != second.run_id:
+            pass
+        assert ev.restarted and ev.gap == 0
+        second.publish_status("cam1", CameraState.UP)
+        ev = next_of(sub, EventKind.STATUS)
+        assert (ev.restarted, ev.header["run_id"], ev.header["seq"]) == (False, second.run_id, 1)
+
+
+def test_one_subscriber_two_daemons_no_false_restarts(start_publisher):  # noqa: F811
+    a, b = start_publisher(), start_publisher()
+    with Subscriber([a.endpoint, b.endpoint], ["heartbeat"]) as sub:
+        events = [sub.recv(timeout_s=2.0) for _ in range(20)]
+    assert {ev.header["run_id"] for ev in events} == {a.run_id, b.run_id}
+    assert {ev.endpoint for ev in events} == {a.endpoint, b.endpoint}
+    assert not any(ev.restarted or ev.gap for ev in events)
+
+
+def test_a_stuck_subscriber_loses_its_own_events_only_and_sees_the_gap(start_publisher):  # noqa: F811
+    """ZeroMQ drops per subscriber: a live one gets every event; the stuck one sees the loss as a seq gap."""
+    pub = start_publisher(send_hwm=20)
+    insp = make_inspection()
+    bulky = type(insp)(insp.frame, insp.score, insp.threshold, True, insp.regions, insp.mask_png + bytes(200_000),
+                       insp.mask_size)  # 200 kB each, so ZeroMQ's and the kernel's buffers overflow
+    n = 150
+    with Subscriber(pub.endpoint, ["defect.", "heartbeat"], rcvhwm=1, decode=False) as stuck, \
+            Subscriber(pub.endpoint, ["defect.", "heartbeat"], decode=False) as live:
+        wait_connected(stuck)
+        wait_connected(live)
+        received: list[int] = []
+        reader = threading.Thread(target=lambda: received.extend(
+            next_of(live, EventKind.DEFECT).header["seq"] for _ in range(n)))
+        reader.start()
+        for _ in range(n):
+            pub.publish_inspection(bulky)
+            time.sleep(0.002)  # paced: the live subscriber keeps up
+        reader.join(timeout=20)
+        assert received == list(range(1, n + 1))
+
+        burst_end = time.time()
+        stuck_seqs = []  # drain its backlog: FIFO, so it ends with the first heartbeat sent after the burst
+        while (ev := stuck.recv(timeout_s=5.0)).kind is not EventKind.HEARTBEAT or \
+                parse_rfc3339(ev.header["published_at"]) < burst_end:
+            stuck_seqs += [ev.header["seq"]] if ev.kind is EventKind.DEFECT else []
+        pub.publish_inspection(insp)  # one more, after the stuck one caught up: the loss shows as a gap
+        last = next_of(stuck, EventKind.DEFECT)
+        assert last.header["seq"] == n + 1
+        assert stuck_seqs[0] == 1 and len(stuck_seqs) < n
+        # every defect event is either received or counted as missing:
+        assert len(stuck_seqs) + 1 + stuck.gaps["defect.cam1"] == n + 1
+    assert live.gaps == {}
+
+
+def test_malformed_messages_are_skipped_and_counted():
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.bind("tcp://127.0.0.1:*")
+    endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
+    try:
+        with Subscriber(endpoint, [""]) as sub:
+            for seq in range(1, 200):  # slow joiner: until one arrives
+                pub.send_multipart(encode_message("heartbeat", "r", seq, {"fps": None, "cameras": {}, "uptime_s": 0.0}))
+                if sub.recv(timeout_s=0.05) is not None:
+                    break
+            pub.send_multipart([b"defect.cam1", b"{not json"])
+            pub.send_multipart(encode_message("status.cam1", "r", 1, status_body("cam1", CameraState.UP)))
+            ev = sub.recv(timeout_s=2.0)
+            assert (ev.topic, sub.malformed) == ("status.cam1", 1)
+    finally:
+        pub.close(0)
+        ctx.term()
+
+
+def test_bad_endpoint_is_a_usage_error():
+    with pytest.raises(UsageError, match="foo://x"):
+        Subscriber("foo://x")
+
+
+# -- `inspectd watch` as a user runs it -------------------------------------------------------------
+
+
+class Watch:
+    """`python -m inspectd watch ARGS` in a subprocess, its output read line by line."""
+
+    def __init__(self, *args: str, cwd: Path = ROOT, argv: list[str] | None = None):
+        argv = argv or [sys.executable, "-m", "inspectd", "watch", *args]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.lines: dict[str, queue.Queue[str]] = {"stdout": queue.Queue(), "stderr": queue.Queue()}
+        self.seen: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        for name in self.lines:
+            threading.Thread(target=self._read, args=(name,), daemon=True).start()
+
+    def _read(self, name: str) -> None:
+        for line in getattr(self.proc, name):
+            self.lines[name].put(line.rstrip("\n"))
+
+    def wait_for(self, needle: str, stream: str = "stdout", timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines[stream].get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"{needle!r} not in {stream}: {self.seen}") from None
+            self.seen[stream].append(line)
+            if needle in line:
+                return line
+
+    def finish(self, timeout: float = 10.0) -> tuple[int, list[str], list[str]]:
+        rc = self.proc.wait(timeout=timeout)
+        time.sleep(0.05)  # let the readers reach EOF
+        for name, lines in self.lines.items():
+            while not lines.empty():
+                self.seen[name].append(lines.get())
+        return rc, self.seen["stdout"], self.seen["stderr"]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture()
+def watch():
+    started: list[Watch] = []
+
+    def start(*args: str, **kw) -> Watch:
+        started.append(Watch(*args, **kw))
+        return started[-1]
+
+    yield start
+    for w in started:
+        w.kill()
+
+
+def test_watch_prints_events_and_saves_masks_and_overlays(start_publisher, watch, tmp_path):  # noqa: F811
+    pub = start_publisher(attach_frame=True)
+    w = watch(pub.endpoint, "--count", "3", "--save", str(tmp_path / "out"), "--timeout", "10")
+    w.wait_for(f"connected to run {pub.run_id}")
+    insps = [make_inspection(seq=1, attach_frame=True), make_inspection(seq=2)]
+    for insp in insps:
+        pub.publish_inspection(insp)
+    pub.publish_status("cam1", CameraState.DOWN, "stream ended")
+    rc, out, err = w.finish()
+    assert rc == 0, err
+    events = [line for line in out if "connected" not in line]
+    assert len(events) == 3, out
+    assert re.search(r"defect\.cam1  camera cam1  frame 1  DEFECT score 0\.900 \(threshold 0\.50\)  regions 1  "
+                     r"largest \d+x\d+ at \d+,\d+$", events[0]), events[0]
+    assert "frame 2" in events[1] and events[2].endswith("status.cam1  camera cam1  down  (stream ended)")
+    out_dir = tmp_path / "out"
+    assert sorted(p.name for p in out_dir.iterdir()) == ["cam1_1_frame.jpg", "cam1_1_mask.png", "cam1_1_overlay.png",
+                                                         "cam1_2_mask.png"]
+    assert (out_dir / "cam1_1_mask.png").read_bytes() == insps[0].mask_png
+    assert (out_dir / "cam1_1_frame.jpg").read_bytes() == insps[0].frame_jpeg
+    assert cv2.imread(str(out_dir / "cam1_1_overlay.png")).shape == (48, 64, 3)
+
+
+def test_watch_json_and_heartbeats(start_publisher, watch):  # noqa: F811
+    pub = start_publisher()
+    w = watch(pub.endpoint, "--json", "--topic", "heartbeat", "--count", "2")
+    rc, out, err = w.finish()
+    assert rc == 0, err
+    headers = [json.loads(line) for line in out]
+    assert [h["topic"] for h in headers] == ["heartbeat", "heartbeat"] and headers[0]["run_id"] == pub.run_id
+    assert any(f"connected to run {pub.run_id}" in line for line in err)  # notices keep off the JSON stream
+
+
+def test_watch_reports_gaps_and_restarts(watch):
+    """A hand-driven PUB socket sends a crafted sequence: a restart, then a gap."""
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.bind("tcp://127.0.0.1:*")
+    try:
+        w = watch(pub.getsockopt_string(zmq.LAST_ENDPOINT), "--count", "3")
+        first, second = "a" * 32, "b" * 32
+        for seq in range(1, 500):  # until watch has connected
+            pub.send_multipart(encode_message("heartbeat", first, seq, {"fps": 1.0, "cameras": {}, "uptime_s": 1.0}))
+            try:
+                w.wait_for(f"connected to run {first}", timeout=0.05)
+                break
+            except AssertionError:
+                pass
+        body, parts = inspection_body(make_inspection(), MODEL, with_frame=False)
+        pub.send_multipart(encode_message("status.cam1", first, 1, status_body("cam1", CameraState.UP)))
+        pub.send_multipart(encode_message("defect.cam1", second, 1, body, parts))
+        pub.send_multipart(encode_message("defect.cam1", second, 5, body, parts))
+        rc, out, err = w.finish()
+    finally:
+        pub.close(0)
+        ctx.term()
+    assert rc == 0, err
+    assert any(f"! daemon restarted, now run {second}" in line for line in out), out
+    assert any("! 3 message(s) lost on defect.cam1 before seq 5" in line for line in out), out
+
+
+def test_watch_timeout_and_bad_endpoint(watch):
+    w = watch("tcp://127.0.0.1:9", "--timeout", "0.3")  # nothing listens there
+    rc, out, err = w.finish()
+    assert (rc, out) == (1, []) and err == ["inspectd watch: no event for 0.3 s from tcp://127.0.0.1:9"]
+    rc, out, err = watch("nonsense://x").finish()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("inspectd watch: error: endpoint 'nonsense://x'")
+
+
+def test_watch_exits_zero_on_ctrl_c(start_publisher, watch):  # noqa: F811
+    pub = start_publisher()
+    w = watch(pub.endpoint)
+    w.wait_for("connected to run")
+    w.proc.send_signal(signal.SIGINT)
+    rc, _, err = w.finish(timeout=5)
+    assert rc == 0, err
+    assert not any("Traceback" in line for line in err)
+
+
+# -- the consumer example of docs/wire-format.md runs as documented ----------------------------------
+
+
+def doc_example() -> str:
+    text = (ROOT / "docs" / "wire-format.md").read_text()
+    section = text.split("## A consumer in a few lines", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_documented_consumer_example_runs(start_publisher, watch, tmp_path):  # noqa: F811
+    code = doc_example()
+    imported = {alias.name for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Import | ast.ImportFrom)
+                for alias in node.names}
+    assert imported == {"json", "sys", "cv2", "numpy", "zmq"}  # a consumer needs nothing of ours
+    (tmp_path / "consumer.py").write_text(code)
+    pub = start_publisher()
+    w = watch(argv=[sys.executable, str(tmp_path / "consumer.py"), pub.endpoint], cwd=tmp_path)
+    w.wait_for("heartbeat ")  # connected
+    insp = make_inspection(camera="line1-top", seq=7)
+    pub.publish_inspection(insp)
+    pub.publish_status("line1-top", CameraState.UP)
+    assert w.wait_for("defect.line1-top") == "defect.line1-top 1 0.9"
+    w.wait_for("status.line1-top 1")
+    saved = cv2.imread(str(tmp_path / "line1-top_7_mask.png"), cv2.IMREAD_GRAYSCALE)
+    assert np.array_equal(saved, cv2.imdecode(np.frombuffer(insp.mask_png, np.uint8), cv2.IMREAD_GRAYSCALE))
+    assert not any("lost" in line for line in w.seen["stdout"])
+

@@ -1,0 +1,315 @@
+"""Sources on their own: synthetic, folder, video file (OpenCV and GStreamer), pipelines, the kind table."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from inspectd.config import CameraConfig
+from inspectd.imageio import write_png
+from inspectd.sources import DecodeError, EndOfStream, SourceError, open_source, redact, source_kind
+from inspectd.sources.base import Pacer, query_params
+from inspectd.sources.folder import FolderSource
+from inspectd.sources.gstreamer import GstSource
+from inspectd.sources.opencv import OpenCVSource
+from inspectd.sources.synthetic import SyntheticSource
+
+
+def cam(url: str | None = None, **kw) -> CameraConfig:
+    return CameraConfig(id="cam", url=url, **kw)
+
+
+def read_n(src, n: int, timeout: float = 5.0) -> list[np.ndarray]:
+    """n frames from an open source (None results are waited through)."""
+    out, deadline = [], time.monotonic() + timeout
+    while len(out) < n:
+        assert time.monotonic() < deadline, f"only {len(out)} of {n} frames within {timeout} s"
+        img = src.read(0.2)
+        if img is not None:
+            out.append(img)
+    return out
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("rtsp://user:pass@host/stream", "rtsp://user:***@host/stream"),
+    ("rtsps://admin:p@ss:w0rd@10.0.0.5:322/ch1?x=1", "rtsps://admin:***@10.0.0.5:322/ch1?x=1"),
+    ("rtsp://host/stream", "rtsp://host/stream"),
+    ("rtsp://user@host/stream", "rtsp://user@host/stream"),
+    ("open rtsp://a:b@h1/x failed; rtsp://c:d@h2/y", "open rtsp://a:***@h1/x failed; rtsp://c:***@h2/y"),
+    ("/videos/line1.avi", "/videos/line1.avi"),
+])
+def test_redact(url, expected):
+    assert redact(url) == expected
+
+
+def test_query_params_convert_and_reject_unknown():
+    assert query_params("synthetic://?fps=2.5&seed=3", {"fps": 1.0, "seed": 0, "x": True}) == {
+        "fps": 2.5, "seed": 3, "x": True}
+    with pytest.raises(SourceError, match="unknown parameter.*fsp.*allowed: fps"):
+        query_params("dir:///x?fsp=2", {"fps": 5.0})
+    with pytest.raises(SourceError, match="seed='x' is not a valid int"):
+        query_params("synthetic://?seed=x", {"seed": 0})
+
+
+def test_pacer_keeps_its_grid_and_never_bursts():
+    now = [100.0]
+    pacer = Pacer(fps=10, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
+    assert pacer.wait(1.0)  # the first frame is due at once
+    assert pacer.wait(1.0) and now[0] == pytest.approx(100.1)  # slept until due
+    assert not pacer.wait(0.03) and now[0] == pytest.approx(100.13)  # timeout first: not yet
+    assert pacer.wait(1.0) and now[0] == pytest.approx(100.2)
+    now[0] = 105.0  # consumer was away 5 s: one frame now, the next a full period later
+    assert pacer.wait(0.0)
+    assert not pacer.wait(0.0)
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_frames_are_rgb_of_the_set_size_and_paced():
+    src = SyntheticSource(cam("synthetic://?fps=20&width=160&height=120&seed=1"))
+    src.open()
+    start = time.monotonic()
+    frames = read_n(src, 11)
+    elapsed = time.monotonic() - start
+    assert all(f.shape == (120, 160, 3) and f.dtype == np.uint8 for f in frames)
+    assert np.array_equal(frames[0][..., 0], frames[0][..., 2])  # grey replicated
+    assert 0.4 <= elapsed < 0.8, elapsed  # 10 periods of 50 ms
+    src.close()
+
+
+def test_synthetic_is_deterministic_for_a_seed_and_exposes_the_mask():
+    def first(url, n=3):
+        src = SyntheticSource(cam(url))
+        src.open()
+        frames = read_n(src, n)
+        return frames, src
+
+    a, src_a = first("synthetic://?fps=1000&width=64&height=48&seed=7&defect_rate=1")
+    b, _ = first("synthetic://?fps=1000&width=64&height=48&seed=7&defect_rate=1")
+    c, _ = first("synthetic://?fps=1000&width=64&height=48&seed=8&defect_rate=1")
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[0], c[0])
+    assert src_a.last_mask.shape == (48, 64) and src_a.last_mask.max() == 255
+    assert np.array_equal(src_a.last_mask, src_a.sample(2).mask)  # frame k can be rendered again
+
+
+def test_synthetic_repeat_and_defect_rate():
+    src = SyntheticSource(cam("synthetic://?fps=1000&width=64&height=48&seed=2&repeat=1&defect_rate=1"))
+    src.open()
+    frames = read_n(src, 3)
+    assert all(np.array_equal(frames[0], f) for f in frames[1:])
+    assert np.array_equal(src.last_mask, src.sample(0).mask) and src.last_mask.any()
+    clean = SyntheticSource(cam("synthetic://?fps=1000&width=64&height=48&defect_rate=0"))
+    clean.open()
+    read_n(clean, 5)
+    assert not clean.last_mask.any()
+
+
+def test_synthetic_rejects_bad_parameters():
+    with pytest.raises(SourceError, match="unknown parameter"):
+        SyntheticSource(cam("synthetic://?fps=10&colour=red"))
+    with pytest.raises(SourceError, match="defect_rate"):
+        SyntheticSource(cam("synthetic://?defect_rate=2"))
+    with pytest.raises(SourceError, match="fps must be > 0"):
+        SyntheticSource(cam("synthetic://?fps=0"))
+
+
+# ----------------------------------------------------------------------------- folder
+
+
+@pytest.fixture
+def image_dir(tmp_path) -> Path:
+    """b.png, a.png, c.jpg (values 20, 10, 30 in the red channel) and a text file to ignore."""
+    for name, value in (("b.png", 20), ("a.png", 10), ("c.png", 30)):
+        img = np.zeros((24, 32, 3), np.uint8)
+        img[..., 0] = value
+        write_png(tmp_path / name, img)
+    (tmp_path / "notes.txt").write_text("not an image")
+    return tmp_path
+
+
+def reds(frames) -> list[int]:
+    return [int(f[0, 0, 0]) for f in frames]
+
+
+def test_folder_plays_sorted_and_loops(image_dir):
+    src = FolderSource(cam(f"dir://{image_dir}?fps=100"))
+    src.open()
+    assert reds(read_n(src, 7)) == [10, 20, 30, 10, 20, 30, 10]
+
+
+def test_folder_without_loop_ends(image_dir):
+    src = FolderSource(cam(f"dir://{image_dir}?fps=100", loop=False))
+    src.open()
+    assert reds(read_n(src, 3)) == [10, 20, 30]
+    with pytest.raises(EndOfStream):
+        src.read(0.1)
+
+
+def test_folder_is_paced(image_dir):
+    src = FolderSource(cam(f"dir://{image_dir}?fps=10"))
+    src.open()
+    start = time.monotonic()
+    read_n(src, 4)
+    assert 0.25 <= time.monotonic() - start < 0.6
+
+
+def test_folder_skips_an_unreadable_file(image_dir):
+    (image_dir / "b2.png").write_bytes(b"\x89PNG truncated")
+    src = FolderSource(cam(f"dir://{image_dir}?fps=100"))
+    src.open()
+    got = reds(read_n(src, 2))
+    with pytest.raises(DecodeError, match="b2.png"):
+        read_n(src, 1)
+    assert got + reds(read_n(src, 1)) == [10, 20, 30]
+
+
+def test_folder_missing_or_empty_is_a_source_error(tmp_path):
+    with pytest.raises(SourceError, match="cannot list"):
+        FolderSource(cam(f"dir://{tmp_path}/nope")).open()
+    with pytest.raises(SourceError, match="no images"):
+        FolderSource(cam(f"dir://{tmp_path}")).open()
+
+
+# ----------------------------------------------------------------------------- video files
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory) -> Path:
+    """10 MJPG frames at 20 fps, 160x120; frame i is grey level 20 * (i + 1)."""
+    path = tmp_path_factory.mktemp("video") / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 20, (160, 120))
+    assert writer.isOpened()
+    for i in range(10):
+        writer.write(np.full((120, 160, 3), 20 * (i + 1), np.uint8))
+    writer.release()
+    return path
+
+
+def levels(frames) -> list[int]:
+    return [round(float(f.mean()) / 20) for f in frames]
+
+
+def test_video_file_is_paced_at_its_fps_and_loops(video):
+    src = OpenCVSource(cam(str(video)))
+    src.open()
+    start = time.monotonic()
+    frames = read_n(src, 12)
+    elapsed = time.monotonic() - start
+    assert frames[0].shape == (120, 160, 3) and frames[0].dtype == np.uint8
+    assert levels(frames) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2]
+    assert 0.45 <= elapsed < 0.9, elapsed  # 11 periods of 50 ms: a camera, not a decoder benchmark
+    src.close()
+
+
+def test_video_file_without_loop_ends(video):
+    src = OpenCVSource(cam(f"file://{video}", loop=False))
+    src.open()
+    assert len(read_n(src, 10)) == 10
+    with pytest.raises(EndOfStream):
+        read_n(src, 1)
+
+
+def test_missing_video_file_is_a_source_error(tmp_path):
+    with pytest.raises(SourceError, match="no such video file"):
+        OpenCVSource(cam(str(tmp_path / "nope.avi"))).open()
+
+
+def test_video_file_through_gstreamer_loops(video):
+    src = GstSource(cam(str(video), backend="gstreamer"))
+    src.open()
+    try:
+        frames = read_n(src, 12)
+    finally:
+        src.close()
+    assert frames[0].shape == (120, 160, 3)
+    assert levels(frames[:10]) == list(range(1, 11)) and levels(frames[10:]) == [1, 2]
+
+
+# ----------------------------------------------------------------------------- GStreamer pipelines
+
+
+def test_pipeline_without_appsink_gets_one_and_odd_widths_are_unpadded():
+    # 162 px * 3 bytes = 486: GStreamer pads RGB rows to 488; the frame must come out 162 wide.
+    src = GstSource(CameraConfig(id="g", pipeline="videotestsrc is-live=true pattern=white ! "
+                                 "video/x-raw,width=162,height=40,framerate=30/1"))
+    src.open()
+    try:
+        frame = read_n(src, 2)[-1]
+    finally:
+        src.close()
+    assert frame.shape == (40, 162, 3) and frame.dtype == np.uint8 and frame.min() == 255
+
+
+def test_pipeline_with_its_own_format_is_converted_to_rgb():
+    src = GstSource(CameraConfig(id="g", pipeline="videotestsrc pattern=red ! "
+                                 "video/x-raw,format=BGRx,width=32,height=24 ! appsink name=mine"))
+    src.open()
+    try:
+        frame = read_n(src, 1)[0]
+    finally:
+        src.close()
+    assert frame.shape == (24, 32, 3) and tuple(frame[0, 0]) == (255, 0, 0)
+
+
+def test_pipeline_errors_are_source_errors():
+    with pytest.raises(SourceError, match="no element"):
+        GstSource(CameraConfig(id="g", pipeline="nosuchelement ! appsink")).open()
+    src = GstSource(CameraConfig(id="g", pipeline="videotestsrc num-buffers=2 ! appsink"))
+    src.open()
+    try:
+        with pytest.raises(SourceError, match="end of stream"):
+            read_n(src, 5)
+    finally:
+        src.close()
+
+
+def test_missing_pygobject_names_the_extra_and_packages():
+    code = ("import sys; sys.modules['gi'] = None\n"
+            "from inspectd.sources.gstreamer import import_gst\n"
+            "try:\n    import_gst()\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert out.startswith("SourceError") and "inspectd[gstreamer]" in out and "libgirepository1.0-dev" in out
+
+
+# ----------------------------------------------------------------------------- the kind table
+
+
+@pytest.mark.parametrize("cfg, kind, cls", [
+    (dict(url="rtsp://h/s"), "stream", OpenCVSource),
+    (dict(url="rtsps://u:p@h/s", backend="gstreamer"), "stream", GstSource),
+    (dict(url="/videos/a.mp4"), "file", OpenCVSource),
+    (dict(url="file:///videos/a.mp4", backend="gstreamer"), "file", GstSource),
+    (dict(url="v4l2:///dev/video0"), "device", OpenCVSource),
+    (dict(url="dir:///data/imgs?fps=2"), "folder", FolderSource),
+    (dict(url="synthetic://?fps=10"), "synthetic", SyntheticSource),
+    (dict(pipeline="videotestsrc ! appsink"), "pipeline", GstSource),
+])
+def test_open_source_table(cfg, kind, cls):
+    c = CameraConfig(id="c", **cfg)
+    assert source_kind(c) == kind
+    assert type(open_source(c)) is cls
+
+
+def test_open_source_plain_directory_is_a_folder(image_dir):
+    assert type(open_source(cam(str(image_dir)))) is FolderSource
+
+
+def test_open_source_rejects_unknown_kinds():
+    with pytest.raises(SourceError, match="unsupported URL scheme 'ftp'"):
+        open_source(cam("ftp://u:secret@h/x"))
+    with pytest.raises(SourceError, match="backend 'opencv' cannot read a pipeline"):
+        open_source(CameraConfig(id="c", pipeline="videotestsrc ! appsink", backend="opencv"))
+    with pytest.raises(SourceError) as err:
+        open_source(cam("ftp://u:secret@h/x"))
+    assert "secret" not in str(err.value)
