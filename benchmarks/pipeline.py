@@ -25,13 +25,13 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--model", default="builtin:demo")
     ap.add_argument("--size", default="320x240")
-    ap.add_argument("--cameras", type=int, default=2)
+    ap.add_argument("--cameras", type=int, default=2, help="at least the batch size, so batches can fill")
     ap.add_argument("--camera-fps", type=float, default=100)
     args = ap.parse_args()
     rows = []
     for batch in args.batches:
         cmd = [sys.executable, "-m", "inspectd", "bench", "--json", "--batch", str(batch), "--seconds", str(args.seconds),
-               "--model", args.model, "--size", args.size, "--cameras", str(args.cameras),
+               "--model", args.model, "--size", args.size, "--cameras", str(max(args.cameras, batch)),
                "--camera-fps", str(args.camera_fps)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))

@@ -133,8 +133,12 @@ class Batcher:
         """Wait for the first frame, then up to max_wait for more (or a full batch)."""
         if not self.board.wait(1, 0.2):
             return None
+        order = self._order()
+        # A batch can hold one frame per camera: with fewer cameras than max_batch, waiting for
+        # max_batch frames would only add max_wait to every batch.
+        target = min(self.max_batch, len(order))
         deadline = time.monotonic() + self.max_wait_s
-        self.board.wait(self.max_batch, deadline - time.monotonic())
+        self.board.wait(target, deadline - time.monotonic())
         taken = self.board.take(self._order(), self.max_batch)
         if not taken:
             return None

@@ -229,6 +229,13 @@ class Daemon:
                 out.append("batcher loop not progressing")
         if self.publisher is not None and now - self.publisher.last_progress_mono > STUCK_AFTER_S:
             out.append("publisher not progressing")
+        for cam, worker in list(self.cameras.items()):
+            # An OpenCV read can legitimately block for about 3x its timeout inside FFmpeg.
+            limit = max(STUCK_AFTER_S, 3 * worker.cfg.open_timeout_s + 5)
+            if worker.join(timeout=0) and not self.should_exit.is_set():
+                out.append(f"camera {cam}: capture thread died")
+            elif now - worker.heartbeat_mono > limit:
+                out.append(f"camera {cam}: capture loop stuck for {now - worker.heartbeat_mono:.0f} s")
         return out
 
     def healthz(self) -> tuple[bool, str]:

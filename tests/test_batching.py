@@ -53,11 +53,25 @@ def test_waits_at_most_max_wait_for_more_frames():
     board = FrameBoard()
     batcher = Batcher(board, max_batch=4, max_wait_ms=50, process=lambda b: None)
     board.put(_frame("a", 1))
+    board.put(_frame("b", 2))
+    assert len(batcher.next_batch().frames) == 2  # the batcher now knows two cameras
+    board.put(_frame("a", 3))  # b is late: wait for it, but no longer than max_wait
     t0 = time.monotonic()
     batch = batcher.next_batch()
     waited = time.monotonic() - t0
     assert [f.camera for f in batch.frames] == ["a"]
     assert 0.04 <= waited < 0.5
+
+
+def test_does_not_wait_for_more_cameras_than_there_are():
+    """Two cameras and max_batch 8: once both have a frame, the batch goes without waiting max_wait."""
+    board = FrameBoard()
+    batcher = Batcher(board, max_batch=8, max_wait_ms=5000, process=lambda b: None)
+    board.put(_frame("a", 1))
+    board.put(_frame("b", 2))
+    t0 = time.monotonic()
+    assert len(batcher.next_batch().frames) == 2
+    assert time.monotonic() - t0 < 1.0
 
 
 def test_full_batch_does_not_wait():

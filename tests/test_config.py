@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, run_cli
+
 from inspectd.config import BUILTIN_DEMO_MODEL, load_settings
 from inspectd.errors import ConfigError
 

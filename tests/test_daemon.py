@@ -6,8 +6,8 @@ import time
 
 import numpy as np
 import pytest
-
 from daemon_util import DaemonProcess, camera_toml, daemon_config, free_port, http_get
+
 from inspectd.client import Subscriber
 
 pytestmark = pytest.mark.slow

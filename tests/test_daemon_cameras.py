@@ -12,10 +12,10 @@ import time
 import cv2
 import numpy as np
 import pytest
-
 from daemon_util import DaemonProcess, camera_toml, daemon_config, http_get
-from inspectd.client import Subscriber
 from rtsp import RtspServer, synthetic_frame
+
+from inspectd.client import Subscriber
 
 pytestmark = pytest.mark.slow
 W, H, CELL = 320, 240, 32
