@@ -35,8 +35,8 @@ def _cmd_run(args) -> int:
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings, _ = _settings(args)
-    return Daemon(settings).run()
+    settings, path = _settings(args)
+    return Daemon(settings, config_path=path).run()
 
 
 def _cmd_check_config(args) -> int:

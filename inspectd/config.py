@@ -121,6 +121,8 @@ class ArchiveConfig(_Section):
 class DaemonConfig(_Section):
     shutdown_timeout_s: float = Field(10, gt=0, description="longest wait for the batch in flight at shutdown")
     warmup: bool = Field(True, description="compile every batch size before reporting ready")
+    stuck_after_s: float = Field(30, gt=0, description="a stage stuck in one call this long is unhealthy: "
+                                 "/healthz fails and systemd watchdog pings stop")
 
 
 class Settings(BaseSettings):

@@ -14,12 +14,14 @@ __all__ = ["Daemon"]
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
@@ -29,19 +31,27 @@ from inspectd.engine import InferenceEngine
 from inspectd.frames import Batch, CameraState, Frame, Inspection
 from inspectd.metrics import Metrics, MetricsServer
 from inspectd.model.deployable import Deployable, load_model
+from inspectd.notify import Notifier
 from inspectd.postprocess import InspectOptions, inspect
+from inspectd.reload import start_reload
 
 log = logging.getLogger("inspectd.daemon")
 
-# A stage stuck inside one call (an inference, a publish) longer than this is "not progressing".
-STUCK_AFTER_S = 30.0
+STATUS_EVERY_S = 5.0
+# Test-only hook: while the file named by this variable exists, the inference call blocks (a hung
+# model call, to prove that the watchdog pings stop). Never set in production.
+FREEZE_ENV = "INSPECTD_TEST_FREEZE_INFERENCE"
 
 
 class Daemon:
     """The inspection daemon. `run()` returns the process exit code."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, config_path: Path | None = None, notifier: Notifier | None = None):
         self.settings = settings
+        self.config_path = config_path
+        self.notifier = notifier or Notifier()
+        self.reload_requested = threading.Event()
+        self._freeze_file = os.environ.get(FREEZE_ENV)
         self.run_id = uuid.uuid4().hex
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
@@ -57,6 +67,8 @@ class Daemon:
         self.metrics_server: MetricsServer | None = None
         self.publisher = None
         self.engine: InferenceEngine | None = None
+        self.deployable: Deployable | None = None
+        self.options: InspectOptions | None = None
         self.batcher: Batcher | None = None
         self.cameras: dict = {}
 
@@ -81,21 +93,48 @@ class Daemon:
         self.engine = self._start_engine(deployable)
         self._start_pipeline(deployable)
         self.ready = True
+        self.notifier.ready()
         log.info("ready: %d camera(s), model %s, batches %s on %s, events on %s, metrics on :%d",
                  len(self.cameras), deployable.name, self.engine.buckets, self.engine.device,
                  self.publisher.endpoint, self.metrics_server.port)
 
     def main_loop(self) -> None:
+        """Supervise: fps, systemd STATUS and watchdog pings (only while progressing), reloads."""
         last_count, last_t = self._inferred_total(), time.monotonic()
-        while not self.should_exit.wait(1.0):
-            count, now = self._inferred_total(), time.monotonic()
-            self._fps = (count - last_count) / max(1e-6, now - last_t)
-            last_count, last_t = count, now
+        last_status = last_ping = 0.0
+        interval = self.notifier.watchdog_interval_s
+        while not self.should_exit.wait(0.25):
+            now = time.monotonic()
+            if now - last_t >= 1.0:
+                count = self._inferred_total()
+                self._fps = (count - last_count) / (now - last_t)
+                last_count, last_t = count, now
+            if now - last_status >= STATUS_EVERY_S:
+                self.notifier.status(self.status_line())
+                last_status = now
+            if interval is not None and now - last_ping >= interval:
+                last_ping = now if self._watchdog_ping() else last_ping
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                start_reload(self)
+
+    def _watchdog_ping(self) -> bool:
+        problems = self.problems()
+        if problems:
+            log.error("withholding the watchdog ping: %s", "; ".join(problems))
+            return False
+        return self.notifier.watchdog()
+
+    def status_line(self) -> str:
+        up = sum(1 for st in self.camera_states.values() if st == CameraState.UP)
+        return f"{up}/{len(self.camera_states)} cameras up, {self._fps:.1f} frames/s inspected, last defect: {self._last_defect}"
 
     def shutdown(self) -> None:
         log.info("shutting down")
+        self.notifier.stopping()
         self.ready = False
         self._stack.close()
+        self.notifier.close()
         log.info("stopped")
 
     # -- startup steps -----------------------------------------------------------------------
@@ -104,9 +143,15 @@ class Daemon:
 
         import_tensorflow()
         deployable = load_model(resolve_model_path(self.settings.model.path))
+        self.set_model_info(deployable)
+        return deployable
+
+    def set_model_info(self, deployable: Deployable) -> None:
+        self.deployable = deployable
         meta = deployable.meta
         self.metrics.set_model(deployable.name, deployable.sha256, meta.get("backbone", "unknown"), deployable.input_size)
-        return deployable
+        if self.publisher is not None:
+            self.publisher.set_model({"name": deployable.name, "sha256": deployable.sha256})
 
     def _start_publisher(self, deployable: Deployable) -> None:
         from inspectd.publish import Publisher
@@ -116,8 +161,8 @@ class Daemon:
         self.publisher.start()
         self._stack.callback(self.publisher.stop, self.settings.daemon.shutdown_timeout_s)
 
-    def _start_engine(self, deployable: Deployable) -> InferenceEngine:
-        cfg = self.settings
+    def _start_engine(self, deployable: Deployable, cfg: Settings | None = None) -> InferenceEngine:
+        cfg = cfg or self.settings
         max_batch = cfg.batching.max_batch
         engine = InferenceEngine(deployable, buckets_for(1), cfg.model.device, cfg.model.xla, cfg.model.precision)
         if max_batch == "auto":
@@ -132,21 +177,18 @@ class Daemon:
 
     def _start_pipeline(self, deployable: Deployable) -> None:
         s = self.settings
-        self._options = InspectOptions(
-            threshold=deployable.threshold if s.model.threshold is None else s.model.threshold,
-            mask_threshold=deployable.mask_threshold if s.model.mask_threshold is None else s.model.mask_threshold,
-            mask_resolution=s.postprocess.mask_resolution, min_region_px=s.postprocess.min_region_px,
-            attach_frame=s.publish.attach_frame, jpeg_quality=s.postprocess.jpeg_quality, mask_for_all=s.publish.results)
+        self.options = inspect_options(s, deployable)
         pool = ThreadPoolExecutor(s.postprocess.workers, thread_name_prefix="postprocess")
         self._stack.callback(pool.shutdown, wait=True)
         self._pool = pool
         self.batcher = Batcher(self.board, self.engine.buckets[-1], s.batching.max_wait_ms, self._infer)
         self.batcher.start()
         self._stack.callback(self._stop_batcher)
+        self._stack.callback(self._stop_all_cameras)
         for cam in s.cameras:
-            self._start_camera(cam)
+            self.start_camera(cam)
 
-    def _start_camera(self, cfg) -> None:
+    def start_camera(self, cfg) -> None:
         from inspectd.sources.camera import CameraWorker
 
         worker = CameraWorker(cfg, self.board.put, self.metrics, on_state=self._on_camera_state)
@@ -154,14 +196,20 @@ class Daemon:
         self.metrics.camera_up.labels(camera=cfg.id).set(0)
         worker.start()
         self.cameras[cfg.id] = worker
-        self._stack.callback(self._stop_camera, cfg.id)
 
-    def _stop_camera(self, camera: str) -> None:
+    def stop_camera(self, camera: str, forget: bool = True) -> None:
         worker = self.cameras.pop(camera)
         worker.stop()
         if not worker.join(timeout=self.settings.daemon.shutdown_timeout_s):
             log.warning("camera %s: capture thread still blocked in its backend; leaving it", camera)
         self.board.drop(camera)
+        if forget:
+            self.camera_states.pop(camera, None)
+            self.metrics.camera_up.remove(camera)
+
+    def _stop_all_cameras(self) -> None:
+        for camera in list(self.cameras):
+            self.stop_camera(camera, forget=False)
 
     def _stop_batcher(self) -> None:
         self.batcher.stop()
@@ -171,8 +219,11 @@ class Daemon:
     # -- the pipeline ------------------------------------------------------------------------
     def _infer(self, batch: Batch) -> None:
         """On the batcher thread: one model call, then post-processing off this thread."""
+        engine, options = self.engine, self.options  # a reload swaps both between batches
         t0 = time.monotonic()
-        scores, cams = self.engine.infer([f.image for f in batch.frames])
+        while self._freeze_file and os.path.exists(self._freeze_file):
+            time.sleep(0.1)  # test-only hook (FREEZE_ENV): a hung inference call
+        scores, cams = engine.infer([f.image for f in batch.frames])
         self.metrics.inference_seconds.observe(time.monotonic() - t0)
         self.metrics.batch_size.observe(len(batch.frames))
         for frame, score, cam in zip(batch.frames, scores, cams):
@@ -181,7 +232,7 @@ class Daemon:
             # Bounded hand-off: if post-processing falls behind, inference waits here, and the
             # cameras' slots turn stale (counted) instead of a queue growing.
             self._inflight.acquire()
-            future = self._pool.submit(inspect, frame, float(score), cam, self._options)
+            future = self._pool.submit(inspect, frame, float(score), cam, options)
             future.add_done_callback(self._published)
 
     def _published(self, future) -> None:
@@ -219,19 +270,20 @@ class Daemon:
     def problems(self) -> list[str]:
         """Stages that are dead or stuck inside one call (empty = progressing)."""
         now = time.monotonic()
+        stuck_after = self.settings.daemon.stuck_after_s
         out = []
         if self.batcher is not None:
             if not self.batcher.alive and not self.should_exit.is_set():
                 out.append("batcher thread died")
-            if self.batcher.busy_since is not None and now - self.batcher.busy_since > STUCK_AFTER_S:
+            if self.batcher.busy_since is not None and now - self.batcher.busy_since > stuck_after:
                 out.append(f"inference stuck for {now - self.batcher.busy_since:.0f} s")
-            elif now - self.batcher.heartbeat_mono > STUCK_AFTER_S and self.batcher.busy_since is None:
+            elif now - self.batcher.heartbeat_mono > stuck_after and self.batcher.busy_since is None:
                 out.append("batcher loop not progressing")
-        if self.publisher is not None and now - self.publisher.last_progress_mono > STUCK_AFTER_S:
+        if self.publisher is not None and now - self.publisher.last_progress_mono > stuck_after:
             out.append("publisher not progressing")
         for cam, worker in list(self.cameras.items()):
             # An OpenCV read can legitimately block for about 3x its timeout inside FFmpeg.
-            limit = max(STUCK_AFTER_S, 3 * worker.cfg.open_timeout_s + 5)
+            limit = max(stuck_after, 3 * worker.cfg.open_timeout_s + 5)
             if worker.join(timeout=0) and not self.should_exit.is_set():
                 out.append(f"camera {cam}: capture thread died")
             elif now - worker.heartbeat_mono > limit:
@@ -247,9 +299,20 @@ class Daemon:
         return (self.ready and bound, "model warm, publisher bound" if self.ready and bound else "starting")
 
 
+def inspect_options(s: Settings, deployable: Deployable) -> InspectOptions:
+    """How inference results become Inspections, from the config and the model's own thresholds."""
+    return InspectOptions(
+        threshold=deployable.threshold if s.model.threshold is None else s.model.threshold,
+        mask_threshold=deployable.mask_threshold if s.model.mask_threshold is None else s.model.mask_threshold,
+        mask_resolution=s.postprocess.mask_resolution, min_region_px=s.postprocess.min_region_px,
+        attach_frame=s.publish.attach_frame, jpeg_quality=s.postprocess.jpeg_quality, mask_for_all=s.publish.results)
+
+
 @contextlib.contextmanager
 def _signals(daemon: Daemon) -> Iterator[None]:
-    """SIGTERM/SIGINT ask for a clean stop; a second SIGINT forces exit. Old handlers are restored."""
+    """SIGTERM/SIGINT ask for a clean stop; a second SIGINT forces exit; SIGHUP asks for a reload.
+
+    Handlers only set flags; the main loop acts on them. Old handlers are restored."""
 
     def stop(signum, _frame):
         if signum == signal.SIGINT and daemon.should_exit.is_set():
@@ -258,7 +321,11 @@ def _signals(daemon: Daemon) -> Iterator[None]:
         log.info("received %s: stopping", signal.Signals(signum).name)
         daemon.should_exit.set()
 
+    def reload(signum, _frame):
+        daemon.reload_requested.set()
+
     old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    old[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)
     try:
         yield
     finally:

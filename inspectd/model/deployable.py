@@ -19,6 +19,7 @@ __all__ = [
     "save_model",
     "load_model",
     "read_metadata",
+    "file_sha256",
 ]
 
 import hashlib
@@ -152,7 +153,7 @@ def build_deployable(classifier, input_range: str = "0-255"):
     return model
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -221,4 +222,4 @@ def load_model(path: Path) -> Deployable:
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelFileError(f"{path}: cannot load the model safely: {first}") from None
-    return Deployable(model, meta, path, _sha256(path))
+    return Deployable(model, meta, path, file_sha256(path))
