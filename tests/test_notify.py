@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from daemon_util import DaemonProcess, camera_toml, daemon_config
+
 from inspectd.notify import Notifier
 
 

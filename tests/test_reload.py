@@ -6,10 +6,10 @@ import signal
 import time
 
 import pytest
-
 from daemon_util import DaemonProcess, camera_toml, daemon_config, http_get
-from inspectd.client import Subscriber
 from test_notify import NotifySocket
+
+from inspectd.client import Subscriber
 
 pytestmark = pytest.mark.slow
 CAM_A = camera_toml("cam-a", "synthetic://?fps=8&width=160&height=128&defect_rate=0.5&seed=1")
