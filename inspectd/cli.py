@@ -31,8 +31,12 @@ def _settings(args):
 
 
 def _cmd_run(args) -> int:
+    import faulthandler
+
     from inspectd.daemon import Daemon
 
+    # systemd's watchdog kills with SIGABRT: the journal then shows every thread's stack.
+    faulthandler.enable()
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings, path = _settings(args)
