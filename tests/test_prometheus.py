@@ -1,0 +1,274 @@
+"""Monitoring: the Prometheus config, alert rules and Grafana dashboard in deploy/, against the real thing.
+
+promtool checks the config and rules and runs the rules' unit tests; then a real daemon (two synthetic
+cameras and a dead one) is scraped by a real Prometheus server every second, and every PromQL
+expression of the dashboard and of the alert rules is run through Prometheus' HTTP API: no panel
+may come back empty on a healthy daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+
+import pytest
+from daemon_util import DaemonProcess, camera_toml, daemon_config, free_port
+from prometheus_util import (
+    ALERTS_TEST_YML,
+    ALERTS_YML,
+    DASHBOARD_JSON,
+    PROMETHEUS,
+    PROMETHEUS_YML,
+    PROMTOOL,
+    PrometheusError,
+    PrometheusServer,
+)
+
+pytestmark = pytest.mark.slow
+
+LIVE_CAMERAS = ("cam-a", "cam-b")
+DEAD_CAMERA = "dead"
+EXPECTED_ALERTS = {
+    "InspectdDown", "InspectdCameraDown", "InspectdInferenceFpsLow", "InspectdDroppedFrameRatioHigh",
+    "InspectdStaleFrameRatioHigh", "InspectdEndToEndLatencyHigh", "InspectdEventsDropped", "InspectdRestarted",
+    "InspectdReloadFailed",
+}
+# Alerts without `for:` that a healthy daemon must never fire.
+QUIET_WHEN_HEALTHY = {"InspectdEventsDropped", "InspectdRestarted", "InspectdReloadFailed"}
+
+
+# ------------------------------------------------------------------------------------------ promtool
+@pytest.mark.parametrize("args", [("check", "config", PROMETHEUS_YML), ("check", "rules", ALERTS_YML),
+                                  ("test", "rules", ALERTS_TEST_YML)], ids=["check-config", "check-rules", "test-rules"])
+def test_promtool(args):
+    if PROMTOOL is None:
+        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
+    proc = subprocess.run([PROMTOOL, *map(str, args)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"promtool {' '.join(map(str, args))}:\n{proc.stdout}\n{proc.stderr}"
+
+
+def test_every_alert_has_unit_tests_and_annotations():
+    rules = ALERTS_YML.read_text()
+    names = re.findall(r"^\s*- alert:\s*(\w+)", rules, re.M)
+    assert set(names) == EXPECTED_ALERTS and len(names) == len(EXPECTED_ALERTS)
+    tests = ALERTS_TEST_YML.read_text()
+    for name in names:
+        tested = re.findall(rf"alertname:\s*{name}\s*\n\s*exp_alerts:\s*(\[\])?", tests)
+        assert any(t == "[]" for t in tested), f"{name}: no non-firing case in alerts_test.yml"
+        assert any(t == "" for t in tested), f"{name}: no firing case in alerts_test.yml"
+    for block in re.split(r"^\s*- alert:", rules, flags=re.M)[1:]:
+        assert re.search(r"severity:\s*(critical|warning|info)", block), block
+        assert "summary:" in block and "description:" in block and "$labels" in block, block
+
+
+# ------------------------------------------------------------------------------------------ the dashboard
+def _dashboard() -> dict:
+    return json.loads(DASHBOARD_JSON.read_text())
+
+
+def _panels(dashboard: dict) -> list[dict]:
+    """Every panel, rows' nested panels included (rows themselves excluded)."""
+    out = []
+    for p in dashboard["panels"]:
+        if p.get("type") == "row":
+            out.extend(p.get("panels", []))
+        else:
+            out.append(p)
+    return out
+
+
+def _panel_exprs(dashboard: dict) -> list[tuple[str, str]]:
+    """(where, expr) of every panel target."""
+    return [(f"panel {p['id']} {p['title']!r} {t['refId']}", t["expr"])
+            for p in _panels(dashboard) for t in p.get("targets", []) if not t.get("hide")]
+
+
+def _annotation_exprs(dashboard: dict) -> list[tuple[str, str]]:
+    """(where, expr) of the annotation queries: events (restarts), empty while nothing happens."""
+    return [(f"annotation {a['name']!r}", a["expr"]) for a in dashboard["annotations"]["list"] if a.get("expr")]
+
+
+def _grafana_regex(values: list[str]) -> str:
+    """A multi-value variable as Grafana writes it into a Prometheus query: (a|b), regex-escaped."""
+    escaped = [re.sub(r"([\\^$.|?*+()\[\]{}])", r"\\\\\1", v) for v in values]
+    return escaped[0] if len(escaped) == 1 else "(" + "|".join(escaped) + ")"
+
+
+def render(expr: str, variables: dict[str, str]) -> str:
+    """Substitute Grafana's $var / ${var} like Grafana does; an unknown variable is an error."""
+    def sub(m):
+        name = m.group(1) or m.group(2)
+        if name not in variables:
+            raise KeyError(f"unknown variable ${name} in {expr}")
+        return variables[name]
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", sub, expr)
+
+
+def test_dashboard_structure():
+    d = _dashboard()
+    assert 36 <= d["schemaVersion"] <= 41 and d["uid"] and d["title"]
+    variables = {v["name"]: v for v in d["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    for name, query in (("instance", "label_values(inspectd_build_info, instance)"),
+                        ("camera", 'label_values(inspectd_camera_up{instance=~"$instance"}, camera)')):
+        v = variables[name]
+        assert v["type"] == "query" and v["multi"] and v["includeAll"], name
+        stored = v["query"]["query"] if isinstance(v["query"], dict) else v["query"]  # Grafana 10 writes an object
+        assert v["definition"] == query and stored == query, name
+        assert v["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, name
+    panels = _panels(d)
+    ids = [p["id"] for p in d["panels"]] + [p["id"] for r in d["panels"] for p in r.get("panels", [])]
+    assert len(ids) == len(set(ids)), "duplicate panel ids"
+    assert len(panels) >= 20
+    for p in panels:
+        where = f"panel {p['id']} {p.get('title')!r}"
+        assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, where
+        assert p.get("targets"), f"{where}: no targets"
+        assert p.get("title") and set(p["gridPos"]) == {"h", "w", "x", "y"}, where
+        assert p["gridPos"]["x"] + p["gridPos"]["w"] <= 24, where
+        refs = [t["refId"] for t in p["targets"]]
+        assert len(refs) == len(set(refs)), where
+        for t in p["targets"]:
+            assert t["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, where
+            assert t["expr"].strip(), where
+            # Rates over the panel's interval: Grafana's $__rate_interval, never a hard-coded window.
+            for window in re.findall(r"\[([^\]]+)\]", t["expr"]):
+                assert window in ("$__rate_interval", "$__range"), f"{where}: window [{window}] in {t['expr']}"
+            assert re.search(r'instance=~"\$instance"', t["expr"]), f"{where}: not filtered by $instance"
+    # The panels the operator needs (docs/monitoring.md lists them).
+    text = json.dumps(d)
+    for metric in ("inspectd_frames_inferred_total", "inspectd_frames_captured_total", "inspectd_frames_dropped_total",
+                   "inspectd_defects_total", "inspectd_score_bucket", "inspectd_inference_seconds_bucket",
+                   "inspectd_end_to_end_seconds_bucket", "inspectd_batch_size_bucket", "inspectd_batch_size_sum",
+                   "inspectd_camera_up", "inspectd_camera_reconnects_total", "inspectd_events_published_total",
+                   "inspectd_events_dropped_total", "process_cpu_seconds_total", "process_resident_memory_bytes",
+                   "inspectd_model_info", "inspectd_build_info", "inspectd_reload_failures_total"):
+        assert metric in text, f"no panel uses {metric}"
+    types = {p["type"] for p in panels}
+    assert {"timeseries", "stat", "heatmap", "state-timeline", "table", "bargauge"} <= types
+
+
+# ------------------------------------------------------------------------------------------ live stack
+@dataclass
+class Stack:
+    prom: PrometheusServer
+    daemon: DaemonProcess
+    instance: str
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, request) -> Stack:
+    """A daemon (2 synthetic cameras + 1 dead, results published) scraped every 1 s by a real Prometheus."""
+    if PROMETHEUS is None:
+        pytest.skip("prometheus is not installed (Debian: apt-get install prometheus)")
+    tmp = tmp_path_factory.mktemp("prometheus")
+    cams = "".join(camera_toml(c, f"synthetic://?fps=8&width=320&height=240&defect_rate=0.5&seed={i + 1}")
+                   for i, c in enumerate(LIVE_CAMERAS))
+    cams += camera_toml(DEAD_CAMERA, f"rtsp://127.0.0.1:{free_port()}/x", reconnect_initial_s=0.2, reconnect_max_s=1,
+                        open_timeout_s=1)
+    config, urls = daemon_config(tmp, cams, publish={"results": True})
+    instance = urls["metrics"].removeprefix("http://")
+    daemon = DaemonProcess(config, tmp / "daemon.log")
+    request.addfinalizer(daemon.terminate)
+    prom = PrometheusServer(tmp / "prom", targets=[instance], rule_files=[ALERTS_YML], labels={"line": "test"})
+    request.addfinalizer(prom.stop)
+    prom.start()  # while the daemon warms up its model
+    prom.wait_ready()
+    daemon.wait_ready(urls["metrics"])
+    # Bounded: both live cameras inspected, and enough 1 s scrapes for 5 s rate windows.
+    deadline, ready = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        inferred = prom.query('count(rate(inspectd_frames_inferred_total{job="inspectd"}[5s]) > 0)')
+        scrapes = prom.query('count_over_time(inspectd_camera_up{job="inspectd", camera="dead"}[30s])')
+        ready = f"cameras inspected: {inferred}, scrapes: {scrapes}"
+        if inferred and float(inferred[0]["value"][1]) >= 2 and scrapes and float(scrapes[0]["value"][1]) >= 6:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"no data in Prometheus after 60 s ({ready})\nprometheus:\n{prom.log()}\ndaemon:\n{daemon.log()}")
+    return Stack(prom, daemon, instance)
+
+
+def _variables(stack: Stack, cameras, rate_interval: str) -> dict[str, str]:
+    return {"instance": _grafana_regex([stack.instance]), "camera": _grafana_regex(list(cameras)),
+            "__rate_interval": rate_interval, "__range": "5m", "__interval": "1s", "datasource": "prometheus"}
+
+
+def _finite(result: list[dict]) -> bool:
+    return any(math.isfinite(float(s["value"][1])) for s in result)
+
+
+def test_every_dashboard_query_returns_data(stack):
+    """Every panel's query, with the variables as Grafana fills them, returns a finite value."""
+    exprs = _panel_exprs(_dashboard())
+    assert len(exprs) >= 25
+    variants = {  # at 1 s scrapes a 5 s window holds >= 4 samples, like $__rate_interval = 4 x scrape interval
+        "both live cameras, [5s]": _variables(stack, LIVE_CAMERAS, "5s"),
+        "all cameras, [5s]": _variables(stack, (*LIVE_CAMERAS, DEAD_CAMERA), "5s"),
+    }
+    deadline = time.monotonic() + 30
+    while True:  # counters touched late (stale drops, the first defect) may need a few more scrapes
+        empty = []
+        for variant, variables in variants.items():
+            for where, expr in exprs:
+                q = render(expr, variables)
+                if not _finite(stack.prom.query(q)):
+                    empty.append(f"{where} [{variant}]: {q}")
+        if not empty or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert not empty, "dashboard queries with no data on a healthy daemon:\n" + "\n".join(empty)
+    # At a 15 s scrape interval Grafana's $__rate_interval is 1m: the same panels, still with data.
+    for where, expr in exprs:
+        q = render(expr, _variables(stack, LIVE_CAMERAS, "1m"))
+        assert _finite(stack.prom.query(q)), f"{where}: no data at [1m]: {q}"
+    # Annotation queries mark events (restarts): they must run; empty is right on a daemon that never restarted.
+    for where, expr in _annotation_exprs(_dashboard()):
+        for window in ("5s", "1m"):
+            q = render(expr, _variables(stack, LIVE_CAMERAS, window))
+            try:
+                assert stack.prom.query(q) == [], f"{where}: a restart on a daemon that never restarted: {q}"
+            except PrometheusError as e:
+                pytest.fail(f"{where}: {e}")
+
+
+def test_dashboard_variables_list_the_daemon_and_its_cameras(stack):
+    variables = {v["name"]: v for v in _dashboard()["templating"]["list"]}
+    for name, want in (("instance", {stack.instance}), ("camera", {*LIVE_CAMERAS, DEAD_CAMERA})):
+        m = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", variables[name]["definition"])
+        assert m, variables[name]["definition"]
+        match = render(m.group(1), {"instance": _grafana_regex([stack.instance])})
+        assert set(stack.prom.label_values(m.group(2), match)) == want, name
+
+
+def test_alert_rules_load_and_evaluate(stack):
+    """alerts.yml loads into the server; every rule's expression runs on live data; a healthy daemon is quiet."""
+    rules = stack.prom.rules()
+    assert {r["name"] for r in rules if r["type"] == "alerting"} == EXPECTED_ALERTS
+    for rule in rules:
+        try:
+            stack.prom.query(rule["query"])
+        except PrometheusError as e:
+            pytest.fail(f"{rule['name']}: {e}")
+    # The dead camera's alert is on its way (pending: for 1m), computed from the live series.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        alerts = stack.prom.alerts()
+        if any(a["labels"]["alertname"] == "InspectdCameraDown" and a["labels"].get("camera") == DEAD_CAMERA
+               for a in alerts):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"InspectdCameraDown not pending for camera {DEAD_CAMERA!r}: {stack.prom.alerts()}")
+    for rule in stack.prom.rules():
+        assert rule["health"] == "ok", rule
+        for a in rule.get("alerts", []):
+            assert a["labels"].get("camera") in (None, DEAD_CAMERA), a  # nothing about the live cameras
+            assert a["labels"]["alertname"] not in QUIET_WHEN_HEALTHY, a
+    # The live cameras are up, inspected, and not alerted on.
+    up = {s["metric"]["camera"]: float(s["value"][1]) for s in stack.prom.query('inspectd_camera_up{job="inspectd"}')}
+    assert up == {"cam-a": 1.0, "cam-b": 1.0, DEAD_CAMERA: 0.0}
