@@ -21,9 +21,14 @@ def _metric(text: str, name: str, **labels) -> float | None:
     return None
 
 
-def _collect(sub: Subscriber, want: int, kind: str, timeout: float) -> list:
+def _collect(sub: Subscriber, want: int, kind: str, timeout: float, cameras: set | None = None) -> list:
+    """At least `want` events of `kind` (and from every camera in `cameras`), or what came by the timeout."""
     events, deadline = [], time.monotonic() + timeout
-    while len(events) < want and time.monotonic() < deadline:
+
+    def done() -> bool:
+        return len(events) >= want and (cameras is None or {ev.camera for ev in events} >= cameras)
+
+    while not done() and time.monotonic() < deadline:
         ev = sub.recv(timeout_s=1.0)
         if ev is not None and ev.kind.value == kind:
             events.append(ev)
@@ -37,7 +42,7 @@ def test_two_synthetic_cameras_publish_defects_and_metrics(tmp_path):
     with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
         daemon.wait_ready(urls["metrics"])
         with Subscriber(urls["events"], topics=["defect.", "result.", "heartbeat"]) as sub:
-            defects = _collect(sub, 6, "defect", timeout=60)
+            defects = _collect(sub, 6, "defect", timeout=60, cameras={"cam-a", "cam-b"})
             results = _collect(sub, 4, "result", timeout=30)
         assert len(defects) >= 6, daemon.log()
         for ev in defects:
