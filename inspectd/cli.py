@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="inspectd", description="Streaming defect inspection: single-pass score + CAM mask, ZeroMQ events, "
         "Prometheus metrics; and the model toolkit.",
         epilog="Exit codes: 0 ok, 1 internal error, 2 usage, 65 bad data/model, 66 missing input, "
-               "69 unavailable (e.g. ImageNet weights offline), 130 interrupted. See docs/cli.md.")
+               "69 unavailable (e.g. ImageNet weights offline), 78 config error, 130 interrupted. See docs/cli.md.")
     parser.add_argument("--version", action="version", version=f"inspectd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     from inspectd.watch import add_parser as _add_watch
