@@ -51,11 +51,18 @@ def _assert_on_defect(events: list, truth: np.ndarray) -> None:
 def _run(tmp_path, camera: str, topic: str, truth: np.ndarray, n: int = 3):
     config, urls = daemon_config(tmp_path, camera)
     daemon = DaemonProcess(config, tmp_path / "daemon.log")
-    daemon.wait_ready(urls["metrics"])
-    sub = Subscriber(urls["events"], topics=[f"defect.{topic}", f"status.{topic}"])
-    events = _defects(sub, n, timeout=60)
-    assert len(events) == n, daemon.log()
-    _assert_on_defect(events, truth)
+    sub = None
+    try:
+        daemon.wait_ready(urls["metrics"])
+        sub = Subscriber(urls["events"], topics=[f"defect.{topic}", f"status.{topic}"])
+        events = _defects(sub, n, timeout=60)
+        assert len(events) == n, daemon.log()
+        _assert_on_defect(events, truth)
+    except BaseException:  # never leave a daemon behind when the checks fail
+        daemon.terminate()
+        if sub is not None:
+            sub.close()
+        raise
     return daemon, sub, urls
 
 
