@@ -71,6 +71,9 @@ class CameraConfig(_Section):
     fps_limit: float = Field(0, ge=0, description="0 = as fast as the camera")
     loop: bool = Field(True, description="files and folders start again at the end")
     roi: tuple[int, int, int, int] | None = Field(None, description="crop [x, y, w, h] in camera pixels before inference")
+    resize: tuple[Annotated[int, Field(ge=16)], Annotated[int, Field(ge=16)]] | None = Field(
+        None, description="resize [w, h] (after roi) on the capture thread, e.g. to the model input; "
+        "event coordinates are then in resized pixels")
     reconnect_initial_s: float = Field(0.5, gt=0, description="first reconnect delay; doubles up to reconnect_max_s")
     reconnect_max_s: float = Field(10, gt=0, description="longest reconnect delay (plus up to 20 % jitter)")
     stall_timeout_s: float = Field(5, gt=0, description="no frame for this long forces a reconnect")

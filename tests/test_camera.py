@@ -14,7 +14,7 @@ from inspectd.config import CameraConfig
 from inspectd.frames import CameraState, Frame
 from inspectd.metrics import Metrics
 from inspectd.sources import CameraWorker, SourceError, backoff_delay
-from inspectd.sources.camera import RateLimiter, crop_roi
+from inspectd.sources.camera import RateLimiter, crop_roi, resize_frame
 from inspectd.sources.synthetic import SyntheticSource
 
 FAST = dict(reconnect_initial_s=0.05, reconnect_max_s=0.2, stall_timeout_s=0.5, open_timeout_s=1)
@@ -102,6 +102,20 @@ def test_roi_is_applied():
     with Harness(synthetic(roi=(10, 20, 50, 40))) as h:
         wait_until(lambda: h.frames, 5)
     assert h.frames[0].image.shape == (40, 50, 3)
+
+
+def test_roi_then_resize():
+    with Harness(synthetic(roi=(10, 20, 50, 40), resize=(32, 16))) as h:
+        wait_until(lambda: h.frames, 5)
+    assert h.frames[0].image.shape == (16, 32, 3) and h.frames[0].image.dtype == np.uint8
+
+
+def test_resize_frame_keeps_content():
+    img = np.zeros((120, 160, 3), np.uint8)
+    img[:, 80:] = 200  # right half bright
+    out = resize_frame(img, (40, 30))
+    assert out.shape == (30, 40, 3) and out[:, :19].max() == 0 and out[:, 21:].min() == 200
+    assert resize_frame(img, None) is img and resize_frame(img, (160, 120)) is img
 
 
 def test_fps_limit_drops_and_counts():
