@@ -1,7 +1,8 @@
 """Batched single-pass inference: RGB uint8 images of any size -> score and cam_logits per image.
 
-Preprocessing (resize to the model input, uint8 -> float) and the forward pass run in one
-`tf.function` with a fixed batch shape, so the graph is traced once per batch size.
+Preprocessing (uint8 -> float, resize to the model input) and the forward pass run in one
+shape-polymorphic `tf.function`, traced once; batches are padded to a few sizes ("buckets").
+The daemon uses `InferenceEngine` directly, the offline tools through `Predictor`.
 """
 
 from __future__ import annotations
@@ -24,65 +25,6 @@ RESIZE = {"method": "bilinear", "antialias": True}
 class Prediction:
     score: float
     cam_logits: np.ndarray  # [h, w] float32
-
-
-class Predictor:
-    """Runs a deployable model on batches of images.
-
-    >>> p = Predictor(load_model("demo.keras"), batch_size=4)
-    >>> [pred.score for pred in p.predict([image_a, image_b])]
-    """
-
-    def __init__(self, deployable: Deployable, batch_size: int = 8):
-        import tensorflow as tf
-
-        self.deployable = deployable
-        self.batch_size = batch_size
-        w, h = deployable.input_size
-        model = deployable.model
-
-        @tf.function(input_signature=[tf.TensorSpec([batch_size, h, w, 3], tf.float32)])
-        def forward(batch):
-            out = model(batch, training=False)
-            return out["score"], out["cam_logits"]
-
-        @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)], reduce_retracing=True)
-        def resize(image):
-            return tf.image.resize(image, (h, w), **RESIZE)
-
-        self._forward = forward
-        self._resize = resize
-
-    def _prepare(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        batch = np.zeros((self.batch_size, *self.deployable.model.inputs[0].shape[1:]), np.float32)
-        for i, image in enumerate(images):
-            batch[i] = self._resize(image).numpy()
-        return batch
-
-    def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
-        """Predict any number of HxWx3 RGB uint8 images, batch by batch (last batch zero-padded)."""
-        out: list[Prediction] = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start:start + self.batch_size]
-            scores, cams = self._forward(self._prepare(chunk))
-            scores, cams = scores.numpy(), cams.numpy()
-            out += [Prediction(float(scores[i]), cams[i]) for i in range(len(chunk))]
-        return out
-
-    def stream(self, items: Iterable) -> Iterator[tuple[object, np.ndarray, Prediction]]:
-        """(key, image) pairs in, (key, image, prediction) out, batched without holding everything."""
-        pending: list[tuple[object, np.ndarray]] = []
-        for item in items:
-            pending.append(item)
-            if len(pending) == self.batch_size:
-                yield from self._flush(pending)
-                pending = []
-        if pending:
-            yield from self._flush(pending)
-
-    def _flush(self, pending):
-        preds = self.predict([image for _, image in pending])
-        return [(key, image, pred) for (key, image), pred in zip(pending, preds)]
 
 
 def with_policy(model, policy: str):
@@ -133,9 +75,10 @@ def select_device(device: str) -> str:
 class InferenceEngine:
     """The daemon's model call: uint8 frames -> (score [n], cam_logits [n, h, w]).
 
-    One `tf.function` per padded batch size ("bucket", as TF Serving's allowed_batch_sizes) does
-    uint8 -> float, the resize to the model input and the forward pass on the device. Every bucket
-    is traced once at warm-up; `traces()` lets tests prove nothing is retraced afterwards.
+    One `tf.function` does uint8 -> float, the resize to the model input and the forward pass on
+    the device. Batches are zero-padded to one of a few sizes ("buckets", as TF Serving's
+    allowed_batch_sizes), all run at warm-up; the signature is shape-polymorphic, so the function is
+    traced once, and `traces()` lets tests prove nothing is retraced afterwards.
     """
 
     def __init__(self, deployable: Deployable, buckets: tuple[int, ...], device: str = "auto", xla: bool = False,
@@ -188,3 +131,40 @@ class InferenceEngine:
         w, h = frame_size or self.deployable.input_size
         for size in self.buckets:
             self.infer([np.zeros((h, w, 3), np.uint8)] * size)
+
+
+class Predictor:
+    """The offline tools' view of the engine: any number of images, batch by batch.
+
+    >>> p = Predictor(load_model("demo.keras"), batch_size=4)
+    >>> [pred.score for pred in p.predict([image_a, image_b])]
+    """
+
+    def __init__(self, deployable: Deployable, batch_size: int = 8):
+        self.deployable = deployable
+        self.batch_size = batch_size
+        # The daemon's engine, so `infer`/`evaluate` preprocess exactly as production does.
+        self._engine = InferenceEngine(deployable, (batch_size,))
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        """Predict any number of HxWx3 RGB uint8 images (the last batch is zero-padded)."""
+        out: list[Prediction] = []
+        for start in range(0, len(images), self.batch_size):
+            scores, cams = self._engine.infer(list(images[start:start + self.batch_size]))
+            out += [Prediction(float(score), cam) for score, cam in zip(scores, cams)]
+        return out
+
+    def stream(self, items: Iterable) -> Iterator[tuple[object, np.ndarray, Prediction]]:
+        """(key, image) pairs in, (key, image, prediction) out, batched without holding everything."""
+        pending: list[tuple[object, np.ndarray]] = []
+        for item in items:
+            pending.append(item)
+            if len(pending) == self.batch_size:
+                yield from self._flush(pending)
+                pending = []
+        if pending:
+            yield from self._flush(pending)
+
+    def _flush(self, pending):
+        preds = self.predict([image for _, image in pending])
+        return [(key, image, pred) for (key, image), pred in zip(pending, preds)]
