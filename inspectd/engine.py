@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from inspectd.model.deployable import Deployable
+from inspectd.model.deployable import Deployable, config_nodes
 
 # One resize everywhere (training, infer, evaluate, daemon): bilinear with antialiasing, so a
 # model never sees a different interpolation in production than in training.
@@ -35,18 +35,10 @@ def with_policy(model, policy: str):
     """
     import keras
 
-    def walk(node):
-        if isinstance(node, dict):
-            if node.get("class_name") == "DTypePolicy" and node.get("config", {}).get("name") == "float32":
-                node["config"]["name"] = policy
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
     config = model.get_config()
-    walk(config)
+    for node in config_nodes(config):
+        if node["class_name"] == "DTypePolicy" and node["config"].get("name") == "float32":
+            node["config"]["name"] = policy
     clone = keras.Model.from_config(config)
     clone.set_weights(model.get_weights())
     return clone

@@ -14,25 +14,22 @@ import tempfile
 from pathlib import Path
 
 from inspectd.errors import DataError, ModelFileError, NoInputError, UsageError
-from inspectd.model.deployable import INPUT_RANGES, build_deployable, save_model
+from inspectd.model.deployable import INPUT_RANGES, build_deployable, config_nodes, save_model
 
 # Layers whose config is a Python function: loading one would execute code from the file.
 _CODE_LAYERS = {"Lambda"}
 
 
-def _walk_layers(config, found: set[str]) -> None:
-    if isinstance(config, dict):
-        if "class_name" in config and "config" in config:
-            found.add(config["class_name"])
-            if config["class_name"] == "DepthwiseConv2D":
-                # Keras 2 wrote `groups` for DepthwiseConv2D; Keras 3 rejects the key (it never
-                # meant anything for depthwise convolutions).
-                config["config"].pop("groups", None)
-        for value in config.values():
-            _walk_layers(value, found)
-    elif isinstance(config, list):
-        for value in config:
-            _walk_layers(value, found)
+def _clean_keras2(config) -> set[str]:
+    """Remove what Keras 3 rejects from a Keras 2 config, in place; returns the class names seen."""
+    found: set[str] = set()
+    for node in config_nodes(config):
+        found.add(node["class_name"])
+        if node["class_name"] == "DepthwiseConv2D" and isinstance(node["config"], dict):
+            # Keras 2 wrote `groups` for DepthwiseConv2D; Keras 3 rejects the key (it never
+            # meant anything for depthwise convolutions).
+            node["config"].pop("groups", None)
+    return found
 
 
 def _refuse_code(path: Path, classes: set[str]) -> None:
@@ -55,9 +52,7 @@ def _load_h5(path: Path):
         if "model_config" not in f.attrs:
             raise ModelFileError(f"{path}: an HDF5 file without a model config (weights only?)")
         config = json.loads(f.attrs["model_config"])
-        classes: set[str] = set()
-        _walk_layers(config, classes)
-        _refuse_code(path, classes)
+        _refuse_code(path, _clean_keras2(config))
         model = saving_utils.model_from_config(config)
         legacy_h5_format.load_weights_from_hdf5_group(f["model_weights"], model)
     return model

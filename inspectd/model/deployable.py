@@ -20,12 +20,14 @@ __all__ = [
     "load_model",
     "read_metadata",
     "file_sha256",
+    "config_nodes",
 ]
 
 import hashlib
 import json
 import os
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -73,6 +75,19 @@ class Deployable:
     @property
     def name(self) -> str:
         return str(self.meta.get("name") or self.path.stem)
+
+
+def config_nodes(node) -> Iterator[dict]:
+    """Every `{"class_name": ..., "config": ...}` object in a Keras config tree (layers, dtype policies,
+    initializers), depth first; callers may edit the yielded dicts in place."""
+    if isinstance(node, dict):
+        if "class_name" in node and "config" in node:
+            yield node
+        for value in node.values():
+            yield from config_nodes(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from config_nodes(value)
 
 
 def _producer(tensor):
