@@ -52,10 +52,6 @@ class FrameBoard:
         if old is not None:
             self._on_stale(old)
 
-    def pending(self) -> int:
-        with self._cond:
-            return len(self._slots)
-
     def wait(self, min_frames: int, timeout: float) -> bool:
         """Wait until at least `min_frames` slots hold a frame (or timeout); True if they do."""
         with self._cond:
@@ -100,7 +96,6 @@ class Batcher:
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         self.heartbeat_mono = time.monotonic()  # loop liveness, for the watchdog
         self.busy_since: float | None = None  # set while inside process(): a hung inference shows here
-        self.batches = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -154,7 +149,6 @@ class Batcher:
             self.busy_since = time.monotonic()
             try:
                 self._process(batch)
-                self.batches += 1
             except Exception:
                 log.exception("inference failed for a batch of %d frame(s); continuing", len(batch.frames))
             finally:

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from inspectd.batching import Batcher, FrameBoard, buckets_for
 from inspectd.config import Settings, resolve_model_path
-from inspectd.engine import InferenceEngine
+from inspectd.engine import InferenceEngine, select_device
 from inspectd.frames import Batch, CameraState, Frame, Inspection
 from inspectd.metrics import Metrics, MetricsServer
 from inspectd.model.deployable import Deployable, load_model
@@ -59,7 +59,6 @@ class Daemon:
         self.camera_states: dict[str, CameraState] = {}
         self.should_exit = threading.Event()
         self.ready = False
-        self.started_mono = time.monotonic()
         self._stack = contextlib.ExitStack()
         self._fps = 0.0
         self._last_defect: str = "none"
@@ -164,11 +163,10 @@ class Daemon:
     def _start_engine(self, deployable: Deployable, cfg: Settings | None = None) -> InferenceEngine:
         cfg = cfg or self.settings
         max_batch = cfg.batching.max_batch
-        engine = InferenceEngine(deployable, buckets_for(1), cfg.model.device, cfg.model.xla, cfg.model.precision)
         if max_batch == "auto":
             # On CPU batching lowers throughput (DESIGN's measured facts); on a GPU it raises it.
-            max_batch = 1 if engine.device.startswith("/CPU") else 8
-        engine.buckets = buckets_for(max_batch)
+            max_batch = 1 if select_device(cfg.model.device).startswith("/CPU") else 8
+        engine = InferenceEngine(deployable, buckets_for(max_batch), cfg.model.device, cfg.model.xla, cfg.model.precision)
         if cfg.daemon.warmup:
             t0 = time.monotonic()
             engine.warmup()
