@@ -38,9 +38,9 @@ def _free_port() -> int:
 
 def bare_model(opts: BenchOptions) -> dict:
     """Frames/s of the engine alone, full batches of `opts.batch` frames, after warm-up."""
-    from inspectd.config import resolve_model_path
-    from inspectd.engine import InferenceEngine
     from inspectd.model.deployable import load_model
+    from inspectd.pipeline.engine import InferenceEngine
+    from inspectd.service.config import resolve_model_path
 
     engine = InferenceEngine(load_model(resolve_model_path(opts.model)), (opts.batch,), opts.device)
     rng = np.random.default_rng(0)
@@ -55,7 +55,7 @@ def bare_model(opts: BenchOptions) -> dict:
 
 
 def _settings(opts: BenchOptions):
-    from inspectd.config import BatchingConfig, CameraConfig, MetricsConfig, ModelConfig, PublishConfig, Settings
+    from inspectd.service.config import BatchingConfig, CameraConfig, MetricsConfig, ModelConfig, PublishConfig, Settings
 
     url = f"synthetic://?fps={opts.camera_fps}&width={opts.width}&height={opts.height}&defect_rate=0.3&seed="
     cams = [CameraConfig(id=f"bench{i}", url=url + str(i)) for i in range(opts.cameras)]
@@ -91,7 +91,7 @@ def _total(registry, name: str, label: str | None = None, value: str | None = No
 
 def full_pipeline(opts: BenchOptions) -> dict:
     """Frames/s through the real daemon, measured over `opts.seconds` after it reported ready."""
-    from inspectd.daemon import Daemon
+    from inspectd.service.daemon import Daemon
 
     daemon = Daemon(_settings(opts))
     try:

@@ -20,7 +20,7 @@ _EXAMPLE_CONFIG = Path(__file__).resolve().parents[1] / "config.example.toml"
 
 
 def _settings(args):
-    from inspectd.config import DEFAULT_CONFIG, load_settings
+    from inspectd.service.config import DEFAULT_CONFIG, load_settings
 
     path = args.config
     if path is None:
@@ -33,7 +33,7 @@ def _settings(args):
 def _cmd_run(args) -> int:
     import faulthandler
 
-    from inspectd.daemon import Daemon
+    from inspectd.service.daemon import Daemon
 
     # systemd's watchdog kills with SIGABRT: the journal then shows every thread's stack.
     faulthandler.enable()

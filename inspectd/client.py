@@ -28,7 +28,7 @@ import numpy as np
 import zmq
 
 from inspectd.errors import UsageError
-from inspectd.publish import DEFAULT_ENDPOINT, WireFormatError, decode_message
+from inspectd.outputs.wire import DEFAULT_ENDPOINT, WireFormatError, decode_message
 
 log = logging.getLogger("inspectd.client")
 

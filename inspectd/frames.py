@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-__all__ = ["CameraState", "Frame", "Batch", "Inspection"]
+__all__ = ["CameraState", "DropReason", "Frame", "Batch", "Inspection"]
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,6 +22,21 @@ class CameraState(str, enum.Enum):
     UP = "up"
     DOWN = "down"
     STOPPED = "stopped"
+
+
+class DropReason(str, enum.Enum):
+    """Why a captured frame was not inferred: the `reason` label of `inspectd_frames_dropped_total`.
+
+    For every camera, captured = inferred + dropped (all reasons) + in flight: no frame leaves the
+    pipeline uncounted (docs/daemon.md, "Frame accounting").
+    """
+
+    STALE = "stale"  # replaced by a newer frame of the same camera before the batcher took it
+    FPS_LIMIT = "fps_limit"  # over the camera's fps_limit
+    DECODE = "decode"  # the frame arrived but could not be decoded
+    ROI = "roi"  # the camera's roi lies outside the frame
+    ERROR = "error"  # its batch failed in the model call
+    SHUTDOWN = "shutdown"  # still waiting when its camera was stopped (shutdown, reload)
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,7 +63,6 @@ class Batch:
     """Frames inferred together (at most one per camera), in round-robin order."""
 
     frames: tuple[Frame, ...]
-    formed_mono: float
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,4 +77,3 @@ class Inspection:
     mask_png: bytes = b""  # probability 0-255, at `mask_size`
     mask_size: tuple[int, int] = (0, 0)  # (width, height)
     frame_jpeg: bytes = b""
-    extra: dict = field(default_factory=dict)

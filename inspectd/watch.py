@@ -23,8 +23,8 @@ import numpy as np
 from inspectd.client import Event, EventKind, Subscriber
 from inspectd.errors import UsageError
 from inspectd.imageio import write_png
-from inspectd.postprocess import overlay, upsample
-from inspectd.publish import DEFAULT_ENDPOINT, parse_rfc3339
+from inspectd.outputs.wire import DEFAULT_ENDPOINT, parse_rfc3339
+from inspectd.pipeline.postprocess import overlay, upsample
 
 DEFAULT_TOPICS = ("defect.", "status.", "heartbeat")
 

@@ -24,7 +24,7 @@ from test_publish import make_inspection, start_publisher  # noqa: F401  (start_
 from inspectd.client import EventKind, SeqTracker, Subscriber, decode_event
 from inspectd.errors import UsageError
 from inspectd.frames import CameraState
-from inspectd.publish import WireFormatError, encode_message, inspection_body, parse_rfc3339, status_body
+from inspectd.outputs.wire import WireFormatError, encode_message, inspection_body, parse_rfc3339, status_body
 
 MODEL = {"name": "tiny", "sha256": "ab" * 32}
 
@@ -89,7 +89,7 @@ def test_subscriber_receives_decoded_defects(start_publisher):  # noqa: F811
     with Subscriber(pub.endpoint, ["defect.", "heartbeat"]) as sub:
         hb = wait_connected(sub)
         assert (hb.restarted, hb.header["run_id"], hb.endpoint) == (False, pub.run_id, pub.endpoint)
-        pub.publish_inspection(insp)
+        pub.publish_inspection(insp, MODEL)
         ev = next_of(sub, EventKind.DEFECT)
     assert (ev.topic, ev.camera, ev.gap, ev.restarted, ev.header["seq"]) == ("defect.cam1", "cam1", 0, False, 1)
     assert np.array_equal(ev.mask, cv2.imdecode(np.frombuffer(insp.mask_png, np.uint8), cv2.IMREAD_GRAYSCALE))
@@ -145,7 +145,7 @@ def test_a_stuck_subscriber_loses_its_own_events_only_and_sees_the_gap(start_pub
             next_of(live, EventKind.DEFECT).header["seq"] for _ in range(n)))
         reader.start()
         for _ in range(n):
-            pub.publish_inspection(bulky)
+            pub.publish_inspection(bulky, MODEL)
             time.sleep(0.002)  # paced: the live subscriber keeps up
         reader.join(timeout=20)
         assert received == list(range(1, n + 1))
@@ -155,7 +155,7 @@ def test_a_stuck_subscriber_loses_its_own_events_only_and_sees_the_gap(start_pub
         while (ev := stuck.recv(timeout_s=5.0)).kind is not EventKind.HEARTBEAT or \
                 parse_rfc3339(ev.header["published_at"]) < burst_end:
             stuck_seqs += [ev.header["seq"]] if ev.kind is EventKind.DEFECT else []
-        pub.publish_inspection(insp)  # one more, after the stuck one caught up: the loss shows as a gap
+        pub.publish_inspection(insp, MODEL)  # one more, after the stuck one caught up: the loss shows as a gap
         last = next_of(stuck, EventKind.DEFECT)
         assert last.header["seq"] == n + 1
         assert stuck_seqs[0] == 1 and len(stuck_seqs) < n
@@ -252,7 +252,7 @@ def test_watch_prints_events_and_saves_masks_and_overlays(start_publisher, watch
     w.wait_for(f"connected to run {pub.run_id}")
     insps = [make_inspection(seq=1, attach_frame=True), make_inspection(seq=2)]
     for insp in insps:
-        pub.publish_inspection(insp)
+        pub.publish_inspection(insp, MODEL)
     pub.publish_status("cam1", CameraState.DOWN, "stream ended")
     rc, out, err = w.finish()
     assert rc == 0, err
@@ -344,7 +344,7 @@ def test_documented_consumer_example_runs(start_publisher, watch, tmp_path):  # 
     w = watch(argv=[sys.executable, str(tmp_path / "consumer.py"), pub.endpoint], cwd=tmp_path)
     w.wait_for("heartbeat ")  # connected
     insp = make_inspection(camera="line1-top", seq=7)
-    pub.publish_inspection(insp)
+    pub.publish_inspection(insp, MODEL)
     pub.publish_status("line1-top", CameraState.UP)
     assert w.wait_for("defect.line1-top") == "defect.line1-top 1 0.9"
     w.wait_for("status.line1-top 1")

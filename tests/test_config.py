@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_cli
 
-from inspectd.config import BUILTIN_DEMO_MODEL, load_settings
 from inspectd.errors import ConfigError
+from inspectd.service.config import BUILTIN_DEMO_MODEL, load_settings
 
 
 def _write(tmp_path: Path, text: str) -> Path:

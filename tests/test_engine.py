@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inspectd.config import resolve_model_path
+from inspectd.service.config import resolve_model_path
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def _frames(n: int, h: int = 240, w: int = 320, seed: int = 0) -> list[np.ndarra
 
 
 def test_never_retraced_after_warmup(demo):
-    from inspectd.engine import InferenceEngine
+    from inspectd.pipeline.engine import InferenceEngine
 
     engine = InferenceEngine(demo, (1, 2, 4))
     engine.warmup((320, 240))
@@ -36,7 +36,7 @@ def test_never_retraced_after_warmup(demo):
 
 def test_padding_does_not_change_results(demo):
     """A frame's score is the same alone (bucket 1) and padded into bucket 4."""
-    from inspectd.engine import InferenceEngine
+    from inspectd.pipeline.engine import InferenceEngine
 
     engine = InferenceEngine(demo, (1, 4))
     frames = _frames(3, seed=1)
@@ -48,7 +48,7 @@ def test_padding_does_not_change_results(demo):
 
 def test_matches_offline_predictor(demo):
     """The daemon path (resize inside the tf.function) equals the offline toolkit's Predictor."""
-    from inspectd.engine import InferenceEngine, Predictor
+    from inspectd.pipeline.engine import InferenceEngine, Predictor
 
     frames = _frames(2, seed=2)
     scores, cams = InferenceEngine(demo, (2,)).infer(frames)
@@ -58,7 +58,7 @@ def test_matches_offline_predictor(demo):
 
 
 def test_mixed_precision_switch(demo):
-    from inspectd.engine import InferenceEngine
+    from inspectd.pipeline.engine import InferenceEngine
 
     frames = _frames(2, seed=3)
     ref = InferenceEngine(demo, (2,)).infer(frames)
@@ -69,8 +69,8 @@ def test_mixed_precision_switch(demo):
 
 
 def test_bad_device(demo):
-    from inspectd.engine import InferenceEngine
     from inspectd.errors import ConfigError
+    from inspectd.pipeline.engine import InferenceEngine
 
     with pytest.raises(ConfigError, match="gpu:3"):
         InferenceEngine(demo, (1,), device="gpu:3")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from daemon_util import DaemonProcess, camera_toml, daemon_config
 
-from inspectd.notify import Notifier
+from inspectd.service.notify import Notifier
 
 
 class NotifySocket:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from inspectd.postprocess import find_regions, overlay, probability, to_mask_u8, upsample
+from inspectd.pipeline.postprocess import find_regions, overlay, probability, to_mask_u8, upsample
 
 
 def test_probability_is_sigmoid_and_stable():

@@ -14,14 +14,11 @@ import pytest
 import zmq
 from prometheus_client import CollectorRegistry
 
-from inspectd.config import PublishConfig
 from inspectd.errors import ConfigError
 from inspectd.frames import CameraState, Frame, Inspection
-from inspectd.metrics import Metrics
-from inspectd.postprocess import InspectOptions, inspect
-from inspectd.publish import (
+from inspectd.outputs.publish import Publisher
+from inspectd.outputs.wire import (
     SCHEMA,
-    Publisher,
     WireFormatError,
     decode_message,
     encode_message,
@@ -29,6 +26,9 @@ from inspectd.publish import (
     rfc3339,
     status_body,
 )
+from inspectd.pipeline.postprocess import InspectOptions, inspect
+from inspectd.service.config import PublishConfig
+from inspectd.service.metrics import Metrics
 
 MODEL = {"name": "tiny", "sha256": "ab" * 32}
 RFC3339_US = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -50,7 +50,7 @@ def make_inspection(camera: str = "cam1", seq: int = 1, defect: bool = True, att
     frame = Frame(camera, seq, time.time() - 0.05, time.monotonic(), image)
     logits = np.full((h // 8, w // 8), -6.0, np.float32)
     logits[2:4, 3:5] = 6.0
-    opts = InspectOptions(threshold=0.5, mask_threshold=0.5, attach_frame=attach_frame, mask_for_all=True)
+    opts = InspectOptions(threshold=0.5, mask_threshold=0.5, attach_frame=attach_frame, results=True)
     return inspect(frame, 0.9 if defect else 0.1, logits, opts)
 
 
@@ -143,7 +143,7 @@ def test_defect_event_header_and_attachments(start_publisher):
     insp = make_inspection(attach_frame=True)
     assert insp.is_defect and insp.regions and insp.mask_png and insp.frame_jpeg
     with subscribed(pub.endpoint, "defect.") as sub:
-        pub.publish_inspection(insp)
+        pub.publish_inspection(insp, MODEL)
         [(topic, h, attachments)] = receive_data(sub, 1)
 
     assert topic == "defect.cam1"
@@ -173,9 +173,9 @@ def test_seq_per_topic_from_one_without_gaps(start_publisher):
     pub = start_publisher()
     with subscribed(pub.endpoint, "defect.", "status.") as sub:
         for i in range(1, 21):
-            pub.publish_inspection(make_inspection("cam1", i))
+            pub.publish_inspection(make_inspection("cam1", i), MODEL)
             if i <= 5:
-                pub.publish_inspection(make_inspection("cam2", i))
+                pub.publish_inspection(make_inspection("cam2", i), MODEL)
             if i <= 3:
                 pub.publish_status("cam1", CameraState.UP)
         received = receive_data(sub, 28)
@@ -191,10 +191,10 @@ def test_seq_per_topic_from_one_without_gaps(start_publisher):
 
 @pytest.mark.parametrize("results", [False, True])
 def test_results_topic_on_and_off(start_publisher, results):
-    pub = start_publisher(results=results)
+    pub = start_publisher()
     with subscribed(pub.endpoint, "defect.", "result.", "status.") as sub:
-        pub.publish_inspection(make_inspection(seq=1, defect=False))
-        pub.publish_inspection(make_inspection(seq=2, defect=True))
+        pub.publish_inspection(make_inspection(seq=1, defect=False), MODEL, results=results)
+        pub.publish_inspection(make_inspection(seq=2, defect=True), MODEL, results=results)
         pub.publish_status("cam1", CameraState.UP)  # a marker: nothing else may arrive before it
         expected = ["result.cam1", "defect.cam1", "result.cam1", "status.cam1"] if results else \
             ["defect.cam1", "status.cam1"]
@@ -242,12 +242,13 @@ def test_heartbeats_go_on_when_stats_fail(start_publisher):
 
 
 def test_run_id_constant_within_a_publisher_and_unique_across(start_publisher):
-    a, b = start_publisher(), start_publisher()
+    reloaded = {"name": "reloaded", "sha256": "cd" * 32}
+    # After a reload the daemon's stats name the new model, and inspections carry the model that made them.
+    a, b = start_publisher(stats=lambda: {"model": reloaded}), start_publisher()
     assert a.run_id != b.run_id
     with subscribed(a.endpoint, "status.", "defect.") as sub:
         a.publish_status("cam1", CameraState.UP)
-        a.set_model({"name": "reloaded", "sha256": "cd" * 32})
-        a.publish_inspection(make_inspection())
+        a.publish_inspection(make_inspection(), reloaded)
         received = receive_data(sub, 2)
         beat = receive(sub)[1]
     assert {h["run_id"] for _, h, _ in received} | {beat["run_id"]} == {a.run_id}
@@ -275,7 +276,7 @@ def test_caller_never_blocks_and_drops_are_counted(start_publisher):
         durations = []
         for _ in range(n):
             t0 = time.perf_counter()
-            pub.publish_inspection(big)
+            pub.publish_inspection(big, MODEL)
             durations.append(time.perf_counter() - t0)
         before_stop = pub.last_progress_mono
         pub.stop(timeout=1.0)
@@ -297,7 +298,7 @@ def test_stop_returns_promptly_with_unsent_messages(start_publisher):
         slow.set()
         time.sleep(0.1)  # the next heartbeat is now stuck in stats()
         for _ in range(1000):
-            pub.publish_inspection(insp)
+            pub.publish_inspection(insp, MODEL)
         t0 = time.monotonic()
         pub.stop(timeout=0.1)
         elapsed = time.monotonic() - t0

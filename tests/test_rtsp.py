@@ -13,9 +13,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from rtsp import RtspServer, free_port, synthetic_frame, wait_until
 
-from inspectd.config import CameraConfig
 from inspectd.frames import CameraState
-from inspectd.metrics import Metrics
+from inspectd.service.config import CameraConfig
+from inspectd.service.metrics import Metrics
 from inspectd.sources import CameraWorker
 from inspectd.sources.gstreamer import GstSource
 from inspectd.sources.opencv import OpenCVSource

@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-from inspectd.config import CameraConfig
 from inspectd.imageio import write_png
+from inspectd.service.config import CameraConfig
 from inspectd.sources import DecodeError, EndOfStream, SourceError, open_source, redact, source_kind
 from inspectd.sources.base import Pacer, query_params
 from inspectd.sources.folder import FolderSource

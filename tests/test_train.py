@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from inspectd.engine import Predictor
 from inspectd.imageio import read_rgb
 from inspectd.model.dataset import scan
 from inspectd.model.deployable import load_model, read_metadata
-from inspectd.postprocess import probability, upsample
+from inspectd.pipeline.engine import Predictor
+from inspectd.pipeline.postprocess import probability, upsample
 
 pytestmark = pytest.mark.slow
 

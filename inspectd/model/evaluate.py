@@ -17,13 +17,13 @@ import cv2
 import numpy as np
 from sklearn import metrics
 
-from inspectd.engine import Predictor
 from inspectd.errors import DataError
 from inspectd.imageio import read_rgb
 from inspectd.model import dataset as datasets
 from inspectd.model.deployable import load_model
 from inspectd.model.scoring import image_metrics, iou_dice, minmax_map
-from inspectd.postprocess import upsample
+from inspectd.pipeline.engine import Predictor
+from inspectd.pipeline.postprocess import upsample
 
 # The same threshold search for both maps: a grid over (0, 1), the best mean IoU over defect images.
 # The grid reaches 0.999 because calibrated maps of confidently defective images sit high everywhere.

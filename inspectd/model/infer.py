@@ -13,11 +13,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from inspectd.engine import Predictor
 from inspectd.errors import DataError, NoInputError, UsageError
 from inspectd.imageio import IMAGE_SUFFIXES, VIDEO_SUFFIXES, read_rgb, to_rgb, write_png
 from inspectd.model.deployable import load_model
-from inspectd.postprocess import find_regions, overlay, probability, to_mask_u8, upsample
+from inspectd.pipeline.engine import Predictor
+from inspectd.pipeline.postprocess import find_regions, overlay, probability, to_mask_u8, upsample
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,11 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 
-from inspectd.config import CameraConfig
-from inspectd.frames import CameraState, Frame
-from inspectd.metrics import Metrics
+from inspectd.frames import CameraState, DropReason, Frame
+from inspectd.service.config import CameraConfig
+from inspectd.service.metrics import Metrics
 from inspectd.sources.base import DecodeError, EndOfStream, Source, SourceError, frame_period, redact
+from inspectd.sources.registry import open_source
 
 log = logging.getLogger("inspectd.sources")
 
@@ -106,8 +107,6 @@ class CameraWorker:
                  on_state: Callable[[str, CameraState, str], None] = lambda cam, state, detail: None,
                  source_factory: Callable[[CameraConfig], Source] | None = None):
         if source_factory is None:
-            from inspectd.sources import open_source  # the package imports this module
-
             source_factory = open_source
         self.cfg = cfg
         self._sink, self._on_state, self._factory = sink, on_state, source_factory
@@ -123,8 +122,9 @@ class CameraWorker:
         self.heartbeat_mono: float = time.monotonic()
         cam = cfg.id
         self._m_captured = metrics.frames_captured.labels(camera=cam)
-        self._m_fps_drop = metrics.frames_dropped.labels(camera=cam, reason="fps_limit")
-        self._m_decode_drop = metrics.frames_dropped.labels(camera=cam, reason="decode")
+        self._m_fps_drop = metrics.frames_dropped.labels(camera=cam, reason=DropReason.FPS_LIMIT.value)
+        self._m_decode_drop = metrics.frames_dropped.labels(camera=cam, reason=DropReason.DECODE.value)
+        self._m_roi_drop = metrics.frames_dropped.labels(camera=cam, reason=DropReason.ROI.value)
         self._m_up = metrics.camera_up.labels(camera=cam)
         self._m_reconnects = metrics.camera_reconnects.labels(camera=cam)
 
@@ -200,7 +200,9 @@ class CameraWorker:
             self.heartbeat_mono = time.monotonic()
             try:
                 image = self._source.read(READ_SLICE_S)
-            except DecodeError as exc:  # one bad frame, not a bad camera
+            except DecodeError as exc:  # one bad frame, not a bad camera: captured, and dropped as such
+                self._seq += 1
+                self._m_captured.inc()
                 self._m_decode_drop.inc()
                 log.warning("camera %s: frame dropped: %s", self.cfg.id, redact(str(exc)))
                 image = None
@@ -222,7 +224,12 @@ class CameraWorker:
         if not self._limiter.allow(now):
             self._m_fps_drop.inc()
             return
-        image = resize_frame(crop_roi(image, self.cfg.roi), self.cfg.resize)
+        try:
+            image = crop_roi(image, self.cfg.roi)
+        except SourceError:
+            self._m_roi_drop.inc()
+            raise
+        image = resize_frame(image, self.cfg.resize)
         self._sink(Frame(self.cfg.id, self._seq, wall, now, image))
 
     def _report_down(self, error: Exception, delay: float) -> None:

@@ -25,7 +25,7 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
-from inspectd.config import CameraConfig
+from inspectd.service.config import CameraConfig
 from inspectd.sources.base import EndOfStream, SourceError, redact
 
 log = logging.getLogger("inspectd.sources")

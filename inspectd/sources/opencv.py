@@ -20,8 +20,8 @@ from urllib.parse import unquote, urlsplit
 import cv2
 import numpy as np
 
-from inspectd.config import CameraConfig
 from inspectd.imageio import to_rgb
+from inspectd.service.config import CameraConfig
 from inspectd.sources.base import EndOfStream, Pacer, SourceError, redact
 
 DEFAULT_FILE_FPS = 25.0  # when a file does not say (or says something absurd)

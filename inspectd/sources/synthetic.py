@@ -14,8 +14,8 @@ __all__ = ["SyntheticSource"]
 
 import numpy as np
 
-from inspectd.config import CameraConfig
 from inspectd.imageio import to_rgb
+from inspectd.service.config import CameraConfig
 from inspectd.sources.base import Pacer, SourceError, query_params
 from inspectd.synth import Sample, render
 

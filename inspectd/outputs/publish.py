@@ -1,167 +1,44 @@
-"""ZeroMQ publisher of the wire format `inspectd.event/1` (docs/wire-format.md), and its pure encode/decode.
+"""ZeroMQ publisher of the wire format `inspectd.event/1` (encoding in `inspectd.outputs.wire`).
 
     pub = Publisher(settings.publish, metrics, run_id=uuid.uuid4().hex, model={"name": "demo", "sha256": "..."})
-    pub.start()                      # binds now (ConfigError if it cannot), then sends from its own thread
-    pub.publish_inspection(insp)     # from any thread; never blocks: queue full -> dropped and counted
+    pub.start()                           # binds now (ConfigError if it cannot), then sends from its own thread
+    pub.publish_inspection(insp, model)   # from any thread; never blocks: queue full -> dropped and counted
     pub.stop()
 
 Only the publisher's thread touches the socket (ZeroMQ sockets are not thread-safe). Sequence
 numbers are per topic and assigned when a message is handed to ZeroMQ, so the messages that left
 the daemon are numbered 1, 2, 3... without gaps; a gap seen by a consumer is loss on the way to it.
-This module imports no TensorFlow and nothing of the daemon beyond `frames` and `errors`, so the
-consumer library (`inspectd.client`) shares the encode/decode functions below.
 """
 
 from __future__ import annotations
 
-__all__ = [
-    "SCHEMA",
-    "DEFAULT_ENDPOINT",
-    "WireFormatError",
-    "Publisher",
-    "rfc3339",
-    "parse_rfc3339",
-    "inspection_body",
-    "status_body",
-    "encode_message",
-    "decode_message",
-]
+__all__ = ["Publisher"]
 
-import json
 import logging
 import queue
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 import zmq
 
 from inspectd.errors import ConfigError
 from inspectd.frames import CameraState, Inspection
+from inspectd.outputs.wire import HEARTBEAT_TOPIC, SCHEMA, encode_message, inspection_body, status_body
 
 if TYPE_CHECKING:
-    from inspectd.config import PublishConfig
-    from inspectd.metrics import Metrics
+    from inspectd.service.config import PublishConfig
+    from inspectd.service.metrics import Metrics
 
-log = logging.getLogger("inspectd.publish")
+log = logging.getLogger("inspectd.outputs.publish")
 
-SCHEMA = "inspectd.event/1"
-DEFAULT_ENDPOINT = "tcp://127.0.0.1:5556"
-HEARTBEAT_TOPIC = "heartbeat"
 # The publisher loop wakes at least this often (stop requests, the watchdog's `last_progress_mono`).
 _TICK_S = 0.1
 # At stop, ZeroMQ keeps trying to deliver what it already holds for at most this long.
 _MAX_LINGER_S = 1.0
-
-
-class WireFormatError(ValueError):
-    """A message that is not `inspectd.event/1` (wrong number of parts, bad JSON, unknown schema)."""
-
-
-# -- pure wire-format functions ---------------------------------------------------------------------
-
-
-def rfc3339(ts: float) -> str:
-    """Unix time -> RFC 3339 UTC with microseconds, e.g. '2026-11-26T13:40:00.123456Z'."""
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def parse_rfc3339(text: str) -> float:
-    """The inverse of `rfc3339` (accepts any RFC 3339 offset): -> Unix time."""
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-
-
-def inspection_body(insp: Inspection, model: dict, with_frame: bool) -> tuple[dict, list[bytes]]:
-    """The inspection fields of a defect/result header and its attachments (mask PNG, then frame JPEG).
-
-    The envelope (schema, run_id, topic, seq, published_at) is added at send time by `encode_message`.
-    """
-    frame = insp.frame
-    attachments: list[dict] = []
-    parts: list[bytes] = []
-    if insp.mask_png:
-        w, h = insp.mask_size
-        attachments.append({"kind": "mask", "encoding": "png", "width": int(w), "height": int(h)})
-        parts.append(insp.mask_png)
-    if with_frame and insp.frame_jpeg:
-        attachments.append({"kind": "frame", "encoding": "jpeg", "width": frame.width, "height": frame.height})
-        parts.append(insp.frame_jpeg)
-    body = {
-        "camera": frame.camera,
-        "frame_seq": int(frame.seq),
-        "captured_at": rfc3339(frame.captured_at),
-        "score": float(insp.score),
-        "threshold": float(insp.threshold),
-        "is_defect": bool(insp.is_defect),
-        "model": {"name": str(model.get("name", "")), "sha256": str(model.get("sha256", ""))},
-        "regions": [_region(r) for r in insp.regions],
-        "frame": {"width": frame.width, "height": frame.height},
-        "attachments": attachments,
-    }
-    return body, parts
-
-
-def _region(region) -> dict:
-    x, y, w, h = (int(v) for v in region.bbox)
-    return {"bbox": [x, y, w, h], "area_px": int(region.area_px), "peak": float(region.peak), "mean": float(region.mean)}
-
-
-def status_body(camera: str, state: CameraState | str, detail: str = "") -> dict:
-    """The fields of a `status.<camera>` header."""
-    return {"camera": camera, "state": CameraState(state).value, "detail": detail}
-
-
-def _json_default(value):
-    """numpy scalars and enums in heartbeat stats are common; anything else is a bug worth seeing."""
-    if hasattr(value, "item"):
-        return value.item()
-    if hasattr(value, "value"):
-        return value.value
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def encode_message(topic: str, run_id: str, seq: int, body: dict, attachments: Sequence[bytes] = (),
-                   published_at: float | None = None) -> list[bytes]:
-    """-> the multipart message [topic, header JSON, *attachments] with the envelope fields first."""
-    header = {
-        "schema": SCHEMA,
-        "run_id": run_id,
-        "topic": topic,
-        "seq": int(seq),
-        "published_at": rfc3339(time.time() if published_at is None else published_at),
-        **body,
-    }
-    header.setdefault("attachments", [])  # in every header, so consumers can always zip it with parts 2..
-    data = json.dumps(header, separators=(",", ":"), ensure_ascii=False, default=_json_default)
-    return [topic.encode("ascii"), data.encode("utf-8"), *attachments]
-
-
-def decode_message(parts: list[bytes]) -> tuple[str, dict, list[bytes]]:
-    """[topic, header JSON, *attachments] -> (topic, header, attachments); WireFormatError if malformed."""
-    if len(parts) < 2:
-        raise WireFormatError(f"expected at least 2 parts (topic, header), got {len(parts)}")
-    try:
-        topic = bytes(parts[0]).decode("ascii")
-        header = json.loads(bytes(parts[1]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireFormatError(f"undecodable topic or header: {exc}") from None
-    if not isinstance(header, dict):
-        raise WireFormatError("header is not a JSON object")
-    if header.get("schema") != SCHEMA:
-        raise WireFormatError(f"topic {topic!r}: schema {header.get('schema')!r}, expected {SCHEMA!r}")
-    for key, kind in (("run_id", str), ("seq", int)):
-        if not isinstance(header.get(key), kind):
-            raise WireFormatError(f"topic {topic!r}: header field {key!r} missing or not {kind.__name__}")
-    attachments = [bytes(p) for p in parts[2:]]
-    declared = header.get("attachments", [])
-    if not isinstance(declared, list) or len(declared) != len(attachments):
-        raise WireFormatError(f"topic {topic!r}: header names {len(declared) if isinstance(declared, list) else '?'} "
-                              f"attachments, message has {len(attachments)}")
-    return topic, header, attachments
 
 
 # -- the publisher -------------------------------------------------------------------------------
@@ -187,6 +64,7 @@ class Publisher:
 
     def __init__(self, cfg: PublishConfig, metrics: Metrics, run_id: str, model: dict,
                  stats: Callable[[], dict] = dict):
+        """`model` is named in heartbeats until `stats()` returns a "model" of its own (the daemon's current one)."""
         self.cfg = cfg
         self.metrics = metrics
         self.run_id = run_id
@@ -248,22 +126,20 @@ class Publisher:
         return self._endpoint
 
     # -- the callers' side (any thread, never blocks) ------------------------------------------
-    def publish_inspection(self, insp: Inspection) -> None:
-        """defect.<camera> when the frame is defective; result.<camera> for every frame when `results` is on."""
+    def publish_inspection(self, insp: Inspection, model: dict, results: bool = False) -> None:
+        """defect.<camera> when the frame is defective; result.<camera> for every frame when `results` is on.
+
+        `model` names the model that produced the inspection ({"name", "sha256"}); `results` is the
+        `[publish] results` setting of the inference context it ran in (a reload changes it at once)."""
         camera = insp.frame.camera
-        model = self._model
         if insp.is_defect:
             self._enqueue(f"defect.{camera}", *inspection_body(insp, model, with_frame=True))
-        if self.cfg.results:
+        if results:
             self._enqueue(f"result.{camera}", *inspection_body(insp, model, with_frame=False))
 
     def publish_status(self, camera: str, state: CameraState, detail: str = "") -> None:
         """status.<camera>: the camera's state changed (up, down, ...)."""
         self._enqueue(f"status.{camera}", status_body(camera, state, detail), [])
-
-    def set_model(self, model: dict) -> None:
-        """The model named in events from now on (after a reload)."""
-        self._model = dict(model)
 
     def _enqueue(self, topic: str, body: dict, attachments: list[bytes]) -> None:
         if self._closing.is_set():

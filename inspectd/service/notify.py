@@ -14,7 +14,7 @@ import os
 import socket
 import time
 
-log = logging.getLogger("inspectd.notify")
+log = logging.getLogger("inspectd.service.notify")
 
 
 class Notifier:

@@ -7,11 +7,13 @@ Nothing is registered at import time; tests use a private registry each.
 
 from __future__ import annotations
 
-__all__ = ["Metrics", "MetricsServer", "BATCH_BUCKETS", "LATENCY_BUCKETS"]
+__all__ = ["Metrics", "MetricsServer", "FrameAccount", "frame_accounts", "BATCH_BUCKETS", "LATENCY_BUCKETS"]
 
 import socketserver
 import threading
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
@@ -68,6 +70,46 @@ class Metrics:
         """Export the loaded model as the only `model_info` series."""
         self.model_info.clear()
         self.model_info.labels(name=name, sha256=sha256, backbone=backbone, input=f"{input_size[0]}x{input_size[1]}").set(1)
+
+
+@dataclass(frozen=True)
+class FrameAccount:
+    """One camera's frames: captured = inferred + dropped (by reason) + in flight, or `residual` is not 0."""
+
+    camera: str
+    captured: int = 0
+    inferred: int = 0
+    dropped: Mapping[str, int] = field(default_factory=dict)
+    in_flight: int = 0
+
+    @property
+    def residual(self) -> int:
+        """Frames that are none of inferred, dropped or in flight: lost without a trace (must be 0)."""
+        return self.captured - self.inferred - sum(self.dropped.values()) - self.in_flight
+
+    def __str__(self) -> str:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items()) if v) or "none"
+        return (f"{self.camera}: captured {self.captured} = inferred {self.inferred} + dropped "
+                f"{sum(self.dropped.values())} ({reasons}) + in flight {self.in_flight}; residual {self.residual}")
+
+
+def frame_accounts(registry: CollectorRegistry, in_flight: Mapping[str, int] | None = None) -> list[FrameAccount]:
+    """Every camera's frame account, from the counters in `registry` (plus frames still in flight)."""
+    captured: dict[str, int] = defaultdict(int)
+    inferred: dict[str, int] = defaultdict(int)
+    dropped: dict[str, dict[str, int]] = defaultdict(dict)
+    for metric in registry.collect():
+        for s in metric.samples:
+            cam = s.labels.get("camera")
+            if s.name == f"{NS}_frames_captured_total":
+                captured[cam] += int(s.value)
+            elif s.name == f"{NS}_frames_inferred_total":
+                inferred[cam] += int(s.value)
+            elif s.name == f"{NS}_frames_dropped_total":
+                dropped[cam][s.labels["reason"]] = int(s.value)
+    in_flight = in_flight or {}
+    cameras = sorted(set(captured) | set(inferred) | set(dropped) | set(in_flight))
+    return [FrameAccount(c, captured[c], inferred[c], dropped[c], in_flight.get(c, 0)) for c in cameras]
 
 
 class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):

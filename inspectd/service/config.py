@@ -39,7 +39,7 @@ else:  # pragma: no cover - Python 3.10
 
 DEFAULT_CONFIG = Path("/etc/inspectd/config.toml")
 BUILTIN_DEMO_MODEL = "builtin:demo"
-_ASSETS = Path(__file__).resolve().parent / "assets"
+_ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 class _Section(BaseModel):

@@ -87,7 +87,7 @@ class InspectOptions:
     min_region_px: int = 1
     attach_frame: bool = False
     jpeg_quality: int = 85
-    mask_for_all: bool = False  # encode masks of good frames too (result.<camera> events)
+    results: bool = False  # publish result.<camera> for every frame (masks of good frames are encoded too)
 
 
 def inspect(frame, score: float, cam_logits: np.ndarray, opts: InspectOptions):
@@ -99,7 +99,7 @@ def inspect(frame, score: float, cam_logits: np.ndarray, opts: InspectOptions):
     is_defect = bool(score >= opts.threshold)
     regions = tuple(find_regions(prob, opts.mask_threshold, opts.min_region_px)) if is_defect else ()
     mask = prob if opts.mask_resolution == "frame" else cam_prob
-    png = encode_png(to_mask_u8(mask)) if is_defect or opts.mask_for_all else b""
+    png = encode_png(to_mask_u8(mask)) if is_defect or opts.results else b""
     jpeg = b""
     if opts.attach_frame and is_defect:
         ok, buf = cv2.imencode(".jpg", cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR),

@@ -1,0 +1,134 @@
+"""The wire format `inspectd.event/1` (docs/wire-format.md): pure encode/decode, no sockets.
+
+Shared by the publisher (`inspectd.outputs.publish`) and the consumer library (`inspectd.client`);
+imports nothing of the daemon beyond `frames`, so a consumer never pulls in TensorFlow.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SCHEMA",
+    "DEFAULT_ENDPOINT",
+    "HEARTBEAT_TOPIC",
+    "WireFormatError",
+    "rfc3339",
+    "parse_rfc3339",
+    "inspection_body",
+    "status_body",
+    "encode_message",
+    "decode_message",
+]
+
+import json
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+
+from inspectd.frames import CameraState, Inspection
+
+SCHEMA = "inspectd.event/1"
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5556"
+HEARTBEAT_TOPIC = "heartbeat"
+
+
+class WireFormatError(ValueError):
+    """A message that is not `inspectd.event/1` (wrong number of parts, bad JSON, unknown schema)."""
+
+
+def rfc3339(ts: float) -> str:
+    """Unix time -> RFC 3339 UTC with microseconds, e.g. '2026-11-26T13:40:00.123456Z'."""
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_rfc3339(text: str) -> float:
+    """The inverse of `rfc3339` (accepts any RFC 3339 offset): -> Unix time."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def inspection_body(insp: Inspection, model: dict, with_frame: bool) -> tuple[dict, list[bytes]]:
+    """The inspection fields of a defect/result header and its attachments (mask PNG, then frame JPEG).
+
+    The envelope (schema, run_id, topic, seq, published_at) is added at send time by `encode_message`.
+    """
+    frame = insp.frame
+    attachments: list[dict] = []
+    parts: list[bytes] = []
+    if insp.mask_png:
+        w, h = insp.mask_size
+        attachments.append({"kind": "mask", "encoding": "png", "width": int(w), "height": int(h)})
+        parts.append(insp.mask_png)
+    if with_frame and insp.frame_jpeg:
+        attachments.append({"kind": "frame", "encoding": "jpeg", "width": frame.width, "height": frame.height})
+        parts.append(insp.frame_jpeg)
+    body = {
+        "camera": frame.camera,
+        "frame_seq": int(frame.seq),
+        "captured_at": rfc3339(frame.captured_at),
+        "score": float(insp.score),
+        "threshold": float(insp.threshold),
+        "is_defect": bool(insp.is_defect),
+        "model": {"name": str(model.get("name", "")), "sha256": str(model.get("sha256", ""))},
+        "regions": [_region(r) for r in insp.regions],
+        "frame": {"width": frame.width, "height": frame.height},
+        "attachments": attachments,
+    }
+    return body, parts
+
+
+def _region(region) -> dict:
+    x, y, w, h = (int(v) for v in region.bbox)
+    return {"bbox": [x, y, w, h], "area_px": int(region.area_px), "peak": float(region.peak), "mean": float(region.mean)}
+
+
+def status_body(camera: str, state: CameraState | str, detail: str = "") -> dict:
+    """The fields of a `status.<camera>` header."""
+    return {"camera": camera, "state": CameraState(state).value, "detail": detail}
+
+
+def _json_default(value):
+    """numpy scalars and enums in heartbeat stats are common; anything else is a bug worth seeing."""
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "value"):
+        return value.value
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def encode_message(topic: str, run_id: str, seq: int, body: dict, attachments: Sequence[bytes] = (),
+                   published_at: float | None = None) -> list[bytes]:
+    """-> the multipart message [topic, header JSON, *attachments] with the envelope fields first."""
+    header = {
+        "schema": SCHEMA,
+        "run_id": run_id,
+        "topic": topic,
+        "seq": int(seq),
+        "published_at": rfc3339(time.time() if published_at is None else published_at),
+        **body,
+    }
+    header.setdefault("attachments", [])  # in every header, so consumers can always zip it with parts 2..
+    data = json.dumps(header, separators=(",", ":"), ensure_ascii=False, default=_json_default)
+    return [topic.encode("ascii"), data.encode("utf-8"), *attachments]
+
+
+def decode_message(parts: list[bytes]) -> tuple[str, dict, list[bytes]]:
+    """[topic, header JSON, *attachments] -> (topic, header, attachments); WireFormatError if malformed."""
+    if len(parts) < 2:
+        raise WireFormatError(f"expected at least 2 parts (topic, header), got {len(parts)}")
+    try:
+        topic = bytes(parts[0]).decode("ascii")
+        header = json.loads(bytes(parts[1]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WireFormatError(f"undecodable topic or header: {exc}") from None
+    if not isinstance(header, dict):
+        raise WireFormatError("header is not a JSON object")
+    if header.get("schema") != SCHEMA:
+        raise WireFormatError(f"topic {topic!r}: schema {header.get('schema')!r}, expected {SCHEMA!r}")
+    for key, kind in (("run_id", str), ("seq", int)):
+        if not isinstance(header.get(key), kind):
+            raise WireFormatError(f"topic {topic!r}: header field {key!r} missing or not {kind.__name__}")
+    attachments = [bytes(p) for p in parts[2:]]
+    declared = header.get("attachments", [])
+    if not isinstance(declared, list) or len(declared) != len(attachments):
+        raise WireFormatError(f"topic {topic!r}: header names {len(declared) if isinstance(declared, list) else '?'} "
+                              f"attachments, message has {len(attachments)}")
+    return topic, header, attachments

@@ -1,0 +1,68 @@
+"""The inference context: everything one batch is run with, swapped by a reload as one object.
+
+A batch is formed with the context's batch limit and run with the same context's engine and
+options, so a reload can never pair a new engine with old options or an old batch size.
+"""
+
+from __future__ import annotations
+
+__all__ = ["InferenceContext", "build_context", "inspect_options", "resolve_max_batch"]
+
+import logging
+import time
+from dataclasses import dataclass
+
+from inspectd.model.deployable import Deployable
+from inspectd.pipeline.batching import buckets_for
+from inspectd.pipeline.engine import InferenceEngine, select_device
+from inspectd.pipeline.postprocess import InspectOptions
+from inspectd.service.config import Settings
+
+log = logging.getLogger("inspectd.pipeline.context")
+
+
+@dataclass(frozen=True)
+class InferenceContext:
+    """An engine (model + batch sizes), the options that turn its output into Inspections, the model's
+    identity and the batching wait. Frozen: a change is a new context (`dataclasses.replace`)."""
+
+    engine: InferenceEngine
+    options: InspectOptions
+    deployable: Deployable
+    max_wait_s: float = 0.01  # [batching] max_wait_ms: how long a batch waits for more frames after the first
+
+    @property
+    def max_batch(self) -> int:
+        return self.engine.buckets[-1]
+
+    @property
+    def model(self) -> dict:
+        """The model as events name it: {"name", "sha256"}."""
+        return {"name": self.deployable.name, "sha256": self.deployable.sha256}
+
+
+def inspect_options(s: Settings, deployable: Deployable) -> InspectOptions:
+    """How inference results become Inspections, from the config and the model's own thresholds."""
+    return InspectOptions(
+        threshold=deployable.threshold if s.model.threshold is None else s.model.threshold,
+        mask_threshold=deployable.mask_threshold if s.model.mask_threshold is None else s.model.mask_threshold,
+        mask_resolution=s.postprocess.mask_resolution, min_region_px=s.postprocess.min_region_px,
+        attach_frame=s.publish.attach_frame, jpeg_quality=s.postprocess.jpeg_quality, results=s.publish.results)
+
+
+def resolve_max_batch(s: Settings) -> int:
+    """`max_batch = "auto"`: 1 on a CPU (batching lowers CPU throughput, measured), 8 on a GPU."""
+    if s.batching.max_batch != "auto":
+        return int(s.batching.max_batch)
+    return 1 if select_device(s.model.device).startswith("/CPU") else 8
+
+
+def build_context(s: Settings, deployable: Deployable) -> InferenceContext:
+    """Engine for the model and batching settings, warmed up (every batch size run once) when asked."""
+    engine = InferenceEngine(deployable, buckets_for(resolve_max_batch(s)), s.model.device, s.model.xla,
+                             s.model.precision)
+    if s.daemon.warmup:
+        t0 = time.monotonic()
+        engine.warmup()
+        log.info("warm-up of batch sizes %s took %.1f s", engine.buckets, time.monotonic() - t0)
+    return InferenceContext(engine, inspect_options(s, deployable), deployable, s.batching.max_wait_ms / 1000.0)

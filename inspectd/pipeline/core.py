@@ -1,0 +1,166 @@
+"""The frame's route, in one place: camera -> board -> batcher -> model -> post-processing -> publisher.
+
+    pipeline = Pipeline(context, metrics, publisher, workers=2)
+    pipeline.start()
+    worker = CameraWorker(cfg, sink=pipeline.put, ...)   # capture threads hand frames in here
+    pipeline.swap(new_context)                           # a reload: one assignment, between batches
+    pipeline.stop(timeout=10)                            # finish the batch in flight, drain post-processing
+
+Threads: the capture threads call `put`; one inference thread (`inference`) forms a batch with the
+current context's batch limit and runs it with that same context; a pool of post-processing
+threads turns each result into an Inspection and hands it to the publisher, which never blocks.
+Every captured frame ends inferred or dropped with a reason (DropReason): `in_flight()` counts the
+rest, so captured = inferred + dropped + in flight holds for every camera at any quiet moment and
+with in flight = 0 after `stop()`.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Pipeline", "FREEZE_ENV"]
+
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol
+
+from inspectd.frames import Batch, DropReason, Frame, Inspection
+from inspectd.pipeline.batching import Batcher, FrameBoard
+from inspectd.pipeline.context import InferenceContext
+from inspectd.pipeline.postprocess import inspect
+from inspectd.service.metrics import Metrics
+
+log = logging.getLogger("inspectd.pipeline")
+
+# Test-only hook: while the file named by this variable exists, the model call blocks (a hung
+# inference, to prove that the watchdog pings stop). Never set in production.
+FREEZE_ENV = "INSPECTD_TEST_FREEZE_INFERENCE"
+
+
+class InspectionSink(Protocol):
+    """Where inspections go (the ZeroMQ publisher; later the archive): must never block."""
+
+    def publish_inspection(self, insp: Inspection, model: dict, results: bool = False) -> None: ...
+
+
+class Pipeline:
+    """Owns the frame board, the batcher, the inference thread, the post-processing pool and the hand-off."""
+
+    def __init__(self, context: InferenceContext, metrics: Metrics, sink: InspectionSink, workers: int):
+        self.metrics = metrics
+        self.board = FrameBoard(on_drop=self._count_drop)
+        self.batcher = Batcher(self.board)
+        self._context = context
+        self._sink = sink
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="postprocess")
+        # Bounded hand-off to post-processing: when it falls behind, inference waits, and the
+        # cameras' slots turn stale (counted) instead of a queue growing.
+        self._handoff = threading.BoundedSemaphore(4 * workers)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+        self._running: Batch | None = None  # the batch inside the model call (in flight)
+        self._freeze_file = os.environ.get(FREEZE_ENV)
+        self.heartbeat_mono = time.monotonic()  # loop liveness, for the watchdog
+        self.busy_since: float | None = None  # set while inside the model call: a hung inference shows here
+        self.last_defect = "none"
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        """Stop after the batch in flight; drop what still waits (`shutdown`); finish post-processing."""
+        self._stop.set()
+        self.board.wake()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("the batch in flight did not finish within %.0f s", timeout)
+        self.board.close()
+        self._pool.shutdown(wait=True)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- what the daemon calls -----------------------------------------------------------------
+    def put(self, frame: Frame) -> None:
+        """A camera's new frame (from its capture thread); replaces the one waiting, never blocks."""
+        self.board.put(frame)
+
+    @property
+    def context(self) -> InferenceContext:
+        return self._context
+
+    def swap(self, context: InferenceContext) -> None:
+        """Use `context` from the next batch on; the batch in flight finishes with the old one."""
+        self._context = context  # one assignment: the inference thread reads it once per batch
+
+    def remove_camera(self, camera: str) -> None:
+        """Drop a stopped camera's waiting frame (`shutdown`) and its place in the round robin."""
+        self.board.drop(camera)
+        self.batcher.forget(camera)
+
+    def in_flight(self) -> dict[str, int]:
+        """Frames per camera neither inferred nor dropped yet: waiting on the board or inside the model call."""
+        running = self._running
+        counts = Counter(self.board.cameras())
+        counts.update(f.camera for f in (running.frames if running is not None else ()))
+        return dict(counts)
+
+    # -- the inference thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.heartbeat_mono = time.monotonic()
+            context = self._context  # read once: the batch is formed for, and run with, this context
+            batch = self.batcher.next_batch(context.max_batch, context.max_wait_s)
+            if batch is not None:
+                self._run_batch(batch, context)
+
+    def _run_batch(self, batch: Batch, context: InferenceContext) -> None:
+        self._running, self.busy_since = batch, time.monotonic()
+        try:
+            scores, cams = self._infer(batch, context)
+        except Exception:
+            log.exception("inference failed for a batch of %d frame(s); continuing", len(batch.frames))
+            for frame in batch.frames:
+                self._count_drop(frame, DropReason.ERROR)
+            return
+        finally:
+            self._running, self.busy_since = None, None
+        for frame, score, cam in zip(batch.frames, scores, cams):
+            self._handoff.acquire()
+            future = self._pool.submit(inspect, frame, float(score), cam, context.options)
+            future.add_done_callback(lambda f, ctx=context: self._deliver(f, ctx))
+
+    def _infer(self, batch: Batch, context: InferenceContext):
+        t0 = time.monotonic()
+        while self._freeze_file and os.path.exists(self._freeze_file):
+            time.sleep(0.1)  # test-only hook (FREEZE_ENV): a hung inference call
+        scores, cams = context.engine.infer([f.image for f in batch.frames])
+        m = self.metrics
+        m.inference_seconds.observe(time.monotonic() - t0)
+        m.batch_size.observe(len(batch.frames))
+        for frame, score in zip(batch.frames, scores):
+            m.frames_inferred.labels(camera=frame.camera).inc()
+            m.score.labels(camera=frame.camera).observe(float(score))
+        return scores, cams
+
+    # -- post-processing threads -----------------------------------------------------------------
+    def _deliver(self, future: Future, context: InferenceContext) -> None:
+        try:
+            insp: Inspection = future.result()
+            self._sink.publish_inspection(insp, context.model, results=context.options.results)
+            frame = insp.frame
+            if insp.is_defect:
+                self.metrics.defects.labels(camera=frame.camera).inc()
+                self.last_defect = f"{frame.camera} #{frame.seq} score {insp.score:.2f}"
+            self.metrics.end_to_end_seconds.labels(camera=frame.camera).observe(time.monotonic() - frame.captured_mono)
+        except Exception:
+            log.exception("post-processing failed")
+        finally:
+            self._handoff.release()
+
+    def _count_drop(self, frame: Frame, reason: DropReason) -> None:
+        self.metrics.frames_dropped.labels(camera=frame.camera, reason=reason.value).inc()

@@ -1,0 +1,1 @@
+"""The daemon as a service: configuration, lifecycle, reload plans, systemd notify, metrics."""

@@ -1,0 +1,311 @@
+"""The daemon's lifecycle: startup() -> main_loop() -> shutdown(), driven by signals.
+
+    Daemon(load_settings(path)).run()
+
+Startup order: metrics HTTP (so /healthz answers during warm-up) -> publisher (bind) -> model
+(load, warm up) -> pipeline (inference thread, post-processing pool) -> cameras. Shutdown is that
+order reversed, derived from an ExitStack, so it can never drift from startup: stop grabbing,
+finish and publish the batch in flight, drain post-processing, log every camera's frame account,
+flush and close the publisher, stop serving metrics. The frame's route itself lives in
+`inspectd.pipeline.core.Pipeline`; the daemon only starts, supervises, reloads and stops.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Daemon"]
+
+import contextlib
+import logging
+import queue
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from inspectd.frames import CameraState
+from inspectd.model.deployable import Deployable, load_model
+from inspectd.outputs.publish import Publisher
+from inspectd.pipeline.context import build_context
+from inspectd.pipeline.core import Pipeline
+from inspectd.service.config import CameraConfig, Settings, resolve_model_path
+from inspectd.service.metrics import FrameAccount, Metrics, MetricsServer, frame_accounts
+from inspectd.service.notify import Notifier
+from inspectd.service.reload import PreparedReload, prepare_reload
+from inspectd.sources.camera import CameraWorker
+
+log = logging.getLogger("inspectd.service.daemon")
+
+STATUS_EVERY_S = 5.0
+
+
+class Daemon:
+    """The inspection daemon. `run()` returns the process exit code."""
+
+    def __init__(self, settings: Settings, config_path: Path | None = None, notifier: Notifier | None = None):
+        self.settings = settings
+        self.config_path = config_path
+        self.notifier = notifier or Notifier()
+        self.reload_requested = threading.Event()
+        self.run_id = uuid.uuid4().hex
+        self.registry = CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.camera_states: dict[str, CameraState] = {}
+        self.cameras: dict[str, CameraWorker] = {}
+        self.should_exit = threading.Event()
+        self.ready = False
+        self._stack = contextlib.ExitStack()
+        self._fps = 0.0
+        # Reloads are prepared on a thread of their own and applied here, on the main loop's thread.
+        self._reloads: queue.SimpleQueue[PreparedReload | Exception] = queue.SimpleQueue()
+        self._reload_thread: threading.Thread | None = None
+        self.metrics_server: MetricsServer | None = None
+        self.publisher: Publisher | None = None
+        self.pipeline: Pipeline | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def run(self) -> int:
+        with _signals(self):
+            try:
+                self.startup()
+                if not self.should_exit.is_set():
+                    self.main_loop()
+            finally:
+                self.shutdown()
+        return 0
+
+    def startup(self) -> None:
+        s = self.settings
+        self.metrics_server = MetricsServer(self.registry, s.metrics.host, s.metrics.port, self.healthz, self.readyz)
+        self.metrics_server.start()
+        self._stack.callback(self.metrics_server.stop)
+        deployable = self._load_model()
+        self.publisher = Publisher(s.publish, self.metrics, self.run_id,
+                                   {"name": deployable.name, "sha256": deployable.sha256}, stats=self.stats)
+        self.publisher.start()
+        self._stack.callback(self.publisher.stop, s.daemon.shutdown_timeout_s)
+        self.pipeline = Pipeline(build_context(s, deployable), self.metrics, self.publisher, s.postprocess.workers)
+        self.pipeline.start()
+        self._stack.callback(self._log_frame_accounts)
+        self._stack.callback(self.pipeline.stop, s.daemon.shutdown_timeout_s)
+        self._stack.callback(self._stop_all_cameras)
+        for cam in s.cameras:
+            self.start_camera(cam)
+        self.ready = True
+        self.notifier.ready()
+        log.info("ready: %d camera(s), model %s, batches %s on %s, events on %s, metrics on :%d",
+                 len(self.cameras), deployable.name, self.pipeline.context.engine.buckets,
+                 self.pipeline.context.engine.device, self.publisher.endpoint, self.metrics_server.port)
+
+    def main_loop(self) -> None:
+        """Supervise: fps, systemd STATUS and watchdog pings (only while progressing), reloads."""
+        last_count, last_t = self._inferred_total(), time.monotonic()
+        last_status = last_ping = 0.0
+        interval = self.notifier.watchdog_interval_s
+        while not self.should_exit.wait(0.25):
+            now = time.monotonic()
+            if now - last_t >= 1.0:
+                count = self._inferred_total()
+                self._fps = (count - last_count) / (now - last_t)
+                last_count, last_t = count, now
+            if now - last_status >= STATUS_EVERY_S:
+                self.notifier.status(self.status_line())
+                last_status = now
+            if interval is not None and now - last_ping >= interval:
+                last_ping = now if self._watchdog_ping() else last_ping
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self._begin_reload()
+            self._finish_reload()
+
+    def shutdown(self) -> None:
+        log.info("shutting down")
+        self.notifier.stopping()
+        self.ready = False
+        self._stack.close()
+        self.notifier.close()
+        log.info("stopped")
+
+    def _watchdog_ping(self) -> bool:
+        problems = self.problems()
+        if problems:
+            log.error("withholding the watchdog ping: %s", "; ".join(problems))
+            return False
+        return self.notifier.watchdog()
+
+    def status_line(self) -> str:
+        up = sum(1 for st in self.camera_states.values() if st == CameraState.UP)
+        return (f"{up}/{len(self.camera_states)} cameras up, {self._fps:.1f} frames/s inspected, "
+                f"last defect: {self.pipeline.last_defect if self.pipeline else 'none'}")
+
+    # -- model and cameras ------------------------------------------------------------------
+    def _load_model(self) -> Deployable:
+        from inspectd.tfload import import_tensorflow
+
+        import_tensorflow()
+        deployable = load_model(resolve_model_path(self.settings.model.path))
+        self._set_model_info(deployable)
+        return deployable
+
+    def _set_model_info(self, deployable: Deployable) -> None:
+        self.metrics.set_model(deployable.name, deployable.sha256, deployable.meta.get("backbone", "unknown"),
+                               deployable.input_size)
+
+    def start_camera(self, cfg: CameraConfig) -> None:
+        worker = CameraWorker(cfg, self.pipeline.put, self.metrics, on_state=self._on_camera_state)
+        self.camera_states[cfg.id] = CameraState.STARTING
+        self.metrics.camera_up.labels(camera=cfg.id).set(0)
+        worker.start()
+        self.cameras[cfg.id] = worker
+
+    def stop_camera(self, camera: str, forget: bool = True) -> None:
+        worker = self.cameras.pop(camera)
+        worker.stop()
+        if not worker.join(timeout=self.settings.daemon.shutdown_timeout_s):
+            log.warning("camera %s: capture thread still blocked in its backend; leaving it", camera)
+        self.pipeline.remove_camera(camera)
+        if forget:
+            self.camera_states.pop(camera, None)
+            self.metrics.camera_up.remove(camera)
+
+    def _stop_all_cameras(self) -> None:
+        for camera in list(self.cameras):
+            self.stop_camera(camera, forget=False)
+
+    def _on_camera_state(self, camera: str, state: CameraState, detail: str) -> None:
+        self.camera_states[camera] = state
+        if self.publisher is not None:
+            self.publisher.publish_status(camera, state, detail)
+
+    # -- frame accounting ----------------------------------------------------------------------
+    def frame_accounts(self) -> list[FrameAccount]:
+        """captured = inferred + dropped + in flight, per camera (exact once the pipeline has stopped)."""
+        return frame_accounts(self.registry, self.pipeline.in_flight() if self.pipeline else {})
+
+    def _log_frame_accounts(self) -> None:
+        for account in self.frame_accounts():
+            log.log(logging.INFO if account.residual == 0 else logging.ERROR, "frames %s", account)
+
+    # -- reload (SIGHUP) -----------------------------------------------------------------------
+    def _begin_reload(self) -> None:
+        """Prepare on a thread of its own (a warm-up takes seconds; the watchdog keeps being served)."""
+        if self._reload_thread is not None and self._reload_thread.is_alive():
+            log.warning("reload requested while one is in progress; ignored")
+            return
+        self.notifier.reloading()
+        self._reload_thread = threading.Thread(target=self._prepare_reload, name="reload", daemon=True)
+        self._reload_thread.start()
+
+    def _prepare_reload(self) -> None:
+        try:
+            if self.config_path is None:
+                raise ValueError("the daemon was started without a config file")
+            self._reloads.put(prepare_reload(self.config_path, self.settings, self.pipeline.context))
+        except Exception as exc:  # any failure: nothing was touched
+            self._reloads.put(exc)
+
+    def _finish_reload(self) -> None:
+        """Apply a prepared reload (or report its failure), on the main loop's thread."""
+        try:
+            prepared = self._reloads.get_nowait()
+        except queue.Empty:
+            return
+        try:
+            if isinstance(prepared, Exception):
+                raise prepared
+            self.apply_reload(prepared)
+        except Exception as exc:  # keep what runs, say why in one line, count it
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            log.error("reload rejected, keeping the running config and model: %s", first)
+            self.metrics.reload_failures.inc()
+        finally:
+            self.notifier.ready()
+
+    def apply_reload(self, prepared: PreparedReload) -> None:
+        """Carry out a prepared plan: the context in one swap, then the cameras."""
+        plan = prepared.plan
+        if prepared.context is not None:
+            self.pipeline.swap(prepared.context)
+            if plan.load_model:
+                self._set_model_info(prepared.context.deployable)
+        for camera in plan.stop_cameras + tuple(c.id for c in plan.restart_cameras):
+            self.stop_camera(camera)
+        self.settings = plan.effective
+        for cfg in plan.restart_cameras + plan.start_cameras:
+            self.start_camera(cfg)
+        for line in plan.describe():
+            log.info("reload: %s", line)
+
+    # -- health --------------------------------------------------------------------------------
+    def _inferred_total(self) -> float:
+        return sum(self.registry.get_sample_value("inspectd_frames_inferred_total", {"camera": c}) or 0.0
+                   for c in self.camera_states)
+
+    def stats(self) -> dict:
+        """Heartbeat and STATUS summary: inspected fps, camera states, last defect, the model in use."""
+        out = {"fps": round(self._fps, 2), "cameras": {c: s.value for c, s in self.camera_states.items()},
+               "last_defect": self.pipeline.last_defect if self.pipeline else "none"}
+        if self.pipeline is not None:
+            out["model"] = self.pipeline.context.model
+        return out
+
+    def problems(self) -> list[str]:
+        """Stages that are dead or stuck inside one call (empty = progressing)."""
+        now = time.monotonic()
+        stuck_after = self.settings.daemon.stuck_after_s
+        out = []
+        pipe = self.pipeline
+        if pipe is not None:
+            busy_since = pipe.busy_since
+            if not pipe.alive and not self.should_exit.is_set():
+                out.append("inference thread died")
+            if busy_since is not None and now - busy_since > stuck_after:
+                out.append(f"inference stuck for {now - busy_since:.0f} s")
+            elif busy_since is None and now - pipe.heartbeat_mono > stuck_after:
+                out.append("inference loop not progressing")
+        if self.publisher is not None and now - self.publisher.last_progress_mono > stuck_after:
+            out.append("publisher not progressing")
+        for cam, worker in list(self.cameras.items()):
+            # An OpenCV read can legitimately block for about 3x its timeout inside FFmpeg.
+            limit = max(stuck_after, 3 * worker.cfg.open_timeout_s + 5)
+            if worker.join(timeout=0) and not self.should_exit.is_set():
+                out.append(f"camera {cam}: capture thread died")
+            elif now - worker.heartbeat_mono > limit:
+                out.append(f"camera {cam}: capture loop stuck for {now - worker.heartbeat_mono:.0f} s")
+        return out
+
+    def healthz(self) -> tuple[bool, str]:
+        problems = self.problems()
+        return (not problems, "; ".join(problems) or "pipeline progressing")
+
+    def readyz(self) -> tuple[bool, str]:
+        bound = self.publisher is not None and self.publisher.bound
+        return (self.ready and bound, "model warm, publisher bound" if self.ready and bound else "starting")
+
+
+@contextlib.contextmanager
+def _signals(daemon: Daemon) -> Iterator[None]:
+    """SIGTERM/SIGINT ask for a clean stop; a second SIGINT forces exit; SIGHUP asks for a reload.
+
+    Handlers only set flags; the main loop acts on them. Old handlers are restored."""
+
+    def stop(signum, _frame):
+        if signum == signal.SIGINT and daemon.should_exit.is_set():
+            log.warning("second interrupt: exiting now")
+            raise SystemExit(130)
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        daemon.should_exit.set()
+
+    def reload(signum, _frame):
+        daemon.reload_requested.set()
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    old[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,58 @@
+"""Which Source reads a camera: one explicit table keyed by the kind of input and the backend."""
+
+from __future__ import annotations
+
+__all__ = ["open_source", "source_kind"]
+
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from inspectd.service.config import CameraConfig
+from inspectd.sources.base import Source, SourceError, redact
+from inspectd.sources.folder import FolderSource
+from inspectd.sources.gstreamer import GstSource
+from inspectd.sources.opencv import OpenCVSource
+from inspectd.sources.synthetic import SyntheticSource
+
+# URL scheme -> kind of input. A plain path is a video file, or a folder of images if it is one.
+_KIND_BY_SCHEME = {
+    "rtsp": "stream", "rtsps": "stream", "file": "file", "": "file", "v4l2": "device",
+    "dir": "folder", "synthetic": "synthetic",
+}
+# Backend "auto" resolves to the first backend of each kind.
+_BACKENDS = {
+    "stream": ("opencv", "gstreamer"), "file": ("opencv", "gstreamer"), "device": ("opencv", "gstreamer"),
+    "pipeline": ("gstreamer",), "folder": ("builtin",), "synthetic": ("builtin",),
+}
+_FACTORIES: dict[tuple[str, str], Callable[[CameraConfig], Source]] = {
+    ("stream", "opencv"): OpenCVSource, ("file", "opencv"): OpenCVSource, ("device", "opencv"): OpenCVSource,
+    ("stream", "gstreamer"): GstSource, ("file", "gstreamer"): GstSource, ("device", "gstreamer"): GstSource,
+    ("pipeline", "gstreamer"): GstSource,
+    ("folder", "builtin"): FolderSource, ("synthetic", "builtin"): SyntheticSource,
+}
+
+
+def source_kind(cfg: CameraConfig) -> str:
+    """stream | file | device | folder | synthetic | pipeline; SourceError for an unknown URL scheme."""
+    if cfg.pipeline is not None:
+        return "pipeline"
+    url = cfg.url or ""
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in _KIND_BY_SCHEME:
+        raise SourceError(f"{redact(url)}: unsupported URL scheme {scheme!r}; expected rtsp://, rtsps://, a video "
+                          "file, v4l2:///dev/videoN, dir:///path or synthetic://")
+    kind = _KIND_BY_SCHEME[scheme]
+    return "folder" if kind == "file" and scheme == "" and Path(url).is_dir() else kind
+
+
+def open_source(cfg: CameraConfig) -> Source:
+    """Build (not yet open) the Source for a camera; SourceError if the kind/backend pair does not exist."""
+    kind = source_kind(cfg)
+    backends = _BACKENDS[kind]
+    backend = backends[0] if cfg.backend == "auto" or backends == ("builtin",) else cfg.backend
+    factory = _FACTORIES.get((kind, backend))
+    if factory is None:
+        raise SourceError(f"camera {cfg.id!r}: backend {cfg.backend!r} cannot read a {kind} "
+                          f"(use {' or '.join(backends)})")
+    return factory(cfg)
