@@ -1,16 +1,24 @@
 #!/usr/bin/env python
-"""Quality benchmark on real data (not run in CI): magnetic-tile-dev and the reference's Oliena demo.
+"""Quality benchmark on real data (not run in CI): magnetic tiles and the reference's Oliena demo.
 
-    .venv/bin/python benchmarks/quality.py [--tiles DIR] [--oliena DIR] [--out runs/quality] [--epochs N]
+    .venv/bin/python benchmarks/quality.py --tiles DIR --oliena DIR [--out runs/quality] [--epochs N]
+    .venv/bin/python benchmarks/quality.py --only tiles --tiles DIR
 
-1. magnetic-tile-dev: a stratified 25 % test split is held out once (seed 0) and never used for
+The datasets are public and not part of the repository; lay them out as `inspectd train` reads them:
+- --tiles: images of the Magnetic Tile surface-defect dataset (Huang, Qiu, Yuan: "Surface defect
+  saliency of magnetic tile", 2018) as ok/ (defect-free), defect/ (e.g. blowholes and cracks) and
+  masks/<same name>.png (255 = defect).
+- --oliena: frames of the Oliena dataset (doi 10.1016/j.eswa.2022.116710) as 0/ (good parts) and
+  1/ (cracked); the reference published 8 of them (752 x 480 grey).
+
+1. tiles: a stratified 25 % test split is held out once (seed 0) and never used for
    training, model selection or threshold tuning; `inspectd train` runs on the rest (with its own
    validation split for checkpointing), then `inspectd evaluate` on the test split, which reports
    image-level and pixel-level metrics for the calibrated map and the reference's min-max map.
-2. oliena-samples: the reference's own demonstration: overfit on the 8 frames at 752x480 and
-   render overlays of the cracked ones.
-Results go to OUT/ and a Markdown summary to OUT/summary.md (copied into docs/quality.md by hand,
-with the command line). Weights are `none` by default: this machine cannot download ImageNet weights.
+2. oliena: the reference's own demonstration: overfit on its frames at 752x480 and render
+   overlays of the cracked ones.
+Results go to OUT/ and a Markdown summary to OUT/summary-*.md (copied into docs/quality.md by hand,
+with the command line). Weights are `none` by default: offline machines cannot download ImageNet weights.
 """
 
 from __future__ import annotations
@@ -25,7 +33,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 
 
 def sh(*args) -> float:
@@ -83,7 +90,7 @@ def summary(res: dict, args) -> str:
     if "tiles" in res:
         r = res["tiles"]["report"]
         im, px = r["image"], r.get("pixel", {})
-        lines += [f"magnetic-tile-dev test split: {r['n_images']} images {r['counts']}, training took "
+        lines += [f"magnetic tiles test split: {r['n_images']} images {r['counts']}, training took "
                   f"{res['tiles']['train_seconds'] / 60:.1f} min", "",
                   "| image level | ROC-AUC | AP | acc | prec | rec | F1 (thr) |", "|---|---|---|---|---|---|---|",
                   f"| at 0.5 | {im['roc_auc']:.3f} | {im['average_precision']:.3f} | {im['accuracy']:.3f} | "
@@ -103,15 +110,15 @@ def summary(res: dict, args) -> str:
             lines.append(f"\nmap peak on the defect (+- one CAM cell): {100 * px['peak_in_defect']:.1f} % of defect images")
     if "oliena" in res:
         o = res["oliena"]
-        lines += ["", f"oliena-samples overfit (752x480, {args.oliena_epochs} epochs, {o['train_seconds'] / 60:.1f} min): "
+        lines += ["", f"oliena overfit (752x480, {args.oliena_epochs} epochs, {o['train_seconds'] / 60:.1f} min): "
                   + ", ".join(f"{k} {v:.3f}" for k, v in o["scores"].items())]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiles", type=Path, default=DATA / "magnetic-tile-dev")
-    ap.add_argument("--oliena", type=Path, default=DATA / "oliena-samples")
+    ap.add_argument("--tiles", type=Path, help="Magnetic Tile dataset folder: ok/ defect/ masks/")
+    ap.add_argument("--oliena", type=Path, help="Oliena frames folder: 0/ 1/")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--oliena-epochs", type=int, default=150)
@@ -124,12 +131,12 @@ def main() -> None:
     args = ap.parse_args()
     res = {}
     if args.only in (None, "tiles"):
-        if not args.tiles.is_dir():
-            sys.exit(f"quality: {args.tiles}: no such dataset (pass --tiles DIR)")
+        if args.tiles is None or not args.tiles.is_dir():
+            sys.exit(f"quality: {args.tiles or 'no --tiles'}: pass --tiles DIR, a dataset folder (or --only oliena)")
         res["tiles"] = tiles(args)
     if args.only in (None, "oliena"):
-        if not args.oliena.is_dir():
-            sys.exit(f"quality: {args.oliena}: no such dataset (pass --oliena DIR)")
+        if args.oliena is None or not args.oliena.is_dir():
+            sys.exit(f"quality: {args.oliena or 'no --oliena'}: pass --oliena DIR, a dataset folder (or --only tiles)")
         res["oliena"] = oliena(args)
     text = summary(res, args)
     args.out.mkdir(parents=True, exist_ok=True)

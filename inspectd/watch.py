@@ -5,6 +5,8 @@ heartbeats then only confirm the connection (one "connected" line per run, and t
 `--timeout` from firing while the daemon is alive) and are printed only when asked for with
 `--topic heartbeat`. Sequence gaps and publisher restarts are reported as lines starting with
 `!` (on stdout, or on stderr with `--json` so that stdout stays one JSON header per line).
+Malformed messages (see `inspectd.client`) never stop it: each is skipped with one line on stderr,
+and their number is printed on stderr at exit.
 """
 
 from __future__ import annotations
@@ -52,37 +54,71 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print events until Ctrl-C (exit 0), --count events (exit 0) or --timeout silence (exit 1)."""
+    _check_args(args)
+    topics = list(DEFAULT_TOPICS) if args.topic is None else args.topic
+    show_heartbeats = args.topic is not None and any("heartbeat".startswith(t) for t in topics)
+    skipped = _Skipped()
+    try:
+        with Subscriber(args.endpoints, topics, decode=args.save is not None, on_malformed=skipped.notice) as sub:
+            return _print_events(sub, args, show_heartbeats, skipped)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        skipped.summary()
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """UsageError for a bad --count, --timeout or --save."""
     if args.count is not None and args.count < 1:
         raise UsageError(f"--count {args.count}: must be at least 1")
     if args.timeout is not None and args.timeout <= 0:
         raise UsageError(f"--timeout {args.timeout}: must be more than 0 seconds")
-    topics = list(DEFAULT_TOPICS) if args.topic is None else args.topic
-    show_heartbeats = args.topic is not None and any("heartbeat".startswith(t) for t in topics)
     if args.save is not None:
         try:
             args.save.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"--save {args.save}: cannot create the folder: {exc.strerror}") from None
+
+
+class _Skipped:
+    """Malformed messages: one line on stderr each as they come, and the count at exit."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def notice(self, endpoint: str, reason: str) -> None:
+        self.count += 1
+        print(f"inspectd watch: skipped a malformed message from {endpoint}: {reason}", file=sys.stderr, flush=True)
+
+    def summary(self) -> None:
+        if self.count:
+            print(f"inspectd watch: {self.count} malformed message(s) skipped", file=sys.stderr, flush=True)
+
+
+def _print_events(sub: Subscriber, args: argparse.Namespace, show_heartbeats: bool, skipped: _Skipped) -> int:
+    """The receive loop of `run`."""
     notices = sys.stderr if args.json else sys.stdout
     shown = 0
     runs: dict[str, str] = {}  # endpoint -> run_id seen last
-    try:
-        with Subscriber(args.endpoints, topics, decode=args.save is not None) as sub:
-            while args.count is None or shown < args.count:
-                event = sub.recv(timeout_s=args.timeout)
-                if event is None:
-                    print(f"inspectd watch: no event for {args.timeout:g} s from {', '.join(args.endpoints)}",
-                          file=sys.stderr)
-                    return 1
-                _notices(event, runs, notices)
-                if event.kind is EventKind.HEARTBEAT and not show_heartbeats:
-                    continue
-                print(json.dumps(event.header, ensure_ascii=False) if args.json else describe(event), flush=True)
-                if args.save is not None:
-                    _save(event, args.save)
-                shown += 1
-    except KeyboardInterrupt:
-        pass
+    while args.count is None or shown < args.count:
+        event = sub.recv(timeout_s=args.timeout)
+        if event is None:
+            print(f"inspectd watch: no event for {args.timeout:g} s from {', '.join(args.endpoints)}",
+                  file=sys.stderr)
+            return 1
+        try:
+            _notices(event, runs, notices)
+            if event.kind is EventKind.HEARTBEAT and not show_heartbeats:
+                continue
+            line = json.dumps(event.header, ensure_ascii=False) if args.json else describe(event)
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
+            # The client checked the header; anything it let through that we cannot show is still no crash.
+            skipped.notice(event.endpoint, f"{event.topic}: cannot show it: {type(exc).__name__}: {exc}")
+            continue
+        print(line, flush=True)
+        if args.save is not None:
+            _save(event, args.save)
+        shown += 1
     return 0
 
 

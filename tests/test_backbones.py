@@ -7,7 +7,7 @@ import pytest
 from inspectd.errors import UnavailableError, UsageError
 from inspectd.model.backbones import BACKBONES, build_features, check_input_size
 
-# Channel counts of F at the cut (SEED.md) and of the full networks.
+# Channel counts of F at the cut (docs/model.md) and of the full networks.
 CHANNELS = {("efficientnetv2b0", 16): 672, ("convnext_tiny", 16): 384, ("mobilenetv3large", 16): 672,
             ("efficientnetv2b0", 32): 1280, ("convnext_tiny", 32): 768, ("mobilenetv3large", 32): 960}
 

@@ -1,4 +1,4 @@
-"""Backbones truncated at output stride 16 (SEED.md) or full (stride 32), as feature extractors.
+"""Backbones truncated at output stride 16 (the method, docs/model.md) or full (stride 32), as feature extractors.
 
 Every backbone takes RGB in 0..255: the Keras applications used here carry their own
 preprocessing layers (include_preprocessing), so the deployable model's input contract is the
@@ -50,7 +50,7 @@ def check_input_size(size: tuple[int, int], stride: int) -> None:
     """Width and height must be multiples of the output stride so the CAM grid tiles the image."""
     w, h = size
     if stride not in (16, 32):
-        raise UsageError(f"stride {stride}: must be 16 (truncated, SEED.md) or 32 (full backbone)")
+        raise UsageError(f"stride {stride}: must be 16 (truncated, as in the paper) or 32 (full backbone)")
     if w % stride or h % stride or w < stride * 2 or h < stride * 2:
         raise UsageError(
             f"input size {w}x{h}: width and height must be multiples of the output stride {stride} "

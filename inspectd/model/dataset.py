@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CLASS_DIRS", "Item", "Dataset", "scan", "stratified_split"]
+__all__ = ["CLASS_DIRS", "Item", "Dataset", "class_items", "scan", "stratified_split"]
 
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,20 +70,25 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def class_items(root: Path) -> list[Item]:
+    """The images of root's class folders with their labels (and masks/ for defects); [] without class folders."""
+    masks_dir = root / "masks"
+    items: list[Item] = []
+    for label, folder in sorted(_class_dirs(root).items()):
+        for path in _images(folder):
+            mask = masks_dir / f"{path.stem}.png" if label == 1 else None
+            items.append(Item(path, label, mask if mask is not None and mask.is_file() else None))
+    return items
+
+
 def scan(root: Path, require_both: bool = True) -> Dataset:
     """List a dataset folder; one-line errors for a missing folder, class or image."""
     root = Path(root)
     if not root.is_dir():
         raise NoInputError(f"{root}: no such dataset folder")
-    dirs = _class_dirs(root)
-    if not dirs:
+    if not _class_dirs(root):
         raise DataError(f"{root}: no class folders; expected ok/ and defect/ (or 0/ 1/, good/ bad/)")
-    masks_dir = root / "masks"
-    items: list[Item] = []
-    for label, folder in sorted(dirs.items()):
-        for path in _images(folder):
-            mask = masks_dir / f"{path.stem}.png" if label == 1 else None
-            items.append(Item(path, label, mask if mask is not None and mask.is_file() else None))
+    items = class_items(root)
     ds = Dataset(root, tuple(items))
     counts = ds.counts()
     missing = [name for name in LABEL_NAMES if counts[name] == 0]

@@ -1,4 +1,9 @@
-"""`inspectd infer`: images, folders and video files -> overlay PNG, mask PNG and a results.jsonl line each."""
+"""`inspectd infer`: images, folders and video files -> overlay PNG, mask PNG and a results.jsonl line each.
+
+A folder is read as a dataset too (the layout `train` and `evaluate` take): the images in its class
+folders (ok/ defect/, aliases 0/ 1/, good/ bad/; never masks/) are inferred as well as those at its
+top, and a class folder's label (0 ok, 1 defect) is recorded as `label`. MODEL may be `builtin:demo`.
+"""
 
 from __future__ import annotations
 
@@ -15,14 +20,16 @@ import numpy as np
 
 from inspectd.errors import DataError, NoInputError, UsageError
 from inspectd.imageio import IMAGE_SUFFIXES, VIDEO_SUFFIXES, read_rgb, to_rgb, write_png
+from inspectd.model.dataset import class_items
 from inspectd.model.deployable import load_model
 from inspectd.pipeline.engine import Predictor
 from inspectd.pipeline.postprocess import find_regions, overlay, probability, to_mask_u8, upsample
+from inspectd.service.config import resolve_model_path
 
 
 @dataclass(frozen=True)
 class InferOptions:
-    model: Path
+    model: Path | str  # a .keras file, or "builtin:demo"
     inputs: tuple[Path, ...]
     out: Path
     batch_size: int = 8
@@ -37,19 +44,33 @@ class _Key:
     input: Path
     name: str
     frame: int | None = None
+    label: int | None = None  # from the dataset class folder the image is in
 
 
-def _expand(inputs: tuple[Path, ...]) -> list[Path]:
-    files: list[Path] = []
+@dataclass(frozen=True)
+class _Input:
+    path: Path
+    label: int | None = None
+
+
+def _folder(path: Path) -> list[_Input]:
+    """The images and videos at the top of a folder, then those of its class folders, labelled."""
+    loose = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES)
+    return [_Input(p) for p in loose] + [_Input(it.path, it.label) for it in class_items(path)]
+
+
+def _expand(inputs: tuple[Path, ...]) -> list[_Input]:
+    files: list[_Input] = []
     for path in inputs:
         if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES)
+            files += _folder(path)
         elif path.is_file():
-            files.append(path)
+            files.append(_Input(path))
         else:
             raise NoInputError(f"{path}: no such file or folder")
     if not files:
-        raise DataError(f"no images or videos in {', '.join(map(str, inputs))}")
+        raise DataError(f"no images or videos in {', '.join(map(str, inputs))} "
+                        "(nor in class folders ok/ defect/, 0/ 1/, good/ bad/)")
     return files
 
 
@@ -84,15 +105,16 @@ def _video_frames(path: Path, name: str, opts: InferOptions) -> Iterator[tuple[_
         raise DataError(f"{path}: no frames could be decoded")
 
 
-def _items(files: list[Path], opts: InferOptions, errors: list[dict]) -> Iterator[tuple[_Key, np.ndarray]]:
+def _items(files: list[_Input], opts: InferOptions, errors: list[dict]) -> Iterator[tuple[_Key, np.ndarray]]:
     used: set[str] = set()
-    for path in files:
+    for item in files:
+        path = item.path
         name = _unique(path.stem, used)
         try:
             if path.suffix.lower() in VIDEO_SUFFIXES:
                 yield from _video_frames(path, name, opts)
             else:
-                yield _Key(path, name), read_rgb(path)
+                yield _Key(path, name, label=item.label), read_rgb(path)
         except DataError as exc:
             # One bad file must not cost the results of all the others: report it and go on.
             print(f"inspectd infer: skipped: {exc}", file=sys.stderr)
@@ -109,6 +131,8 @@ def _record(key: _Key, image: np.ndarray, pred, out: Path, thr: float, mask_thr:
               "regions": [r.as_dict() for r in find_regions(prob, mask_thr)] if pred.score >= thr else []}
     if key.frame is not None:
         record["frame"] = key.frame
+    if key.label is not None:
+        record["label"] = key.label
     return record
 
 
@@ -117,7 +141,7 @@ def infer(opts: InferOptions) -> tuple[int, int]:
     if opts.batch_size < 1:
         raise UsageError("--batch-size must be positive")
     files = _expand(opts.inputs)
-    model = load_model(opts.model)
+    model = load_model(resolve_model_path(str(opts.model)))
     thr = model.threshold if opts.threshold is None else opts.threshold
     mask_thr = model.mask_threshold if opts.mask_threshold is None else opts.mask_threshold
     opts.out.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,14 @@ class EndOfStream(SourceError):
 
 
 class DecodeError(SourceError):
-    """One frame could not be decoded (e.g. a corrupt image in a folder); the worker drops it and goes on."""
+    """One frame could not be decoded (e.g. a corrupt image in a folder); the worker drops it and goes on.
+
+    `repeated`: the same failure was reported before; the worker counts the drop but does not log it again.
+    """
+
+    def __init__(self, message: str, repeated: bool = False):
+        super().__init__(message)
+        self.repeated = repeated
 
 
 @runtime_checkable

@@ -3,7 +3,10 @@
 Paced at `fps` (default 5) so a folder behaves like a camera rather than a batch job. At the end
 the folder is listed again (new files join the next round) and played from the start when the
 camera has `loop = true`; otherwise `EndOfStream`. A file that cannot be decoded is skipped with a
-`DecodeError` (the worker counts it as `frames_dropped{reason="decode"}`).
+`DecodeError` (the worker counts it as captured and `frames_dropped{reason="decode"}`) on every pass,
+but reported once: a failure already seen for the same file (path, mtime, size) is raised with
+`repeated=True` and is not decoded again, so the log gets one line per bad file, not one per pass.
+A file that changes is tried again.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class FolderSource:
         self._pacer = Pacer(query_params(url, _DEFAULTS)["fps"] if url.startswith("dir:") else _DEFAULTS["fps"])
         self._files: list[Path] = []
         self._next = 0
+        self._failed: dict[Path, tuple[int, int]] = {}  # unreadable file -> (mtime_ns, size) when it failed
 
     def _list(self) -> list[Path]:
         try:
@@ -56,22 +60,48 @@ class FolderSource:
         return self._pacer.period
 
     def open(self) -> None:
-        self._files, self._next = self._list(), 0
+        self._relist()
         self._pacer.reset()
 
     def read(self, timeout_s: float) -> np.ndarray | None:
         if self._next >= len(self._files):
             if not self.loop:
                 raise EndOfStream(f"{self.path}: end of folder ({len(self._files)} images)")
-            self._files, self._next = self._list(), 0
+            self._relist()
         if not self._pacer.wait(timeout_s):
             return None
         path = self._files[self._next]
         self._next += 1
+        return self._decode(path)
+
+    def _relist(self) -> None:
+        """Start a new pass; forget failures of files that are gone."""
+        self._files, self._next = self._list(), 0
+        listed = set(self._files)
+        self._failed = {p: sig for p, sig in self._failed.items() if p in listed}
+
+    def _decode(self, path: Path) -> np.ndarray:
+        """The image, or DecodeError (repeated=True, without decoding, if this version already failed)."""
+        signature = _signature(path)
+        if signature is not None and self._failed.get(path) == signature:
+            raise DecodeError(f"{path}: still unreadable (reported before)", repeated=True)
         try:
-            return read_rgb(path)
+            image = read_rgb(path)
         except InspectdError as exc:  # vanished or corrupt: drop this one, keep the camera up
+            if signature is not None:
+                self._failed[path] = signature
             raise DecodeError(str(exc)) from None
+        self._failed.pop(path, None)
+        return image
 
     def close(self) -> None:
         self._files, self._next = [], 0
+
+
+def _signature(path: Path) -> tuple[int, int] | None:
+    """(mtime_ns, size) of a file, None if it cannot be stat'ed (then it is tried, and reported, each time)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
