@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -210,18 +211,29 @@ def save_model(model, path: Path, meta: dict) -> Path:
 def read_metadata(path: Path) -> dict:
     """The metadata alone, without TensorFlow (cheap: for `inspectd` tools and the daemon)."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise ModelFileError(f"{path}: is a folder, not a model file (a SavedModel folder? turn it into a "
+                             "deployable model with `inspectd convert`)")
+    if not path.exists():
         raise NoInputError(f"{path}: no such model file")
+    if not path.is_file():
+        raise ModelFileError(f"{path}: not a regular file, not a model file")
+    if not os.access(path, os.R_OK):
+        raise NoInputError(f"{path}: cannot read the model file: permission denied")
     if not zipfile.is_zipfile(path):
         raise ModelFileError(f"{path}: not an inspectd model (not a .keras archive)")
-    with zipfile.ZipFile(path) as archive:
-        if META_ENTRY not in archive.namelist():
-            raise ModelFileError(
-                f"{path}: a Keras model but not an inspectd deployable model (no {META_ENTRY}); "
-                "turn a classifier into one with `inspectd convert`"
-            )
-        meta = json.loads(archive.read(META_ENTRY))
-    if meta.get("format") != FORMAT:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if META_ENTRY not in archive.namelist():
+                raise ModelFileError(
+                    f"{path}: a Keras model but not an inspectd deployable model (no {META_ENTRY}); "
+                    "turn a classifier into one with `inspectd convert`"
+                )
+            meta = json.loads(archive.read(META_ENTRY))
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as exc:  # truncated or corrupt archive or metadata
+        raise ModelFileError(f"{path}: damaged model file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        meta = meta if isinstance(meta, dict) else {}
         raise ModelFileError(f"{path}: model format {meta.get('format')!r}, this inspectd reads {FORMAT!r}")
     return meta
 

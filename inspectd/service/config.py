@@ -1,7 +1,9 @@
 """Daemon configuration: one model per TOML section, env overrides `INSPECTD_<SECTION>__<KEY>`.
 
-Unknown keys are errors; every error names the key, the bad value and what is allowed. Relative
-paths are relative to the config file. `load_settings(path)` is the one entry point.
+Unknown keys are errors; every error names the key (or the INSPECTD_* variable it came from), the
+bad value and what is allowed, in one line. Relative paths are relative to the config file.
+`load_settings(path)` is the one entry point: it also refuses a config without cameras and warns
+about INSPECTD_* variables that set nothing.
 """
 
 from __future__ import annotations
@@ -20,30 +22,114 @@ __all__ = [
     "DEFAULT_CONFIG",
     "BUILTIN_DEMO_MODEL",
     "resolve_model_path",
+    "config_env_names",
+    "NON_CONFIG_ENV",
+    "check_model",
 ]
 
+import difflib
+import ipaddress
+import json
+import logging
 import os
+import re
+import socket
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
-from inspectd.errors import ConfigError
+from inspectd.errors import ConfigError, ModelFileError, NoInputError
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+log = logging.getLogger("inspectd.config")
+
 DEFAULT_CONFIG = Path("/etc/inspectd/config.toml")
 BUILTIN_DEMO_MODEL = "builtin:demo"
 _ASSETS = Path(__file__).resolve().parents[1] / "assets"
+ENV_PREFIX = "INSPECTD_"
+# INSPECTD_* variables that are not configuration: read by inspectd itself, its tests or its scripts.
+NON_CONFIG_ENV = frozenset({
+    "INSPECTD_DEBUG",  # cli.py: tracebacks instead of one-line internal errors
+    "INSPECTD_TEST_FREEZE_INFERENCE",  # pipeline/core.py: test hook that blocks inference
+    "INSPECTD_VENV",  # scripts/*.sh: the virtual environment
+    "INSPECTD_APT_PACKAGES",  # scripts/bootstrap.sh
+    "INSPECTD_PIP_ARGS",  # deploy/install.sh
+})
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+_IPC_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes on Linux, with the terminating NUL
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain a NUL character")
+    return value
+
+
+def _resolves(host: str) -> None:
+    """ValueError unless `host` is an IP address literal or a name this machine resolves."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    if not _HOSTNAME.fullmatch(host):
+        raise ValueError("not an IP address or a host name (e.g. 127.0.0.1, 0.0.0.0 for every interface, "
+                         "or a name of this machine)")
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ValueError(f"cannot resolve host name {host!r}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def _interfaces() -> set[str]:
+    """Network interface names of this machine (ZeroMQ binds tcp://eth0:PORT to eth0's address)."""
+    try:
+        return {name for _, name in socket.if_nameindex()}
+    except OSError:
+        return set()
+
+
+def _check_tcp_endpoint(rest: str) -> None:
+    """tcp://HOST:PORT as ZeroMQ binds it: HOST is *, an IPv4 address, an interface or host name."""
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host:
+        raise ValueError("expected tcp://HOST:PORT, e.g. tcp://127.0.0.1:5556 or tcp://*:5556")
+    if port != "*" and not (re.fullmatch(r"[0-9]{1,5}", port) and int(port) <= 65535):
+        raise ValueError(f"port {port!r} is not a TCP port: 1-65535, or 0 or * for any free port")
+    if host == "*":
+        return
+    if host.startswith("[") or ":" in host:
+        raise ValueError("IPv6 addresses are not enabled on the publisher socket; use an IPv4 address, "
+                         "* (every interface) or an interface name")
+    if host in _interfaces():
+        return
+    _resolves(host)
+
+
+def _check_endpoint(value: str) -> str:
+    """A ZeroMQ bind endpoint: tcp://HOST:PORT or ipc://PATH, checked before anything binds."""
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in ("tcp", "ipc"):
+        raise ValueError("expected tcp://HOST:PORT or ipc://PATH")
+    if scheme == "tcp":
+        _check_tcp_endpoint(rest)
+    elif not rest or "\x00" in rest or len(rest.encode("utf-8", "surrogatepass")) > _IPC_PATH_MAX:
+        raise ValueError(f"ipc path must be 1-{_IPC_PATH_MAX} bytes without NUL, e.g. ipc:///run/inspectd/events")
+    return value
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -54,6 +140,11 @@ class ModelConfig(_Section):
     device: str = Field("auto", pattern=r"^(auto|cpu|gpu:\d+)$", description="auto | cpu | gpu:N")
     precision: Literal["float32", "mixed_float16"] = Field("float32", description="mixed_float16 on GPUs with tensor cores")
     xla: bool = Field(False, description="jit_compile the inference function (slower on CPU, measured)")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        return _no_nul(value)
 
 
 class BatchingConfig(_Section):
@@ -70,7 +161,9 @@ class CameraConfig(_Section):
     backend: Literal["auto", "opencv", "gstreamer"] = Field("auto", description="auto | opencv | gstreamer")
     fps_limit: float = Field(0, ge=0, description="0 = as fast as the camera")
     loop: bool = Field(True, description="files and folders start again at the end")
-    roi: tuple[int, int, int, int] | None = Field(None, description="crop [x, y, w, h] in camera pixels before inference")
+    roi: tuple[int, int, int, int] | None = Field(
+        None, description="crop [x, y, w, h] in camera pixels before inference; x, y >= 0, w, h > 0 "
+        "(checked against the frame at the first frame)")
     resize: tuple[Annotated[int, Field(ge=16)], Annotated[int, Field(ge=16)]] | None = Field(
         None, description="resize [w, h] (after roi) on the capture thread, e.g. to the model input; "
         "event coordinates are then in resized pixels")
@@ -78,6 +171,18 @@ class CameraConfig(_Section):
     reconnect_max_s: float = Field(10, gt=0, description="longest reconnect delay (plus up to 20 % jitter)")
     stall_timeout_s: float = Field(5, gt=0, description="no frame for this long forces a reconnect")
     open_timeout_s: float = Field(5, gt=0, description="connect/read timeout handed to the backend")
+
+    @field_validator("url", "pipeline")
+    @classmethod
+    def _text(cls, value: str | None) -> str | None:
+        return value if value is None else _no_nul(value)
+
+    @field_validator("roi")
+    @classmethod
+    def _roi(cls, value: tuple[int, int, int, int] | None) -> tuple[int, int, int, int] | None:
+        if value is not None and (value[0] < 0 or value[1] < 0 or value[2] <= 0 or value[3] <= 0):
+            raise ValueError(f"[x, y, w, h] needs x, y >= 0 and w, h > 0 (got {list(value)})")
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> CameraConfig:
@@ -96,16 +201,32 @@ class PostprocessConfig(_Section):
 
 
 class PublishConfig(_Section):
-    endpoint: str = Field("tcp://127.0.0.1:5556", pattern=r"^(tcp|ipc)://.+", description="ZeroMQ PUB bind endpoint")
-    send_hwm: int = Field(1000, ge=1, description="messages queued per subscriber before dropping")
+    endpoint: str = Field("tcp://127.0.0.1:5556", description="ZeroMQ PUB bind endpoint: tcp://HOST:PORT "
+                          "(HOST *, an IPv4 address, interface or host name; PORT 1-65535, 0 or * = any) or ipc://PATH")
+    send_hwm: int = Field(100, ge=1, le=100_000, description="messages queued per subscriber (ZeroMQ SNDHWM) and in "
+                          "the hand-off to the publisher thread before new ones are dropped; bounds memory, see "
+                          "docs/daemon.md")
     heartbeat_s: float = Field(1, gt=0, description="heartbeat period")
     results: bool = Field(False, description="also publish result.<camera> for every inspected frame")
     attach_frame: bool = Field(False, description="attach a JPEG of the frame to defect events")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        return _check_endpoint(value)
 
 
 class MetricsConfig(_Section):
     host: str = Field("127.0.0.1", description="bind address of /metrics, /healthz, /readyz")
     port: int = Field(9108, ge=0, le=65535, description="0 = any free port")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if not value:
+            raise ValueError("empty; use 0.0.0.0 (or ::) for every interface")
+        _resolves(value)
+        return value
 
 
 class ArchiveConfig(_Section):
@@ -116,6 +237,7 @@ class ArchiveConfig(_Section):
     @field_validator("dir")
     @classmethod
     def _not_yet(cls, value: str) -> str:
+        _no_nul(value)
         if value:
             raise ValueError("the event archive is not implemented yet; leave dir empty")
         return value
@@ -129,13 +251,18 @@ class DaemonConfig(_Section):
 
 
 class Settings(BaseSettings):
-    """The whole daemon configuration (mirrors config.example.toml)."""
+    """The whole daemon configuration (mirrors config.example.toml).
 
-    model_config = SettingsConfigDict(env_prefix="INSPECTD_", env_nested_delimiter="__", extra="forbid", frozen=True)
+    Constructible in code with any cameras (tests, bench); `load_settings` adds the checks of a
+    config the daemon runs: at least one camera, errors attributed to the file or a variable.
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True)
 
     model: ModelConfig = ModelConfig()
     batching: BatchingConfig = BatchingConfig()
-    cameras: list[CameraConfig] = Field(default_factory=list)
+    cameras: list[CameraConfig] = Field(default_factory=list, description="one [[cameras]] table per camera; "
+                                        "load_settings requires at least one")
     postprocess: PostprocessConfig = PostprocessConfig()
     publish: PublishConfig = PublishConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -158,28 +285,148 @@ class Settings(BaseSettings):
         return env_settings, init_settings
 
 
-def _describe(err: dict) -> str:
-    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+def config_env_names() -> list[str]:
+    """Every INSPECTD_* variable that sets configuration: a whole section as JSON, or one key of it."""
+    names = []
+    for section, field in Settings.model_fields.items():
+        names.append(f"{ENV_PREFIX}{section.upper()}")
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            names += [f"{ENV_PREFIX}{section.upper()}__{key.upper()}" for key in field.annotation.model_fields]
+    return names
+
+
+def _config_env() -> dict[str, str]:
+    """The INSPECTD_* configuration variables that are set, by upper-case name (they match case-insensitively)."""
+    return {k.upper(): v for k, v in os.environ.items()
+            if k.upper().startswith(ENV_PREFIX) and k.upper() not in NON_CONFIG_ENV}
+
+
+def _env_path(name: str) -> tuple[str, ...]:
+    """INSPECTD_MODEL__THRESHOLD -> ("model", "threshold"), as pydantic-settings splits it."""
+    return tuple(name[len(ENV_PREFIX):].lower().split("__"))
+
+
+def _closest(word: str, candidates: list[str], prefix: str = "") -> str:
+    """"; did you mean PREFIX+CANDIDATE?" for the closest candidate, or "" if none is close."""
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
+
+
+def _warn_unknown_env(env: dict[str, str]) -> None:
+    """A variable whose section does not exist is ignored by pydantic-settings: say so, with the closest name."""
+    for name in sorted(env):
+        if _env_path(name)[0] not in Settings.model_fields:
+            hint = _closest(name, config_env_names() + sorted(NON_CONFIG_ENV)) or \
+                "; configuration variables are INSPECTD_<SECTION>__<KEY>"
+            log.warning("%s is not an inspectd variable and is ignored%s", name, hint)
+
+
+def _check_env_json(env: dict[str, str]) -> None:
+    """INSPECTD_<SECTION> and INSPECTD_CAMERAS hold JSON: a ConfigError naming the variable if they do not."""
+    for section in Settings.model_fields:
+        name = f"{ENV_PREFIX}{section.upper()}"
+        if name not in env:
+            continue
+        try:
+            json.loads(env[name])
+        except ValueError as exc:
+            want = ('a JSON list of camera tables, e.g. [{"id": "cam1", "url": "rtsp://..."}]' if section == "cameras"
+                    else f"a JSON object of [{section}] keys (or set one key as {name}__KEY)")
+            raise ConfigError(f"{name}: not valid JSON ({getattr(exc, 'msg', exc)}); expected {want}") from None
+
+
+def _sets(name: str, value: str, loc: tuple) -> bool:
+    """Whether variable `name` (= `value`) supplied the value at `loc` (keys and list indexes)."""
+    path, parts = _env_path(name), tuple(str(p).lower() for p in loc)
+    n = min(len(path), len(parts))
+    if path[:n] != parts[:n]:
+        return False
+    if len(path) >= len(parts):
+        return True
+    try:  # a whole section or the camera list as JSON: does it hold the rest of loc?
+        node = json.loads(value)
+    except ValueError:
+        return False
+    for part in loc[len(path):]:
+        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) \
+                and 0 <= part < len(node):
+            node = node[part]
+        else:
+            return False
+    return True
+
+
+def _origin(loc: tuple, env: dict[str, str]) -> str | None:
+    """The most specific INSPECTD_* variable that supplied the value at `loc`, or None (it came from the file)."""
+    names = sorted((n for n in env if _sets(n, env[n], loc)), key=lambda n: -len(_env_path(n)))
+    return names[0] if names else None
+
+
+def _keys_at(loc: tuple) -> list[str]:
+    """The keys allowed at `loc` (a path of keys and list indexes into Settings); [] if unknown."""
+    model: type[BaseModel] = Settings
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field is not None else None
+        if typing.get_origin(annotation) is list:
+            annotation = typing.get_args(annotation)[0]
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _redact(text: str) -> str:
+    """scheme://user:password@host -> scheme://user:***@host (camera URLs in error messages)."""
+    return re.sub(r"(://[^:@/\s]*):[^@\s]*@", r"\1:***@", text)
+
+
+def _describe(err: dict, origin: str | None) -> str:
+    loc = err["loc"]
+    key = ".".join(str(p) for p in loc) or "(top level)"
     if err["type"] == "extra_forbidden":
-        return f"{key}: unknown key"
+        if origin is not None and _env_path(origin) == tuple(str(p).lower() for p in loc):
+            return f"{key}: unknown key{_closest(origin, config_env_names())}"
+        parent = "".join(f"{p}." for p in loc[:-1])
+        return f"{key}: unknown key{_closest(str(loc[-1]), _keys_at(loc[:-1]), parent)}"
     value = err.get("input")
-    shown = "" if isinstance(value, dict | list) else f" (got {value!r})"
-    return f"{key}: {err['msg']}{shown}"
+    shown = "" if isinstance(value, dict | list | tuple) else f" (got {_redact(repr(value))[:120]})"
+    return f"{key}: {err['msg'].removeprefix('Value error, ')}{shown}"
+
+
+def _format_errors(errors: list[dict], env: dict[str, str], where: str) -> str:
+    """One line: the errors grouped by where each value came from (the file, or an INSPECTD_* variable)."""
+    groups: dict[str, list[str]] = {}
+    for err in errors:
+        origin = _origin(err["loc"], env)
+        groups.setdefault(origin or where, []).append(_describe(err, origin))
+    return "; ".join(f"{src}: {'; '.join(msgs)}" if src else "; ".join(msgs) for src, msgs in groups.items())
 
 
 def _read_toml(path: Path) -> dict:
     try:
-        return tomllib.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8-sig")
+        return tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on line {line}, offset "
+                          f"{exc.start}); save the config as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
 
 
 def _relative_to(base: Path, value: str) -> str:
-    if not value or value.startswith(BUILTIN_DEMO_MODEL) or "://" in value or Path(value).is_absolute():
+    if not value or value.startswith(BUILTIN_DEMO_MODEL) or "://" in value or "\x00" in value or Path(value).is_absolute():
         return value
     return str((base / value).resolve())
 
@@ -200,13 +447,29 @@ def _resolve_paths(data: dict, base: Path) -> dict:
 
 
 def load_settings(path: Path | None) -> Settings:
-    """Read the TOML file (None: defaults only), apply INSPECTD_* env overrides, validate."""
+    """Read the TOML file (None: defaults only), apply INSPECTD_* env overrides, validate; ConfigError in one line."""
     data = _resolve_paths(_read_toml(path), path.resolve().parent) if path is not None else {}
+    where = str(path) if path is not None else ""
+    prefix = f"{where}: " if where else ""
+    private = sorted(k for k in data if k.startswith("_"))  # BaseSettings would take these as its own options
+    if private:
+        raise ConfigError(prefix + "; ".join(f"{k}: unknown key" for k in private))
+    env = _config_env()
+    _warn_unknown_env(env)
+    _check_env_json(env)
     try:
-        return Settings(**data)
+        settings = Settings(**data)
     except ValidationError as exc:
-        where = f"{path}: " if path is not None else ""
-        raise ConfigError(where + "; ".join(_describe(e) for e in exc.errors(include_url=False))) from None
+        raise ConfigError(_format_errors(exc.errors(include_url=False), env, where)) from None
+    except SettingsError as exc:  # a variable pydantic-settings cannot parse (the JSON ones are checked above)
+        found = re.search(r'field "(\w+)"', str(exc))
+        name = f"{ENV_PREFIX}{found[1].upper()}" if found else f"{ENV_PREFIX}*"
+        raise ConfigError(f"{name}: cannot parse the value: {exc}") from None
+    if not settings.cameras:
+        origin = _origin(("cameras",), env)
+        raise ConfigError((f"{origin}: " if origin else prefix) +
+                          "cameras: no [[cameras]] configured; the daemon needs at least one camera")
+    return settings
 
 
 def resolve_model_path(path: str) -> Path:
@@ -214,3 +477,38 @@ def resolve_model_path(path: str) -> Path:
     if path == BUILTIN_DEMO_MODEL:
         return _ASSETS / "demo.keras"
     return Path(os.path.expanduser(path))
+
+
+def check_model(cfg: ModelConfig) -> list[str]:
+    """Load the configured model as the daemon would (safe mode) and describe it; the daemon's exit codes on failure.
+
+    NoInputError (66) for a missing file, ModelFileError (65) for anything that is not a deployable
+    model. The metadata is read first, so a bad path fails before TensorFlow is imported.
+    """
+    from inspectd.model.deployable import load_model, read_metadata
+
+    path = resolve_model_path(cfg.path)
+    try:
+        read_metadata(path)
+        from inspectd.tfload import import_tensorflow
+
+        import_tensorflow()
+        model = load_model(path)
+    except (NoInputError, ModelFileError) as exc:  # the same error and exit code as `run`, naming the key
+        raise type(exc)(f"model.path: {exc}") from None
+    outputs = model.model.output if isinstance(model.model.output, dict) else {}
+    missing = sorted({"score", "cam_logits"} - set(outputs))
+    if missing:
+        raise ModelFileError(f"{path}: the model has no output {', '.join(missing)}; not an inspectd deployable model")
+    shapes = ", ".join(f"{name} [{', '.join('B' if d is None else str(d) for d in outputs[name].shape)}]"
+                       for name in ("score", "cam_logits"))
+    width, height = model.input_size
+    thresholds = ", ".join(
+        f"{what} {own}" if mine is None else f"{what} {mine} ({key}; the model's {own})"
+        for what, key, mine, own in (("score", "model.threshold", cfg.threshold, model.threshold),
+                                     ("mask", "model.mask_threshold", cfg.mask_threshold, model.mask_threshold)))
+    return [f"model {cfg.path}: {path} (loaded in Keras safe mode)",
+            f"  name {model.name}, backbone {model.meta.get('backbone', 'unknown')}, input {width}x{height} RGB 0..255",
+            f"  outputs {shapes}",
+            f"  thresholds {thresholds}",
+            f"  sha256 {model.sha256[:16]}"]

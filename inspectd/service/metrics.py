@@ -9,6 +9,8 @@ from __future__ import annotations
 
 __all__ = ["Metrics", "MetricsServer", "FrameAccount", "frame_accounts", "BATCH_BUCKETS", "LATENCY_BUCKETS"]
 
+import errno
+import socket
 import socketserver
 import threading
 from collections import defaultdict
@@ -22,6 +24,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    disable_created_metrics,
     make_wsgi_app,
 )
 from prometheus_client.gc_collector import GCCollector
@@ -29,6 +32,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from inspectd import __version__
+from inspectd.errors import ConfigError
 
 NS = "inspectd"
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -41,6 +45,9 @@ class Metrics:
     """The daemon's metrics (names are a contract: Grafana and the alert rules use them)."""
 
     def __init__(self, registry: CollectorRegistry):
+        # No `_created` series: one more per labelled counter/histogram, of no use to the alert rules or
+        # dashboards (rate() needs none). prometheus_client's switch is process-wide.
+        disable_created_metrics()
         self.registry = registry
         r = {"registry": registry, "namespace": NS}
         self.frames_captured = Counter("frames_captured", "Frames read from the camera", ["camera"], **r)
@@ -116,6 +123,33 @@ class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
 
+class _ThreadingWSGIServer6(_ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
+# Bind failures caused by the port (the rest are the host's): in use, or privileged (< 1024).
+_PORT_ERRNOS = {errno.EADDRINUSE, errno.EACCES}
+
+
+def _bind_error(host: str, port: int, exc: OSError) -> ConfigError:
+    """A bind failure as a config error naming the key to change and the address (like publish.endpoint's)."""
+    reason = exc.strerror or str(exc)
+    if isinstance(exc, socket.gaierror):
+        return ConfigError(f"metrics.host {host!r}: cannot resolve: {reason}")
+    key = "metrics.port" if exc.errno in _PORT_ERRNOS else "metrics.host"
+    return ConfigError(f"{key}: cannot bind {host}:{port} for /metrics: {reason}")
+
+
+def _server_class(host: str) -> type[_ThreadingWSGIServer]:
+    """The IPv6 server for an IPv6 address (or a name that resolves only to one), else IPv4."""
+    try:
+        infos = socket.getaddrinfo(host or None, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return _ThreadingWSGIServer  # bind reports it, as a ConfigError naming metrics.host
+    families = {info[0] for info in infos}
+    return _ThreadingWSGIServer if socket.AF_INET in families else _ThreadingWSGIServer6
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format, *args):  # noqa: A002  (scrapes every few seconds would flood the journal)
         pass
@@ -125,7 +159,11 @@ Check = Callable[[], tuple[bool, str]]
 
 
 class MetricsServer:
-    """HTTP server: /metrics (Prometheus), /healthz (alive and progressing), /readyz (warm and bound)."""
+    """HTTP server: /metrics (Prometheus), /healthz (alive and progressing), /readyz (warm and bound).
+
+    Binds when built: ConfigError naming metrics.port (in use, privileged) or metrics.host (not an
+    address of this machine, unresolvable) with the address, if it cannot.
+    """
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int, healthz: Check, readyz: Check):
         metrics_app = make_wsgi_app(registry)
@@ -139,7 +177,10 @@ class MetricsServer:
             start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")])
             return [f"{'ok' if ok else 'fail'}: {detail}\n".encode()]
 
-        self._server = make_server(host, port, app, _ThreadingWSGIServer, handler_class=_QuietHandler)
+        try:
+            self._server = make_server(host, port, app, _server_class(host), handler_class=_QuietHandler)
+        except OSError as exc:  # in use, an address not on this machine, an unresolvable name
+            raise _bind_error(host, port, exc) from None
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
 
     @property
