@@ -90,7 +90,10 @@ def _total(registry, name: str, label: str | None = None, value: str | None = No
 
 
 def full_pipeline(opts: BenchOptions) -> dict:
-    """Frames/s through the real daemon, measured over `opts.seconds` after it reported ready."""
+    """Frames/s through the real daemon, measured over `opts.seconds` after it reported ready.
+
+    After the daemon has stopped, every camera's frame account must balance: captured = inferred +
+    dropped (by reason), nothing in flight, residual 0."""
     from inspectd.service.daemon import Daemon
 
     daemon = Daemon(_settings(opts))
@@ -98,6 +101,7 @@ def full_pipeline(opts: BenchOptions) -> dict:
         daemon.startup()
         time.sleep(2.0)  # cameras connected, first batches through
         reg = daemon.registry
+
         def counts():
             return (_total(reg, "inspectd_frames_captured_total"), _total(reg, "inspectd_frames_inferred_total"),
                     time.monotonic())
@@ -105,7 +109,7 @@ def full_pipeline(opts: BenchOptions) -> dict:
         c0, n0, t0 = counts()
         time.sleep(opts.seconds)
         c1, n1, t1 = counts()
-        return {
+        result = {
             "frames": int(n1 - n0), "seconds": round(t1 - t0, 2), "fps": round((n1 - n0) / (t1 - t0), 2),
             "captured_fps": round((c1 - c0) / (t1 - t0), 2),
             "stale_dropped": int(_total(reg, "inspectd_frames_dropped_total", "reason", "stale")),
@@ -115,6 +119,10 @@ def full_pipeline(opts: BenchOptions) -> dict:
         }
     finally:
         daemon.shutdown()
+    accounts = daemon.frame_accounts()
+    result["accounts"] = [str(a) for a in accounts]
+    result["residual"] = sum(abs(a.residual) for a in accounts)  # +1 on one camera must not hide -1 on another
+    return result
 
 
 def bench(opts: BenchOptions) -> dict:
@@ -136,4 +144,7 @@ def format_bench(res: dict) -> str:
         f"pipeline: captured {pipe['captured_fps']} frames/s, {pipe['stale_dropped']} stale frames dropped, "
         f"end-to-end p50 <= {pipe['end_to_end_p50_s']} s, p99 <= {pipe['end_to_end_p99_s']} s, "
         f"inference p50 <= {pipe['inference_p50_s']} s per batch",
+        "frame accounting after shutdown (captured = inferred + dropped + in flight):",
+        *(f"  {line}" for line in pipe["accounts"]),
+        f"  residual {pipe['residual']} ({'every frame accounted for' if pipe['residual'] == 0 else 'FRAMES LOST'})",
     ])

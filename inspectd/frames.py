@@ -35,7 +35,7 @@ class DropReason(str, enum.Enum):
     FPS_LIMIT = "fps_limit"  # over the camera's fps_limit
     DECODE = "decode"  # the frame arrived but could not be decoded
     ROI = "roi"  # the camera's roi lies outside the frame
-    ERROR = "error"  # its batch failed in the model call
+    ERROR = "error"  # an unexpected failure: its batch's model call, or its crop/resize on the capture thread
     SHUTDOWN = "shutdown"  # still waiting when its camera was stopped (shutdown, reload)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from inspectd.service.config import Settings
-from inspectd.service.reload import plan_reload
+from inspectd.service.reload import CONTEXT_KEYS, ENGINE_KEYS, LIVE_KEYS, RESTART_KEYS, changed_keys, plan_reload
 
 SHA = "a" * 64
 CAM_A = {"id": "cam-a", "url": "synthetic://?seed=1"}
@@ -31,6 +31,8 @@ CASES = [
      False, True, ("publish.results", "publish.attach_frame"), (), ((), (), ())),
     ("endpoint needs a restart", settings(publish={"endpoint": "tcp://127.0.0.1:6000"}), SHA, False, False, (),
      ("publish.endpoint",), ((), (), ())),
+    ("stuck_after_s applies live, shutdown timeout waits", settings(daemon={"stuck_after_s": 60, "shutdown_timeout_s": 3}),
+     SHA, False, False, ("daemon.stuck_after_s",), ("daemon.shutdown_timeout_s",), ((), (), ())),
     ("metrics port and workers need a restart", settings(metrics={"port": 9200}, postprocess={"workers": 4}), SHA,
      False, False, (), ("postprocess.workers", "metrics.port"), ((), (), ())),
     ("mask_resolution applies, workers wait", settings(postprocess={"workers": 4, "mask_resolution": "cam"}), SHA,
@@ -49,7 +51,7 @@ def test_plan(name, new, sha, load, swap, applied, restart, cams):
     assert plan.applied == applied
     assert plan.needs_restart == restart
     assert (plan.stop_cameras, tuple(c.id for c in plan.start_cameras), tuple(c.id for c in plan.restart_cameras)) == cams
-    assert plan.noop == (not swap and not any(cams))
+    assert plan.noop == (not applied and not any(cams))
 
 
 def test_effective_settings_keep_what_needs_a_restart():
@@ -61,9 +63,9 @@ def test_effective_settings_keep_what_needs_a_restart():
     eff = plan.effective
     assert eff.publish.endpoint == "tcp://127.0.0.1:5556"  # still bound to the old one
     assert eff.publish.results is True  # applied at once
-    assert eff.daemon.stuck_after_s == old.daemon.stuck_after_s
+    assert eff.daemon.stuck_after_s == 99  # read live: applied
     assert eff.model.threshold == 0.8
-    assert plan.needs_restart == ("publish.endpoint", "daemon.stuck_after_s")
+    assert plan.needs_restart == ("publish.endpoint",)
 
 
 def test_describe_says_what_applied_and_what_waits():
@@ -72,3 +74,16 @@ def test_describe_says_what_applied_and_what_waits():
     assert lines == ["applied: model.threshold", "cameras added cam-b; removed cam-a",
                      "needs a restart to take effect (still running the old values): metrics.port"]
     assert plan_reload(settings(), settings(), SHA, SHA).describe() == ["nothing changed"]
+
+
+def test_every_key_is_classified_exactly_once():
+    """A key added to the config must be placed deliberately: applied (engine, context, live) or restart."""
+    groups = [ENGINE_KEYS, CONTEXT_KEYS, LIVE_KEYS, RESTART_KEYS]
+    every = [key for group in groups for key in group]
+    assert len(every) == len(set(every)), "a key is in two groups"
+    base = settings()
+    keys = {f"{section}.{key}" for section, values in base.model_dump(exclude={"cameras"}).items() for key in values}
+    assert keys == set(every)
+    # changed_keys sees a change of any of them (here: a key of each section with a simple type changed)
+    assert changed_keys(base, settings(daemon={"warmup": False}, archive={"max_age_s": 5})) == [
+        "archive.max_age_s", "daemon.warmup"]

@@ -58,9 +58,10 @@ class FrameBoard:
             self._on_drop(old, DropReason.STALE if frame is not None else DropReason.SHUTDOWN)
 
     def wait(self, min_frames: int, timeout: float) -> bool:
-        """Wait until at least `min_frames` slots hold a frame (or timeout); True if they do."""
+        """Wait until at least `min_frames` slots hold a frame (or timeout, or close); True if they do."""
         with self._cond:
-            return self._cond.wait_for(lambda: len(self._slots) >= min_frames, timeout=max(0.0, timeout))
+            return self._cond.wait_for(lambda: self._closed or len(self._slots) >= min_frames,
+                                       timeout=max(0.0, timeout)) and not self._closed
 
     def wake(self) -> None:
         """Wake a waiting batcher (used at shutdown)."""
@@ -105,21 +106,24 @@ class Batcher:
     def __init__(self, board: FrameBoard):
         self.board = board
         self._rr: list[str] = []  # round-robin order of cameras
+        self._lock = threading.Lock()  # forget() comes from another thread than next_batch()
 
     def _order(self) -> list[str]:
-        for cam in self.board.cameras():
-            if cam not in self._rr:
-                self._rr.append(cam)
-        return list(self._rr)
+        waiting = self.board.cameras()
+        with self._lock:
+            self._rr += [cam for cam in waiting if cam not in self._rr]
+            return list(self._rr)
 
     def _rotate(self, taken: list[Frame]) -> None:
         """Cameras just served go to the back of the queue (round robin); cameras passed over keep their place."""
         served = {f.camera for f in taken}
-        self._rr = [c for c in self._rr if c not in served] + [f.camera for f in taken]
+        with self._lock:
+            self._rr = [c for c in self._rr if c not in served] + [f.camera for f in taken]
 
     def forget(self, camera: str) -> None:
         """A removed camera leaves the round-robin order."""
-        self._rr = [c for c in self._rr if c != camera]
+        with self._lock:
+            self._rr = [c for c in self._rr if c != camera]
 
     def next_batch(self, limit: int, max_wait_s: float, idle_wait_s: float = 0.2) -> Batch | None:
         """Wait (at most idle_wait_s) for a first frame, then up to max_wait_s for more, or a full batch."""

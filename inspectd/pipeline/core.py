@@ -71,13 +71,12 @@ class Pipeline:
         self._thread.start()
 
     def stop(self, timeout: float) -> None:
-        """Stop after the batch in flight; drop what still waits (`shutdown`); finish post-processing."""
+        """Drop what still waits (`shutdown`), finish the batch in flight, then post-processing."""
         self._stop.set()
-        self.board.wake()
+        self.board.close()  # also wakes the inference thread if it waits for frames
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.error("the batch in flight did not finish within %.0f s", timeout)
-        self.board.close()
         self._pool.shutdown(wait=True)
 
     @property
@@ -103,7 +102,10 @@ class Pipeline:
         self.batcher.forget(camera)
 
     def in_flight(self) -> dict[str, int]:
-        """Frames per camera neither inferred nor dropped yet: waiting on the board or inside the model call."""
+        """Frames per camera neither inferred nor dropped yet: waiting on the board or inside the model call.
+
+        Exact once stopped (then empty); a live snapshot may miss a frame that is being handed from
+        the board to the model call."""
         running = self._running
         counts = Counter(self.board.cameras())
         counts.update(f.camera for f in (running.frames if running is not None else ()))
@@ -131,7 +133,12 @@ class Pipeline:
             self._running, self.busy_since = None, None
         for frame, score, cam in zip(batch.frames, scores, cams):
             self._handoff.acquire()
-            future = self._pool.submit(inspect, frame, float(score), cam, context.options)
+            try:
+                future = self._pool.submit(inspect, frame, float(score), cam, context.options)
+            except RuntimeError:  # the pool was shut down: a batch that outlived stop()'s timeout
+                self._handoff.release()
+                log.error("camera %s frame %d inferred after shutdown; not published", frame.camera, frame.seq)
+                continue
             future.add_done_callback(lambda f, ctx=context: self._deliver(f, ctx))
 
     def _infer(self, batch: Batch, context: InferenceContext):

@@ -2,8 +2,9 @@
 
     Daemon(load_settings(path)).run()
 
-Startup order: metrics HTTP (so /healthz answers during warm-up) -> publisher (bind) -> model
-(load, warm up) -> pipeline (inference thread, post-processing pool) -> cameras. Shutdown is that
+Startup order: metrics HTTP (so /healthz answers during warm-up) -> model (load in safe mode) ->
+publisher (bind) -> engine (warm up) -> pipeline (inference thread, post-processing pool) ->
+cameras. Shutdown is that
 order reversed, derived from an ExitStack, so it can never drift from startup: stop grabbing,
 finish and publish the batch in flight, drain post-processing, log every camera's frame account,
 flush and close the publisher, stop serving metrics. The frame's route itself lives in
@@ -116,10 +117,12 @@ class Daemon:
                 last_status = now
             if interval is not None and now - last_ping >= interval:
                 last_ping = now if self._watchdog_ping() else last_ping
-            if self.reload_requested.is_set():
+            self._finish_reload()
+            # One reload at a time, each planned on the settings the previous one left: a SIGHUP
+            # during a reload is kept and served after it.
+            if self.reload_requested.is_set() and not self._reload_busy():
                 self.reload_requested.clear()
                 self._begin_reload()
-            self._finish_reload()
 
     def shutdown(self) -> None:
         log.info("shutting down")
@@ -190,11 +193,12 @@ class Daemon:
             log.log(logging.INFO if account.residual == 0 else logging.ERROR, "frames %s", account)
 
     # -- reload (SIGHUP) -----------------------------------------------------------------------
+    def _reload_busy(self) -> bool:
+        """A reload is being prepared, or prepared and not yet applied."""
+        return (self._reload_thread is not None and self._reload_thread.is_alive()) or not self._reloads.empty()
+
     def _begin_reload(self) -> None:
         """Prepare on a thread of its own (a warm-up takes seconds; the watchdog keeps being served)."""
-        if self._reload_thread is not None and self._reload_thread.is_alive():
-            log.warning("reload requested while one is in progress; ignored")
-            return
         self.notifier.reloading()
         self._reload_thread = threading.Thread(target=self._prepare_reload, name="reload", daemon=True)
         self._reload_thread.start()
@@ -214,12 +218,14 @@ class Daemon:
         except queue.Empty:
             return
         try:
-            if isinstance(prepared, Exception):
-                raise prepared
-            self.apply_reload(prepared)
-        except Exception as exc:  # keep what runs, say why in one line, count it
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            log.error("reload rejected, keeping the running config and model: %s", first)
+            if isinstance(prepared, Exception):  # nothing was touched: keep what runs, say why in one line
+                first = (str(prepared).strip().splitlines() or [type(prepared).__name__])[0]
+                log.error("reload rejected, keeping the running config and model: %s", first)
+                self.metrics.reload_failures.inc()
+            else:
+                self.apply_reload(prepared)
+        except Exception:  # a bug while applying: say so with the traceback, never claim nothing changed
+            log.exception("reload failed while being applied; the running state may be partly reloaded")
             self.metrics.reload_failures.inc()
         finally:
             self.notifier.ready()
@@ -246,7 +252,8 @@ class Daemon:
 
     def stats(self) -> dict:
         """Heartbeat and STATUS summary: inspected fps, camera states, last defect, the model in use."""
-        out = {"fps": round(self._fps, 2), "cameras": {c: s.value for c, s in self.camera_states.items()},
+        states = list(self.camera_states.items())  # one atomic copy: reloads add and remove cameras
+        out = {"fps": round(self._fps, 2), "cameras": {c: s.value for c, s in states},
                "last_defect": self.pipeline.last_defect if self.pipeline else "none"}
         if self.pipeline is not None:
             out["model"] = self.pipeline.context.model

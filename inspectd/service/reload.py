@@ -11,7 +11,8 @@ A failure anywhere before applying keeps everything as it runs.
 
 from __future__ import annotations
 
-__all__ = ["ReloadPlan", "PreparedReload", "plan_reload", "prepare_reload", "changed_keys"]
+__all__ = ["ReloadPlan", "PreparedReload", "plan_reload", "prepare_reload", "changed_keys", "ENGINE_KEYS",
+           "CONTEXT_KEYS", "LIVE_KEYS", "RESTART_KEYS"]
 
 import logging
 from dataclasses import dataclass, replace
@@ -23,13 +24,21 @@ from inspectd.service.config import CameraConfig, Settings, load_settings, resol
 
 log = logging.getLogger("inspectd.service.reload")
 
-# Keys whose change needs a new engine (the model loaded again and warmed up).
-_ENGINE_KEYS = ("model.path", "model.device", "model.precision", "model.xla", "batching.max_batch")
-# Keys applied by swapping the inference context (same engine, new options) or the batcher's wait.
-_CONTEXT_KEYS = ("model.threshold", "model.mask_threshold", "postprocess.mask_resolution",
-                 "postprocess.min_region_px", "postprocess.jpeg_quality", "publish.results", "publish.attach_frame",
-                 "batching.max_wait_ms")
-# Everything else outside [[cameras]] is bound at start-up (sockets, pool sizes, timeouts): restart.
+# Every key outside [[cameras]] is in exactly one of these (a test enumerates them); a key in none
+# is treated as needing a restart, the safe default.
+# A new engine: the model loaded again and warmed up, then the context swapped.
+ENGINE_KEYS = ("model.path", "model.device", "model.precision", "model.xla", "batching.max_batch")
+# A new inference context with the same engine (thresholds, output options, the batching wait).
+CONTEXT_KEYS = ("model.threshold", "model.mask_threshold", "postprocess.mask_resolution",
+                "postprocess.min_region_px", "postprocess.jpeg_quality", "publish.results", "publish.attach_frame",
+                "batching.max_wait_ms")
+# Read from the daemon's settings at each use: applied by the settings swap alone.
+LIVE_KEYS = ("daemon.stuck_after_s",)
+# Bound at start-up (sockets, pool sizes, shutdown timeouts registered at start, the reserved archive).
+RESTART_KEYS = ("postprocess.workers", "publish.endpoint", "publish.send_hwm", "publish.heartbeat_s", "metrics.host",
+                "metrics.port", "archive.dir", "archive.max_bytes", "archive.max_age_s", "daemon.shutdown_timeout_s",
+                "daemon.warmup")
+_APPLIED_KEYS = ENGINE_KEYS + CONTEXT_KEYS + LIVE_KEYS
 
 
 def _flatten(settings: Settings) -> dict[str, object]:
@@ -51,7 +60,7 @@ class ReloadPlan:
 
     effective: Settings
     load_model: bool  # a new engine: model file, device, precision, xla or max_batch changed
-    swap_context: bool  # a new inference context (new engine, or new thresholds / output options)
+    swap_context: bool  # a new inference context (new engine, or new thresholds / output options / wait)
     applied: tuple[str, ...]  # keys that take effect now
     needs_restart: tuple[str, ...]  # keys that changed but apply only at the next restart
     stop_cameras: tuple[str, ...] = ()  # removed
@@ -60,7 +69,7 @@ class ReloadPlan:
 
     @property
     def noop(self) -> bool:
-        return not (self.swap_context or self.stop_cameras or self.start_cameras or self.restart_cameras)
+        return not (self.applied or self.stop_cameras or self.start_cameras or self.restart_cameras)
 
     def describe(self) -> list[str]:
         """Log lines: exactly what applied and what waits for a restart."""
@@ -80,11 +89,11 @@ def plan_reload(old: Settings, new: Settings, running_sha256: str, new_sha256: s
     """Pure: the plan that takes a daemon running `old` (and the model with `running_sha256`) to `new`."""
     keys = changed_keys(old, new)
     file_changed = new_sha256 != running_sha256
-    engine = file_changed or any(k in _ENGINE_KEYS for k in keys)
-    applied = [k for k in keys if k in _ENGINE_KEYS + _CONTEXT_KEYS]
+    engine = file_changed or any(k in ENGINE_KEYS for k in keys)
+    applied = [k for k in keys if k in _APPLIED_KEYS]
     if file_changed and "model.path" not in applied:
         applied.insert(0, "model file (new contents)")
-    restart = [k for k in keys if k not in _ENGINE_KEYS + _CONTEXT_KEYS]
+    restart = [k for k in keys if k not in _APPLIED_KEYS]
     before = {c.id: c for c in old.cameras}
     after = {c.id: c for c in new.cameras}
     keep = {key.split(".")[0] for key in restart}
@@ -97,7 +106,7 @@ def plan_reload(old: Settings, new: Settings, running_sha256: str, new_sha256: s
     return ReloadPlan(
         effective=effective,
         load_model=engine,
-        swap_context=bool(applied),
+        swap_context=engine or any(k in CONTEXT_KEYS for k in keys),
         applied=tuple(applied),
         needs_restart=tuple(restart),
         stop_cameras=tuple(cid for cid in before if cid not in after),

@@ -1,19 +1,23 @@
 """The camera worker: one thread per camera that reads frames and hands each to a sink, forever.
 
 It reconnects on any SourceError and on a stall (no new frame for `stall_timeout_s`), waiting a
-capped exponential backoff with jitter between attempts; a camera that is down at start-up just
-keeps retrying. Nothing raises out of the thread: every failure is logged (logger
-"inspectd.sources", with the camera id, credentials redacted) and reported as a state change.
+capped exponential backoff with jitter between attempts (it starts again from the shortest delay
+only after frames flowed for STABLE_AFTER_S); a camera that is down at start-up just keeps
+retrying. A roi outside the frame (RoiError) is a configuration problem: the camera stays DOWN,
+one ERROR says why, and the frame is looked at again every reconnect_max_s. Nothing raises out of
+the thread: every failure is logged (logger "inspectd.sources", with the camera id, credentials
+redacted) and reported as a state change.
 
 States (CameraState): STARTING -> UP | DOWN; UP -> DOWN; DOWN -> UP; any -> STOPPED. UP means "a
-frame arrived since the last (re)connect"; every transition sets `inspectd_camera_up` and calls
+frame (that the roi fits) arrived since the last (re)connect"; every transition sets `inspectd_camera_up` and calls
 `on_state(camera, state, detail)` (under the worker's lock, so callbacks arrive in order: keep them
 short and non-blocking).
 """
 
 from __future__ import annotations
 
-__all__ = ["CameraWorker", "backoff_delay", "crop_roi", "resize_frame", "RateLimiter", "READ_SLICE_S"]
+__all__ = ["CameraWorker", "RoiError", "backoff_delay", "crop_roi", "roi_box", "resize_frame", "RateLimiter",
+           "READ_SLICE_S", "STABLE_AFTER_S"]
 
 import logging
 import random
@@ -35,6 +39,9 @@ log = logging.getLogger("inspectd.sources")
 READ_SLICE_S = 0.2  # longest wait inside one read(): stop requests and stalls are checked between reads
 WAIT_SLICE_S = 0.2  # heartbeat period while backing off or idle
 JITTER = 0.2  # reconnect delays are stretched by up to 20 % so that cameras of a line do not retry in step
+# The backoff starts again from reconnect_initial_s only after a session delivered frames for this long:
+# a camera that comes UP and fails at once keeps backing off instead of flapping twice a second.
+STABLE_AFTER_S = 5.0
 
 _ALLOWED = {
     CameraState.STARTING: {CameraState.UP, CameraState.DOWN, CameraState.STOPPED},
@@ -54,15 +61,27 @@ def backoff_delay(attempt: int, initial: float, maximum: float, jitter: float = 
     return base * (1.0 + jitter * rand())
 
 
-def crop_roi(image: np.ndarray, roi: tuple[int, int, int, int] | None) -> np.ndarray:
-    """Crop [x, y, w, h] (clipped to the frame) into a contiguous copy; SourceError if nothing is left."""
-    if roi is None:
-        return image
+class RoiError(SourceError):
+    """The camera's roi lies outside its frames: a configuration problem, not a camera failure.
+
+    The worker holds the camera DOWN, logs it once as an ERROR and looks again every reconnect_max_s.
+    """
+
+
+def roi_box(roi: tuple[int, int, int, int], width: int, height: int) -> tuple[int, int, int, int]:
+    """[x, y, w, h] clipped to a width x height frame, as (x0, y0, x1, y1); RoiError if nothing is left."""
     x, y, w, h = roi
-    height, width = image.shape[:2]
     x0, y0, x1, y1 = max(0, x), max(0, y), min(width, x + w), min(height, y + h)
     if x1 <= x0 or y1 <= y0:
-        raise SourceError(f"roi {list(roi)} lies outside the {width}x{height} frame")
+        raise RoiError(f"roi {list(roi)} lies outside the {width}x{height} frame")
+    return x0, y0, x1, y1
+
+
+def crop_roi(image: np.ndarray, roi: tuple[int, int, int, int] | None) -> np.ndarray:
+    """Crop [x, y, w, h] (clipped to the frame) into a contiguous copy; RoiError if nothing is left."""
+    if roi is None:
+        return image
+    x0, y0, x1, y1 = roi_box(roi, image.shape[1], image.shape[0])
     # A copy, not a view: a view would keep the whole frame alive downstream.
     return np.ascontiguousarray(image[y0:y1, x0:x1])
 
@@ -116,7 +135,10 @@ class CameraWorker:
         self._state = CameraState.STARTING
         self._thread = threading.Thread(target=self._run, name=f"capture:{cfg.id}", daemon=True)
         self._seq = 0
-        self._attempt = 0  # failed attempts since the last frame: drives the backoff
+        self._attempt = 0  # failed attempts since frames last flowed for STABLE_AFTER_S: drives the backoff
+        self._streaming_since: float | None = None  # first frame of the current session
+        self._roi_frame: tuple[int, int] | None = None  # the frame size the roi was last checked against
+        self._roi_reported: str | None = None  # the roi error last logged as an ERROR (until the camera is UP)
         self._limiter = RateLimiter(cfg.fps_limit)
         self.last_frame_mono: float | None = None
         self.heartbeat_mono: float = time.monotonic()
@@ -125,6 +147,7 @@ class CameraWorker:
         self._m_fps_drop = metrics.frames_dropped.labels(camera=cam, reason=DropReason.FPS_LIMIT.value)
         self._m_decode_drop = metrics.frames_dropped.labels(camera=cam, reason=DropReason.DECODE.value)
         self._m_roi_drop = metrics.frames_dropped.labels(camera=cam, reason=DropReason.ROI.value)
+        self._m_error_drop = metrics.frames_dropped.labels(camera=cam, reason=DropReason.ERROR.value)
         self._m_up = metrics.camera_up.labels(camera=cam)
         self._m_reconnects = metrics.camera_reconnects.labels(camera=cam)
 
@@ -163,8 +186,7 @@ class CameraWorker:
                 error = self._session()
                 if error is None or self._stop.is_set():
                     break
-                delay = backoff_delay(self._attempt, self.cfg.reconnect_initial_s, self.cfg.reconnect_max_s)
-                self._attempt += 1
+                delay = self._next_delay(error)
                 self._report_down(error, delay)
                 if isinstance(error, EndOfStream):
                     self._wait(float("inf"))  # a finished file/folder stays finished until stop()
@@ -176,8 +198,20 @@ class CameraWorker:
             self._close()
             self._transition(CameraState.STOPPED, "stopped")
 
+    def _next_delay(self, error: Exception) -> float:
+        """Wait before the next attempt: reconnect_max_s for a bad roi, else the backoff (reset by a stable session)."""
+        if isinstance(error, RoiError):
+            return self.cfg.reconnect_max_s
+        if self._streaming_since is not None and self.last_frame_mono is not None \
+                and self.last_frame_mono - self._streaming_since >= STABLE_AFTER_S:
+            self._attempt = 0
+        delay = backoff_delay(self._attempt, self.cfg.reconnect_initial_s, self.cfg.reconnect_max_s)
+        self._attempt += 1
+        return delay
+
     def _session(self) -> Exception | None:
         """One connection: open, stream until failure or stop, close. Returns the failure (None: stopped)."""
+        self._streaming_since = None
         try:
             if self._source is None:
                 self._source = self._factory(self.cfg)
@@ -204,7 +238,8 @@ class CameraWorker:
                 self._seq += 1
                 self._m_captured.inc()
                 self._m_decode_drop.inc()
-                log.warning("camera %s: frame dropped: %s", self.cfg.id, redact(str(exc)))
+                if not exc.repeated:  # a bad file of a looping folder is logged once, counted every pass
+                    log.warning("camera %s: frame dropped: %s", self.cfg.id, redact(str(exc)))
                 image = None
             now = time.monotonic()
             if image is not None:
@@ -218,22 +253,47 @@ class CameraWorker:
         self._seq += 1
         self._m_captured.inc()
         self.last_frame_mono = now
+        self._check_roi(image)  # before UP: a roi outside the frame holds the camera DOWN
+        if self._streaming_since is None:
+            self._streaming_since = now
         if self._state is not CameraState.UP and self._transition(CameraState.UP, "receiving frames"):
-            self._attempt = 0
+            self._roi_reported = None
             log.info("camera %s: up (%dx%d)", self.cfg.id, image.shape[1], image.shape[0])
         if not self._limiter.allow(now):
             self._m_fps_drop.inc()
             return
         try:
-            image = crop_roi(image, self.cfg.roi)
-        except SourceError:
+            image = resize_frame(crop_roi(image, self.cfg.roi), self.cfg.resize)
+        except Exception:  # counted before the session ends, so the frame is not lost uncounted
+            self._m_error_drop.inc()
+            raise
+        self._sink(Frame(self.cfg.id, self._seq, wall, now, image))
+
+    def _check_roi(self, image: np.ndarray) -> None:
+        """RoiError (the frame counted as a roi drop) if the roi misses the frame; a clipped roi is logged once."""
+        if self.cfg.roi is None:
+            return
+        height, width = image.shape[:2]
+        try:
+            x0, y0, x1, y1 = roi_box(self.cfg.roi, width, height)
+        except RoiError:
             self._m_roi_drop.inc()
             raise
-        image = resize_frame(image, self.cfg.resize)
-        self._sink(Frame(self.cfg.id, self._seq, wall, now, image))
+        if self._roi_frame != (width, height):
+            self._roi_frame = (width, height)
+            if (x1 - x0, y1 - y0) != tuple(self.cfg.roi[2:]):
+                log.warning("camera %s: roi %s extends past the %dx%d frame; cropping [%d, %d, %d, %d]", self.cfg.id,
+                            list(self.cfg.roi), width, height, x0, y0, x1 - x0, y1 - y0)
 
     def _report_down(self, error: Exception, delay: float) -> None:
         detail = redact(str(error) or type(error).__name__)
+        if isinstance(error, RoiError):
+            # A configuration problem: one ERROR (per frame size) while it lasts, not one per retry.
+            self._transition(CameraState.DOWN, detail)
+            first, self._roi_reported = detail != self._roi_reported, detail
+            log.log(logging.ERROR if first else logging.DEBUG, "camera %s: %s: fix this camera's roi in the config; "
+                    "the camera stays down (checked again every %.1f s)", self.cfg.id, detail, delay)
+            return
         if isinstance(error, EndOfStream):
             self._transition(CameraState.DOWN, detail)
             log.info("camera %s: %s", self.cfg.id, detail)
