@@ -1,4 +1,7 @@
-"""Shared fixtures: small synthetic datasets, one tiny trained model, a CLI runner."""
+"""Shared fixtures: small synthetic datasets, one tiny trained model, a CLI runner, a publisher, a NOTIFY_SOCKET.
+
+Helpers that are not fixtures (wait_until, free_port, /metrics parsing, event collection) are in support.py.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support import ROOT, TEST_MODEL, NotifySocket
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
 # Tiny on purpose: the whole suite must stay well under 15 minutes on 2 CPU cores.
 TRAIN_SIZE = (96, 96)
 
@@ -68,3 +70,37 @@ def trained(tf, synth_train, tmp_path_factory):
     out = tmp_path_factory.mktemp("model") / "tiny.keras"
     return train(TrainOptions(dataset=synth_train, out=out, input_size=TRAIN_SIZE, epochs=12, batch_size=16,
                               lr=2e-3, weights="none", seed=0, verbose=0))
+
+
+@pytest.fixture()
+def start_publisher():
+    """start_publisher(**PublishConfig fields) -> a started Publisher (heartbeat 50 ms), stopped at teardown."""
+    import uuid
+
+    from prometheus_client import CollectorRegistry
+
+    from inspectd.outputs.publish import Publisher
+    from inspectd.service.config import PublishConfig
+    from inspectd.service.metrics import Metrics
+
+    started: list[Publisher] = []
+
+    def start(endpoint: str = "tcp://127.0.0.1:0", run_id: str | None = None, stats=dict, **cfg) -> Publisher:
+        cfg = {"heartbeat_s": 0.05, **cfg}
+        pub = Publisher(PublishConfig(endpoint=endpoint, **cfg), Metrics(CollectorRegistry()),
+                        run_id or uuid.uuid4().hex, TEST_MODEL, stats)
+        pub.start()
+        started.append(pub)
+        return pub
+
+    yield start
+    for pub in started:
+        pub.stop(timeout=0.5)
+
+
+@pytest.fixture()
+def notify_socket(tmp_path):
+    """A NotifySocket (what systemd listens on) at tmp_path/notify.sock, closed at teardown."""
+    sock = NotifySocket(tmp_path / "notify.sock")
+    yield sock
+    sock.close()

@@ -1,24 +1,19 @@
-"""Running a real `inspectd run` subprocess for integration tests."""
+"""Running a real `inspectd run` subprocess for integration tests.
+
+free_port and http_get live in support.py (re-exported here, where older tests import them from).
+"""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from support import ROOT, free_port, http_get, wait_until
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["ROOT", "DaemonProcess", "camera_toml", "daemon_config", "free_port", "http_get"]
 
 
 def camera_toml(cam_id: str, url: str, **extra) -> str:
@@ -47,14 +42,6 @@ def _toml(v) -> str:
     return str(v)
 
 
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
 class DaemonProcess:
     """`python -m inspectd run --config PATH` with stderr captured to a file; always stopped."""
 
@@ -66,17 +53,24 @@ class DaemonProcess:
                                      env={**os.environ, **(env or {})})
 
     def wait_ready(self, metrics_url: str, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def ready() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log()}")
             try:
-                if http_get(metrics_url + "/readyz")[0] == 200:
-                    return
+                return http_get(metrics_url + "/readyz")[0] == 200
             except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"daemon not ready after {timeout} s:\n{self.log()}")
+                return False
+
+        wait_until(ready, timeout, lambda: f"the daemon's /readyz to answer 200:\n{self.log()}", interval=0.2)
+
+    def wait_log(self, needle: str, timeout: float = 30.0, count: int = 1) -> None:
+        """Until `needle` occurs `count` times in the daemon's output (it must not exit meanwhile)."""
+        def seen() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode} waiting for {needle!r}:\n{self.log()}")
+            return self.log().count(needle) >= count
+
+        wait_until(seen, timeout, lambda: f"{count} x {needle!r} in the daemon's log:\n{self.log()}", interval=0.1)
 
     def log(self) -> str:
         if not self._log.closed:

@@ -27,28 +27,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from support import free_port, wait_until  # re-exported: tests import them from here too
 
 __all__ = ["RtspServer", "free_port", "synthetic_frame", "h264_encoder", "wait_until"]
 
 MOUNT = "/cam"
 _ROOT = Path(__file__).resolve().parents[1]
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.02) -> float:
-    """Poll `predicate` until true; return the seconds it took (AssertionError after `timeout`)."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
-    return time.monotonic() - start
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def synthetic_frame(seed: int, width: int, height: int):

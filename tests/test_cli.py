@@ -139,7 +139,7 @@ def test_infer_skips_unreadable_but_keeps_the_rest(trained, synth_test, tmp_path
     assert (tmp_path / "o" / f"{good.stem}_overlay.png").is_file()
 
 
-def test_evaluate_report(trained, synth_test, tmp_path):
+def test_evaluate_report(tf, trained, synth_test, tmp_path):
     r = run_cli("evaluate", trained.model_path, synth_test, "--report", tmp_path / "rep")
     assert r.returncode == 0, r.stderr
     assert "calibrated" in r.stdout and "minmax" in r.stdout and "ROC-AUC" in r.stdout
@@ -150,6 +150,17 @@ def test_evaluate_report(trained, synth_test, tmp_path):
         assert 0.0 <= report["pixel"][name]["iou"] <= report["pixel"][name]["dice"] <= 1.0
     assert report["n_images"] == 80 and report["model"]["name"] == "tiny"
     assert report["image"]["roc_auc"] >= 0.9
+    # The reported image ROC-AUC is sklearn's on the model's own scores (the model called directly here).
+    from sklearn.metrics import roc_auc_score
+
+    from inspectd.imageio import read_rgb
+    from inspectd.model.dataset import scan
+    from inspectd.model.deployable import load_model
+
+    data = scan(synth_test)
+    images = np.stack([read_rgb(it.path) for it in data.items]).astype(np.float32)
+    scores = load_model(trained.model_path).model(images, training=False)["score"].numpy()
+    assert report["image"]["roc_auc"] == pytest.approx(roc_auc_score(data.labels, scores), abs=1e-3)
     assert (tmp_path / "rep" / "roc_pr.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -18,32 +18,18 @@ import cv2
 import numpy as np
 import pytest
 import zmq
-from conftest import ROOT
-from test_publish import make_inspection, start_publisher  # noqa: F401  (start_publisher is a fixture)
+from support import ROOT, TEST_MODEL, finishes_within, make_inspection, next_event, wait_connected
 
 from inspectd.client import EventKind, SeqTracker, Subscriber, decode_event
 from inspectd.errors import UsageError
 from inspectd.frames import CameraState
 from inspectd.outputs.wire import WireFormatError, encode_message, inspection_body, parse_rfc3339, status_body
 
-MODEL = {"name": "tiny", "sha256": "ab" * 32}
-
-
-def wait_connected(sub: Subscriber, timeout: float = 5.0):
-    """Slow joiner: nothing published before the subscription is in place arrives; a heartbeat proves it is."""
-    deadline = time.monotonic() + timeout
-    while (ev := sub.recv(timeout_s=max(0.0, deadline - time.monotonic()))) is not None:
-        if ev.kind is EventKind.HEARTBEAT:
-            return ev
-    raise AssertionError("no heartbeat: subscriber not connected")
+MODEL = TEST_MODEL
 
 
 def next_of(sub: Subscriber, kind: EventKind, timeout: float = 5.0):
-    deadline = time.monotonic() + timeout
-    while (ev := sub.recv(timeout_s=max(0.0, deadline - time.monotonic()))) is not None:
-        if ev.kind is kind:
-            return ev
-    raise AssertionError(f"no {kind.value} event within {timeout} s")
+    return next_event(sub, kind.value, timeout)
 
 
 # -- pure: loss and restart detection ---------------------------------------------------------------
@@ -83,7 +69,7 @@ def test_decode_event_from_crafted_messages():
 # -- Subscriber against a real Publisher ------------------------------------------------------------
 
 
-def test_subscriber_receives_decoded_defects(start_publisher):  # noqa: F811
+def test_subscriber_receives_decoded_defects(start_publisher):
     pub = start_publisher(attach_frame=True)
     insp = make_inspection(attach_frame=True)
     with Subscriber(pub.endpoint, ["defect.", "heartbeat"]) as sub:
@@ -97,15 +83,16 @@ def test_subscriber_receives_decoded_defects(start_publisher):  # noqa: F811
     assert sub.gaps == {}
 
 
-def test_recv_times_out_with_none(start_publisher):  # noqa: F811
+def test_recv_times_out_with_none(start_publisher):
     pub = start_publisher()
     with Subscriber(pub.endpoint, ["defect."]) as sub:
         t0 = time.monotonic()
-        assert sub.recv(timeout_s=0.2) is None
-        assert 0.19 < time.monotonic() - t0 < 1.0
+        # Nothing is published: recv waits its timeout (no less), then returns None instead of blocking.
+        assert finishes_within(lambda: sub.recv(timeout_s=0.2), 10, "recv(timeout_s=0.2) with nothing published") is None
+        assert time.monotonic() - t0 >= 0.19
 
 
-def test_subscriber_detects_a_restart(start_publisher, tmp_path):  # noqa: F811
+def test_subscriber_detects_a_restart(start_publisher, tmp_path):
     endpoint = f"ipc://{tmp_path}/pub.sock"
     first = start_publisher(endpoint)
     with Subscriber(endpoint, ["heartbeat", "status."]) as sub:
@@ -120,7 +107,7 @@ def test_subscriber_detects_a_restart(start_publisher, tmp_path):  # noqa: F811
         assert (ev.restarted, ev.header["run_id"], ev.header["seq"]) == (False, second.run_id, 1)
 
 
-def test_one_subscriber_two_daemons_no_false_restarts(start_publisher):  # noqa: F811
+def test_one_subscriber_two_daemons_no_false_restarts(start_publisher):
     a, b = start_publisher(), start_publisher()
     with Subscriber([a.endpoint, b.endpoint], ["heartbeat"]) as sub:
         events = [sub.recv(timeout_s=2.0) for _ in range(20)]
@@ -129,7 +116,7 @@ def test_one_subscriber_two_daemons_no_false_restarts(start_publisher):  # noqa:
     assert not any(ev.restarted or ev.gap for ev in events)
 
 
-def test_a_stuck_subscriber_loses_its_own_events_only_and_sees_the_gap(start_publisher):  # noqa: F811
+def test_a_stuck_subscriber_loses_its_own_events_only_and_sees_the_gap(start_publisher):
     """ZeroMQ drops per subscriber: a live one gets every event; the stuck one sees the loss as a seq gap."""
     pub = start_publisher(send_hwm=20)
     insp = make_inspection()
@@ -141,13 +128,9 @@ def test_a_stuck_subscriber_loses_its_own_events_only_and_sees_the_gap(start_pub
         wait_connected(stuck)
         wait_connected(live)
         received: list[int] = []
-        reader = threading.Thread(target=lambda: received.extend(
-            next_of(live, EventKind.DEFECT).header["seq"] for _ in range(n)))
-        reader.start()
-        for _ in range(n):
+        for _ in range(n):  # in step with the live subscriber: it keeps up by construction
             pub.publish_inspection(bulky, MODEL)
-            time.sleep(0.002)  # paced: the live subscriber keeps up
-        reader.join(timeout=20)
+            received.append(next_of(live, EventKind.DEFECT).header["seq"])
         assert received == list(range(1, n + 1))
 
         burst_end = time.time()
@@ -201,8 +184,9 @@ class Watch:
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.lines: dict[str, queue.Queue[str]] = {"stdout": queue.Queue(), "stderr": queue.Queue()}
         self.seen: dict[str, list[str]] = {"stdout": [], "stderr": []}
-        for name in self.lines:
-            threading.Thread(target=self._read, args=(name,), daemon=True).start()
+        self.readers = [threading.Thread(target=self._read, args=(name,), daemon=True) for name in self.lines]
+        for reader in self.readers:
+            reader.start()
 
     def _read(self, name: str) -> None:
         for line in getattr(self.proc, name):
@@ -221,7 +205,9 @@ class Watch:
 
     def finish(self, timeout: float = 10.0) -> tuple[int, list[str], list[str]]:
         rc = self.proc.wait(timeout=timeout)
-        time.sleep(0.05)  # let the readers reach EOF
+        for reader in self.readers:  # they end at EOF, which follows the exit
+            reader.join(timeout)
+            assert not reader.is_alive(), "the output reader did not reach EOF"
         for name, lines in self.lines.items():
             while not lines.empty():
                 self.seen[name].append(lines.get())
@@ -246,7 +232,7 @@ def watch():
         w.kill()
 
 
-def test_watch_prints_events_and_saves_masks_and_overlays(start_publisher, watch, tmp_path):  # noqa: F811
+def test_watch_prints_events_and_saves_masks_and_overlays(start_publisher, watch, tmp_path):
     pub = start_publisher(attach_frame=True)
     w = watch(pub.endpoint, "--count", "3", "--save", str(tmp_path / "out"), "--timeout", "10")
     w.wait_for(f"connected to run {pub.run_id}")
@@ -269,7 +255,7 @@ def test_watch_prints_events_and_saves_masks_and_overlays(start_publisher, watch
     assert cv2.imread(str(out_dir / "cam1_1_overlay.png")).shape == (48, 64, 3)
 
 
-def test_watch_json_and_heartbeats(start_publisher, watch):  # noqa: F811
+def test_watch_json_and_heartbeats(start_publisher, watch):
     pub = start_publisher()
     w = watch(pub.endpoint, "--json", "--topic", "heartbeat", "--count", "2")
     rc, out, err = w.finish()
@@ -315,7 +301,7 @@ def test_watch_timeout_and_bad_endpoint(watch):
     assert rc == 2 and len(err) == 1 and err[0].startswith("inspectd watch: error: endpoint 'nonsense://x'")
 
 
-def test_watch_exits_zero_on_ctrl_c(start_publisher, watch):  # noqa: F811
+def test_watch_exits_zero_on_ctrl_c(start_publisher, watch):
     pub = start_publisher()
     w = watch(pub.endpoint)
     w.wait_for("connected to run")
@@ -334,7 +320,7 @@ def doc_example() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_documented_consumer_example_runs(start_publisher, watch, tmp_path):  # noqa: F811
+def test_documented_consumer_example_runs(start_publisher, watch, tmp_path):
     code = doc_example()
     imported = {alias.name for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Import | ast.ImportFrom)
                 for alias in node.names}

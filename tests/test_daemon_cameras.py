@@ -7,13 +7,12 @@ allows one cell (32 px) of slack.
 
 from __future__ import annotations
 
-import time
-
 import cv2
 import numpy as np
 import pytest
-from daemon_util import DaemonProcess, camera_toml, daemon_config, http_get
+from daemon_util import DaemonProcess, camera_toml, daemon_config
 from rtsp import RtspServer, synthetic_frame
+from support import collect_events, scrape
 
 from inspectd.client import Subscriber
 
@@ -23,15 +22,6 @@ W, H, CELL = 320, 240, 32
 
 def _near(truth: np.ndarray) -> np.ndarray:
     return cv2.dilate((truth > 0).astype(np.uint8), np.ones((2 * CELL + 1, 2 * CELL + 1), np.uint8)) > 0
-
-
-def _defects(sub: Subscriber, n: int, timeout: float) -> list:
-    out, deadline = [], time.monotonic() + timeout
-    while len(out) < n and time.monotonic() < deadline:
-        ev = sub.recv(timeout_s=1.0)
-        if ev is not None and ev.kind.value == "defect":
-            out.append(ev)
-    return out
 
 
 def _assert_on_defect(events: list, truth: np.ndarray) -> None:
@@ -55,8 +45,7 @@ def _run(tmp_path, camera: str, topic: str, truth: np.ndarray, n: int = 3):
     try:
         daemon.wait_ready(urls["metrics"])
         sub = Subscriber(urls["events"], topics=[f"defect.{topic}", f"status.{topic}"])
-        events = _defects(sub, n, timeout=60)
-        assert len(events) == n, daemon.log()
+        events = collect_events(sub, n, "defect", timeout=60, message=daemon.log)
         _assert_on_defect(events, truth)
     except BaseException:  # never leave a daemon behind when the checks fail
         daemon.terminate()
@@ -74,13 +63,9 @@ def test_rtsp_camera_events_fall_on_defects(tmp_path, backend):
         daemon, sub, urls = _run(tmp_path, cam, "rtsp1", server.mask)
         with daemon, sub:
             server.stop(kill=True)  # the camera dies mid-stream
-            deadline, down = time.monotonic() + 30, None
-            while down is None and time.monotonic() < deadline:
-                ev = sub.recv(timeout_s=1.0)
-                if ev is not None and ev.kind.value == "status" and ev.header["state"] == "down":
-                    down = ev
-            assert down is not None, daemon.log()
-            assert 'inspectd_camera_up{camera="rtsp1"} 0.0' in http_get(urls["metrics"] + "/metrics")[1]
+            collect_events(sub, lambda evs: any(ev.header["state"] == "down" for ev in evs), "status", timeout=30,
+                           message=daemon.log)
+            assert scrape(urls["metrics"]).value("inspectd_camera_up", camera="rtsp1") == 0.0
             assert daemon.terminate() == 0
 
 

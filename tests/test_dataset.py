@@ -49,7 +49,9 @@ def test_split_is_stratified_and_disjoint(tmp_path):
     assert val.counts() == {"ok": 8, "defect": 2} and train.counts() == {"ok": 32, "defect": 8}
     assert not {it.path for it in train.items} & {it.path for it in val.items}
     again, _ = stratified_split(ds, 0.2, seed=0)
-    assert again == train
+    assert again == train  # the seed decides the split...
+    other, _ = stratified_split(ds, 0.2, seed=1)
+    assert other != train  # ...and it is drawn from it, not fixed
     with pytest.raises(DataError, match="at least 2 per class"):
         stratified_split(scan(_make(tmp_path / "x", {"ok": 5, "defect": 1})), 0.2, 0)
     assert np.array_equal(ds.labels[:40], np.zeros(40))

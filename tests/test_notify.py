@@ -5,55 +5,12 @@ from __future__ import annotations
 import os
 import socket
 import time
-from pathlib import Path
 
 import pytest
 from daemon_util import DaemonProcess, camera_toml, daemon_config
+from support import wait_until
 
 from inspectd.service.notify import Notifier
-
-
-class NotifySocket:
-    """What systemd would be: a bound AF_UNIX datagram socket collecting KEY=value messages."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.messages: list[tuple[float, str]] = []
-
-    def pump(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            try:
-                data = self.sock.recv(4096).decode()
-            except (socket.timeout, BlockingIOError):
-                continue
-            for line in data.splitlines():
-                self.messages.append((time.monotonic(), line))
-
-    def wait_for(self, prefix: str, timeout: float) -> float:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            for t, line in self.messages:
-                if line.startswith(prefix):
-                    return t
-            self.pump(0.2)
-        raise AssertionError(f"no {prefix!r} within {timeout} s; got {[m for _, m in self.messages][-10:]}")
-
-    def count(self, prefix: str, since: float = 0.0) -> int:
-        return sum(1 for t, line in self.messages if t >= since and line.startswith(prefix))
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-@pytest.fixture()
-def notify_socket(tmp_path):
-    sock = NotifySocket(tmp_path / "notify.sock")
-    yield sock
-    sock.close()
 
 
 def test_notifier_sends_datagrams(notify_socket):
@@ -64,8 +21,8 @@ def test_notifier_sends_datagrams(notify_socket):
     n.watchdog()
     n.reloading()
     n.stopping()
-    notify_socket.pump(0.3)
-    lines = [m for _, m in notify_socket.messages]
+    notify_socket.wait_for("STOPPING=1", timeout=5)  # the last one sent: datagrams arrive in order
+    lines = notify_socket.lines()
     assert lines[:3] == ["READY=1", "STATUS=2/2 cameras up", "WATCHDOG=1"]
     assert "RELOADING=1" in lines and any(m.startswith("MONOTONIC_USEC=") for m in lines) and lines[-1] == "STOPPING=1"
 
@@ -94,24 +51,31 @@ def test_daemon_ready_status_watchdog_stops_on_hang_and_stopping(tmp_path, notif
            "INSPECTD_TEST_FREEZE_INFERENCE": str(freeze)}
     with DaemonProcess(config, tmp_path / "daemon.log", env=env) as daemon:
         t_ready = notify_socket.wait_for("READY=1", timeout=120)
-        notify_socket.wait_for("STATUS=", timeout=10)
-        notify_socket.pump(3.0)
-        assert notify_socket.count("WATCHDOG=1", since=t_ready) >= 4, daemon.log()
-        status = [m for _, m in notify_socket.messages if m.startswith("STATUS=")][-1]
-        assert "1/1 cameras up" in status and "frames/s" in status
+        wait_until(lambda: notify_socket.pump() or notify_socket.count("WATCHDOG=1", since=t_ready) >= 4, 10,
+                   lambda: f"4 watchdog pings after READY=1 (one every 0.5 s): {notify_socket.lines()}\n{daemon.log()}")
+        # STATUS= every 5 s: until one says the camera is up.
+        wait_until(lambda: notify_socket.pump() or any(m.startswith("STATUS=") and "1/1 cameras up" in m
+                                                       for m in notify_socket.lines()), 15,
+                   lambda: f"STATUS=... 1/1 cameras up: {notify_socket.lines()}")
+        status = next(m for m in notify_socket.lines() if m.startswith("STATUS=") and "1/1 cameras up" in m)
+        assert "frames/s" in status
 
         freeze.touch()  # inference hangs from the next batch on
-        notify_socket.pump(1.5 + 1.0)  # past stuck_after_s, plus a margin for the batch in flight
+        withheld = "withholding the watchdog ping: inference stuck"
+        daemon.wait_log(withheld, timeout=15)
+        notify_socket.pump()  # what was sent before it withheld the first ping
         t_hung = time.monotonic()
-        notify_socket.pump(3.0)
+        # It withholds the ping at every check while one is due (every 0.25 s): 12 more, about 3 s of
+        # pings due every 0.5 s, and none went out meanwhile.
+        daemon.wait_log(withheld, timeout=15, count=daemon.log().count(withheld) + 12)
+        notify_socket.pump()
         assert notify_socket.count("WATCHDOG=1", since=t_hung) == 0, "pings must stop while inference hangs"
-        assert "withholding the watchdog ping: inference stuck" in daemon.log()
 
         freeze.unlink()  # the call returns: progress again, pings resume
         t_back = time.monotonic()
-        notify_socket.pump(2.0)
-        assert notify_socket.count("WATCHDOG=1", since=t_back) >= 1
+        notify_socket.wait_for("WATCHDOG=1", timeout=10, since=t_back)
 
         assert daemon.terminate() == 0
-        notify_socket.pump(0.5)
+        notify_socket.wait_for("STOPPING=1", timeout=5)
+        notify_socket.pump()
         assert notify_socket.count("STOPPING=1") == 1

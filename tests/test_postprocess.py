@@ -31,6 +31,10 @@ def test_mask_encoding_and_upsample():
     np.testing.assert_array_equal(to_mask_u8(prob), [[0, 255], [128, 64]])
     up = upsample(prob, 8, 6)
     assert up.shape == (6, 8) and up.min() >= 0.0 and up.max() <= 1.0
+    # Bilinear on pixel centres: the corners keep the corner cells' values (not transposed), and between
+    # them values blend (not nearest-neighbour): the top row rises from 0 to 1 through 0.375 at x = 3.
+    np.testing.assert_allclose([up[0, 0], up[0, -1], up[-1, 0], up[-1, -1]], [0.0, 1.0, 0.5, 0.25], atol=1e-6)
+    assert abs(up[0, 3] - 0.375) < 1e-6 and all(np.diff(up[0]) >= 0)
 
 
 def test_overlay_marks_the_hot_area():

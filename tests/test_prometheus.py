@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from daemon_util import DaemonProcess, camera_toml, daemon_config, free_port
+from daemon_util import DaemonProcess, camera_toml, daemon_config
 from prometheus_util import (
     ALERTS_TEST_YML,
     ALERTS_YML,
@@ -27,6 +27,7 @@ from prometheus_util import (
     PrometheusError,
     PrometheusServer,
 )
+from support import free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -180,16 +181,15 @@ def stack(tmp_path_factory, request) -> Stack:
     prom.wait_ready()
     daemon.wait_ready(urls["metrics"])
     # Bounded: both live cameras inspected, and enough 1 s scrapes for 5 s rate windows.
-    deadline, ready = time.monotonic() + 60, ""
-    while time.monotonic() < deadline:
-        inferred = prom.query('count(rate(inspectd_frames_inferred_total{job="inspectd"}[5s]) > 0)')
-        scrapes = prom.query('count_over_time(inspectd_camera_up{job="inspectd", camera="dead"}[30s])')
-        ready = f"cameras inspected: {inferred}, scrapes: {scrapes}"
-        if inferred and float(inferred[0]["value"][1]) >= 2 and scrapes and float(scrapes[0]["value"][1]) >= 6:
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail(f"no data in Prometheus after 60 s ({ready})\nprometheus:\n{prom.log()}\ndaemon:\n{daemon.log()}")
+    seen = {}
+
+    def has_data() -> bool:
+        seen["inferred"] = prom.query('count(rate(inspectd_frames_inferred_total{job="inspectd"}[5s]) > 0)')
+        seen["scrapes"] = prom.query('count_over_time(inspectd_camera_up{job="inspectd", camera="dead"}[30s])')
+        return all(seen[k] and float(seen[k][0]["value"][1]) >= n for k, n in (("inferred", 2), ("scrapes", 6)))
+
+    wait_until(has_data, 60, lambda: f"both cameras inspected and 6 scrapes in Prometheus ({seen})\n"
+                                     f"prometheus:\n{prom.log()}\ndaemon:\n{daemon.log()}", interval=0.5)
     return Stack(prom, daemon, instance)
 
 
@@ -255,15 +255,9 @@ def test_alert_rules_load_and_evaluate(stack):
         except PrometheusError as e:
             pytest.fail(f"{rule['name']}: {e}")
     # The dead camera's alert is on its way (pending: for 1m), computed from the live series.
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        alerts = stack.prom.alerts()
-        if any(a["labels"]["alertname"] == "InspectdCameraDown" and a["labels"].get("camera") == DEAD_CAMERA
-               for a in alerts):
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail(f"InspectdCameraDown not pending for camera {DEAD_CAMERA!r}: {stack.prom.alerts()}")
+    wait_until(lambda: any(a["labels"]["alertname"] == "InspectdCameraDown" and a["labels"].get("camera") == DEAD_CAMERA
+                           for a in stack.prom.alerts()), 20,
+               lambda: f"InspectdCameraDown pending for camera {DEAD_CAMERA!r}: {stack.prom.alerts()}", interval=0.5)
     for rule in stack.prom.rules():
         assert rule["health"] == "ok", rule
         for a in rule.get("alerts", []):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
-import uuid
 from contextlib import contextmanager
 
 import cv2
@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import zmq
 from prometheus_client import CollectorRegistry
+from support import TEST_MODEL, finishes_within, make_inspection, wait_until
 
 from inspectd.errors import ConfigError
-from inspectd.frames import CameraState, Frame, Inspection
+from inspectd.frames import CameraState, Inspection
 from inspectd.outputs.publish import Publisher
 from inspectd.outputs.wire import (
     SCHEMA,
@@ -26,54 +27,15 @@ from inspectd.outputs.wire import (
     rfc3339,
     status_body,
 )
-from inspectd.pipeline.postprocess import InspectOptions, inspect
 from inspectd.service.config import PublishConfig
 from inspectd.service.metrics import Metrics
 
-MODEL = {"name": "tiny", "sha256": "ab" * 32}
+MODEL = TEST_MODEL
 RFC3339_US = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
-
-
-# -- helpers shared with test_client.py ----------------------------------------------------------
-
-
-def make_inspection(camera: str = "cam1", seq: int = 1, defect: bool = True, attach_frame: bool = False,
-                    size: tuple[int, int] = (64, 48), color: tuple[int, int, int] | None = None) -> Inspection:
-    """A real post-processed inspection: one hot square in the CAM -> one region, a mask PNG, maybe a JPEG.
-
-    The frame is noise, or one RGB `color`."""
-    w, h = size
-    if color is None:
-        image = np.random.default_rng(seq).integers(0, 256, (h, w, 3), dtype=np.uint8)
-    else:
-        image = np.full((h, w, 3), color, np.uint8)
-    frame = Frame(camera, seq, time.time() - 0.05, time.monotonic(), image)
-    logits = np.full((h // 8, w // 8), -6.0, np.float32)
-    logits[2:4, 3:5] = 6.0
-    opts = InspectOptions(threshold=0.5, mask_threshold=0.5, attach_frame=attach_frame, results=True)
-    return inspect(frame, 0.9 if defect else 0.1, logits, opts)
 
 
 def sample(pub: Publisher, name: str, topic: str) -> float:
     return pub.metrics.registry.get_sample_value(f"inspectd_{name}_total", {"topic": topic}) or 0.0
-
-
-@pytest.fixture()
-def start_publisher():
-    """start_publisher(**PublishConfig fields) -> a started Publisher (heartbeat 50 ms), stopped at teardown."""
-    started: list[Publisher] = []
-
-    def start(endpoint: str = "tcp://127.0.0.1:0", run_id: str | None = None, stats=dict, **cfg) -> Publisher:
-        cfg = {"heartbeat_s": 0.05, **cfg}
-        pub = Publisher(PublishConfig(endpoint=endpoint, **cfg), Metrics(CollectorRegistry()),
-                        run_id or uuid.uuid4().hex, MODEL, stats)
-        pub.start()
-        started.append(pub)
-        return pub
-
-    yield start
-    for pub in started:
-        pub.stop(timeout=0.5)
 
 
 @contextmanager
@@ -148,11 +110,12 @@ def test_defect_event_header_and_attachments(start_publisher):
 
     assert topic == "defect.cam1"
     assert set(h) == {"schema", "run_id", "topic", "seq", "published_at", "camera", "frame_seq", "captured_at", "score",
-                      "threshold", "is_defect", "model", "regions", "frame", "attachments"}
+                      "threshold", "mask_threshold", "is_defect", "model", "regions", "frame", "attachments"}
     assert (h["schema"], h["run_id"], h["topic"], h["seq"]) == (SCHEMA, pub.run_id, "defect.cam1", 1)
     assert (h["camera"], h["frame_seq"], h["is_defect"], h["model"]) == ("cam1", 1, True, MODEL)
     assert isinstance(h["score"], float) and h["score"] == pytest.approx(0.9)
     assert isinstance(h["threshold"], float) and h["threshold"] == 0.5
+    assert isinstance(h["mask_threshold"], float) and h["mask_threshold"] == insp.mask_threshold == 0.5  # probability:0.5
     assert RFC3339_US.match(h["captured_at"]) and RFC3339_US.match(h["published_at"])
     assert h["captured_at"] == rfc3339(insp.frame.captured_at)
     assert 0 <= parse_rfc3339(h["published_at"]) - parse_rfc3339(h["captured_at"]) < 5
@@ -221,14 +184,17 @@ def test_heartbeat_period_and_fields(start_publisher):
                                                           "last_defect": "none"})
     with subscribed(pub.endpoint) as sub:
         beats = [receive(sub)[1] for _ in range(8)]
+    # The publisher's own timestamps: the period it keeps, whatever the test thread's scheduling.
     times = [parse_rfc3339(h["published_at"]) for h in beats]
     period = (times[-1] - times[0]) / (len(times) - 1)
-    assert 0.08 < period < 0.15, period
+    # At least the configured 0.1 s (it waits: no flood), and not the 1 s default (the setting is used);
+    # no tighter upper bound: a loaded machine may run the thread late.
+    assert period >= 0.095 and period < 0.5, period
     assert [h["seq"] for h in beats] == list(range(beats[0]["seq"], beats[0]["seq"] + 8))
     h = beats[-1]
     assert (h["topic"], h["fps"], h["cameras"], h["model"], h["last_defect"]) == \
         ("heartbeat", 7.5, {"cam1": "up"}, MODEL, "none")
-    assert isinstance(h["uptime_s"], float) and 0 < h["uptime_s"] < 10
+    assert isinstance(h["uptime_s"], float) and h["uptime_s"] >= times[-1] - times[0]
 
 
 def test_heartbeats_go_on_when_stats_fail(start_publisher):
@@ -266,45 +232,99 @@ def test_bind_to_an_endpoint_in_use_is_a_config_error(start_publisher):
     other.stop()  # harmless when never started
 
 
+class HeldUp:
+    """A stats() callable that, once armed, holds the publisher thread inside the next heartbeat."""
+
+    def __init__(self, hold_s: float):
+        self.hold_s = hold_s
+        self.armed, self.entered, self.release = threading.Event(), threading.Event(), threading.Event()
+
+    def __call__(self) -> dict:
+        if self.armed.is_set():
+            self.entered.set()
+            self.release.wait(self.hold_s)
+        return {}
+
+    def hold(self) -> None:
+        """Arm, and return once the publisher thread is held."""
+        self.armed.set()
+        wait_until(self.entered.is_set, 5, "the publisher thread to enter stats() (its next heartbeat)")
+
+
 def test_caller_never_blocks_and_drops_are_counted(start_publisher):
-    """A subscriber that never reads and a tiny send_hwm: publishing stays fast; queue drops are counted."""
+    """The publisher thread is held up, so nothing leaves the hand-off queue (send_hwm 4): publish_* calls
+    still return, and every message beyond the 4 queued is counted as dropped, at once."""
+    held = HeldUp(hold_s=30)
+    pub = start_publisher(send_hwm=4, stats=held)
+    insp = make_inspection()
+    n = 50
+    with subscribed(pub.endpoint, "defect.", "status."):
+        held.hold()
+
+        def publish_all():
+            for _ in range(n):
+                pub.publish_inspection(insp, MODEL)
+            pub.publish_status("cam1", CameraState.UP)
+
+        finishes_within(publish_all, 10, f"{n + 1} publish_* calls while the publisher thread is held up")
+        assert sample(pub, "events_dropped", "defect.cam1") == n - 4  # the queue holds 4; counted when dropped
+        assert sample(pub, "events_dropped", "status.cam1") == 1
+        assert sample(pub, "events_published", "defect.cam1") == 0
+        held.release.set()
+        pub.stop(timeout=1.0)
+    assert sample(pub, "events_published", "defect.cam1") == 4
+
+
+def test_a_stuck_subscriber_does_not_hold_up_the_publisher(start_publisher):
+    """A subscriber that never reads (and a tiny send_hwm): the callers and the publisher thread go on;
+    every message is accounted for as published or dropped."""
     pub = start_publisher(send_hwm=4)
     insp = make_inspection()
     big = Inspection(insp.frame, insp.score, insp.threshold, True, insp.regions, b"\x89PNG" + bytes(100_000), (64, 48))
-    n = 5000
+    n = 1000
     with subscribed(pub.endpoint, "defect.", rcvhwm=1):  # connected, then never read
-        durations = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            pub.publish_inspection(big, MODEL)
-            durations.append(time.perf_counter() - t0)
-        before_stop = pub.last_progress_mono
+        def publish_all():
+            for _ in range(n):
+                pub.publish_inspection(big, MODEL)
+
+        finishes_within(publish_all, 60, f"{n} publish_inspection calls with a stuck subscriber")
+        burst_end = time.monotonic()
+        # The publisher thread is not stuck behind the subscriber: it empties its queue and keeps looping.
+        wait_until(lambda: sample(pub, "events_published", "defect.cam1") + sample(pub, "events_dropped", "defect.cam1")
+                   == n, 30, f"all {n} messages published or dropped")
+        wait_until(lambda: pub.last_progress_mono > burst_end, 5, "the publisher thread to make progress after the burst")
         pub.stop(timeout=1.0)
-    durations.sort()
-    assert durations[int(0.99 * n)] < 0.005 and durations[-1] < 0.1, (durations[int(0.99 * n)], durations[-1])
     published, dropped = sample(pub, "events_published", "defect.cam1"), sample(pub, "events_dropped", "defect.cam1")
-    assert dropped > 0 and published > 0
-    assert published + dropped == n
-    assert pub.last_progress_mono >= before_stop
+    assert published > 0 and published + dropped == n
 
 
-def test_stop_returns_promptly_with_unsent_messages(start_publisher):
-    """The publisher thread is held up (a slow stats() call) while 1000 messages queue up: stop() still
-    returns about `timeout` later, and what it could not send is counted as dropped."""
-    slow = threading.Event()
-    pub = start_publisher(send_hwm=1000, stats=lambda: (slow.is_set() and time.sleep(0.5)) or {})
+def test_stop_returns_promptly_with_unsent_messages(start_publisher, caplog):
+    """The publisher thread is held up (in stats()) while 1000 messages queue up, and until after stop()'s
+    deadline: stop() still ends the thread, and what it could not send by the deadline is counted as dropped."""
+    held = HeldUp(hold_s=30)
+    pub = start_publisher(send_hwm=1000, stats=held)
     insp = make_inspection()
-    with subscribed(pub.endpoint, "defect.", rcvhwm=1):
-        slow.set()
-        time.sleep(0.1)  # the next heartbeat is now stuck in stats()
+
+    def release_after_the_deadline():
+        wait_until(lambda: not pub.bound, 10, "stop() to be called")
+        time.sleep(0.3)  # stop(timeout=0.1) set its deadline as it began: it has passed now
+        held.release.set()
+
+    with caplog.at_level(logging.INFO, logger="inspectd.outputs.publish"), \
+            subscribed(pub.endpoint, "defect.", rcvhwm=1):
+        held.hold()
         for _ in range(1000):
             pub.publish_inspection(insp, MODEL)
-        t0 = time.monotonic()
+        releaser = threading.Thread(target=release_after_the_deadline, daemon=True)
+        releaser.start()
         pub.stop(timeout=0.1)
-        elapsed = time.monotonic() - t0
-    assert elapsed < 1.5, elapsed
+        releaser.join()
     assert not pub.bound
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("publisher on ") and m.endswith(" closed") for m in messages), messages
+    assert not any("did not stop" in m for m in messages), messages  # stop() returned because the thread ended
     published, dropped = sample(pub, "events_published", "defect.cam1"), sample(pub, "events_dropped", "defect.cam1")
-    assert dropped > 0 and published + dropped == 1000
+    # At most the one message the loop had already taken when it left stats() goes out; the rest is dropped.
+    assert published <= 1 and published + dropped == 1000, (published, dropped)
     pub.publish_status("cam1", CameraState.STOPPED)  # after stop: counted as dropped, never raises
     assert sample(pub, "events_dropped", "status.cam1") == 1

@@ -6,10 +6,11 @@ import signal
 import time
 
 import pytest
-from daemon_util import DaemonProcess, camera_toml, daemon_config, http_get
-from test_notify import NotifySocket
+from daemon_util import DaemonProcess, camera_toml, daemon_config
+from support import NotifySocket, collect_events, scrape, wait_until
 
 from inspectd.client import Subscriber
+from inspectd.outputs.wire import parse_rfc3339
 
 pytestmark = pytest.mark.slow
 CAM_A = camera_toml("cam-a", "synthetic://?fps=8&width=160&height=128&defect_rate=0.5&seed=1")
@@ -28,20 +29,14 @@ def second_model(tmp_path_factory, tf):
     return path
 
 
-def _events(sub: Subscriber, seconds: float, kind: str = "defect") -> list:
-    out, end = [], time.monotonic() + seconds
-    while time.monotonic() < end:
-        ev = sub.recv(timeout_s=0.5)
-        if ev is not None and ev.kind.value == kind:
-            out.append(ev)
-    return out
-
-
 def _failures(urls) -> float:
-    for line in http_get(urls["metrics"] + "/metrics")[1].splitlines():
-        if line.startswith("inspectd_reload_failures_total "):
-            return float(line.split()[1])
-    raise AssertionError("inspectd_reload_failures_total missing")
+    value = scrape(urls["metrics"]).value("inspectd_reload_failures_total")
+    assert value is not None, "inspectd_reload_failures_total missing"
+    return value
+
+
+def _models(events) -> set[str]:
+    return {ev.header["model"]["name"] for ev in events}
 
 
 def test_model_swap_keeps_events_flowing(tmp_path, second_model):
@@ -50,24 +45,29 @@ def test_model_swap_keeps_events_flowing(tmp_path, second_model):
     with DaemonProcess(config, tmp_path / "d.log", env={"NOTIFY_SOCKET": str(notify.path)}) as daemon, \
             Subscriber(urls["events"], topics=["defect."]) as sub:
         daemon.wait_ready(urls["metrics"])
-        before = _events(sub, 3)
-        assert before and all(ev.header["model"]["name"] == "demo" for ev in before)
+        before = collect_events(sub, 3, timeout=60, message=daemon.log)
+        assert _models(before) == {"demo"}
         config.write_text(config.read_text().replace('path = "builtin:demo"', f'path = "{second_model}"'))
         daemon.proc.send_signal(signal.SIGHUP)
-        deadline, after = time.monotonic() + 60, []
-        while time.monotonic() < deadline and not after:
-            after = [ev for ev in _events(sub, 1) if ev.header["model"]["name"] == "demo-b"]
-        assert after, daemon.log()
-        assert all(ev.gap == 0 and not ev.restarted for ev in before + after)  # same run, no loss
+        events = collect_events(sub, lambda evs: "demo-b" in _models(evs), timeout=60, message=daemon.log)
+        after = [ev for ev in events if ev.header["model"]["name"] == "demo-b"]
+        # Each event comes from the model that made it: the old one until the swap, the new one from then on.
+        names = [ev.header["model"]["name"] for ev in before + events]
+        assert names == sorted(names, key=lambda name: name == "demo-b"), names
+        assert all(ev.gap == 0 and not ev.restarted for ev in before + events)  # same run, no loss
         assert after[0].header["run_id"] == before[0].header["run_id"]
-        assert 'inspectd_model_info{backbone="efficientnetv2b0",input="160x128",name="demo-b"' in \
-            http_get(urls["metrics"] + "/metrics")[1]
-        notify.pump(0.5)
-        lines = [m for _, m in notify.messages]
-        assert lines.index("RELOADING=1") < len(lines) - 1 - lines[::-1].index("READY=1")
+        [info] = scrape(urls["metrics"]).find("inspectd_model_info")
+        assert {"backbone": "efficientnetv2b0", "input": "160x128", "name": "demo-b"}.items() <= info.labels.items(), info
+        # systemd saw RELOADING=1, then READY=1 again once the new model was serving.
+        wait_until(lambda: notify.pump() or "READY=1" in notify.lines()[_index(notify.lines(), "RELOADING=1") + 1:], 10,
+                   lambda: f"READY=1 after RELOADING=1 on NOTIFY_SOCKET: {notify.lines()}")
         assert _failures(urls) == 0
         assert daemon.terminate() == 0
     notify.close()
+
+
+def _index(lines: list[str], line: str) -> int:
+    return lines.index(line) if line in lines else len(lines)
 
 
 def test_invalid_config_or_model_is_kept_out(tmp_path):
@@ -77,17 +77,19 @@ def test_invalid_config_or_model_is_kept_out(tmp_path):
         daemon.wait_ready(urls["metrics"])
         config.write_text(good + "\n[model\n")  # broken TOML
         daemon.proc.send_signal(signal.SIGHUP)
-        time.sleep(2)
-        assert _failures(urls) == 1
+        wait_until(lambda: _failures(urls) == 1, 30, lambda: f"reload_failures_total == 1:\n{daemon.log()}", interval=0.2)
         config.write_text(good.replace('path = "builtin:demo"', f'path = "{tmp_path / "missing.keras"}"'))
         daemon.proc.send_signal(signal.SIGHUP)
-        time.sleep(2)
-        assert _failures(urls) == 2
-        events = _events(sub, 3)
-        assert events and all(ev.header["model"]["name"] == "demo" for ev in events)  # still the old model
+        wait_until(lambda: _failures(urls) == 2, 60, lambda: f"reload_failures_total == 2:\n{daemon.log()}", interval=0.2)
+        rejected_at = time.time()
+        # Events keep coming, published after both rejections, from the old model.
+        events = collect_events(sub, lambda evs: sum(parse_rfc3339(ev.header["published_at"]) > rejected_at
+                                                     for ev in evs) >= 3, timeout=30, message=daemon.log)
+        assert _models(events) == {"demo"}  # still the old model
         log = daemon.log()
         assert log.count("reload rejected, keeping the running config and model") == 2
         assert "not valid TOML" in log and "Traceback" not in log
+        assert _failures(urls) == 2
         assert daemon.terminate() == 0
 
 
@@ -96,13 +98,19 @@ def test_camera_added_others_keep_streaming(tmp_path):
     with DaemonProcess(config, tmp_path / "d.log") as daemon, \
             Subscriber(urls["events"], topics=["defect.", "status."]) as sub:
         daemon.wait_ready(urls["metrics"])
-        first = _events(sub, 3)
-        assert first
+        first = collect_events(sub, 1, timeout=60, message=daemon.log)
         config.write_text(config.read_text() + "\n" + CAM_B)
         daemon.proc.send_signal(signal.SIGHUP)
-        events = _events(sub, 8)
-        assert any(ev.camera == "cam-b" for ev in events), daemon.log()
+
+        def both_streaming(evs) -> bool:
+            """a cam-b defect, and a cam-a defect after it"""
+            b = next((i for i, ev in enumerate(evs) if ev.camera == "cam-b"), None)
+            return b is not None and any(ev.camera == "cam-a" for ev in evs[b:])
+
+        events = collect_events(sub, both_streaming, timeout=60, message=daemon.log)
         a_seqs = [first[-1].header["frame_seq"]] + [ev.header["frame_seq"] for ev in events if ev.camera == "cam-a"]
         assert a_seqs == sorted(a_seqs) and len(a_seqs) > 1  # cam-a was not restarted (its counter goes on)
-        assert 'inspectd_camera_up{camera="cam-b"} 1.0' in http_get(urls["metrics"] + "/metrics")[1]
+        wait_until(lambda: scrape(urls["metrics"]).value("inspectd_camera_up", camera="cam-b") == 1.0, 10,
+                   "inspectd_camera_up{camera=\"cam-b\"} 1")
+        assert scrape(urls["metrics"]).value("inspectd_camera_up", camera="cam-a") == 1.0
         assert daemon.terminate() == 0

@@ -11,7 +11,8 @@ import time
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
-from rtsp import RtspServer, free_port, synthetic_frame, wait_until
+from rtsp import RtspServer, synthetic_frame
+from support import free_port, wait_until
 
 from inspectd.frames import CameraState
 from inspectd.service.config import CameraConfig

@@ -36,6 +36,32 @@ def read_n(src, n: int, timeout: float = 5.0) -> list[np.ndarray]:
     return out
 
 
+class FakeClock:
+    """A monotonic clock that only moves when slept on: pacing measured exactly, whatever the machine's load."""
+
+    def __init__(self):
+        self.now = 1000.0
+        self.slept = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        self.slept += seconds
+
+
+@pytest.fixture
+def fake_clock(monkeypatch) -> FakeClock:
+    """Every source built in the test paces on a FakeClock (its Pacer is given the fake clock and sleep)."""
+    from inspectd.sources import folder, opencv, synthetic
+
+    clock = FakeClock()
+    for module in (folder, opencv, synthetic):
+        monkeypatch.setattr(module, "Pacer", lambda fps: Pacer(fps, clock=clock.monotonic, sleep=clock.sleep))
+    return clock
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -75,15 +101,23 @@ def test_pacer_keeps_its_grid_and_never_bursts():
 # ----------------------------------------------------------------------------- synthetic
 
 
-def test_synthetic_frames_are_rgb_of_the_set_size_and_paced():
+def test_synthetic_frames_are_rgb_of_the_set_size_and_paced(fake_clock):
     src = SyntheticSource(cam("synthetic://?fps=20&width=160&height=120&seed=1"))
     src.open()
-    start = time.monotonic()
     frames = read_n(src, 11)
-    elapsed = time.monotonic() - start
     assert all(f.shape == (120, 160, 3) and f.dtype == np.uint8 for f in frames)
     assert np.array_equal(frames[0][..., 0], frames[0][..., 2])  # grey replicated
-    assert 0.4 <= elapsed < 0.8, elapsed  # 10 periods of 50 ms
+    assert fake_clock.slept == pytest.approx(10 * 0.05)  # the first at once, then 10 periods of 50 ms
+    assert src.period_s == pytest.approx(0.05)
+    src.close()
+
+
+def test_synthetic_pacing_waits_in_real_time():
+    src = SyntheticSource(cam("synthetic://?fps=20&width=32&height=24&seed=1"))
+    src.open()
+    start = time.monotonic()
+    read_n(src, 5)
+    assert time.monotonic() - start >= 4 * 0.05 - 0.01  # it really waits (the fake clock above measures the rate)
     src.close()
 
 
@@ -156,12 +190,11 @@ def test_folder_without_loop_ends(image_dir):
         src.read(0.1)
 
 
-def test_folder_is_paced(image_dir):
+def test_folder_is_paced(image_dir, fake_clock):
     src = FolderSource(cam(f"dir://{image_dir}?fps=10"))
     src.open()
-    start = time.monotonic()
     read_n(src, 4)
-    assert 0.25 <= time.monotonic() - start < 0.6
+    assert fake_clock.slept == pytest.approx(3 * 0.1)
 
 
 def test_folder_skips_an_unreadable_file(image_dir):
@@ -200,15 +233,14 @@ def levels(frames) -> list[int]:
     return [round(float(f.mean()) / 20) for f in frames]
 
 
-def test_video_file_is_paced_at_its_fps_and_loops(video):
+def test_video_file_is_paced_at_its_fps_and_loops(video, fake_clock):
     src = OpenCVSource(cam(str(video)))
     src.open()
-    start = time.monotonic()
     frames = read_n(src, 12)
-    elapsed = time.monotonic() - start
     assert frames[0].shape == (120, 160, 3) and frames[0].dtype == np.uint8
     assert levels(frames) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2]
-    assert 0.45 <= elapsed < 0.9, elapsed  # 11 periods of 50 ms: a camera, not a decoder benchmark
+    # 11 periods of 50 ms (the file's 20 fps), looping included: a camera, not a decoder benchmark.
+    assert fake_clock.slept == pytest.approx(11 * 0.05)
     src.close()
 
 
