@@ -76,6 +76,7 @@ def _cmd_train(args) -> int:
         input_size=parse_size(args.input_size) if args.input_size else None, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weights=args.weights, val=args.val,
         val_fraction=args.val_fraction, seed=args.seed, balance=args.balance, augment=not args.no_augment,
+        pooling=args.pooling, mask_rule=args.mask_rule,
     )
     result = train(opts)
     print(json.dumps({"model": str(result.model_path), "best_epoch": result.best_epoch,
@@ -96,7 +97,7 @@ def _cmd_infer(args) -> int:
 
     opts = InferOptions(model=args.model, inputs=tuple(args.inputs), out=args.out, batch_size=args.batch_size,
                         every_s=args.every, max_frames=args.max_frames, threshold=args.threshold,
-                        mask_threshold=args.mask_threshold)
+                        mask_threshold=args.mask_threshold, mask_rule=args.mask_rule)
     written, skipped = infer(opts)
     print(f"wrote {written} overlay/mask pairs and results.jsonl to {args.out}")
     raise_if_skipped(skipped)
@@ -106,7 +107,8 @@ def _cmd_infer(args) -> int:
 def _cmd_evaluate(args) -> int:
     from inspectd.model.evaluate import EvalOptions, evaluate, format_table
 
-    report = evaluate(EvalOptions(args.model, args.dataset, args.report, args.batch_size, args.threshold))
+    report = evaluate(EvalOptions(args.model, args.dataset, args.report, args.batch_size, args.threshold,
+                                  args.mask_rule))
     print(format_table(report))
     if args.report:
         print(f"\nwrote {args.report / 'report.json'} and {args.report / 'roc_pr.png'}")
@@ -168,6 +170,12 @@ def _add_train(sub) -> None:
     p.add_argument("--balance", default="auto", choices=("auto", "oversample", "none"),
                    help="auto: oversample to 50/50 when classes differ by more than 1.5x")
     p.add_argument("--no-augment", action="store_true", help="switch the seed's augmentations off")
+    p.add_argument("--pooling", default="gap", help="how the head pools cam_logits into the score: gap (the paper), "
+                   "lse:R (log-mean-exp, sharpness R), topk:F (mean of the top F share of cells), max; "
+                   "see docs/model.md")
+    p.add_argument("--mask-rule", default="probability", help="how the map becomes a mask: probability | relative | "
+                   "quantile | minmax; its parameter is picked on the validation masks when there are any (KIND:PARAM "
+                   "fixes it); see docs/model.md")
     p.set_defaults(func=_cmd_train)
 
 
@@ -192,7 +200,10 @@ def _add_infer(sub) -> None:
     p.add_argument("--every", type=float, default=1.0, help="videos: one frame per this many seconds")
     p.add_argument("--max-frames", type=int, default=0, help="videos: at most this many frames each (0: all)")
     p.add_argument("--threshold", type=float, help="image-level threshold (default: the model's)")
-    p.add_argument("--mask-threshold", type=float, help="per-pixel threshold for regions (default: the model's)")
+    p.add_argument("--mask-threshold", type=float, help="a fixed probability threshold for regions, i.e. "
+                   "--mask-rule probability:VALUE (default: the model's own rule)")
+    p.add_argument("--mask-rule", help="how the map becomes regions: probability:P | relative:D | quantile:Q | "
+                   "minmax:M (default: the model's own rule; see docs/model.md)")
     p.set_defaults(func=_cmd_infer)
 
 
@@ -203,6 +214,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--report", type=Path, help="folder for report.json and roc_pr.png")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument("--threshold", type=float, help="image-level threshold (default: the model's)")
+    p.add_argument("--mask-rule", help="how maps become masks, e.g. relative:2 or probability:0.5 (default: the model's)")
     p.set_defaults(func=_cmd_evaluate)
 
 

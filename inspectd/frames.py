@@ -77,3 +77,4 @@ class Inspection:
     mask_png: bytes = b""  # probability 0-255, at `mask_size`
     mask_size: tuple[int, int] = (0, 0)  # (width, height)
     frame_jpeg: bytes = b""
+    mask_threshold: float = 0.5  # this frame's probability threshold for the mask (the model's mask rule)

@@ -171,6 +171,8 @@ def _save(event: Event, folder: Path) -> None:
             height, width = event.frame.shape[:2]
             if prob.shape != (height, width):  # a CAM-resolution mask
                 prob = upsample(prob, width, height)
-            write_png(Path(f"{stem}_overlay.png"), overlay(event.frame, prob, h["score"], h["threshold"]))
+            mask = prob >= float(h.get("mask_threshold", 0.5)) if h.get("regions") else None
+            write_png(Path(f"{stem}_overlay.png"), overlay(event.frame, prob, h["score"], h["threshold"], mask=mask,
+                                                           regions=tuple(h.get("regions") or ())))
     except OSError as exc:  # keep watching: a full disk must not hide the events themselves
         print(f"inspectd watch: cannot save {stem}_*: {exc.strerror}", file=sys.stderr, flush=True)

@@ -47,4 +47,4 @@ def test_imagenet_offline_error_names_alternatives(tf, monkeypatch, tmp_path):
 
 
 def test_all_backbones_listed():
-    assert set(BACKBONES) == {"efficientnetv2b0", "convnext_tiny", "mobilenetv3large"}
+    assert set(BACKBONES) == {"efficientnetv2b0", "convnext_tiny", "mobilenetv3large", "efficientnet_lite0"}

@@ -211,7 +211,8 @@ def test_check_config_loads_the_model_and_says_what_it_is():
     assert '"line1-top"' in run.stdout
     model = run.stdout[run.stdout.index("# model builtin:demo"):]
     for needle in ("loaded in Keras safe mode", "name demo", "backbone efficientnetv2b0", "input 160x128",
-                   "outputs score [B], cam_logits [B, 8, 10]", "thresholds score 0.5, mask 0.5", "sha256 "):
+                   "outputs score [B], cam_logits [B, 8, 10], pooling gap",
+                   "thresholds score 0.5, mask rule probability:0.5", "sha256 "):
         assert needle in model, model
 
 
@@ -262,6 +263,7 @@ NUM, BOOL = st.floats(0.01, 100), st.booleans()
 SECTIONS = {
     "model": {"path": st.sampled_from(["missing.keras", ""]), "threshold": st.floats(0, 1),
               "mask_threshold": st.floats(0, 1), "device": st.sampled_from(["auto", "cpu", "gpu:0"]),
+              "mask_rule": st.sampled_from(["relative:2", "quantile:0.99", "minmax", "probability:0.7", "bogus:1"]),
               "precision": st.sampled_from(["float32", "mixed_float16"]), "xla": BOOL},
     "batching": {"max_batch": st.one_of(st.just("auto"), st.integers(1, 256)), "max_wait_ms": st.floats(0, 1000)},
     "postprocess": {"mask_resolution": st.sampled_from(["frame", "cam"]), "workers": st.integers(1, 32),

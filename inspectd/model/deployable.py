@@ -38,6 +38,7 @@ import numpy as np
 
 from inspectd import __version__
 from inspectd.errors import ModelFileError, NoInputError, UsageError
+from inspectd.model.head import Pooling, cam_head, deployable_outputs, register
 
 FORMAT = "inspectd.model/1"
 META_ENTRY = "inspectd.json"
@@ -76,6 +77,19 @@ class Deployable:
     @property
     def name(self) -> str:
         return str(self.meta.get("name") or self.path.stem)
+
+    @property
+    def mask_rule(self):
+        """The model's own rule for turning its map into a mask (models without one: a fixed probability)."""
+        from inspectd.pipeline.postprocess import MaskRule
+
+        rule = self.meta.get("mask_rule")
+        return MaskRule(rule["kind"], float(rule["param"])) if rule else MaskRule("probability", self.mask_threshold)
+
+    @property
+    def pooling(self) -> Pooling:
+        """How the model pools cam_logits into its score's logit (applied inside the model)."""
+        return Pooling.from_meta(self.meta.get("pooling"))
 
 
 def config_nodes(node) -> Iterator[dict]:
@@ -159,12 +173,9 @@ def build_deployable(classifier, input_range: str = "0-255"):
         scale, offset = INPUT_RANGES[input_range]
         x = keras.layers.Rescaling(scale, offset, name="input_range")(x)
     fmap = features(x)
-    h, w, channels = fmap.shape[1:]
-    cam = keras.layers.Conv2D(1, 1, name="cam", dtype="float32")(fmap)
-    cam_logits = keras.layers.Reshape((h, w), name="cam_logits")(cam)
-    logit = keras.layers.GlobalAveragePooling2D(name="logit")(cam)
-    score = keras.layers.Reshape((), name="score")(keras.layers.Activation("sigmoid")(logit))
-    model = keras.Model(image, {"score": score, "cam_logits": cam_logits}, name="inspectd_cam")
+    channels = fmap.shape[-1]
+    cam, score = cam_head(fmap, Pooling("gap"))  # GAP -> Dense == Dense (1x1 conv) -> GAP: exact
+    model = keras.Model(image, deployable_outputs(cam, score), name="inspectd_cam")
     model.get_layer("cam").set_weights([head.weight.reshape(1, 1, channels, 1), np.array([head.bias], np.float32)])
     return model
 
@@ -244,6 +255,7 @@ def load_model(path: Path) -> Deployable:
 
     path = Path(path)
     meta = read_metadata(path)
+    register()  # the pooling layers of inspectd's own (registered, safe-mode loadable)
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:

@@ -6,29 +6,31 @@ scikit-learn; IoU/Dice (inspectd.model.scoring.iou_dice) are our own, unit-teste
 
 from __future__ import annotations
 
-__all__ = ["EvalOptions", "evaluate", "format_table"]
+__all__ = ["EvalOptions", "evaluate", "format_table", "truth_mask"]
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 from sklearn import metrics
 
-from inspectd.errors import DataError
+from inspectd.errors import DataError, UsageError
 from inspectd.imageio import read_rgb
 from inspectd.model import dataset as datasets
 from inspectd.model.deployable import load_model
-from inspectd.model.scoring import image_metrics, iou_dice, minmax_map
+from inspectd.model.localize import RULE_GRIDS, Sample, logit_map, pick_mask_rule, published_mask
+from inspectd.model.scoring import aupro, image_metrics, iou_dice, minmax_map, region_metrics
 from inspectd.pipeline.engine import Predictor
-from inspectd.pipeline.postprocess import upsample
+from inspectd.pipeline.postprocess import MaskRule, upsample
+from inspectd.service.config import resolve_model_path
 
 # The same threshold search for both maps: a grid over (0, 1), the best mean IoU over defect images.
 # The grid reaches 0.999 because calibrated maps of confidently defective images sit high everywhere.
 THRESHOLDS = np.round(np.concatenate([np.arange(0.02, 0.99, 0.02), [0.99, 0.995, 0.999]]), 3)
-MAPS = ("calibrated", "minmax")
+MAPS = ("calibrated", "minmax")  # the model's own map, and the reference's per-image min-max display map
 
 
 @dataclass(frozen=True)
@@ -38,51 +40,60 @@ class EvalOptions:
     report: Path | None = None
     batch_size: int = 8
     threshold: float | None = None  # image-level; None = the model's own
+    mask_rule: str | None = None  # e.g. "relative:2"; None = the model's own
 
 
-@dataclass
-class _Pixels:
-    """Accumulates per-pixel scores for AUC and per-image IoU/Dice over the threshold grid."""
+def _pixel_report(samples: list[Sample], rule: MaskRule, threshold: float) -> tuple[dict, dict]:
+    """(the report's pixel block, {map: (fpr, tpr)} for the ROC plot).
 
-    scores: dict = field(default_factory=lambda: {m: [] for m in MAPS})
-    truth: list = field(default_factory=list)
-    iou: dict = field(default_factory=lambda: {m: [] for m in MAPS})
-    dice: dict = field(default_factory=lambda: {m: [] for m in MAPS})
-    peak_hits: list = field(default_factory=list)
-    n_defect: int = 0
+    First what the daemon publishes (the model's own mask rule, regions on images judged defective
+    only), then the maps' threshold-free quality (pixel ROC-AUC, AUPRO) and the oracles (the best
+    parameter of each rule chosen on this very data: indicative only, never a model setting)."""
+    truths = [s.truth for s in samples]
+    defect = [s for s in samples if s.truth.any()]
+    logits = [logit_map(s.cam_logits, s.truth.shape[1], s.truth.shape[0]) for s in samples]
+    published = [published_mask(s, rule, threshold, lg) for s, lg in zip(samples, logits)]
+    pairs = [iou_dice(m, s.truth) for m, s in zip(published, samples) if s.truth.any()]
+    regions = region_metrics(published, truths)
+    out: dict = {
+        "n_defect_images": len(defect), "n_pixels": int(sum(t.size for t in truths)),
+        "published": {"mask_rule": str(rule), "iou": float(np.mean([p[0] for p in pairs])),
+                      "dice": float(np.mean([p[1] for p in pairs])), **{k: _num(v) for k, v in regions.items()}},
+        "peak_in_defect": float(np.mean([_peak_hit(lg, s.truth, _cell_px(s)) for lg, s in zip(logits, samples)
+                                         if s.truth.any()])),
+    }
+    maps = {"calibrated": logits,  # sigmoid is monotonic: the logits rank pixels as the probabilities do
+            "minmax": [upsample(minmax_map(s.cam_logits, s.score), *s.truth.shape[::-1]) for s in samples]}
+    truth_flat = np.concatenate([t.ravel() for t in truths])
+    rocs = {}
+    for name, images in maps.items():
+        flat = np.concatenate([m.ravel() for m in images])
+        grid = THRESHOLDS if name == "minmax" else np.log(THRESHOLDS / (1 - THRESHOLDS))
+        ious = np.array([[iou_dice(m >= t, s.truth) for t in grid] for m, s in zip(images, samples) if s.truth.any()])
+        best = int(np.argmax(ious[:, :, 0].mean(axis=0)))
+        out[name] = {"roc_auc": float(metrics.roc_auc_score(truth_flat, flat)), "aupro": aupro(images, truths),
+                     "iou": float(ious[:, best, 0].mean()), "dice": float(ious[:, best, 1].mean()),
+                     "threshold": float(THRESHOLDS[best])}
+        rocs[name] = metrics.roc_curve(truth_flat, flat)[:2]
+    ungated = [iou_dice(lg >= rule.logit_threshold(s.cam_logits), s.truth) for lg, s in zip(logits, samples)
+               if s.truth.any()]
+    out["calibrated"]["at_model_threshold"] = {"mask_rule": str(rule), "iou": float(np.mean([p[0] for p in ungated])),
+                                               "dice": float(np.mean([p[1] for p in ungated]))}
+    out["oracle_rules"] = {}
+    for kind in RULE_GRIDS:
+        best_rule, curve = pick_mask_rule(samples, kind, threshold)
+        out["oracle_rules"][kind] = {"param": best_rule.param, "iou": curve[best_rule.param]}
+    return out, rocs
 
-    def add(self, maps: dict[str, np.ndarray], truth: np.ndarray, cell_px: int) -> None:
-        self.truth.append(truth.ravel())
-        for name, prob in maps.items():
-            self.scores[name].append(prob.ravel())
-        if truth.any():
-            self.n_defect += 1
-            self.peak_hits.append(_peak_hit(maps["calibrated"], truth, cell_px))
-            for name, prob in maps.items():
-                pairs = [iou_dice(prob >= t, truth) for t in THRESHOLDS]
-                self.iou[name].append([p[0] for p in pairs])
-                self.dice[name].append([p[1] for p in pairs])
 
-    def summary(self, model_mask_threshold: float) -> tuple[dict, dict]:
-        """(report block, {map: (fpr, tpr)} for the ROC plot)."""
-        truth = np.concatenate(self.truth)
-        out: dict = {"n_defect_images": self.n_defect, "n_pixels": int(truth.size),
-                     "peak_in_defect": float(np.mean(self.peak_hits))}
-        rocs = {}
-        for name in MAPS:
-            scores = np.concatenate(self.scores[name])
-            iou, dice = np.mean(self.iou[name], axis=0), np.mean(self.dice[name], axis=0)
-            best = int(np.argmax(iou))
-            out[name] = {"roc_auc": float(metrics.roc_auc_score(truth, scores)), "iou": float(iou[best]),
-                         "dice": float(dice[best]), "threshold": float(THRESHOLDS[best])}
-            rocs[name] = metrics.roc_curve(truth, scores)[:2]
-        at = np.argmin(np.abs(THRESHOLDS - model_mask_threshold))
-        out["calibrated"]["at_model_threshold"] = {
-            "threshold": float(THRESHOLDS[at]),
-            "iou": float(np.mean(self.iou["calibrated"], axis=0)[at]),
-            "dice": float(np.mean(self.dice["calibrated"], axis=0)[at]),
-        }
-        return out, rocs
+def _num(value):
+    """JSON has no NaN: an undefined ratio (no regions at all) is null."""
+    return None if isinstance(value, float) and np.isnan(value) else value
+
+
+def _cell_px(s: Sample) -> int:
+    h, w = s.truth.shape
+    return int(np.ceil(max(h / s.cam_logits.shape[0], w / s.cam_logits.shape[1])))
 
 
 def _peak_hit(prob: np.ndarray, truth: np.ndarray, cell_px: int) -> bool:
@@ -96,7 +107,8 @@ def _peak_hit(prob: np.ndarray, truth: np.ndarray, cell_px: int) -> bool:
     return bool(truth[y0:y + cell_px + 1, x0:x + cell_px + 1].any())
 
 
-def _truth(item, shape) -> np.ndarray:
+def truth_mask(item, shape) -> np.ndarray:
+    """The item's ground truth at image size (bool; all False for an ok image)."""
     if item.label == 0:
         return np.zeros(shape, bool)
     mask = cv2.imdecode(np.fromfile(str(item.mask), np.uint8), cv2.IMREAD_GRAYSCALE)
@@ -109,32 +121,32 @@ def _truth(item, shape) -> np.ndarray:
 
 def evaluate(opts: EvalOptions) -> dict:
     """Score every image of the dataset; returns the report (also written under --report)."""
-    model = load_model(opts.model)
+    model = load_model(resolve_model_path(str(opts.model)))
     data = datasets.scan(opts.dataset)
     thr = model.threshold if opts.threshold is None else opts.threshold
-    pixels = _Pixels() if data.has_masks else None
+    try:
+        rule = model.mask_rule if opts.mask_rule is None else MaskRule.parse(opts.mask_rule)
+    except ValueError as exc:
+        raise UsageError(f"--mask-rule: {exc}") from None
+    samples: list[Sample] = []
     labels, scores = [], []
     items = ((it, read_rgb(it.path)) for it in data.items)
     for n, (item, image, pred) in enumerate(Predictor(model, opts.batch_size).stream(items), 1):
         labels.append(item.label)
         scores.append(pred.score)
-        if pixels is not None and (item.label == 0 or item.mask is not None):
-            h, w = image.shape[:2]
-            # float64: in float32 sigmoid saturates to exactly 1.0 above a logit of ~17, and the
-            # ties would distort the pixel ROC of confidently defective images.
-            maps = {"calibrated": upsample(1.0 / (1.0 + np.exp(-pred.cam_logits.astype(np.float64))), w, h),
-                    "minmax": upsample(minmax_map(pred.cam_logits, pred.score), w, h)}
-            cell_px = int(np.ceil(max(h / pred.cam_logits.shape[0], w / pred.cam_logits.shape[1])))
-            pixels.add(maps, _truth(item, (h, w)), cell_px)
+        if data.has_masks and (item.label == 0 or item.mask is not None):
+            samples.append(Sample(pred.cam_logits, pred.score, truth_mask(item, image.shape[:2])))
         if n % 25 == 0 or n == len(data.items):
             print(f"inspectd evaluate: {n}/{len(data.items)} images", file=sys.stderr, flush=True)
     labels_a, scores_a = np.array(labels), np.array(scores)
     image = image_metrics(labels_a, scores_a, thr)
-    report = {"model": {"path": str(opts.model), "name": model.name, "sha256": model.sha256},
+    report = {"model": {"path": str(opts.model), "name": model.name, "sha256": model.sha256,
+                        "pooling": str(model.pooling), "mask_rule": str(model.mask_rule)},
               "dataset": str(opts.dataset), "n_images": len(labels), "counts": data.counts(), "image": image}
     rocs: dict = {}
-    if pixels is not None and pixels.n_defect:
-        report["pixel"], rocs = pixels.summary(model.mask_threshold)
+    if any(s.truth.any() for s in samples):
+        print("inspectd evaluate: pixel metrics (AUPRO, regions, mask rules)", file=sys.stderr, flush=True)
+        report["pixel"], rocs = _pixel_report(samples, rule, thr)
     if opts.report is not None:
         _write_report(opts.report, report, labels_a, scores_a, rocs)
     return report
@@ -164,12 +176,21 @@ def format_table(report: dict) -> str:
                      f"{m['accuracy']:5.3f} {m['precision']:5.3f} {m['recall']:5.3f} {m['f1']:5.3f}")
     if "pixel" in report:
         px = report["pixel"]
-        lines += ["", f"pixel level ({px['n_defect_images']} defect images with masks)  ROC-AUC   IoU  Dice  thr (best mean IoU)"]
+        pub = px["published"]
+
+        def f(v):
+            return "  n/a" if v is None else f"{v:5.3f}"
+
+        lines += ["", f"what the daemon publishes (mask rule {pub['mask_rule']}, regions on images judged defective; "
+                  f"{px['n_defect_images']} defect images with masks)",
+                  f"  mean IoU {f(pub['iou'])}  Dice {f(pub['dice'])}  region recall {f(pub['region_recall'])}  "
+                  f"region precision {f(pub['region_precision'])}  ok images with a region {f(pub['false_region_rate'])}",
+                  f"  map peak on the defect (+- one CAM cell): {100 * px['peak_in_defect']:.1f} % of defect images",
+                  "", "maps (threshold-free)                  ROC-AUC  AUPRO | oracle: IoU  Dice at the best threshold"]
         for name in MAPS:
             m = px[name]
-            lines.append(f"{name + ' map':<38} {m['roc_auc']:7.3f} {m['iou']:5.3f} {m['dice']:5.3f} {m['threshold']:5.3f}")
-        at = px["calibrated"]["at_model_threshold"]
-        label = "calibrated at model mask threshold"
-        lines.append(f"{label:<38} {'':7} {at['iou']:5.3f} {at['dice']:5.3f} {at['threshold']:4.2f}")
-        lines.append(f"map peak on the defect (+- one CAM cell): {100 * px['peak_in_defect']:.1f} % of defect images")
+            lines.append(f"{name + ' map':<38} {m['roc_auc']:7.3f} {m['aupro']:6.3f} |        {m['iou']:5.3f} "
+                         f"{m['dice']:5.3f} at {m['threshold']:5.3f}")
+        rules = ", ".join(f"{k}:{v['param']:g} -> {v['iou']:.3f}" for k, v in px["oracle_rules"].items())
+        lines.append(f"oracle mask rules (parameter tuned on this data, indicative only): {rules}")
     return "\n".join(lines)

@@ -23,7 +23,7 @@ from inspectd.imageio import IMAGE_SUFFIXES, VIDEO_SUFFIXES, read_rgb, to_rgb, w
 from inspectd.model.dataset import class_items
 from inspectd.model.deployable import load_model
 from inspectd.pipeline.engine import Predictor
-from inspectd.pipeline.postprocess import find_regions, overlay, probability, to_mask_u8, upsample
+from inspectd.pipeline.postprocess import MaskRule, find_regions, overlay, probability, to_mask_u8, upsample
 from inspectd.service.config import resolve_model_path
 
 
@@ -36,7 +36,8 @@ class InferOptions:
     every_s: float = 1.0  # video: one frame per this many seconds of video
     max_frames: int = 0  # video: 0 = no limit
     threshold: float | None = None  # None = the model's own
-    mask_threshold: float | None = None
+    mask_threshold: float | None = None  # shorthand for mask_rule probability:VALUE
+    mask_rule: str | None = None  # e.g. "relative:2"; None = the model's own rule
 
 
 @dataclass(frozen=True)
@@ -121,19 +122,53 @@ def _items(files: list[_Input], opts: InferOptions, errors: list[dict]) -> Itera
             errors.append({"input": str(path), "error": str(exc)})
 
 
-def _record(key: _Key, image: np.ndarray, pred, out: Path, thr: float, mask_thr: float) -> dict:
+def _record(key: _Key, image: np.ndarray, pred, out: Path, thr: float, rule: MaskRule) -> dict:
     h, w = image.shape[:2]
-    prob = upsample(probability(pred.cam_logits), w, h)
-    write_png(out / f"{key.name}_overlay.png", overlay(image, prob, pred.score, thr))
+    # As the daemon does: logits upsampled, then the sigmoid; the rule's threshold for this image.
+    logits = upsample(pred.cam_logits, w, h)
+    prob = probability(logits)
+    mask_thr = rule.probability_threshold(pred.cam_logits)
+    above = logits >= rule.logit_threshold(pred.cam_logits)
+    regions = find_regions(prob, mask_thr, 1, above) if pred.score >= thr else []
+    drawn = overlay(image, prob, pred.score, thr, mask=above if regions else None, regions=tuple(regions))
+    write_png(out / f"{key.name}_overlay.png", drawn)
     write_png(out / f"{key.name}_mask.png", to_mask_u8(prob), rgb=False)
     record = {"input": str(key.input), "name": key.name, "score": round(pred.score, 6), "threshold": thr,
-              "is_defect": bool(pred.score >= thr), "mask_threshold": mask_thr,
-              "regions": [r.as_dict() for r in find_regions(prob, mask_thr)] if pred.score >= thr else []}
+              "is_defect": bool(pred.score >= thr), "mask_threshold": mask_thr, "mask_rule": str(rule),
+              "regions": [r.as_dict() for r in regions]}
     if key.frame is not None:
         record["frame"] = key.frame
     if key.label is not None:
         record["label"] = key.label
     return record
+
+
+# Beyond this factor between an image and the model input, the defects are resized past what the model
+# learned (a 4x shrink turns a 8 px crack into 2 px): say so once.
+SCALE_WARNING = 4.0
+
+
+def _warn_scale(key: _Key, image: np.ndarray, model_size: tuple[int, int], warned: set) -> None:
+    h, w = image.shape[:2]
+    factor = max(w / model_size[0], h / model_size[1], model_size[0] / w, model_size[1] / h)
+    kind = "larger" if w * h > model_size[0] * model_size[1] else "smaller"
+    if factor >= SCALE_WARNING and kind not in warned:
+        warned.add(kind)
+        print(f"inspectd infer: warning: {key.name} is {w}x{h}, {factor:.0f}x {kind} than the model's input "
+              f"{model_size[0]}x{model_size[1]}; images are resized to it, so small defects may vanish (or noise "
+              "grow); crop or resize the images, or train a model at their size (said once)", file=sys.stderr)
+
+
+def _mask_rule(opts: InferOptions, model) -> MaskRule:
+    """--mask-rule, else --mask-threshold (a fixed probability), else the model's own rule."""
+    if opts.mask_rule is not None and opts.mask_threshold is not None:
+        raise UsageError("give --mask-rule or --mask-threshold, not both")
+    try:
+        if opts.mask_rule is not None:
+            return MaskRule.parse(opts.mask_rule)
+        return model.mask_rule if opts.mask_threshold is None else MaskRule("probability", opts.mask_threshold)
+    except ValueError as exc:
+        raise UsageError(f"--mask-rule/--mask-threshold: {exc}") from None
 
 
 def infer(opts: InferOptions) -> tuple[int, int]:
@@ -143,13 +178,15 @@ def infer(opts: InferOptions) -> tuple[int, int]:
     files = _expand(opts.inputs)
     model = load_model(resolve_model_path(str(opts.model)))
     thr = model.threshold if opts.threshold is None else opts.threshold
-    mask_thr = model.mask_threshold if opts.mask_threshold is None else opts.mask_threshold
+    rule = _mask_rule(opts, model)
     opts.out.mkdir(parents=True, exist_ok=True)
     errors: list[dict] = []
     written = 0
     with open(opts.out / "results.jsonl", "w") as results:
+        warned: set = set()
         for key, image, pred in Predictor(model, opts.batch_size).stream(_items(files, opts, errors)):
-            results.write(json.dumps(_record(key, image, pred, opts.out, thr, mask_thr)) + "\n")
+            _warn_scale(key, image, model.input_size, warned)
+            results.write(json.dumps(_record(key, image, pred, opts.out, thr, rule)) + "\n")
             results.flush()
             written += 1
             print(f"inspectd infer: {key.name}: score {pred.score:.3f}", file=sys.stderr)

@@ -16,6 +16,7 @@ import numpy as np
 from inspectd.errors import UsageError
 from inspectd.model import dataset as datasets
 from inspectd.model.backbones import BACKBONES, build_features, check_input_size
+from inspectd.model.head import parse_pooling
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class TrainOptions:
     seed: int = 0
     balance: str = "auto"  # auto | oversample | none
     augment: bool = True
+    pooling: str = "gap"  # the head's pooling of cam_logits into the image logit (inspectd.model.head)
+    mask_rule: str = "probability"  # a rule kind (its parameter picked on validation masks) or kind:param (fixed)
     verbose: int | None = None  # Keras fit verbosity; None = bar on a terminal, a line per epoch otherwise
 
 
@@ -58,13 +61,16 @@ def _auto_size(sizes: list[tuple[int, int]], stride: int) -> tuple[int, int]:
 
 
 def _classifier(opts: TrainOptions, size):
+    """(classifier image -> score [B, 1] to train, deployable model) sharing every layer and weight."""
     import keras
+
+    from inspectd.model.head import cam_head, deployable_outputs
 
     features = build_features(opts.backbone, opts.stride, size, opts.weights)
     image = keras.Input((size[1], size[0], 3), name="image")
-    x = keras.layers.GlobalAveragePooling2D(name="gap")(features(image))
-    score = keras.layers.Dense(1, activation="sigmoid", name="score")(x)
-    return keras.Model(image, score, name=f"classifier_{opts.backbone}")
+    cam, score = cam_head(features(image), parse_pooling(opts.pooling))
+    return (keras.Model(image, score, name=f"classifier_{opts.backbone}"),
+            keras.Model(image, deployable_outputs(cam, score), name="inspectd_cam"))
 
 
 class _BestWeights:
@@ -101,6 +107,16 @@ def _prepare(opts: TrainOptions):
         raise UsageError(f"--backbone {opts.backbone}: choose one of {', '.join(BACKBONES)}")
     if opts.epochs < 1 or opts.batch_size < 1 or opts.lr <= 0:
         raise UsageError("--epochs, --batch-size and --lr must be positive")
+    try:
+        parse_pooling(opts.pooling)
+    except ValueError as exc:
+        raise UsageError(f"--pooling: {exc}") from None
+    from inspectd.pipeline.postprocess import MaskRule
+
+    try:
+        MaskRule.parse(opts.mask_rule)
+    except ValueError as exc:
+        raise UsageError(f"--mask-rule: {exc}") from None
     if opts.input_size is not None:
         check_input_size(opts.input_size, opts.stride)
     data = datasets.scan(opts.dataset)
@@ -132,7 +148,7 @@ def _fit(opts: TrainOptions, train_ds, val_ds, size, balance: bool):
     from inspectd.model.pipeline import eval_pipeline, train_pipeline
     from inspectd.model.schedule import WarmupHoldCosine
 
-    model = _classifier(opts, size)
+    model, deployable = _classifier(opts, size)
     steps = max(1, math.ceil(len(train_ds.items) / opts.batch_size))
     model.compile(
         optimizer=keras.optimizers.Adam(WarmupHoldCosine(opts.lr, steps * opts.epochs)),
@@ -151,7 +167,7 @@ def _fit(opts: TrainOptions, train_ds, val_ds, size, balance: bool):
         validation_data=eval_pipeline(val_ds, size, opts.batch_size), callbacks=[best.callback],
     )
     model.set_weights(best.weights)
-    return model, history.history, best.best_epoch
+    return model, deployable, history.history, best.best_epoch
 
 
 def _val_scores(model, val_ds, size, batch_size: int) -> np.ndarray:
@@ -160,11 +176,39 @@ def _val_scores(model, val_ds, size, batch_size: int) -> np.ndarray:
     return np.concatenate([model(x, training=False).numpy()[:, 0] for x, _ in eval_pipeline(val_ds, size, batch_size)])
 
 
+def _pick_mask_rule(opts: TrainOptions, deployable, val_ds, size):
+    """The mask rule stored in the model: `kind:param` as given, else the kind's parameter with the best
+    mean defect IoU on the validation images' masks, else the kind's default (no masks)."""
+    from inspectd.imageio import read_rgb
+    from inspectd.model.deployable import Deployable
+    from inspectd.model.evaluate import truth_mask
+    from inspectd.model.localize import Sample, pick_mask_rule
+    from inspectd.pipeline.engine import Predictor
+    from inspectd.pipeline.postprocess import MASK_RULES, MaskRule
+
+    rule = MaskRule.parse(opts.mask_rule)
+    if ":" in opts.mask_rule:
+        return rule, {"how": "given"}
+    items = [it for it in val_ds.items if it.label == 0 or it.mask is not None]
+    if not any(it.mask is not None for it in items):
+        return rule, {"how": f"default (no validation masks): {MASK_RULES[rule.kind][0]}"}
+    meta = {"input": {"width": size[0], "height": size[1]}}
+    predictor = Predictor(Deployable(deployable, meta, Path("."), ""), opts.batch_size)
+    images = [read_rgb(it.path) for it in items]
+    samples = [Sample(p.cam_logits, p.score, truth_mask(it, im.shape[:2]))
+               for it, im, p in zip(items, images, predictor.predict(images))]
+    best, curve = pick_mask_rule(samples, rule.kind, 0.5)
+    _log(f"mask rule {best} (mean defect IoU {curve[best.param]:.3f} on {sum(s.truth.any() for s in samples)} "
+         "validation images with masks)")
+    return best, {"how": "best mean defect IoU on the validation masks", "iou": curve[best.param],
+                  "curve": {f"{k:g}": round(v, 4) for k, v in curve.items()}}
+
+
 def train(opts: TrainOptions) -> TrainResult:
     """Train, keep the best epoch, write the deployable model + history JSON + curves PNG."""
     import keras
 
-    from inspectd.model.deployable import build_deployable, save_model
+    from inspectd.model.deployable import save_model
     from inspectd.model.plots import plot_training
     from inspectd.model.scoring import image_metrics
 
@@ -176,13 +220,14 @@ def train(opts: TrainOptions) -> TrainResult:
     _log(f"train {train_ds.describe()}; val {val_ds.describe()}; input {size[0]}x{size[1]}, "
          f"{opts.backbone} stride {opts.stride}, weights {opts.weights}")
     balance = _balance(opts, train_ds)
-    model, history, best_epoch = _fit(opts, train_ds, val_ds, size, balance)
+    model, deployable, history, best_epoch = _fit(opts, train_ds, val_ds, size, balance)
     val = image_metrics(val_ds.labels, _val_scores(model, val_ds, size, opts.batch_size))
     _log(f"best epoch {best_epoch}: val ROC-AUC {val['roc_auc']:.3f}, F1@0.5 {val['f1']:.3f}")
     meta = {
         "name": out.stem,
         "source": {"kind": "train"},
         "backbone": opts.backbone,
+        "pooling": parse_pooling(opts.pooling).as_meta(),
         "training": {
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items() if k not in ("out", "verbose")},
             "input_size": list(size), "best_epoch": best_epoch, "balanced_sampling": balance,
@@ -190,7 +235,12 @@ def train(opts: TrainOptions) -> TrainResult:
         },
         "metrics": {"val": val},
     }
-    save_model(build_deployable(model), out, meta)
+    rule, search = _pick_mask_rule(opts, deployable, val_ds, size)
+    meta["mask_rule"] = rule.as_meta()
+    meta["mask_rule_search"] = search
+    if rule.kind == "probability":
+        meta["thresholds"] = {"score": 0.5, "mask": rule.param}
+    save_model(deployable, out, meta)
     history_path = out.with_suffix(".history.json")
     epochs = [{k: float(v[i]) for k, v in history.items()} | {"epoch": i + 1} for i in range(len(history["loss"]))]
     history_path.write_text(json.dumps({"best_epoch": best_epoch, "epochs": epochs, "val": val}, indent=2))

@@ -66,6 +66,7 @@ def inspection_body(insp: Inspection, model: dict, with_frame: bool) -> tuple[di
         "captured_at": rfc3339(frame.captured_at),
         "score": float(insp.score),
         "threshold": float(insp.threshold),
+        "mask_threshold": float(insp.mask_threshold),
         "is_defect": bool(insp.is_defect),
         "model": {"name": str(model.get("name", "")), "sha256": str(model.get("sha256", ""))},
         "regions": [_region(r) for r in insp.regions],

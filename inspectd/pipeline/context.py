@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from inspectd.model.deployable import Deployable
 from inspectd.pipeline.batching import buckets_for
 from inspectd.pipeline.engine import InferenceEngine, select_device
-from inspectd.pipeline.postprocess import InspectOptions
+from inspectd.pipeline.postprocess import InspectOptions, MaskRule
 from inspectd.service.config import Settings
 
 log = logging.getLogger("inspectd.pipeline.context")
@@ -45,9 +45,18 @@ def inspect_options(s: Settings, deployable: Deployable) -> InspectOptions:
     """How inference results become Inspections, from the config and the model's own thresholds."""
     return InspectOptions(
         threshold=deployable.threshold if s.model.threshold is None else s.model.threshold,
-        mask_threshold=deployable.mask_threshold if s.model.mask_threshold is None else s.model.mask_threshold,
+        mask_rule=mask_rule(s, deployable),
         mask_resolution=s.postprocess.mask_resolution, min_region_px=s.postprocess.min_region_px,
         attach_frame=s.publish.attach_frame, jpeg_quality=s.postprocess.jpeg_quality, results=s.publish.results)
+
+
+def mask_rule(s: Settings, deployable: Deployable) -> MaskRule:
+    """[model] mask_rule, else mask_threshold (a fixed probability), else the model's own rule."""
+    if s.model.mask_rule is not None:
+        return MaskRule.parse(s.model.mask_rule)
+    if s.model.mask_threshold is not None:
+        return MaskRule("probability", s.model.mask_threshold)
+    return deployable.mask_rule
 
 
 def resolve_max_batch(s: Settings) -> int:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 __all__ = [
-    "Region", "InspectOptions", "probability", "upsample", "find_regions", "to_mask_u8", "encode_png", "overlay", "inspect",
+    "Region", "MaskRule", "MASK_RULES", "InspectOptions", "probability", "upsample", "find_regions", "to_mask_u8",
+    "encode_png", "overlay", "inspect",
 ]
 
+import math
 from dataclasses import asdict, dataclass
 
 import cv2
@@ -23,19 +25,82 @@ class Region:
         return asdict(self) | {"bbox": list(self.bbox)}
 
 
+# rule -> (meaning of its parameter, allowed range, default)
+MASK_RULES = {
+    "probability": ("a fixed probability threshold on sigmoid(cam_logits)", (0.0, 1.0), 0.5),
+    "relative": ("logits at least PARAM above the image's own mean logit", (-50.0, 50.0), 2.0),
+    "quantile": ("the top (1 - PARAM) share of the image's map (PARAM = 0.99: the top 1 %)", (0.0, 1.0), 0.99),
+    "minmax": ("the reference's per-image min-max scaled map >= PARAM", (0.0, 1.0), 0.5),
+}
+
+
+@dataclass(frozen=True)
+class MaskRule:
+    """How a CAM becomes a mask: every rule gives one logit threshold per image (`logit_threshold`).
+
+    The published mask is always the probability map; `sigmoid(logit_threshold)` is the per-image
+    probability threshold a consumer binarizes it with (the `mask_threshold` of an event).
+    """
+
+    kind: str = "probability"
+    param: float = 0.5
+
+    def __post_init__(self):
+        if self.kind not in MASK_RULES:
+            raise ValueError(f"mask rule {self.kind!r}: choose one of {', '.join(MASK_RULES)}")
+        lo, hi = MASK_RULES[self.kind][1]
+        if not (lo <= self.param <= hi) or math.isnan(self.param):
+            raise ValueError(f"mask rule {self.kind}: parameter {self.param} outside [{lo:g}, {hi:g}]")
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.param:g}"
+
+    def as_meta(self) -> dict:
+        return {"kind": self.kind, "param": self.param}
+
+    @classmethod
+    def parse(cls, text: str) -> MaskRule:
+        """'probability:0.5' | 'relative:2' | 'quantile:0.99' | 'minmax:0.5' (no parameter: the rule's default)."""
+        kind, _, value = text.strip().lower().partition(":")
+        if kind not in MASK_RULES:
+            raise ValueError(f"mask rule {text!r}: choose one of {', '.join(MASK_RULES)}")
+        try:
+            return cls(kind, float(value) if value else MASK_RULES[kind][2])
+        except ValueError as exc:
+            raise ValueError(f"mask rule {text!r}: {exc}") from None
+
+    def logit_threshold(self, cam_logits: np.ndarray) -> float:
+        """The logit a location must reach to be in this image's mask."""
+        if self.kind == "probability":
+            p = min(max(self.param, 1e-7), 1 - 1e-7)
+            return math.log(p / (1 - p))
+        x = np.asarray(cam_logits, np.float64)
+        if self.kind == "relative":
+            return float(x.mean() + self.param)
+        if self.kind == "quantile":
+            return float(np.quantile(x, self.param))
+        lo, hi = float(x.min()), float(x.max())
+        return lo + self.param * (hi - lo) if hi > lo else math.inf
+
+    def probability_threshold(self, cam_logits: np.ndarray) -> float:
+        """sigmoid(logit_threshold): the per-image threshold on the probability map."""
+        t = self.logit_threshold(cam_logits)
+        return 1.0 if t == math.inf else float(1.0 / (1.0 + math.exp(-min(max(t, -60.0), 60.0))))
+
+
 def probability(cam_logits: np.ndarray) -> np.ndarray:
     """sigmoid(cam_logits): the calibrated per-location defect probability."""
     return (1.0 / (1.0 + np.exp(-np.clip(cam_logits, -60, 60)))).astype(np.float32)
 
 
 def upsample(prob: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Bilinear resize of a CAM-resolution map to (width, height)."""
+    """Bilinear resize of a CAM-resolution map to (width, height) (used on logits, before the sigmoid)."""
     return cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
-def find_regions(prob: np.ndarray, threshold: float, min_area_px: int = 1) -> list[Region]:
-    """Connected components (8-connected) of prob >= threshold, largest first."""
-    binary = (prob >= threshold).astype(np.uint8)
+def find_regions(prob: np.ndarray, threshold: float, min_area_px: int = 1, above: np.ndarray | None = None) -> list[Region]:
+    """Connected components (8-connected) of prob >= threshold (or of the mask `above`), largest first."""
+    binary = (prob >= threshold if above is None else above).astype(np.uint8)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
     regions = []
     for i in range(1, n):
@@ -59,11 +124,37 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def overlay(image_rgb: np.ndarray, prob: np.ndarray, score: float, threshold: float, alpha: float = 0.35) -> np.ndarray:
-    """Image + jet heatmap of the probability map (at image size), score and verdict printed."""
+def _legend(out: np.ndarray) -> None:
+    """A jet colour bar, probability 1 at the top and 0 at the bottom, in the lower right corner."""
+    h, w = out.shape[:2]
+    bar_h, bar_w = max(16, h // 3), max(6, w // 50)
+    if bar_h + 8 > h or bar_w + 40 > w:
+        return
+    ramp = np.linspace(255, 0, bar_h).astype(np.uint8)[:, None].repeat(bar_w, axis=1)
+    bar = cv2.cvtColor(cv2.applyColorMap(ramp, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    x0, y0 = w - bar_w - 4, h - bar_h - 4
+    out[y0:y0 + bar_h, x0:x0 + bar_w] = bar
+    scale = max(0.3, min(0.5, h / 600))
+    for text, y in (("p 1", y0 + 8), ("0", y0 + bar_h)):
+        (tw, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        cv2.putText(out, text, (x0 - tw - 3, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+
+
+def overlay(image_rgb: np.ndarray, prob: np.ndarray, score: float, threshold: float, alpha: float = 0.35,
+            mask: np.ndarray | None = None, regions: tuple = ()) -> np.ndarray:
+    """Image + jet heatmap of the probability map (at image size), the mask's contours, the regions' boxes,
+    a colour legend, score and verdict printed."""
     heat = cv2.applyColorMap(to_mask_u8(prob), cv2.COLORMAP_JET)
     heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
     out = cv2.addWeighted(image_rgb, 1.0 - alpha, heat, alpha, 0.0)
+    thick_line = max(1, round(min(out.shape[:2]) / 200))
+    if mask is not None and mask.any():
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, (255, 255, 255), thick_line, cv2.LINE_AA)
+    for region in regions:
+        x, y, w, h = (int(v) for v in (region.bbox if hasattr(region, "bbox") else region["bbox"]))
+        cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), (255, 255, 0), thick_line)
+    _legend(out)
     defect = score >= threshold
     text = f"{'DEFECT' if defect else 'ok'}  score {score:.3f}"
     (unit_w, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 1.0, 2)
@@ -82,7 +173,7 @@ class InspectOptions:
     """How an inference result becomes an Inspection (from [model] and [postprocess])."""
 
     threshold: float
-    mask_threshold: float
+    mask_rule: MaskRule = MaskRule()
     mask_resolution: str = "frame"  # frame | cam
     min_region_px: int = 1
     attach_frame: bool = False
@@ -95,9 +186,15 @@ def inspect(frame, score: float, cam_logits: np.ndarray, opts: InspectOptions):
     from inspectd.frames import Inspection
 
     cam_prob = probability(cam_logits)
-    prob = upsample(cam_prob, frame.width, frame.height)
+    # The logits are upsampled, then turned into probabilities: a bilinear map of logits thresholded
+    # at one logit is exactly the probability map thresholded at its sigmoid.
+    # The mask is taken on the logits: float32 probabilities saturate to 1.0 above a logit of ~17.
+    logits = upsample(np.asarray(cam_logits, np.float32), frame.width, frame.height)
+    prob = probability(logits)
     is_defect = bool(score >= opts.threshold)
-    regions = tuple(find_regions(prob, opts.mask_threshold, opts.min_region_px)) if is_defect else ()
+    mask_threshold = opts.mask_rule.probability_threshold(cam_logits)
+    above = logits >= opts.mask_rule.logit_threshold(cam_logits)
+    regions = tuple(find_regions(prob, mask_threshold, opts.min_region_px, above)) if is_defect else ()
     mask = prob if opts.mask_resolution == "frame" else cam_prob
     png = encode_png(to_mask_u8(mask)) if is_defect or opts.results else b""
     jpeg = b""
@@ -106,4 +203,5 @@ def inspect(frame, score: float, cam_logits: np.ndarray, opts: InspectOptions):
                                [cv2.IMWRITE_JPEG_QUALITY, opts.jpeg_quality])
         jpeg = buf.tobytes() if ok else b""
     return Inspection(frame=frame, score=float(score), threshold=opts.threshold, is_defect=is_defect, regions=regions,
-                      mask_png=png, mask_size=(mask.shape[1], mask.shape[0]), frame_jpeg=jpeg)
+                      mask_png=png, mask_size=(mask.shape[1], mask.shape[0]), frame_jpeg=jpeg,
+                      mask_threshold=mask_threshold)

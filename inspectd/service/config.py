@@ -135,8 +135,10 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     path: str = Field(BUILTIN_DEMO_MODEL, description="deployable .keras model; 'builtin:demo' is the bundled demo model")
     threshold: float | None = Field(None, ge=0, le=1, description="image-level decision on the score (default: the model's)")
-    mask_threshold: float | None = Field(None, ge=0, le=1, description="per-pixel threshold on sigmoid(cam_logits) "
-                                         "(default: the model's)")
+    mask_threshold: float | None = Field(None, ge=0, le=1, description="a fixed per-pixel threshold on "
+                                         "sigmoid(cam_logits), i.e. mask_rule probability:VALUE (default: the model's rule)")
+    mask_rule: str | None = Field(None, description="how the map becomes a mask: probability:P | relative:D | "
+                                  "quantile:Q | minmax:M (default: the model's own rule; see docs/model.md)")
     device: str = Field("auto", pattern=r"^(auto|cpu|gpu:\d+)$", description="auto | cpu | gpu:N")
     precision: Literal["float32", "mixed_float16"] = Field("float32", description="mixed_float16 on GPUs with tensor cores")
     xla: bool = Field(False, description="jit_compile the inference function (slower on CPU, measured)")
@@ -145,6 +147,21 @@ class ModelConfig(_Section):
     @classmethod
     def _path(cls, value: str) -> str:
         return _no_nul(value)
+
+    @field_validator("mask_rule")
+    @classmethod
+    def _mask_rule(cls, value: str | None) -> str | None:
+        if value is not None:
+            from inspectd.pipeline.postprocess import MaskRule  # numpy + OpenCV: already on the daemon's path
+
+            MaskRule.parse(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_mask_setting(self) -> ModelConfig:
+        if self.mask_rule is not None and self.mask_threshold is not None:
+            raise ValueError("set model.mask_rule or model.mask_threshold (= mask_rule probability:VALUE), not both")
+        return self
 
 
 class BatchingConfig(_Section):
@@ -506,9 +523,11 @@ def check_model(cfg: ModelConfig) -> list[str]:
     thresholds = ", ".join(
         f"{what} {own}" if mine is None else f"{what} {mine} ({key}; the model's {own})"
         for what, key, mine, own in (("score", "model.threshold", cfg.threshold, model.threshold),
-                                     ("mask", "model.mask_threshold", cfg.mask_threshold, model.mask_threshold)))
+                                     ("mask rule", "model.mask_rule", cfg.mask_rule or (
+                                         None if cfg.mask_threshold is None else f"probability:{cfg.mask_threshold:g}"),
+                                      model.mask_rule)))
     return [f"model {cfg.path}: {path} (loaded in Keras safe mode)",
             f"  name {model.name}, backbone {model.meta.get('backbone', 'unknown')}, input {width}x{height} RGB 0..255",
-            f"  outputs {shapes}",
+            f"  outputs {shapes}, pooling {model.pooling}",
             f"  thresholds {thresholds}",
             f"  sha256 {model.sha256[:16]}"]

@@ -29,7 +29,7 @@ log = logging.getLogger("inspectd.service.reload")
 # A new engine: the model loaded again and warmed up, then the context swapped.
 ENGINE_KEYS = ("model.path", "model.device", "model.precision", "model.xla", "batching.max_batch")
 # A new inference context with the same engine (thresholds, output options, the batching wait).
-CONTEXT_KEYS = ("model.threshold", "model.mask_threshold", "postprocess.mask_resolution",
+CONTEXT_KEYS = ("model.threshold", "model.mask_threshold", "model.mask_rule", "postprocess.mask_resolution",
                 "postprocess.min_region_px", "postprocess.jpeg_quality", "publish.results", "publish.attach_frame",
                 "batching.max_wait_ms")
 # Read from the daemon's settings at each use: applied by the settings swap alone.
