@@ -262,3 +262,31 @@ def make_inspection(camera: str = "cam1", seq: int = 1, defect: bool = True, att
     logits[2:4, 3:5] = 6.0
     opts = InspectOptions(threshold=0.5, attach_frame=attach_frame, results=True)  # mask: probability >= 0.5
     return inspect(frame, 0.9 if defect else 0.1, logits, opts)
+
+
+class CameraHarness:
+    """A real CameraWorker plus everything it reports: frames, state changes, metrics (a private registry)."""
+
+    def __init__(self, cfg, **worker_kw):
+        from prometheus_client import CollectorRegistry
+
+        from inspectd.service.metrics import Metrics
+        from inspectd.sources.camera import CameraWorker
+
+        self.registry = CollectorRegistry()
+        self.frames: list = []
+        self.states: list = []
+        self.worker = CameraWorker(cfg, self.frames.append, Metrics(self.registry),
+                                   on_state=lambda cam, st, detail: self.states.append((st, detail)), **worker_kw)
+        self.cam = cfg.id
+
+    def metric(self, name: str, **labels) -> float:
+        return self.registry.get_sample_value(f"inspectd_{name}", {"camera": self.cam, **labels}) or 0.0
+
+    def __enter__(self):
+        self.worker.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.worker.stop()
+        assert self.worker.join(2.0), "capture thread did not end"

@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
-from support import free_port, wait_until
+from support import CameraHarness, free_port, wait_until
 
-from inspectd.frames import CameraState, Frame
+from inspectd.frames import CameraState
 from inspectd.service.config import CameraConfig
 from inspectd.service.metrics import Metrics
 from inspectd.sources import CameraWorker, SourceError, backoff_delay
@@ -20,27 +20,7 @@ from inspectd.sources.synthetic import SyntheticSource
 FAST = dict(reconnect_initial_s=0.05, reconnect_max_s=0.2, stall_timeout_s=0.5, open_timeout_s=1)
 
 
-class Harness:
-    """A worker plus everything it reports: frames, state changes, metrics."""
-
-    def __init__(self, cfg: CameraConfig, **kw):
-        self.registry = CollectorRegistry()
-        self.frames: list[Frame] = []
-        self.states: list[tuple[CameraState, str]] = []
-        self.worker = CameraWorker(cfg, self.frames.append, Metrics(self.registry),
-                                   on_state=lambda cam, st, detail: self.states.append((st, detail)), **kw)
-        self.cam = cfg.id
-
-    def metric(self, name: str, **labels) -> float:
-        return self.registry.get_sample_value(f"inspectd_{name}", {"camera": self.cam, **labels}) or 0.0
-
-    def __enter__(self) -> Harness:
-        self.worker.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.worker.stop()
-        assert self.worker.join(2.0), "capture thread did not end"
+Harness = CameraHarness
 
 
 def synthetic(query: str = "fps=50&width=160&height=120", **kw) -> CameraConfig:

@@ -13,15 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry
-from support import wait_until
+from support import CameraHarness, wait_until
 
 import inspectd.sources.camera as camera
-from inspectd.frames import CameraState, Frame
+from inspectd.frames import CameraState
 from inspectd.service.config import CameraConfig
-from inspectd.service.metrics import Metrics
 from inspectd.sources import SourceError
-from inspectd.sources.camera import CameraWorker, RoiError, crop_roi, roi_box
+from inspectd.sources.camera import RoiError, crop_roi, roi_box
 
 
 @dataclass
@@ -62,35 +60,19 @@ class FakeSource:
         pass
 
 
-class Harness:
+class Harness(CameraHarness):
     """A worker on a FakeSource plus what it reports: frames, states, metrics."""
 
     def __init__(self, source: FakeSource, **cfg):
-        self.registry = CollectorRegistry()
-        self.frames: list[Frame] = []
-        self.states: list[tuple[CameraState, str]] = []
         self.source = source
         cfg = {"id": "roi", "url": "rtsp://x/y", "reconnect_initial_s": 0.05, "reconnect_max_s": 0.3,
                "stall_timeout_s": 5, **cfg}
-        self.worker = CameraWorker(CameraConfig(**cfg), self.frames.append, Metrics(self.registry),
-                                   on_state=lambda cam, st, detail: self.states.append((st, detail)),
-                                   source_factory=lambda c: source)
-
-    def metric(self, name: str, **labels) -> float:
-        return self.registry.get_sample_value(f"inspectd_{name}", {"camera": "roi", **labels}) or 0.0
+        super().__init__(CameraConfig(**cfg), source_factory=lambda c: source)
 
     def accounted(self) -> bool:
         """Every captured frame was delivered or dropped with a reason (nothing else is in flight here)."""
         dropped = sum(self.metric("frames_dropped_total", reason=r) for r in ("roi", "fps_limit", "decode"))
         return self.metric("frames_captured_total") == len(self.frames) + dropped
-
-    def __enter__(self) -> Harness:
-        self.worker.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.worker.stop()
-        assert self.worker.join(2.0), "capture thread did not end"
 
 
 def _records(caplog, level: int) -> list[str]:
