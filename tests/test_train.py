@@ -50,6 +50,7 @@ def test_probability_map_localizes(held_out):
     """
     import cv2
 
+    from inspectd.model.evaluate import THRESHOLDS
     from inspectd.model.scoring import iou_dice
 
     data, _, preds = held_out
@@ -66,7 +67,7 @@ def test_probability_map_localizes(held_out):
         chance.append(near.mean())
     assert np.mean(hits) >= max(0.6, 2 * np.mean(chance)), (np.mean(hits), np.mean(chance))
     baseline = np.mean([m.mean() for m in masks])
-    best_iou = max(np.mean([iou_dice(p >= t, m)[0] for p, m in zip(probs, masks)]) for t in np.arange(0.02, 0.99, 0.02))
+    best_iou = max(np.mean([iou_dice(p >= t, m)[0] for p, m in zip(probs, masks)]) for t in THRESHOLDS)
     assert best_iou >= 2 * baseline, (best_iou, baseline)
 
 

@@ -81,7 +81,7 @@ class Deployable:
     @property
     def mask_rule(self):
         """The model's own rule for turning its map into a mask (models without one: a fixed probability)."""
-        from inspectd.pipeline.postprocess import MaskRule
+        from inspectd.pipeline.masks import MaskRule
 
         rule = self.meta.get("mask_rule")
         return MaskRule(rule["kind"], float(rule["param"])) if rule else MaskRule("probability", self.mask_threshold)

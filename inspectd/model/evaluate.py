@@ -24,7 +24,8 @@ from inspectd.model.deployable import load_model
 from inspectd.model.localize import RULE_GRIDS, Sample, logit_map, pick_mask_rule, published_mask
 from inspectd.model.scoring import aupro, image_metrics, iou_dice, minmax_map, region_metrics
 from inspectd.pipeline.engine import Predictor
-from inspectd.pipeline.postprocess import MaskRule, upsample
+from inspectd.pipeline.masks import MaskRule
+from inspectd.pipeline.postprocess import upsample
 from inspectd.service.config import resolve_model_path
 
 # The same threshold search for both maps: a grid over (0, 1), the best mean IoU over defect images.

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from inspectd.model.scoring import iou_dice
-from inspectd.pipeline.postprocess import MaskRule, upsample
+from inspectd.pipeline.masks import MaskRule
+from inspectd.pipeline.postprocess import upsample
 
 # The parameter grid searched for each rule (the defaults of MASK_RULES are on them).
 RULE_GRIDS = {

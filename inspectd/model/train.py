@@ -111,7 +111,7 @@ def _prepare(opts: TrainOptions):
         parse_pooling(opts.pooling)
     except ValueError as exc:
         raise UsageError(f"--pooling: {exc}") from None
-    from inspectd.pipeline.postprocess import MaskRule
+    from inspectd.pipeline.masks import MaskRule
 
     try:
         MaskRule.parse(opts.mask_rule)
@@ -184,7 +184,7 @@ def _pick_mask_rule(opts: TrainOptions, deployable, val_ds, size):
     from inspectd.model.evaluate import truth_mask
     from inspectd.model.localize import Sample, pick_mask_rule
     from inspectd.pipeline.engine import Predictor
-    from inspectd.pipeline.postprocess import MASK_RULES, MaskRule
+    from inspectd.pipeline.masks import MASK_RULES, MaskRule
 
     rule = MaskRule.parse(opts.mask_rule)
     if ":" in opts.mask_rule:

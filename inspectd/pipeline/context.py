@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from inspectd.model.deployable import Deployable
 from inspectd.pipeline.batching import buckets_for
 from inspectd.pipeline.engine import InferenceEngine, select_device
-from inspectd.pipeline.postprocess import InspectOptions, MaskRule
+from inspectd.pipeline.masks import MaskRule
+from inspectd.pipeline.postprocess import InspectOptions
 from inspectd.service.config import Settings
 
 log = logging.getLogger("inspectd.pipeline.context")

@@ -152,7 +152,7 @@ class ModelConfig(_Section):
     @classmethod
     def _mask_rule(cls, value: str | None) -> str | None:
         if value is not None:
-            from inspectd.pipeline.postprocess import MaskRule  # numpy + OpenCV: already on the daemon's path
+            from inspectd.pipeline.masks import MaskRule
 
             MaskRule.parse(value)
         return value
