@@ -40,11 +40,7 @@ def run_cli(*args: str | Path, timeout: float = 600, env: dict | None = None) ->
 def tf():
     from inspectd.tfload import import_tensorflow
 
-    tf = import_tensorflow()
-    # The shared tiny model is trained once per session: deterministic kernels make it the same model on
-    # every run of a machine, so the quality floors below test the recipe, not the luck of thread timing.
-    tf.config.experimental.enable_op_determinism()
-    return tf
+    return import_tensorflow()
 
 
 @pytest.fixture(scope="session")
@@ -72,6 +68,10 @@ def trained(tf, synth_train, tmp_path_factory):
     from inspectd.model.train import TrainOptions, train
 
     out = tmp_path_factory.mktemp("model") / "tiny.keras"
+    # Deterministic kernels make it the same model on every run of a machine, so the quality floors test
+    # the recipe, not the luck of thread timing. It cannot be switched off again: the tests after this one
+    # run with it too, their random ops seeded by train's global seed (unseeded random ops would fail).
+    tf.config.experimental.enable_op_determinism()
     return train(TrainOptions(dataset=synth_train, out=out, input_size=TRAIN_SIZE, epochs=12, batch_size=16,
                               lr=2e-3, weights="none", seed=0, verbose=0))
 
