@@ -242,3 +242,15 @@ def test_preprocessing_is_the_one_the_weights_were_trained_with(imagenet_lite0):
     live = (moving_variance > 1e-6) & (stem.var(0) > 1e-6)  # a few stem filters are dead
     assert live.sum() > 16
     assert np.median(np.abs(np.log(stem.var(0)[live] / moving_variance[live]))) < 0.7
+
+
+def test_a_tensor_larger_than_its_storage_is_refused():
+    """Stride-0 tricks pass the bounds check (every element address is valid) but would allocate
+    10^12 elements from a 4-element storage: refused before numpy copies anything."""
+    from inspectd.model.torch_checkpoint import _Storage, _TensorRef
+
+    storage = _Storage("0", np.dtype("float32"), 4)
+    storage.data = np.zeros(4, np.float32)
+    with pytest.raises(ModelFileError, match="tensor from 4 elements"):
+        _TensorRef(storage, 0, (10**6, 10**6), (0, 0)).array()
+    assert _TensorRef(storage, 0, (2, 2), (2, 1)).array().shape == (2, 2)  # a normal one still reads

@@ -26,6 +26,7 @@ __all__ = ["UnsafeCheckpoint", "load_state_dict"]
 
 import collections
 import io
+import math
 import pickle
 import zipfile
 from pathlib import Path
@@ -81,6 +82,8 @@ class _TensorRef:
             raise ModelFileError(f"storage {self.storage.key}: bad shape {self.shape} / strides {self.strides}")
         if 0 in self.shape:
             return np.zeros(self.shape, data.dtype)
+        if math.prod(self.shape) > data.size:  # stride-0 tricks must not make a tensor larger than its storage
+            raise ModelFileError(f"storage {self.storage.key}: a {self.shape} tensor from {data.size} elements")
         last = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.strides))
         if self.offset < 0 or last >= data.size:
             raise ModelFileError(f"storage {self.storage.key}: tensor reaches element {last} of {data.size}")
@@ -89,6 +92,10 @@ class _TensorRef:
             data[self.offset:], self.shape, tuple(s * item for s in self.strides), writeable=False
         )
         return np.array(view, order="C")  # a C-contiguous copy that owns its memory
+
+
+def _rebuild_tensor(*args) -> _TensorRef:
+    return _TensorRef(*args)
 
 
 class _Unpickler(pickle.Unpickler):
@@ -103,7 +110,7 @@ class _Unpickler(pickle.Unpickler):
             if (module, name) == ("collections", "OrderedDict"):
                 return collections.OrderedDict
             if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-                return _TensorRef
+                return _rebuild_tensor  # a function, not the class: a pickle cannot build one bypassing __init__
             if module == "torch" and name in _STORAGE_DTYPES:
                 return _StorageType(_STORAGE_DTYPES[name])
         raise UnsafeCheckpoint(f"checkpoint refers to {module}.{name}: not part of a plain state dict, refused")
@@ -140,7 +147,12 @@ def _tensors(obj, storages: dict[str, _Storage]) -> dict[str, np.ndarray]:
     out = {}
     for name, value in obj.items():
         if isinstance(value, _TensorRef):
-            out[str(name)] = value.array()
+            try:
+                out[str(name)] = value.array()
+            except ModelFileError:
+                raise
+            except Exception as exc:  # numpy on a garbled tensor record: one clear error, not a traceback
+                raise ModelFileError(f"tensor {name!s:.60}: unreadable ({type(exc).__name__}: {exc})") from None
     if not out:
         raise ModelFileError("checkpoint holds no tensors")
     return out
