@@ -118,13 +118,15 @@ def rule_ablation(model_path: Path, train_dir: Path, test_dir: Path) -> dict:
     _, val_ds = datasets.stratified_split(datasets.scan(train_dir), 0.2, 0)  # exactly train's split (seed 0)
     val, test = _samples(model, val_ds.items), _samples(model, datasets.scan(test_dir).items)
     thr = model.threshold
+    logits = [logit_map(s.cam_logits, s.truth.shape[1], s.truth.shape[0]) for s in test]  # upsampled once
+    val_cache: dict = {}
     out = {}
     for kind in RULE_GRIDS:
-        rule, curve = pick_mask_rule(val, kind, thr)
-        logits = [logit_map(s.cam_logits, s.truth.shape[1], s.truth.shape[0]) for s in test]
+        rule, curve = pick_mask_rule(val, kind, thr, val_cache)
         masks = [published_mask(s, rule, thr, lg) for s, lg in zip(test, logits)]
         regions = region_metrics(masks, [s.truth for s in test])
-        out[kind] = {"rule": str(rule), "val_iou": curve[rule.param], "test_iou": mean_defect_iou(test, rule, thr),
+        out[kind] = {"rule": str(rule), "val_iou": curve[rule.param],
+                     "test_iou": mean_defect_iou(test, rule, thr, dict(enumerate(logits))),
                      **{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in regions.items()}}
     return out
 

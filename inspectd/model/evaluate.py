@@ -82,7 +82,7 @@ def _pixel_report(samples: list[Sample], rule: MaskRule, threshold: float) -> tu
                                                "dice": float(np.mean([p[1] for p in ungated]))}
     out["oracle_rules"] = {}
     for kind in RULE_GRIDS:
-        best_rule, curve = pick_mask_rule(samples, kind, threshold)
+        best_rule, curve = pick_mask_rule(samples, kind, threshold, dict(enumerate(logits)))
         out["oracle_rules"][kind] = {"param": best_rule.param, "iou": curve[best_rule.param]}
     return out, rocs
 

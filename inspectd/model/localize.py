@@ -65,9 +65,12 @@ def mean_defect_iou(samples: list[Sample], rule: MaskRule, threshold: float, cac
     return float(np.mean(ious)) if ious else float("nan")
 
 
-def pick_mask_rule(samples: list[Sample], kind: str, threshold: float) -> tuple[MaskRule, dict[float, float]]:
-    """The parameter of rule `kind` with the best mean defect IoU on `samples`; also the whole curve."""
-    cache: dict = {}
+def pick_mask_rule(samples: list[Sample], kind: str, threshold: float,
+                   cache: dict | None = None) -> tuple[MaskRule, dict[float, float]]:
+    """The parameter of rule `kind` with the best mean defect IoU on `samples`; also the whole curve.
+
+    `cache` ({sample index: logit map}) lets callers that already upsampled the maps share them."""
+    cache = {} if cache is None else cache
     curve = {float(p): mean_defect_iou(samples, MaskRule(kind, float(p)), threshold, cache) for p in RULE_GRIDS[kind]}
     best = max(curve, key=lambda p: curve[p])  # the first of equals, in grid order
     return MaskRule(kind, best), curve
