@@ -41,6 +41,9 @@ CONFIGS = {
     "lite0_gap": ["--backbone", "efficientnet_lite0", "--weights", "imagenet", "--pooling", "gap"],
     "lite0_lse5": ["--backbone", "efficientnet_lite0", "--weights", "imagenet", "--pooling", "lse:5"],
     "lite0_topk10": ["--backbone", "efficientnet_lite0", "--weights", "imagenet", "--pooling", "topk:0.1"],
+    # the same at stride 8 (atrous Lite0): a 32x32 map at 256x256
+    "lite0_gap_s8": ["--backbone", "efficientnet_lite0", "--weights", "imagenet", "--pooling", "gap", "--stride", "8",
+                     "--mask-rule", "minmax"],
 }
 
 

@@ -158,7 +158,8 @@ def _add_train(sub) -> None:
     p.add_argument("dataset", type=Path)
     p.add_argument("--out", type=Path, required=True, help="deployable model file (.keras)")
     p.add_argument("--backbone", default="efficientnetv2b0", help="efficientnetv2b0 | convnext_tiny | mobilenetv3large")
-    p.add_argument("--stride", type=int, default=16, choices=(16, 32), help="16: truncated as in the paper; 32: full")
+    p.add_argument("--stride", type=int, default=16, choices=(8, 16, 32),
+                   help="16: truncated as in the paper; 8: atrous, a 2x finer map (efficientnet_lite0); 32: full")
     p.add_argument("--input-size", help="WxH, multiples of the stride (default: median image size, rounded to 32)")
     p.add_argument("--epochs", type=int, default=30, help="training epochs")
     p.add_argument("--batch-size", type=int, default=8, help="images per training step")

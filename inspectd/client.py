@@ -65,6 +65,8 @@ class Event:
     restarted: bool = False  # the first event seen from a new run_id of this publisher
     endpoint: str = ""
     raw: dict[str, bytes] = field(default_factory=dict)  # the attachments as sent: {"mask": png, "frame": jpeg}
+    # HxW uint8, 255 on exactly the published regions, at frame size (decode=True, defect events)
+    regions_mask: np.ndarray | None = None
 
     @property
     def camera(self) -> str | None:
@@ -247,13 +249,15 @@ def decode_event(parts: list[bytes], decode: bool = True, max_pixels: int = MAX_
     kind = _kind(topic)
     _check_header(topic, kind, header)
     found = _attachment_map(topic, header.get("attachments", []), attachments)
-    mask = frame = None
+    mask = frame = regions = None
     if decode and "mask" in found:
         mask = _decode_image(*found["mask"], cv2.IMREAD_GRAYSCALE, max_pixels)
+    if decode and "regions" in found:
+        regions = _decode_image(*found["regions"], cv2.IMREAD_GRAYSCALE, max_pixels)
     if decode and "frame" in found:
         frame = cv2.cvtColor(_decode_image(*found["frame"], cv2.IMREAD_COLOR, max_pixels), cv2.COLOR_BGR2RGB)
     raw = {name: data for name, (_, data) in found.items()}
-    return Event(topic, kind, header, mask, frame, raw=raw)
+    return Event(topic, kind, header, mask, frame, raw=raw, regions_mask=regions)
 
 
 def _log_malformed(endpoint: str, reason: str) -> None:
@@ -331,7 +335,7 @@ class Subscriber:
         if gap:
             self.gaps[event.topic] = self.gaps.get(event.topic, 0) + gap
         return Event(event.topic, event.kind, event.header, event.mask, event.frame, gap, restarted, endpoint,
-                     event.raw)
+                     event.raw, event.regions_mask)
 
     def __iter__(self) -> Iterator[Event]:
         while True:

@@ -78,3 +78,4 @@ class Inspection:
     mask_size: tuple[int, int] = (0, 0)  # (width, height)
     frame_jpeg: bytes = b""
     mask_threshold: float = 0.5  # this frame's probability threshold for the mask (the model's mask rule)
+    regions_png: bytes = b""  # defects: 255 on exactly the published regions, 0 elsewhere, at frame size

@@ -44,7 +44,7 @@ def add_parser(subparsers) -> None:
                    help="topic prefix, repeatable: defect. | defect.CAMERA | result. | status. | heartbeat | '' "
                    f"for everything (default: {' '.join(DEFAULT_TOPICS)})")
     p.add_argument("--save", type=Path, metavar="DIR",
-                   help="write CAMERA_FRAMESEQ_mask.png, and with an attached frame _frame.jpg and _overlay.png")
+                   help="write CAMERA_FRAMESEQ_mask.png and _regions.png, and with an attached frame _frame.jpg and _overlay.png")
     p.add_argument("--json", action="store_true", help="print each event's header as one JSON line")
     p.add_argument("--count", type=int, metavar="N", help="exit 0 after N printed events")
     p.add_argument("--timeout", type=float, metavar="S",
@@ -158,20 +158,27 @@ def describe(event: Event) -> str:
 
 
 def _save(event: Event, folder: Path) -> None:
-    """The mask as sent; with a frame, the frame as sent and an overlay of the mask on it."""
+    """The masks as sent; with a frame, the frame as sent and an overlay of the mask and regions on it."""
     if "mask" not in event.raw:
         return
     h = event.header
     stem = folder / f"{re.sub(r'[^A-Za-z0-9_-]', '_', h['camera'])}_{int(h['frame_seq'])}"
     try:
         Path(f"{stem}_mask.png").write_bytes(event.raw["mask"])
+        if "regions" in event.raw:
+            Path(f"{stem}_regions.png").write_bytes(event.raw["regions"])
         if event.frame is not None and event.mask is not None:
             Path(f"{stem}_frame.jpg").write_bytes(event.raw["frame"])
             prob = event.mask.astype(np.float32) / 255.0
             height, width = event.frame.shape[:2]
             if prob.shape != (height, width):  # a CAM-resolution mask
                 prob = upsample(prob, width, height)
-            mask = prob >= float(h.get("mask_threshold", 0.5)) if h.get("regions") else None
+            if not h.get("regions"):
+                mask = None
+            elif event.regions_mask is not None and event.regions_mask.shape == (height, width):
+                mask = event.regions_mask > 0  # exact
+            else:  # a daemon from before the regions attachment
+                mask = prob >= float(h.get("mask_threshold", 0.5))
             write_png(Path(f"{stem}_overlay.png"), overlay(event.frame, prob, h["score"], h["threshold"], mask=mask,
                                                            regions=tuple(h.get("regions") or ())))
     except OSError as exc:  # keep watching: a full disk must not hide the events themselves

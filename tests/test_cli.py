@@ -111,6 +111,11 @@ def test_infer_images_folders_video(trained, synth_test, tmp_path):
         assert overlay is not None and mask is not None and mask.ndim == 2
         assert overlay.shape[:2] == mask.shape == ((96, 128) if "frame" in rec else (96, 96))
         assert 0.0 <= rec["score"] <= 1.0 and rec["is_defect"] == (rec["score"] >= rec["threshold"])
+        kept = out / f"{rec['name']}_regions.png"  # defects: exactly the regions, losslessly
+        assert kept.exists() == rec["is_defect"]
+        if rec["is_defect"]:
+            kept = cv2.imread(str(kept), cv2.IMREAD_UNCHANGED)
+            assert kept.shape == mask.shape and int((kept == 255).sum()) == sum(r["area_px"] for r in rec["regions"])
         for region in rec["regions"]:
             x, y, w, h = region["bbox"]
             assert 0 <= x and x + w <= mask.shape[1] and region["area_px"] > 0 and region["peak"] >= 0.5

@@ -59,9 +59,10 @@ def test_decode_event_from_crafted_messages():
     red = decode_event(encode_message("defect.cam1", "run", 4, *inspection_body(
         make_inspection(attach_frame=True, color=(200, 30, 30)), MODEL, with_frame=True)))
     assert np.abs(red.frame.reshape(-1, 3).mean(axis=0) - (200, 30, 30)).max() < 5  # RGB, not BGR
-    assert ev.raw == {"mask": insp.mask_png, "frame": insp.frame_jpeg}
+    assert ev.raw == {"mask": insp.mask_png, "regions": insp.regions_png, "frame": insp.frame_jpeg}
+    assert np.array_equal(ev.regions_mask, cv2.imdecode(np.frombuffer(insp.regions_png, np.uint8), cv2.IMREAD_GRAYSCALE))
     lazy = decode_event(encode_message("defect.cam1", "run", 3, body, attachments), decode=False)
-    assert lazy.mask is None and lazy.frame is None and lazy.raw["mask"] == insp.mask_png
+    assert lazy.mask is None and lazy.frame is None and lazy.regions_mask is None and lazy.raw["mask"] == insp.mask_png
     with pytest.raises(WireFormatError):
         decode_event(encode_message("bogus.cam1", "run", 1, status_body("cam1", CameraState.UP)))
 
@@ -249,7 +250,8 @@ def test_watch_prints_events_and_saves_masks_and_overlays(start_publisher, watch
     assert "frame 2" in events[1] and events[2].endswith("status.cam1  camera cam1  down  (stream ended)")
     out_dir = tmp_path / "out"
     assert sorted(p.name for p in out_dir.iterdir()) == ["cam1_1_frame.jpg", "cam1_1_mask.png", "cam1_1_overlay.png",
-                                                         "cam1_2_mask.png"]
+                                                         "cam1_1_regions.png", "cam1_2_mask.png", "cam1_2_regions.png"]
+    assert (out_dir / "cam1_2_regions.png").read_bytes() == insps[1].regions_png
     assert (out_dir / "cam1_1_mask.png").read_bytes() == insps[0].mask_png
     assert (out_dir / "cam1_1_frame.jpg").read_bytes() == insps[0].frame_jpeg
     assert cv2.imread(str(out_dir / "cam1_1_overlay.png")).shape == (48, 64, 3)

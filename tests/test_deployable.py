@@ -116,7 +116,8 @@ def test_safe_mode_refuses_code(tf, tmp_path):
     path = tmp_path / "evil.keras"
     keras.Model(x, y).save(path)
     with zipfile.ZipFile(path, "a") as z:
-        z.writestr("inspectd.json", json.dumps({"format": "inspectd.model/1"}))
+        z.writestr("inspectd.json", json.dumps({"format": "inspectd.model/1", "input": {"width": 32, "height": 32},
+                                                "thresholds": {"score": 0.5, "mask": 0.5}}))
     with pytest.raises(ModelFileError, match="cannot load the model safely"):
         load_model(path)
 
@@ -140,3 +141,30 @@ def test_files_that_are_not_ours(tf, tmp_path):
         z.writestr("inspectd.json", json.dumps({"format": "inspectd.model/9"}))
     with pytest.raises(ModelFileError, match="inspectd.model/9"):
         read_metadata(future)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.pop("thresholds"), "'thresholds' missing"),
+    (lambda m: m["input"].update(width="wide"), "input size wide"),
+    (lambda m: m["thresholds"].update(mask=1.5), r"thresholds.mask 1.5 outside \[0, 1\]"),
+    (lambda m: m.update(pooling={"kind": "median", "param": None}), "pooling 'median'"),
+    (lambda m: m.update(pooling={"kind": "topk", "param": 3}), "pooling 'topk:3.0'"),
+    (lambda m: m.update(mask_rule={"kind": "minmax", "param": 7}), "minmax: parameter 7.0 outside"),
+    (lambda m: m.update(mask_rule={"kind": "otsu", "param": 0.5}), "mask rule 'otsu'"),
+])
+def test_bad_metadata_is_one_clear_error(classifier, tmp_path, edit, message):
+    """Metadata is read before TensorFlow: a wrong field is a ModelFileError (exit 65) naming it."""
+    path = tmp_path / "m.keras"
+    save_model(build_deployable(classifier), path, {})
+    with zipfile.ZipFile(path) as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    meta = json.loads(entries["inspectd.json"])
+    edit(meta)
+    entries["inspectd.json"] = json.dumps(meta).encode()
+    bad = tmp_path / "bad.keras"
+    with zipfile.ZipFile(bad, "w") as z:
+        for name, data in entries.items():
+            z.writestr(name, data)
+    with pytest.raises(ModelFileError, match=message):
+        read_metadata(bad)
+    read_metadata(path)  # the unedited file is fine

@@ -46,3 +46,32 @@ def test_overlay_marks_the_hot_area():
     hot, cold = out[80, 125], out[100, 20]
     assert hot[0] > hot[2] and cold[2] > cold[0]  # jet: red where the defect is, blue elsewhere
     assert not np.array_equal(out[:12, :40], cv2.addWeighted(image, 0.65, image, 0.35, 0)[:12, :40])  # label drawn
+
+
+def test_regions_attachment_reproduces_the_regions_where_the_probability_png_cannot():
+    """A confidently defective frame whose whole map is above logit 8 (probability > 0.9997) and a
+    per-image rule (minmax:0.9): the regions sit on the hot spot, but in the 8-bit probability PNG
+    every pixel is 255, so no threshold on it gives them back. The `regions` PNG does, exactly, and
+    holds only the regions that were kept (min_region_px removes the small one)."""
+    import time
+
+    from inspectd.frames import Frame
+    from inspectd.pipeline.masks import MaskRule
+    from inspectd.pipeline.postprocess import InspectOptions, inspect
+
+    logits = np.full((12, 16), 9.0, np.float32)
+    logits[3:5, 4:6] = 20.0  # the defect
+    logits[10, 14] = 20.0  # a one-cell speck: a small region, removed by min_region_px
+    frame = Frame("cam1", 1, time.time(), time.monotonic(), np.zeros((96, 128, 3), np.uint8))
+    insp = inspect(frame, 0.99, logits, InspectOptions(threshold=0.5, mask_rule=MaskRule("minmax", 0.9),
+                                                       min_region_px=80))
+    prob_png = cv2.imdecode(np.frombuffer(insp.mask_png, np.uint8), cv2.IMREAD_GRAYSCALE)
+    assert prob_png.min() == 255  # saturated: useless for binarizing at mask_threshold
+    assert insp.mask_threshold > 254.5 / 255
+    regions_png = cv2.imdecode(np.frombuffer(insp.regions_png, np.uint8), cv2.IMREAD_GRAYSCALE)
+    assert regions_png.shape == (96, 128) and set(np.unique(regions_png)) == {0, 255}
+    assert len(insp.regions) == 1
+    assert find_regions(regions_png.astype(np.float32), 128) == [
+        type(r)(r.bbox, r.area_px, 255.0, 255.0) for r in insp.regions]
+    x, y, w, h = insp.regions[0].bbox
+    assert 24 <= x and x + w <= 56 and 16 <= y and y + h <= 48  # around cells 4..5 x 3..4 (8 px each)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from support import ROOT
 
-from inspectd.errors import DataError, ModelFileError, UnavailableError
+from inspectd.errors import DataError, ModelFileError, UnavailableError, UsageError
 from inspectd.model import efficientnet_lite0 as lite0
 from inspectd.model.torch_checkpoint import UnsafeCheckpoint, load_state_dict
 
@@ -131,6 +131,9 @@ def test_feature_maps_and_safe_mode_round_trip(tf, tmp_path):
     assert tuple(s16.output.shape[1:]) == (4, 6, 672)
     s32 = build_features("efficientnet_lite0", 32, (96, 64), "none")
     assert tuple(s32.output.shape[1:]) == (2, 3, 1280)
+    s8 = build_features("efficientnet_lite0", 8, (96, 64), "none")  # atrous: same weights, finer grid
+    assert tuple(s8.output.shape[1:]) == (8, 12, 672)
+    assert [w.shape for w in s8.weights] == [w.shape for w in s16.weights]
     classes = {type(layer).__name__ for layer in s32.layers}
     assert "Lambda" not in classes and "DepthwiseConv2D" in classes
     path = tmp_path / "lite0.keras"
@@ -242,6 +245,30 @@ def test_preprocessing_is_the_one_the_weights_were_trained_with(imagenet_lite0):
     live = (moving_variance > 1e-6) & (stem.var(0) > 1e-6)  # a few stem filters are dead
     assert live.sum() > 16
     assert np.median(np.abs(np.log(stem.var(0)[live] / moving_variance[live]))) < 0.7
+
+
+def test_stride_8_needs_an_atrous_backbone():
+    from inspectd.model.backbones import build_features
+
+    with pytest.raises(UsageError, match="stride 8: efficientnetv2b0 has no atrous variant; use --backbone efficientnet_lite0"):
+        build_features("efficientnetv2b0", 8, (96, 64), "none")
+
+
+@needs_weights
+@pytest.mark.parametrize("output_stride", [16, 8])
+def test_atrous_network_keeps_the_imagenet_classes(tf, output_stride):
+    """Dilating instead of striding keeps each kernel's neighbourhood, so the ImageNet weights still
+    classify the photographs (the same top-1 classes as the plain network's test above) while the
+    stride-16 cut comes out at the finer grid."""
+    import keras
+
+    model = lite0.EfficientNetLite0(include_top=True, weights="imagenet", input_shape=(224, 224, 3),
+                                    output_stride=output_stride)
+    x = np.stack(list(_photos().values()))
+    logits, cut = keras.Model(model.input, [model.output, model.get_layer(lite0.CUT16).output])(x, training=False)
+    assert cut.shape[1:3] == (224 // min(output_stride, 16), 224 // min(output_stride, 16))
+    top5 = np.argsort(-logits.numpy(), axis=1)[:, :5]
+    assert 652 in top5[0] and 698 in top5[1] and 985 in top5[2]
 
 
 def test_a_tensor_larger_than_its_storage_is_refused():

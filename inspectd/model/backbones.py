@@ -1,5 +1,10 @@
 """Backbones truncated at output stride 16 (the method, docs/model.md) or full (stride 32), as feature extractors.
 
+Stride 8 (a 2x finer class activation map, for small defects) is offered where we own the
+architecture (`efficientnet_lite0`): the same stride-16 cut of an atrous network (the stride-2
+convolution of the stride-16 stage runs at stride 1 and the later ones are dilated), so the
+ImageNet weights still apply. Keras applications do not expose dilation.
+
 Every backbone takes RGB in 0..255: the Keras applications used here carry their own
 preprocessing layers (include_preprocessing), so the deployable model's input contract is the
 same whatever the backbone. `efficientnet_lite0` is ours (model/efficientnet_lite0.py): its
@@ -25,6 +30,8 @@ class Backbone:
     factory: str | Callable  # attribute of keras.applications, or a factory with the same signature
     # Picks the stride-16 feature tensor from the built application model.
     cut16: Callable
+    # The factory takes output_stride=8 (atrous): cut16 then picks the same tensor at stride 8.
+    atrous: bool = False
 
 
 def _named(layer_name: str) -> Callable:
@@ -45,7 +52,7 @@ BACKBONES: dict[str, Backbone] = {
         Backbone("efficientnetv2b0", "EfficientNetV2B0", _named("block6a_expand_activation")),
         Backbone("convnext_tiny", "ConvNeXtTiny", _named("convnext_tiny_stage_2_block_8_identity")),
         Backbone("mobilenetv3large", "MobileNetV3Large", _mobilenet_cut),
-        Backbone("efficientnet_lite0", EfficientNetLite0, _named(_LITE0_CUT16)),
+        Backbone("efficientnet_lite0", EfficientNetLite0, _named(_LITE0_CUT16), atrous=True),
     )
 }
 
@@ -53,12 +60,13 @@ BACKBONES: dict[str, Backbone] = {
 def check_input_size(size: tuple[int, int], stride: int) -> None:
     """Width and height must be multiples of the output stride so the CAM grid tiles the image."""
     w, h = size
-    if stride not in (16, 32):
-        raise UsageError(f"stride {stride}: must be 16 (truncated, as in the paper) or 32 (full backbone)")
-    if w % stride or h % stride or w < stride * 2 or h < stride * 2:
+    if stride not in (8, 16, 32):
+        raise UsageError(f"stride {stride}: must be 8 (atrous), 16 (truncated, as in the paper) or 32 (full backbone)")
+    step = max(stride, 16)  # an atrous backbone still halves the image four times before the cut
+    if w % step or h % step or w < step * 2 or h < step * 2:
         raise UsageError(
-            f"input size {w}x{h}: width and height must be multiples of the output stride {stride} "
-            f"and at least {2 * stride} (e.g. {max(2, round(w / stride)) * stride}x{max(2, round(h / stride)) * stride})"
+            f"input size {w}x{h}: width and height must be multiples of {step} "
+            f"and at least {2 * step} (e.g. {max(2, round(w / step)) * step}x{max(2, round(h / step)) * step})"
         )
 
 
@@ -82,9 +90,13 @@ def build_features(name: str, stride: int, size: tuple[int, int], weights: str =
     check_input_size(size, stride)
     spec = BACKBONES[name]
     w, h = size
+    if stride == 8 and not spec.atrous:
+        atrous = ", ".join(n for n, b in BACKBONES.items() if b.atrous)
+        raise UsageError(f"stride 8: {name} has no atrous variant; use --backbone {atrous} or stride 16")
     factory = spec.factory if callable(spec.factory) else getattr(keras.applications, spec.factory)
+    extra = {"output_stride": 8} if stride == 8 else {}
     try:
-        app = factory(include_top=False, weights=_weights_arg(weights), input_shape=(h, w, 3))
+        app = factory(include_top=False, weights=_weights_arg(weights), input_shape=(h, w, 3), **extra)
     except InspectdError:  # ours (efficientnet_lite0): already says what to do
         raise
     except Exception as exc:  # keras raises a bare Exception on a failed download
@@ -95,5 +107,5 @@ def build_features(name: str, stride: int, size: tuple[int, int], weights: str =
             "seems offline: use --weights none (train from scratch) or --weights PATH "
             "(a Keras weights file for this backbone, include_top=False)"
         ) from None
-    features = spec.cut16(app) if stride == 16 else app.output
+    features = app.output if stride == 32 else spec.cut16(app)
     return keras.Model(app.input, features, name=f"{name}_s{stride}")

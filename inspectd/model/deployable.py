@@ -246,7 +246,31 @@ def read_metadata(path: Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         meta = meta if isinstance(meta, dict) else {}
         raise ModelFileError(f"{path}: model format {meta.get('format')!r}, this inspectd reads {FORMAT!r}")
+    _check_metadata(path, meta)
     return meta
+
+
+def _check_metadata(path: Path, meta: dict) -> None:
+    """The fields every tool reads, checked once when the file is read: a wrong value is one
+    ModelFileError naming it, not a KeyError deep inside the daemon or a mask rule out of range."""
+    from inspectd.pipeline.masks import MaskRule
+
+    try:
+        size = meta["input"]["width"], meta["input"]["height"]
+        if not all(isinstance(v, int) and v > 0 for v in size):
+            raise ValueError(f"input size {size[0]}x{size[1]} is not two positive integers")
+        for key in ("score", "mask"):
+            value = float(meta["thresholds"][key])
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"thresholds.{key} {value} outside [0, 1]")
+        Pooling.from_meta(meta.get("pooling"))
+        rule = meta.get("mask_rule")
+        if rule is not None:
+            MaskRule(str(rule["kind"]), float(rule["param"]))
+    except KeyError as exc:
+        raise ModelFileError(f"{path}: bad inspectd metadata: {exc.args[0]!r} missing") from None
+    except (TypeError, ValueError) as exc:
+        raise ModelFileError(f"{path}: bad inspectd metadata: {exc}") from None
 
 
 def load_model(path: Path) -> Deployable:

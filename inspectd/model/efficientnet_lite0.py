@@ -65,13 +65,19 @@ def _blocks():
 
 def EfficientNetLite0(include_top: bool = False, weights: str | None = "imagenet", input_shape=None,
                       classes: int = 1000, drop_connect_rate: float = 0.2, dropout_rate: float = 0.2,
-                      name: str = "efficientnet_lite0"):
+                      name: str = "efficientnet_lite0", output_stride: int = 32):
     """Keras model: RGB 0..255 [B, H, W, 3] -> features [B, H/32, W/32, 1280] (or 1000 logits with the top).
 
     Called like a `keras.applications` factory. weights: None (random), "imagenet" (from the
     installed weights package; `UnavailableError` if it is not installed), or a path: a PyTorch
     state dict of this architecture (`.pth`/`.pt`, read safely) or a Keras weights file of the
     same model. The top's Dense gives logits (no softmax), like the reference.
+
+    output_stride 8 or 16 makes the network atrous (DeepLab, Chen et al. 2017): the stride-2
+    depthwise convolutions that would go beyond it run at stride 1 and every later depthwise
+    convolution is dilated by the stride skipped so far, so each kernel sees the same
+    neighbourhood as before at a finer grid: same weights, same receptive field, a 2x (4x) finer
+    feature map for 4x (16x) the compute of those blocks.
     """
     import keras
     from keras import layers
@@ -86,14 +92,22 @@ def EfficientNetLite0(include_top: bool = False, weights: str | None = "imagenet
     x = layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
     x = layers.BatchNormalization(**_BN, name="stem_bn")(x)
     x = layers.ReLU(6.0, name="stem_activation")(x)
+    if output_stride not in (8, 16, 32):
+        raise ValueError(f"output_stride {output_stride}: 8, 16 or 32")
     blocks = _blocks()
+    reached, dilation = 2, 1  # the stem has stride 2
     for prefix, index, kernel, stride, expand, cin, cout in blocks:
         inputs = x
         if expand != 1:
             x = layers.Conv2D(cin * expand, 1, padding="same", use_bias=False, name=prefix + "expand_conv")(x)
             x = layers.BatchNormalization(**_BN, name=prefix + "expand_bn")(x)
             x = layers.ReLU(6.0, name=prefix + "expand_activation")(x)
-        x = layers.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False, name=prefix + "dwconv")(x)
+        atrous = dilation
+        if stride > 1 and reached * stride > output_stride:
+            stride, dilation = 1, dilation * stride  # this block keeps its rate; the next ones dilate
+        reached *= stride
+        x = layers.DepthwiseConv2D(kernel, strides=stride, dilation_rate=atrous, padding="same", use_bias=False,
+                                   name=prefix + "dwconv")(x)
         x = layers.BatchNormalization(**_BN, name=prefix + "bn")(x)
         x = layers.ReLU(6.0, name=prefix + "activation")(x)
         x = layers.Conv2D(cout, 1, padding="same", use_bias=False, name=prefix + "project_conv")(x)

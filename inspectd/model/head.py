@@ -39,8 +39,11 @@ class Pooling:
 
     @classmethod
     def from_meta(cls, meta: dict | None) -> Pooling:
-        """The metadata's pooling; models from before poolings existed are `gap`."""
-        return cls(meta.get("kind", "gap"), meta.get("param")) if meta else cls()
+        """The metadata's pooling; models from before poolings existed are `gap`. ValueError when it is not one."""
+        if not meta:
+            return cls()
+        kind, param = meta.get("kind", "gap"), meta.get("param")
+        return parse_pooling(str(kind) if param is None else f"{kind}:{float(param)!r}")
 
 
 def parse_pooling(text: str) -> Pooling:

@@ -23,7 +23,7 @@ from inspectd.imageio import IMAGE_SUFFIXES, VIDEO_SUFFIXES, read_rgb, to_rgb, w
 from inspectd.model.dataset import class_items
 from inspectd.model.deployable import load_model
 from inspectd.pipeline.engine import Predictor
-from inspectd.pipeline.postprocess import MaskRule, find_regions, overlay, probability, to_mask_u8, upsample
+from inspectd.pipeline.postprocess import MaskRule, label_regions, overlay, probability, to_mask_u8, upsample
 from inspectd.service.config import resolve_model_path
 
 
@@ -129,10 +129,12 @@ def _record(key: _Key, image: np.ndarray, pred, out: Path, thr: float, rule: Mas
     prob = probability(logits)
     mask_thr = rule.probability_threshold(pred.cam_logits)
     above = logits >= rule.logit_threshold(pred.cam_logits)
-    regions = find_regions(prob, mask_thr, 1, above) if pred.score >= thr else []
+    regions, kept = label_regions(prob, mask_thr, 1, above) if pred.score >= thr else ([], None)
     drawn = overlay(image, prob, pred.score, thr, mask=above if regions else None, regions=tuple(regions))
     write_png(out / f"{key.name}_overlay.png", drawn)
     write_png(out / f"{key.name}_mask.png", to_mask_u8(prob), rgb=False)
+    if kept is not None:  # defects: exactly the regions (the 8-bit probability can saturate above the threshold)
+        write_png(out / f"{key.name}_regions.png", kept, rgb=False)
     record = {"input": str(key.input), "name": key.name, "score": round(pred.score, 6), "threshold": thr,
               "is_defect": bool(pred.score >= thr), "mask_threshold": mask_thr, "mask_rule": str(rule),
               "regions": [r.as_dict() for r in regions]}

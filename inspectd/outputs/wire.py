@@ -57,6 +57,9 @@ def inspection_body(insp: Inspection, model: dict, with_frame: bool) -> tuple[di
         w, h = insp.mask_size
         attachments.append({"kind": "mask", "encoding": "png", "width": int(w), "height": int(h)})
         parts.append(insp.mask_png)
+    if insp.regions_png:
+        attachments.append({"kind": "regions", "encoding": "png", "width": frame.width, "height": frame.height})
+        parts.append(insp.regions_png)
     if with_frame and insp.frame_jpeg:
         attachments.append({"kind": "frame", "encoding": "jpeg", "width": frame.width, "height": frame.height})
         parts.append(insp.frame_jpeg)

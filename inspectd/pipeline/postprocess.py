@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 __all__ = [
-    "Region", "MaskRule", "MASK_RULES", "InspectOptions", "probability", "upsample", "find_regions", "to_mask_u8",
+    "Region", "MaskRule", "MASK_RULES", "InspectOptions", "probability", "upsample", "find_regions", "label_regions",
+    "to_mask_u8",
     "encode_png", "overlay", "inspect",
 ]
 
@@ -38,16 +39,23 @@ def upsample(prob: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def find_regions(prob: np.ndarray, threshold: float, min_area_px: int = 1, above: np.ndarray | None = None) -> list[Region]:
     """Connected components (8-connected) of prob >= threshold (or of the mask `above`), largest first."""
+    return label_regions(prob, threshold, min_area_px, above)[0]
+
+
+def label_regions(prob: np.ndarray, threshold: float, min_area_px: int = 1,
+                  above: np.ndarray | None = None) -> tuple[list[Region], np.ndarray]:
+    """`find_regions`, plus the uint8 0/255 mask of exactly the regions kept (smaller ones removed)."""
     binary = (prob >= threshold if above is None else above).astype(np.uint8)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
-    regions = []
+    regions, kept = [], np.zeros(n, bool)
     for i in range(1, n):
         x, y, w, h, area = (int(v) for v in stats[i])
         if area < min_area_px:
             continue
+        kept[i] = True
         values = prob[labels == i]
         regions.append(Region((x, y, w, h), area, float(values.max()), float(values.mean())))
-    return sorted(regions, key=lambda r: -r.area_px)
+    return sorted(regions, key=lambda r: -r.area_px), np.where(kept[labels], 255, 0).astype(np.uint8)
 
 
 def to_mask_u8(prob: np.ndarray) -> np.ndarray:
@@ -132,7 +140,12 @@ def inspect(frame, score: float, cam_logits: np.ndarray, opts: InspectOptions):
     is_defect = bool(score >= opts.threshold)
     mask_threshold = opts.mask_rule.probability_threshold(cam_logits)
     above = logits >= opts.mask_rule.logit_threshold(cam_logits)
-    regions = tuple(find_regions(prob, mask_threshold, opts.min_region_px, above)) if is_defect else ()
+    regions, regions_png = (), b""
+    if is_defect:
+        found, kept = label_regions(prob, mask_threshold, opts.min_region_px, above)
+        # Exactly the published regions, losslessly: the 8-bit probability PNG cannot reproduce them where
+        # the map saturates (a per-image threshold above 254.5/255) or where rounding crosses the threshold.
+        regions, regions_png = tuple(found), encode_png(kept)
     mask = prob if opts.mask_resolution == "frame" else cam_prob
     png = encode_png(to_mask_u8(mask)) if is_defect or opts.results else b""
     jpeg = b""
@@ -142,4 +155,4 @@ def inspect(frame, score: float, cam_logits: np.ndarray, opts: InspectOptions):
         jpeg = buf.tobytes() if ok else b""
     return Inspection(frame=frame, score=float(score), threshold=opts.threshold, is_defect=is_defect, regions=regions,
                       mask_png=png, mask_size=(mask.shape[1], mask.shape[0]), frame_jpeg=jpeg,
-                      mask_threshold=mask_threshold)
+                      mask_threshold=mask_threshold, regions_png=regions_png)
