@@ -150,8 +150,8 @@ def test_evaluate_report(tf, trained, synth_test, tmp_path):
     assert "calibrated" in r.stdout and "minmax" in r.stdout and "ROC-AUC" in r.stdout
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert set(report["image"]) >= {"roc_auc", "average_precision", "accuracy", "precision", "recall", "f1", "threshold"}
-    for name in ("calibrated", "minmax"):
-        assert set(report["pixel"][name]) >= {"roc_auc", "iou", "dice", "threshold"}
+    for name in ("calibrated", "gated", "minmax"):
+        assert set(report["pixel"][name]) >= {"roc_auc", "aupro", "iou", "dice", "threshold"}
         assert 0.0 <= report["pixel"][name]["iou"] <= report["pixel"][name]["dice"] <= 1.0
     assert report["n_images"] == 80 and report["model"]["name"] == "tiny"
     assert report["image"]["roc_auc"] >= 0.9

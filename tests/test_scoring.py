@@ -33,6 +33,7 @@ def test_minmax_map_reference_behaviour():
     cam = np.array([[1.0, 3.0], [2.0, 5.0]], np.float32)
     np.testing.assert_allclose(minmax_map(cam, 0.9), [[0.0, 0.5], [0.25, 1.0]])
     assert not minmax_map(cam, 0.4).any()  # the reference zeroes the map below score 0.5
+    assert not minmax_map(cam, 0.9, threshold=0.95).any()  # gated at the evaluation's threshold when given
     assert not minmax_map(np.ones((2, 2), np.float32), 0.9).any()
 
 

@@ -31,7 +31,10 @@ from inspectd.service.config import resolve_model_path
 # The same threshold search for both maps: a grid over (0, 1), the best mean IoU over defect images.
 # The grid reaches 0.999 because calibrated maps of confidently defective images sit high everywhere.
 THRESHOLDS = np.round(np.concatenate([np.arange(0.02, 0.99, 0.02), [0.99, 0.995, 0.999]]), 3)
-MAPS = ("calibrated", "minmax")  # the model's own map, and the reference's per-image min-max display map
+# The model's own map; the same on images judged defective only (the others' maps at the bottom: events carry
+# masks for defects only), gated exactly like the reference's per-image min-max display map, the third.
+MAPS = ("calibrated", "gated", "minmax")
+_GATED_OUT = -60.0  # a logit below every real one (sigmoid ~ 1e-26): an image judged ok, ranked last
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,8 @@ def _pixel_report(samples: list[Sample], rule: MaskRule, threshold: float) -> tu
                                          if s.truth.any()])),
     }
     maps = {"calibrated": logits,  # sigmoid is monotonic: the logits rank pixels as the probabilities do
-            "minmax": [upsample(minmax_map(s.cam_logits, s.score), *s.truth.shape[::-1]) for s in samples]}
+            "gated": [lg if s.score >= threshold else np.full_like(lg, _GATED_OUT) for lg, s in zip(logits, samples)],
+            "minmax": [upsample(minmax_map(s.cam_logits, s.score, threshold), *s.truth.shape[::-1]) for s in samples]}
     truth_flat = np.concatenate([t.ravel() for t in truths])
     rocs = {}
     for name, images in maps.items():

@@ -59,9 +59,9 @@ def iou_dice(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     return float(inter / union), float(2 * inter / (a + b))
 
 
-def minmax_map(cam: np.ndarray, score: float) -> np.ndarray:
-    """The reference's display map: per-image min-max scaled CAM, zeroed when score < 0.5."""
-    if score < 0.5:
+def minmax_map(cam: np.ndarray, score: float, threshold: float = 0.5) -> np.ndarray:
+    """The reference's display map: per-image min-max scaled CAM, zeroed when score < threshold (its 0.5)."""
+    if score < threshold:
         return np.zeros_like(cam, dtype=np.float32)
     lo, hi = float(cam.min()), float(cam.max())
     return ((cam - lo) / (hi - lo)).astype(np.float32) if hi > lo else np.zeros_like(cam, dtype=np.float32)
