@@ -157,14 +157,18 @@ def _add_train(sub) -> None:
                        "MODEL.history.json and MODEL.curves.png.")
     p.add_argument("dataset", type=Path)
     p.add_argument("--out", type=Path, required=True, help="deployable model file (.keras)")
-    p.add_argument("--backbone", default="efficientnetv2b0", help="efficientnetv2b0 | convnext_tiny | mobilenetv3large")
-    p.add_argument("--stride", type=int, default=16, choices=(8, 16, 32),
-                   help="16: truncated as in the paper; 8: atrous, a 2x finer map (efficientnet_lite0); 32: full")
+    # Defaults: the recipe docs/quality.md chose by measurement (the same as TrainOptions').
+    p.add_argument("--backbone", default="efficientnet_lite0",
+                   help="efficientnet_lite0 (ImageNet weights offline) | efficientnetv2b0 | convnext_tiny | mobilenetv3large")
+    p.add_argument("--stride", type=int, choices=(8, 16, 32),
+                   help="8: atrous, a 2x finer map (efficientnet_lite0 only); 16: truncated as in the paper; 32: full "
+                   "(default: 8 where the backbone allows it, else 16)")
     p.add_argument("--input-size", help="WxH, multiples of the stride (default: median image size, rounded to 32)")
     p.add_argument("--epochs", type=int, default=30, help="training epochs")
     p.add_argument("--batch-size", type=int, default=8, help="images per training step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (warm-up 15 %%, hold 10 %%, cosine)")
-    p.add_argument("--weights", default="imagenet", help="imagenet (needs the internet) | none | PATH")
+    p.add_argument("--weights", default="imagenet", help="imagenet (offline for efficientnet_lite0; Keras downloads "
+                   "it for the others) | none (from scratch) | PATH")
     p.add_argument("--val", type=Path, help="validation dataset (default: a stratified split of DATASET)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of DATASET held out when --val is not given")
     p.add_argument("--seed", type=int, default=0, help="seeds the split, the sampling and the weights")
@@ -174,7 +178,7 @@ def _add_train(sub) -> None:
     p.add_argument("--pooling", default="gap", help="how the head pools cam_logits into the score: gap (the paper), "
                    "lse:R (log-mean-exp, sharpness R), topk:F (mean of the top F share of cells), max; "
                    "see docs/model.md")
-    p.add_argument("--mask-rule", default="probability", help="how the map becomes a mask: probability | relative | "
+    p.add_argument("--mask-rule", default="minmax", help="how the map becomes a mask: probability | relative | "
                    "quantile | minmax; its parameter is picked on the validation masks when there are any (KIND:PARAM "
                    "fixes it); see docs/model.md")
     p.set_defaults(func=_cmd_train)

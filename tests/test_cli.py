@@ -66,7 +66,7 @@ def test_train_unreadable_image(tiny_dataset, tmp_path):
 
 def test_train_bad_input_size(tiny_dataset, tmp_path):
     _one_line_error(run_cli("train", tiny_dataset, "--out", tmp_path / "m.keras", "--input-size", "100x100"),
-                    2, "100x100", "multiples of the output stride 16")
+                    2, "100x100", "multiples of 16")
 
 
 def test_train_bad_size_syntax(tiny_dataset, tmp_path):

@@ -57,7 +57,7 @@ def test_model_swap_keeps_events_flowing(tmp_path, second_model):
         assert all(ev.gap == 0 and not ev.restarted for ev in before + events)  # same run, no loss
         assert after[0].header["run_id"] == before[0].header["run_id"]
         [info] = scrape(urls["metrics"]).find("inspectd_model_info")
-        assert {"backbone": "efficientnetv2b0", "input": "160x128", "name": "demo-b"}.items() <= info.labels.items(), info
+        assert {"backbone": "efficientnet_lite0", "input": "160x128", "name": "demo-b"}.items() <= info.labels.items(), info
         # systemd saw RELOADING=1, then READY=1 again once the new model was serving.
         wait_until(lambda: notify.pump() or "READY=1" in notify.lines()[_index(notify.lines(), "RELOADING=1") + 1:], 10,
                    lambda: f"READY=1 after RELOADING=1 on NOTIFY_SOCKET: {notify.lines()}")

