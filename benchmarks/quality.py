@@ -77,7 +77,7 @@ def tiles(args) -> dict:
         t_train = sh("train", train_dir, "--out", model, "--epochs", args.epochs, "--batch-size", 8,
                      "--input-size", args.tiles_size, "--seed", 0, *recipe)
     report_dir = args.out / "tiles" / "report"
-    sh("evaluate", model, test_dir, "--report", report_dir)
+    sh("evaluate", model, test_dir, "--report", report_dir, *(["--mask-rule", args.mask_rule] if args.mask_rule else []))
     report = json.loads((report_dir / "report.json").read_text())
     return {"report": report, "train_seconds": t_train, "model": str(model)}
 
@@ -153,6 +153,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--model", type=Path, help="evaluate this model (trained on the same split) instead of training")
+    ap.add_argument("--mask-rule", help="evaluate at this rule instead of the model's own (e.g. the rule train would "
+                    "pick for a model trained before its default changed)")
     ap.add_argument("--oliena-epochs", type=int, default=150)
     ap.add_argument("--oliena-no-augment", action=argparse.BooleanOptionalAction, default=True,
                     help="from scratch, 8 frames only overfit without augmentation (the reference had ImageNet weights)")

@@ -160,9 +160,8 @@ def _add_train(sub) -> None:
     # Defaults: the recipe docs/quality.md chose by measurement (the same as TrainOptions').
     p.add_argument("--backbone", default="efficientnet_lite0",
                    help="efficientnet_lite0 (ImageNet weights offline) | efficientnetv2b0 | convnext_tiny | mobilenetv3large")
-    p.add_argument("--stride", type=int, choices=(8, 16, 32),
-                   help="8: atrous, a 2x finer map (efficientnet_lite0 only); 16: truncated as in the paper; 32: full "
-                   "(default: 8 where the backbone allows it, else 16)")
+    p.add_argument("--stride", type=int, default=16, choices=(8, 16, 32),
+                   help="16: truncated as in the paper; 8: atrous, a 2x finer map (efficientnet_lite0 only); 32: full")
     p.add_argument("--input-size", help="WxH, multiples of the stride (default: median image size, rounded to 32)")
     p.add_argument("--epochs", type=int, default=30, help="training epochs")
     p.add_argument("--batch-size", type=int, default=8, help="images per training step")

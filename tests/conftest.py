@@ -72,8 +72,8 @@ def trained(tf, synth_train, tmp_path_factory):
     # the recipe, not the luck of thread timing. It cannot be switched off again: the tests after this one
     # run with it too, their random ops seeded by train's global seed (unseeded random ops would fail).
     tf.config.experimental.enable_op_determinism()
-    # The tests' tiny recipe, not train's defaults (pretrained Lite0 at stride 8, docs/quality.md): from scratch, the
-    # paper's backbone and stride and a fixed probability mask, so the quality floors stay those of that recipe.
+    # The tests' tiny recipe, not train's defaults (pretrained Lite0, minmax mask rule, docs/quality.md): from scratch,
+    # the paper's backbone and a fixed probability mask, so the quality floors stay those of that recipe.
     return train(TrainOptions(dataset=synth_train, out=out, input_size=TRAIN_SIZE, epochs=12, batch_size=16,
                               lr=2e-3, weights="none", seed=0, verbose=0, backbone="efficientnetv2b0", stride=16,
                               mask_rule="probability"))

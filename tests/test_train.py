@@ -134,11 +134,3 @@ def test_recorded_val_metrics_match_an_independent_computation(tf, trained, synt
     # The easy synthetic set is learnt: a recorded value that merely lies in [0, 1] would not do.
     assert recorded["roc_auc"] >= 0.8, recorded
 
-
-def test_default_stride_follows_the_backbone(tmp_path):
-    from inspectd.model.train import TrainOptions, resolve_stride
-
-    base = TrainOptions(dataset=tmp_path, out=tmp_path / "m.keras")
-    assert base.backbone == "efficientnet_lite0" and resolve_stride(base).stride == 8
-    assert resolve_stride(TrainOptions(tmp_path, tmp_path / "m.keras", backbone="efficientnetv2b0")).stride == 16
-    assert resolve_stride(TrainOptions(tmp_path, tmp_path / "m.keras", stride=16)).stride == 16
