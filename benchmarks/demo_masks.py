@@ -89,11 +89,15 @@ def main() -> int:
     (args.out / "summary.json").write_text(json.dumps(res, indent=2))
     print(f"command: {' '.join(sys.argv)}")
     print(f"true defects: median {100 * truth_share:.2f} % of a frame")
+
+    def f(v):
+        return "n/a" if v is None else f"{v:.2f}"
+
     for tag in ("before", "after"):
         r = res[tag]
         print(f"{tag:6}: {r['model']} ({r['mask_rule']}): image ROC-AUC {r['image_roc_auc']:.3f}, mean defect IoU "
-              f"{r['mean_defect_iou']:.3f}, region recall {r['region_recall']:.2f} precision {r['region_precision']:.2f}, "
-              f"ok frames with a region {r['false_region_rate']:.2f}; over {r['defect_frames']} frames judged defective: "
+              f"{r['mean_defect_iou']:.3f}, region recall {f(r['region_recall'])} precision {f(r['region_precision'])}, "
+              f"ok frames with a region {f(r['false_region_rate'])}; over {r['defect_frames']} frames judged defective: "
               f"boxes cover a median {100 * r['median_box_cover']:.1f} %, regions {100 * r['median_region_share']:.1f} %")
     print(f"picture: {args.picture}")
     return 0

@@ -30,13 +30,14 @@ from quality import split_tiles  # benchmarks/ is the script's own folder
 ROOT = Path(__file__).resolve().parents[1]
 
 # name -> extra `inspectd train` arguments
+_PAPER = ["--backbone", "efficientnetv2b0", "--stride", "16"]  # from scratch (--weights none), the paper's network
 CONFIGS = {
-    "gap": ["--pooling", "gap"],
-    "lse5": ["--pooling", "lse:5"],
-    "lse2": ["--pooling", "lse:2"],
-    "topk10": ["--pooling", "topk:0.1"],
-    "topk25": ["--pooling", "topk:0.25"],
-    "max": ["--pooling", "max"],
+    "gap": [*_PAPER, "--pooling", "gap"],
+    "lse5": [*_PAPER, "--pooling", "lse:5"],
+    "lse2": [*_PAPER, "--pooling", "lse:2"],
+    "topk10": [*_PAPER, "--pooling", "topk:0.1"],
+    "topk25": [*_PAPER, "--pooling", "topk:0.25"],
+    "max": [*_PAPER, "--pooling", "max"],
     # ImageNet features offline: EfficientNet-Lite0 with the weights of the `pretrained` extra
     "lite0_gap": ["--backbone", "efficientnet_lite0", "--weights", "imagenet", "--pooling", "gap"],
     "lite0_lse5": ["--backbone", "efficientnet_lite0", "--weights", "imagenet", "--pooling", "lse:5"],

@@ -86,6 +86,7 @@ def oliena(args) -> dict:
     model = args.out / "oliena" / "oliena.keras"
     t_train = sh("train", args.oliena, "--val", args.oliena, "--out", model, "--weights", args.weights or "none",
                  "--epochs", args.oliena_epochs, "--batch-size", 2, "--input-size", "752x480", "--seed", 0,
+                 "--backbone", args.backbone or "efficientnetv2b0",  # the reference's, from scratch (docs/quality.md)
                  *(["--no-augment"] if args.oliena_no_augment else []))
     sh("infer", model, args.oliena / "1", args.oliena / "0", "--out", args.out / "oliena" / "overlays")
     scores = [json.loads(line) for line in (args.out / "oliena" / "overlays" / "results.jsonl").read_text().splitlines()]

@@ -30,6 +30,12 @@ def test_bad_sizes(size, stride):
         check_input_size(size, stride)
 
 
+def test_stride_8_sizes_are_multiples_of_16():
+    check_input_size((96, 64), 8)
+    with pytest.raises(UsageError, match=r"multiples of 16 \(stride 8 is atrous"):
+        check_input_size((104, 96), 8)
+
+
 def test_unknown_backbone():
     with pytest.raises(UsageError, match="efficientnetv2b0"):
         build_features("resnet50", 16, (64, 64))

@@ -66,7 +66,13 @@ def test_train_unreadable_image(tiny_dataset, tmp_path):
 
 def test_train_bad_input_size(tiny_dataset, tmp_path):
     _one_line_error(run_cli("train", tiny_dataset, "--out", tmp_path / "m.keras", "--input-size", "100x100"),
-                    2, "100x100", "multiples of 16")
+                    2, "100x100", "multiples of the output stride 16")
+
+
+def test_train_stride_8_needs_an_atrous_backbone_said_before_the_data_check(tiny_dataset, tmp_path):
+    r = run_cli("train", tiny_dataset, "--out", tmp_path / "m.keras", "--backbone", "efficientnetv2b0", "--stride", "8")
+    _one_line_error(r, 2, "--stride 8: efficientnetv2b0 has no atrous variant")
+    assert "checking" not in r.stderr
 
 
 def test_train_bad_size_syntax(tiny_dataset, tmp_path):

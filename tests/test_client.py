@@ -60,7 +60,12 @@ def test_decode_event_from_crafted_messages():
         make_inspection(attach_frame=True, color=(200, 30, 30)), MODEL, with_frame=True)))
     assert np.abs(red.frame.reshape(-1, 3).mean(axis=0) - (200, 30, 30)).max() < 5  # RGB, not BGR
     assert ev.raw == {"mask": insp.mask_png, "regions": insp.regions_png, "frame": insp.frame_jpeg}
-    assert np.array_equal(ev.regions_mask, cv2.imdecode(np.frombuffer(insp.regions_png, np.uint8), cv2.IMREAD_GRAYSCALE))
+    # The decoded regions mask is the header's regions: as many 255 pixels as their areas, each inside its box
+    assert ev.regions_mask.shape == (48, 64) and set(np.unique(ev.regions_mask)) == {0, 255}
+    assert int((ev.regions_mask == 255).sum()) == sum(r["area_px"] for r in ev.header["regions"]) > 0
+    for r in ev.header["regions"]:
+        x, y, w, h = r["bbox"]
+        assert int((ev.regions_mask[y:y + h, x:x + w] == 255).sum()) >= r["area_px"]
     lazy = decode_event(encode_message("defect.cam1", "run", 3, body, attachments), decode=False)
     assert lazy.mask is None and lazy.frame is None and lazy.regions_mask is None and lazy.raw["mask"] == insp.mask_png
     with pytest.raises(WireFormatError):

@@ -146,7 +146,11 @@ def test_files_that_are_not_ours(tf, tmp_path):
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m.pop("thresholds"), "'thresholds' missing"),
     (lambda m: m["input"].update(width="wide"), "input size wide"),
-    (lambda m: m["thresholds"].update(mask=1.5), r"thresholds.mask 1.5 outside \[0, 1\]"),
+    (lambda m: m["thresholds"].update(mask=1.5), r"thresholds.mask 1.5 is not a number in \[0, 1\]"),
+    (lambda m: m["input"].update(width=True), "input size True"),
+    (lambda m: m.update(pooling="gap"), "pooling is str, not an object"),
+    (lambda m: m.update(input="96x96"), "input is str, not an object"),
+    (lambda m: m.update(mask_rule=["minmax", 0.5]), "mask_rule is list, not an object"),
     (lambda m: m.update(pooling={"kind": "median", "param": None}), "pooling 'median'"),
     (lambda m: m.update(pooling={"kind": "topk", "param": 3}), "pooling 'topk:3.0'"),
     (lambda m: m.update(mask_rule={"kind": "minmax", "param": 7}), "minmax: parameter 7.0 outside"),

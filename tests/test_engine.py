@@ -95,11 +95,9 @@ def test_mixed_frame_sizes_match_the_model(tf, demo):
     ref = [_reference(tf, demo, f) for f in frames]
     np.testing.assert_allclose(scores, [r[0] for r in ref], atol=0.01)
     for cam, (_, expected) in zip(cams, ref):
-        # uint8 rounding moves a few cells of a stride-8 map (logits spanning ~60) by up to a few logits:
-        # the same map (correlation), almost every cell within 0.5 or 2 % of its range (measured: 96 %, 100 %, ...)
-        near = np.abs(cam - expected) <= max(0.5, 0.02 * np.ptp(expected))
-        assert np.corrcoef(cam.ravel(), expected.ravel())[0, 1] > 0.99
-        assert near.mean() >= 0.95, near.mean()
+        # uint8 rounding moves the logits of a confident map (they span about 50 with the demo model) by up to
+        # about 2: every cell within 5 % of the map's range (0.5 at least)
+        np.testing.assert_allclose(cam, expected, atol=max(0.5, 0.05 * float(np.ptp(expected))))
 
 
 def test_score_is_the_sigmoid_of_the_mean_cam(demo):

@@ -60,11 +60,17 @@ def test_regions_attachment_reproduces_the_regions_where_the_probability_png_can
     from inspectd.pipeline.postprocess import InspectOptions, inspect
 
     logits = np.full((12, 16), 9.0, np.float32)
-    logits[3:5, 4:6] = 20.0  # the defect
-    logits[10, 14] = 20.0  # a one-cell speck: a small region, removed by min_region_px
+    logits[3:5, 4:7] = 20.0  # the defect
+    logits[9:11, 13:15] = 20.0  # a speck: a region of its own, smaller than the defect
     frame = Frame("cam1", 1, time.time(), time.monotonic(), np.zeros((96, 128, 3), np.uint8))
-    insp = inspect(frame, 0.99, logits, InspectOptions(threshold=0.5, mask_rule=MaskRule("minmax", 0.9),
-                                                       min_region_px=80))
+
+    def run(min_region_px):
+        return inspect(frame, 0.99, logits, InspectOptions(threshold=0.5, mask_rule=MaskRule("minmax", 0.9),
+                                                           min_region_px=min_region_px))
+
+    both = run(1)
+    assert len(both.regions) == 2  # the speck is a region when nothing is filtered...
+    insp = run(both.regions[1].area_px + 1)  # ...and is left out of the regions and of their PNG when it is too small
     prob_png = cv2.imdecode(np.frombuffer(insp.mask_png, np.uint8), cv2.IMREAD_GRAYSCALE)
     assert prob_png.min() == 255  # saturated: useless for binarizing at mask_threshold
     assert insp.mask_threshold > 254.5 / 255
@@ -74,4 +80,4 @@ def test_regions_attachment_reproduces_the_regions_where_the_probability_png_can
     assert find_regions(regions_png.astype(np.float32), 128) == [
         type(r)(r.bbox, r.area_px, 255.0, 255.0) for r in insp.regions]
     x, y, w, h = insp.regions[0].bbox
-    assert 24 <= x and x + w <= 56 and 16 <= y and y + h <= 48  # around cells 4..5 x 3..4 (8 px each)
+    assert 24 <= x and x + w <= 64 and 16 <= y and y + h <= 48  # around cells 4..6 x 3..4 (8 px each)

@@ -123,10 +123,11 @@ def test_defect_event_header_and_attachments(start_publisher):
     assert h["regions"] == [r.as_dict() for r in insp.regions]
     region = h["regions"][0]
     assert all(isinstance(v, int) for v in region["bbox"]) and isinstance(region["area_px"], int)
+    # regions last: added within the schema, so positional consumers of "mask, frame" keep working
     assert h["attachments"] == [{"kind": "mask", "encoding": "png", "width": 64, "height": 48},
-                                {"kind": "regions", "encoding": "png", "width": 64, "height": 48},
-                                {"kind": "frame", "encoding": "jpeg", "width": 64, "height": 48}]
-    assert attachments == [insp.mask_png, insp.regions_png, insp.frame_jpeg]
+                                {"kind": "frame", "encoding": "jpeg", "width": 64, "height": 48},
+                                {"kind": "regions", "encoding": "png", "width": 64, "height": 48}]
+    assert attachments == [insp.mask_png, insp.frame_jpeg, insp.regions_png]
     mask = cv2.imdecode(np.frombuffer(attachments[0], np.uint8), cv2.IMREAD_GRAYSCALE)
     assert mask.shape == (48, 64) and mask.max() > 200 and mask.min() < 10
     pub.stop()  # the counter is incremented right after the send: join the thread before reading it

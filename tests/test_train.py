@@ -133,4 +133,3 @@ def test_recorded_val_metrics_match_an_independent_computation(tf, trained, synt
     assert recorded["accuracy"] == pytest.approx(accuracy_score(labels, scores >= 0.5), abs=1e-6)
     # The easy synthetic set is learnt: a recorded value that merely lies in [0, 1] would not do.
     assert recorded["roc_auc"] >= 0.8, recorded
-

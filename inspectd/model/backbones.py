@@ -64,8 +64,9 @@ def check_input_size(size: tuple[int, int], stride: int) -> None:
         raise UsageError(f"stride {stride}: must be 8 (atrous), 16 (truncated, as in the paper) or 32 (full backbone)")
     step = max(stride, 16)  # an atrous backbone still halves the image four times before the cut
     if w % step or h % step or w < step * 2 or h < step * 2:
+        what = f"the output stride {stride}" if step == stride else f"{step} (stride {stride} is atrous: still 4 halvings)"
         raise UsageError(
-            f"input size {w}x{h}: width and height must be multiples of {step} "
+            f"input size {w}x{h}: width and height must be multiples of {what} "
             f"and at least {2 * step} (e.g. {max(2, round(w / step)) * step}x{max(2, round(h / step)) * step})"
         )
 

@@ -255,16 +255,22 @@ def _check_metadata(path: Path, meta: dict) -> None:
     ModelFileError naming it, not a KeyError deep inside the daemon or a mask rule out of range."""
     from inspectd.pipeline.masks import MaskRule
 
+    def section(key: str, required: bool = True) -> dict | None:
+        value = meta.get(key) if not required else meta[key]
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{key} is {type(value).__name__}, not an object")
+        return value
+
     try:
-        size = meta["input"]["width"], meta["input"]["height"]
-        if not all(isinstance(v, int) and v > 0 for v in size):
+        size = section("input")["width"], section("input")["height"]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
             raise ValueError(f"input size {size[0]}x{size[1]} is not two positive integers")
         for key in ("score", "mask"):
-            value = float(meta["thresholds"][key])
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"thresholds.{key} {value} outside [0, 1]")
-        Pooling.from_meta(meta.get("pooling"))
-        rule = meta.get("mask_rule")
+            value = section("thresholds")[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"thresholds.{key} {value!r} is not a number in [0, 1]")
+        Pooling.from_meta(section("pooling", required=False))
+        rule = section("mask_rule", required=False)
         if rule is not None:
             MaskRule(str(rule["kind"]), float(rule["param"]))
     except KeyError as exc:

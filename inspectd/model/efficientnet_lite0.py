@@ -66,7 +66,7 @@ def _blocks():
 def EfficientNetLite0(include_top: bool = False, weights: str | None = "imagenet", input_shape=None,
                       classes: int = 1000, drop_connect_rate: float = 0.2, dropout_rate: float = 0.2,
                       name: str = "efficientnet_lite0", output_stride: int = 32):
-    """Keras model: RGB 0..255 [B, H, W, 3] -> features [B, H/32, W/32, 1280] (or 1000 logits with the top).
+    """Keras model: RGB 0..255 [B, H, W, 3] -> features [B, H/s, W/s, 1280], s = output_stride (or 1000 logits with the top).
 
     Called like a `keras.applications` factory. weights: None (random), "imagenet" (from the
     installed weights package; `UnavailableError` if it is not installed), or a path: a PyTorch

@@ -34,7 +34,6 @@ THRESHOLDS = np.round(np.concatenate([np.arange(0.02, 0.99, 0.02), [0.99, 0.995,
 # The model's own map; the same on images judged defective only (the others' maps at the bottom: events carry
 # masks for defects only), gated exactly like the reference's per-image min-max display map, the third.
 MAPS = ("calibrated", "gated", "minmax")
-_GATED_OUT = -60.0  # a logit below every real one (sigmoid ~ 1e-26): an image judged ok, ranked last
 
 
 @dataclass(frozen=True)
@@ -66,8 +65,9 @@ def _pixel_report(samples: list[Sample], rule: MaskRule, threshold: float) -> tu
         "peak_in_defect": float(np.mean([_peak_hit(lg, s.truth, _cell_px(s)) for lg, s in zip(logits, samples)
                                          if s.truth.any()])),
     }
+    gated_out = min(float(lg.min()) for lg in logits) - 1.0  # below every real logit: judged ok, ranked last
     maps = {"calibrated": logits,  # sigmoid is monotonic: the logits rank pixels as the probabilities do
-            "gated": [lg if s.score >= threshold else np.full_like(lg, _GATED_OUT) for lg, s in zip(logits, samples)],
+            "gated": [lg if s.score >= threshold else np.full_like(lg, gated_out) for lg, s in zip(logits, samples)],
             "minmax": [upsample(minmax_map(s.cam_logits, s.score, threshold), *s.truth.shape[::-1]) for s in samples]}
     truth_flat = np.concatenate([t.ravel() for t in truths])
     rocs = {}

@@ -135,6 +135,8 @@ def _record(key: _Key, image: np.ndarray, pred, out: Path, thr: float, rule: Mas
     write_png(out / f"{key.name}_mask.png", to_mask_u8(prob), rgb=False)
     if kept is not None:  # defects: exactly the regions (the 8-bit probability can saturate above the threshold)
         write_png(out / f"{key.name}_regions.png", kept, rgb=False)
+    else:  # judged ok: no regions file, not one left from an earlier run into the same folder
+        (out / f"{key.name}_regions.png").unlink(missing_ok=True)
     record = {"input": str(key.input), "name": key.name, "score": round(pred.score, 6), "threshold": thr,
               "is_defect": bool(pred.score >= thr), "mask_threshold": mask_thr, "mask_rule": str(rule),
               "regions": [r.as_dict() for r in regions]}

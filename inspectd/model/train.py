@@ -118,6 +118,9 @@ def _prepare(opts: TrainOptions):
         MaskRule.parse(opts.mask_rule)
     except ValueError as exc:
         raise UsageError(f"--mask-rule: {exc}") from None
+    if opts.stride == 8 and not BACKBONES[opts.backbone].atrous:  # before the (long) data check
+        atrous = ", ".join(n for n, b in BACKBONES.items() if b.atrous)
+        raise UsageError(f"--stride 8: {opts.backbone} has no atrous variant; use --backbone {atrous} or stride 16")
     if opts.input_size is not None:
         check_input_size(opts.input_size, opts.stride)
     data = datasets.scan(opts.dataset)

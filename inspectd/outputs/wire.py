@@ -46,7 +46,10 @@ def parse_rfc3339(text: str) -> float:
 
 
 def inspection_body(insp: Inspection, model: dict, with_frame: bool) -> tuple[dict, list[bytes]]:
-    """The inspection fields of a defect/result header and its attachments (mask PNG, then frame JPEG).
+    """The inspection fields of a defect/result header and its attachments (mask PNG, frame JPEG, regions PNG).
+
+    `regions` comes last: it was added within inspectd.event/1, and consumers written for "mask, then
+    frame" keep working even if they index the parts by position.
 
     The envelope (schema, run_id, topic, seq, published_at) is added at send time by `encode_message`.
     """
@@ -57,12 +60,12 @@ def inspection_body(insp: Inspection, model: dict, with_frame: bool) -> tuple[di
         w, h = insp.mask_size
         attachments.append({"kind": "mask", "encoding": "png", "width": int(w), "height": int(h)})
         parts.append(insp.mask_png)
-    if insp.regions_png:
-        attachments.append({"kind": "regions", "encoding": "png", "width": frame.width, "height": frame.height})
-        parts.append(insp.regions_png)
     if with_frame and insp.frame_jpeg:
         attachments.append({"kind": "frame", "encoding": "jpeg", "width": frame.width, "height": frame.height})
         parts.append(insp.frame_jpeg)
+    if insp.regions_png:
+        attachments.append({"kind": "regions", "encoding": "png", "width": frame.width, "height": frame.height})
+        parts.append(insp.regions_png)
     body = {
         "camera": frame.camera,
         "frame_seq": int(frame.seq),
