@@ -169,11 +169,20 @@ def main() -> int:
     if args.holdout:
         splits["held-out type: train blowhole, test crack"] = split_by_type(args.tiles, args.out / "split-type",
                                                                             "blowhole", "crack")
-    results = {}
+    results: dict = {}
     for title, (train_dir, test_dir) in splits.items():
         sub = args.out / ("tiles" if title.startswith("tiles") else "holdout")
-        results[title] = [one(name, train_dir, test_dir, sub, args) for name in names]
-    (args.out / "summary.json").write_text(json.dumps(results, indent=2))
+        results[title] = []
+        for name in names:
+            results[title].append(one(name, train_dir, test_dir, sub, args))
+            write_summary(results, args.out)  # after every configuration: hours of work survive an interruption
+    print(write_summary(results, args.out))
+    return 0
+
+
+def write_summary(results: dict, out: Path) -> str:
+    """OUT/summary.json and OUT/summary.md of the results so far; returns the Markdown."""
+    (out / "summary.json").write_text(json.dumps(results, indent=2))
     header = ("| config | image ROC-AUC | pixel ROC-AUC | AUPRO | IoU (own rule) | region recall | region precision | "
               "false-region rate (ok) | peak on defect | train min |\n|" + "---|" * 10)
     md = [f"Command: `{' '.join(sys.argv)}`\n"]
@@ -187,9 +196,8 @@ def main() -> int:
                      f"{_f(v['false_region_rate'])}" for v in r["rules"].values()]
             md.append(f"| {r['name']} | " + " | ".join(cells) + " |")
         md.append("")
-    (args.out / "summary.md").write_text("\n".join(md))
-    print("\n".join(md))
-    return 0
+    (out / "summary.md").write_text("\n".join(md))
+    return "\n".join(md)
 
 
 if __name__ == "__main__":

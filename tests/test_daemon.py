@@ -45,7 +45,7 @@ def test_two_synthetic_cameras_publish_defects_and_metrics(tmp_path):
             assert m.value("inspectd_defects_total", camera=cam) >= sum(ev.camera == cam for ev in defects)
         assert m.value("inspectd_inference_seconds_count") > 0
         [info] = m.find("inspectd_model_info")
-        assert info.labels["backbone"] == "efficientnetv2b0" and info.labels["name"] == "demo"
+        assert info.labels["backbone"] == "efficientnet_lite0" and info.labels["name"] == "demo"
         assert m.find("inspectd_build_info")
         assert m.value("process_resident_memory_bytes") > 0
         assert http_get(urls["metrics"] + "/healthz")[0] == 200
