@@ -4,6 +4,7 @@ Not yet wired into the daemon: the kill -9 and full-disk tests come with that st
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -107,3 +108,52 @@ def test_file_names_inside_an_entry_are_plain(tmp_path, bad):
     with pytest.raises(ValueError, match="one plain component"):
         write_entry(tmp_path, ArchiveEntry("cam1", time.time(), 1, ((bad, b"x"),)))
     assert not list(entries(tmp_path)) and not list(tmp_path.rglob(f"{TEMP_PREFIX}*"))
+
+
+_WRITER = r"""
+import hashlib, json, os, sys, time
+from inspectd.outputs.archive import Archive, ArchiveEntry
+archive = Archive(sys.argv[1], queue_size=64).start()
+seq = 0
+while True:  # until SIGKILL: entries of 0.2-2 MB, as fast as the disk takes them
+    seq += 1
+    frame = os.urandom(200_000 * (1 + seq % 10))
+    mask = os.urandom(5_000)
+    header = {"frame_seq": seq, "sha256": {"frame.jpg": hashlib.sha256(frame).hexdigest(),
+                                           "mask.png": hashlib.sha256(mask).hexdigest()}}
+    entry = ArchiveEntry("cam/../1", time.time(), seq,
+                         (("frame.jpg", frame), ("mask.png", mask), ("header.json", json.dumps(header).encode())))
+    while not archive.submit(entry):
+        time.sleep(0.001)
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_during_heavy_writing_leaves_no_torn_entry(tmp_path):
+    """A real process writing entries as fast as it can, killed with SIGKILL: every entry present is
+    whole (its header parses and lists the digests of the files beside it), temporaries are all that a
+    crash leaves, and the next start removes them."""
+    import signal
+    import subprocess
+    import sys
+
+    from support import wait_until
+
+    root = tmp_path / "archive"
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(root)])
+    try:
+        wait_until(lambda: len(list(entries(root))) >= 30 if root.exists() else False, 120, "30 entries written")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    found = list(entries(root))
+    assert len(found) >= 30 and {e.parent.parent.name for e in found} == {safe_component("cam/../1")}
+    for entry in found:
+        header = json.loads((entry / "header.json").read_bytes())
+        files = {f.name for f in entry.iterdir()}
+        assert files == {"header.json", "frame.jpg", "mask.png"}, (entry, files)
+        for name, digest in header["sha256"].items():
+            assert hashlib.sha256((entry / name).read_bytes()).hexdigest() == digest, (entry, name)
+    clean_temporaries(root)
+    assert not list(root.rglob(f"{TEMP_PREFIX}*"))
+    assert len(list(entries(root))) == len(found)
