@@ -23,7 +23,7 @@ from inspectd.imageio import IMAGE_SUFFIXES, VIDEO_SUFFIXES, read_rgb, to_rgb, w
 from inspectd.model.dataset import class_items
 from inspectd.model.deployable import load_model
 from inspectd.pipeline.engine import Predictor
-from inspectd.pipeline.postprocess import MaskRule, label_regions, overlay, probability, to_mask_u8, upsample
+from inspectd.pipeline.postprocess import MaskRule, locate, overlay, to_mask_u8
 from inspectd.service.config import resolve_model_path
 
 
@@ -124,22 +124,17 @@ def _items(files: list[_Input], opts: InferOptions, errors: list[dict]) -> Itera
 
 def _record(key: _Key, image: np.ndarray, pred, out: Path, thr: float, rule: MaskRule) -> dict:
     h, w = image.shape[:2]
-    # As the daemon does: logits upsampled, then the sigmoid; the rule's threshold for this image.
-    logits = upsample(pred.cam_logits, w, h)
-    prob = probability(logits)
-    mask_thr = rule.probability_threshold(pred.cam_logits)
-    above = logits >= rule.logit_threshold(pred.cam_logits)
-    regions, kept = label_regions(prob, mask_thr, 1, above) if pred.score >= thr else ([], None)
-    drawn = overlay(image, prob, pred.score, thr, mask=above if regions else None, regions=tuple(regions))
-    write_png(out / f"{key.name}_overlay.png", drawn)
-    write_png(out / f"{key.name}_mask.png", to_mask_u8(prob), rgb=False)
-    if kept is not None:  # defects: exactly the regions (the 8-bit probability can saturate above the threshold)
-        write_png(out / f"{key.name}_regions.png", kept, rgb=False)
+    found = locate(pred.cam_logits, w, h, rule, pred.score >= thr)  # as the daemon does
+    mask = found.kept > 0 if found.regions else None
+    write_png(out / f"{key.name}_overlay.png", overlay(image, found.prob, pred.score, thr, mask=mask, regions=found.regions))
+    write_png(out / f"{key.name}_mask.png", to_mask_u8(found.prob), rgb=False)
+    if found.kept is not None:  # defects: exactly the regions (the 8-bit probability can saturate above the threshold)
+        write_png(out / f"{key.name}_regions.png", found.kept, rgb=False)
     else:  # judged ok: no regions file, not one left from an earlier run into the same folder
         (out / f"{key.name}_regions.png").unlink(missing_ok=True)
     record = {"input": str(key.input), "name": key.name, "score": round(pred.score, 6), "threshold": thr,
-              "is_defect": bool(pred.score >= thr), "mask_threshold": mask_thr, "mask_rule": str(rule),
-              "regions": [r.as_dict() for r in regions]}
+              "is_defect": bool(pred.score >= thr), "mask_threshold": found.mask_threshold, "mask_rule": str(rule),
+              "regions": [r.as_dict() for r in found.regions]}
     if key.frame is not None:
         record["frame"] = key.frame
     if key.label is not None:

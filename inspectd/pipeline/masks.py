@@ -72,5 +72,9 @@ class MaskRule:
 
     def probability_threshold(self, cam_logits: np.ndarray) -> float:
         """sigmoid(logit_threshold): the per-image threshold on the probability map."""
-        t = self.logit_threshold(cam_logits)
-        return 1.0 if t == math.inf else float(1.0 / (1.0 + math.exp(-min(max(t, -60.0), 60.0))))
+        return logit_to_probability(self.logit_threshold(cam_logits))
+
+
+def logit_to_probability(t: float) -> float:
+    """sigmoid of a logit threshold (inf, a flat map's minmax threshold: 1.0, nothing is above it)."""
+    return 1.0 if t == math.inf else float(1.0 / (1.0 + math.exp(-min(max(t, -60.0), 60.0))))

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 __all__ = [
-    "Region", "MaskRule", "MASK_RULES", "InspectOptions", "probability", "upsample", "find_regions", "label_regions",
-    "to_mask_u8",
+    "Region", "MaskRule", "MASK_RULES", "InspectOptions", "Located", "probability", "upsample", "find_regions",
+    "label_regions", "locate", "to_mask_u8",
     "encode_png", "overlay", "inspect",
 ]
 
@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-from inspectd.pipeline.masks import MASK_RULES, MaskRule
+from inspectd.pipeline.masks import MASK_RULES, MaskRule, logit_to_probability
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,33 @@ def label_regions(prob: np.ndarray, threshold: float, min_area_px: int = 1,
         values = prob[labels == i]
         regions.append(Region((x, y, w, h), area, float(values.max()), float(values.mean())))
     return sorted(regions, key=lambda r: -r.area_px), np.where(kept[labels], 255, 0).astype(np.uint8)
+
+
+@dataclass(frozen=True, eq=False)
+class Located:
+    """One image's map at image size, its mask threshold, and (judged defective) its regions."""
+
+    prob: np.ndarray  # sigmoid of the upsampled logits
+    mask_threshold: float  # this image's probability threshold under the rule
+    regions: tuple = ()  # tuple[Region, ...], largest first; empty when judged ok
+    kept: np.ndarray | None = None  # uint8 0/255: exactly the regions (None when judged ok)
+
+
+def locate(cam_logits: np.ndarray, width: int, height: int, rule: MaskRule, is_defect: bool,
+           min_region_px: int = 1) -> Located:
+    """The daemon's and `infer`'s one path from a CAM to regions at image size.
+
+    The logits are upsampled, then turned into probabilities: a bilinear map of logits thresholded
+    at one logit is exactly the probability map thresholded at its sigmoid. The mask is taken on the
+    logits: float32 probabilities saturate to 1.0 above a logit of ~17."""
+    logits = upsample(np.asarray(cam_logits, np.float32), width, height)
+    prob = probability(logits)
+    t = rule.logit_threshold(cam_logits)  # once: a quantile rule sorts the map
+    mask_threshold = logit_to_probability(t)
+    if not is_defect:
+        return Located(prob, mask_threshold)
+    regions, kept = label_regions(prob, mask_threshold, min_region_px, logits >= t)
+    return Located(prob, mask_threshold, tuple(regions), kept)
 
 
 def to_mask_u8(prob: np.ndarray) -> np.ndarray:
@@ -131,28 +158,18 @@ def inspect(frame, score: float, cam_logits: np.ndarray, opts: InspectOptions):
     """Probability map -> regions (frame pixels), mask PNG, optional JPEG: one frame's Inspection."""
     from inspectd.frames import Inspection
 
-    cam_prob = probability(cam_logits)
-    # The logits are upsampled, then turned into probabilities: a bilinear map of logits thresholded
-    # at one logit is exactly the probability map thresholded at its sigmoid.
-    # The mask is taken on the logits: float32 probabilities saturate to 1.0 above a logit of ~17.
-    logits = upsample(np.asarray(cam_logits, np.float32), frame.width, frame.height)
-    prob = probability(logits)
     is_defect = bool(score >= opts.threshold)
-    mask_threshold = opts.mask_rule.probability_threshold(cam_logits)
-    above = logits >= opts.mask_rule.logit_threshold(cam_logits)
-    regions, regions_png = (), b""
-    if is_defect:
-        found, kept = label_regions(prob, mask_threshold, opts.min_region_px, above)
-        # Exactly the published regions, losslessly: the 8-bit probability PNG cannot reproduce them where
-        # the map saturates (a per-image threshold above 254.5/255) or where rounding crosses the threshold.
-        regions, regions_png = tuple(found), encode_png(kept)
-    mask = prob if opts.mask_resolution == "frame" else cam_prob
+    found = locate(cam_logits, frame.width, frame.height, opts.mask_rule, is_defect, opts.min_region_px)
+    # Exactly the published regions, losslessly: the 8-bit probability PNG cannot reproduce them where
+    # the map saturates (a per-image threshold above 254.5/255) or where rounding crosses the threshold.
+    regions_png = encode_png(found.kept) if found.kept is not None else b""
+    mask = found.prob if opts.mask_resolution == "frame" else probability(cam_logits)
     png = encode_png(to_mask_u8(mask)) if is_defect or opts.results else b""
     jpeg = b""
     if opts.attach_frame and is_defect:
         ok, buf = cv2.imencode(".jpg", cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR),
                                [cv2.IMWRITE_JPEG_QUALITY, opts.jpeg_quality])
         jpeg = buf.tobytes() if ok else b""
-    return Inspection(frame=frame, score=float(score), threshold=opts.threshold, is_defect=is_defect, regions=regions,
-                      mask_png=png, mask_size=(mask.shape[1], mask.shape[0]), frame_jpeg=jpeg,
-                      mask_threshold=mask_threshold, regions_png=regions_png)
+    return Inspection(frame=frame, score=float(score), threshold=opts.threshold, is_defect=is_defect,
+                      regions=found.regions, mask_png=png, mask_size=(mask.shape[1], mask.shape[0]), frame_jpeg=jpeg,
+                      mask_threshold=found.mask_threshold, regions_png=regions_png)
