@@ -68,6 +68,19 @@ def _cmd_bench(args) -> int:
     return 0 if res["pipeline"]["residual"] == 0 else int(ExitCode.INTERNAL)
 
 
+def _cmd_archive_export(args) -> int:
+    from inspectd.outputs.export import ExportOptions, export_archive, parse_since
+
+    opts = ExportOptions(archive=args.archive, out=args.out, cameras=tuple(args.camera or ()),
+                         since=parse_since(args.since) if args.since else None,
+                         until=parse_since(args.until) if args.until else None)
+    s = export_archive(opts)
+    print(f"exported {s.defect} defect and {s.ok} ok frames to {args.out} ({s.matched} entries matched; "
+          f"{s.already} exported before, {s.unusable} unusable). The folders are the model's verdicts: review "
+          f"them before training; its masks are in {args.out / 'predictions'}, not masks/.")
+    return 0
+
+
 def _cmd_train(args) -> int:
     from inspectd.model.train import TrainOptions, train
 
@@ -260,6 +273,20 @@ def _add_bench(sub) -> None:
     p.set_defaults(func=_cmd_bench)
 
 
+def _add_archive(sub) -> None:
+    p = sub.add_parser("archive", help="the defect archive: export it as a dataset for review and retraining")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+    e = verbs.add_parser("export", help="archive -> DATASET/defect, ok (the model's verdicts), predictions/, "
+                         "manifest.jsonl")
+    e.add_argument("archive", type=Path, help="the archive folder ([archive] dir)")
+    e.add_argument("--out", type=Path, required=True, help="dataset folder (created; exporting again adds what is new)")
+    e.add_argument("--camera", action="append", metavar="ID", help="only this camera (repeatable)")
+    e.add_argument("--since", metavar="T", help="captured at or after T: 2026-11-26, 2026-11-26T13:40:00Z, or an "
+                   "age: 24h, 7d")
+    e.add_argument("--until", metavar="T", help="captured before T (same forms)")
+    e.set_defaults(func=_cmd_archive_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="inspectd", description="Streaming defect inspection: single-pass score + CAM mask, ZeroMQ events, "
@@ -270,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     from inspectd.watch import add_parser as _add_watch
 
-    commands = (_add_run, _add_check_config, _add_watch, _add_bench,
+    commands = (_add_run, _add_check_config, _add_watch, _add_bench, _add_archive,
                 _add_train, _add_convert, _add_infer, _add_evaluate, _add_synth)
     for add in commands:
         add(sub)
@@ -296,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
             import_tensorflow()
         return args.func(args)
     except InspectdError as exc:
-        print(f"inspectd {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        command = " ".join(filter(None, (args.command, getattr(args, "verb", None))))
+        print(f"inspectd {command}: error: {_one_line(exc)}", file=sys.stderr)
         return int(exc.exit_code)
     except ModuleNotFoundError as exc:
         if exc.name not in _TOOLKIT_MODULES:

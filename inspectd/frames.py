@@ -79,3 +79,5 @@ class Inspection:
     frame_jpeg: bytes = b""
     mask_threshold: float = 0.5  # this frame's probability threshold for the mask (the model's mask rule)
     regions_png: bytes = b""  # defects: 255 on exactly the published regions, 0 elsewhere, at frame size
+    archive_frame: bytes = b""  # the frame for the archive (every defect, sampled ok frames), when it is on
+    archive_encoding: str = ""  # "jpeg" or "png" (the archive's frame_format)

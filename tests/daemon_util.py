@@ -45,10 +45,12 @@ def _toml(v) -> str:
 class DaemonProcess:
     """`python -m inspectd run --config PATH` with stderr captured to a file; always stopped."""
 
-    def __init__(self, config: Path, log: Path, env: dict | None = None):
+    def __init__(self, config: Path, log: Path, env: dict | None = None, prefix: tuple[str, ...] = ()):
+        """`prefix`: a command the daemon's argv is appended to (e.g. a private mount namespace); it must
+        pass SIGTERM on to the daemon and exit with its status."""
         self.log_path = log
         self._log = open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "inspectd", "run", "--config", str(config)],
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "inspectd", "run", "--config", str(config)],
                                      stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
                                      env={**os.environ, **(env or {})})
 

@@ -10,7 +10,10 @@ a real Prometheus server in prometheus_util.py. All of them take these helpers f
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import subprocess
 import threading
 import time
 import urllib.error
@@ -245,10 +248,11 @@ TEST_MODEL = {"name": "tiny", "sha256": "ab" * 32}
 
 
 def make_inspection(camera: str = "cam1", seq: int = 1, defect: bool = True, attach_frame: bool = False,
-                    size: tuple[int, int] = (64, 48), color: tuple[int, int, int] | None = None) -> Inspection:
+                    size: tuple[int, int] = (64, 48), color: tuple[int, int, int] | None = None,
+                    archive_frame: str = "", ok_every: int = 0, captured_at: float | None = None) -> Inspection:
     """A real post-processed inspection: one hot square in the CAM -> one region, a mask PNG, maybe a JPEG.
 
-    The frame is noise, or one RGB `color`."""
+    The frame is noise, or one RGB `color`; `archive_frame` ("jpeg"/"png") as with the archive on."""
     from inspectd.frames import Frame
     from inspectd.pipeline.postprocess import InspectOptions, inspect
 
@@ -257,10 +261,11 @@ def make_inspection(camera: str = "cam1", seq: int = 1, defect: bool = True, att
         image = np.random.default_rng(seq).integers(0, 256, (h, w, 3), dtype=np.uint8)
     else:
         image = np.full((h, w, 3), color, np.uint8)
-    frame = Frame(camera, seq, time.time() - 0.05, time.monotonic(), image)
+    frame = Frame(camera, seq, time.time() - 0.05 if captured_at is None else captured_at, time.monotonic(), image)
     logits = np.full((h // 8, w // 8), -6.0, np.float32)
     logits[2:4, 3:5] = 6.0
-    opts = InspectOptions(threshold=0.5, attach_frame=attach_frame, results=True)  # mask: probability >= 0.5
+    opts = InspectOptions(threshold=0.5, attach_frame=attach_frame, results=True,  # mask: probability >= 0.5
+                          archive_frame=archive_frame, archive_ok_every=ok_every)
     return inspect(frame, 0.9 if defect else 0.1, logits, opts)
 
 
@@ -290,3 +295,14 @@ class CameraHarness:
     def __exit__(self, *exc) -> None:
         self.worker.stop()
         assert self.worker.join(2.0), "capture thread did not end"
+
+
+# ------------------------------------------------------------------------------------------ namespaces
+
+
+def unshare_unavailable() -> str | None:
+    """Why a private mount namespace (unshare --mount, as root) cannot be used here, or None."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return "needs root and unshare(1)"
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True, timeout=30)
+    return None if proc.returncode == 0 else f"unshare --mount is not permitted here: {proc.stderr.decode().strip()}"

@@ -272,7 +272,9 @@ SECTIONS = {
                                              "ipc://@inspectd"]),
                 "send_hwm": st.integers(1, 100_000), "heartbeat_s": NUM, "results": BOOL, "attach_frame": BOOL},
     "metrics": {"host": st.sampled_from(["127.0.0.1", "::1", "localhost", "0.0.0.0"]), "port": st.integers(0, 65535)},
-    "archive": {"dir": st.just(""), "max_bytes": st.integers(0, 2**40), "max_age_s": st.floats(0, 1e6)},
+    "archive": {"dir": st.sampled_from(["", "archive", "/tmp/inspectd-archive"]), "max_bytes": st.integers(0, 2**40),
+                "max_age_s": st.floats(0, 1e6), "frame_format": st.sampled_from(["jpeg", "png"]),
+                "ok_every": st.integers(0, 100), "queue_size": st.integers(1, 100_000)},
     "daemon": {"shutdown_timeout_s": NUM, "warmup": BOOL, "stuck_after_s": NUM},
 }
 CAMERA_KEYS = {"url": st.sampled_from(["synthetic://", "rtsp://u:p@h/s", "x.mp4", "dir:///tmp"]),

@@ -48,7 +48,8 @@ def test_relative_paths_are_relative_to_the_file(tmp_path):
     ('[[cameras]]\nid = "a"\nurl = "x"\n[[cameras]]\nid = "a"\nurl = "y"\n', "repeated: a"),
     ('[batching]\nmax_batch = 0\n', "batching.max_batch"),
     ('[publish]\nendpoint = "udp://x"\n', "publish.endpoint"),
-    ('[archive]\ndir = "/var/x"\n', "not implemented yet"),
+    ('[archive]\nframe_format = "gif"\n', "archive.frame_format"),
+    ('[archive]\nok_every = -1\n', "archive.ok_every"),
     ("[model\n", "not valid TOML"),
 ])
 def test_errors_name_the_key(tmp_path, text, needle):

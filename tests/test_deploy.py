@@ -21,6 +21,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from support import unshare_unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "deploy" / "inspectd.service"
@@ -302,20 +303,12 @@ def test_a_release_that_rejects_the_config_is_not_switched_to(wheel, tmp_path):
     assert [p.name for p in (opt / "releases").iterdir()] == [current[9:]]  # the new one was removed
 
 
-def _can_unshare() -> str | None:
-    """Why a private mount namespace cannot be used here, or None."""
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        return "needs root and unshare(1)"
-    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True, timeout=30)
-    return None if proc.returncode == 0 else f"unshare --mount is not permitted here: {proc.stderr.decode().strip()}"
-
-
 @pytest.mark.slow
 def test_real_install_in_a_private_mount_namespace(wheel, tmp_path):
     """The non-DESTDIR path (user and group, ownership, the check run as the service user) without
     touching this machine: /etc is an overlay whose changes land in tmp_path, /opt and /var/log are
     tmp_path directories, all inside a mount namespace that ends with the command."""
-    why = _can_unshare()
+    why = unshare_unavailable()
     if why:
         pytest.skip(why)
     if not os.access("/usr/bin/python3", os.X_OK) or subprocess.run(

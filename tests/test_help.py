@@ -10,7 +10,7 @@ from conftest import run_cli
 
 from inspectd.cli import build_parser
 
-COMMANDS = ("run", "check-config", "watch", "bench", "train", "convert", "infer", "evaluate", "synth")
+COMMANDS = ("run", "check-config", "watch", "bench", "archive", "train", "convert", "infer", "evaluate", "synth")
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:

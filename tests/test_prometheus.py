@@ -36,10 +36,10 @@ DEAD_CAMERA = "dead"
 EXPECTED_ALERTS = {
     "InspectdDown", "InspectdCameraDown", "InspectdInferenceFpsLow", "InspectdDroppedFrameRatioHigh",
     "InspectdStaleFrameRatioHigh", "InspectdEndToEndLatencyHigh", "InspectdEventsDropped", "InspectdRestarted",
-    "InspectdReloadFailed",
+    "InspectdReloadFailed", "InspectdArchiveLosingEntries",
 }
 # Alerts without `for:` that a healthy daemon must never fire.
-QUIET_WHEN_HEALTHY = {"InspectdEventsDropped", "InspectdRestarted", "InspectdReloadFailed"}
+QUIET_WHEN_HEALTHY = {"InspectdEventsDropped", "InspectdRestarted", "InspectdReloadFailed", "InspectdArchiveLosingEntries"}
 
 
 # ------------------------------------------------------------------------------------------ promtool
@@ -171,7 +171,7 @@ def stack(tmp_path_factory, request) -> Stack:
                    for i, c in enumerate(LIVE_CAMERAS))
     cams += camera_toml(DEAD_CAMERA, f"rtsp://127.0.0.1:{free_port()}/x", reconnect_initial_s=0.2, reconnect_max_s=1,
                         open_timeout_s=1)
-    config, urls = daemon_config(tmp, cams, publish={"results": True})
+    config, urls = daemon_config(tmp, cams, publish={"results": True}, archive={"dir": str(tmp / "archive")})
     instance = urls["metrics"].removeprefix("http://")
     daemon = DaemonProcess(config, tmp / "daemon.log")
     request.addfinalizer(daemon.terminate)

@@ -1,7 +1,10 @@
-"""The defect archive, first step (issue 9): entries written atomically on a writer thread.
+"""The defect archive (docs/archive.md): entries written atomically on a writer thread.
 
-Not wired into the daemon yet (`[archive]` is still rejected by the config): this module is the
-on-disk format and the writer, tested on their own.
+    archive = Archive(Path("/var/lib/inspectd/archive"), max_bytes=10**10).start()
+    archive.submit(message_entry(header_json, attachments, extra))   # never blocks; losses counted
+    archive.stop()
+
+The publisher hands it every defect event as sent (`inspectd.outputs.publish`).
 
 Layout: `ROOT/<camera>/<YYYY-MM-DD>/<UTC time>_<frame seq>/` holds one entry's files (the header
 JSON, the mask PNG, the frame). An entry is written into a temporary folder `.tmp-<name>` next to
@@ -14,11 +17,14 @@ process when. Temporaries left by a crash are removed at start (`clean_temporari
 
 from __future__ import annotations
 
-__all__ = ["ArchiveEntry", "Archive", "safe_component", "entry_dir", "write_entry", "clean_temporaries",
-           "entries", "enforce_retention", "TEMP_PREFIX"]
+__all__ = ["ArchiveEntry", "Archive", "RetentionIndex", "safe_component", "entry_dir", "entry_time", "write_entry",
+           "clean_temporaries", "entries", "enforce_retention", "TEMP_PREFIX", "DROP_REASONS", "HEADER_FILE", "file_name",
+           "message_entry", "unsent_header", "read_entry"]
 
 import errno
 import hashlib
+import heapq
+import json
 import os
 import queue
 import re
@@ -26,10 +32,12 @@ import shutil
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+from inspectd.outputs.wire import SCHEMA, parse_rfc3339
 
 TEMP_PREFIX = ".tmp-"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -89,6 +97,7 @@ def write_entry(root: Path, entry: ArchiveEntry) -> int:
         _fsync_dir(temp)
         if final.exists():  # the same camera frame twice (a second run in the same microsecond): keep the first
             shutil.rmtree(temp)
+            size = 0
         else:
             os.replace(temp, final)
         _fsync_dir(final.parent)
@@ -121,53 +130,97 @@ def _size(entry: Path) -> int:
     return sum(f.stat().st_size for f in entry.iterdir())
 
 
+def entry_time(entry: Path) -> float:
+    """An entry folder's capture time (Unix), from its name."""
+    stamp = entry.name.split("_", 1)[0]
+    return datetime.strptime(stamp, "%Y%m%dT%H%M%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+
+
+class RetentionIndex:
+    """The archive's entries by capture time and their total size, so that retention never rescans the
+    disk: built once by a scan at start, then told of every entry written. A heap keyed by time: the
+    oldest entry is always the next to go."""
+
+    def __init__(self):
+        self._heap: list[tuple[float, str, int]] = []
+        self.total_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    @classmethod
+    def scan(cls, root: Path) -> RetentionIndex:
+        index = cls()
+        for e in entries(root):
+            try:
+                index.add(entry_time(e), e, _size(e))
+            except (OSError, ValueError):  # removed meanwhile, or a foreign folder: not ours to expire
+                continue
+        return index
+
+    def add(self, when: float, path: Path, size: int) -> None:
+        heapq.heappush(self._heap, (when, str(path), size))
+        self.total_bytes += size
+
+    def expire(self, max_bytes: int, max_age_s: float, now: float | None = None) -> int:
+        """Remove entries older than max_age_s, then the oldest until at most max_bytes remain (0: no
+        limit); empty day folders go too. Returns the number of entries removed."""
+        now = time.time() if now is None else now
+        removed = 0
+        while self._heap:
+            when, path, size = self._heap[0]
+            if not ((max_age_s and now - when > max_age_s) or (max_bytes and self.total_bytes > max_bytes)):
+                break  # oldest first: every later entry is younger, and the total is within the limit
+            heapq.heappop(self._heap)
+            shutil.rmtree(path, ignore_errors=True)
+            self.total_bytes -= size
+            removed += 1
+            try:
+                Path(path).parent.rmdir()  # the day folder, once empty
+            except OSError:
+                pass
+        return removed
+
+
 def enforce_retention(root: Path, max_bytes: int, max_age_s: float, now: float | None = None) -> int:
-    """Remove entries older than max_age_s, then the oldest until the archive holds at most max_bytes
-    (0: no limit); empty day folders go too. Returns the number of entries removed."""
-    now = time.time() if now is None else now
-    found = []
-    for e in entries(root):
-        when = datetime.strptime(e.name.split("_", 1)[0], "%Y%m%dT%H%M%S.%fZ").replace(tzinfo=timezone.utc)
-        found.append((when.timestamp(), e, _size(e)))
-    found.sort(key=lambda t: t[0])
-    total, removed = sum(s for _, _, s in found), 0
-    for ts, e, size in found:
-        if not ((max_age_s and now - ts > max_age_s) or (max_bytes and total > max_bytes)):
-            break  # oldest first: every later entry is younger, and the total is within the limit
-        shutil.rmtree(e, ignore_errors=True)
-        total, removed = total - size, removed + 1
-        try:
-            e.parent.rmdir()  # the day folder, once empty
-        except OSError:
-            pass
-    return removed
+    """One pass of retention over what is on disk (see `RetentionIndex.expire`)."""
+    return RetentionIndex.scan(root).expire(max_bytes, max_age_s, now)
 
 
 # OSError errno -> the drop reason counted in inspectd_archive_dropped_total{reason}
 _REASONS = {errno.ENOSPC: "disk_full", errno.EDQUOT: "disk_full", errno.EROFS: "read_only",
             errno.EACCES: "permission", errno.EPERM: "permission"}
+DROP_REASONS = ("queue_full", "disk_full", "read_only", "permission", "error")
 
 
 class Archive:
     """A writer thread behind a bounded queue: `submit` never blocks; what cannot be written is counted.
 
     `on_drop(reason)` is called for each entry lost: `queue_full` (the disk is slower than the defects),
-    `disk_full`, `read_only`, `permission` or `error`; `dropped` keeps the counts.
+    `disk_full`, `read_only`, `permission` or `error`; `dropped` keeps the counts. Retention runs on the
+    same thread every `retention_every_s`, whether or not entries arrive.
     """
 
     def __init__(self, root: Path, queue_size: int = 256, max_bytes: int = 0, max_age_s: float = 0.0,
-                 retention_every_s: float = 10.0, on_drop: Callable[[str], None] | None = None):
+                 retention_every_s: float = 10.0, on_drop: Callable[[str], None] | None = None,
+                 on_written: Callable[[], None] | None = None):
         self.root = Path(root)
+        self.on_written = on_written or (lambda: None)
         self.max_bytes, self.max_age_s, self.retention_every_s = max_bytes, max_age_s, retention_every_s
         self.on_drop = on_drop or (lambda reason: None)
         self.dropped: Counter[str] = Counter()
         self.written = 0
+        self.last_drop: tuple[float, str] | None = None  # (time.monotonic(), reason) of the latest loss
+        self.index = RetentionIndex()
         self._queue: queue.Queue[ArchiveEntry | None] = queue.Queue(maxsize=queue_size)
         self._thread = threading.Thread(target=self._run, name="archive-writer", daemon=True)
 
     def start(self) -> Archive:
+        """Create the folder, remove a crash's temporaries, index what is there (OSError if the folder
+        cannot be made or read), start the writer."""
         self.root.mkdir(parents=True, exist_ok=True)
         clean_temporaries(self.root)
+        self.index = RetentionIndex.scan(self.root)
         self._thread.start()
         return self
 
@@ -185,26 +238,96 @@ class Archive:
             self._queue.put(None)
             self._thread.join(timeout)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def losing(self, within_s: float = 60.0) -> str | None:
+        """"archive: N entries lost (reasons), the latest R s ago" while losses are recent, else None."""
+        last = self.last_drop
+        if last is None or time.monotonic() - last[0] > within_s:
+            return None
+        reasons = ", ".join(f"{r} {n}" for r, n in sorted(self.dropped.items()))
+        return f"archive losing entries ({reasons} since start; latest {last[1]} {time.monotonic() - last[0]:.0f} s ago)"
+
     def _drop(self, reason: str) -> None:
         self.dropped[reason] += 1
+        self.last_drop = (time.monotonic(), reason)
         self.on_drop(reason)
 
     def _run(self) -> None:
         next_retention = time.monotonic()
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=max(0.0, next_retention - time.monotonic()))
+            except queue.Empty:
+                item = False  # nothing to write: a retention tick
             if item is None:
                 return
-            try:
-                write_entry(self.root, item)
-                self.written += 1
-            except OSError as exc:
-                self._drop(_REASONS.get(exc.errno, "error"))
-            except Exception:  # a bad entry must not end the writer: counted, and the next one is written
-                self._drop("error")
-            if (self.max_bytes or self.max_age_s) and time.monotonic() >= next_retention:
-                try:
-                    enforce_retention(self.root, self.max_bytes, self.max_age_s)
-                except OSError:
-                    pass  # retried at the next interval; a full or read-only disk shows in the drops
+            if item is not False:
+                self._write(item)
+            if time.monotonic() >= next_retention:
+                self._retention()
                 next_retention = time.monotonic() + self.retention_every_s
+
+    def _write(self, item: ArchiveEntry) -> None:
+        try:
+            size = write_entry(self.root, item)
+            if size:
+                self.index.add(item.captured_at, entry_dir(self.root, item), size)
+            self.written += 1
+            self.on_written()
+        except OSError as exc:
+            self._drop(_REASONS.get(exc.errno, "error"))
+        except Exception:  # a bad entry must not end the writer: counted, and the next one is written
+            self._drop("error")
+
+    def _retention(self) -> None:
+        if self.max_bytes or self.max_age_s:
+            try:
+                self.index.expire(self.max_bytes, self.max_age_s)
+            except OSError:
+                pass  # retried at the next interval; a full or read-only disk shows in the drops
+
+
+# -- entries from wire messages --------------------------------------------------------------------
+
+HEADER_FILE = "header.json"
+
+
+def file_name(kind: str, encoding: str) -> str:
+    """An attachment's file name inside an entry: mask.png, frame.jpg, frame.png, regions.png."""
+    return f"{kind}.{'jpg' if encoding == 'jpeg' else encoding}"
+
+
+def message_entry(header_json: bytes, attachments: Sequence[bytes] = (),
+                  extra: Sequence[tuple[str, bytes]] = ()) -> ArchiveEntry:
+    """An entry from a message as it was sent: the header JSON byte for byte (so a replay sends exactly
+    what was published), each attachment as `file_name(kind, encoding)`, then archive-only files
+    (`extra`: the frame in the archive's format when it is not attached, or in another format)."""
+    header = json.loads(header_json)
+    files = {HEADER_FILE: bytes(header_json)}
+    for spec, data in zip(header.get("attachments", []), attachments):
+        files[file_name(spec["kind"], spec["encoding"])] = bytes(data)
+    for name, data in extra:
+        files.setdefault(name, data)
+    return ArchiveEntry(header["camera"], parse_rfc3339(header["captured_at"]), int(header["frame_seq"]),
+                        tuple(files.items()))
+
+
+def unsent_header(topic: str, run_id: str, body: dict) -> bytes:
+    """The header of an entry that was never published (an ok frame sampled for retraining, or a defect
+    event the publisher dropped): the wire header with `seq` and `published_at` null."""
+    header = {"schema": SCHEMA, "run_id": run_id, "topic": topic, "seq": None, "published_at": None, **body}
+    return json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def read_entry(path: Path) -> tuple[dict, dict[str, bytes]]:
+    """An entry folder -> (its header, {file name: bytes}); OSError or ValueError if it is not one."""
+    files = {f.name: f.read_bytes() for f in Path(path).iterdir() if f.is_file()}
+    if HEADER_FILE not in files:
+        raise ValueError(f"{path}: no {HEADER_FILE}")
+    header = json.loads(files[HEADER_FILE])
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: {HEADER_FILE} is not a JSON object")
+    return header, files

@@ -27,9 +27,11 @@ import zmq
 
 from inspectd.errors import ConfigError
 from inspectd.frames import CameraState, Inspection
+from inspectd.outputs.archive import file_name, message_entry, unsent_header
 from inspectd.outputs.wire import HEARTBEAT_TOPIC, SCHEMA, encode_message, inspection_body, status_body
 
 if TYPE_CHECKING:
+    from inspectd.outputs.archive import Archive
     from inspectd.service.config import PublishConfig
     from inspectd.service.metrics import Metrics
 
@@ -51,6 +53,7 @@ class _Pending:
     topic: str
     body: dict
     attachments: list[bytes]
+    keep: tuple[tuple[str, bytes], ...] | None = None  # archive this message, with these archive-only files
 
 
 class Publisher:
@@ -63,9 +66,14 @@ class Publisher:
     """
 
     def __init__(self, cfg: PublishConfig, metrics: Metrics, run_id: str, model: dict,
-                 stats: Callable[[], dict] = dict):
-        """`model` is named in heartbeats until `stats()` returns a "model" of its own (the daemon's current one)."""
+                 stats: Callable[[], dict] = dict, archive: Archive | None = None):
+        """`model` is named in heartbeats until `stats()` returns a "model" of its own (the daemon's current one).
+
+        With `archive`, every defect event goes to it as published (numbered, byte for byte), or, if
+        the publisher dropped it, unnumbered (`seq` null): the archive keeps what the line saw, not
+        only what consumers got. Sampled ok frames go to it directly."""
         self.cfg = cfg
+        self.archive = archive
         self.metrics = metrics
         self.run_id = run_id
         self.last_progress_mono = time.monotonic()
@@ -132,8 +140,13 @@ class Publisher:
         `model` names the model that produced the inspection ({"name", "sha256"}); `results` is the
         `[publish] results` setting of the inference context it ran in (a reload changes it at once)."""
         camera = insp.frame.camera
+        keep = None
+        if self.archive is not None and insp.archive_frame:
+            keep = ((file_name("frame", insp.archive_encoding), insp.archive_frame),)
         if insp.is_defect:
-            self._enqueue(f"defect.{camera}", *inspection_body(insp, model, with_frame=True))
+            self._enqueue(f"defect.{camera}", *inspection_body(insp, model, with_frame=True), keep=keep)
+        elif keep is not None:  # an ok frame sampled for retraining: archived, never published
+            self._archive_unsent(_Pending(f"result.{camera}", *inspection_body(insp, model, with_frame=False), keep))
         if results:
             self._enqueue(f"result.{camera}", *inspection_body(insp, model, with_frame=False))
 
@@ -141,14 +154,26 @@ class Publisher:
         """status.<camera>: the camera's state changed (up, down, ...)."""
         self._enqueue(f"status.{camera}", status_body(camera, state, detail), [])
 
-    def _enqueue(self, topic: str, body: dict, attachments: list[bytes]) -> None:
+    def _enqueue(self, topic: str, body: dict, attachments: list[bytes],
+                 keep: tuple[tuple[str, bytes], ...] | None = None) -> None:
+        item = _Pending(topic, body, attachments, keep)
         if self._closing.is_set():
-            self.metrics.events_dropped.labels(topic=topic).inc()
+            self._dropped(item)
             return
         try:
-            self._queue.put_nowait(_Pending(topic, body, attachments))
+            self._queue.put_nowait(item)
         except queue.Full:
-            self.metrics.events_dropped.labels(topic=topic).inc()
+            self._dropped(item)
+
+    def _dropped(self, item: _Pending) -> None:
+        """Not published (counted); still archived when it was to be."""
+        self.metrics.events_dropped.labels(topic=item.topic).inc()
+        self._archive_unsent(item)
+
+    def _archive_unsent(self, item: _Pending) -> None:
+        if self.archive is not None and item.keep is not None:
+            header = unsent_header(item.topic, self.run_id, item.body)
+            self.archive.submit(message_entry(header, item.attachments, item.keep))
 
     # -- the publisher thread ------------------------------------------------------------------
     def _loop(self) -> None:
@@ -178,7 +203,7 @@ class Publisher:
             if time.monotonic() < self._deadline:
                 self._send(item)
             else:
-                self.metrics.events_dropped.labels(topic=item.topic).inc()
+                self._dropped(item)
         linger_s = min(max(0.0, self._deadline - time.monotonic()), _MAX_LINGER_S)
         self._socket.close(linger=int(linger_s * 1000))
         self._ctx.term()
@@ -191,14 +216,16 @@ class Publisher:
             parts = encode_message(item.topic, self.run_id, seq, item.body, item.attachments)
             self._socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            self.metrics.events_dropped.labels(topic=item.topic).inc()
+            self._dropped(item)
             return
         except Exception:  # an unencodable stats value, a closed socket: drop, count, keep publishing
             log.exception("cannot publish on %s", item.topic)
-            self.metrics.events_dropped.labels(topic=item.topic).inc()
+            self._dropped(item)
             return
         self._seq[item.topic] = seq
         self.metrics.events_published.labels(topic=item.topic).inc()
+        if self.archive is not None and item.keep is not None:
+            self.archive.submit(message_entry(parts[1], parts[2:], item.keep))
 
     def _heartbeat_body(self) -> dict:
         try:

@@ -48,7 +48,8 @@ def inspect_options(s: Settings, deployable: Deployable) -> InspectOptions:
         threshold=deployable.threshold if s.model.threshold is None else s.model.threshold,
         mask_rule=mask_rule(s, deployable),
         mask_resolution=s.postprocess.mask_resolution, min_region_px=s.postprocess.min_region_px,
-        attach_frame=s.publish.attach_frame, jpeg_quality=s.postprocess.jpeg_quality, results=s.publish.results)
+        attach_frame=s.publish.attach_frame, jpeg_quality=s.postprocess.jpeg_quality, results=s.publish.results,
+        archive_frame=s.archive.frame_format if s.archive.dir else "", archive_ok_every=s.archive.ok_every)
 
 
 def mask_rule(s: Settings, deployable: Deployable) -> MaskRule:

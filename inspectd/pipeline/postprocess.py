@@ -152,6 +152,14 @@ class InspectOptions:
     attach_frame: bool = False
     jpeg_quality: int = 85
     results: bool = False  # publish result.<camera> for every frame (masks of good frames are encoded too)
+    archive_frame: str = ""  # [archive] on: the frame kept with every defect, "jpeg" or "png"; "" = archive off
+    archive_ok_every: int = 0  # [archive] ok_every: also keep the ok frames whose frame_seq is a multiple of it
+
+    def archives(self, frame, is_defect: bool) -> bool:
+        """Whether this frame goes to the archive: every defect, and one ok frame in `archive_ok_every`."""
+        if not self.archive_frame:
+            return False
+        return is_defect or (self.archive_ok_every > 0 and frame.seq % self.archive_ok_every == 0)
 
 
 def inspect(frame, score: float, cam_logits: np.ndarray, opts: InspectOptions):
@@ -165,11 +173,20 @@ def inspect(frame, score: float, cam_logits: np.ndarray, opts: InspectOptions):
     regions_png = encode_png(found.kept) if found.kept is not None else b""
     mask = found.prob if opts.mask_resolution == "frame" else probability(cam_logits)
     png = encode_png(to_mask_u8(mask)) if is_defect or opts.results else b""
-    jpeg = b""
-    if opts.attach_frame and is_defect:
-        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR),
-                               [cv2.IMWRITE_JPEG_QUALITY, opts.jpeg_quality])
-        jpeg = buf.tobytes() if ok else b""
+    attach = opts.attach_frame and is_defect
+    archive = opts.archives(frame, is_defect)
+    bgr = cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR) if attach or archive else None
+    jpeg = _encode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, opts.jpeg_quality]) if attach or (
+        archive and opts.archive_frame == "jpeg") else b""
+    kept = b""  # the frame for the archive: the attached JPEG itself when the formats agree, else encoded once
+    if archive:
+        kept = jpeg if opts.archive_frame == "jpeg" else _encode(".png", bgr, [])
     return Inspection(frame=frame, score=float(score), threshold=opts.threshold, is_defect=is_defect,
-                      regions=found.regions, mask_png=png, mask_size=(mask.shape[1], mask.shape[0]), frame_jpeg=jpeg,
-                      mask_threshold=found.mask_threshold, regions_png=regions_png)
+                      regions=found.regions, mask_png=png, mask_size=(mask.shape[1], mask.shape[0]),
+                      frame_jpeg=jpeg if attach else b"", mask_threshold=found.mask_threshold,
+                      regions_png=regions_png, archive_frame=kept, archive_encoding=opts.archive_frame if archive else "")
+
+
+def _encode(ext: str, bgr: np.ndarray, params: list) -> bytes:
+    ok, buf = cv2.imencode(ext, bgr, params)
+    return buf.tobytes() if ok else b""

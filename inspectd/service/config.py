@@ -247,17 +247,21 @@ class MetricsConfig(_Section):
 
 
 class ArchiveConfig(_Section):
-    dir: str = Field("", description="durable copy of defect events; empty = off")
-    max_bytes: int = Field(0, ge=0, description="0 = unlimited")
-    max_age_s: float = Field(0, ge=0, description="0 = forever")
+    dir: str = Field("", description="folder of the durable copy of every defect event (docs/archive.md); "
+                     "empty = off")
+    max_bytes: int = Field(10_000_000_000, ge=0, description="the oldest entries go beyond this many bytes; 0 = no limit")
+    max_age_s: float = Field(30 * 86400, ge=0, description="entries older than this go; 0 = kept forever")
+    frame_format: Literal["jpeg", "png"] = Field("jpeg", description="the frame kept with each entry; png is "
+                                                 "lossless (for retraining), about 5-10x larger")
+    ok_every: int = Field(0, ge=0, description="also keep ok frames whose frame_seq is a multiple of this "
+                          "(negatives for retraining); 0 = defects only")
+    queue_size: int = Field(256, ge=1, le=100_000, description="entries waiting for the disk before new ones "
+                            "are dropped (counted); bounds memory")
 
     @field_validator("dir")
     @classmethod
-    def _not_yet(cls, value: str) -> str:
-        _no_nul(value)
-        if value:
-            raise ValueError("the event archive is not implemented yet; leave dir empty")
-        return value
+    def _dir(cls, value: str) -> str:
+        return _no_nul(value)
 
 
 class DaemonConfig(_Section):

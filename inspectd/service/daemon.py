@@ -27,8 +27,10 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from inspectd.errors import ConfigError
 from inspectd.frames import CameraState
 from inspectd.model.deployable import Deployable, load_model
+from inspectd.outputs.archive import Archive
 from inspectd.outputs.publish import Publisher
 from inspectd.pipeline.context import build_context
 from inspectd.pipeline.core import Pipeline
@@ -65,6 +67,7 @@ class Daemon:
         self._reload_thread: threading.Thread | None = None
         self.metrics_server: MetricsServer | None = None
         self.publisher: Publisher | None = None
+        self.archive: Archive | None = None
         self.pipeline: Pipeline | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -84,8 +87,10 @@ class Daemon:
         self.metrics_server.start()
         self._stack.callback(self.metrics_server.stop)
         deployable = self._load_model()
+        self.archive = self._start_archive()
         self.publisher = Publisher(s.publish, self.metrics, self.run_id,
-                                   {"name": deployable.name, "sha256": deployable.sha256}, stats=self.stats)
+                                   {"name": deployable.name, "sha256": deployable.sha256}, stats=self.stats,
+                                   archive=self.archive)
         self.publisher.start()
         self._stack.callback(self.publisher.stop, s.daemon.shutdown_timeout_s)
         self.pipeline = Pipeline(build_context(s, deployable), self.metrics, self.publisher, s.postprocess.workers)
@@ -156,6 +161,24 @@ class Daemon:
     def _set_model_info(self, deployable: Deployable) -> None:
         self.metrics.set_model(deployable.name, deployable.sha256, deployable.meta.get("backbone", "unknown"),
                                deployable.input_size)
+
+    def _start_archive(self) -> Archive | None:
+        """The archive's writer (None when `[archive] dir` is empty); stopped after the publisher."""
+        cfg = self.settings.archive
+        if not cfg.dir:
+            return None
+        archive = Archive(Path(cfg.dir), cfg.queue_size, cfg.max_bytes, cfg.max_age_s,
+                          on_drop=self.metrics.archive_drop, on_written=self.metrics.archive_written.inc)
+        try:
+            archive.start()
+        except OSError as exc:
+            raise ConfigError(f"archive.dir {cfg.dir!r}: cannot use it: {exc.strerror or exc}") from None
+        self._stack.callback(archive.stop, self.settings.daemon.shutdown_timeout_s)
+        self.metrics.watch_archive(archive)
+        log.info("archive in %s: %d entries, %.1f MB (limits: %s, %s)", cfg.dir, len(archive.index),
+                 archive.index.total_bytes / 1e6, f"{cfg.max_bytes / 1e9:g} GB" if cfg.max_bytes else "no size limit",
+                 f"{cfg.max_age_s / 86400:g} days" if cfg.max_age_s else "no age limit")
+        return archive
 
     def start_camera(self, cfg: CameraConfig) -> None:
         worker = CameraWorker(cfg, self.pipeline.put, self.metrics, on_state=self._on_camera_state)
@@ -284,9 +307,22 @@ class Daemon:
                 out.append(f"camera {cam}: capture loop stuck for {now - worker.heartbeat_mono:.0f} s")
         return out
 
+    def notes(self) -> list[str]:
+        """What /healthz reports without failing: losses that do not stop inspection (a full archive disk
+        must not have systemd restart the daemon)."""
+        out = []
+        archive = self.archive
+        if archive is not None:
+            losing = archive.losing()
+            if losing:
+                out.append(losing)
+            if not archive.alive and not self.should_exit.is_set():
+                out.append("archive writer stopped: defect events are not being archived")
+        return out
+
     def healthz(self) -> tuple[bool, str]:
         problems = self.problems()
-        return (not problems, "; ".join(problems) or "pipeline progressing")
+        return (not problems, "; ".join((problems or ["pipeline progressing"]) + self.notes()))
 
     def readyz(self) -> tuple[bool, str]:
         bound = self.publisher is not None and self.publisher.bound

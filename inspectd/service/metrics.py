@@ -65,6 +65,13 @@ class Metrics:
         self.score = Histogram("score", "Defect score per inferred frame", ["camera"], buckets=SCORE_BUCKETS, **r)
         self.events_published = Counter("events_published", "ZeroMQ messages sent", ["topic"], **r)
         self.events_dropped = Counter("events_dropped", "ZeroMQ messages dropped (send queue full)", ["topic"], **r)
+        self.archive_written = Counter("archive_written", "Entries written to the archive (defect events, sampled ok "
+                                       "frames)", **r)
+        self.archive_dropped = Counter("archive_dropped", "Archive entries lost, by reason (queue_full: the disk is "
+                                       "slower than the defects; disk_full; read_only; permission; error)", ["reason"], **r)
+        self.archive_errors = Counter("archive_errors", "Archive writes that failed (every reason but queue_full)", **r)
+        self.archive_bytes = Gauge("archive_bytes", "Bytes in the archive's entries", **r)
+        self.archive_entries = Gauge("archive_entries", "Entries in the archive", **r)
         self.reload_failures = Counter("reload_failures", "Reloads (SIGHUP) rejected; the old config/model kept", **r)
         self.model_info = Gauge("model_info", "The loaded model (value 1)", ["name", "sha256", "backbone", "input"], **r)
         self.build = Info("build", "inspectd build", **r)
@@ -72,6 +79,21 @@ class Metrics:
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
+
+    def watch_archive(self, archive) -> None:
+        """Export an `inspectd.outputs.archive.Archive`: its size read at each scrape, every drop reason from 0
+        (so that `increase()` sees the first loss)."""
+        from inspectd.outputs.archive import DROP_REASONS
+
+        for reason in DROP_REASONS:
+            self.archive_dropped.labels(reason=reason)
+        self.archive_bytes.set_function(lambda: archive.index.total_bytes)
+        self.archive_entries.set_function(lambda: len(archive.index))
+
+    def archive_drop(self, reason: str) -> None:
+        self.archive_dropped.labels(reason=reason).inc()
+        if reason != "queue_full":
+            self.archive_errors.inc()
 
     def set_model(self, name: str, sha256: str, backbone: str, input_size: tuple[int, int]) -> None:
         """Export the loaded model as the only `model_info` series."""

@@ -31,13 +31,13 @@ ENGINE_KEYS = ("model.path", "model.device", "model.precision", "model.xla", "ba
 # A new inference context with the same engine (thresholds, output options, the batching wait).
 CONTEXT_KEYS = ("model.threshold", "model.mask_threshold", "model.mask_rule", "postprocess.mask_resolution",
                 "postprocess.min_region_px", "postprocess.jpeg_quality", "publish.results", "publish.attach_frame",
-                "batching.max_wait_ms")
+                "batching.max_wait_ms", "archive.frame_format", "archive.ok_every")
 # Read from the daemon's settings at each use: applied by the settings swap alone.
 LIVE_KEYS = ("daemon.stuck_after_s",)
-# Bound at start-up (sockets, pool sizes, shutdown timeouts registered at start, the reserved archive).
+# Bound at start-up (sockets, pool sizes, queues, the archive's writer, shutdown timeouts registered at start).
 RESTART_KEYS = ("postprocess.workers", "publish.endpoint", "publish.send_hwm", "publish.heartbeat_s", "metrics.host",
-                "metrics.port", "archive.dir", "archive.max_bytes", "archive.max_age_s", "daemon.shutdown_timeout_s",
-                "daemon.warmup")
+                "metrics.port", "archive.dir", "archive.max_bytes", "archive.max_age_s", "archive.queue_size",
+                "daemon.shutdown_timeout_s", "daemon.warmup")
 _APPLIED_KEYS = ENGINE_KEYS + CONTEXT_KEYS + LIVE_KEYS
 
 
