@@ -8,6 +8,17 @@
                 print(f"lost {ev.gap} events on {ev.topic}")
             print(ev.header["camera"], ev.header["score"], ev.mask.shape)
 
+With `replay=` (the daemon's `[replay] endpoint`), a detected gap is filled before the event after
+it is handed out: the missed events are fetched (`inspectd.replay/1`) and delivered in seq order,
+marked `replayed`, so a consumer sees every event exactly once per (run_id, topic, seq) as long as
+the daemon still holds it (its ring, then its archive). `positions` (save them, pass them back)
+lets a restarted consumer resume where it stopped:
+
+    with Subscriber("tcp://linepc:5556", ["defect."], replay="tcp://linepc:5557", positions=saved) as sub:
+        for ev in sub:
+            handle(ev)
+            save(sub.positions)              # {run_id: {topic: seq}}: what has been handed out
+
 Needs pyzmq, numpy and OpenCV only (no TensorFlow). One SUB socket per endpoint, so sequence
 numbers and restarts are tracked per publisher even when several daemons share topic names.
 
@@ -20,9 +31,12 @@ header (PNG IHDR, JPEG SOF) gives the size the message header declares, and at m
 
 from __future__ import annotations
 
-__all__ = ["EventKind", "Event", "SeqTracker", "Subscriber", "decode_event", "image_size", "MAX_IMAGE_PIXELS"]
+__all__ = ["EventKind", "Event", "SeqTracker", "Subscriber", "ReplayClient", "ReplayError", "decode_event", "image_size",
+           "MAX_IMAGE_PIXELS"]
 
+import dataclasses
 import enum
+import json
 import logging
 import struct
 import time
@@ -36,6 +50,7 @@ import numpy as np
 import zmq
 
 from inspectd.errors import UsageError
+from inspectd.outputs.replay import END_TOPIC, REQUEST_TAG
 from inspectd.outputs.wire import DEFAULT_ENDPOINT, WireFormatError, decode_message, parse_rfc3339
 
 log = logging.getLogger("inspectd.client")
@@ -67,6 +82,7 @@ class Event:
     raw: dict[str, bytes] = field(default_factory=dict)  # the attachments as sent: {"mask": png, "frame": jpeg}
     # HxW uint8, 255 on exactly the published regions, at frame size (decode=True, defect events)
     regions_mask: np.ndarray | None = None
+    replayed: bool = False  # fetched from the daemon's replay endpoint to fill a gap (not received live)
 
     @property
     def camera(self) -> str | None:
@@ -260,6 +276,63 @@ def decode_event(parts: list[bytes], decode: bool = True, max_pixels: int = MAX_
     return Event(topic, kind, header, mask, frame, raw=raw, regions_mask=regions)
 
 
+class ReplayError(Exception):
+    """The replay endpoint did not answer in time, or answered with an error."""
+
+
+class ReplayClient:
+    """One DEALER socket to a daemon's replay endpoint (`inspectd.replay/1`); one request at a time.
+
+    `fetch(run_id, topic, after_seq)` -> (the messages, as multipart lists, and the end message's
+    JSON). A request that is not answered within `timeout_s` raises ReplayError; the socket is then
+    made anew, so a late answer can never be taken for the next one."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, timeout_s: float = 5.0, max_messages: int = 100_000):
+        self.ctx, self.endpoint, self.timeout_s, self.max_messages = ctx, endpoint, timeout_s, max_messages
+        self._sock: zmq.Socket | None = None
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            self._sock = self.ctx.socket(zmq.DEALER)
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.setsockopt(zmq.RCVHWM, 0)  # an answer is bounded by the daemon; never drop part of it
+            try:
+                self._sock.connect(self.endpoint)
+            except zmq.ZMQError as exc:
+                self.close()
+                raise UsageError(f"replay endpoint {self.endpoint!r}: {zmq.strerror(exc.errno)}") from None
+        return self._sock
+
+    def fetch(self, run_id: str, topic: str, after_seq: int) -> tuple[list[list[bytes]], dict]:
+        sock = self._socket()
+        request = json.dumps({"run_id": run_id, "topic": topic, "after_seq": int(after_seq)}).encode()
+        messages: list[list[bytes]] = []
+        try:
+            sock.send_multipart([REQUEST_TAG, request], zmq.NOBLOCK)
+            deadline = time.monotonic() + self.timeout_s
+            while True:
+                if not sock.poll(max(0, int((deadline - time.monotonic()) * 1000)), zmq.POLLIN):
+                    raise ReplayError(f"{self.endpoint}: no answer within {self.timeout_s:g} s")
+                parts = sock.recv_multipart()
+                deadline = time.monotonic() + self.timeout_s  # the answer is flowing: time each message
+                if parts[0] == END_TOPIC.encode():
+                    end = json.loads(parts[1]) if len(parts) == 2 else {}
+                    if not isinstance(end, dict) or end.get("status") == "error":
+                        raise ReplayError(f"{self.endpoint}: {end.get('reason') if isinstance(end, dict) else end}")
+                    return messages, end
+                if len(messages) >= self.max_messages:
+                    raise ReplayError(f"{self.endpoint}: more than {self.max_messages} messages in one answer")
+                messages.append(parts)
+        except (ReplayError, zmq.ZMQError, ValueError):
+            self.close()  # a late or partial answer must not be read as the next one's
+            raise
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+
 def _log_malformed(endpoint: str, reason: str) -> None:
     log.warning("%s: skipped a malformed message: %s", endpoint, reason)
 
@@ -274,21 +347,37 @@ class Subscriber:
     """
 
     def __init__(self, endpoints: str | list[str] = DEFAULT_ENDPOINT, topics: list[str] = ("",), rcvhwm: int = 10000,
-                 decode: bool = True, on_malformed: Callable[[str, str], None] | None = None):
+                 decode: bool = True, on_malformed: Callable[[str, str], None] | None = None,
+                 replay: str | list[str | None] | None = None, positions: dict[str, dict[str, int]] | None = None,
+                 replay_timeout_s: float = 5.0):
+        """`replay`: the replay endpoint of each of `endpoints` (one string for one endpoint; None for a
+        daemon without replay). `positions`: a previous session's `positions`, to resume from."""
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not self.endpoints:
             raise UsageError("no endpoint to subscribe to")
+        replays = [replay] * len(self.endpoints) if replay is None or isinstance(replay, str) else list(replay)
+        if len(replays) != len(self.endpoints):
+            raise UsageError(f"{len(replays)} replay endpoint(s) for {len(self.endpoints)} event endpoint(s)")
         self.topics = list(topics)
         self.decode = decode
         self.on_malformed = on_malformed or _log_malformed
-        self.gaps: dict[str, int] = {}
+        self.gaps: dict[str, int] = {}  # topic -> messages lost for good
         self.malformed = 0
+        self.replayed = 0  # events delivered through replay
+        self.replay_failures = 0  # gaps that could not be filled: the endpoint did not answer
+        # {run_id: {topic: seq}}: handed out (positions) and received or fetched (_through)
+        self.positions: dict[str, dict[str, int]] = {r: dict(t) for r, t in (positions or {}).items()}
+        self._through: dict[str, dict[str, int]] = {r: dict(t) for r, t in self.positions.items()}
         self._ctx = zmq.Context()
         self._poller = zmq.Poller()
         self._sockets: dict[zmq.Socket, tuple[str, SeqTracker]] = {}
+        self._replay: dict[str, ReplayClient] = {}
+        self._run_of: dict[str, str] = {}  # endpoint -> its current run_id
         self._pending: deque[Event] = deque()
         try:
-            for endpoint in self.endpoints:
+            for endpoint, replay_endpoint in zip(self.endpoints, replays):
+                if replay_endpoint:
+                    self._replay[endpoint] = ReplayClient(self._ctx, replay_endpoint, replay_timeout_s)
                 self._connect(endpoint, rcvhwm)
         except BaseException:
             self.close()
@@ -306,6 +395,8 @@ class Subscriber:
                 from None
         for topic in self.topics:
             sock.setsockopt(zmq.SUBSCRIBE, topic.encode("ascii"))
+        if endpoint in self._replay and not self._wanted("heartbeat"):
+            sock.setsockopt(zmq.SUBSCRIBE, b"heartbeat")  # their last_seq reveals losses during a silence
         self._poller.register(sock, zmq.POLLIN)
 
     def recv(self, timeout_s: float | None = None) -> Event | None:
@@ -315,27 +406,119 @@ class Subscriber:
             wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
             # One message from every ready socket per round, so a busy daemon cannot starve another.
             for sock, _ in self._poller.poll(wait_ms):
-                event = self._receive(sock)
-                if event is not None:
-                    self._pending.append(event)
+                self._pending.extend(self._receive(sock))
             if not self._pending and deadline is not None and time.monotonic() >= deadline:
                 return None
-        return self._pending.popleft()
+        event = self._pending.popleft()
+        return self._handed_out(event) if event.endpoint in self._replay else event
 
-    def _receive(self, sock: zmq.Socket) -> Event | None:
+    def _receive(self, sock: zmq.Socket) -> list[Event]:
         endpoint, tracker = self._sockets[sock]
-        parts = sock.recv_multipart()
+        event = self._decode(endpoint, sock.recv_multipart())
+        if event is None:
+            return []
+        gap, restarted = tracker.observe(event.header["run_id"], event.topic, event.header["seq"])
+        if endpoint in self._replay:
+            return self._filled(endpoint, dataclasses.replace(event, restarted=restarted))
+        if gap:
+            self.gaps[event.topic] = self.gaps.get(event.topic, 0) + gap
+        return [dataclasses.replace(event, gap=gap, restarted=restarted)]
+
+    def _decode(self, endpoint: str, parts: list[bytes], replayed: bool = False) -> Event | None:
         try:
             event = decode_event(parts, self.decode)
         except WireFormatError as exc:
             self.malformed += 1
             self.on_malformed(endpoint, str(exc))
             return None
-        gap, restarted = tracker.observe(event.header["run_id"], event.topic, event.header["seq"])
+        return dataclasses.replace(event, endpoint=endpoint, replayed=replayed)
+
+    # -- replay: exactly once per (run_id, topic, seq) --------------------------------------------
+    def _wanted(self, topic: str) -> bool:
+        return any(topic.startswith(t) for t in self.topics)
+
+    def _filled(self, endpoint: str, event: Event) -> list[Event]:
+        """The events to hand out for one received message: the missed ones first (fetched), then it,
+        unless it was handed out already (fetched by an earlier fill)."""
+        run, topic, seq = event.header["run_id"], event.topic, event.header["seq"]
+        out: list[Event] = []
+        if self._run_of.get(endpoint) != run:
+            out += self._finish_old_runs(endpoint, run)
+            self._run_of[endpoint] = run
+        through = self._through.setdefault(run, {})
+        if event.kind is EventKind.HEARTBEAT:
+            for t, last in (event.header.get("last_seq") or {}).items():
+                if not self._wanted(t) or not isinstance(last, int) or t == "heartbeat":
+                    continue
+                if t not in through:  # a consumer that starts now does not want the past: the baseline
+                    through[t] = last
+                    self.positions.setdefault(run, {}).setdefault(t, last)
+                elif last > through[t]:  # lost during a silence (or before we connected): fetch
+                    out += self._fetch(endpoint, run, t, through[t])[0]
+            return out + ([event] if self._wanted("heartbeat") else [])
+        have = through.get(topic)
+        if have is not None and seq > have + 1:
+            out += self._fetch(endpoint, run, topic, have)[0]
+        if have is not None and through[topic] >= seq:
+            return out  # handed out already, through replay
+        through[topic] = seq
+        return out + [event]
+
+    def _fetch(self, endpoint: str, run: str, topic: str, after: int) -> tuple[list[Event], str]:
+        """Fetch (run, topic) after `after` until the answer is complete; what it cannot give is lost.
+        -> (the events, how the answer ended: complete, unknown_run, or failed)."""
+        out: list[Event] = []
+        through = self._through.setdefault(run, {})
+        client = self._replay[endpoint]
+        while True:
+            try:
+                messages, end = client.fetch(run, topic, after)
+            except (ReplayError, UsageError) as exc:
+                self.replay_failures += 1
+                log.warning("cannot fill the gap on %s after seq %d: %s", topic, after, exc)
+                return out, "failed"
+            for parts in messages:
+                event = self._decode(endpoint, parts, replayed=True)
+                if event is not None and event.topic == topic and event.header["seq"] > through.get(topic, after):
+                    through[topic] = event.header["seq"]
+                    out.append(event)
+            last = end.get("last_seq")
+            if end.get("status") != "partial" or not isinstance(last, int) or last <= after:
+                if end.get("status") == "complete" and isinstance(last, int):
+                    through[topic] = max(through.get(topic, after), last)  # what it could not give is gone
+                return out, str(end.get("status"))
+            after = last
+
+    def _finish_old_runs(self, endpoint: str, current: str) -> list[Event]:
+        """A daemon restarted (or we resume): fetch what is left of earlier runs (from its archive)."""
+        out: list[Event] = []
+        for run in [r for r in self._through if r != current and r not in self._run_of.values()]:
+            statuses = set()
+            for topic, after in list(self._through[run].items()):
+                if self._wanted(topic):
+                    got, status = self._fetch(endpoint, run, topic, after)
+                    out += got
+                    statuses.add(status)
+            if "complete" in statuses:  # this daemon's run, finished: not asked again
+                self._through.pop(run, None)
+        return out
+
+    def _handed_out(self, event: Event) -> Event:
+        """Record the event as delivered (positions) and say how many before it are lost for good."""
+        if event.kind is EventKind.HEARTBEAT:
+            return event
+        run, seq = event.header["run_id"], event.header["seq"]
+        positions = self.positions.setdefault(run, {})
+        last = positions.get(event.topic)
+        gap = seq - last - 1 if last is not None and seq > last + 1 else 0
+        positions[event.topic] = max(seq, last or 0)
+        if event.replayed:
+            self.replayed += 1
         if gap:
             self.gaps[event.topic] = self.gaps.get(event.topic, 0) + gap
-        return Event(event.topic, event.kind, event.header, event.mask, event.frame, gap, restarted, endpoint,
-                     event.raw, event.regions_mask)
+        while len(self.positions) > 16:  # bounded: the oldest runs go first
+            self.positions.pop(next(iter(self.positions)))
+        return dataclasses.replace(event, gap=gap)
 
     def __iter__(self) -> Iterator[Event]:
         while True:
@@ -348,6 +531,8 @@ class Subscriber:
         for sock in self._sockets:
             sock.close(linger=0)
         self._sockets.clear()
+        for client in self._replay.values():
+            client.close()
         if not self._ctx.closed:
             self._ctx.term()
 

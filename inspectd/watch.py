@@ -7,6 +7,12 @@ heartbeats then only confirm the connection (one "connected" line per run, and t
 `!` (on stdout, or on stderr with `--json` so that stdout stays one JSON header per line).
 Malformed messages (see `inspectd.client`) never stop it: each is skipped with one line on stderr,
 and their number is printed on stderr at exit.
+
+With `--replay` (the daemon's `[replay] endpoint`) gaps are filled before the event after them is
+printed, and with `--state FILE` a restarted watch resumes where it stopped: the positions are
+written (atomically) after each printed event, and SIGTERM waits until both are done, so a watch
+stopped and started again prints every event exactly once. A kill -9 between the print and the
+write can print one event twice.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ __all__ = ["DEFAULT_TOPICS", "add_parser", "run"]
 
 import argparse
 import json
+import os
 import re
+import signal
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from inspectd.client import Event, EventKind, Subscriber
-from inspectd.errors import UsageError
+from inspectd.errors import DataError, UsageError
 from inspectd.imageio import write_png
 from inspectd.outputs.wire import DEFAULT_ENDPOINT, parse_rfc3339
 from inspectd.pipeline.postprocess import overlay, upsample
@@ -49,6 +57,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--count", type=int, metavar="N", help="exit 0 after N printed events")
     p.add_argument("--timeout", type=float, metavar="S",
                    help="exit 1 if nothing (not even a heartbeat) arrives for S seconds")
+    p.add_argument("--replay", action="append", metavar="ENDPOINT",
+                   help="the daemon's replay endpoint ([replay] endpoint), one per ENDPOINT in the same order: "
+                   "lost events are fetched and printed in order, marked [replayed]")
+    p.add_argument("--state", type=Path, metavar="FILE",
+                   help="resume from FILE and keep it current (JSON positions): with --replay, a restarted watch "
+                   "prints every event exactly once")
     p.set_defaults(func=run)
 
 
@@ -58,8 +72,10 @@ def run(args: argparse.Namespace) -> int:
     topics = list(DEFAULT_TOPICS) if args.topic is None else args.topic
     show_heartbeats = args.topic is not None and any("heartbeat".startswith(t) for t in topics)
     skipped = _Skipped()
+    positions = _load_state(args.state) if args.state else None
     try:
-        with Subscriber(args.endpoints, topics, decode=args.save is not None, on_malformed=skipped.notice) as sub:
+        with Subscriber(args.endpoints, topics, decode=args.save is not None, on_malformed=skipped.notice,
+                        replay=args.replay, positions=positions) as sub:
             return _print_events(sub, args, show_heartbeats, skipped)
     except KeyboardInterrupt:
         return 0
@@ -69,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_args(args: argparse.Namespace) -> None:
     """UsageError for a bad --count, --timeout or --save."""
+    if args.replay is not None and len(args.replay) != len(args.endpoints):
+        raise UsageError(f"{len(args.replay)} --replay endpoint(s) for {len(args.endpoints)} ENDPOINT(s): "
+                         "give one per ENDPOINT, in the same order")
     if args.count is not None and args.count < 1:
         raise UsageError(f"--count {args.count}: must be at least 1")
     if args.timeout is not None and args.timeout <= 0:
@@ -95,6 +114,32 @@ class _Skipped:
             print(f"inspectd watch: {self.count} malformed message(s) skipped", file=sys.stderr, flush=True)
 
 
+def _load_state(path: Path) -> dict[str, dict[str, int]] | None:
+    """--state FILE: {run_id: {topic: seq}}; None when it does not exist yet (a first start)."""
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"--state {path}: cannot read it: {getattr(exc, 'strerror', None) or exc}") from None
+    ok = isinstance(state, dict) and all(
+        isinstance(r, str) and isinstance(t, dict) and all(isinstance(k, str) and type(v) is int for k, v in t.items())
+        for r, t in state.items())
+    if not ok:
+        raise DataError(f"--state {path}: not an inspectd watch state ({{run_id: {{topic: seq}}}})")
+    return state
+
+
+def _save_state(path: Path, positions: dict) -> None:
+    """Atomically: a crash leaves the old state or the new one, never half of one."""
+    temp = path.with_name(f".{path.name}.tmp")
+    with open(temp, "w") as f:
+        json.dump(positions, f, separators=(",", ":"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, path)
+
+
 def _print_events(sub: Subscriber, args: argparse.Namespace, show_heartbeats: bool, skipped: _Skipped) -> int:
     """The receive loop of `run`."""
     notices = sys.stderr if args.json else sys.stdout
@@ -115,9 +160,16 @@ def _print_events(sub: Subscriber, args: argparse.Namespace, show_heartbeats: bo
             # The client checked the header; anything it let through that we cannot show is still no crash.
             skipped.notice(event.endpoint, f"{event.topic}: cannot show it: {type(exc).__name__}: {exc}")
             continue
-        print(line, flush=True)
-        if args.save is not None:
-            _save(event, args.save)
+        # SIGTERM waits for the line and the state that records it (then ends the process as usual).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            print(line + ("  [replayed]" if event.replayed and not args.json else ""), flush=True)
+            if args.save is not None:
+                _save(event, args.save)
+            if args.state is not None:
+                _save_state(args.state, sub.positions)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         shown += 1
     return 0
 

@@ -308,6 +308,17 @@ def test_watch_timeout_and_bad_endpoint(watch):
     assert rc == 2 and len(err) == 1 and err[0].startswith("inspectd watch: error: endpoint 'nonsense://x'")
 
 
+def test_watch_replay_and_state_errors(watch, tmp_path):
+    rc, out, err = watch("tcp://127.0.0.1:9", "--replay", "tcp://127.0.0.1:8", "--replay", "tcp://127.0.0.1:7").finish()
+    assert rc == 2 and err == ["inspectd watch: error: 2 --replay endpoint(s) for 1 ENDPOINT(s): give one per "
+                               "ENDPOINT, in the same order"]
+    state = tmp_path / "state.json"
+    for bad in ("{not json", '{"run": {"defect.a": "7"}}', "[1]"):
+        state.write_text(bad)
+        rc, out, err = watch("tcp://127.0.0.1:9", "--state", str(state), "--timeout", "0.2").finish()
+        assert rc == 65 and len(err) == 1 and err[0].startswith(f"inspectd watch: error: --state {state}:"), err
+
+
 def test_watch_exits_zero_on_ctrl_c(start_publisher, watch):
     pub = start_publisher()
     w = watch(pub.endpoint)

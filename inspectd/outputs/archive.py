@@ -19,7 +19,7 @@ from __future__ import annotations
 
 __all__ = ["ArchiveEntry", "Archive", "RetentionIndex", "safe_component", "entry_dir", "entry_time", "write_entry",
            "clean_temporaries", "entries", "enforce_retention", "TEMP_PREFIX", "DROP_REASONS", "HEADER_FILE", "file_name",
-           "message_entry", "unsent_header", "read_entry"]
+           "message_entry", "unsent_header", "read_entry", "entry_message"]
 
 import errno
 import hashlib
@@ -51,6 +51,7 @@ class ArchiveEntry:
     captured_at: float  # Unix time
     frame_seq: int
     files: tuple[tuple[str, bytes], ...]
+    published: tuple[str, str, int] | None = None  # (run_id, topic, seq) when it was published: replayable
 
 
 def safe_component(camera: str) -> str:
@@ -136,13 +137,26 @@ def entry_time(entry: Path) -> float:
     return datetime.strptime(stamp, "%Y%m%dT%H%M%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
 
 
+def _published_key(header: dict) -> tuple[str, str, int] | None:
+    """(run_id, topic, seq) of an entry that was published; None for one that was not (seq null)."""
+    run, topic, seq = header.get("run_id"), header.get("topic"), header.get("seq")
+    if isinstance(run, str) and isinstance(topic, str) and isinstance(seq, int) and not isinstance(seq, bool):
+        return run, topic, seq
+    return None
+
+
 class RetentionIndex:
-    """The archive's entries by capture time and their total size, so that retention never rescans the
-    disk: built once by a scan at start, then told of every entry written. A heap keyed by time: the
-    oldest entry is always the next to go."""
+    """The archive's entries in memory, so that neither retention nor replay rescans the disk: built
+    once by a scan at start, then told of every entry written.
+
+    By capture time (a heap: the oldest entry is always the next to go) with the total size, and,
+    for entries that were published, by (run_id, topic) -> {seq: folder} for replay. Thread-safe:
+    the writer thread adds and expires, the replay thread looks up."""
 
     def __init__(self):
-        self._heap: list[tuple[float, str, int]] = []
+        self._heap: list[tuple[float, str, int, tuple[str, str, int] | None]] = []
+        self._published: dict[tuple[str, str], dict[int, str]] = {}
+        self._lock = threading.Lock()
         self.total_bytes = 0
 
     def __len__(self) -> int:
@@ -153,27 +167,51 @@ class RetentionIndex:
         index = cls()
         for e in entries(root):
             try:
-                index.add(entry_time(e), e, _size(e))
+                header = json.loads((e / HEADER_FILE).read_bytes())
+                key = _published_key(header) if isinstance(header, dict) else None
+                index.add(entry_time(e), e, _size(e), key)
             except (OSError, ValueError):  # removed meanwhile, or a foreign folder: not ours to expire
                 continue
         return index
 
-    def add(self, when: float, path: Path, size: int) -> None:
-        heapq.heappush(self._heap, (when, str(path), size))
-        self.total_bytes += size
+    def add(self, when: float, path: Path, size: int, published: tuple[str, str, int] | None = None) -> None:
+        with self._lock:
+            heapq.heappush(self._heap, (when, str(path), size, published))
+            self.total_bytes += size
+            if published is not None:
+                run, topic, seq = published
+                self._published.setdefault((run, topic), {})[seq] = str(path)
+
+    def published(self, run_id: str, topic: str, after_seq: int) -> list[tuple[int, Path]]:
+        """The archived entries of (run_id, topic) with seq > after_seq, in seq order."""
+        with self._lock:
+            found = self._published.get((run_id, topic), {})
+            return [(seq, Path(found[seq])) for seq in sorted(s for s in found if s > after_seq)]
+
+    def knows(self, run_id: str, topic: str) -> bool:
+        with self._lock:
+            return bool(self._published.get((run_id, topic)))
 
     def expire(self, max_bytes: int, max_age_s: float, now: float | None = None) -> int:
         """Remove entries older than max_age_s, then the oldest until at most max_bytes remain (0: no
         limit); empty day folders go too. Returns the number of entries removed."""
         now = time.time() if now is None else now
         removed = 0
-        while self._heap:
-            when, path, size = self._heap[0]
-            if not ((max_age_s and now - when > max_age_s) or (max_bytes and self.total_bytes > max_bytes)):
-                break  # oldest first: every later entry is younger, and the total is within the limit
-            heapq.heappop(self._heap)
+        while True:
+            with self._lock:
+                if not self._heap:
+                    break
+                when, path, size, published = self._heap[0]
+                if not ((max_age_s and now - when > max_age_s) or (max_bytes and self.total_bytes > max_bytes)):
+                    break  # oldest first: every later entry is younger, and the total is within the limit
+                heapq.heappop(self._heap)
+                self.total_bytes -= size
+                if published is not None:  # gone for replay before it is gone from the disk
+                    seqs = self._published.get(published[:2], {})
+                    seqs.pop(published[2], None)
+                    if not seqs:
+                        self._published.pop(published[:2], None)
             shutil.rmtree(path, ignore_errors=True)
-            self.total_bytes -= size
             removed += 1
             try:
                 Path(path).parent.rmdir()  # the day folder, once empty
@@ -274,7 +312,7 @@ class Archive:
         try:
             size = write_entry(self.root, item)
             if size:
-                self.index.add(item.captured_at, entry_dir(self.root, item), size)
+                self.index.add(item.captured_at, entry_dir(self.root, item), size, item.published)
             self.written += 1
             self.on_written()
         except OSError as exc:
@@ -312,7 +350,7 @@ def message_entry(header_json: bytes, attachments: Sequence[bytes] = (),
     for name, data in extra:
         files.setdefault(name, data)
     return ArchiveEntry(header["camera"], parse_rfc3339(header["captured_at"]), int(header["frame_seq"]),
-                        tuple(files.items()))
+                        tuple(files.items()), _published_key(header))
 
 
 def unsent_header(topic: str, run_id: str, body: dict) -> bytes:
@@ -320,6 +358,13 @@ def unsent_header(topic: str, run_id: str, body: dict) -> bytes:
     event the publisher dropped): the wire header with `seq` and `published_at` null."""
     header = {"schema": SCHEMA, "run_id": run_id, "topic": topic, "seq": None, "published_at": None, **body}
     return json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def entry_message(path: Path) -> list[bytes]:
+    """A published entry as the multipart message that was sent: [topic, header JSON, *attachments]."""
+    header, files = read_entry(path)
+    names = [file_name(a["kind"], a["encoding"]) for a in header.get("attachments", [])]
+    return [header["topic"].encode("ascii"), files[HEADER_FILE], *(files[n] for n in names)]
 
 
 def read_entry(path: Path) -> tuple[dict, dict[str, bytes]]:

@@ -32,6 +32,7 @@ from inspectd.outputs.wire import HEARTBEAT_TOPIC, SCHEMA, encode_message, inspe
 
 if TYPE_CHECKING:
     from inspectd.outputs.archive import Archive
+    from inspectd.outputs.replay import Ring
     from inspectd.service.config import PublishConfig
     from inspectd.service.metrics import Metrics
 
@@ -66,7 +67,7 @@ class Publisher:
     """
 
     def __init__(self, cfg: PublishConfig, metrics: Metrics, run_id: str, model: dict,
-                 stats: Callable[[], dict] = dict, archive: Archive | None = None):
+                 stats: Callable[[], dict] = dict, archive: Archive | None = None, ring: Ring | None = None):
         """`model` is named in heartbeats until `stats()` returns a "model" of its own (the daemon's current one).
 
         With `archive`, every defect event goes to it as published (numbered, byte for byte), or, if
@@ -74,6 +75,7 @@ class Publisher:
         only what consumers got. Sampled ok frames go to it directly."""
         self.cfg = cfg
         self.archive = archive
+        self.ring = ring  # what was sent, for replay (added before its seq is announced: see last_seq)
         self.metrics = metrics
         self.run_id = run_id
         self.last_progress_mono = time.monotonic()
@@ -132,6 +134,11 @@ class Publisher:
     def endpoint(self) -> str:
         """The bound endpoint, with a wildcard port (tcp://127.0.0.1:0 or :*) resolved."""
         return self._endpoint
+
+    def last_seq(self, topic: str) -> int:
+        """The highest seq sent on `topic` in this run (0: none yet); any thread. A message is in the
+        ring before its number shows here, so a replay never finds a seq it cannot serve from memory."""
+        return self._seq.get(topic, 0)
 
     # -- the callers' side (any thread, never blocks) ------------------------------------------
     def publish_inspection(self, insp: Inspection, model: dict, results: bool = False) -> None:
@@ -222,6 +229,8 @@ class Publisher:
             log.exception("cannot publish on %s", item.topic)
             self._dropped(item)
             return
+        if self.ring is not None and item.topic != HEARTBEAT_TOPIC:
+            self.ring.add(item.topic, seq, parts)
         self._seq[item.topic] = seq
         self.metrics.events_published.labels(topic=item.topic).inc()
         if self.archive is not None and item.keep is not None:
@@ -239,4 +248,5 @@ class Publisher:
             self._stats_failing = True
             stats = {}
         return {"fps": stats.pop("fps", None), "cameras": stats.pop("cameras", {}),
-                "uptime_s": round(time.monotonic() - self._started_mono, 3), "model": self._model, **stats}
+                "uptime_s": round(time.monotonic() - self._started_mono, 3), "model": self._model,
+                "last_seq": {t: n for t, n in self._seq.items() if t != HEARTBEAT_TOPIC}, **stats}

@@ -246,6 +246,20 @@ class MetricsConfig(_Section):
         return value
 
 
+class ReplayConfig(_Section):
+    endpoint: str = Field("", description="ZeroMQ ROUTER bind endpoint of the replay service (docs/wire-format.md"
+                          "#replay), e.g. tcp://127.0.0.1:5557; empty = off")
+    ring_messages: int = Field(1000, ge=1, le=1_000_000, description="messages kept in memory for replay")
+    ring_bytes: int = Field(64_000_000, ge=1_000, description="bytes kept in memory for replay")
+    max_messages: int = Field(1000, ge=1, le=100_000, description="messages in one answer (then `partial`)")
+    max_bytes: int = Field(64_000_000, ge=1_000, description="bytes in one answer (then `partial`)")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        return _check_endpoint(value) if value else value
+
+
 class ArchiveConfig(_Section):
     dir: str = Field("", description="folder of the durable copy of every defect event (docs/archive.md); "
                      "empty = off")
@@ -287,6 +301,7 @@ class Settings(BaseSettings):
     postprocess: PostprocessConfig = PostprocessConfig()
     publish: PublishConfig = PublishConfig()
     metrics: MetricsConfig = MetricsConfig()
+    replay: ReplayConfig = ReplayConfig()
     archive: ArchiveConfig = ArchiveConfig()
     daemon: DaemonConfig = DaemonConfig()
 

@@ -32,6 +32,7 @@ from inspectd.frames import CameraState
 from inspectd.model.deployable import Deployable, load_model
 from inspectd.outputs.archive import Archive
 from inspectd.outputs.publish import Publisher
+from inspectd.outputs.replay import ReplayServer, Ring
 from inspectd.pipeline.context import build_context
 from inspectd.pipeline.core import Pipeline
 from inspectd.service.config import CameraConfig, Settings, resolve_model_path
@@ -68,6 +69,7 @@ class Daemon:
         self.metrics_server: MetricsServer | None = None
         self.publisher: Publisher | None = None
         self.archive: Archive | None = None
+        self.replay: ReplayServer | None = None
         self.pipeline: Pipeline | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -88,11 +90,16 @@ class Daemon:
         self._stack.callback(self.metrics_server.stop)
         deployable = self._load_model()
         self.archive = self._start_archive()
+        ring = Ring(s.replay.ring_messages, s.replay.ring_bytes) if s.replay.endpoint else None
         self.publisher = Publisher(s.publish, self.metrics, self.run_id,
                                    {"name": deployable.name, "sha256": deployable.sha256}, stats=self.stats,
-                                   archive=self.archive)
+                                   archive=self.archive, ring=ring)
         self.publisher.start()
         self._stack.callback(self.publisher.stop, s.daemon.shutdown_timeout_s)
+        if ring is not None:
+            self.replay = ReplayServer(s.replay, self.run_id, ring, self.archive.index if self.archive else None,
+                                       self.metrics, self.publisher.last_seq).start()
+            self._stack.callback(self.replay.stop)
         self.pipeline = Pipeline(build_context(s, deployable), self.metrics, self.publisher, s.postprocess.workers)
         self.pipeline.start()
         self._stack.callback(self._log_frame_accounts)
@@ -102,9 +109,10 @@ class Daemon:
             self.start_camera(cam)
         self.ready = True
         self.notifier.ready()
-        log.info("ready: %d camera(s), model %s, batches %s on %s, events on %s, metrics on :%d",
+        log.info("ready: %d camera(s), model %s, batches %s on %s, events on %s, replay %s, metrics on :%d",
                  len(self.cameras), deployable.name, self.pipeline.context.engine.buckets,
-                 self.pipeline.context.engine.device, self.publisher.endpoint, self.metrics_server.port)
+                 self.pipeline.context.engine.device, self.publisher.endpoint,
+                 f"on {self.replay.endpoint}" if self.replay else "off", self.metrics_server.port)
 
     def main_loop(self) -> None:
         """Supervise: fps, systemd STATUS and watchdog pings (only while progressing), reloads."""
@@ -318,6 +326,8 @@ class Daemon:
                 out.append(losing)
             if not archive.alive and not self.should_exit.is_set():
                 out.append("archive writer stopped: defect events are not being archived")
+        if self.replay is not None and not self.replay.alive and not self.should_exit.is_set():
+            out.append("replay endpoint stopped: consumers cannot fill gaps")
         return out
 
     def healthz(self) -> tuple[bool, str]:

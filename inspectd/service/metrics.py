@@ -72,6 +72,10 @@ class Metrics:
         self.archive_errors = Counter("archive_errors", "Archive writes that failed (every reason but queue_full)", **r)
         self.archive_bytes = Gauge("archive_bytes", "Bytes in the archive's entries", **r)
         self.archive_entries = Gauge("archive_entries", "Entries in the archive", **r)
+        self.replay_requests = Counter("replay_requests", "Replay requests answered, by how the answer ended "
+                                       "(complete, partial, unknown_run, error)", ["status"], **r)
+        self.replay_abandoned = Counter("replay_abandoned", "Replay answers abandoned: the consumer stopped reading "
+                                        "or went away", **r)
         self.reload_failures = Counter("reload_failures", "Reloads (SIGHUP) rejected; the old config/model kept", **r)
         self.model_info = Gauge("model_info", "The loaded model (value 1)", ["name", "sha256", "backbone", "input"], **r)
         self.build = Info("build", "inspectd build", **r)

@@ -36,7 +36,8 @@ CONTEXT_KEYS = ("model.threshold", "model.mask_threshold", "model.mask_rule", "p
 LIVE_KEYS = ("daemon.stuck_after_s",)
 # Bound at start-up (sockets, pool sizes, queues, the archive's writer, shutdown timeouts registered at start).
 RESTART_KEYS = ("postprocess.workers", "publish.endpoint", "publish.send_hwm", "publish.heartbeat_s", "metrics.host",
-                "metrics.port", "archive.dir", "archive.max_bytes", "archive.max_age_s", "archive.queue_size",
+                "metrics.port", "replay.endpoint", "replay.ring_messages", "replay.ring_bytes", "replay.max_messages",
+                "replay.max_bytes", "archive.dir", "archive.max_bytes", "archive.max_age_s", "archive.queue_size",
                 "daemon.shutdown_timeout_s", "daemon.warmup")
 _APPLIED_KEYS = ENGINE_KEYS + CONTEXT_KEYS + LIVE_KEYS
 
