@@ -64,6 +64,7 @@ class EventKind(str, enum.Enum):
     DEFECT = "defect"
     RESULT = "result"
     STATUS = "status"
+    EPISODE = "episode"
     HEARTBEAT = "heartbeat"
 
 
@@ -129,6 +130,9 @@ _FIELDS = {
     EventKind.DEFECT: _INSPECTION_FIELDS,
     EventKind.RESULT: _INSPECTION_FIELDS,
     EventKind.STATUS: {"camera": "str", "state": "str"},
+    EventKind.EPISODE: {"camera": "str", "episode": "int", "started_at": "time", "ended_at": "time",
+                        "duration_s": "number", "frames": "int", "defect_frames": "int", "peak_score": "number",
+                        "end_reason": "str", "best": "object", "model": "object", "frame": "size"},
     EventKind.HEARTBEAT: {"uptime_s": "number", "cameras": "object"},
 }
 _OPTIONAL = {"detail": "str", "fps": "number"}  # when present (fps may be null)

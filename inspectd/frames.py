@@ -81,3 +81,4 @@ class Inspection:
     regions_png: bytes = b""  # defects: 255 on exactly the published regions, 0 elsewhere, at frame size
     archive_frame: bytes = b""  # the frame for the archive (every defect, sampled ok frames), when it is on
     archive_encoding: str = ""  # "jpeg" or "png" (the archive's frame_format)
+    episode: int | None = None  # the camera's defect episode this frame belongs to (set in frame order)

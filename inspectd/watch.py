@@ -36,7 +36,7 @@ from inspectd.imageio import write_png
 from inspectd.outputs.wire import DEFAULT_ENDPOINT, parse_rfc3339
 from inspectd.pipeline.postprocess import overlay, upsample
 
-DEFAULT_TOPICS = ("defect.", "status.", "heartbeat")
+DEFAULT_TOPICS = ("defect.", "episode.", "status.", "heartbeat")
 
 
 def add_parser(subparsers) -> None:
@@ -201,6 +201,13 @@ def describe(event: Event) -> str:
             x, y, w, hh = max(h["regions"], key=lambda r: r["area_px"])["bbox"]
             line += f"  largest {w}x{hh} at {x},{y}"
         return line
+    if event.kind is EventKind.EPISODE:
+        best = h["best"]
+        x, y, w, hh = best.get("bbox") or (0, 0, 0, 0)
+        where = f"  largest {w}x{hh} at {x},{y}" if best.get("bbox") else ""
+        return (f"{_local_time(h['ended_at'])}  {event.topic}  camera {h['camera']}  episode {h['episode']} ended "
+                f"({h['end_reason']}): {h['frames']} frames ({h['defect_frames']} defective) over {h['duration_s']:.2f} s, "
+                f"peak {h['peak_score']:.3f} at frame {best['frame_seq']}{where}")
     if event.kind is EventKind.STATUS:
         detail = f"  ({h['detail']})" if h.get("detail") else ""
         return f"{_local_time(h['published_at'])}  {event.topic}  camera {h['camera']}  {h['state']}{detail}"

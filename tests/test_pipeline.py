@@ -61,9 +61,12 @@ class _Sink:
         self.items: list[tuple[float, str]] = []
         self.lock = threading.Lock()
 
-    def publish_inspection(self, insp, model, results=False):
+    def publish_inspection(self, insp, model, results=False, defect_event=True):
         with self.lock:
             self.items.append((insp.threshold, model["name"]))
+
+    def publish_episode(self, episode, model, best_event):
+        pass
 
 
 def test_swap_never_mixes_contexts(tf):

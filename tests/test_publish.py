@@ -110,7 +110,7 @@ def test_defect_event_header_and_attachments(start_publisher):
 
     assert topic == "defect.cam1"
     assert set(h) == {"schema", "run_id", "topic", "seq", "published_at", "camera", "frame_seq", "captured_at", "score",
-                      "threshold", "mask_threshold", "is_defect", "model", "regions", "frame", "attachments"}
+                      "threshold", "mask_threshold", "is_defect", "model", "regions", "frame", "episode", "attachments"}
     assert (h["schema"], h["run_id"], h["topic"], h["seq"]) == (SCHEMA, pub.run_id, "defect.cam1", 1)
     assert (h["camera"], h["frame_seq"], h["is_defect"], h["model"]) == ("cam1", 1, True, MODEL)
     assert isinstance(h["score"], float) and h["score"] == pytest.approx(0.9)

@@ -28,7 +28,7 @@ import zmq
 from inspectd.errors import ConfigError
 from inspectd.frames import CameraState, Inspection
 from inspectd.outputs.archive import file_name, message_entry, unsent_header
-from inspectd.outputs.wire import HEARTBEAT_TOPIC, SCHEMA, encode_message, inspection_body, status_body
+from inspectd.outputs.wire import HEARTBEAT_TOPIC, SCHEMA, encode_message, episode_body, inspection_body, status_body
 
 if TYPE_CHECKING:
     from inspectd.outputs.archive import Archive
@@ -141,18 +141,26 @@ class Publisher:
         return self._seq.get(topic, 0)
 
     # -- the callers' side (any thread, never blocks) ------------------------------------------
-    def publish_inspection(self, insp: Inspection, model: dict, results: bool = False) -> None:
+    def publish_episode(self, episode, model: dict, best_event: bool) -> None:
+        """episode.<camera>: an episode ended. With `best_event` (episode mode) its best frame is published
+        (and archived) first, as the episode's one defect event."""
+        if best_event:
+            self.publish_inspection(episode.best, model)
+        self._enqueue(f"episode.{episode.camera}", *episode_body(episode, model))
+
+    def publish_inspection(self, insp: Inspection, model: dict, results: bool = False, defect_event: bool = True) -> None:
         """defect.<camera> when the frame is defective; result.<camera> for every frame when `results` is on.
 
         `model` names the model that produced the inspection ({"name", "sha256"}); `results` is the
-        `[publish] results` setting of the inference context it ran in (a reload changes it at once)."""
+        `[publish] results` setting of the inference context it ran in (a reload changes it at once).
+        `defect_event` False (episode mode): a defective frame is not a defect event of its own."""
         camera = insp.frame.camera
         keep = None
         if self.archive is not None and insp.archive_frame:
             keep = ((file_name("frame", insp.archive_encoding), insp.archive_frame),)
-        if insp.is_defect:
+        if insp.is_defect and defect_event:
             self._enqueue(f"defect.{camera}", *inspection_body(insp, model, with_frame=True), keep=keep)
-        elif keep is not None:  # an ok frame sampled for retraining: archived, never published
+        elif keep is not None and not insp.is_defect:  # an ok frame sampled for retraining: archived, never published
             self._archive_unsent(_Pending(f"result.{camera}", *inspection_body(insp, model, with_frame=False), keep))
         if results:
             self._enqueue(f"result.{camera}", *inspection_body(insp, model, with_frame=False))

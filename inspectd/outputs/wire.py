@@ -15,6 +15,7 @@ __all__ = [
     "parse_rfc3339",
     "inspection_body",
     "status_body",
+    "episode_body",
     "encode_message",
     "decode_message",
 ]
@@ -77,7 +78,35 @@ def inspection_body(insp: Inspection, model: dict, with_frame: bool) -> tuple[di
         "model": {"name": str(model.get("name", "")), "sha256": str(model.get("sha256", ""))},
         "regions": [_region(r) for r in insp.regions],
         "frame": {"width": frame.width, "height": frame.height},
+        "episode": insp.episode,
         "attachments": attachments,
+    }
+    return body, parts
+
+
+def episode_body(ep, model: dict) -> tuple[dict, list[bytes]]:
+    """An `episode.<camera>` summary (an `inspectd.pipeline.episodes.Episode`) and its attachments: the
+    best frame's mask and regions PNGs."""
+    best = ep.best
+    best_body, parts = inspection_body(best, model, with_frame=False)
+    body = {
+        "camera": ep.camera,
+        "episode": int(ep.number),
+        "started_at": rfc3339(ep.first.frame.captured_at),
+        "ended_at": rfc3339(ep.last.frame.captured_at),
+        "duration_s": round(float(ep.duration_s), 6),
+        "first_frame_seq": int(ep.first.frame.seq),
+        "last_frame_seq": int(ep.last.frame.seq),
+        "frames": int(ep.frames),
+        "defect_frames": int(ep.defect_frames),
+        "peak_score": float(best.score),
+        "end_reason": ep.end_reason,
+        "best": {"frame_seq": int(best.frame.seq), "captured_at": rfc3339(best.frame.captured_at),
+                 "score": float(best.score), "regions": [_region(r) for r in best.regions],
+                 "bbox": _region(best.regions[0])["bbox"] if best.regions else None},
+        "model": {"name": str(model.get("name", "")), "sha256": str(model.get("sha256", ""))},
+        "frame": {"width": best.frame.width, "height": best.frame.height},
+        "attachments": best_body["attachments"],
     }
     return body, parts
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from inspectd.model.deployable import Deployable
 from inspectd.pipeline.batching import buckets_for
 from inspectd.pipeline.engine import InferenceEngine, select_device
+from inspectd.pipeline.episodes import EpisodeRules
 from inspectd.pipeline.masks import MaskRule
 from inspectd.pipeline.postprocess import InspectOptions
 from inspectd.service.config import Settings
@@ -49,7 +50,15 @@ def inspect_options(s: Settings, deployable: Deployable) -> InspectOptions:
         mask_rule=mask_rule(s, deployable),
         mask_resolution=s.postprocess.mask_resolution, min_region_px=s.postprocess.min_region_px,
         attach_frame=s.publish.attach_frame, jpeg_quality=s.postprocess.jpeg_quality, results=s.publish.results,
-        archive_frame=s.archive.frame_format if s.archive.dir else "", archive_ok_every=s.archive.ok_every)
+        archive_frame=s.archive.frame_format if s.archive.dir else "", archive_ok_every=s.archive.ok_every,
+        episode_rules=episode_rules(s, deployable), episode_mode=s.episodes.mode)
+
+
+def episode_rules(s: Settings, deployable: Deployable) -> EpisodeRules:
+    """[episodes], the exit threshold defaulting to 0.8 x the image threshold in force."""
+    threshold = deployable.threshold if s.model.threshold is None else s.model.threshold
+    exit_threshold = 0.8 * threshold if s.episodes.exit_threshold is None else s.episodes.exit_threshold
+    return EpisodeRules(min(exit_threshold, threshold), s.episodes.end_frames, s.episodes.end_s)
 
 
 def mask_rule(s: Settings, deployable: Deployable) -> MaskRule:

@@ -8,7 +8,9 @@
 
 Threads: the capture threads call `put`; one inference thread (`inference`) forms a batch with the
 current context's batch limit and runs it with that same context; a pool of post-processing
-threads turns each result into an Inspection and hands it to the publisher, which never blocks.
+threads turns each result into an Inspection; each camera's inspections are then handed on in
+capture order (a frame whose post-processing finished early waits for the ones before it), through
+the camera's defect-episode tracker, to the publisher, which never blocks.
 Every captured frame ends inferred or dropped with a reason (DropReason): `in_flight()` counts the
 rest, so captured = inferred + dropped + in flight holds for every camera at any quiet moment and
 with in flight = 0 after `stop()`.
@@ -22,13 +24,14 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 from inspectd.frames import Batch, DropReason, Frame, Inspection
 from inspectd.pipeline.batching import Batcher, FrameBoard
 from inspectd.pipeline.context import InferenceContext
+from inspectd.pipeline.episodes import Episode, EpisodeTracker
 from inspectd.pipeline.postprocess import inspect
 from inspectd.service.metrics import Metrics
 
@@ -40,9 +43,12 @@ FREEZE_ENV = "INSPECTD_TEST_FREEZE_INFERENCE"
 
 
 class InspectionSink(Protocol):
-    """Where inspections go (the ZeroMQ publisher; later the archive): must never block."""
+    """Where inspections go (the ZeroMQ publisher, which also feeds the archive): must never block."""
 
-    def publish_inspection(self, insp: Inspection, model: dict, results: bool = False) -> None: ...
+    def publish_inspection(self, insp: Inspection, model: dict, results: bool = False,
+                           defect_event: bool = True) -> None: ...
+
+    def publish_episode(self, episode: Episode, model: dict, best_event: bool) -> None: ...
 
 
 class Pipeline:
@@ -62,6 +68,10 @@ class Pipeline:
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self._running: Batch | None = None  # the batch inside the model call (in flight)
         self._freeze_file = os.environ.get(FREEZE_ENV)
+        # Per camera, the post-processing jobs in capture order: delivered from the front when done.
+        self._order: dict[str, deque[tuple[Future, InferenceContext]]] = defaultdict(deque)
+        self._trackers: dict[str, EpisodeTracker] = {}
+        self._deliver_lock = threading.Lock()  # one delivery at a time: trackers and order queues
         self.heartbeat_mono = time.monotonic()  # loop liveness, for the watchdog
         self.busy_since: float | None = None  # set while inside the model call: a hung inference shows here
         self.last_defect = "none"
@@ -78,6 +88,9 @@ class Pipeline:
         if self._thread.is_alive():
             log.error("the batch in flight did not finish within %.0f s", timeout)
         self._pool.shutdown(wait=True)
+        with self._deliver_lock:  # every frame delivered: cut the episodes still open
+            for tracker in self._trackers.values():
+                self._publish_episode(tracker.close("shutdown"), self._context)
 
     @property
     def alive(self) -> bool:
@@ -97,9 +110,21 @@ class Pipeline:
         self._context = context  # one assignment: the inference thread reads it once per batch
 
     def remove_camera(self, camera: str) -> None:
-        """Drop a stopped camera's waiting frame (`shutdown`) and its place in the round robin."""
+        """Drop a stopped camera's waiting frame (`shutdown`) and its place in the round robin; end its episode."""
         self.board.drop(camera)
         self.batcher.forget(camera)
+        with self._deliver_lock:
+            tracker = self._trackers.pop(camera, None)
+            if tracker is not None:
+                self._publish_episode(tracker.close("camera_stopped"), self._context)
+
+    def tick(self, now: float | None = None) -> None:
+        """End the episodes of cameras that went quiet (their last defect frame older than end_s)."""
+        now = time.time() if now is None else now
+        context = self._context
+        with self._deliver_lock:
+            for tracker in self._trackers.values():
+                self._publish_episode(tracker.expire(now, context.options.episodes), context)
 
     def in_flight(self) -> dict[str, int]:
         """Frames per camera neither inferred nor dropped yet: waiting on the board or inside the model call.
@@ -139,7 +164,9 @@ class Pipeline:
                 self._handoff.release()
                 log.error("camera %s frame %d inferred after shutdown; not published", frame.camera, frame.seq)
                 continue
-            future.add_done_callback(lambda f, ctx=context: self._deliver(f, ctx))
+            with self._deliver_lock:
+                self._order[frame.camera].append((future, context))
+            future.add_done_callback(lambda f, camera=frame.camera: self._drain(camera))
 
     def _infer(self, batch: Batch, context: InferenceContext):
         t0 = time.monotonic()
@@ -155,10 +182,23 @@ class Pipeline:
         return scores, cams
 
     # -- post-processing threads -----------------------------------------------------------------
+    def _drain(self, camera: str) -> None:
+        """Deliver this camera's finished inspections from the front of its queue, in capture order."""
+        with self._deliver_lock:
+            pending = self._order[camera]
+            while pending and pending[0][0].done():
+                self._deliver(*pending.popleft())
+
     def _deliver(self, future: Future, context: InferenceContext) -> None:
         try:
             insp: Inspection = future.result()
-            self._sink.publish_inspection(insp, context.model, results=context.options.results)
+            opts = context.options
+            tracker = self._trackers.setdefault(insp.frame.camera, EpisodeTracker(insp.frame.camera))
+            step = tracker.observe(insp, opts.episodes)
+            self._publish_episode(step.ended, context)
+            insp = step.inspection
+            self._sink.publish_inspection(insp, context.model, results=opts.results,
+                                          defect_event=opts.episode_mode == "frames")
             frame = insp.frame
             if insp.is_defect:
                 self.metrics.defects.labels(camera=frame.camera).inc()
@@ -168,6 +208,11 @@ class Pipeline:
             log.exception("post-processing failed")
         finally:
             self._handoff.release()
+
+    def _publish_episode(self, episode: Episode | None, context: InferenceContext) -> None:
+        if episode is not None:
+            self._sink.publish_episode(episode, context.model, best_event=context.options.episode_mode == "episode")
+            self.metrics.episodes.labels(camera=episode.camera, end=episode.end_reason).inc()
 
     def _count_drop(self, frame: Frame, reason: DropReason) -> None:
         self.metrics.frames_dropped.labels(camera=frame.camera, reason=reason.value).inc()

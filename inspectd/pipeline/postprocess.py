@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
+from inspectd.pipeline.episodes import EpisodeRules
 from inspectd.pipeline.masks import MASK_RULES, MaskRule, logit_to_probability
 
 
@@ -154,6 +155,12 @@ class InspectOptions:
     results: bool = False  # publish result.<camera> for every frame (masks of good frames are encoded too)
     archive_frame: str = ""  # [archive] on: the frame kept with every defect, "jpeg" or "png"; "" = archive off
     archive_ok_every: int = 0  # [archive] ok_every: also keep the ok frames whose frame_seq is a multiple of it
+    episode_rules: EpisodeRules | None = None  # [episodes] (None: the defaults for `threshold`)
+    episode_mode: str = "frames"  # frames | episode
+
+    @property
+    def episodes(self) -> EpisodeRules:
+        return self.episode_rules or EpisodeRules(exit_threshold=0.8 * self.threshold)
 
     def archives(self, frame, is_defect: bool) -> bool:
         """Whether this frame goes to the archive: every defect, and one ok frame in `archive_ok_every`."""

@@ -278,6 +278,16 @@ class ArchiveConfig(_Section):
         return _no_nul(value)
 
 
+class EpisodesConfig(_Section):
+    mode: Literal["frames", "episode"] = Field("frames", description="frames: every defect frame is a defect event "
+                                               "(with its episode), plus an episode.<camera> summary at the end; "
+                                               "episode: one defect event per episode (its best frame, at the end)")
+    exit_threshold: float | None = Field(None, ge=0, le=1, description="an episode goes on while scores stay at or "
+                                         "above this (default: 0.8 x the image threshold)")
+    end_frames: int = Field(3, ge=1, le=10_000, description="consecutive frames below exit_threshold that end it")
+    end_s: float = Field(1.0, gt=0, description="seconds since its last frame at or above exit_threshold that end it")
+
+
 class DaemonConfig(_Section):
     shutdown_timeout_s: float = Field(10, gt=0, description="longest wait for the batch in flight at shutdown")
     warmup: bool = Field(True, description="compile every batch size before reporting ready")
@@ -301,6 +311,7 @@ class Settings(BaseSettings):
     postprocess: PostprocessConfig = PostprocessConfig()
     publish: PublishConfig = PublishConfig()
     metrics: MetricsConfig = MetricsConfig()
+    episodes: EpisodesConfig = EpisodesConfig()
     replay: ReplayConfig = ReplayConfig()
     archive: ArchiveConfig = ArchiveConfig()
     daemon: DaemonConfig = DaemonConfig()

@@ -131,6 +131,7 @@ class Daemon:
             if interval is not None and now - last_ping >= interval:
                 last_ping = now if self._watchdog_ping() else last_ping
             self._finish_reload()
+            self.pipeline.tick()  # episodes of cameras that went quiet end by time
             # One reload at a time, each planned on the settings the previous one left: a SIGHUP
             # during a reload is kept and served after it.
             if self.reload_requested.is_set() and not self._reload_busy():

@@ -55,6 +55,8 @@ class Metrics:
                                       "frame before inference; fps_limit; decode)", ["camera", "reason"], **r)
         self.frames_inferred = Counter("frames_inferred", "Frames run through the model", ["camera"], **r)
         self.defects = Counter("defects", "Frames judged defective (score >= threshold)", ["camera"], **r)
+        self.episodes = Counter("episodes", "Defect episodes ended, by how they ended (frames, time, shutdown, "
+                                "camera_stopped)", ["camera", "end"], **r)
         self.camera_up = Gauge("camera_up", "1 while the camera delivers frames, else 0", ["camera"], **r)
         self.camera_reconnects = Counter("camera_reconnects", "Reconnection attempts", ["camera"], **r)
         self.batch_size = Histogram("batch_size", "Real (unpadded) frames per inference batch", buckets=BATCH_BUCKETS, **r)

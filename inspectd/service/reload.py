@@ -31,7 +31,8 @@ ENGINE_KEYS = ("model.path", "model.device", "model.precision", "model.xla", "ba
 # A new inference context with the same engine (thresholds, output options, the batching wait).
 CONTEXT_KEYS = ("model.threshold", "model.mask_threshold", "model.mask_rule", "postprocess.mask_resolution",
                 "postprocess.min_region_px", "postprocess.jpeg_quality", "publish.results", "publish.attach_frame",
-                "batching.max_wait_ms", "archive.frame_format", "archive.ok_every")
+                "batching.max_wait_ms", "archive.frame_format", "archive.ok_every", "episodes.mode",
+                "episodes.exit_threshold", "episodes.end_frames", "episodes.end_s")
 # Read from the daemon's settings at each use: applied by the settings swap alone.
 LIVE_KEYS = ("daemon.stuck_after_s",)
 # Bound at start-up (sockets, pool sizes, queues, the archive's writer, shutdown timeouts registered at start).

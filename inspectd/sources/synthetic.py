@@ -1,11 +1,13 @@
-"""`synthetic://?fps=10&width=320&height=240&defect_rate=0.3&seed=0&repeat=0`: a camera with no hardware.
+"""`synthetic://?fps=10&width=320&height=240&defect_rate=0.3&seed=0&repeat=0&dwell=1`: a camera with no hardware.
 
 Frames come from `inspectd.synth.render` (grey surfaces with labelled defects, replicated to RGB),
 released at `fps` on the monotonic clock. Frame k (counted from 0 since the source was built) is a
 pure function of (seed, k), so a test knows exactly what the camera showed: `sample(k)` renders it
 again, and `last_sample` / `last_mask` hold the frame just returned. `repeat=N` cycles through the
 first N frames (repeat=1: the same frame forever, its defects always at `sample(0).mask`); 0 means
-every frame is new.
+every frame is new. `dwell=D` keeps each part under the camera for D frames (frames k and k+1 show
+the same part unless k+1 is a multiple of D): a defect then stays in view for D frames, as on a
+slow line, which makes defect episodes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from inspectd.service.config import CameraConfig
 from inspectd.sources.base import Pacer, SourceError, query_params
 from inspectd.synth import Sample, render
 
-_DEFAULTS = {"fps": 10.0, "width": 320, "height": 240, "defect_rate": 0.3, "seed": 0, "repeat": 0}
+_DEFAULTS = {"fps": 10.0, "width": 320, "height": 240, "defect_rate": 0.3, "seed": 0, "repeat": 0, "dwell": 1}
 
 
 class SyntheticSource:
@@ -34,10 +36,10 @@ class SyntheticSource:
         p = query_params(cfg.url or "", _DEFAULTS)
         if not 16 <= p["width"] <= 8192 or not 16 <= p["height"] <= 8192:
             raise SourceError(f"synthetic: width and height must be 16..8192 (got {p['width']}x{p['height']})")
-        if not 0.0 <= p["defect_rate"] <= 1.0 or p["repeat"] < 0:
-            raise SourceError("synthetic: defect_rate must be within 0..1 and repeat >= 0")
+        if not 0.0 <= p["defect_rate"] <= 1.0 or p["repeat"] < 0 or p["dwell"] < 1:
+            raise SourceError("synthetic: defect_rate must be within 0..1, repeat >= 0 and dwell >= 1")
         self.width, self.height, self.seed = p["width"], p["height"], p["seed"]
-        self.defect_rate, self.repeat = p["defect_rate"], p["repeat"]
+        self.defect_rate, self.repeat, self.dwell = p["defect_rate"], p["repeat"], p["dwell"]
         self._pacer = Pacer(p["fps"])
         self._index = 0
         self._cache: dict[int, Sample] = {}
@@ -49,13 +51,16 @@ class SyntheticSource:
         return None if self.last_sample is None else self.last_sample.mask
 
     def sample(self, index: int) -> Sample:
-        """Frame `index` (from 0), rendered deterministically from (seed, index)."""
-        k = index % self.repeat if self.repeat else index
+        """Frame `index` (from 0), rendered deterministically from (seed, index // dwell)."""
+        part = index // self.dwell
+        k = part % self.repeat if self.repeat else part
         if k in self._cache:
             return self._cache[k]
         rng = np.random.default_rng([self.seed, k])
         out = render(rng, self.width, self.height, defect=bool(rng.random() < self.defect_rate))
-        if self.repeat:  # a bounded set of frames: render each once
+        if self.repeat or self.dwell > 1:  # a bounded set of frames, or the same part again: render each once
+            if not self.repeat:
+                self._cache.clear()  # only the part in view
             self._cache[k] = out
         return out
 
