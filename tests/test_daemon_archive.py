@@ -5,6 +5,7 @@ the archive its entries but never the events or the inspection."""
 from __future__ import annotations
 
 import json
+import re
 import shlex
 
 import cv2
@@ -105,3 +106,24 @@ def test_a_full_disk_costs_archive_entries_not_events(tmp_path):
     for header, files in kept:
         _check_entry(header, files)
         assert json.loads(files["header.json"]) == header and "frame.png" in files
+
+
+def test_sigterm_while_frames_are_in_flight_publishes_and_archives_every_inferred_frame(tmp_path):
+    """A camera faster than the model, every frame kept (defects as events, ok frames with ok_every 1):
+    after SIGTERM the archive holds exactly the frames the shutdown log says were inferred, and the
+    defect events among them were all published (numbered 1..n without a gap)."""
+    root = tmp_path / "archive"
+    camera = "synthetic://?fps=40&width=320&height=240&defect_rate=0.5&seed=9"
+    config, urls = daemon_config(tmp_path, camera_toml("cam-1", camera), archive={"dir": str(root), "ok_every": 1})
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready(urls["metrics"])
+        wait_until(lambda: (scrape(urls["metrics"]).value("inspectd_archive_written_total") or 0) >= 10, 60,
+                   "10 entries archived")
+        assert daemon.terminate() == 0, daemon.log()
+    account = re.search(r"frames cam-1: captured \d+ = inferred (\d+) \+ dropped \d+ \([^)]*\) \+ in flight 0; "
+                        r"residual 0", daemon.log())
+    assert account, daemon.log()
+    kept = _archive(root)
+    assert len(kept) == int(account.group(1)), (len(kept), account.group(0))
+    defects = sorted(h["seq"] for h, _ in kept if h["topic"] == "defect.cam-1")
+    assert defects == list(range(1, len(defects) + 1))

@@ -28,7 +28,7 @@ class Line:
     def __init__(self, tmp_path: Path, ring_messages: int = 1000, max_messages: int = 1000, archive: bool = False):
         self.metrics = Metrics(CollectorRegistry())
         self.run_id = uuid.uuid4().hex
-        self.archive = Archive(tmp_path / "archive").start() if archive else None
+        self.archive = Archive(tmp_path / "archive").start() if archive else None  # indexes what earlier runs left
         self.ring = Ring(ring_messages, 10**9)
         self.pub = Publisher(PublishConfig(endpoint="tcp://127.0.0.1:0", heartbeat_s=0.05), self.metrics, self.run_id,
                              TEST_MODEL, archive=self.archive, ring=self.ring)
@@ -234,3 +234,22 @@ def test_a_new_consumer_starts_from_now_and_what_is_gone_is_a_gap(line):
                     positions={ln.run_id: {"defect.cam1": 0}}) as sub:
         got = [sub.recv(5) for _ in range(2)]
         assert [e.header["seq"] for e in got] == [5, 6] and got[0].gap == 4 and sub.gaps == {"defect.cam1": 4}
+
+
+def test_after_a_daemon_restart_the_rest_of_the_earlier_run_comes_from_the_archive(line):
+    before = line(archive=True)
+    before.defects(3)
+    wait_until(lambda: before.archive.written == 3, 10, "3 entries archived")
+    old_run = before.run_id
+    before.close()  # the daemon stops; the consumer had handed out seq 1 only
+    after = line(archive=True)  # restarted on the same archive: a new run
+    after.defects(1)
+    with Subscriber(after.pub.endpoint, ["defect."], replay=after.replay.endpoint,
+                    positions={old_run: {"defect.cam1": 1}}) as sub:
+        got = [sub.recv(5) for _ in range(2)]
+        assert [(e.header["run_id"], e.header["seq"], e.replayed) for e in got] == [
+            (old_run, 2, True), (old_run, 3, True)]
+        after.defects(1)
+        live = sub.recv(5)
+        assert (live.header["run_id"], live.header["seq"]) == (after.run_id, 2)  # a new consumer of this run: from now
+        assert sub.positions[old_run] == {"defect.cam1": 3}
