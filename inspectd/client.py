@@ -372,6 +372,10 @@ class Subscriber:
         # {run_id: {topic: seq}}: handed out (positions) and received or fetched (_through)
         self.positions: dict[str, dict[str, int]] = {r: dict(t) for r, t in (positions or {}).items()}
         self._through: dict[str, dict[str, int]] = {r: dict(t) for r, t in self.positions.items()}
+        # Runs whose every topic counts from its first message: resumed ones, and those whose first
+        # heartbeat (the baseline: a new consumer starts from the present) has been seen.
+        self._settled: set[str] = set(self.positions)
+        self._asked: set[tuple[str, str]] = set()  # (endpoint, earlier run) already asked for its rest
         self._ctx = zmq.Context()
         self._poller = zmq.Poller()
         self._sockets: dict[zmq.Socket, tuple[str, SeqTracker]] = {}
@@ -450,20 +454,22 @@ class Subscriber:
             out += self._finish_old_runs(endpoint, run)
             self._run_of[endpoint] = run
         through = self._through.setdefault(run, {})
+        settled = run in self._settled
         if event.kind is EventKind.HEARTBEAT:
             for t, last in (event.header.get("last_seq") or {}).items():
                 if not self._wanted(t) or not isinstance(last, int) or t == "heartbeat":
                     continue
-                if t not in through:  # a consumer that starts now does not want the past: the baseline
+                if t not in through and not settled:  # a consumer that starts now does not want the past
                     through[t] = last
                     self.positions.setdefault(run, {}).setdefault(t, last)
-                elif last > through[t]:  # lost during a silence (or before we connected): fetch
+                elif last > through.setdefault(t, 0):  # lost during a silence, or a topic new since the baseline
                     out += self._fetch(endpoint, run, t, through[t])[0]
+            self._settled.add(run)
             return out + ([event] if self._wanted("heartbeat") else [])
-        have = through.get(topic)
+        have = through.get(topic, 0 if settled else None)  # settled: a topic new to us counts from seq 1
         if have is not None and seq > have + 1:
             out += self._fetch(endpoint, run, topic, have)[0]
-        if have is not None and through[topic] >= seq:
+        if have is not None and through.get(topic, have) >= seq:
             return out  # handed out already, through replay
         through[topic] = seq
         return out + [event]
@@ -497,14 +503,19 @@ class Subscriber:
         """A daemon restarted (or we resume): fetch what is left of earlier runs (from its archive)."""
         out: list[Event] = []
         for run in [r for r in self._through if r != current and r not in self._run_of.values()]:
+            if (endpoint, run) in self._asked:
+                continue
+            self._asked.add((endpoint, run))  # once per endpoint and session: an unanswered run costs no more
             statuses = set()
             for topic, after in list(self._through[run].items()):
                 if self._wanted(topic):
                     got, status = self._fetch(endpoint, run, topic, after)
                     out += got
                     statuses.add(status)
-            if "complete" in statuses:  # this daemon's run, finished: not asked again
+            if "complete" in statuses:  # this daemon's run, finished
                 self._through.pop(run, None)
+        while len(self._through) > 16:  # bounded, like positions: the oldest runs go first
+            self._through.pop(next(iter(self._through)))
         return out
 
     def _handed_out(self, event: Event) -> Event:

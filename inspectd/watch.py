@@ -10,9 +10,9 @@ and their number is printed on stderr at exit.
 
 With `--replay` (the daemon's `[replay] endpoint`) gaps are filled before the event after them is
 printed, and with `--state FILE` a restarted watch resumes where it stopped: the positions are
-written (atomically) after each printed event, and SIGTERM waits until both are done, so a watch
-stopped and started again prints every event exactly once. A kill -9 between the print and the
-write can print one event twice.
+written (atomically) after each printed event, and SIGTERM (exit 0) is acted on only between two
+events, so a watch stopped and started again prints every event exactly once. A kill -9 between
+the print and the write can print one event twice.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import os
 import re
 import signal
 import sys
+import threading
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -143,14 +145,31 @@ def _save_state(path: Path, positions: dict) -> None:
 def _print_events(sub: Subscriber, args: argparse.Namespace, show_heartbeats: bool, skipped: _Skipped) -> int:
     """The receive loop of `run`."""
     notices = sys.stderr if args.json else sys.stdout
-    shown = 0
     runs: dict[str, str] = {}  # endpoint -> run_id seen last
+    # SIGTERM only sets a flag, looked at between events: a line and the state that records it are never
+    # separated by it (blocking the signal would not do: it can be delivered to any thread of the process).
+    stopping = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    try:
+        return _loop(sub, args, show_heartbeats, skipped, notices, runs, stopping)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _loop(sub: Subscriber, args: argparse.Namespace, show_heartbeats: bool, skipped: _Skipped, notices, runs: dict,
+          stopping: threading.Event) -> int:
+    shown, last_event = 0, time.monotonic()
     while args.count is None or shown < args.count:
-        event = sub.recv(timeout_s=args.timeout)
+        if stopping.is_set():
+            return 0
+        event = sub.recv(timeout_s=0.2)
         if event is None:
-            print(f"inspectd watch: no event for {args.timeout:g} s from {', '.join(args.endpoints)}",
-                  file=sys.stderr)
-            return 1
+            if args.timeout is not None and time.monotonic() - last_event >= args.timeout:
+                print(f"inspectd watch: no event for {args.timeout:g} s from {', '.join(args.endpoints)}",
+                      file=sys.stderr)
+                return 1
+            continue
+        last_event = time.monotonic()
         try:
             _notices(event, runs, notices)
             if event.kind is EventKind.HEARTBEAT and not show_heartbeats:
@@ -160,16 +179,11 @@ def _print_events(sub: Subscriber, args: argparse.Namespace, show_heartbeats: bo
             # The client checked the header; anything it let through that we cannot show is still no crash.
             skipped.notice(event.endpoint, f"{event.topic}: cannot show it: {type(exc).__name__}: {exc}")
             continue
-        # SIGTERM waits for the line and the state that records it (then ends the process as usual).
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        try:
-            print(line + ("  [replayed]" if event.replayed and not args.json else ""), flush=True)
-            if args.save is not None:
-                _save(event, args.save)
-            if args.state is not None:
-                _save_state(args.state, sub.positions)
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        print(line + ("  [replayed]" if event.replayed and not args.json else ""), flush=True)
+        if args.save is not None:
+            _save(event, args.save)
+        if args.state is not None:
+            _save_state(args.state, sub.positions)
         shown += 1
     return 0
 

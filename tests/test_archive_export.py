@@ -71,10 +71,13 @@ def test_export_writes_the_layout_train_reads_with_predictions_apart(archive, tm
 def test_export_again_adds_only_what_is_new(archive, tmp_path):
     out = tmp_path / "dataset"
     export_archive(ExportOptions(archive, out), progress=lambda *_: None)
+    reviewed = next((out / "defect").iterdir())  # the operator moves a false alarm to ok/
+    reviewed.rename(out / "ok" / reviewed.name)
     _archive_inspection(archive, "line1-top", 99, defect=True, at=T0 + 3600)
     again = export_archive(ExportOptions(archive, out), progress=lambda *_: None)
     assert (again.defect, again.ok, again.already) == (1, 0, 8)
     assert len((out / "manifest.jsonl").read_text().splitlines()) == 9
+    assert not (out / "defect" / reviewed.name).exists()  # the review stands
 
 
 def test_export_filters_by_camera_and_time(archive, tmp_path):

@@ -74,6 +74,18 @@ def test_close_cuts_the_open_episode_and_the_best_frame_is_the_highest_score():
     assert episode.duration_s == pytest.approx(0.2)
 
 
+def test_an_episode_keeps_the_mode_it_started_in_and_numbers_go_on():
+    tracker = EpisodeTracker("cam", count=5)  # a camera stopped and started again in the same run
+    first = tracker.observe(_insp(1, 0.9), RULES, "episode")
+    assert first.episode == 6 and first.mode == "episode"
+    during = tracker.observe(_insp(2, 0.9), RULES, "frames")  # a reload switched the mode mid-episode
+    assert during.mode == "episode"
+    tracker.observe(_insp(3, 0.1), RULES, "frames")
+    end = tracker.observe(_insp(4, 0.1), RULES, "frames")
+    assert end.ended.mode == "episode" and end.mode == "frames" and end.ended.number == 6
+    assert tracker.observe(_insp(5, 0.9), RULES, "frames").mode == "frames"  # the next one: the new mode
+
+
 def test_dwell_keeps_a_part_in_view_for_d_frames():
     src = SyntheticSource(CameraConfig(id="c", url="synthetic://?dwell=3&seed=5&defect_rate=0.5"))
     frames = [src.sample(i) for i in range(9)]

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from support import TEST_MODEL, make_inspection, wait_until
 
 from inspectd.client import ReplayClient, ReplayError, Subscriber
-from inspectd.outputs.archive import Archive, RetentionIndex, message_entry, write_entry
+from inspectd.outputs.archive import Archive, message_entry, write_entry
 from inspectd.outputs.publish import Publisher
 from inspectd.outputs.replay import END_TOPIC, REQUEST_TAG, ReplayServer, Ring, parse_request
 from inspectd.outputs.wire import encode_message, inspection_body
@@ -34,8 +34,7 @@ class Line:
                              TEST_MODEL, archive=self.archive, ring=self.ring)
         self.pub.start()
         cfg = ReplayConfig(endpoint="tcp://127.0.0.1:0", max_messages=max_messages)
-        self.replay = ReplayServer(cfg, self.run_id, self.ring, self.archive.index if self.archive else None,
-                                   self.metrics, self.pub.last_seq).start()
+        self.replay = ReplayServer(cfg, self.run_id, self.ring, self.archive, self.metrics, self.pub.last_seq).start()
         self.ctx = zmq.Context()
 
     def defects(self, n: int, camera: str = "cam1") -> None:
@@ -136,7 +135,8 @@ def test_another_run_is_answered_from_the_archive_or_said_unknown(line, tmp_path
         wire = encode_message("defect.cam1", "oldrun", seq, body, parts)
         write_entry(root, message_entry(wire[1], wire[2:], (("frame.jpg", insp.archive_frame),)))
     ln = line()
-    ln.replay.archive = RetentionIndex.scan(root)
+    old = Archive(root).start()  # what the restarted daemon indexes at start
+    ln.replay.archive = old
     client = ln.client()
     messages, end = client.fetch("oldrun", "defect.cam1", 1)
     assert _seqs(messages) == [2, 4] and end["missing"] == [[3, 3]] and end["last_seq"] == 4
@@ -144,6 +144,7 @@ def test_another_run_is_answered_from_the_archive_or_said_unknown(line, tmp_path
     messages, end = client.fetch("nosuchrun", "defect.cam1", 0)
     assert messages == [] and end["status"] == "unknown_run" and end["current_run_id"] == ln.run_id
     client.close()
+    old.stop()
 
 
 @pytest.mark.parametrize("parts,reason", [
@@ -253,3 +254,53 @@ def test_after_a_daemon_restart_the_rest_of_the_earlier_run_comes_from_the_archi
         live = sub.recv(5)
         assert (live.header["run_id"], live.header["seq"]) == (after.run_id, 2)  # a new consumer of this run: from now
         assert sub.positions[old_run] == {"defect.cam1": 3}
+
+
+def test_a_seq_still_waiting_for_the_disk_is_waited_for_not_called_gone(line, monkeypatch):
+    """The ring (3) has moved on while the archive writer is stuck: the answer waits for the writer."""
+    import threading
+
+    import inspectd.outputs.archive as archive_module
+
+    gate = threading.Event()
+    real = archive_module.write_entry
+    monkeypatch.setattr(archive_module, "write_entry", lambda root, entry: gate.wait(10) and real(root, entry))
+    ln = line(ring_messages=3, archive=True)
+    ln.defects(6)
+    answers = []
+    asker = threading.Thread(target=lambda: answers.append(ln.client().fetch(ln.run_id, "defect.cam1", 0)))
+    asker.start()
+    # the replay thread is inside wait_written (a waiter on the archive's condition), nothing written yet
+    wait_until(lambda: len(ln.archive._written._waiters) > 0, 5, "the answer waiting for the writer")
+    assert ln.archive.written == 0
+    gate.set()
+    asker.join(10)
+    messages, end = answers[0]
+    assert _seqs(messages) == [1, 2, 3, 4, 5, 6] and end["missing"] == [] and end["status"] == "complete"
+
+
+def test_a_request_costs_the_same_whatever_the_range(line):
+    """after_seq 0 against a topic at seq 10^12 with nothing kept: one range, answered at once (the work
+    is bounded by what is kept, never by the numbers in the request)."""
+    ln = line()
+    ln.replay._last_seq = lambda topic: 10**12
+    messages, end = ln.client().fetch(ln.run_id, "defect.cam1", 0)
+    assert messages == [] and end["missing"] == [[1, 10**12]] and end["last_seq"] == 10**12
+
+
+def test_a_topic_new_since_the_consumer_left_comes_from_its_first_seq(line):
+    """Positions know cam1 only; cam2's first defects came while the consumer was away."""
+    ln = line()
+    ln.defects(2, camera="cam1")
+    ln.defects(3, camera="cam2")
+    with Subscriber(ln.pub.endpoint, ["defect."], replay=ln.replay.endpoint,
+                    positions={ln.run_id: {"defect.cam1": 2}}) as sub:
+        got = [sub.recv(5) for _ in range(3)]
+        assert [(e.topic, e.header["seq"]) for e in got] == [("defect.cam2", 1), ("defect.cam2", 2), ("defect.cam2", 3)]
+        assert sub.gaps == {}
+    # A consumer that stays: once its baseline is set, a new topic's first messages are fetched too.
+    with Subscriber(ln.pub.endpoint, ["defect."], replay=ln.replay.endpoint) as sub:
+        wait_until(lambda: sub.recv(0.05) is None and ln.run_id in sub._settled, 5, "the baseline")
+        ln.defects(2, camera="cam3")
+        got = [sub.recv(5) for _ in range(2)]
+        assert [(e.topic, e.header["seq"]) for e in got] == [("defect.cam3", 1), ("defect.cam3", 2)]

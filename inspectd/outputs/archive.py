@@ -21,6 +21,7 @@ __all__ = ["ArchiveEntry", "Archive", "RetentionIndex", "safe_component", "entry
            "clean_temporaries", "entries", "enforce_retention", "TEMP_PREFIX", "DROP_REASONS", "HEADER_FILE", "file_name",
            "message_entry", "unsent_header", "read_entry", "entry_message"]
 
+import bisect
 import errno
 import hashlib
 import heapq
@@ -78,10 +79,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _make_dirs(folder: Path) -> None:
+    """mkdir -p, fsyncing the parent of every folder it creates (a new camera or day folder must survive
+    a power cut as well as the entries in it)."""
+    if folder.is_dir():
+        return
+    _make_dirs(folder.parent)
+    try:
+        folder.mkdir()
+    except FileExistsError:
+        return
+    _fsync_dir(folder.parent)
+
+
 def write_entry(root: Path, entry: ArchiveEntry) -> int:
     """Write one entry atomically (see the module doc); returns its bytes. Raises OSError."""
     final = entry_dir(root, entry)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    _make_dirs(final.parent)
     temp = final.parent / f"{TEMP_PREFIX}{final.name}"
     shutil.rmtree(temp, ignore_errors=True)
     temp.mkdir()
@@ -155,7 +169,8 @@ class RetentionIndex:
 
     def __init__(self):
         self._heap: list[tuple[float, str, int, tuple[str, str, int] | None]] = []
-        self._published: dict[tuple[str, str], dict[int, str]] = {}
+        # (run_id, topic) -> (its seqs, sorted; seq -> folder): replay takes a bounded slice by bisection
+        self._published: dict[tuple[str, str], tuple[list[int], dict[int, str]]] = {}
         self._lock = threading.Lock()
         self.total_bytes = 0
 
@@ -180,13 +195,18 @@ class RetentionIndex:
             self.total_bytes += size
             if published is not None:
                 run, topic, seq = published
-                self._published.setdefault((run, topic), {})[seq] = str(path)
+                seqs, paths = self._published.setdefault((run, topic), ([], {}))
+                if seq not in paths:
+                    bisect.insort(seqs, seq)  # appended at the end, as seqs are written in order
+                paths[seq] = str(path)
 
-    def published(self, run_id: str, topic: str, after_seq: int) -> list[tuple[int, Path]]:
-        """The archived entries of (run_id, topic) with seq > after_seq, in seq order."""
+    def published(self, run_id: str, topic: str, after_seq: int, limit: int) -> list[tuple[int, Path]]:
+        """At most `limit` archived entries of (run_id, topic) with seq > after_seq, in seq order."""
         with self._lock:
-            found = self._published.get((run_id, topic), {})
-            return [(seq, Path(found[seq])) for seq in sorted(s for s in found if s > after_seq)]
+            seqs, paths = self._published.get((run_id, topic), ([], {}))
+            start = bisect.bisect_right(seqs, after_seq)
+            found = [(seq, paths[seq]) for seq in seqs[start:start + limit]]
+        return [(seq, Path(path)) for seq, path in found]
 
     def knows(self, run_id: str, topic: str) -> bool:
         with self._lock:
@@ -207,9 +227,10 @@ class RetentionIndex:
                 heapq.heappop(self._heap)
                 self.total_bytes -= size
                 if published is not None:  # gone for replay before it is gone from the disk
-                    seqs = self._published.get(published[:2], {})
-                    seqs.pop(published[2], None)
-                    if not seqs:
+                    seqs, paths = self._published.get(published[:2], ([], {}))
+                    if paths.pop(published[2], None) is not None:
+                        del seqs[bisect.bisect_left(seqs, published[2])]
+                    if not paths:
                         self._published.pop(published[:2], None)
             shutil.rmtree(path, ignore_errors=True)
             removed += 1
@@ -250,6 +271,8 @@ class Archive:
         self.written = 0
         self.last_drop: tuple[float, str] | None = None  # (time.monotonic(), reason) of the latest loss
         self.index = RetentionIndex()
+        self._pending: Counter[tuple[str, str, int]] = Counter()  # published entries queued, not yet written
+        self._written = threading.Condition()
         self._queue: queue.Queue[ArchiveEntry | None] = queue.Queue(maxsize=queue_size)
         self._thread = threading.Thread(target=self._run, name="archive-writer", daemon=True)
 
@@ -263,18 +286,46 @@ class Archive:
         return self
 
     def submit(self, entry: ArchiveEntry) -> bool:
+        if entry.published is not None:
+            with self._written:
+                self._pending[entry.published] += 1
         try:
             self._queue.put_nowait(entry)
             return True
         except queue.Full:
+            self._done(entry)
             self._drop("queue_full")
             return False
 
+    def wait_written(self, run_id: str, topic: str, upto_seq: int, timeout: float) -> bool:
+        """Wait until no published entry of (run_id, topic) up to `upto_seq` is still queued (replay asks this
+        before it calls a seq gone); False on timeout."""
+        def clear() -> bool:
+            return not any(k[0] == run_id and k[1] == topic and k[2] <= upto_seq for k in self._pending)
+
+        with self._written:
+            return self._written.wait_for(clear, timeout)
+
+    def _done(self, entry: ArchiveEntry) -> None:
+        if entry.published is not None:
+            with self._written:
+                self._pending[entry.published] -= 1
+                if self._pending[entry.published] <= 0:
+                    del self._pending[entry.published]
+                self._written.notify_all()
+
     def stop(self, timeout: float = 10.0) -> None:
-        """Write what is queued (up to `timeout`), then end the thread."""
+        """Write what is queued (up to `timeout`), then end the thread; what is left then is counted as lost."""
         if self._thread.is_alive():
-            self._queue.put(None)
+            try:
+                self._queue.put(None, timeout=timeout)
+            except queue.Full:
+                pass
             self._thread.join(timeout)
+        if self._thread.is_alive():
+            lost = self._queue.qsize()
+            for _ in range(lost):
+                self._drop("error")
 
     @property
     def alive(self) -> bool:
@@ -313,12 +364,14 @@ class Archive:
             size = write_entry(self.root, item)
             if size:
                 self.index.add(item.captured_at, entry_dir(self.root, item), size, item.published)
-            self.written += 1
-            self.on_written()
+                self.written += 1
+                self.on_written()
         except OSError as exc:
             self._drop(_REASONS.get(exc.errno, "error"))
         except Exception:  # a bad entry must not end the writer: counted, and the next one is written
             self._drop("error")
+        finally:
+            self._done(item)
 
     def _retention(self) -> None:
         if self.max_bytes or self.max_age_s:

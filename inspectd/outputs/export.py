@@ -7,7 +7,8 @@ Frames of defect entries go to `OUT/defect/`, sampled ok frames to `OUT/ok/`, co
 (moves false alarms to `ok/`) before training. The model's own masks go to `OUT/predictions/`,
 never to `OUT/masks/`, which `train` and `evaluate` read as ground truth. `OUT/manifest.jsonl` has
 one line per exported frame (camera, capture time, score, model, run and seq, the archive entry).
-Exporting again into the same folder adds only what is new (a file of the same name is skipped).
+Exporting again into the same folder adds only what is new: an entry named in the manifest is
+skipped wherever its frame is now (an operator's review moves frames between folders).
 """
 
 from __future__ import annotations
@@ -108,11 +109,24 @@ def export_archive(opts: ExportOptions, progress: Callable[[int, int], None] = _
     for sub in ("defect", "ok", PREDICTIONS):
         (out / sub).mkdir(parents=True, exist_ok=True)
     counts = {"defect": 0, "ok": 0, "already": 0, "unusable": 0}
+    done = _exported(out / "manifest.jsonl")
     with open(out / "manifest.jsonl", "a", encoding="utf-8") as manifest:
         for i, (_, entry) in enumerate(selected, 1):
-            counts[_export_one(entry, out, manifest)] += 1
+            counts["already" if str(entry) in done else _export_one(entry, out, manifest)] += 1
             progress(i, len(selected))
     return ExportSummary(counts["defect"], counts["ok"], counts["already"], counts["unusable"], len(selected))
+
+
+def _exported(manifest: Path) -> set[str]:
+    """The archive entries a manifest already names (a torn last line, from a crash, is ignored)."""
+    done = set()
+    if manifest.is_file():
+        for line in manifest.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                done.add(str(json.loads(line)["archive_entry"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return done
 
 
 def _export_one(entry: Path, out: Path, manifest) -> str:

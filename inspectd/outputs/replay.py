@@ -29,7 +29,7 @@ import zmq
 from inspectd.errors import ConfigError
 
 if TYPE_CHECKING:
-    from inspectd.outputs.archive import RetentionIndex
+    from inspectd.outputs.archive import Archive
     from inspectd.service.config import ReplayConfig
     from inspectd.service.metrics import Metrics
 
@@ -42,7 +42,8 @@ END_TOPIC = "replay.end"
 STATUSES = ("complete", "partial", "unknown_run", "error")
 MAX_REQUEST_BYTES = 1024  # a request is about 100 bytes: larger ones get an `error` answer
 _MAX_MESSAGE_BYTES = 65536  # larger messages are never read into memory: ZeroMQ disconnects their sender
-_SEND_TIMEOUT_MS = 5000  # a consumer that stops reading mid-answer gets the rest of it abandoned
+_ANSWER_TIMEOUT_S = 10.0  # an answer the consumer does not take within this is abandoned (one per answer)
+_ARCHIVE_WAIT_S = 2.0  # how long a seq that is still being written to the archive is waited for
 _TICK_MS = 100
 
 
@@ -69,6 +70,11 @@ class Ring:
         with self._lock:
             return self._items.get((topic, seq))
 
+    def seqs(self, topic: str, after_seq: int) -> list[int]:
+        """The seqs of `topic` held, above `after_seq`, in order (a scan of at most max_messages keys)."""
+        with self._lock:
+            return sorted(seq for t, seq in self._items if t == topic and seq > after_seq)
+
 
 def parse_request(data: bytes) -> tuple[str, str, int]:
     """The JSON of a request -> (run_id, topic, after_seq); ValueError naming what is wrong."""
@@ -91,7 +97,7 @@ def parse_request(data: bytes) -> tuple[str, str, int]:
 class ReplayServer:
     """The ROUTER socket and its thread; see the module doc for the protocol."""
 
-    def __init__(self, cfg: ReplayConfig, run_id: str, ring: Ring, archive: RetentionIndex | None,
+    def __init__(self, cfg: ReplayConfig, run_id: str, ring: Ring, archive: Archive | None,
                  metrics: Metrics, last_seq: Callable[[str], int]):
         """`last_seq(topic)`: the highest seq the publisher has sent on topic in this run (0: none)."""
         self.cfg, self.run_id, self.ring, self.archive, self.metrics = cfg, run_id, ring, archive, metrics
@@ -166,7 +172,7 @@ class ReplayServer:
         request = {"run_id": run_id, "topic": topic, "after_seq": after}
         if run_id == self.run_id:
             self._from_this_run(identity, request)
-        elif self.archive is not None and self.archive.knows(run_id, topic):
+        elif self.archive is not None and self.archive.index.knows(run_id, topic):
             self._from_archive(identity, request)
         else:
             reason = ("another run (the daemon restarted) and not in the archive" if self.archive is not None
@@ -174,61 +180,75 @@ class ReplayServer:
             self._end(identity, "unknown_run", request, reason=reason, current_run_id=self.run_id)
 
     def _from_this_run(self, identity: bytes, request: dict) -> None:
+        """The ring, then the archive; bounded work: at most max_messages archive entries are looked at,
+        and gaps are ranges, never lists of seqs."""
         topic, after = request["topic"], request["after_seq"]
         last = self._last_seq(topic)
-        archived = dict(self.archive.published(self.run_id, topic, after)) if self.archive is not None else {}
-        budget = _Budget(self.cfg.max_messages, self.cfg.max_bytes)
-        missing: list[int] = []
-        sent_to = after
-        for seq in range(after + 1, last + 1):
-            message = self.ring.get(topic, seq)
-            if message is None and seq in archived:
-                message = self._read(archived[seq])
-            if message is None:
-                missing.append(seq)
-                sent_to = seq
-                continue
-            if not budget.take(message):
-                self._end(identity, "partial", request, last_seq=sent_to, missing=_ranges(missing),
-                          reason="answer limit reached: ask again from last_seq")
-                return
-            if not self._send(identity, message):
-                return
-            sent_to = seq
-        self._end(identity, "complete", request, last_seq=max(sent_to, last), missing=_ranges(missing))
+        archived: dict[int, object] = {}
+        if self.archive is not None and last > after:
+            # A message can have left the ring while its entry still waits for the disk: not gone yet.
+            self.archive.wait_written(self.run_id, topic, last, _ARCHIVE_WAIT_S)
+            archived = dict(self.archive.index.published(self.run_id, topic, after, self.cfg.max_messages))
+        horizon = max(archived) if len(archived) >= self.cfg.max_messages else None  # archive seqs beyond: not looked at
+        seqs = sorted(set(self.ring.seqs(topic, after)) | set(archived))
+        self._answer_from(identity, request, seqs, archived, last, horizon)
 
     def _from_archive(self, identity: bytes, request: dict) -> None:
         """Another run: what the archive holds (its last seq is not known: the end says what was sent)."""
+        found = dict(self.archive.index.published(request["run_id"], request["topic"], request["after_seq"],
+                                                  self.cfg.max_messages))
+        horizon = max(found) if len(found) >= self.cfg.max_messages else None
+        self._answer_from(identity, request, sorted(found), found, None, horizon,
+                          reason="another run: from the archive; its events after last_seq, if any, were not archived",
+                          current_run_id=self.run_id)
+
+    def _answer_from(self, identity: bytes, request: dict, seqs: list[int], archived: dict, last: int | None,
+                     horizon: int | None, **end_fields) -> None:
+        """Send `seqs` (from the ring, else the archive) in order within the limits, then the end message.
+        `last`: the highest seq that exists (None: unknown, an earlier run); `horizon`: the last seq that
+        was looked up in the archive (None: all were)."""
+        topic, prev = request["topic"], request["after_seq"]
         budget = _Budget(self.cfg.max_messages, self.cfg.max_bytes)
-        expected, missing, sent_to = request["after_seq"] + 1, [], request["after_seq"]
-        for seq, path in self.archive.published(request["run_id"], request["topic"], request["after_seq"]):
-            message = self._read(path)
+        deadline = time.monotonic() + _ANSWER_TIMEOUT_S
+        missing: list[list[int]] = []
+        for seq in seqs:
+            if last is not None and seq > last:
+                break
+            if horizon is not None and seq > horizon:
+                break  # beyond what was looked up in the archive: the next request goes on from here
+            message = self.ring.get(topic, seq) if request["run_id"] == self.run_id else None
+            if message is None and seq in archived:
+                message = self._read(archived[seq])
             if message is None:
-                continue
+                continue  # removed meanwhile: part of the gap before the next one sent
             if not budget.take(message):
-                self._end(identity, "partial", request, last_seq=sent_to, missing=_ranges(missing),
-                          reason="answer limit reached: ask again from last_seq")
+                horizon = prev
+                break
+            if seq > prev + 1:
+                missing.append([prev + 1, seq - 1])
+            if not self._send(identity, message, deadline):
                 return
-            missing += range(expected, seq)
-            if not self._send(identity, message):
-                return
-            expected = sent_to = seq
-            expected += 1
-        self._end(identity, "complete", request, last_seq=sent_to, missing=_ranges(missing),
-                  reason="another run: from the archive; its events after last_seq, if any, were not archived",
-                  current_run_id=self.run_id)
+            prev = seq
+        if horizon is not None and (last is None or prev < last):
+            self._end(identity, "partial", request, last_seq=prev, missing=missing,
+                      reason="answer limit reached: ask again from last_seq", **end_fields)
+            return
+        if last is not None and last > prev:
+            missing.append([prev + 1, last])
+            prev = last
+        self._end(identity, "complete", request, last_seq=prev, missing=missing, **end_fields)
 
     def _read(self, path) -> list[bytes] | None:
         from inspectd.outputs.archive import entry_message
 
         try:
             return entry_message(path)
-        except (OSError, ValueError, KeyError):  # removed by retention meanwhile, or damaged
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # removed meanwhile, or damaged
             return None
 
-    def _send(self, identity: bytes, message: list[bytes]) -> bool:
-        """False when the consumer cannot take more within the send timeout (the answer is abandoned)."""
-        deadline = time.monotonic() + _SEND_TIMEOUT_MS / 1000
+    def _send(self, identity: bytes, message: list[bytes], deadline: float | None = None) -> bool:
+        """False when the consumer does not take it before the answer's deadline (the answer is abandoned)."""
+        deadline = time.monotonic() + _ANSWER_TIMEOUT_S if deadline is None else deadline
         while True:
             try:
                 self._socket.send_multipart([identity, *message], zmq.NOBLOCK)
@@ -263,14 +283,3 @@ class _Budget:
         self.used_messages += 1
         self.used_bytes += size
         return True
-
-
-def _ranges(seqs: list[int]) -> list[list[int]]:
-    """[3, 4, 5, 9] -> [[3, 5], [9, 9]]: the seqs an answer cannot give (gone for good)."""
-    out: list[list[int]] = []
-    for s in seqs:
-        if out and s == out[-1][1] + 1:
-            out[-1][1] = s
-        else:
-            out.append([s, s])
-    return out

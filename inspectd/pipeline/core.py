@@ -71,6 +71,7 @@ class Pipeline:
         # Per camera, the post-processing jobs in capture order: delivered from the front when done.
         self._order: dict[str, deque[tuple[Future, InferenceContext]]] = defaultdict(deque)
         self._trackers: dict[str, EpisodeTracker] = {}
+        self._episode_counts: dict[str, int] = {}  # per camera for the whole run: numbers never repeat
         self._deliver_lock = threading.Lock()  # one delivery at a time: trackers and order queues
         self.heartbeat_mono = time.monotonic()  # loop liveness, for the watchdog
         self.busy_since: float | None = None  # set while inside the model call: a hung inference shows here
@@ -109,22 +110,30 @@ class Pipeline:
         """Use `context` from the next batch on; the batch in flight finishes with the old one."""
         self._context = context  # one assignment: the inference thread reads it once per batch
 
-    def remove_camera(self, camera: str) -> None:
-        """Drop a stopped camera's waiting frame (`shutdown`) and its place in the round robin; end its episode."""
+    def remove_camera(self, camera: str, reason: str = "camera_stopped") -> None:
+        """Drop a stopped camera's waiting frame (`shutdown`) and its place in the round robin; end its
+        episode (`reason`: camera_stopped, or shutdown when the daemon stops)."""
         self.board.drop(camera)
         self.batcher.forget(camera)
         with self._deliver_lock:
             tracker = self._trackers.pop(camera, None)
             if tracker is not None:
-                self._publish_episode(tracker.close("camera_stopped"), self._context)
+                self._episode_counts[camera] = tracker.count
+                self._publish_episode(tracker.close(reason), self._context)
+            if not self._order.get(camera):
+                self._order.pop(camera, None)
 
     def tick(self, now: float | None = None) -> None:
-        """End the episodes of cameras that went quiet (their last defect frame older than end_s)."""
+        """End the episodes of cameras that went quiet: nothing of theirs waiting, in the model or in
+        post-processing, and their last frame in the episode older than end_s (by the clock). A camera
+        with frames on the way is never expired by the clock: its own frames decide, however late."""
         now = time.time() if now is None else now
         context = self._context
+        busy = self.in_flight()
         with self._deliver_lock:
-            for tracker in self._trackers.values():
-                self._publish_episode(tracker.expire(now, context.options.episodes), context)
+            for camera, tracker in self._trackers.items():
+                if not busy.get(camera) and not self._order.get(camera):
+                    self._publish_episode(tracker.expire(now, context.options.episodes), context)
 
     def in_flight(self) -> dict[str, int]:
         """Frames per camera neither inferred nor dropped yet: waiting on the board or inside the model call.
@@ -193,12 +202,14 @@ class Pipeline:
         try:
             insp: Inspection = future.result()
             opts = context.options
-            tracker = self._trackers.setdefault(insp.frame.camera, EpisodeTracker(insp.frame.camera))
-            step = tracker.observe(insp, opts.episodes)
+            camera = insp.frame.camera
+            if camera not in self._trackers:
+                self._trackers[camera] = EpisodeTracker(camera, self._episode_counts.get(camera, 0))
+            step = self._trackers[camera].observe(insp, opts.episodes, opts.episode_mode)
             self._publish_episode(step.ended, context)
             insp = step.inspection
             self._sink.publish_inspection(insp, context.model, results=opts.results,
-                                          defect_event=opts.episode_mode == "frames")
+                                          defect_event=step.mode == "frames")
             frame = insp.frame
             if insp.is_defect:
                 self.metrics.defects.labels(camera=frame.camera).inc()
@@ -211,7 +222,7 @@ class Pipeline:
 
     def _publish_episode(self, episode: Episode | None, context: InferenceContext) -> None:
         if episode is not None:
-            self._sink.publish_episode(episode, context.model, best_event=context.options.episode_mode == "episode")
+            self._sink.publish_episode(episode, context.model, best_event=episode.mode == "episode")
             self.metrics.episodes.labels(camera=episode.camera, end=episode.end_reason).inc()
 
     def _count_drop(self, frame: Frame, reason: DropReason) -> None:

@@ -46,6 +46,7 @@ class Episode:
     frames: int  # frames in it (from first to last, those at or above the exit threshold)
     defect_frames: int  # of those, frames judged defective
     end_reason: str  # frames | time | shutdown | camera_stopped
+    mode: str = "frames"  # the [episodes] mode when it started: it keeps it to the end (a reload cannot split it)
 
     @property
     def duration_s(self) -> float:
@@ -55,6 +56,7 @@ class Episode:
 @dataclass(frozen=True)
 class Step:
     inspection: Inspection  # the observed frame, with `episode` set when it belongs to one
+    mode: str  # the mode this frame is published in: its episode's, else the one in force
     started: bool = False  # the frame started an episode
     ended: Episode | None = None  # an episode that ended at this frame (the frame is outside it)
 
@@ -69,6 +71,7 @@ class _Active:
     first: Inspection
     last: Inspection
     best: Inspection
+    mode: str
     frames: int = 1
     defect_frames: int = 1
     below: int = 0  # consecutive frames below the exit threshold since `last`
@@ -84,8 +87,8 @@ class EpisodeTracker:
     def active(self) -> int | None:
         return self._active.number if self._active else None
 
-    def observe(self, insp: Inspection, rules: EpisodeRules) -> Step:
-        """One frame of this camera, in capture order."""
+    def observe(self, insp: Inspection, rules: EpisodeRules, mode: str = "frames") -> Step:
+        """One frame of this camera, in capture order; `mode` is the one in force (kept by an episode it starts)."""
         ended = None
         a = self._active
         if a is not None and insp.frame.captured_at - a.last.frame.captured_at > rules.end_s:
@@ -93,22 +96,22 @@ class EpisodeTracker:
             a = None
         if a is None:
             if not insp.is_defect:
-                return Step(insp, ended=ended)
+                return Step(insp, mode, ended=ended)
             self.count += 1
             insp = replace(insp, episode=self.count)
-            self._active = _Active(self.count, insp, insp, insp)
-            return Step(insp, started=True, ended=ended)
+            self._active = _Active(self.count, insp, insp, insp, mode)
+            return Step(insp, mode, started=True, ended=ended)
         if insp.score >= rules.exit_threshold:
             insp = replace(insp, episode=a.number)
             a.last, a.frames, a.below = insp, a.frames + 1, 0
             a.defect_frames += insp.is_defect
             if insp.score > a.best.score:
                 a.best = insp
-            return Step(insp)
+            return Step(insp, a.mode)
         a.below += 1
         if a.below >= rules.end_frames:
-            return Step(insp, ended=self._end("frames"))
-        return Step(insp)
+            return Step(insp, mode, ended=self._end("frames"))
+        return Step(insp, a.mode)
 
     def expire(self, now: float, rules: EpisodeRules) -> Episode | None:
         """End the active episode if its last frame at or above the exit threshold is older than end_s."""
@@ -123,4 +126,4 @@ class EpisodeTracker:
 
     def _end(self, reason: str) -> Episode:
         a, self._active = self._active, None
-        return Episode(self.camera, a.number, a.first, a.last, a.best, a.frames, a.defect_frames, reason)
+        return Episode(self.camera, a.number, a.first, a.last, a.best, a.frames, a.defect_frames, reason, a.mode)

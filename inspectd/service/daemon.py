@@ -97,7 +97,7 @@ class Daemon:
         self.publisher.start()
         self._stack.callback(self.publisher.stop, s.daemon.shutdown_timeout_s)
         if ring is not None:
-            self.replay = ReplayServer(s.replay, self.run_id, ring, self.archive.index if self.archive else None,
+            self.replay = ReplayServer(s.replay, self.run_id, ring, self.archive,
                                        self.metrics, self.publisher.last_seq).start()
             self._stack.callback(self.replay.stop)
         self.pipeline = Pipeline(build_context(s, deployable), self.metrics, self.publisher, s.postprocess.workers)
@@ -201,7 +201,7 @@ class Daemon:
         worker.stop()
         if not worker.join(timeout=self.settings.daemon.shutdown_timeout_s):
             log.warning("camera %s: capture thread still blocked in its backend; leaving it", camera)
-        self.pipeline.remove_camera(camera)
+        self.pipeline.remove_camera(camera, "camera_stopped" if forget else "shutdown")
         if forget:
             self.camera_states.pop(camera, None)
             self.metrics.camera_up.remove(camera)
