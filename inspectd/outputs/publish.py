@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING
 
 import zmq
 
-from inspectd.errors import ConfigError
 from inspectd.frames import CameraState, Inspection
 from inspectd.outputs.archive import file_name, message_entry, unsent_header
+from inspectd.outputs.sockets import bind
 from inspectd.outputs.wire import HEARTBEAT_TOPIC, SCHEMA, encode_message, episode_body, inspection_body, status_body
 
 if TYPE_CHECKING:
@@ -97,18 +97,8 @@ class Publisher:
         """Bind now (ConfigError naming the endpoint if that fails), then start the sending thread."""
         if self._thread is not None:
             raise RuntimeError("Publisher.start() called twice")
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.PUB)
-        sock.setsockopt(zmq.SNDHWM, self.cfg.send_hwm)
-        sock.setsockopt(zmq.LINGER, 0)
-        try:
-            sock.bind(self.cfg.endpoint)
-        except zmq.ZMQError as exc:
-            sock.close()
-            ctx.term()
-            raise ConfigError(f"publish.endpoint {self.cfg.endpoint!r}: cannot bind: {zmq.strerror(exc.errno)}") from None
-        self._ctx, self._socket = ctx, sock
-        self._endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._ctx, self._socket, self._endpoint = bind(zmq.PUB, self.cfg.endpoint, "publish.endpoint",
+                                                       {zmq.SNDHWM: self.cfg.send_hwm, zmq.LINGER: 0})
         self._started_mono = time.monotonic()
         log.info("publishing %s on %s (run_id %s)", SCHEMA, self._endpoint, self.run_id)
         # The socket moves to the new thread here; Thread.start() is the memory barrier ZeroMQ asks for.

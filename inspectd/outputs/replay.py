@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import zmq
 
-from inspectd.errors import ConfigError
+from inspectd.outputs.sockets import bind
 
 if TYPE_CHECKING:
     from inspectd.outputs.archive import Archive
@@ -110,20 +110,9 @@ class ReplayServer:
         self.last_progress_mono = time.monotonic()
 
     def start(self) -> ReplayServer:
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.MAXMSGSIZE, _MAX_MESSAGE_BYTES)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full or vanished peer raises instead of a silent drop
-        sock.setsockopt(zmq.SNDHWM, 1000)
-        sock.setsockopt(zmq.LINGER, 0)
-        try:
-            sock.bind(self.cfg.endpoint)
-        except zmq.ZMQError as exc:
-            sock.close()
-            ctx.term()
-            raise ConfigError(f"replay.endpoint {self.cfg.endpoint!r}: cannot bind: {zmq.strerror(exc.errno)}") from None
-        self._ctx, self._socket = ctx, sock
-        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        # ROUTER_MANDATORY: a full or vanished peer raises instead of a silent drop.
+        self._ctx, self._socket, self.endpoint = bind(zmq.ROUTER, self.cfg.endpoint, "replay.endpoint", {
+            zmq.MAXMSGSIZE: _MAX_MESSAGE_BYTES, zmq.ROUTER_MANDATORY: 1, zmq.SNDHWM: 1000, zmq.LINGER: 0})
         for status in STATUSES:
             self.metrics.replay_requests.labels(status=status)
         log.info("replay (%s) on %s", REPLAY_SCHEMA, self.endpoint)
