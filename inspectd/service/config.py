@@ -266,7 +266,7 @@ class ArchiveConfig(_Section):
     max_bytes: int = Field(10_000_000_000, ge=0, description="the oldest entries go beyond this many bytes; 0 = no limit")
     max_age_s: float = Field(30 * 86400, ge=0, description="entries older than this go; 0 = kept forever")
     frame_format: Literal["jpeg", "png"] = Field("jpeg", description="the frame kept with each entry; png is "
-                                                 "lossless (for retraining), about 5-10x larger")
+                                                 "lossless (for retraining), about 10x larger")
     ok_every: int = Field(0, ge=0, description="also keep ok frames whose frame_seq is a multiple of this "
                           "(negatives for retraining); 0 = defects only")
     queue_size: int = Field(256, ge=1, le=100_000, description="entries waiting for the disk before new ones "
