@@ -10,8 +10,8 @@ and their number is printed on stderr at exit.
 
 With `--replay` (the daemon's `[replay] endpoint`) gaps are filled before the event after them is
 printed, and with `--state FILE` a restarted watch resumes where it stopped: the positions are
-written (atomically) after each printed event, and SIGTERM (exit 0) is acted on only between two
-events, so a watch stopped and started again prints every event exactly once. A kill -9 between
+written (atomically) after each printed event, and SIGTERM (exit 0) never stops it between a
+line and its state, so a watch stopped and started again prints every event exactly once. A kill -9 between
 the print and the write can print one event twice.
 """
 
@@ -25,8 +25,6 @@ import os
 import re
 import signal
 import sys
-import threading
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -146,30 +144,49 @@ def _print_events(sub: Subscriber, args: argparse.Namespace, show_heartbeats: bo
     """The receive loop of `run`."""
     notices = sys.stderr if args.json else sys.stdout
     runs: dict[str, str] = {}  # endpoint -> run_id seen last
-    # SIGTERM only sets a flag, looked at between events: a line and the state that records it are never
-    # separated by it (blocking the signal would not do: it can be delivered to any thread of the process).
-    stopping = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    # SIGTERM ends the watch (exit 0) between two events, never between a line and the state that
+    # records it: the handler raises only outside that section (blocking the signal would not do: it
+    # can be delivered to any thread of the process).
+    term = _Termination()
+    previous = signal.signal(signal.SIGTERM, term.handler)
     try:
-        return _loop(sub, args, show_heartbeats, skipped, notices, runs, stopping)
+        return _loop(sub, args, show_heartbeats, skipped, notices, runs, term)
+    except _Stopped:
+        return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
+class _Stopped(Exception):
+    """SIGTERM, at a point where stopping loses nothing."""
+
+
+class _Termination:
+    def __init__(self) -> None:
+        self.critical = False  # printing a line and writing its state
+        self.pending = False
+
+    def handler(self, *_) -> None:
+        if self.critical:
+            self.pending = True
+        else:
+            raise _Stopped
+
+    def leave_critical(self) -> None:
+        self.critical = False
+        if self.pending:
+            raise _Stopped
+
+
 def _loop(sub: Subscriber, args: argparse.Namespace, show_heartbeats: bool, skipped: _Skipped, notices, runs: dict,
-          stopping: threading.Event) -> int:
-    shown, last_event = 0, time.monotonic()
+          term: _Termination) -> int:
+    shown = 0
     while args.count is None or shown < args.count:
-        if stopping.is_set():
-            return 0
-        event = sub.recv(timeout_s=0.2)
+        event = sub.recv(timeout_s=args.timeout)
         if event is None:
-            if args.timeout is not None and time.monotonic() - last_event >= args.timeout:
-                print(f"inspectd watch: no event for {args.timeout:g} s from {', '.join(args.endpoints)}",
-                      file=sys.stderr)
-                return 1
-            continue
-        last_event = time.monotonic()
+            print(f"inspectd watch: no event for {args.timeout:g} s from {', '.join(args.endpoints)}",
+                  file=sys.stderr)
+            return 1
         try:
             _notices(event, runs, notices)
             if event.kind is EventKind.HEARTBEAT and not show_heartbeats:
@@ -179,12 +196,16 @@ def _loop(sub: Subscriber, args: argparse.Namespace, show_heartbeats: bool, skip
             # The client checked the header; anything it let through that we cannot show is still no crash.
             skipped.notice(event.endpoint, f"{event.topic}: cannot show it: {type(exc).__name__}: {exc}")
             continue
-        print(line + ("  [replayed]" if event.replayed and not args.json else ""), flush=True)
-        if args.save is not None:
-            _save(event, args.save)
-        if args.state is not None:
-            _save_state(args.state, sub.positions)
-        shown += 1
+        term.critical = True
+        try:
+            print(line + ("  [replayed]" if event.replayed and not args.json else ""), flush=True)
+            if args.save is not None:
+                _save(event, args.save)
+            if args.state is not None:
+                _save_state(args.state, sub.positions)
+            shown += 1
+        finally:
+            term.leave_critical()
     return 0
 
 
