@@ -256,7 +256,9 @@ def _save(event: Event, folder: Path) -> None:
     if "mask" not in event.raw:
         return
     h = event.header
-    stem = folder / f"{re.sub(r'[^A-Za-z0-9_-]', '_', h['camera'])}_{int(h['frame_seq'])}"
+    # An episode summary carries its best frame's masks: CAMERA_episodeN_mask.png, _regions.png.
+    which = f"episode{int(h['episode'])}" if event.kind is EventKind.EPISODE else str(int(h["frame_seq"]))
+    stem = folder / f"{re.sub(r'[^A-Za-z0-9_-]', '_', h['camera'])}_{which}"
     try:
         Path(f"{stem}_mask.png").write_bytes(event.raw["mask"])
         if "regions" in event.raw:

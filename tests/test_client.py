@@ -265,6 +265,24 @@ def test_watch_prints_events_and_saves_masks_and_overlays(start_publisher, watch
     assert cv2.imread(str(out_dir / "cam1_1_overlay.png")).shape == (48, 64, 3)
 
 
+def test_watch_prints_and_saves_an_episode_summary(start_publisher, watch, tmp_path):
+    """An episode.<camera> message has no frame_seq: watch names its files by the episode (this once
+    ended the demo's watch with a KeyError)."""
+    from dataclasses import replace
+
+    from inspectd.pipeline.episodes import Episode
+
+    pub = start_publisher()
+    w = watch(pub.endpoint, "--count", "1", "--save", str(tmp_path / "out"), "--timeout", "10")
+    w.wait_for(f"connected to run {pub.run_id}")
+    best = replace(make_inspection(seq=3), episode=4)
+    pub.publish_episode(Episode("cam1", 4, best, best, best, 1, 1, "frames"), MODEL, best_event=False)
+    rc, out, err = w.finish()
+    assert rc == 0, err
+    assert re.search(r"episode\.cam1  camera cam1  episode 4 ended \(frames\): 1 frames \(1 defective\)", out[-1]), out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cam1_episode4_mask.png", "cam1_episode4_regions.png"]
+
+
 def test_watch_json_and_heartbeats(start_publisher, watch):
     pub = start_publisher()
     w = watch(pub.endpoint, "--json", "--topic", "heartbeat", "--count", "2")
