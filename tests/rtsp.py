@@ -9,9 +9,13 @@ connections still open, and nothing GLib-related ever runs inside pytest.
 ...     cam.mask                                             # where the injected defects are
 ...     cam.restart()                                        # same port, same URL
 
-Modes: ``testsrc`` (videotestsrc's moving ball) and ``synthetic`` (one frame rendered by
+Modes: ``testsrc`` (videotestsrc's moving ball), ``synthetic`` (one frame rendered by
 ``inspectd.synth`` with defects, pushed through ``appsrc`` at the set fps, so an end-to-end test
-can check that detected regions fall on ``cam.mask``).
+can check that detected regions fall on ``cam.mask``) and ``counter`` (frame n is flat grey at
+``counter_level(n)``, so a receiver can tell whether a frame it got is whole or made of several).
+``slices=N`` makes x264 send N slices per frame, as many IP cameras do; ``tcp_only=True`` offers
+RTP over the RTSP connection only (so that a TCP proxy sees the media, see tcp_proxy.py);
+``alt_size=(w, h)`` lets ``switch_size()`` change the resolution mid-stream (appsrc modes).
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ from pathlib import Path
 import numpy as np
 from support import free_port, wait_until  # re-exported: tests import them from here too
 
-__all__ = ["RtspServer", "free_port", "synthetic_frame", "h264_encoder", "wait_until"]
+__all__ = ["RtspServer", "counter_level", "counter_received", "free_port", "synthetic_frame", "h264_encoder", "wait_until"]
 
 MOUNT = "/cam"
+MODES = ("testsrc", "synthetic", "counter")
 _ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,15 +47,36 @@ def synthetic_frame(seed: int, width: int, height: int):
     return render(np.random.default_rng(seed), width, height, defect=True)
 
 
-def h264_encoder() -> str:
+def counter_level(n: int) -> int:
+    """The grey level of frame n in counter mode: consecutive frames differ by at least 40 levels."""
+    return (40, 200, 80, 160, 120, 220, 60, 180)[n % 8]
+
+
+def counter_received(n: int) -> float:
+    """The level a receiver gets for frame n: the server's full-range grey goes out signalled as
+    limited range, so decoders expand it, (y - 16) * 255 / 219 (measured: OpenCV and GStreamer alike)."""
+    return (counter_level(n) - 16) * 255 / 219
+
+
+def _counter_frame(n: int, width: int, height: int) -> bytes:
+    """Frame n of counter mode: counter_level(n) plus a fixed texture (+-24), so that every slice
+    spans several RTP packets as a real picture's would."""
+    texture = np.random.default_rng(0).integers(-24, 25, (height, width))
+    return np.clip(counter_level(n) + texture, 0, 255).astype(np.uint8).tobytes()
+
+
+def h264_encoder(slices: int = 1) -> str:
     """The encoder part of the launch line: x264 (gst-plugins-ugly) if present, else OpenH264 (bad)."""
     from gi.repository import Gst
 
     if Gst.ElementFactory.find("x264enc"):
-        # threads=1: one slice per frame, as most IP cameras send. zerolatency alone enables sliced
+        # threads=1: one slice per frame unless asked for more. zerolatency alone enables sliced
         # threads (2+ slices per frame), which OpenCV 5.0's FFmpeg path returns as torn frames (each
-        # half of the picture in a different frame, measured); GStreamer decodes them fine.
-        return "x264enc tune=zerolatency speed-preset=ultrafast key-int-max=10 bframes=0 threads=1"
+        # half of the picture in a different frame, measured); GStreamer decodes them whole.
+        return ("x264enc tune=zerolatency speed-preset=ultrafast key-int-max=10 bframes=0 threads=1"
+                + (f" option-string=slices={slices}" if slices > 1 else ""))
+    if slices > 1:
+        raise RuntimeError("slices > 1 needs x264enc (gstreamer1.0-plugins-ugly)")
     if Gst.ElementFactory.find("openh264enc"):
         return "openh264enc gop-size=10"
     raise RuntimeError("no H.264 encoder: install gstreamer1.0-plugins-ugly (x264enc) or -bad (openh264enc)")
@@ -60,10 +86,15 @@ class RtspServer:
     """Starts/stops the server process; ``url`` stays the same across ``restart()``."""
 
     def __init__(self, mode: str = "testsrc", width: int = 160, height: int = 120, fps: int = 10,
-                 seed: int = 0, port: int | None = None):
-        if mode not in ("testsrc", "synthetic"):
-            raise ValueError(f"mode {mode!r}: expected testsrc or synthetic")
+                 seed: int = 0, port: int | None = None, slices: int = 1, tcp_only: bool = False,
+                 alt_size: tuple[int, int] | None = None):
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
+        if alt_size is not None and mode == "testsrc":
+            raise ValueError("alt_size needs an appsrc mode (synthetic or counter)")
         self.mode, self.width, self.height, self.fps, self.seed = mode, width, height, fps, seed
+        self.slices, self.tcp_only, self.alt_size = slices, tcp_only, alt_size
+        self.size = (width, height)  # what the server sends now (switch_size() toggles it)
         self.port = port or free_port()
         self._proc: subprocess.Popen | None = None
 
@@ -73,10 +104,10 @@ class RtspServer:
 
     @property
     def mask(self) -> np.ndarray:
-        """(H, W) uint8, 255 where the synthetic mode's frame has a defect."""
+        """(H, W) uint8, 255 where the synthetic mode's frame (at the current size) has a defect."""
         if self.mode != "synthetic":
             raise ValueError("only the synthetic mode has a defect mask")
-        return synthetic_frame(self.seed, self.width, self.height).mask
+        return synthetic_frame(self.seed, *self.size).mask
 
     @property
     def running(self) -> bool:
@@ -88,8 +119,11 @@ class RtspServer:
             return self
         cmd = [sys.executable, str(Path(__file__).resolve()), "--port", str(self.port), "--mode", self.mode,
                "--width", str(self.width), "--height", str(self.height), "--fps", str(self.fps),
-               "--seed", str(self.seed)]
+               "--seed", str(self.seed), "--slices", str(self.slices)]
+        cmd += ["--tcp-only"] if self.tcp_only else []
+        cmd += ["--alt-size", f"{self.alt_size[0]}x{self.alt_size[1]}"] if self.alt_size else []
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))}
+        self.size = (self.width, self.height)
         self._proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.PIPE)
         self._wait_listening(timeout)
@@ -134,6 +168,14 @@ class RtspServer:
     def thaw(self) -> None:
         self._proc.send_signal(signal.SIGCONT)
 
+    def switch_size(self) -> tuple[int, int]:
+        """Toggle between (width, height) and alt_size from the next frame on; returns the new size."""
+        if self.alt_size is None:
+            raise ValueError("this server has no alt_size")
+        self.size = tuple(self.alt_size) if self.size == (self.width, self.height) else (self.width, self.height)
+        self._proc.send_signal(signal.SIGUSR1)
+        return self.size
+
     def __enter__(self) -> RtspServer:
         return self.start()
 
@@ -151,24 +193,40 @@ def _launch_line(args: argparse.Namespace) -> str:
     else:
         src = f"appsrc name=src is-live=true format=time caps=video/x-raw,format=GRAY8,{caps}"
     # config-interval=-1: SPS/PPS with every IDR, so a client joining (or re-joining) decodes at once.
-    return (f"( {src} ! videoconvert ! video/x-raw,format=I420 ! {h264_encoder()} ! "
+    return (f"( {src} ! videoconvert ! video/x-raw,format=I420 ! {h264_encoder(args.slices)} ! "
             f"rtph264pay name=pay0 pt=96 config-interval=-1 )")
 
 
-def _feed_appsrc(media, args: argparse.Namespace) -> None:
-    """Push the synthetic frame at args.fps with running timestamps (need-data, as test-appsrc.c does)."""
+def _frames(args: argparse.Namespace, width: int, height: int) -> list[bytes]:
+    if args.mode == "synthetic":
+        return [synthetic_frame(args.seed, width, height).image.tobytes()]
+    return [_counter_frame(n, width, height) for n in range(8)]
+
+
+def _feed_appsrc(media, args: argparse.Namespace, state: dict) -> None:
+    """Push frames at args.fps with running timestamps (need-data, as test-appsrc.c does).
+
+    `state["alt"]` picks the size to send (SIGUSR1 toggles it): a change sets new caps on the appsrc,
+    which x264enc and the payloader follow mid-stream (new SPS/PPS), as a reconfigured camera does.
+    """
     from gi.repository import Gst
 
-    frame = synthetic_frame(args.seed, args.width, args.height).image.tobytes()
+    sizes = [(args.width, args.height)] + ([args.alt_size] if args.alt_size else [])
+    frames = {size: _frames(args, *size) for size in sizes}
     appsrc = media.get_element().get_by_name_recurse_up("src")
     duration = Gst.SECOND // args.fps
-    state = {"n": 0}
+    sent = {"size": sizes[0], "n": 0}  # per media: each client URL (host:port) gets a media of its own
 
     def need_data(src, _length):
-        buf = Gst.Buffer.new_wrapped(frame)
-        buf.pts = buf.dts = state["n"] * duration
+        size = sizes[state["alt"]]
+        if size != sent["size"]:
+            src.set_property("caps", Gst.Caps.from_string(
+                f"video/x-raw,format=GRAY8,width={size[0]},height={size[1]},framerate={args.fps}/1"))
+            sent["size"] = size
+        buf = Gst.Buffer.new_wrapped(frames[size][sent["n"] % len(frames[size])])
+        buf.pts = buf.dts = sent["n"] * duration
         buf.duration = duration
-        state["n"] += 1
+        sent["n"] += 1
         src.emit("push-buffer", buf)
 
     appsrc.connect("need-data", need_data)
@@ -179,7 +237,8 @@ def serve(args: argparse.Namespace) -> None:
 
     gi.require_version("Gst", "1.0")
     gi.require_version("GstRtspServer", "1.0")
-    from gi.repository import GLib, Gst, GstRtspServer
+    gi.require_version("GstRtsp", "1.0")
+    from gi.repository import GLib, Gst, GstRtsp, GstRtspServer
 
     Gst.init(None)
     server = GstRtspServer.RTSPServer()
@@ -188,24 +247,35 @@ def serve(args: argparse.Namespace) -> None:
     factory = GstRtspServer.RTSPMediaFactory()
     factory.set_launch(_launch_line(args))
     factory.set_shared(True)  # several clients (workers) share one encoder
-    if args.mode == "synthetic":
-        factory.connect("media-configure", lambda _f, media: _feed_appsrc(media, args))
+    if args.tcp_only:
+        factory.set_protocols(GstRtsp.RTSPLowerTrans.TCP)
+    state = {"alt": 0}
+    if args.mode != "testsrc":
+        factory.connect("media-configure", lambda _f, media: _feed_appsrc(media, args, state))
+
+    def toggle_size():
+        state["alt"] = 1 - state["alt"] if args.alt_size else 0
+        return GLib.SOURCE_CONTINUE
     server.get_mount_points().add_factory(MOUNT, factory)
     if server.attach(None) == 0:
         sys.exit(f"cannot listen on 127.0.0.1:{args.port}")
     loop = GLib.MainLoop()
     GLib.unix_signal_add(GLib.PRIORITY_DEFAULT, signal.SIGTERM, loop.quit)
+    GLib.unix_signal_add(GLib.PRIORITY_DEFAULT, signal.SIGUSR1, toggle_size)
     loop.run()
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--mode", choices=("testsrc", "synthetic"), default="testsrc")
+    p.add_argument("--mode", choices=MODES, default="testsrc")
     p.add_argument("--width", type=int, default=160)
     p.add_argument("--height", type=int, default=120)
     p.add_argument("--fps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slices", type=int, default=1)
+    p.add_argument("--tcp-only", action="store_true")
+    p.add_argument("--alt-size", type=lambda v: tuple(int(x) for x in v.split("x")), default=None)
     serve(p.parse_args(argv))
 
 

@@ -164,6 +164,15 @@ def test_stall_reconnects_and_comes_back_up():
     assert src.closes >= src.opens  # every session was closed, the failed open included
 
 
+def test_a_session_that_never_delivers_says_so():
+    src = Scripted([0, 3])  # opens, never a frame; then a session that delivers and stalls
+    cfg = CameraConfig(id="mute", url="rtsp://x/y", **FAST)
+    with Harness(cfg, source_factory=lambda c: src) as h:
+        wait_until(lambda: len(h.states) >= 3, 10)
+    assert "no frame within" in h.states[0][1] and "not answering" in h.states[0][1]
+    assert h.states[1][0] is CameraState.UP and "stalled: no frame for" in h.states[2][1]
+
+
 def test_camera_down_at_startup_keeps_retrying_and_stops_at_once(tmp_path):
     cfg = CameraConfig(id="gone", url=f"dir://{tmp_path}/missing", **{**FAST, "reconnect_max_s": 0.1})
     with Harness(cfg) as h:

@@ -318,7 +318,8 @@ def test_missing_pygobject_names_the_extra_and_packages():
 
 
 @pytest.mark.parametrize("cfg, kind, cls", [
-    (dict(url="rtsp://h/s"), "stream", OpenCVSource),
+    (dict(url="rtsp://h/s"), "stream", GstSource),  # auto: GStreamer, installed here (the dev extra)
+    (dict(url="rtsp://h/s", backend="opencv"), "stream", OpenCVSource),
     (dict(url="rtsps://u:p@h/s", backend="gstreamer"), "stream", GstSource),
     (dict(url="/videos/a.mp4"), "file", OpenCVSource),
     (dict(url="file:///videos/a.mp4", backend="gstreamer"), "file", GstSource),
@@ -331,6 +332,18 @@ def test_open_source_table(cfg, kind, cls):
     c = CameraConfig(id="c", **cfg)
     assert source_kind(c) == kind
     assert type(open_source(c)) is cls
+
+
+def test_auto_reads_rtsp_with_opencv_when_gstreamer_is_missing():
+    code = ("import logging, sys; sys.modules['gi'] = None; logging.basicConfig(level=logging.INFO)\n"
+            "from inspectd.service.config import CameraConfig\n"
+            "from inspectd.sources import open_source\n"
+            "for _ in range(2):\n"
+            "    print(type(open_source(CameraConfig(id='c', url='rtsp://h/s'))).__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["OpenCVSource", "OpenCVSource"], out.stderr
+    said = [line for line in out.stderr.splitlines() if "read with OpenCV" in line]
+    assert len(said) == 1 and "inspectd[gstreamer]" in said[0]  # once per process, with the reason
 
 
 def test_open_source_plain_directory_is_a_folder(image_dir):

@@ -187,7 +187,8 @@ class CameraConfig(_Section):
     reconnect_initial_s: float = Field(0.5, gt=0, description="first reconnect delay; doubles up to reconnect_max_s")
     reconnect_max_s: float = Field(10, gt=0, description="longest reconnect delay (plus up to 20 % jitter)")
     stall_timeout_s: float = Field(5, gt=0, description="no frame for this long forces a reconnect")
-    open_timeout_s: float = Field(5, gt=0, description="connect/read timeout handed to the backend")
+    open_timeout_s: float = Field(5, gt=0, description="OpenCV/FFmpeg: open and read timeout (GStreamer reads "
+                                  "never block; stall_timeout_s bounds them)")
 
     @field_validator("url", "pipeline")
     @classmethod

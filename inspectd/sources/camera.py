@@ -246,6 +246,8 @@ class CameraWorker:
                 last_new = now
                 self._on_frame(image, now)
             elif now - last_new > stall_s:
+                if self._streaming_since is None:  # connected (or connecting) but never a frame: say so
+                    raise SourceError(f"no frame within {now - last_new:.1f} s of opening (not answering?)")
                 raise SourceError(f"stalled: no frame for {now - last_new:.1f} s")
 
     def _on_frame(self, image: np.ndarray, now: float) -> None:

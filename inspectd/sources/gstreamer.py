@@ -16,7 +16,7 @@ Pipelines:
 
 from __future__ import annotations
 
-__all__ = ["GstSource", "pipeline_for", "import_gst"]
+__all__ = ["GstSource", "pipeline_for", "import_gst", "rtsp_missing", "RTSP_ELEMENTS"]
 
 import logging
 import re
@@ -63,6 +63,21 @@ def import_gst():
             Gst.init(None)
             _gst = (Gst, GstVideo)
     return _gst
+
+
+# What `backend = "auto"` needs before it reads rtsp:// through GStreamer: the RTSP client (plugins-good),
+# decodebin (plugins-base) and libav's decoders (H.264 and H.265: gstreamer1.0-libav).
+RTSP_ELEMENTS = ("rtspsrc", "decodebin", "avdec_h264")
+
+
+def rtsp_missing() -> str | None:
+    """Why the GStreamer RTSP path cannot run here (PyGObject or an element missing), or None if it can."""
+    try:
+        Gst, _ = import_gst()
+    except SourceError as exc:
+        return str(exc)
+    missing = [name for name in RTSP_ELEMENTS if Gst.ElementFactory.find(name) is None]
+    return f"GStreamer element(s) {', '.join(missing)} not installed" if missing else None
 
 
 def _quote(value: str) -> str:

@@ -1,9 +1,17 @@
-"""Which Source reads a camera: one explicit table keyed by the kind of input and the backend."""
+"""Which Source reads a camera: one explicit table keyed by the kind of input and the backend.
+
+`backend = "auto"` takes the first backend of the kind, except for RTSP: GStreamer when its RTSP
+elements are installed (its reads can be interrupted, so a stalled or half-open stream is noticed
+after `stall_timeout_s`; OpenCV's FFmpeg read blocks for about 3x its timeout), else OpenCV.
+"""
 
 from __future__ import annotations
 
-__all__ = ["open_source", "source_kind"]
+__all__ = ["open_source", "source_kind", "auto_backend"]
 
+import functools
+import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -11,7 +19,7 @@ from urllib.parse import urlsplit
 from inspectd.service.config import CameraConfig
 from inspectd.sources.base import Source, SourceError, redact
 from inspectd.sources.folder import FolderSource
-from inspectd.sources.gstreamer import GstSource
+from inspectd.sources.gstreamer import GstSource, rtsp_missing
 from inspectd.sources.opencv import OpenCVSource
 from inspectd.sources.synthetic import SyntheticSource
 
@@ -20,9 +28,10 @@ _KIND_BY_SCHEME = {
     "rtsp": "stream", "rtsps": "stream", "file": "file", "": "file", "v4l2": "device",
     "dir": "folder", "synthetic": "synthetic",
 }
-# Backend "auto" resolves to the first backend of each kind.
+log = logging.getLogger("inspectd.sources")
+# Backend "auto" resolves to the first backend of each kind (for "stream": see auto_backend).
 _BACKENDS = {
-    "stream": ("opencv", "gstreamer"), "file": ("opencv", "gstreamer"), "device": ("opencv", "gstreamer"),
+    "stream": ("gstreamer", "opencv"), "file": ("opencv", "gstreamer"), "device": ("opencv", "gstreamer"),
     "pipeline": ("gstreamer",), "folder": ("builtin",), "synthetic": ("builtin",),
 }
 _FACTORIES: dict[tuple[str, str], Callable[[CameraConfig], Source]] = {
@@ -46,11 +55,33 @@ def source_kind(cfg: CameraConfig) -> str:
     return "folder" if kind == "file" and scheme == "" and Path(url).is_dir() else kind
 
 
+_decide_lock = threading.Lock()  # capture threads open their sources concurrently
+
+
+def _stream_backend() -> str:
+    with _decide_lock:
+        return _decide_stream_backend()
+
+
+@functools.cache  # decided once per process, and said once in the log
+def _decide_stream_backend() -> str:
+    missing = rtsp_missing()
+    if missing is None:
+        return "gstreamer"
+    log.info("rtsp:// cameras with backend = \"auto\" are read with OpenCV (FFmpeg): %s", missing)
+    return "opencv"
+
+
+def auto_backend(kind: str) -> str:
+    """The backend `backend = "auto"` picks for a kind of input."""
+    return _stream_backend() if kind == "stream" else _BACKENDS[kind][0]
+
+
 def open_source(cfg: CameraConfig) -> Source:
     """Build (not yet open) the Source for a camera; SourceError if the kind/backend pair does not exist."""
     kind = source_kind(cfg)
     backends = _BACKENDS[kind]
-    backend = backends[0] if cfg.backend == "auto" or backends == ("builtin",) else cfg.backend
+    backend = auto_backend(kind) if cfg.backend == "auto" or backends == ("builtin",) else cfg.backend
     factory = _FACTORIES.get((kind, backend))
     if factory is None:
         raise SourceError(f"camera {cfg.id!r}: backend {cfg.backend!r} cannot read a {kind} "
