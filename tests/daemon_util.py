@@ -11,9 +11,29 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
+import numpy as np
 from support import ROOT, free_port, http_get, wait_until
 
-__all__ = ["ROOT", "DaemonProcess", "camera_toml", "daemon_config", "free_port", "http_get"]
+__all__ = ["ROOT", "DaemonProcess", "assert_on_defect", "camera_toml", "daemon_config", "free_port", "http_get"]
+
+CELL = 32  # the demo model's CAM cell on a 320 x 240 frame (8 x 10 cells): the slack of "on the defect"
+
+
+def assert_on_defect(events: list, truth: np.ndarray) -> None:
+    """Every defect event's mask is hot on the defect `truth` (H, W; > 0 = defect) and one of its
+    regions falls on it, within one CAM cell. The mask must have truth's size."""
+    near = cv2.dilate((truth > 0).astype(np.uint8), np.ones((2 * CELL + 1, 2 * CELL + 1), np.uint8)) > 0
+    assert events, "no defect events"
+    for ev in events:
+        assert ev.mask.shape == truth.shape, (ev.mask.shape, truth.shape)
+        # The map is hot on the injected defect, and hotter there than on the frame as a whole
+        # (its peak is no use: the calibrated map saturates at 255 over an area).
+        on_defect = ev.mask[truth > 0].mean()
+        assert on_defect >= 128 and on_defect > ev.mask.mean(), (on_defect, ev.mask.mean())
+        hits = [r for r in ev.header["regions"] if near[r["bbox"][1]:r["bbox"][1] + r["bbox"][3],
+                                                       r["bbox"][0]:r["bbox"][0] + r["bbox"][2]].any()]
+        assert hits, ev.header["regions"]
 
 
 def camera_toml(cam_id: str, url: str, **extra) -> str:

@@ -12,7 +12,7 @@ connections still open, and nothing GLib-related ever runs inside pytest.
 Modes: ``testsrc`` (videotestsrc's moving ball), ``synthetic`` (one frame rendered by
 ``inspectd.synth`` with defects, pushed through ``appsrc`` at the set fps, so an end-to-end test
 can check that detected regions fall on ``cam.mask``) and ``counter`` (frame n is flat grey at
-``counter_level(n)``, so a receiver can tell whether a frame it got is whole or made of several).
+``counter_frame(n)``, so that ``counter_match`` tells whether a frame received is one sent, whole).
 ``slices=N`` makes x264 send N slices per frame, as many IP cameras do; ``tcp_only=True`` offers
 RTP over the RTSP connection only (so that a TCP proxy sees the media, see tcp_proxy.py);
 ``alt_size=(w, h)`` lets ``switch_size()`` change the resolution mid-stream (appsrc modes).
@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 from support import free_port, wait_until  # re-exported: tests import them from here too
 
-__all__ = ["RtspServer", "counter_level", "counter_received", "free_port", "synthetic_frame", "h264_encoder", "wait_until"]
+__all__ = ["RtspServer", "COUNTER_LEVELS", "counter_frame", "counter_match", "counter_received", "free_port",
+           "synthetic_frame", "h264_encoder", "wait_until"]
 
 MOUNT = "/cam"
 MODES = ("testsrc", "synthetic", "counter")
@@ -47,35 +48,58 @@ def synthetic_frame(seed: int, width: int, height: int):
     return render(np.random.default_rng(seed), width, height, defect=True)
 
 
-def counter_level(n: int) -> int:
-    """The grey level of frame n in counter mode: consecutive frames differ by at least 40 levels."""
-    return (40, 200, 80, 160, 120, 220, 60, 180)[n % 8]
+# Counter mode: frame n is grey at COUNTER_LEVELS[n % 6] plus a blocky texture of its own (8x8 blocks,
+# +-40), so every slice spans several RTP packets as a real picture's would, and a part of a picture
+# that a decoder made up (concealing a missing slice from the previous picture or from neighbours)
+# does not match the picture sent.
+COUNTER_LEVELS = (45, 200, 75, 215, 100, 170)
+_BLOCK = 8
 
 
-def counter_received(n: int) -> float:
-    """The level a receiver gets for frame n: the server's full-range grey goes out signalled as
-    limited range, so decoders expand it, (y - 16) * 255 / 219 (measured: OpenCV and GStreamer alike)."""
-    return (counter_level(n) - 16) * 255 / 219
+def counter_frame(n: int, width: int, height: int) -> np.ndarray:
+    """(H, W) uint8: what the server sends as frame n in counter mode."""
+    k = n % len(COUNTER_LEVELS)
+    blocks = np.random.default_rng(k).integers(-40, 41, (-(-height // _BLOCK), -(-width // _BLOCK)))
+    texture = np.kron(blocks, np.ones((_BLOCK, _BLOCK), np.int64))[:height, :width]
+    return np.clip(COUNTER_LEVELS[k] + texture, 0, 255).astype(np.uint8)
 
 
-def _counter_frame(n: int, width: int, height: int) -> bytes:
-    """Frame n of counter mode: counter_level(n) plus a fixed texture (+-24), so that every slice
-    spans several RTP packets as a real picture's would."""
-    texture = np.random.default_rng(0).integers(-24, 25, (height, width))
-    return np.clip(counter_level(n) + texture, 0, 255).astype(np.uint8).tobytes()
+def counter_received(n: int, width: int, height: int) -> np.ndarray:
+    """(H, W) float32: what a receiver should get for frame n. The server's full-range grey goes out
+    signalled as limited range, so decoders expand it: (y - 16) * 255 / 219 (measured: OpenCV and
+    GStreamer alike)."""
+    return np.clip((counter_frame(n, width, height).astype(np.float32) - 16) * 255 / 219, 0, 255)
+
+
+def counter_match(image: np.ndarray, bands: int = 8, tolerance: float = 10.0) -> tuple[int, list[float]]:
+    """Which counter frame `image` (H, W, 3) shows, and each horizontal band's mean error against it.
+
+    A whole frame has every band under `tolerance` (H.264 at these settings: about 2-4); a band
+    with a slice of another frame, or a made-up one, is 20 or more off.
+    """
+    grey = image.astype(np.float32).mean(axis=2)
+    h, w = grey.shape
+    candidates = [counter_received(k, w, h) for k in range(len(COUNTER_LEVELS))]
+    best = min(range(len(candidates)), key=lambda k: np.abs(grey - candidates[k]).mean())
+    errors = [float(e.mean()) for e in np.array_split(np.abs(grey - candidates[best]), bands, axis=0)]
+    return best, errors
 
 
 def h264_encoder(slices: int = 1) -> str:
-    """The encoder part of the launch line: x264 (gst-plugins-ugly) if present, else OpenH264 (bad)."""
+    """The encoder part of the launch line: x264 (gst-plugins-ugly) if present, else OpenH264 (bad).
+
+    `slices`: H.264 slices per frame; 0 = x264's sliced threads (what `tune=zerolatency` does by
+    itself: one slice per encoder thread).
+    """
     from gi.repository import Gst
 
     if Gst.ElementFactory.find("x264enc"):
-        # threads=1: one slice per frame unless asked for more. zerolatency alone enables sliced
-        # threads (2+ slices per frame), which OpenCV 5.0's FFmpeg path returns as torn frames (each
-        # half of the picture in a different frame, measured); GStreamer decodes them whole.
-        return ("x264enc tune=zerolatency speed-preset=ultrafast key-int-max=10 bframes=0 threads=1"
+        # threads=1: one slice per frame unless asked for more, as most IP cameras send. A keyframe
+        # every 5 frames: a client joining the shared stream waits at most that long for a picture.
+        threads = "threads=4 sliced-threads=true" if slices == 0 else "threads=1"
+        return (f"x264enc tune=zerolatency speed-preset=ultrafast key-int-max=5 bframes=0 {threads}"
                 + (f" option-string=slices={slices}" if slices > 1 else ""))
-    if slices > 1:
+    if slices != 1:
         raise RuntimeError("slices > 1 needs x264enc (gstreamer1.0-plugins-ugly)")
     if Gst.ElementFactory.find("openh264enc"):
         return "openh264enc gop-size=10"
@@ -200,7 +224,7 @@ def _launch_line(args: argparse.Namespace) -> str:
 def _frames(args: argparse.Namespace, width: int, height: int) -> list[bytes]:
     if args.mode == "synthetic":
         return [synthetic_frame(args.seed, width, height).image.tobytes()]
-    return [_counter_frame(n, width, height) for n in range(8)]
+    return [counter_frame(n, width, height).tobytes() for n in range(len(COUNTER_LEVELS))]
 
 
 def _feed_appsrc(media, args: argparse.Namespace, state: dict) -> None:

@@ -5,6 +5,7 @@
     proxy.stall()        # their media stops; RTSP requests and replies still pass (the session stays up)
     proxy.corrupt(20)    # the payload of the next 20 RTP packets gets bytes flipped
     proxy.blackhole(True)   # new connections are accepted and never answered (until blackhole(False))
+    proxy.slices_per_frame()   # H.264 slices seen per RTP timestamp (what the camera really sends)
 
 Faults hit the connections open when they are ordered; a client that reconnects gets a healthy one
 (the camera or the path to it came back), except under `blackhole`. The server must offer RTSP over
@@ -19,15 +20,18 @@ runs in one thread of the test process with a selector.
 from __future__ import annotations
 
 import contextlib
+import logging
 import selectors
 import socket
 import struct
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 __all__ = ["TcpProxy"]
 
-RTP_HEADER = 12
+log = logging.getLogger("tests.tcp_proxy")
+RTP_HEADER = 12  # without CSRCs or an extension
 _READ = 65536
 
 
@@ -54,7 +58,11 @@ class TcpProxy:
         self._corrupt_left = 0
         self.accepted = 0  # connections accepted so far
         self.rtp_dropped = 0  # RTP/RTCP frames swallowed by stall()
+        self.rtsp_while_stalled = 0  # RTSP messages passed to the client on a stalled connection
         self.rtp_corrupted = 0
+        self.send_failures = 0  # connections closed because a send did not complete within 2 s
+        self.error: BaseException | None = None  # what ended the proxy thread, if anything did
+        self._slices: OrderedDict[bytes, int] = OrderedDict()  # RTP timestamp -> H.264 slices (last 1000)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tcp-proxy", daemon=True)
 
@@ -86,10 +94,21 @@ class TcpProxy:
         with self._lock:
             self._blackhole = on
 
+    def slices_per_frame(self) -> list[int]:
+        """How many H.264 slices (NAL types 1 and 5) each of the last frames carried, by RTP timestamp."""
+        with self._lock:
+            return list(self._slices.values())
+
     @property
     def open_connections(self) -> int:
         with self._lock:
             return sum(pair.mode == "pass" for pair in self._pairs)
+
+    def check(self) -> None:
+        """AssertionError if the proxy thread died or gave up on a connection (a test fault, not the daemon's)."""
+        assert self.error is None, f"the test proxy failed: {self.error!r}"
+        assert self._thread.is_alive(), "the test proxy thread has ended"
+        assert self.send_failures == 0, f"the test proxy dropped {self.send_failures} connection(s) on a stuck send"
 
     def close(self) -> None:
         self._stop.set()
@@ -118,13 +137,17 @@ class TcpProxy:
     # ------------------------------------------------------------------ the proxy thread
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            for key, _ in self._sel.select(timeout=0.1):
-                if key.data is None:
-                    self._accept()
-                else:
-                    pair, upstream_side = key.data
-                    self._pump(pair, upstream_side)
+        try:
+            while not self._stop.is_set():
+                for key, _ in self._sel.select(timeout=0.1):
+                    if key.data is None:
+                        self._accept()
+                    else:
+                        pair, upstream_side = key.data
+                        self._pump(pair, upstream_side)
+        except BaseException as exc:  # kept for check(): a dead proxy must not pass for a dead camera
+            self.error = exc
+            log.exception("test proxy thread failed")
 
     def _accept(self) -> None:
         try:
@@ -162,7 +185,7 @@ class TcpProxy:
         if pair.mode in ("cut", "hole"):
             return  # read and forgotten: the other end hears nothing, not even a close
         if not upstream_side:
-            self._send(pair.upstream, data)
+            self._send(pair, pair.upstream, data)
             return
         pair.pending += data
         for unit in self._units(pair):
@@ -170,8 +193,12 @@ class TcpProxy:
                 if pair.mode == "stall":
                     self.rtp_dropped += 1
                     continue
+                self._count_slices(unit)
                 unit = self._maybe_corrupt(unit)
-            self._send(pair.client, unit)
+            elif pair.mode == "stall":
+                self.rtsp_while_stalled += 1
+            if not self._send(pair, pair.client, unit):
+                return
 
     @staticmethod
     def _units(pair: _Pair):
@@ -193,30 +220,63 @@ class TcpProxy:
             del buf[:end]
             yield unit
 
+    def _count_slices(self, unit: bytes) -> None:
+        """Count the slice NAL units that start in this RTP packet (RFC 6184: single NAL, STAP-A, FU-A)."""
+        if unit[1] % 2 or len(unit) < 4 + RTP_HEADER + 2:
+            return
+        rtp = unit[4:]
+        payload = rtp[_rtp_header_length(rtp):]
+        if not payload:
+            return
+        kind = payload[0] & 0x1F
+        if kind == 24:  # STAP-A: 16-bit size + NAL, repeated
+            types, i = [], 1
+            while i + 2 < len(payload):
+                size = struct.unpack("!H", payload[i:i + 2])[0]
+                types.append(payload[i + 2] & 0x1F)
+                i += 2 + size
+        elif kind == 28:  # FU-A: a slice starts in the fragment with the S bit
+            types = [payload[1] & 0x1F] if payload[1] & 0x80 else []
+        else:
+            types = [kind]
+        starts = sum(t in (1, 5) for t in types)
+        if starts:
+            with self._lock:
+                ts = rtp[4:8]
+                self._slices[ts] = self._slices.get(ts, 0) + starts
+                while len(self._slices) > 1000:
+                    self._slices.popitem(last=False)
+
     def _maybe_corrupt(self, unit: bytes) -> bytes:
+        # Past the interleave header, the RTP header (with its CSRCs and extension) and two payload
+        # bytes (NAL/FU headers): the depayloader still accepts the packet and the decoder gets garbage.
+        start = 4 + _rtp_header_length(unit[4:]) + 2
         with self._lock:
-            if self._corrupt_left <= 0 or unit[1] % 2:  # odd channels carry RTCP: left alone
+            if self._corrupt_left <= 0 or unit[1] % 2 or start >= len(unit):  # odd channels: RTCP, left alone
                 return unit
             self._corrupt_left -= 1
-        self.rtp_corrupted += 1
+            self.rtp_corrupted += 1
         body = bytearray(unit)
-        # Past the interleave header, the RTP header and two payload bytes (NAL/FU headers): the
-        # depayloader still accepts the packet and the decoder gets garbage.
-        start = 4 + RTP_HEADER + 2
         for i in range(start, len(body), 7):
             body[i] ^= 0xFF
         return bytes(body)
 
-    def _send(self, sock: socket.socket, data: bytes) -> None:
-        # Loopback at test rates: a short blocking send is simpler than write buffering and never stalls long.
+    def _send(self, pair: _Pair, sock: socket.socket, data: bytes) -> bool:
+        """Send all of `data`; a send stuck for 2 s closes the connection (a half-sent unit would garble
+        the framing) and is counted in send_failures. Loopback at test rates never comes near that, so
+        a blocking send is simpler than write buffering."""
         sock.setblocking(True)
         sock.settimeout(2)
         try:
             sock.sendall(data)
+            return True
         except OSError:
-            pass
+            self.send_failures += 1
+            self._drop(pair)
+            return False
         finally:
-            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.setblocking(False)
 
     def _drop(self, pair: _Pair) -> None:
         with self._lock:
@@ -226,6 +286,16 @@ class TcpProxy:
             with contextlib.suppress(KeyError, ValueError):
                 self._sel.unregister(sock)
             sock.close()
+
+
+def _rtp_header_length(rtp: bytes | bytearray) -> int:
+    """12 bytes, plus 4 per CSRC, plus the header extension if the X bit is set (RFC 3550 5.1, 5.3.1)."""
+    if len(rtp) < RTP_HEADER:
+        return len(rtp)
+    length = RTP_HEADER + 4 * (rtp[0] & 0x0F)
+    if rtp[0] & 0x10 and len(rtp) >= length + 4:
+        length += 4 + 4 * struct.unpack("!H", rtp[length + 2:length + 4])[0]
+    return length
 
 
 def _content_length(head: bytes) -> int:

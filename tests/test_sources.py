@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from inspectd.service.config import CameraConfig
 from inspectd.sources import DecodeError, EndOfStream, SourceError, open_source, redact, source_kind
 from inspectd.sources.base import Pacer, query_params
 from inspectd.sources.folder import FolderSource
-from inspectd.sources.gstreamer import GstSource
+from inspectd.sources.gstreamer import GstSource, pipeline_for
 from inspectd.sources.opencv import OpenCVSource
 from inspectd.sources.synthetic import SyntheticSource
 
@@ -318,8 +319,10 @@ def test_missing_pygobject_names_the_extra_and_packages():
 
 
 @pytest.mark.parametrize("cfg, kind, cls", [
-    (dict(url="rtsp://h/s"), "stream", GstSource),  # auto: GStreamer, installed here (the dev extra)
+    # auto: GStreamer, whose RTSP elements the test command installs (apt) along with PyGObject (pip)
+    (dict(url="rtsp://h/s"), "stream", GstSource),
     (dict(url="rtsp://h/s", backend="opencv"), "stream", OpenCVSource),
+    (dict(url="rtsps://h/s"), "stream", OpenCVSource),  # auto: FFmpeg accepts self-signed certificates
     (dict(url="rtsps://u:p@h/s", backend="gstreamer"), "stream", GstSource),
     (dict(url="/videos/a.mp4"), "file", OpenCVSource),
     (dict(url="file:///videos/a.mp4", backend="gstreamer"), "file", GstSource),
@@ -344,6 +347,25 @@ def test_auto_reads_rtsp_with_opencv_when_gstreamer_is_missing():
     assert out.stdout.split() == ["OpenCVSource", "OpenCVSource"], out.stderr
     said = [line for line in out.stderr.splitlines() if "read with OpenCV" in line]
     assert len(said) == 1 and "inspectd[gstreamer]" in said[0]  # once per process, with the reason
+
+
+def test_auto_reads_rtsp_with_opencv_when_an_element_is_missing(monkeypatch, caplog):
+    from inspectd.sources import gstreamer, registry
+
+    monkeypatch.setitem(gstreamer.RTSP_ELEMENTS, "inspectd_no_such_element", "gstreamer1.0-imaginary")
+    registry._decide_stream_backend.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="inspectd.sources"):
+            assert type(open_source(CameraConfig(id="c", url="rtsp://h/s"))) is OpenCVSource
+        assert "inspectd_no_such_element (gstreamer1.0-imaginary)" in caplog.text
+    finally:
+        registry._decide_stream_backend.cache_clear()  # the next test decides again, with every element
+
+
+def test_gstreamer_rtsp_pipeline_uses_tcp_and_the_open_timeout():
+    launch, is_file = pipeline_for(CameraConfig(id="c", url="rtsp://u:p@h/s", open_timeout_s=2.5))
+    assert not is_file and launch.startswith('rtspsrc location="rtsp://u:p@h/s" latency=0 protocols=tcp '
+                                             "tcp-timeout=2500000 ! decodebin")
 
 
 def test_open_source_plain_directory_is_a_folder(image_dir):

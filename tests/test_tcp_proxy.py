@@ -7,10 +7,13 @@ did face the fault it names.
 from __future__ import annotations
 
 import socket
+import struct
 import threading
+import time
 
 import pytest
-from tcp_proxy import TcpProxy
+from support import wait_until
+from tcp_proxy import TcpProxy, _rtp_header_length
 
 RTSP_REPLY = b"RTSP/1.0 200 OK\r\nCSeq: 2\r\nContent-Length: 3\r\n\r\nabc"
 RTP = b"$\x00\x00\x10" + bytes(range(16))  # channel 0 (RTP), 16 bytes: 12 header + 4 payload
@@ -28,7 +31,10 @@ class Upstream:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
-        self.conn, _ = self.server.accept()
+        try:
+            self.conn, _ = self.server.accept()
+        except OSError:  # closed before anyone connected (the blackhole test)
+            return
         self.conn.settimeout(5)
         self.accepted.set()
 
@@ -44,8 +50,10 @@ def path():
     with TcpProxy(upstream.port) as proxy:
         client = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
         assert upstream.accepted.wait(5)
+        wait_until(lambda: proxy.open_connections == 1, 5, "the proxy to hold the connection")
         yield upstream, proxy, client
         client.close()
+        proxy.check()
     upstream.close()
 
 
@@ -75,8 +83,10 @@ def test_passes_both_ways_whole_units(path):
     request = b"OPTIONS rtsp://x/cam RTSP/1.0\r\nCSeq: 1\r\n\r\n"
     client.sendall(request)
     assert recv_exactly(upstream.conn, len(request)) == request
+    upstream.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for chunk in (RTSP_REPLY[:10], RTSP_REPLY[10:] + RTP[:3], RTP[3:] + RTCP):  # units split across reads
         upstream.conn.sendall(chunk)
+        time.sleep(0.05)  # pacing the sender (not a wait for a result): the proxy reads each chunk apart
     assert recv_exactly(client, len(RTSP_REPLY + RTP + RTCP)) == RTSP_REPLY + RTP + RTCP
 
 
@@ -93,7 +103,7 @@ def test_stall_drops_media_and_keeps_the_session(path):
     proxy.stall()
     upstream.conn.sendall(RTP + RTSP_REPLY + RTCP + RTP)
     assert recv_exactly(client, len(RTSP_REPLY)) == RTSP_REPLY and silent(client)
-    assert proxy.rtp_dropped == 3
+    assert proxy.rtp_dropped == 3 and proxy.rtsp_while_stalled == 1
 
 
 def test_corrupt_flips_rtp_payload_only(path):
@@ -116,4 +126,15 @@ def test_blackhole_accepts_and_never_answers():
             proxy.blackhole(False)
             with socket.create_connection(("127.0.0.1", proxy.port), timeout=5):
                 assert upstream.accepted.wait(5)  # a new connection gets through again
+        proxy.check()
     upstream.close()
+
+
+@pytest.mark.parametrize("first, rest, length", [
+    (0x80, b"", 12),                                       # V=2, no CSRC, no extension
+    (0x82, b"", 20),                                       # 2 CSRCs
+    (0x90, struct.pack("!HH", 0xBEDE, 2) + bytes(8), 24),  # extension of 2 words
+])
+def test_rtp_header_length(first, rest, length):
+    header = bytes([first]) + bytes(11) + bytes(4 * (first & 0x0F)) + rest
+    assert _rtp_header_length(header + b"payload") == length

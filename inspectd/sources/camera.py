@@ -230,11 +230,13 @@ class CameraWorker:
         """Read until stop(); raise SourceError on a read failure or a stall."""
         last_new = time.monotonic()  # the stall clock starts at open
         stall_s = max(self.cfg.stall_timeout_s, 2 * frame_period(self._source))
+        heard = False  # anything read this session, a frame or an undecodable one
         while not self._stop.is_set():
             self.heartbeat_mono = time.monotonic()
             try:
                 image = self._source.read(READ_SLICE_S)
             except DecodeError as exc:  # one bad frame, not a bad camera: captured, and dropped as such
+                heard = True
                 self._seq += 1
                 self._m_captured.inc()
                 self._m_decode_drop.inc()
@@ -243,10 +245,10 @@ class CameraWorker:
                 image = None
             now = time.monotonic()
             if image is not None:
-                last_new = now
+                heard, last_new = True, now
                 self._on_frame(image, now)
             elif now - last_new > stall_s:
-                if self._streaming_since is None:  # connected (or connecting) but never a frame: say so
+                if not heard:  # connected (or connecting) and nothing ever came: say so
                     raise SourceError(f"no frame within {now - last_new:.1f} s of opening (not answering?)")
                 raise SourceError(f"stalled: no frame for {now - last_new:.1f} s")
 

@@ -9,8 +9,11 @@ ERROR messages and EOS become SourceError / EndOfStream; WARNING messages are lo
 Pipelines:
 - `pipeline = "..."` with an appsink: that appsink (caps preferring RGB added if it has none);
   without one: `! videoconvert ! video/x-raw,format=RGB ! appsink` is appended.
-- `url = "rtsp://..."`, `backend = "gstreamer"`: `rtspsrc location=URL latency=0 ! decodebin !
-  videoconvert ! appsink`; `v4l2:///dev/videoN`: `v4l2src`; a file: `filesrc ! decodebin`, paced
+- `url = "rtsp://..."` (`backend = "gstreamer"`, or `auto` when the RTSP elements are installed):
+  `rtspsrc location=URL latency=0 protocols=tcp tcp-timeout=<open_timeout_s> ! decodebin !
+  videoconvert ! appsink`. RTP over the RTSP connection, as OpenCV's FFmpeg path asks first
+  (`rtsp_flags=prefer_tcp`): no lost packets smearing frames, and it passes firewalls and NAT.
+  `v4l2:///dev/videoN`: `v4l2src`; a file: `filesrc ! decodebin`, paced
   by the pipeline clock (`sync=true`) and looped by seeking back to the start.
 """
 
@@ -65,9 +68,9 @@ def import_gst():
     return _gst
 
 
-# What `backend = "auto"` needs before it reads rtsp:// through GStreamer: the RTSP client (plugins-good),
-# decodebin (plugins-base) and libav's decoders (H.264 and H.265: gstreamer1.0-libav).
-RTSP_ELEMENTS = ("rtspsrc", "decodebin", "avdec_h264")
+# What `backend = "auto"` needs before it reads rtsp:// through GStreamer, and the Debian package of each.
+RTSP_ELEMENTS = {"rtspsrc": "gstreamer1.0-plugins-good", "decodebin": "gstreamer1.0-plugins-base",
+                 "avdec_h264": "gstreamer1.0-libav"}  # libav decodes H.265 too
 
 
 def rtsp_missing() -> str | None:
@@ -76,8 +79,8 @@ def rtsp_missing() -> str | None:
         Gst, _ = import_gst()
     except SourceError as exc:
         return str(exc)
-    missing = [name for name in RTSP_ELEMENTS if Gst.ElementFactory.find(name) is None]
-    return f"GStreamer element(s) {', '.join(missing)} not installed" if missing else None
+    missing = [f"{name} ({package})" for name, package in RTSP_ELEMENTS.items() if Gst.ElementFactory.find(name) is None]
+    return f"GStreamer element(s) not installed: {', '.join(missing)}" if missing else None
 
 
 def _quote(value: str) -> str:
@@ -92,7 +95,9 @@ def pipeline_for(cfg: CameraConfig) -> tuple[str, bool]:
     url = cfg.url or ""
     parts = urlsplit(url)
     if parts.scheme in ("rtsp", "rtsps"):
-        return f"rtspsrc location={_quote(url)} latency=0 ! decodebin ! videoconvert ! appsink", False
+        timeout_us = max(1, round(cfg.open_timeout_s * 1e6))
+        return (f"rtspsrc location={_quote(url)} latency=0 protocols=tcp tcp-timeout={timeout_us} ! decodebin ! "
+                "videoconvert ! appsink"), False
     if parts.scheme == "v4l2":
         return f"v4l2src device={_quote(unquote(parts.netloc + parts.path))} ! videoconvert ! appsink", False
     path = unquote(parts.netloc + parts.path) if parts.scheme == "file" else url

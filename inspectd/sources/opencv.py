@@ -5,6 +5,11 @@ them a frozen RTSP camera keeps `read()` blocked or returning late frames for mi
 them a read cannot be interrupted from another thread, and one on a frozen stream returns only
 after about 3x the read timeout (measured), so stop() and the heartbeat can lag by that much.
 
+A camera sending several H.264 slices per frame comes out of OpenCV 5.0's FFmpeg path torn: every
+slice of a keyframe is returned as a frame of its own with the rest made up, and the frame after
+inherits the damage (measured, benchmarks/rtsp_backends.py). Such frames share a timestamp, so the
+first repeat is logged as a WARNING that names the fix (the GStreamer backend, or one slice per frame).
+
 Video files are paced at the file's own frame rate (a file behaves like a camera, it is not decoded
 as fast as possible) and start again at the end when the camera has `loop = true`.
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 __all__ = ["OpenCVSource", "DEFAULT_FILE_FPS"]
 
+import logging
 import os
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -24,6 +30,7 @@ from inspectd.imageio import to_rgb
 from inspectd.service.config import CameraConfig
 from inspectd.sources.base import EndOfStream, Pacer, SourceError, redact
 
+log = logging.getLogger("inspectd.sources")
 DEFAULT_FILE_FPS = 25.0  # when a file does not say (or says something absurd)
 _STREAM_SCHEMES = frozenset({"rtsp", "rtsps", "rtmp", "http", "https"})
 
@@ -45,7 +52,10 @@ class OpenCVSource:
 
     def __init__(self, cfg: CameraConfig):
         self.url = cfg.url or ""
+        self.camera = cfg.id
         self.kind, self._target = _target(self.url)
+        self._last_pts: float | None = None  # streams: to notice frames that share a timestamp
+        self._warned_slices = False
         self.loop = cfg.loop
         self.timeout_ms = max(1, round(cfg.open_timeout_s * 1000))
         self._cap: cv2.VideoCapture | None = None
@@ -96,7 +106,18 @@ class OpenCVSource:
             ok, image = self._rewind()
         if not ok or image is None:
             raise SourceError(f"{redact(self.url)}: read failed (stream ended or timed out)")
+        if self.kind == "stream":
+            self._check_timestamp(self._cap.get(cv2.CAP_PROP_PTS))
         return to_rgb(image)
+
+    def _check_timestamp(self, pts: float) -> None:
+        """Warn once per source when two frames in a row share a timestamp: slices returned as frames."""
+        repeated, self._last_pts = pts >= 0 and pts == self._last_pts, pts
+        if repeated and not self._warned_slices:
+            self._warned_slices = True
+            log.warning("camera %s: frames with the same timestamp: the camera sends several H.264 slices per "
+                        "frame, which OpenCV returns as torn frames; use backend = \"gstreamer\" (the gstreamer "
+                        "extra) or set the camera to one slice per frame", self.camera)
 
     def _rewind(self) -> tuple[bool, np.ndarray | None]:
         """End of file: play it again from the start (seek; reopen if the container cannot seek)."""
@@ -111,6 +132,6 @@ class OpenCVSource:
         return self._cap.read() if self._cap.isOpened() else (False, None)
 
     def close(self) -> None:
-        cap, self._cap = self._cap, None
+        cap, self._cap, self._last_pts = self._cap, None, None
         if cap is not None:
             cap.release()

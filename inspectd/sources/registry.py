@@ -1,8 +1,12 @@
 """Which Source reads a camera: one explicit table keyed by the kind of input and the backend.
 
-`backend = "auto"` takes the first backend of the kind, except for RTSP: GStreamer when its RTSP
-elements are installed (its reads can be interrupted, so a stalled or half-open stream is noticed
-after `stall_timeout_s`; OpenCV's FFmpeg read blocks for about 3x its timeout), else OpenCV.
+`backend = "auto"` takes the first backend of the kind, except for rtsp://: GStreamer when its RTSP
+elements are installed, else OpenCV. Measured (benchmarks/rtsp_backends.py): GStreamer decodes
+multi-slice H.264 whole where OpenCV tears about half of the frames; its reads can be interrupted,
+so a stalled or half-open stream is noticed after `stall_timeout_s` (an OpenCV read blocks for about
+3x its timeout); and it follows a resolution change, which OpenCV stretches into the first size. rtsps:// stays with
+OpenCV: GStreamer validates the camera's TLS certificate, FFmpeg does not, and cameras' certificates
+are mostly self-signed.
 """
 
 from __future__ import annotations
@@ -29,9 +33,9 @@ _KIND_BY_SCHEME = {
     "dir": "folder", "synthetic": "synthetic",
 }
 log = logging.getLogger("inspectd.sources")
-# Backend "auto" resolves to the first backend of each kind (for "stream": see auto_backend).
+# Backend "auto" resolves to the first backend of each kind (for rtsp://: see auto_backend).
 _BACKENDS = {
-    "stream": ("gstreamer", "opencv"), "file": ("opencv", "gstreamer"), "device": ("opencv", "gstreamer"),
+    "stream": ("opencv", "gstreamer"), "file": ("opencv", "gstreamer"), "device": ("opencv", "gstreamer"),
     "pipeline": ("gstreamer",), "folder": ("builtin",), "synthetic": ("builtin",),
 }
 _FACTORIES: dict[tuple[str, str], Callable[[CameraConfig], Source]] = {
@@ -72,16 +76,18 @@ def _decide_stream_backend() -> str:
     return "opencv"
 
 
-def auto_backend(kind: str) -> str:
-    """The backend `backend = "auto"` picks for a kind of input."""
-    return _stream_backend() if kind == "stream" else _BACKENDS[kind][0]
+def auto_backend(cfg: CameraConfig, kind: str) -> str:
+    """The backend `backend = "auto"` picks for a camera of this kind."""
+    if kind == "stream" and urlsplit(cfg.url or "").scheme.lower() == "rtsp":
+        return _stream_backend()
+    return _BACKENDS[kind][0]
 
 
 def open_source(cfg: CameraConfig) -> Source:
     """Build (not yet open) the Source for a camera; SourceError if the kind/backend pair does not exist."""
     kind = source_kind(cfg)
     backends = _BACKENDS[kind]
-    backend = auto_backend(kind) if cfg.backend == "auto" or backends == ("builtin",) else cfg.backend
+    backend = auto_backend(cfg, kind) if cfg.backend == "auto" or backends == ("builtin",) else cfg.backend
     factory = _FACTORIES.get((kind, backend))
     if factory is None:
         raise SourceError(f"camera {cfg.id!r}: backend {cfg.backend!r} cannot read a {kind} "
