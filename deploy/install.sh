@@ -39,7 +39,7 @@ Usage: deploy/install.sh [OPTIONS]        (as root; DESTDIR=DIR to install into 
 
 Install or upgrade inspectd as the systemd service "inspectd".
 
-  --gstreamer               install the gstreamer extra (PyGObject; GStreamer pipelines as cameras)
+  --gstreamer               install the gstreamer extra (PyGObject: GStreamer pipelines as cameras, rtsp:// via GStreamer)
                             and the Debian packages it builds and runs with
   --gpu                     install the gpu extra (tensorflow[and-cuda]; needs the NVIDIA driver)
   --source DIR|WHEEL        what to install: a source tree or a built wheel
