@@ -15,7 +15,9 @@ can check that detected regions fall on ``cam.mask``) and ``counter`` (frame n i
 ``counter_frame(n)``, so that ``counter_match`` tells whether a frame received is one sent, whole).
 ``slices=N`` makes x264 send N slices per frame, as many IP cameras do; ``tcp_only=True`` offers
 RTP over the RTSP connection only (so that a TCP proxy sees the media, see tcp_proxy.py);
-``alt_size=(w, h)`` lets ``switch_size()`` change the resolution mid-stream (appsrc modes).
+``alt_size=(w, h)`` lets ``switch_size()`` change the resolution mid-stream (appsrc modes);
+``auth=(user, password)`` makes the camera ask for HTTP Basic credentials (``url_with(user, password)``
+gives the URL that carries them, percent-encoded).
 """
 
 from __future__ import annotations
@@ -111,13 +113,13 @@ class RtspServer:
 
     def __init__(self, mode: str = "testsrc", width: int = 160, height: int = 120, fps: int = 10,
                  seed: int = 0, port: int | None = None, slices: int = 1, tcp_only: bool = False,
-                 alt_size: tuple[int, int] | None = None):
+                 alt_size: tuple[int, int] | None = None, auth: tuple[str, str] | None = None):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
         if alt_size is not None and mode == "testsrc":
             raise ValueError("alt_size needs an appsrc mode (synthetic or counter)")
         self.mode, self.width, self.height, self.fps, self.seed = mode, width, height, fps, seed
-        self.slices, self.tcp_only, self.alt_size = slices, tcp_only, alt_size
+        self.slices, self.tcp_only, self.alt_size, self.auth = slices, tcp_only, alt_size, auth
         self.size = (width, height)  # what the server sends now (switch_size() toggles it)
         self.port = port or free_port()
         self._proc: subprocess.Popen | None = None
@@ -125,6 +127,12 @@ class RtspServer:
     @property
     def url(self) -> str:
         return f"rtsp://127.0.0.1:{self.port}{MOUNT}"
+
+    def url_with(self, user: str, password: str) -> str:
+        """The URL with credentials in it, percent-encoded as a URL must carry them."""
+        from urllib.parse import quote
+
+        return f"rtsp://{quote(user, safe='')}:{quote(password, safe='')}@127.0.0.1:{self.port}{MOUNT}"
 
     @property
     def mask(self) -> np.ndarray:
@@ -146,6 +154,7 @@ class RtspServer:
                "--seed", str(self.seed), "--slices", str(self.slices)]
         cmd += ["--tcp-only"] if self.tcp_only else []
         cmd += ["--alt-size", f"{self.alt_size[0]}x{self.alt_size[1]}"] if self.alt_size else []
+        cmd += ["--auth", f"{self.auth[0]}\n{self.auth[1]}"] if self.auth else []
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))}
         self.size = (self.width, self.height)
         self._proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -256,6 +265,21 @@ def _feed_appsrc(media, args: argparse.Namespace, state: dict) -> None:
     appsrc.connect("need-data", need_data)
 
 
+def _require_basic_auth(server, factory, user: str, password: str) -> None:
+    """Only `user` with `password` may play the mount (as gst-rtsp-server's test-auth example does)."""
+    from gi.repository import GstRtspServer
+
+    auth = GstRtspServer.RTSPAuth()
+    token = GstRtspServer.RTSPToken()
+    token.set_string(GstRtspServer.RTSP_TOKEN_MEDIA_FACTORY_ROLE, "operator")
+    auth.add_basic(GstRtspServer.RTSPAuth.make_basic(user, password), token)
+    server.set_auth(auth)
+    permissions = GstRtspServer.RTSPPermissions()
+    permissions.add_permission_for_role("operator", GstRtspServer.RTSP_PERM_MEDIA_FACTORY_ACCESS, True)
+    permissions.add_permission_for_role("operator", GstRtspServer.RTSP_PERM_MEDIA_FACTORY_CONSTRUCT, True)
+    factory.set_permissions(permissions)
+
+
 def serve(args: argparse.Namespace) -> None:
     import gi
 
@@ -273,6 +297,8 @@ def serve(args: argparse.Namespace) -> None:
     factory.set_shared(True)  # several clients (workers) share one encoder
     if args.tcp_only:
         factory.set_protocols(GstRtsp.RTSPLowerTrans.TCP)
+    if args.auth:
+        _require_basic_auth(server, factory, *args.auth.split("\n", 1))
     state = {"alt": 0}
     if args.mode != "testsrc":
         factory.connect("media-configure", lambda _f, media: _feed_appsrc(media, args, state))
@@ -299,6 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slices", type=int, default=1)
     p.add_argument("--tcp-only", action="store_true")
+    p.add_argument("--auth", default=None, help="USER, a newline, PASSWORD")
     p.add_argument("--alt-size", type=lambda v: tuple(int(x) for x in v.split("x")), default=None)
     serve(p.parse_args(argv))
 

@@ -19,7 +19,7 @@ from tcp_proxy import TcpProxy
 from inspectd.frames import CameraState
 from inspectd.service.config import CameraConfig
 from inspectd.service.metrics import Metrics
-from inspectd.sources import CameraWorker, open_source
+from inspectd.sources import CameraWorker, SourceError, open_source
 from inspectd.sources.gstreamer import GstSource
 from inspectd.sources.opencv import OpenCVSource
 
@@ -138,6 +138,21 @@ def test_opencv_warns_about_multi_slice_streams(caplog):
     said = [r.getMessage() for r in caplog.records if "slices per frame" in r.getMessage()]
     assert len(said) == 1 and 'backend = "gstreamer"' in said[0], said
     print(f"\nopencv: {torn} of {len(frames)} frames torn")
+
+
+@pytest.mark.parametrize("backend", ["auto", "opencv"])
+def test_credentials_with_reserved_characters(backend):
+    """A camera asking for a login whose name and password hold '@', ':', '/', ' ' and '%' (percent-encoded
+    in the URL, as they must be): the right ones play, wrong ones fail with the password redacted."""
+    user, password = "op@line", "p@ss:w/rd %1"
+    with RtspServer(mode="counter", fps=FPS, auth=(user, password)) as server:
+        frames = read_frames(open_source(CameraConfig(id="login", url=server.url_with(user, password),
+                                                      backend=backend, **FAST)), 3)
+        assert len(frames) == 3
+        wrong = open_source(CameraConfig(id="login", url=server.url_with(user, "guess"), backend=backend, **FAST))
+        with pytest.raises(SourceError) as failed:
+            read_frames(wrong, 1)
+    assert "guess" not in str(failed.value) and ":***@" in str(failed.value)
 
 
 @pytest.mark.parametrize("backend", ["opencv", "gstreamer"])
