@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from daemon_util import DaemonProcess, camera_toml, daemon_config
@@ -71,3 +73,45 @@ def test_dead_camera_does_not_stop_the_others(tmp_path):
         assert m.value("inspectd_camera_up", camera="dead") == 0.0
         assert m.value("inspectd_camera_up", camera="live") == 1.0
         assert daemon.terminate() == 0
+
+
+class _StuckWorker:
+    """A capture thread stuck in its backend (an OpenCV read on a frozen stream): join() times out."""
+
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def stop(self) -> None:
+        self.calls.append("stop")
+
+    def join(self, timeout: float) -> bool:
+        self.calls.append(timeout)
+        time.sleep(timeout)
+        return False
+
+
+class _Pipeline:
+    def __init__(self):
+        self.removed = []
+
+    def remove_camera(self, camera: str, reason: str) -> None:
+        self.removed.append((camera, reason))
+
+
+def test_stuck_cameras_share_one_shutdown_timeout(caplog):
+    """Three cameras stuck in their backends: all are told to stop first, then waited for against one
+    deadline, so the wait is shutdown_timeout_s in all (not once per camera) and each is still removed."""
+    from inspectd.service.config import CameraConfig, DaemonConfig, Settings
+    from inspectd.service.daemon import Daemon
+
+    settings = Settings(cameras=[CameraConfig(id="a", url="synthetic://")], daemon=DaemonConfig(shutdown_timeout_s=0.3))
+    daemon = Daemon(settings)
+    calls: list = []
+    daemon.cameras = {cam: _StuckWorker(calls) for cam in ("a", "b", "c")}
+    daemon.pipeline = _Pipeline()
+    daemon._stop_all_cameras()
+    assert calls[:3] == ["stop"] * 3  # every camera told before any wait
+    waits = [c for c in calls if not isinstance(c, str)]
+    assert len(waits) == 3 and sum(waits) <= 0.3 + 0.05, waits
+    assert daemon.pipeline.removed == [("a", "shutdown"), ("b", "shutdown"), ("c", "shutdown")]
+    assert caplog.text.count("still blocked in its backend") == 3 and daemon.cameras == {}

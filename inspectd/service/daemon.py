@@ -196,10 +196,13 @@ class Daemon:
         worker.start()
         self.cameras[cfg.id] = worker
 
-    def stop_camera(self, camera: str, forget: bool = True) -> None:
+    def stop_camera(self, camera: str, forget: bool = True, deadline: float | None = None) -> None:
+        """Stop one camera and wait for its thread until `deadline` (monotonic; default shutdown_timeout_s from now)."""
         worker = self.cameras.pop(camera)
         worker.stop()
-        if not worker.join(timeout=self.settings.daemon.shutdown_timeout_s):
+        if deadline is None:
+            deadline = time.monotonic() + self.settings.daemon.shutdown_timeout_s
+        if not worker.join(timeout=max(0.0, deadline - time.monotonic())):
             log.warning("camera %s: capture thread still blocked in its backend; leaving it", camera)
         self.pipeline.remove_camera(camera, "camera_stopped" if forget else "shutdown")
         if forget:
@@ -207,8 +210,13 @@ class Daemon:
             self.metrics.camera_up.remove(camera)
 
     def _stop_all_cameras(self) -> None:
+        """Tell every camera to stop at once, then wait for them against one deadline: a shutdown with
+        several cameras stuck in their backends takes shutdown_timeout_s, not that once per camera."""
+        for worker in self.cameras.values():
+            worker.stop()
+        deadline = time.monotonic() + self.settings.daemon.shutdown_timeout_s
         for camera in list(self.cameras):
-            self.stop_camera(camera, forget=False)
+            self.stop_camera(camera, forget=False, deadline=deadline)
 
     def _on_camera_state(self, camera: str, state: CameraState, detail: str) -> None:
         self.camera_states[camera] = state
