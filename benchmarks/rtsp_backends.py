@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the test suite's RTSP server and proxy
 
 from prometheus_client import CollectorRegistry  # noqa: E402
-from rtsp import RtspServer, counter_match, synthetic_frame  # noqa: E402
+from rtsp import RtspServer, counter_match, read_frames, synthetic_frame  # noqa: E402
+from support import wait_until  # noqa: E402
 from tcp_proxy import TcpProxy  # noqa: E402
 
 from inspectd.frames import CameraState  # noqa: E402
@@ -46,33 +47,11 @@ TIMING = dict(open_timeout_s=1, stall_timeout_s=1, reconnect_initial_s=0.2, reco
 W, H, ALT, FPS = 320, 240, (256, 192), 10
 
 
-def wait(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-def read_frames(url: str, backend: str, n: int, seconds: float = 30) -> list[np.ndarray]:
-    src = open_source(CameraConfig(id="b", url=url, backend=backend, **TIMING))
-    src.open()
-    try:
-        out, deadline = [], time.monotonic() + seconds
-        while len(out) < n and time.monotonic() < deadline:
-            if (image := src.read(0.2)) is not None:
-                out.append(image)
-        return out
-    finally:
-        src.close()
-
-
 def torn_frames(backend: str, slices: int) -> tuple[str, int]:
     """('torn / received', slices per frame as sent) for 100 frames of a counter stream."""
     with RtspServer(mode="counter", width=W, height=H, fps=25, slices=slices, tcp_only=True) as server, \
             TcpProxy(server.port) as proxy:
-        frames = read_frames(proxy.url(), backend, 100)
+        frames = read_frames(open_source(CameraConfig(id="b", url=proxy.url(), backend=backend, **TIMING)), 100, 30)
         sent = statistics.median(proxy.slices_per_frame())
     torn = sum(max(counter_match(frame)[1]) >= 10 for frame in frames)
     return f"{torn} / {len(frames)}", int(sent)
@@ -134,18 +113,18 @@ def faults(backend: str, repeats: int) -> dict[str, list[float]]:
             for _ in range(repeats):
                 for name, inject in (("half-open cut", proxy.cut), ("media stall, session up", proxy.stall),
                                      ("40 corrupt RTP packets", lambda: proxy.corrupt(40))):
-                    wait(lambda: cam.worker.state is CameraState.UP and cam.flowing_since(time.monotonic() - 3), 30)
+                    wait_until(lambda: cam.worker.state is CameraState.UP and cam.flowing_since(time.monotonic() - 3), 30)
                     t0 = time.monotonic()
                     inject()
-                    wait(lambda t0=t0: cam.flowing_since(t0) is not None, 30)
+                    wait_until(lambda t0=t0: cam.flowing_since(t0) is not None, 30)
                     out[name].append(cam.flowing_since(t0) - t0)
                 proxy.blackhole(True)
                 proxy.cut()
-                wait(lambda: cam.worker.state is CameraState.DOWN, 30)
+                wait_until(lambda: cam.worker.state is CameraState.DOWN, 30)
                 time.sleep(3)  # a few unanswered attempts
                 t0 = time.monotonic()
                 proxy.blackhole(False)
-                wait(lambda t0=t0: any(t > t0 for t in cam.frames), 30)
+                wait_until(lambda t0=t0: any(t > t0 for t in cam.frames), 30)
                 out["never answers, then answers"].append(next(t for t in cam.frames if t > t0) - t0)
         finally:
             cam.close()

@@ -36,7 +36,7 @@ import numpy as np
 from support import free_port, wait_until  # re-exported: tests import them from here too
 
 __all__ = ["RtspServer", "COUNTER_LEVELS", "counter_frame", "counter_match", "counter_received", "free_port",
-           "synthetic_frame", "h264_encoder", "wait_until"]
+           "read_frames", "synthetic_frame", "h264_encoder", "wait_until"]
 
 MOUNT = "/cam"
 MODES = ("testsrc", "synthetic", "counter")
@@ -64,6 +64,19 @@ def counter_frame(n: int, width: int, height: int) -> np.ndarray:
     blocks = np.random.default_rng(k).integers(-40, 41, (-(-height // _BLOCK), -(-width // _BLOCK)))
     texture = np.kron(blocks, np.ones((_BLOCK, _BLOCK), np.int64))[:height, :width]
     return np.clip(COUNTER_LEVELS[k] + texture, 0, 255).astype(np.uint8)
+
+
+def read_frames(src, n: int, timeout: float = 10.0) -> list[np.ndarray]:
+    """Open a Source, read up to `n` frames within `timeout` s, close it (also on failure)."""
+    src.open()
+    try:
+        out, deadline = [], time.monotonic() + timeout
+        while len(out) < n and time.monotonic() < deadline:
+            if (image := src.read(0.2)) is not None:
+                out.append(image)
+        return out
+    finally:
+        src.close()
 
 
 def counter_received(n: int, width: int, height: int) -> np.ndarray:

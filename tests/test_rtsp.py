@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
-from rtsp import RtspServer, counter_match, synthetic_frame
+from rtsp import RtspServer, counter_match, read_frames, synthetic_frame
 from support import free_port, wait_until
 from tcp_proxy import TcpProxy
 
@@ -61,19 +61,6 @@ class Worker:
 def camera():
     with RtspServer(fps=FPS) as server:
         yield server
-
-
-def read_frames(src, n: int, timeout: float = 10.0) -> list[np.ndarray]:
-    src.open()
-    try:
-        out, deadline = [], time.monotonic() + timeout
-        while len(out) < n and time.monotonic() < deadline:
-            img = src.read(0.2)
-            if img is not None:
-                out.append(img)
-        return out
-    finally:
-        src.close()
 
 
 def test_opencv_reads_the_rtsp_camera(camera):

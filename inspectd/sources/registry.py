@@ -4,9 +4,9 @@
 elements are installed, else OpenCV. Measured (benchmarks/rtsp_backends.py): GStreamer decodes
 multi-slice H.264 whole where OpenCV tears about half of the frames; its reads can be interrupted,
 so a stalled or half-open stream is noticed after `stall_timeout_s` (an OpenCV read blocks for about
-3x its timeout); and it follows a resolution change, which OpenCV stretches into the first size. rtsps:// stays with
-OpenCV: GStreamer validates the camera's TLS certificate, FFmpeg does not, and cameras' certificates
-are mostly self-signed.
+3x its timeout); and it follows a resolution change, which OpenCV stretches into the first size.
+rtsps:// stays with OpenCV: GStreamer validates the camera's TLS certificate, FFmpeg does not, and
+cameras' certificates are mostly self-signed.
 """
 
 from __future__ import annotations
