@@ -105,6 +105,25 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from inspectd.model.deployable import load_model
+    from inspectd.model.export import cached_export, default_cache_dir, export
+    from inspectd.service.config import resolve_model_path
+
+    deployable = load_model(resolve_model_path(args.model))
+    print(f"inspectd export: converting {deployable.name} to {args.format} (tens of seconds)", file=sys.stderr, flush=True)
+    if args.out:
+        target = export(deployable, args.format, args.out)
+        where = "a copy for other tools"
+    else:
+        target = cached_export(deployable, args.format, args.cache_dir)
+        where = f"in the cache {args.cache_dir or default_cache_dir()}: a daemon using it will not convert again"
+    w, h = deployable.input_size
+    print(f"wrote {target} ({where}); input 'image' float32 [N,{h},{w},3] RGB 0..255, outputs 'score' [N] and "
+          "'cam_logits'")
+    return 0
+
+
 def _cmd_infer(args) -> int:
     from inspectd.model.infer import InferOptions, infer, raise_if_skipped
 
@@ -207,6 +226,19 @@ def _add_convert(sub) -> None:
     p.set_defaults(func=_cmd_convert)
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="convert the deployable model for onnxruntime or openvino, once (the daemon "
+                       "would at start-up)", description="Writes the model converted to FORMAT into the cache the "
+                       "daemon reads ([model] cache_dir), or with --out into a folder of your choice.")
+    p.add_argument("model", help="deployable .keras model, or builtin:demo")
+    p.add_argument("--format", required=True, choices=("onnx", "openvino"),
+                   help="onnx (for model.runtime onnxruntime) | openvino")
+    p.add_argument("--cache-dir", type=Path, help="the daemon's [model] cache_dir (default: $CACHE_DIRECTORY, "
+                   "else ~/.cache/inspectd; for the service, /var/cache/inspectd)")
+    p.add_argument("--out", type=Path, help="write to this folder instead of the cache")
+    p.set_defaults(func=_cmd_export)
+
+
 def _add_infer(sub) -> None:
     p = sub.add_parser("infer", help="images / folders / videos -> overlays, masks, results.jsonl")
     p.add_argument("model", help="deployable .keras model, or builtin:demo (the bundled demo model)")
@@ -298,13 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
     from inspectd.watch import add_parser as _add_watch
 
     commands = (_add_run, _add_check_config, _add_watch, _add_bench, _add_archive,
-                _add_train, _add_convert, _add_infer, _add_evaluate, _add_synth)
+                _add_train, _add_convert, _add_export, _add_infer, _add_evaluate, _add_synth)
     for add in commands:
         add(sub)
     return parser
 
 
-_TF_COMMANDS = {"train", "convert", "infer", "evaluate"}  # the daemon imports TensorFlow itself, after logging is set up
+# The daemon imports TensorFlow itself, after logging is set up.
+_TF_COMMANDS = {"train", "convert", "export", "infer", "evaluate"}
 # Imported only by the offline tools (train/evaluate), installed by the `toolkit` extra.
 _TOOLKIT_MODULES = {"sklearn", "matplotlib"}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,10 @@ import pytest
 from support import ROOT, TEST_MODEL, NotifySocket
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Converted models (runtime onnxruntime/openvino) go to one cache per test session, shared by every daemon
+# the tests start (they inherit the environment), so a model is converted once per session and never into
+# the user's ~/.cache. CACHE_DIRECTORY is what systemd's CacheDirectory= sets for the service.
+os.environ["CACHE_DIRECTORY"] = tempfile.mkdtemp(prefix="inspectd-test-cache-")
 
 # Tiny on purpose: the whole suite must stay well under 15 minutes on 2 CPU cores.
 TRAIN_SIZE = (96, 96)

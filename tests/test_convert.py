@@ -78,3 +78,26 @@ def test_input_range_rescales(tf, tmp_path):
     probe = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     got = load_model(path).model(probe)["score"].numpy()
     np.testing.assert_allclose(got, clf(probe / 255.0).numpy()[:, 0], atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_converted_seed_classifier_on_every_runtime(tf, keras2, tmp_path_factory, runtime):
+    """The reference's network (EfficientNetV2B0 cut at stride 16), converted, runs with TensorFlow's outputs
+    on ONNX Runtime and OpenVINO (tolerance as in test_runtimes.py and docs/performance.md)."""
+    from inspectd.pipeline.engine import InferenceEngine
+
+    path = tmp_path_factory.getbasetemp() / "seed-runtimes.keras"
+    if not path.is_file():
+        convert(keras2 / "reference.hdf5", path)
+    deploy = load_model(path)
+    w, h = deploy.input_size
+    probe = np.load(keras2 / "probe.npy").round().clip(0, 255).astype(np.uint8)
+    noise = np.random.default_rng(5).integers(0, 256, (2, 2 * h + 3, 2 * w + 5, 3), dtype=np.uint8)
+    ref = InferenceEngine(deploy, (4,), "cpu", runtime="tensorflow")
+    engine = InferenceEngine(deploy, (4,), "cpu", runtime=runtime)
+    for frames in (list(probe[:4]), list(noise)):
+        (s0, c0), (s1, c1) = ref.infer(frames), engine.infer(frames)
+        assert c1.shape == c0.shape == (len(frames), 4, 6)
+        assert np.abs(s1 - s0).max() <= 1e-4 and np.abs(c1 - c0).max() <= 1e-3
+        np.testing.assert_allclose(np.log(s1 / (1 - s1)), c1.mean(axis=(1, 2)), atol=1e-4)

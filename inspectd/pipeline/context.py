@@ -11,6 +11,7 @@ __all__ = ["InferenceContext", "build_context", "inspect_options", "resolve_max_
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from inspectd.model.deployable import Deployable
 from inspectd.pipeline.batching import buckets_for
@@ -80,7 +81,8 @@ def resolve_max_batch(s: Settings) -> int:
 def build_context(s: Settings, deployable: Deployable) -> InferenceContext:
     """Engine for the model and batching settings, warmed up (every batch size run once) when asked."""
     engine = InferenceEngine(deployable, buckets_for(resolve_max_batch(s)), s.model.device, s.model.xla,
-                             s.model.precision)
+                             s.model.precision, s.model.runtime, Path(s.model.cache_dir) if s.model.cache_dir else None)
+    log.info("model %s runs with %s on %s (%s)", deployable.name, engine.runtime, engine.device, engine.runtime_reason)
     if s.daemon.warmup:
         t0 = time.monotonic()
         engine.warmup()

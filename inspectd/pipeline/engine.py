@@ -1,24 +1,41 @@
 """Batched single-pass inference: RGB uint8 images of any size -> score and cam_logits per image.
 
-Preprocessing (uint8 -> float, resize to the model input) and the forward pass run in one
-shape-polymorphic `tf.function`, traced once; batches are padded to a few sizes ("buckets").
+Preprocessing is one function, `preprocess` (uint8 -> float, antialiased bilinear resize to the
+model input; the input normalization is inside the model), whatever the runtime. With TensorFlow
+it runs with the forward pass in one shape-polymorphic `tf.function` on the device; with ONNX
+Runtime or OpenVINO (runtimes.py) it runs as its own `tf.function` on the CPU and the runtime gets
+float32 at the model's input size: TensorFlow's antialiased resize (the one training used) has no
+ONNX or OpenVINO equivalent (ONNX `Resize` with antialias differs by up to 12 grey levels from
+it on noise, OpenVINO ignores the flag; measured), and a frame already at the input size is only
+cast. Every function is traced once; batches are padded to a few sizes ("buckets").
 The daemon uses `InferenceEngine` directly, the offline tools through `Predictor`.
 """
 
 from __future__ import annotations
 
-__all__ = ["RESIZE", "Prediction", "Predictor", "InferenceEngine", "select_device", "with_policy"]
+__all__ = ["RESIZE", "Prediction", "Predictor", "InferenceEngine", "preprocess", "select_device", "with_policy"]
 
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from inspectd.model.deployable import Deployable, config_nodes
 
+log = logging.getLogger("inspectd.pipeline.engine")
+
 # One resize everywhere (training, infer, evaluate, daemon): bilinear with antialiasing, so a
 # model never sees a different interpolation in production than in training.
 RESIZE = {"method": "bilinear", "antialias": True}
+
+
+def preprocess(batch, size: tuple[int, int]):
+    """uint8 [n, H, W, 3] -> float32 [n, h, w, 3] 0..255 at `size` (h, w): the model's input, every runtime."""
+    import tensorflow as tf
+
+    return tf.image.resize(batch, size, **RESIZE)
 
 
 @dataclass(frozen=True)
@@ -67,31 +84,58 @@ def select_device(device: str) -> str:
 class InferenceEngine:
     """The daemon's model call: uint8 frames -> (score [n], cam_logits [n, h, w]).
 
-    One `tf.function` does uint8 -> float, the resize to the model input and the forward pass on
-    the device. Batches are zero-padded to one of a few sizes ("buckets", as TF Serving's
-    allowed_batch_sizes), all run at warm-up; the signature is shape-polymorphic, so the function is
-    traced once, and `traces()` lets tests prove nothing is retraced afterwards.
+    `runtime` tensorflow: one `tf.function` does `preprocess` and the forward pass on the device.
+    onnxruntime / openvino: the model converted once (`inspectd.model.export`, cached in
+    `cache_dir`) runs in that runtime after `preprocess`; `auto` picks one (`runtime` and
+    `runtime_reason` say which and why). Batches are zero-padded to one of a few sizes ("buckets",
+    as TF Serving's allowed_batch_sizes), all run at warm-up; the signature is shape-polymorphic, so
+    the function is traced once, and `traces()` lets tests prove nothing is retraced afterwards.
     """
 
     def __init__(self, deployable: Deployable, buckets: tuple[int, ...], device: str = "auto", xla: bool = False,
-                 precision: str = "float32"):
+                 precision: str = "float32", runtime: str = "tensorflow", cache_dir: Path | None = None):
         import tensorflow as tf
+
+        from inspectd.pipeline.runtimes import resolve_runtime
 
         self.deployable = deployable
         self.buckets = tuple(sorted(buckets))
         self.device = select_device(device)
+        self.runtime, self.runtime_reason = resolve_runtime(runtime, self.device, precision, xla)
         w, h = deployable.input_size
         self._size = (h, w)
-        model = deployable.model if precision == "float32" else with_policy(deployable.model, precision)
-
-        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)], jit_compile=xla)
-        def run(batch):
-            x = tf.image.resize(batch, (h, w), **RESIZE)
-            out = model(x, training=False)
-            return tf.cast(out["score"], tf.float32), tf.cast(out["cam_logits"], tf.float32)
-
-        self._run = run
         self._tf = tf
+        self._session = None
+        if self.runtime != "tensorflow":
+            self._session = self._open_exported(cache_dir, fallback=runtime == "auto")
+        if self._session is None:
+            model = deployable.model if precision == "float32" else with_policy(deployable.model, precision)
+
+            @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)], jit_compile=xla)
+            def run(batch):
+                out = model(preprocess(batch, (h, w)), training=False)
+                return tf.cast(out["score"], tf.float32), tf.cast(out["cam_logits"], tf.float32)
+
+            self._run = run
+        else:
+            self._run = tf.function(lambda batch: preprocess(batch, (h, w)),
+                                    input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+
+    def _open_exported(self, cache_dir: Path | None, fallback: bool):
+        """The ONNX Runtime / OpenVINO session on the cached export; None (TensorFlow) if `auto` cannot have it."""
+        from inspectd.errors import InspectdError
+        from inspectd.model.export import cached_export
+        from inspectd.pipeline.runtimes import FORMAT_OF, open_session
+
+        try:
+            path = cached_export(self.deployable, FORMAT_OF[self.runtime], cache_dir)
+            return open_session(self.runtime, path, self.device)
+        except (InspectdError, ImportError, RuntimeError) as exc:
+            if not fallback:
+                raise
+            log.warning("runtime auto: %s failed (%s); using tensorflow", self.runtime, exc)
+            self.runtime, self.runtime_reason = "tensorflow", f"auto: {self.runtime} failed: {exc}"
+            return None
 
     def traces(self) -> int:
         return int(self._run.experimental_get_tracing_count())
@@ -103,8 +147,7 @@ class InferenceEngine:
         """Pad to `size` frames; frames of different sizes are first resized to the model input."""
         shapes = {im.shape for im in images}
         if len(shapes) > 1:
-            images = [self._tf.image.resize(im, self._size, **RESIZE).numpy().round().clip(0, 255).astype(np.uint8)
-                      for im in images]
+            images = [preprocess(im, self._size).numpy().round().clip(0, 255).astype(np.uint8) for im in images]
         batch = np.zeros((size, *images[0].shape), np.uint8)
         batch[: len(images)] = images
         return batch
@@ -114,15 +157,27 @@ class InferenceEngine:
         if len(images) > self.buckets[-1]:
             raise ValueError(f"{len(images)} frames > largest bucket {self.buckets[-1]}")
         batch = self._stack(images, self.bucket(len(images)))
-        with self._tf.device(self.device):
-            scores, cams = self._run(batch)
-        return scores.numpy()[: len(images)], cams.numpy()[: len(images)]
+        if self._session is None:
+            with self._tf.device(self.device):
+                scores, cams = self._run(batch)
+            return scores.numpy()[: len(images)], cams.numpy()[: len(images)]
+        scores, cams = self._session(self._model_input(batch))
+        return scores[: len(images)], cams[: len(images)]
+
+    def _model_input(self, batch: np.ndarray) -> np.ndarray:
+        """`preprocess` for the exported runtimes, on the CPU; a batch already at the input size is only cast."""
+        if batch.shape[1:3] == self._size:
+            return batch.astype(np.float32)
+        with self._tf.device("/CPU:0"):
+            return self._run(batch).numpy()
 
     def warmup(self, frame_size: tuple[int, int] | None = None) -> None:
         """Trace and run every bucket once (frame_size (w, h) defaults to the model input)."""
         w, h = frame_size or self.deployable.input_size
         for size in self.buckets:
             self.infer([np.zeros((h, w, 3), np.uint8)] * size)
+        if self._session is not None and (h, w) == self._size:  # trace the resize too, for cameras of another size
+            self._model_input(np.zeros((1, h + 2, w + 2, 3), np.uint8))
 
 
 class Predictor:

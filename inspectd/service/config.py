@@ -142,6 +142,11 @@ class ModelConfig(_Section):
     device: str = Field("auto", pattern=r"^(auto|cpu|gpu:\d+)$", description="auto | cpu | gpu:N")
     precision: Literal["float32", "mixed_float16"] = Field("float32", description="mixed_float16 on GPUs with tensor cores")
     xla: bool = Field(False, description="jit_compile the inference function (slower on CPU, measured)")
+    runtime: Literal["auto", "tensorflow", "onnxruntime", "openvino"] = Field(
+        "auto", description="what runs the model: auto = the fastest installed for the device (on a CPU onnxruntime, "
+        "then openvino, else tensorflow; on a GPU tensorflow); the .keras file is converted once and cached")
+    cache_dir: str = Field("", description="where converted models are kept (default: systemd's CacheDirectory, "
+                           "else ~/.cache/inspectd)")
 
     @field_validator("path")
     @classmethod

@@ -33,7 +33,7 @@ from inspectd.model.deployable import Deployable, load_model
 from inspectd.outputs.archive import Archive
 from inspectd.outputs.publish import Publisher
 from inspectd.outputs.replay import ReplayServer, Ring
-from inspectd.pipeline.context import build_context
+from inspectd.pipeline.context import InferenceContext, build_context
 from inspectd.pipeline.core import Pipeline
 from inspectd.service.config import CameraConfig, Settings, resolve_model_path
 from inspectd.service.metrics import FrameAccount, Metrics, MetricsServer, frame_accounts
@@ -100,7 +100,9 @@ class Daemon:
             self.replay = ReplayServer(s.replay, self.run_id, ring, self.archive,
                                        self.metrics, self.publisher.last_seq).start()
             self._stack.callback(self.replay.stop)
-        self.pipeline = Pipeline(build_context(s, deployable), self.metrics, self.publisher, s.postprocess.workers)
+        context = build_context(s, deployable)
+        self._set_model_info(context)
+        self.pipeline = Pipeline(context, self.metrics, self.publisher, s.postprocess.workers)
         self.pipeline.start()
         self._stack.callback(self._log_frame_accounts)
         self._stack.callback(self.pipeline.stop, s.daemon.shutdown_timeout_s)
@@ -109,9 +111,9 @@ class Daemon:
             self.start_camera(cam)
         self.ready = True
         self.notifier.ready()
-        log.info("ready: %d camera(s), model %s, batches %s on %s, events on %s, replay %s, metrics on :%d",
-                 len(self.cameras), deployable.name, self.pipeline.context.engine.buckets,
-                 self.pipeline.context.engine.device, self.publisher.endpoint,
+        engine = self.pipeline.context.engine
+        log.info("ready: %d camera(s), model %s, batches %s on %s with %s, events on %s, replay %s, metrics on :%d",
+                 len(self.cameras), deployable.name, engine.buckets, engine.device, engine.runtime, self.publisher.endpoint,
                  f"on {self.replay.endpoint}" if self.replay else "off", self.metrics_server.port)
 
     def main_loop(self) -> None:
@@ -163,13 +165,12 @@ class Daemon:
         from inspectd.tfload import import_tensorflow
 
         import_tensorflow()
-        deployable = load_model(resolve_model_path(self.settings.model.path))
-        self._set_model_info(deployable)
-        return deployable
+        return load_model(resolve_model_path(self.settings.model.path))
 
-    def _set_model_info(self, deployable: Deployable) -> None:
-        self.metrics.set_model(deployable.name, deployable.sha256, deployable.meta.get("backbone", "unknown"),
-                               deployable.input_size)
+    def _set_model_info(self, context: InferenceContext) -> None:
+        d, engine = context.deployable, context.engine
+        self.metrics.set_model(d.name, d.sha256, d.meta.get("backbone", "unknown"), d.input_size, engine.runtime,
+                               engine.device)
 
     def _start_archive(self) -> Archive | None:
         """The archive's writer (None when `[archive] dir` is empty); stopped after the publisher."""
@@ -276,7 +277,7 @@ class Daemon:
         if prepared.context is not None:
             self.pipeline.swap(prepared.context)
             if plan.load_model:
-                self._set_model_info(prepared.context.deployable)
+                self._set_model_info(prepared.context)
         for camera in plan.stop_cameras + tuple(c.id for c in plan.restart_cameras):
             self.stop_camera(camera)
         self.settings = plan.effective

@@ -79,7 +79,8 @@ class Metrics:
         self.replay_abandoned = Counter("replay_abandoned", "Replay answers abandoned: the consumer stopped reading "
                                         "or went away", **r)
         self.reload_failures = Counter("reload_failures", "Reloads (SIGHUP) rejected; the old config/model kept", **r)
-        self.model_info = Gauge("model_info", "The loaded model (value 1)", ["name", "sha256", "backbone", "input"], **r)
+        self.model_info = Gauge("model_info", "The loaded model (value 1) and the runtime running it",
+                                ["name", "sha256", "backbone", "input", "runtime", "device"], **r)
         self.build = Info("build", "inspectd build", **r)
         self.build.info({"version": __version__})
         ProcessCollector(registry=registry)
@@ -101,10 +102,12 @@ class Metrics:
         if reason != "queue_full":
             self.archive_errors.inc()
 
-    def set_model(self, name: str, sha256: str, backbone: str, input_size: tuple[int, int]) -> None:
-        """Export the loaded model as the only `model_info` series."""
+    def set_model(self, name: str, sha256: str, backbone: str, input_size: tuple[int, int], runtime: str,
+                  device: str) -> None:
+        """Export the loaded model, its runtime and device as the only `model_info` series."""
         self.model_info.clear()
-        self.model_info.labels(name=name, sha256=sha256, backbone=backbone, input=f"{input_size[0]}x{input_size[1]}").set(1)
+        self.model_info.labels(name=name, sha256=sha256, backbone=backbone, input=f"{input_size[0]}x{input_size[1]}",
+                               runtime=runtime, device=device).set(1)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ log = logging.getLogger("inspectd.service.reload")
 # Every key outside [[cameras]] is in exactly one of these (a test enumerates them); a key in none
 # is treated as needing a restart, the safe default.
 # A new engine: the model loaded again and warmed up, then the context swapped.
-ENGINE_KEYS = ("model.path", "model.device", "model.precision", "model.xla", "batching.max_batch")
+ENGINE_KEYS = ("model.path", "model.device", "model.precision", "model.xla", "model.runtime", "model.cache_dir",
+               "batching.max_batch")
 # A new inference context with the same engine (thresholds, output options, the batching wait).
 CONTEXT_KEYS = ("model.threshold", "model.mask_threshold", "model.mask_rule", "postprocess.mask_resolution",
                 "postprocess.min_region_px", "postprocess.jpeg_quality", "publish.results", "publish.attach_frame",
@@ -61,7 +62,7 @@ class ReloadPlan:
     except the sections whose changes need a restart, which keep their running values."""
 
     effective: Settings
-    load_model: bool  # a new engine: model file, device, precision, xla or max_batch changed
+    load_model: bool  # a new engine: model file, device, precision, xla, runtime or max_batch changed
     swap_context: bool  # a new inference context (new engine, or new thresholds / output options / wait)
     applied: tuple[str, ...]  # keys that take effect now
     needs_restart: tuple[str, ...]  # keys that changed but apply only at the next restart

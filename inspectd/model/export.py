@@ -1,0 +1,133 @@
+"""The deployable model for other runtimes: ONNX (ONNX Runtime) and OpenVINO IR, converted from the `.keras` file.
+
+The `.keras` file stays the one artefact: a runtime other than TensorFlow converts it at start-up
+and keeps the result in a cache keyed by the model's sha256, so the conversion runs once per
+model and machine (`inspectd export` does it ahead of time). The exported graph is the Keras
+model as is: input `image` float32 [N, h, w, 3] RGB 0..255 at the model's input size (the input
+normalization inside), outputs `score` [N] and `cam_logits` [N, h', w']. Cast and resize from
+camera frames happen once, before any runtime (`inspectd.pipeline.engine`).
+
+Both conversions start from a TensorFlow SavedModel of the Keras model. ONNX goes through
+tf2onnx's command line (its documented interface; Keras' own `export(format="onnx")` and
+`tf2onnx.from_function` turn the Normalization layer's constants into graph inputs, measured),
+OpenVINO through `openvino.convert_model`, weights kept in float32.
+"""
+
+from __future__ import annotations
+
+__all__ = ["FORMATS", "EXTRAS", "default_cache_dir", "export", "cached_export", "converter_version"]
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+from inspectd.errors import ConfigError, ModelFileError, UnavailableError
+from inspectd.model.deployable import Deployable
+
+log = logging.getLogger("inspectd.model.export")
+
+FORMATS = ("onnx", "openvino")
+# format -> (the packages its conversion needs, the extra that installs them)
+EXTRAS = {"onnx": (("tf2onnx", "onnx"), "onnx"), "openvino": (("openvino",), "openvino")}
+ONNX_OPSET = 17
+_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
+
+
+def default_cache_dir() -> Path:
+    """systemd's CacheDirectory= ($CACHE_DIRECTORY), else $XDG_CACHE_HOME/inspectd, else ~/.cache/inspectd."""
+    if os.environ.get("CACHE_DIRECTORY"):
+        return Path(os.environ["CACHE_DIRECTORY"].split(":")[0])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "inspectd"
+
+
+def converter_version(fmt: str) -> str:
+    """The converter packages' versions: part of the cache key, so an upgrade converts again."""
+    packages, extra = EXTRAS[fmt]
+    try:
+        return "-".join(f"{p}{metadata.version(p)}" for p in packages)
+    except metadata.PackageNotFoundError as exc:
+        raise UnavailableError(f"converting to {fmt} needs {exc.name}: pip install 'inspectd[{extra}]'") from None
+
+
+def _saved_model(deployable: Deployable, folder: Path) -> Path:
+    out = folder / "saved_model"
+    deployable.model.export(str(out), format="tf_saved_model", verbose=False)
+    return out
+
+
+def _to_onnx(saved: Path, out: Path) -> None:
+    cmd = [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(saved), "--opset", str(ONNX_OPSET),
+           "--output", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0 or not out.is_file():
+        last = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["no output"]
+        raise ModelFileError(f"tf2onnx could not convert the model (exit {done.returncode}): {last[0]}")
+
+
+def _to_openvino(saved: Path, out: Path) -> None:
+    import openvino as ov
+
+    # compress_to_fp16=False: save_model halves the weights by default, which would move the outputs.
+    ov.save_model(ov.convert_model(str(saved)), str(out), compress_to_fp16=False)
+
+
+def _stamp(deployable: Deployable, fmt: str) -> dict:
+    return {"source": str(deployable.path), "sha256": deployable.sha256, "name": deployable.name, "format": fmt,
+            "converter": converter_version(fmt), "input": {"width": deployable.input_size[0],
+                                                          "height": deployable.input_size[1]}}
+
+
+def export(deployable: Deployable, fmt: str, out_dir: Path) -> Path:
+    """Convert to `fmt` into the new folder `out_dir` (model file + inspectd-export.json); returns the model file."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"export format {fmt!r}: use one of {', '.join(FORMATS)}")
+    stamp = _stamp(deployable, fmt)  # fails early, with the pip line, when the converter is missing
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / _FILES[fmt]
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="inspectd-export-") as tmp:
+        saved = _saved_model(deployable, Path(tmp))
+        (_to_onnx if fmt == "onnx" else _to_openvino)(saved, target)
+    stamp["seconds"] = round(time.monotonic() - t0, 1)
+    (out_dir / "inspectd-export.json").write_text(json.dumps(stamp, indent=2) + "\n")
+    return target
+
+
+def cached_export(deployable: Deployable, fmt: str, cache_dir: Path | None = None) -> Path:
+    """The model converted to `fmt`, from `cache_dir` (default: `default_cache_dir()`) or converted into it.
+
+    Key: the `.keras` file's sha256 and the converter's version. A conversion is written to a
+    temporary folder and renamed into place, so a crash or a second daemon never leaves half a model."""
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    entry = root / "models" / f"{deployable.sha256[:32]}-{fmt}-{converter_version(fmt)}"
+    target = entry / _FILES[fmt]
+    if target.is_file() and (entry / "inspectd-export.json").is_file():
+        log.info("model %s as %s from the cache %s", deployable.name, fmt, entry)
+        return target
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    except OSError as exc:
+        raise ConfigError(f"model.cache_dir {str(root)!r}: cannot write there ({exc.strerror or exc}); "
+                          "set [model] cache_dir or run `inspectd export` where it is writable") from None
+    log.info("converting model %s to %s (once per model; cached in %s)", deployable.name, fmt, root)
+    try:
+        export(deployable, fmt, tmp)
+        shutil.rmtree(entry, ignore_errors=True)  # an entry without its stamp: left by an older crash
+        try:
+            os.replace(tmp, entry)
+        except OSError:  # another process put its (identical) conversion there first
+            if not target.is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted model %s to %s in %s", deployable.name, fmt, entry)
+    return target

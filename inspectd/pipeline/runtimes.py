@@ -1,0 +1,99 @@
+"""Runtimes other than TensorFlow: ONNX Runtime and OpenVINO, each running the exported model graph.
+
+A session takes float32 [n, h, w, 3] RGB 0..255 at the model's input size (the engine casts and
+resizes before, the same way for every runtime) and returns (score [n], cam_logits [n, h', w']).
+`resolve_runtime` turns `[model] runtime` ("auto" included) into one name and says why.
+"""
+
+from __future__ import annotations
+
+__all__ = ["RUNTIMES", "AUTO_ORDER", "FORMAT_OF", "resolve_runtime", "open_session", "installed"]
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from inspectd.errors import ConfigError, UnavailableError
+
+RUNTIMES = ("auto", "tensorflow", "onnxruntime", "openvino")
+FORMAT_OF = {"onnxruntime": "onnx", "openvino": "openvino"}
+_PACKAGE = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+_EXTRA = {"onnxruntime": "onnx", "openvino": "openvino"}
+# `auto` on a CPU: the first of these that is installed. The order is what measured fastest on a
+# CPU (docs/performance.md, "Runtimes"); TensorFlow when neither is installed.
+AUTO_ORDER = ("onnxruntime", "openvino")
+
+Session = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def installed(runtime: str) -> bool:
+    return runtime == "tensorflow" or importlib.util.find_spec(_PACKAGE[runtime]) is not None
+
+
+def resolve_runtime(requested: str, tf_device: str, precision: str = "float32", xla: bool = False) -> tuple[str, str]:
+    """(runtime, why) for `[model] runtime` on `tf_device` ("/CPU:0" or "/GPU:N")."""
+    if requested not in RUNTIMES:
+        raise ConfigError(f"model.runtime {requested!r}: use one of {', '.join(RUNTIMES)}")
+    tf_only = [name for name, on in (("precision " + precision, precision != "float32"), ("xla", xla)) if on]
+    if requested == "auto":
+        if tf_device.startswith("/GPU"):
+            return "tensorflow", "auto: a GPU (TensorFlow's CUDA path; the others run here on the CPU)"
+        if tf_only:
+            return "tensorflow", f"auto: model.{' and '.join(tf_only)} are TensorFlow settings"
+        for runtime in AUTO_ORDER:
+            if installed(runtime):
+                return runtime, "auto: the fastest installed runtime on a CPU (measured, docs/performance.md)"
+        return "tensorflow", "auto: neither onnxruntime nor openvino is installed (pip install 'inspectd[onnx]')"
+    if requested != "tensorflow":
+        if tf_only:
+            raise ConfigError(f"model.{' and '.join(tf_only)}: TensorFlow settings, but model.runtime is {requested}")
+        if tf_device.startswith("/GPU") and requested == "openvino":
+            raise ConfigError("model.runtime openvino runs on the CPU here; set model.device cpu, or runtime tensorflow")
+        if not installed(requested):
+            raise UnavailableError(f"model.runtime {requested}: the {_PACKAGE[requested]} package is not installed: "
+                                   f"pip install 'inspectd[{_EXTRA[requested]}]'")
+    return requested, "configured"
+
+
+def _onnxruntime(path: Path, tf_device: str) -> Session:
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if tf_device.startswith("/GPU"):
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise UnavailableError("model.runtime onnxruntime on a GPU needs the onnxruntime-gpu package "
+                                   "(CUDAExecutionProvider is not available)")
+        providers = [("CUDAExecutionProvider", {"device_id": int(tf_device.rsplit(":", 1)[1])}), "CPUExecutionProvider"]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: its warnings about unused initializers are noise here
+    session = ort.InferenceSession(str(path), options, providers=providers)
+    feed = session.get_inputs()[0].name
+    names = [o.name for o in session.get_outputs()]
+
+    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = dict(zip(names, session.run(None, {feed: x})))
+        return out["score"], out["cam_logits"]
+
+    return run
+
+
+def _openvino(path: Path, tf_device: str) -> Session:
+    import openvino as ov
+
+    # LATENCY: one request at a time uses all cores (the daemon runs one batch at a time).
+    compiled = ov.Core().compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+    names = {o.get_any_name(): o for o in compiled.outputs}
+
+    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = request.infer({0: x})  # copies the outputs (share_outputs=False)
+        return out[names["score"]], out[names["cam_logits"]]
+
+    return run
+
+
+def open_session(runtime: str, path: Path, tf_device: str) -> Session:
+    """A callable running the exported model file `path` with `runtime`."""
+    return {"onnxruntime": _onnxruntime, "openvino": _openvino}[runtime](path, tf_device)

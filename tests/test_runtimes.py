@@ -1,0 +1,169 @@
+"""ONNX Runtime and OpenVINO run the converted demo model with TensorFlow's outputs; conversion is cached; auto picks.
+
+The tolerance, stated in docs/performance.md: |score difference| <= 1e-4 and |cam_logits difference| <= 1e-3
+(measured on this machine: <= 1e-6 and <= 7e-5). The converted seed classifier is checked in test_convert.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from inspectd.errors import ConfigError, UnavailableError
+from inspectd.pipeline import runtimes
+from inspectd.pipeline.runtimes import resolve_runtime
+
+SCORE_TOL, CAM_TOL = 1e-4, 1e-3
+EXPORTED = ("onnxruntime", "openvino")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo(tf):
+    from inspectd.model.deployable import load_model
+    from inspectd.service.config import resolve_model_path
+
+    return load_model(resolve_model_path("builtin:demo"))
+
+
+@pytest.fixture(scope="module")
+def engines(demo):
+    """One engine per runtime on the demo model, batch sizes 1 and 4, warmed up, converted into the test session's
+    cache (conftest: $CACHE_DIRECTORY, shared with the daemons the tests start: one conversion per session)."""
+    from inspectd.model.export import default_cache_dir
+    from inspectd.pipeline.engine import InferenceEngine
+
+    out = {}
+    for runtime in ("tensorflow", *EXPORTED):
+        out[runtime] = InferenceEngine(demo, (1, 4), "cpu", runtime=runtime)
+        out[runtime].warmup()
+    return out, default_cache_dir()
+
+
+def _frames(n: int, h: int, w: int, seed: int) -> list[np.ndarray]:
+    # Noise: the hardest case for a resize (every pixel differs from its neighbours).
+    return list(np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("runtime", EXPORTED)
+@pytest.mark.parametrize("n,h,w", [(1, 128, 160), (4, 128, 160), (3, 240, 320), (2, 100, 130)],
+                         ids=["input-size", "batch-4", "downscaled-padded", "upscaled"])
+def test_exported_runtime_matches_tensorflow(engines, runtime, n, h, w):
+    engines, _ = engines
+    frames = _frames(n, h, w, seed=n * h)
+    ref_scores, ref_cams = engines["tensorflow"].infer(frames)
+    scores, cams = engines[runtime].infer(frames)
+    assert engines[runtime].runtime == runtime
+    assert scores.shape == ref_scores.shape == (n,) and cams.shape == ref_cams.shape == (n, 8, 10)
+    assert scores.dtype == cams.dtype == np.float32
+    assert np.abs(scores - ref_scores).max() <= SCORE_TOL
+    assert np.abs(cams - ref_cams).max() <= CAM_TOL
+    # The method's identity survives the conversion: the score is sigmoid(mean(cam_logits)).
+    np.testing.assert_allclose(np.log(scores / (1 - scores)), cams.mean(axis=(1, 2)), atol=1e-4)
+    # And the outputs are not all alike (the comparison above would pass for a constant model).
+    assert np.ptp(cams) > 0.1
+
+
+@pytest.mark.parametrize("runtime", EXPORTED)
+def test_mixed_frame_sizes_in_one_batch(engines, runtime):
+    engines, _ = engines
+    frames = _frames(1, 128, 160, 1) + _frames(1, 240, 320, 2) + _frames(1, 96, 120, 3)
+    ref_scores, ref_cams = engines["tensorflow"].infer(frames)
+    scores, cams = engines[runtime].infer(frames)
+    assert np.abs(scores - ref_scores).max() <= SCORE_TOL and np.abs(cams - ref_cams).max() <= CAM_TOL
+
+
+@pytest.mark.parametrize("runtime", EXPORTED)
+def test_no_retracing_after_warmup(engines, runtime):
+    engine = engines[0][runtime]
+    before = engine.traces()
+    for n, h, w in [(1, 128, 160), (3, 240, 320), (4, 480, 752), (1, 97, 131)]:
+        engine.infer(_frames(n, h, w, seed=w))
+    assert engine.traces() == before == 1
+
+
+def test_conversion_is_cached_by_model_hash(demo, engines, tmp_path, caplog):
+    from inspectd.model.export import cached_export
+
+    _, cache = engines
+    entries = sorted(p.name for p in (cache / "models").iterdir() if p.name.startswith(demo.sha256[:32]))
+    assert [name.split("-")[1] for name in entries] == ["onnx", "openvino"]
+    onnx = cached_export(demo, "onnx", cache)
+    mtime = onnx.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="inspectd.model.export"):
+        assert cached_export(demo, "onnx", cache) == onnx
+    assert "from the cache" in caplog.text and "converting" not in caplog.text
+    assert onnx.stat().st_mtime_ns == mtime
+    # An entry left half-written (no stamp) by a crash is converted again, not used (a copy of the cache, with
+    # OpenVINO: its conversion is the quicker one).
+    shutil.copytree(cache / "models" / entries[1], tmp_path / "models" / entries[1])
+    xml = tmp_path / "models" / entries[1] / "model.xml"
+    (xml.parent / "inspectd-export.json").unlink()
+    xml.write_bytes(b"<truncated")
+    assert cached_export(demo, "openvino", tmp_path) == xml
+    assert xml.stat().st_size > 10_000 and (xml.parent / "inspectd-export.json").is_file()
+
+
+def test_auto_falls_back_to_tensorflow_when_conversion_fails(demo, tmp_path, caplog):
+    from inspectd.pipeline.engine import InferenceEngine
+
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    with caplog.at_level(logging.WARNING):
+        engine = InferenceEngine(demo, (1,), "cpu", runtime="auto", cache_dir=not_a_dir)
+    assert engine.runtime == "tensorflow" and "failed" in engine.runtime_reason
+    assert "using tensorflow" in caplog.text
+    assert engine.infer(_frames(1, 128, 160, 0))[0].shape == (1,)
+    with pytest.raises(ConfigError, match="model.cache_dir"):
+        InferenceEngine(demo, (1,), "cpu", runtime="onnxruntime", cache_dir=not_a_dir)
+
+
+def test_resolve_runtime_auto():
+    assert resolve_runtime("auto", "/CPU:0")[0] == "onnxruntime"  # both are installed in the test environment
+    assert resolve_runtime("auto", "/GPU:0")[0] == "tensorflow"
+    assert resolve_runtime("auto", "/CPU:0", precision="mixed_float16")[0] == "tensorflow"
+    assert resolve_runtime("auto", "/CPU:0", xla=True) == ("tensorflow", "auto: model.xla are TensorFlow settings")
+    assert resolve_runtime("openvino", "/CPU:0") == ("openvino", "configured")
+    with pytest.raises(ConfigError, match="model.xla: TensorFlow settings, but model.runtime is onnxruntime"):
+        resolve_runtime("onnxruntime", "/CPU:0", xla=True)
+    with pytest.raises(ConfigError, match="openvino runs on the CPU"):
+        resolve_runtime("openvino", "/GPU:0")
+
+
+def test_resolve_runtime_without_the_packages(monkeypatch):
+    # The packages are installed here; a plant's TensorFlow-only install is simulated by hiding them.
+    monkeypatch.setattr(runtimes, "installed", lambda name: name == "tensorflow")
+    runtime, why = resolve_runtime("auto", "/CPU:0")
+    assert runtime == "tensorflow" and "pip install 'inspectd[onnx]'" in why
+    with pytest.raises(UnavailableError, match=r"pip install 'inspectd\[openvino\]'"):
+        resolve_runtime("openvino", "/CPU:0")
+    monkeypatch.setattr(runtimes, "installed", lambda name: name != "onnxruntime")
+    assert resolve_runtime("auto", "/CPU:0")[0] == "openvino"
+
+
+def test_export_command(engines, tmp_path, capsys):
+    from inspectd.cli import main
+
+    # Into the cache a daemon reads: the session's cache has the demo model already, so nothing is converted.
+    _, cache = engines
+    assert main(["export", "builtin:demo", "--format", "onnx", "--cache-dir", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert f"in the cache {cache}" in out and "input 'image' float32 [N,128,160,3]" in out
+    # A folder of one's own.
+    folder = tmp_path / "exported"
+    assert main(["export", "builtin:demo", "--format", "openvino", "--out", str(folder)]) == 0
+    assert (folder / "model.xml").is_file() and (folder / "model.bin").stat().st_size > 1_000_000
+    stamp = json.loads((folder / "inspectd-export.json").read_text())
+    assert stamp["format"] == "openvino" and stamp["name"] == "demo" and len(stamp["sha256"]) == 64
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "nope.keras"), "--format", "onnx"]) == 66
+    assert "inspectd export: error:" in capsys.readouterr().err
+    # argparse's own check, in a subprocess: it exits.
+    bad = run_cli("export", "builtin:demo", "--format", "tflite")
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
