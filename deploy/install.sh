@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install or upgrade inspectd as a systemd service (Debian 12 / Ubuntu 22.04+), as root:
 #
-#   deploy/install.sh [--gstreamer] [--gpu] [--source DIR|WHEEL] [--no-enable] [--no-start]
+#   deploy/install.sh [--gstreamer] [--gpu] [--onnx] [--openvino] [--source DIR|WHEEL] [--no-enable] [--no-start]
 #   deploy/install.sh --rollback
 #
 # Layout (see deploy/README.md):
@@ -42,6 +42,9 @@ Install or upgrade inspectd as the systemd service "inspectd".
   --gstreamer               install the gstreamer extra (PyGObject: GStreamer pipelines as cameras, rtsp:// via GStreamer)
                             and the Debian packages it builds and runs with
   --gpu                     install the gpu extra (tensorflow[and-cuda]; needs the NVIDIA driver)
+  --onnx                    install the onnx extra: ONNX Runtime, the fastest CPU runtime measured
+                            ([model] runtime = "auto" picks it; docs/performance.md)
+  --openvino                install the openvino extra: OpenVINO's CPU runtime
   --source DIR|WHEEL        what to install: a source tree or a built wheel
                             (default: the checkout this script lives in)
   --python PATH             interpreter for the virtual environment (default: /usr/bin/python3).
@@ -69,6 +72,8 @@ while (($#)); do
     case "$1" in
         --gstreamer) extras+=(gstreamer) ;;
         --gpu) extras+=(gpu) ;;
+        --onnx) extras+=(onnx) ;;
+        --openvino) extras+=(openvino) ;;
         --source) (($# >= 2)) || die "--source needs a directory or a wheel"; source_arg="$2"; shift ;;
         --source=*) source_arg="${1#*=}" ;;
         --python) (($# >= 2)) || die "--python needs a path"; python="$2"; shift ;;

@@ -48,6 +48,7 @@ def test_two_synthetic_cameras_publish_defects_and_metrics(tmp_path):
         assert m.value("inspectd_inference_seconds_count") > 0
         [info] = m.find("inspectd_model_info")
         assert info.labels["backbone"] == "efficientnet_lite0" and info.labels["name"] == "demo"
+        assert info.labels["runtime"] == "onnxruntime"  # runtime auto on a CPU, onnxruntime installed (dev extra)
         assert m.find("inspectd_build_info")
         assert m.value("process_resident_memory_bytes") > 0
         assert http_get(urls["metrics"] + "/healthz")[0] == 200

@@ -81,3 +81,33 @@ def test_regions_attachment_reproduces_the_regions_where_the_probability_png_can
         type(r)(r.bbox, r.area_px, 255.0, 255.0) for r in insp.regions]
     x, y, w, h = insp.regions[0].bbox
     assert 24 <= x and x + w <= 64 and 16 <= y and y + h <= 48  # around cells 4..6 x 3..4 (8 px each)
+
+
+def test_an_ok_frame_costs_no_map_unless_results_are_published(monkeypatch):
+    """An ok frame without `results` skips the frame-size map and the PNGs; its threshold is the full path's."""
+    import time
+
+    from inspectd.frames import Frame
+    from inspectd.pipeline import postprocess
+    from inspectd.pipeline.masks import MaskRule
+    from inspectd.pipeline.postprocess import InspectOptions, inspect
+
+    calls = []
+    monkeypatch.setattr(postprocess, "upsample", lambda *a: calls.append(a) or upsample(*a))
+
+    image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    frame = Frame("cam", 7, time.time(), time.monotonic(), image)
+    logits = np.random.default_rng(1).normal(-3, 2, (6, 8)).astype(np.float32)
+    rule = MaskRule.parse("quantile:0.9")  # a per-frame threshold, from the map itself
+    lean = inspect(frame, 0.1, logits, InspectOptions(threshold=0.5, mask_rule=rule))
+    assert calls == []  # no map scaled to frame size
+    full = inspect(frame, 0.1, logits, InspectOptions(threshold=0.5, mask_rule=rule, results=True))
+    assert len(calls) == 1
+    assert not lean.is_defect and lean.mask_png == b"" and lean.regions_png == b"" and lean.regions == ()
+    assert full.mask_png != b"" and full.mask_size == lean.mask_size == (64, 48)
+    assert lean.mask_threshold == full.mask_threshold and 0 < lean.mask_threshold < 1
+    cam = inspect(frame, 0.1, logits, InspectOptions(threshold=0.5, mask_rule=rule, mask_resolution="cam"))
+    assert cam.mask_size == (8, 6) and cam.mask_png == b""
+    # Archived ok frames still keep their frame.
+    kept = inspect(frame, 0.1, logits, InspectOptions(threshold=0.5, archive_frame="png", archive_ok_every=7))
+    assert kept.archive_frame[:4] == b"\x89PNG" and kept.archive_encoding == "png" and kept.mask_png == b""

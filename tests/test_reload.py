@@ -1,4 +1,4 @@
-"""SIGHUP reload of a running daemon: model swap, invalid config kept out, a camera added."""
+"""SIGHUP reload of a running daemon: model and runtime swap, invalid config kept out, a camera added."""
 
 from __future__ import annotations
 
@@ -47,7 +47,11 @@ def test_model_swap_keeps_events_flowing(tmp_path, second_model):
         daemon.wait_ready(urls["metrics"])
         before = collect_events(sub, 3, timeout=60, message=daemon.log)
         assert _models(before) == {"demo"}
-        config.write_text(config.read_text().replace('path = "builtin:demo"', f'path = "{second_model}"'))
+        [info] = scrape(urls["metrics"]).find("inspectd_model_info")
+        assert info.labels["runtime"] == "onnxruntime" and info.labels["device"] == "/CPU:0"  # auto, on a CPU
+        # A new model file and another runtime in one reload (the new model is converted on the reload thread).
+        config.write_text(config.read_text().replace('path = "builtin:demo"',
+                                                     f'path = "{second_model}"\nruntime = "openvino"'))
         daemon.proc.send_signal(signal.SIGHUP)
         events = collect_events(sub, lambda evs: "demo-b" in _models(evs), timeout=60, message=daemon.log)
         after = [ev for ev in events if ev.header["model"]["name"] == "demo-b"]
@@ -57,7 +61,8 @@ def test_model_swap_keeps_events_flowing(tmp_path, second_model):
         assert all(ev.gap == 0 and not ev.restarted for ev in before + events)  # same run, no loss
         assert after[0].header["run_id"] == before[0].header["run_id"]
         [info] = scrape(urls["metrics"]).find("inspectd_model_info")
-        assert {"backbone": "efficientnet_lite0", "input": "160x128", "name": "demo-b"}.items() <= info.labels.items(), info
+        assert {"backbone": "efficientnet_lite0", "input": "160x128", "name": "demo-b",
+                "runtime": "openvino"}.items() <= info.labels.items(), info
         # systemd saw RELOADING=1, then READY=1 again once the new model was serving.
         wait_until(lambda: notify.pump() or "READY=1" in notify.lines()[_index(notify.lines(), "RELOADING=1") + 1:], 10,
                    lambda: f"READY=1 after RELOADING=1 on NOTIFY_SOCKET: {notify.lines()}")

@@ -170,28 +170,44 @@ class InspectOptions:
 
 
 def inspect(frame, score: float, cam_logits: np.ndarray, opts: InspectOptions):
-    """Probability map -> regions (frame pixels), mask PNG, optional JPEG: one frame's Inspection."""
+    """Probability map -> regions (frame pixels), mask PNG, optional JPEG: one frame's Inspection.
+
+    Only what leaves the daemon is computed: a frame judged ok, without `results`, gets its threshold
+    from the CAM and no map at frame size, no regions and no PNG (most frames on a line are ok)."""
     from inspectd.frames import Inspection
 
     is_defect = bool(score >= opts.threshold)
+    jpeg, kept, encoding = _frame_outputs(frame, is_defect, opts)
+    if not (is_defect or opts.results):
+        size = (frame.width, frame.height) if opts.mask_resolution == "frame" else cam_logits.shape[::-1]
+        return Inspection(frame=frame, score=float(score), threshold=opts.threshold, is_defect=False, regions=(),
+                          mask_png=b"", mask_size=size, frame_jpeg=jpeg,
+                          mask_threshold=logit_to_probability(opts.mask_rule.logit_threshold(cam_logits)),
+                          regions_png=b"", archive_frame=kept, archive_encoding=encoding)
     found = locate(cam_logits, frame.width, frame.height, opts.mask_rule, is_defect, opts.min_region_px)
     # Exactly the published regions, losslessly: the 8-bit probability PNG cannot reproduce them where
     # the map saturates (a per-image threshold above 254.5/255) or where rounding crosses the threshold.
     regions_png = encode_png(found.kept) if found.kept is not None else b""
     mask = found.prob if opts.mask_resolution == "frame" else probability(cam_logits)
-    png = encode_png(to_mask_u8(mask)) if is_defect or opts.results else b""
+    return Inspection(frame=frame, score=float(score), threshold=opts.threshold, is_defect=is_defect,
+                      regions=found.regions, mask_png=encode_png(to_mask_u8(mask)), mask_size=(mask.shape[1], mask.shape[0]),
+                      frame_jpeg=jpeg, mask_threshold=found.mask_threshold, regions_png=regions_png, archive_frame=kept,
+                      archive_encoding=encoding)
+
+
+def _frame_outputs(frame, is_defect: bool, opts: InspectOptions) -> tuple[bytes, bytes, str]:
+    """(the JPEG attached to the event, the frame kept by the archive, its encoding), each encoded only if wanted."""
     attach = opts.attach_frame and is_defect
     archive = opts.archives(frame, is_defect)
-    bgr = cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR) if attach or archive else None
+    if not (attach or archive):
+        return b"", b"", ""
+    bgr = cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR)
     jpeg = _encode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, opts.jpeg_quality]) if attach or (
         archive and opts.archive_frame == "jpeg") else b""
     kept = b""  # the frame for the archive: the attached JPEG itself when the formats agree, else encoded once
     if archive:
         kept = jpeg if opts.archive_frame == "jpeg" else _encode(".png", bgr, [])
-    return Inspection(frame=frame, score=float(score), threshold=opts.threshold, is_defect=is_defect,
-                      regions=found.regions, mask_png=png, mask_size=(mask.shape[1], mask.shape[0]),
-                      frame_jpeg=jpeg if attach else b"", mask_threshold=found.mask_threshold,
-                      regions_png=regions_png, archive_frame=kept, archive_encoding=opts.archive_frame if archive else "")
+    return jpeg if attach else b"", kept, opts.archive_frame if archive else ""
 
 
 def _encode(ext: str, bgr: np.ndarray, params: list) -> bytes:
