@@ -183,6 +183,7 @@ def run_pipeline(args, urls: list[str], label: str) -> dict:
                     pass
                 time.sleep(0.5)
             time.sleep(2.0)
+            spy = _profiler(proc.pid, args, label)
             m0, t0 = scrape(url), time.monotonic()
             rss = []
             while time.monotonic() - t0 < args.seconds:
@@ -194,6 +195,7 @@ def run_pipeline(args, urls: list[str], label: str) -> dict:
             code = proc.wait(60)
         log.seek(0)
         text = log.read()
+    profile = _profile_summary(spy) if spy else None
     wall = t1 - t0
     window = _delta_histogram(m1, m0, "inspectd_end_to_end_seconds")
     inferred = _sum(m1, "inspectd_frames_inferred_total") - _sum(m0, "inspectd_frames_inferred_total")
@@ -213,8 +215,53 @@ def run_pipeline(args, urls: list[str], label: str) -> dict:
                              / wall, 1),
         "peak_rss_mb": round(max(rss) / 2**20, 1) if rss else None,
         "residual": sum(abs(r) for r in residuals) if residuals else None, "accounts": len(residuals),
-        "exit": code, "runtime": runtime.group(1) if runtime else None,
+        "exit": code, "runtime": runtime.group(1) if runtime else None, "profile": profile,
     }
+
+
+def _profiler(pid: int, args, label: str):
+    """py-spy sampling the daemon for the measuring window (--profile): (process, collapsed-stacks file)."""
+    if not args.profile:
+        return None
+    out = Path(tempfile.mkdtemp()) / f"{label.replace(' ', '-')}.txt"
+    cmd = ["py-spy", "record", "--pid", str(pid), "--duration", str(int(args.seconds)), "--rate", "50", "--threads",
+           "--nonblocking", "--native", "--format", "raw", "--output", str(out)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out
+
+
+def _thread_group(name: str) -> str:
+    """py-spy's thread label -> the pipeline stage (capture:cam0 -> capture)."""
+    for stage in ("capture", "infer", "postprocess", "publish", "batch", "MainThread", "metrics", "archive"):
+        if stage.lower() in name.lower():
+            return stage
+    return "other"
+
+
+def _profile_summary(spy) -> dict:
+    """CPU samples per stage (thread) and the functions that took the most, from py-spy's collapsed stacks
+    (each line: frames separated by ';', then the sample count; --threads puts the thread first)."""
+    proc, path = spy
+    proc.wait(60)
+    if not path.is_file():
+        return {"error": (proc.stderr.read() or "")[-300:]}
+    by_stage: dict[str, int] = {}
+    by_function: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        n = int(count)
+        total += n
+        stage = _thread_group(frames[0])
+        by_stage[stage] = by_stage.get(stage, 0) + n
+        leaf = re.sub(r"\s*\(.*", "", frames[-1]).strip()
+        key = f"{stage}: {leaf}"
+        by_function[key] = by_function.get(key, 0) + n
+    share = lambda n: round(100 * n / max(total, 1), 1)  # noqa: E731
+    return {"samples": total, "stages_percent": {k: share(v) for k, v in sorted(by_stage.items(), key=lambda kv: -kv[1])},
+            "top_functions_percent": {k: share(v) for k, v in sorted(by_function.items(), key=lambda kv: -kv[1])[:15]}}
 
 
 def pipeline_synthetic(args, camera_fps: float) -> dict:
@@ -355,6 +402,8 @@ def main() -> None:
     ap.add_argument("--cameras", type=int, default=4)
     ap.add_argument("--offered", type=float, default=1.2, help="cameras offer this x the best bare frames/s")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/performance")
+    ap.add_argument("--profile", action="store_true", help="sample the pipelines with py-spy (pip install py-spy): "
+                    "CPU share per stage and the top functions, in the JSON")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--runtime", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)

@@ -5,7 +5,9 @@ Helpers that are not fixtures (wait_until, free_port, /metrics parsing, event co
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,6 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # the tests start (they inherit the environment), so a model is converted once per session and never into
 # the user's ~/.cache. CACHE_DIRECTORY is what systemd's CacheDirectory= sets for the service.
 os.environ["CACHE_DIRECTORY"] = tempfile.mkdtemp(prefix="inspectd-test-cache-")
+atexit.register(shutil.rmtree, os.environ["CACHE_DIRECTORY"], ignore_errors=True)
 
 # Tiny on purpose: the whole suite must stay well under 15 minutes on 2 CPU cores.
 TRAIN_SIZE = (96, 96)

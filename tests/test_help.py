@@ -10,7 +10,8 @@ from conftest import run_cli
 
 from inspectd.cli import build_parser
 
-COMMANDS = ("run", "check-config", "watch", "bench", "archive", "train", "convert", "infer", "evaluate", "synth")
+COMMANDS = ("run", "check-config", "watch", "bench", "archive", "train", "convert", "export", "infer", "evaluate",
+            "synth")
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:

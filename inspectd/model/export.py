@@ -120,7 +120,10 @@ def cached_export(deployable: Deployable, fmt: str, cache_dir: Path | None = Non
                           "set [model] cache_dir or run `inspectd export` where it is writable") from None
     log.info("converting model %s to %s (once per model; cached in %s)", deployable.name, fmt, root)
     try:
-        export(deployable, fmt, tmp)
+        try:
+            export(deployable, fmt, tmp)
+        except OSError as exc:  # a full disk, a read-only cache
+            raise ConfigError(f"model.cache_dir {str(root)!r}: converting into it failed: {exc.strerror or exc}") from None
         shutil.rmtree(entry, ignore_errors=True)  # an entry without its stamp: left by an older crash
         try:
             os.replace(tmp, entry)

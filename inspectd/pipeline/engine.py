@@ -130,7 +130,7 @@ class InferenceEngine:
         try:
             path = cached_export(self.deployable, FORMAT_OF[self.runtime], cache_dir)
             return open_session(self.runtime, path, self.device)
-        except (InspectdError, ImportError, RuntimeError) as exc:
+        except (InspectdError, ImportError, RuntimeError, OSError) as exc:
             if not fallback:
                 raise
             log.warning("runtime auto: %s failed (%s); using tensorflow", self.runtime, exc)
@@ -156,13 +156,12 @@ class InferenceEngine:
         """Scores and cam_logits for up to max(buckets) RGB uint8 frames."""
         if len(images) > self.buckets[-1]:
             raise ValueError(f"{len(images)} frames > largest bucket {self.buckets[-1]}")
+        if self._session is not None:  # nothing is traced there, so no padding (a padded frame costs as a real one)
+            return self._session(self._model_input(self._stack(images, len(images))))
         batch = self._stack(images, self.bucket(len(images)))
-        if self._session is None:
-            with self._tf.device(self.device):
-                scores, cams = self._run(batch)
-            return scores.numpy()[: len(images)], cams.numpy()[: len(images)]
-        scores, cams = self._session(self._model_input(batch))
-        return scores[: len(images)], cams[: len(images)]
+        with self._tf.device(self.device):
+            scores, cams = self._run(batch)
+        return scores.numpy()[: len(images)], cams.numpy()[: len(images)]
 
     def _model_input(self, batch: np.ndarray) -> np.ndarray:
         """`preprocess` for the exported runtimes, on the CPU; a batch already at the input size is only cast."""
