@@ -29,6 +29,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -224,8 +225,9 @@ def _profiler(pid: int, args, label: str):
     if not args.profile:
         return None
     out = Path(tempfile.mkdtemp()) / f"{label.replace(' ', '-')}.txt"
-    cmd = ["py-spy", "record", "--pid", str(pid), "--duration", str(int(args.seconds)), "--rate", "50", "--threads",
-           "--nonblocking", "--native", "--format", "raw", "--output", str(out)]
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    cmd = [exe, "record", "--pid", str(pid), "--duration", str(int(args.seconds)), "--rate", "50", "--threads",
+           "--nonblocking", "--format", "raw", "--output", str(out)]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out
 
 

@@ -144,10 +144,13 @@ class InferenceEngine:
         return next((b for b in self.buckets if b >= n), self.buckets[-1])
 
     def _stack(self, images: list[np.ndarray], size: int) -> np.ndarray:
-        """Pad to `size` frames; frames of different sizes are first resized to the model input."""
-        shapes = {im.shape for im in images}
-        if len(shapes) > 1:
+        """Pad to `size` frames; frames of different sizes are first resized to the model input.
+
+        One copy at most: a single frame that needs no padding goes as a view of itself."""
+        if any(im.shape != images[0].shape for im in images):
             images = [preprocess(im, self._size).numpy().round().clip(0, 255).astype(np.uint8) for im in images]
+        if size == len(images):
+            return images[0][None] if size == 1 else np.stack(images)
         batch = np.zeros((size, *images[0].shape), np.uint8)
         batch[: len(images)] = images
         return batch
