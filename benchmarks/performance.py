@@ -267,8 +267,8 @@ def _profile_summary(spy) -> dict:
 
 
 def pipeline_synthetic(args, camera_fps: float) -> dict:
-    # repeat=64: frames rendered once and cycled (rendering costs about 5 ms a 320x240 frame, as much as inference)
-    url = f"synthetic://?fps={camera_fps:.1f}&width={args.width}&height={args.height}&defect_rate=0.3&repeat=64&seed="
+    # repeat=8: frames rendered once and cycled (rendering costs about 5 ms a 320x240 frame, as much as inference)
+    url = f"synthetic://?fps={camera_fps:.1f}&width={args.width}&height={args.height}&defect_rate=0.3&repeat=8&seed="
     return run_pipeline(args, [url + str(i) for i in range(args.cameras)], "pipeline synthetic")
 
 
@@ -411,6 +411,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.width, args.height = (int(v) for v in args.size.lower().split("x"))
+    if not args.model.startswith("builtin:"):  # the daemon's config lives in a temporary folder
+        args.model = str(Path(args.model).resolve())
     if args.child:
         print(json.dumps({"reference": child_reference, "bare": child_bare}[args.child](args)))
         return

@@ -65,9 +65,9 @@ def bare_model(opts: BenchOptions) -> dict:
 def _settings(opts: BenchOptions):
     from inspectd.service.config import BatchingConfig, CameraConfig, MetricsConfig, ModelConfig, PublishConfig, Settings
 
-    # repeat: each camera cycles through 64 frames rendered once. Rendering a new 320x240 frame costs about 5 ms
+    # repeat: each camera cycles through 8 frames rendered once. Rendering a new 320x240 frame costs about 5 ms
     # (more than the demo model's inference with onnxruntime), which would measure the renderer, not the pipeline.
-    url = f"synthetic://?fps={opts.camera_fps}&width={opts.width}&height={opts.height}&defect_rate=0.3&repeat=64&seed="
+    url = f"synthetic://?fps={opts.camera_fps}&width={opts.width}&height={opts.height}&defect_rate=0.3&repeat=8&seed="
     cams = [CameraConfig(id=f"bench{i}", url=url + str(i)) for i in range(opts.cameras)]
     return Settings(model=ModelConfig(path=opts.model, device=opts.device, runtime=opts.runtime),
                     batching=BatchingConfig(max_batch=opts.batch, max_wait_ms=10), cameras=cams,

@@ -26,6 +26,7 @@ import re
 import threading
 from urllib.parse import unquote, urlsplit
 
+import cv2
 import numpy as np
 
 from inspectd.service.config import CameraConfig
@@ -218,7 +219,15 @@ def _to_rgb(sample) -> np.ndarray:
     info = GstVideo.VideoInfo.new_from_caps(caps)
     w, h, stride = info.width, info.height, info.stride[0]
     buf = sample.get_buffer()
+    # extract_dup is our own copy (read-only bytes; nothing downstream writes into a frame): RGB without row
+    # padding, what the URL-built pipelines deliver, needs no second one.
     data = np.frombuffer(buf.extract_dup(0, buf.get_size()), np.uint8)
     bpp, rgb = _FORMATS[fmt]
     pixels = data[: h * stride].reshape(h, stride)[:, : w * bpp].reshape(h, w, bpp)
-    return np.ascontiguousarray(pixels[:, :, list(rgb)])
+    if bpp == 1:
+        return cv2.cvtColor(np.ascontiguousarray(pixels), cv2.COLOR_GRAY2RGB)
+    if rgb == (0, 1, 2) and bpp == 3 and stride == w * 3:
+        return pixels
+    # A basic slice (a view), then one contiguous copy: several times faster than picking channels by a list.
+    step = 1 if rgb[0] < rgb[2] else -1
+    return np.ascontiguousarray(pixels[:, :, slice(rgb[0], rgb[2] + step if rgb[2] + step >= 0 else None, step)])
