@@ -353,7 +353,7 @@ def measure(args) -> dict:
 
 def markdown(res: dict) -> str:
     o = res["options"]
-    lines = [f"`{res['command']}` — {res['machine']}; model {o['model']}, camera frames {o['width']}x{o['height']}; "
+    lines = [f"`{res['command']}` — {res['machine']}; model {o['model_label']}, camera frames {o['width']}x{o['height']}; "
              f"{res['started']}", "",
              "| measurement | runtime | batch | frames/s | batch p50 / p99 ms | capture-to-publish p50 / p99 s | "
              "CPU % | peak RSS MB | residual |", "|---|---|---|---|---|---|---|---|---|"]
@@ -405,7 +405,7 @@ def plot(res: dict, path: Path) -> None:
         ax.text(v, i, f" {v:.0f}", va="center")
     ax.axvline(res["best_bare_batch1"]["fps"], color="k", ls=":", lw=1, label="best bare model, batch 1")
     ax.set_xlabel("frames/s")
-    ax.set_title(f"{res['options']['model']}, {res['options']['width']}x{res['options']['height']} frames, "
+    ax.set_title(f"{res['options']['model_label']}, {res['options']['width']}x{res['options']['height']} frames, "
                  f"{res['machine'].split(' (')[0]}")
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -430,6 +430,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.width, args.height = (int(v) for v in args.size.lower().split("x"))
+    args.model_label = args.model  # as given, for the results
     if not args.model.startswith("builtin:"):  # the daemon's config lives in a temporary folder
         args.model = str(Path(args.model).resolve())
     if args.child:
