@@ -6,7 +6,9 @@
 #   scripts/demo.sh 30         stop by itself after 30 seconds
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-"$root/scripts/bootstrap.sh" toolkit
+# onnx: ONNX Runtime, the fastest CPU runtime measured; `runtime = "auto"` picks it (the demo model is converted
+# once, at the first start, into ~/.cache/inspectd).
+"$root/scripts/bootstrap.sh" toolkit,onnx
 venv="${INSPECTD_VENV:-$root/.venv}"
 seconds="${1:-0}"
 out="$root/demo-out/events"

@@ -100,14 +100,18 @@ def test_conversion_is_cached_by_model_hash(demo, engines, tmp_path, caplog):
         assert cached_export(demo, "onnx", cache) == onnx
     assert "from the cache" in caplog.text and "converting" not in caplog.text
     assert onnx.stat().st_mtime_ns == mtime
-    # An entry left half-written (no stamp) by a crash is converted again, not used (a copy of the cache, with
-    # OpenVINO: its conversion is the quicker one).
+    # An entry that is complete but damaged (a power cut before the disk had it all) does not load: the engine
+    # moves it aside and converts again, once (a copy of the cache, with OpenVINO: its conversion is the quicker).
+    from inspectd.pipeline.engine import InferenceEngine
+
     shutil.copytree(cache / "models" / entries[1], tmp_path / "models" / entries[1])
     xml = tmp_path / "models" / entries[1] / "model.xml"
-    (xml.parent / "inspectd-export.json").unlink()
-    xml.write_bytes(b"<truncated")
-    assert cached_export(demo, "openvino", tmp_path) == xml
-    assert xml.stat().st_size > 10_000 and (xml.parent / "inspectd-export.json").is_file()
+    xml.write_bytes(xml.read_bytes()[:500])
+    with caplog.at_level(logging.WARNING, logger="inspectd.model.export"):
+        engine = InferenceEngine(demo, (1,), "cpu", runtime="openvino", cache_dir=tmp_path)
+    assert engine.runtime == "openvino" and "converting again" in caplog.text
+    assert xml.stat().st_size > 10_000 and any(p.name.startswith(".broken-") for p in (tmp_path / "models").iterdir())
+    assert oct(xml.stat().st_mode & 0o777) == "0o644" and oct(xml.parent.stat().st_mode & 0o777) == "0o755"
 
 
 def test_auto_falls_back_to_tensorflow_when_conversion_fails(demo, tmp_path, caplog):
@@ -122,6 +126,29 @@ def test_auto_falls_back_to_tensorflow_when_conversion_fails(demo, tmp_path, cap
     assert engine.infer(_frames(1, 128, 160, 0))[0].shape == (1,)
     with pytest.raises(ConfigError, match="model.cache_dir"):
         InferenceEngine(demo, (1,), "cpu", runtime="onnxruntime", cache_dir=not_a_dir)
+
+
+def test_a_runtime_error_of_its_own_class_falls_back_or_stops(demo, engines, monkeypatch, caplog):
+    """ONNX Runtime raises its own exception classes (not RuntimeError) for a graph it cannot load. Such a graph
+    cannot be made on demand, so the session is made to fail with that class here."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph
+
+    from inspectd.errors import ModelFileError
+    from inspectd.model import export
+    from inspectd.pipeline.engine import InferenceEngine
+
+    def refuse(*args):
+        raise InvalidGraph("[ONNXRuntimeError] : 10 : INVALID_GRAPH : an operator it does not know")
+
+    converted = []
+    monkeypatch.setattr(runtimes, "open_session", refuse)
+    monkeypatch.setattr(export, "cached_export", lambda *args, **kw: converted.append(kw) or engines[1] / "none.onnx")
+    with caplog.at_level(logging.WARNING):
+        engine = InferenceEngine(demo, (1,), "cpu", runtime="auto")
+    assert engine.runtime == "tensorflow" and "INVALID_GRAPH" in engine.runtime_reason
+    assert converted == [{}, {"refresh": True}]  # the cached conversion, then once afresh
+    with pytest.raises(ModelFileError, match="model.runtime onnxruntime: cannot run the converted model: InvalidGraph"):
+        InferenceEngine(demo, (1,), "cpu", runtime="onnxruntime")
 
 
 def test_resolve_runtime_auto():
@@ -155,6 +182,12 @@ def test_export_command(engines, tmp_path, capsys):
     assert main(["export", "builtin:demo", "--format", "onnx", "--cache-dir", str(cache)]) == 0
     out = capsys.readouterr().out
     assert f"in the cache {cache}" in out and "input 'image' float32 [N,128,160,3]" in out
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(out.split()[1], providers=["CPUExecutionProvider"])
+    [graph_input] = session.get_inputs()
+    assert graph_input.name == "image" and graph_input.type == "tensor(float)" and graph_input.shape[1:] == [128, 160, 3]
+    assert sorted(o.name for o in session.get_outputs()) == ["cam_logits", "score"]
     # A folder of one's own.
     folder = tmp_path / "exported"
     assert main(["export", "builtin:demo", "--format", "openvino", "--out", str(folder)]) == 0

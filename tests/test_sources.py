@@ -284,19 +284,22 @@ def test_pipeline_without_appsink_gets_one_and_odd_widths_are_unpadded():
     assert frame.shape == (40, 162, 3) and frame.dtype == np.uint8 and frame.min() == 255
 
 
-@pytest.mark.parametrize("fmt", ["BGRx", "BGR", "RGB", "RGBA", "xRGB", "ABGR", "GRAY8"])
-def test_pipeline_with_its_own_format_is_converted_to_rgb(fmt):
-    # 30 px wide: 3-byte rows (90 bytes) are padded to 92, so the stride is not the width either.
+@pytest.mark.parametrize("fmt,width", [("BGRx", 30), ("BGR", 30), ("RGB", 30), ("RGB", 32), ("RGBA", 30), ("xRGB", 30),
+                                       ("ABGR", 30), ("GRAY8", 30)])
+def test_pipeline_with_its_own_format_is_converted_to_rgb(fmt, width):
+    # 30 px wide: 3-byte rows (90 bytes) are padded to 92, so the stride is not the width; 32: RGB unpadded,
+    # the buffer's copy itself (read-only: nothing downstream writes into a frame).
     src = GstSource(CameraConfig(id="g", pipeline="videotestsrc pattern=smpte ! "
-                                 f"video/x-raw,format={fmt},width=30,height=24 ! appsink name=mine"))
+                                 f"video/x-raw,format={fmt},width={width},height=24 ! appsink name=mine"))
     src.open()
     try:
         frame = read_n(src, 1)[0]
     finally:
         src.close()
-    assert frame.shape == (24, 30, 3) and frame.dtype == np.uint8
+    assert frame.shape == (24, width, 3) and frame.dtype == np.uint8
+    assert frame.flags.c_contiguous
     # SMPTE bars, left to right: white-ish, yellow, cyan, green, magenta, red, blue (75 % amplitude).
-    bars = [tuple(int(v) for v in frame[2, 2 + 30 * i // 7]) for i in range(7)]
+    bars = [tuple(int(v) for v in frame[2, 2 + width * i // 7]) for i in range(7)]
     if fmt == "GRAY8":
         assert all(r == g == b for r, g, b in bars) and bars[0][0] > bars[-1][0]
     else:

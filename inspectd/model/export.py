@@ -37,6 +37,8 @@ FORMATS = ("onnx", "openvino")
 # format -> (the packages its conversion needs, the extra that installs them)
 EXTRAS = {"onnx": (("tf2onnx", "onnx"), "onnx"), "openvino": (("openvino",), "openvino")}
 ONNX_OPSET = 17
+CONVERT_TIMEOUT_S = 1800  # a 752x480 EfficientNetV2B0 takes 28 s on 2 cores
+STALE_TMP_S = 3600  # a temporary folder this old was left by a conversion that was killed
 _FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
 
 
@@ -52,7 +54,8 @@ def converter_version(fmt: str) -> str:
     """The converter packages' versions: part of the cache key, so an upgrade converts again."""
     packages, extra = EXTRAS[fmt]
     try:
-        return "-".join(f"{p}{metadata.version(p)}" for p in packages)
+        versions = "-".join(f"{p}{metadata.version(p)}" for p in packages)
+        return f"{versions}-opset{ONNX_OPSET}" if fmt == "onnx" else versions
     except metadata.PackageNotFoundError as exc:
         raise UnavailableError(f"converting to {fmt} needs {exc.name}: pip install 'inspectd[{extra}]'") from None
 
@@ -66,7 +69,10 @@ def _saved_model(deployable: Deployable, folder: Path) -> Path:
 def _to_onnx(saved: Path, out: Path) -> None:
     cmd = [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(saved), "--opset", str(ONNX_OPSET),
            "--output", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=CONVERT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise ModelFileError(f"tf2onnx did not finish converting the model within {CONVERT_TIMEOUT_S} s") from None
     if done.returncode != 0 or not out.is_file():
         last = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["no output"]
         raise ModelFileError(f"tf2onnx could not convert the model (exit {done.returncode}): {last[0]}")
@@ -101,36 +107,60 @@ def export(deployable: Deployable, fmt: str, out_dir: Path) -> Path:
     return target
 
 
-def cached_export(deployable: Deployable, fmt: str, cache_dir: Path | None = None) -> Path:
+def cached_export(deployable: Deployable, fmt: str, cache_dir: Path | None = None, refresh: bool = False) -> Path:
     """The model converted to `fmt`, from `cache_dir` (default: `default_cache_dir()`) or converted into it.
 
     Key: the `.keras` file's sha256 and the converter's version. A conversion is written to a
-    temporary folder and renamed into place, so a crash or a second daemon never leaves half a model."""
+    temporary folder and renamed into place, so a crash or a second daemon never leaves half a model
+    under the key; an entry is complete when its stamp (inspectd-export.json) is there. `refresh`:
+    an entry that would not load is moved aside and the model converted again."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     entry = root / "models" / f"{deployable.sha256[:32]}-{fmt}-{converter_version(fmt)}"
     target = entry / _FILES[fmt]
-    if target.is_file() and (entry / "inspectd-export.json").is_file():
-        log.info("model %s as %s from the cache %s", deployable.name, fmt, entry)
-        return target
     try:
+        if refresh and entry.exists():
+            os.replace(entry, entry.with_name(f".broken-{entry.name}.{time.time_ns()}"))
+            log.warning("model %s: the cached %s conversion would not load; converting again", deployable.name, fmt)
+        if target.is_file() and (entry / "inspectd-export.json").is_file():
+            log.info("model %s as %s from the cache %s", deployable.name, fmt, entry)
+            return target
         entry.parent.mkdir(parents=True, exist_ok=True)
+        _sweep(entry.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     except OSError as exc:
-        raise ConfigError(f"model.cache_dir {str(root)!r}: cannot write there ({exc.strerror or exc}); "
+        raise ConfigError(f"model.cache_dir {str(root)!r}: cannot use it ({exc.strerror or exc}); "
                           "set [model] cache_dir or run `inspectd export` where it is writable") from None
     log.info("converting model %s to %s (once per model; cached in %s)", deployable.name, fmt, root)
     try:
         try:
             export(deployable, fmt, tmp)
+            _readable(tmp)
         except OSError as exc:  # a full disk, a read-only cache
             raise ConfigError(f"model.cache_dir {str(root)!r}: converting into it failed: {exc.strerror or exc}") from None
-        shutil.rmtree(entry, ignore_errors=True)  # an entry without its stamp: left by an older crash
-        try:
-            os.replace(tmp, entry)
-        except OSError:  # another process put its (identical) conversion there first
-            if not target.is_file():
-                raise
+        if not (entry / "inspectd-export.json").is_file():  # else another process finished first: keep its entry
+            shutil.rmtree(entry, ignore_errors=True)  # an entry without its stamp
+            try:
+                os.replace(tmp, entry)
+            except OSError:  # another process put its (identical) conversion there in between
+                if not target.is_file():
+                    raise ConfigError(f"model.cache_dir {str(root)!r}: cannot put the conversion in place") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted model %s to %s in %s", deployable.name, fmt, entry)
     return target
+
+
+def _readable(folder: Path) -> None:
+    """mkdtemp makes 0700: the service user must read an entry that `inspectd export` wrote as another user
+    (the cache directory itself, 0750 under systemd, keeps everybody else out)."""
+    folder.chmod(0o755)
+    for path in folder.iterdir():
+        path.chmod(0o644)
+
+
+def _sweep(models: Path) -> None:
+    """Remove temporary folders of conversions killed long ago, and entries moved aside as broken."""
+    now = time.time()
+    for path in models.iterdir():
+        if path.name.startswith(".") and now - path.stat().st_mtime > STALE_TMP_S:
+            shutil.rmtree(path, ignore_errors=True)

@@ -87,9 +87,10 @@ class InferenceEngine:
     `runtime` tensorflow: one `tf.function` does `preprocess` and the forward pass on the device.
     onnxruntime / openvino: the model converted once (`inspectd.model.export`, cached in
     `cache_dir`) runs in that runtime after `preprocess`; `auto` picks one (`runtime` and
-    `runtime_reason` say which and why). Batches are zero-padded to one of a few sizes ("buckets",
-    as TF Serving's allowed_batch_sizes), all run at warm-up; the signature is shape-polymorphic, so
-    the function is traced once, and `traces()` lets tests prove nothing is retraced afterwards.
+    `runtime_reason` say which and why). TensorFlow's batches are zero-padded to one of a few sizes
+    ("buckets", as TF Serving's allowed_batch_sizes), all run at warm-up (the others take any batch
+    size as it is); the signatures are shape-polymorphic, so every function is traced once, and
+    `traces()` lets tests prove nothing is retraced afterwards.
     """
 
     def __init__(self, deployable: Deployable, buckets: tuple[int, ...], device: str = "auto", xla: bool = False,
@@ -122,20 +123,39 @@ class InferenceEngine:
                                     input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
 
     def _open_exported(self, cache_dir: Path | None, fallback: bool):
-        """The ONNX Runtime / OpenVINO session on the cached export; None (TensorFlow) if `auto` cannot have it."""
-        from inspectd.errors import InspectdError
+        """The ONNX Runtime / OpenVINO session on the cached export, checked on one frame; None (TensorFlow) if
+        `auto` cannot have it. A cached conversion that does not load is converted again, once."""
+        from inspectd.errors import InspectdError, ModelFileError
         from inspectd.model.export import cached_export
         from inspectd.pipeline.runtimes import FORMAT_OF, open_session
 
         try:
-            path = cached_export(self.deployable, FORMAT_OF[self.runtime], cache_dir)
-            return open_session(self.runtime, path, self.device)
-        except (InspectdError, ImportError, RuntimeError, OSError) as exc:
-            if not fallback:
+            try:
+                return self._checked(open_session(self.runtime, cached_export(
+                    self.deployable, FORMAT_OF[self.runtime], cache_dir), self.device))
+            except InspectdError:
                 raise
+            except Exception:  # noqa: BLE001 - the runtimes raise their own classes; convert afresh once
+                return self._checked(open_session(self.runtime, cached_export(
+                    self.deployable, FORMAT_OF[self.runtime], cache_dir, refresh=True), self.device))
+        except Exception as exc:  # noqa: BLE001 - any failure: `auto` runs TensorFlow; a named runtime stops
+            if not fallback:
+                if isinstance(exc, InspectdError):
+                    raise
+                raise ModelFileError(f"model.runtime {self.runtime}: cannot run the converted model: "
+                                     f"{type(exc).__name__}: {exc}") from None
             log.warning("runtime auto: %s failed (%s); using tensorflow", self.runtime, exc)
             self.runtime, self.runtime_reason = "tensorflow", f"auto: {self.runtime} failed: {exc}"
             return None
+
+    def _checked(self, session):
+        """The session, after one frame gave outputs of the deployable model's shapes."""
+        h, w = self._size
+        scores, cams = session(np.zeros((1, h, w, 3), np.float32))
+        cam_h, cam_w = (int(self.deployable.meta["cam"][k]) for k in ("height", "width"))
+        if scores.shape != (1,) or cams.shape != (1, cam_h, cam_w):
+            raise ValueError(f"outputs {scores.shape} and {cams.shape}, expected (1,) and (1, {cam_h}, {cam_w})")
+        return session
 
     def traces(self) -> int:
         return int(self._run.experimental_get_tracing_count())

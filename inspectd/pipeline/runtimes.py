@@ -69,6 +69,9 @@ def _onnxruntime(path: Path, tf_device: str) -> Session:
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: its warnings about unused initializers are noise here
     session = ort.InferenceSession(str(path), options, providers=providers)
+    if tf_device.startswith("/GPU") and "CUDAExecutionProvider" not in session.get_providers():
+        raise UnavailableError("model.runtime onnxruntime: the CUDA provider did not load (ONNX Runtime would run "
+                               "on the CPU); check the CUDA libraries, or set model.device cpu")
     feed = session.get_inputs()[0].name
     names = [o.name for o in session.get_outputs()]
 
@@ -85,11 +88,11 @@ def _openvino(path: Path, tf_device: str) -> Session:
     # LATENCY: one request at a time uses all cores (the daemon runs one batch at a time).
     compiled = ov.Core().compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY"})
     request = compiled.create_infer_request()
-    names = {o.get_any_name(): o for o in compiled.outputs}
+    score, cam_logits = compiled.output("score"), compiled.output("cam_logits")
 
     def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         out = request.infer({0: x})  # copies the outputs (share_outputs=False)
-        return out[names["score"]], out[names["cam_logits"]]
+        return out[score], out[cam_logits]
 
     return run
 

@@ -144,7 +144,8 @@ class ModelConfig(_Section):
     xla: bool = Field(False, description="jit_compile the inference function (slower on CPU, measured)")
     runtime: Literal["auto", "tensorflow", "onnxruntime", "openvino"] = Field(
         "auto", description="what runs the model: auto = the fastest installed for the device (on a CPU onnxruntime, "
-        "then openvino, else tensorflow; on a GPU tensorflow); the .keras file is converted once and cached")
+        "then openvino, else tensorflow; on a GPU, or with precision/xla set, tensorflow); the .keras file is "
+        "converted once and cached")
     cache_dir: str = Field("", description="where converted models are kept (default: systemd's CacheDirectory, "
                            "else ~/.cache/inspectd)")
 
