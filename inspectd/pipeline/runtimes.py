@@ -85,8 +85,10 @@ def _onnxruntime(path: Path, tf_device: str) -> Session:
 def _openvino(path: Path, tf_device: str) -> Session:
     import openvino as ov
 
-    # LATENCY: one request at a time uses all cores (the daemon runs one batch at a time).
-    compiled = ov.Core().compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+    # LATENCY: one request at a time uses all cores (the daemon runs one batch at a time). No pinning of its
+    # threads to cores: the daemon's own threads share them (pipeline 9.85 and 10.25 vs 9.3 and 9.47 frames/s
+    # pinned, EfficientNetV2B0 752x480, docs/performance.md).
+    compiled = ov.Core().compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False})
     request = compiled.create_infer_request()
     score, cam_logits = compiled.output("score"), compiled.output("cam_logits")
 
