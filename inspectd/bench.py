@@ -13,6 +13,7 @@ from __future__ import annotations
 
 __all__ = ["BenchOptions", "bench", "format_bench"]
 
+import math
 import socket
 import time
 from dataclasses import dataclass, replace
@@ -75,19 +76,30 @@ def _settings(opts: BenchOptions):
                     metrics=MetricsConfig(port=0))
 
 
+def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """Prometheus' histogram_quantile over (le, cumulative count) pairs (label sets summed per bound):
+    linear within the bucket that holds quantile q; the last finite bound if q falls in +Inf.
+    Written here because prometheus-client only collects; the benchmarks use it on scraped text too."""
+    counts: dict[float, float] = {}
+    for le, count in buckets:
+        counts[le] = counts.get(le, 0.0) + count
+    bounds = sorted(counts)
+    if len(bounds) < 2 or not math.isinf(bounds[-1]) or counts[bounds[-1]] == 0:
+        return None  # Prometheus: NaN without a +Inf bucket or with fewer than two buckets, or no observations
+    rank, lower, below = q * counts[bounds[-1]], 0.0, 0.0
+    for b in bounds:
+        if counts[b] >= rank:
+            if math.isinf(b):
+                return lower
+            return round(lower + (b - lower) * (rank - below) / max(counts[b] - below, 1e-12), 4)
+        lower, below = b, counts[b]
+    return None
+
+
 def _quantile(registry, name: str, q: float, labels: dict | None = None) -> float | None:
-    """Upper bound of the histogram bucket holding quantile q (what Prometheus would interpolate)."""
-    buckets = []
-    for metric in registry.collect():
-        for s in metric.samples:
-            if s.name == f"{name}_bucket" and all(s.labels.get(k) == v for k, v in (labels or {}).items()):
-                buckets.append((float(s.labels["le"]), s.value))
-    if not buckets:
-        return None
-    bounds = sorted({le for le, _ in buckets})
-    counts = [sum(v for le, v in buckets if le == b) for b in bounds]
-    total = counts[-1]
-    return next((b for b, c in zip(bounds, counts) if total and c >= q * total), None)
+    return histogram_quantile([(float(s.labels["le"]), s.value) for metric in registry.collect()
+                               for s in metric.samples if s.name == f"{name}_bucket"
+                               and all(s.labels.get(k) == v for k, v in (labels or {}).items())], q)
 
 
 def _total(registry, name: str, label: str | None = None, value: str | None = None) -> float:

@@ -138,6 +138,11 @@ class RtspServer:
         self._proc: subprocess.Popen | None = None
 
     @property
+    def pid(self) -> int | None:
+        """The server process (for measuring its CPU), None before start()."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def url(self) -> str:
         return f"rtsp://127.0.0.1:{self.port}{MOUNT}"
 

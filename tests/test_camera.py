@@ -98,12 +98,20 @@ def test_resize_frame_keeps_content():
     assert resize_frame(img, None) is img and resize_frame(img, (160, 120)) is img
 
 
-def test_fps_limit_drops_and_counts():
+def test_fps_limit_drops_and_counts(monkeypatch):
+    from inspectd.sources import synthetic as synthetic_module
+
+    rendered = []
+    real_render = synthetic_module.render
+    monkeypatch.setattr(synthetic_module, "render", lambda *a, **kw: rendered.append(1) or real_render(*a, **kw))
     with Harness(synthetic("fps=40&width=32&height=24", fps_limit=10)) as h:
         wait_until(lambda: h.metric("frames_captured_total") >= 60, 20, "60 frames captured at 40 fps")
     captured, delivered = h.metric("frames_captured_total"), len(h.frames)
     dropped = h.metric("frames_dropped_total", reason="fps_limit")
     assert captured == delivered + dropped and dropped > 0
+    # The dropped frames were never rendered (the source skips them): only the delivered ones, give or take
+    # the one in hand when the harness stopped.
+    assert delivered <= len(rendered) <= delivered + 1, (len(rendered), delivered, dropped)
     # Every captured frame has a seq; the delivered ones show the drops as gaps.
     seqs = [f.seq for f in h.frames]
     assert seqs == sorted(seqs) and len(set(seqs)) == delivered and seqs[-1] <= captured
@@ -138,7 +146,7 @@ class Scripted:
             raise step
         self._left = step
 
-    def read(self, timeout_s: float) -> np.ndarray | None:
+    def read(self, timeout_s: float, skip_before: float = float("-inf")) -> np.ndarray | None:
         if self._left <= 0:
             time.sleep(timeout_s)  # a stalled camera: nothing, without an error
             return None

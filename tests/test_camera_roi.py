@@ -46,7 +46,7 @@ class FakeSource:
             raise step
         self._session, self._left = step, step.frames
 
-    def read(self, timeout_s: float) -> np.ndarray | None:
+    def read(self, timeout_s: float, skip_before: float = float("-inf")) -> np.ndarray | None:
         if self._left > 0:
             self._left -= 1
             time.sleep(0.005)

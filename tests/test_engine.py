@@ -130,6 +130,20 @@ def test_mixed_precision_switch(demo):
     assert np.corrcoef(mixed[1].ravel(), ref[1].ravel())[0, 1] > 0.99
 
 
+def test_xla_compiles_the_model_and_resizes_camera_frames(demo):
+    """model.xla = true with frames of another size than the model's input: XLA compiles the model (the
+    antialiased resize has no XLA kernel, so it stays outside), and the outputs are the graph's."""
+    from inspectd.pipeline.engine import InferenceEngine
+
+    frames = [_scene(14), _scene(15, defect=False)]
+    ref = InferenceEngine(demo, (2,)).infer(frames)
+    xla = InferenceEngine(demo, (2,), xla=True)
+    xla.warmup((320, 240))
+    out = xla.infer(frames)
+    np.testing.assert_allclose(out[0], ref[0], atol=1e-4)
+    np.testing.assert_allclose(out[1], ref[1], atol=1e-3)
+
+
 def test_bad_device(demo):
     from inspectd.errors import ConfigError
     from inspectd.pipeline.engine import InferenceEngine

@@ -116,3 +116,23 @@ def test_bench_prints_balanced_accounts():
     pipe = json.loads(r.stdout.strip().splitlines()[-1])["pipeline"]
     assert pipe["residual"] == 0
     assert len(pipe["accounts"]) == 5 and all(line.endswith("in flight 0; residual 0") for line in pipe["accounts"])
+
+
+def test_histogram_quantile_interpolates_as_prometheus():
+    """Cases worked by hand from Prometheus' documented rule (linear within the bucket; the second-highest
+    bound when the quantile falls into +Inf; NaN, here None, without +Inf or observations). The same function
+    is compared with a real Prometheus in test_prometheus.py."""
+    from inspectd.bench import histogram_quantile
+
+    inf = float("inf")
+    buckets = [(0.1, 10), (0.5, 30), (inf, 40)]
+    assert histogram_quantile(buckets, 0.5) == pytest.approx(0.3)  # rank 20: halfway through (0.1, 0.5]
+    assert histogram_quantile(buckets, 0.25) == pytest.approx(0.1)  # rank 10: the top of the first bucket
+    assert histogram_quantile(buckets, 0.1) == pytest.approx(0.04)  # rank 4 in [0, 0.1]
+    assert histogram_quantile(buckets, 0.99) == 0.5  # in +Inf: the highest finite bound
+    # Label sets are summed per bound: two cameras' halves give the same answer as the whole.
+    halves = [(le, n / 2) for le, n in buckets] * 2
+    assert histogram_quantile(halves, 0.5) == pytest.approx(0.3)
+    assert histogram_quantile([], 0.5) is None
+    assert histogram_quantile([(0.1, 0), (inf, 0)], 0.5) is None
+    assert histogram_quantile([(0.1, 5), (0.5, 7)], 0.5) is None  # no +Inf bucket

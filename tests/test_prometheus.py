@@ -266,3 +266,18 @@ def test_alert_rules_load_and_evaluate(stack):
     # The live cameras are up, inspected, and not alerted on.
     up = {s["metric"]["camera"]: float(s["value"][1]) for s in stack.prom.query('inspectd_camera_up{job="inspectd"}')}
     assert up == {"cam-a": 1.0, "cam-b": 1.0, DEAD_CAMERA: 0.0}
+
+
+@pytest.mark.parametrize("name", ["inspectd_end_to_end_seconds", "inspectd_inference_seconds", "inspectd_score"])
+def test_histogram_quantile_matches_prometheus(stack, name):
+    """`inspectd bench` and benchmarks/performance.py compute quantiles from buckets themselves: on the same
+    samples (one evaluation time, every camera's label set summed), they equal Prometheus' own."""
+    from inspectd.bench import histogram_quantile
+
+    at = time.time() - 1  # a moment Prometheus has scraped: both queries see the same samples
+    samples = stack.prom.query(f'{name}_bucket{{job="inspectd"}}', at=at)
+    buckets = [(float(s["metric"]["le"]), float(s["value"][1])) for s in samples]
+    assert len({le for le, _ in buckets}) > 3 and max(c for _, c in buckets) > 0, samples
+    for q in (0.1, 0.5, 0.9, 0.99):
+        theirs = stack.prom.query(f'histogram_quantile({q}, sum by (le) ({name}_bucket{{job="inspectd"}}))', at=at)
+        assert histogram_quantile(buckets, q) == pytest.approx(float(theirs[0]["value"][1]), abs=1e-4), (q, buckets)

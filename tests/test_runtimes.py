@@ -146,7 +146,7 @@ def test_a_runtime_error_of_its_own_class_falls_back_or_stops(demo, engines, mon
     with caplog.at_level(logging.WARNING):
         engine = InferenceEngine(demo, (1,), "cpu", runtime="auto")
     assert engine.runtime == "tensorflow" and "INVALID_GRAPH" in engine.runtime_reason
-    assert converted == [{}, {"refresh": True}]  # the cached conversion, then once afresh
+    assert converted == [{"refresh": False}, {"refresh": True}]  # the cached conversion, then once afresh
     with pytest.raises(ModelFileError, match="model.runtime onnxruntime: cannot run the converted model: InvalidGraph"):
         InferenceEngine(demo, (1,), "cpu", runtime="onnxruntime")
 

@@ -393,3 +393,90 @@ def test_open_source_rejects_unknown_kinds():
     with pytest.raises(SourceError) as err:
         open_source(cam("ftp://u:secret@h/x"))
     assert "secret" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- skipping (fps_limit)
+
+
+class _CountingCapture:
+    """Wraps an open cv2.VideoCapture (a C type: its methods cannot be patched) to count retrieve() calls."""
+
+    def __init__(self, cap):
+        self.cap, self.retrieved = cap, 0
+
+    def retrieve(self, *args):
+        self.retrieved += 1
+        return self.cap.retrieve(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.cap, name)
+
+
+def _read_skipping(src, skip: bool):
+    """The first non-None result of read() with skip_before far ahead (skip) or never (not skip)."""
+    skip_before = time.monotonic() + 3600 if skip else float("-inf")
+    for _ in range(50):
+        if (out := src.read(0.2, skip_before)) is not None:
+            return out
+    raise AssertionError("no frame within 10 s")
+
+
+@pytest.mark.parametrize("kind", ["synthetic", "folder", "opencv file", "gstreamer pipeline"])
+def test_a_frame_before_skip_before_is_skipped_without_conversion(kind, image_dir, video, monkeypatch):
+    """A frame over fps_limit comes back SKIPPED, and the source does not make it a picture; the next frame
+    read normally is the one after it (a skipped frame is consumed, not kept for later)."""
+    from inspectd.sources import folder, gstreamer, synthetic
+    from inspectd.sources.base import SKIPPED
+
+    calls = {"n": 0}
+
+    def counting(module, name):
+        real = getattr(module, name)
+
+        def spy(*args, **kwargs):
+            calls["n"] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+
+    if kind == "synthetic":
+        counting(synthetic, "render")
+        src = SyntheticSource(cam("synthetic://?fps=50&width=32&height=24&seed=3"))
+    elif kind == "folder":
+        counting(folder, "read_rgb")
+        src = FolderSource(cam(f"dir://{image_dir}?fps=50"))
+    elif kind == "opencv file":
+        src = OpenCVSource(cam(str(video)))
+    else:
+        counting(gstreamer, "_to_rgb")
+        src = GstSource(CameraConfig(id="g", pipeline="videotestsrc is-live=true ! video/x-raw,width=32,height=24,"
+                                     "framerate=50/1"))
+    src.open()
+    try:
+        if kind == "opencv file":
+            src._cap = _CountingCapture(src._cap)
+        assert _read_skipping(src, skip=True) is SKIPPED
+        assert _read_skipping(src, skip=True) is SKIPPED
+        converted = src._cap.retrieved if kind == "opencv file" else calls["n"]
+        assert converted == 0, f"{kind}: {converted} conversion(s) for skipped frames"
+        frame = _read_skipping(src, skip=False)
+        converted = src._cap.retrieved if kind == "opencv file" else calls["n"]
+    finally:
+        src.close()
+    assert isinstance(frame, np.ndarray) and frame.ndim == 3 and converted == 1
+    if kind == "synthetic":  # frame 2: the two skipped ones were consumed
+        assert np.array_equal(frame[..., 0], SyntheticSource(cam("synthetic://?seed=3&width=32&height=24"))
+                              .sample(2).image)
+    if kind == "opencv file":
+        assert levels([frame]) == [3]
+    if kind == "folder":  # a.png and b.png skipped, unread
+        assert reds([frame]) == [30]
+
+
+def test_tensorflow_imported_after_a_gstreamer_camera_does_not_crash():
+    """GStreamer initialised before TensorFlow's import crashed the process (SIGSEGV): import_gst imports
+    TensorFlow first. In a fresh interpreter, as a tool that opens a camera before loading a model would."""
+    code = ("from inspectd.sources.gstreamer import import_gst\nimport_gst()\n"
+            "import keras, tensorflow\nprint('alive', tensorflow.__version__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "alive" in done.stdout, (done.returncode, done.stderr[-2000:])

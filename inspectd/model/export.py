@@ -40,6 +40,7 @@ ONNX_OPSET = 17
 CONVERT_TIMEOUT_S = 1800  # a 752x480 EfficientNetV2B0 takes 28 s on 2 cores
 STALE_TMP_S = 3600  # a temporary folder this old was left by a conversion that was killed
 _FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
+STAMP = "inspectd-export.json"  # written last: an entry with it is complete
 
 
 def default_cache_dir() -> Path:
@@ -92,7 +93,7 @@ def _stamp(deployable: Deployable, fmt: str) -> dict:
 
 
 def export(deployable: Deployable, fmt: str, out_dir: Path) -> Path:
-    """Convert to `fmt` into the new folder `out_dir` (model file + inspectd-export.json); returns the model file."""
+    """Convert to `fmt` into the new folder `out_dir` (model file + STAMP); returns the model file."""
     if fmt not in FORMATS:
         raise ConfigError(f"export format {fmt!r}: use one of {', '.join(FORMATS)}")
     stamp = _stamp(deployable, fmt)  # fails early, with the pip line, when the converter is missing
@@ -103,7 +104,7 @@ def export(deployable: Deployable, fmt: str, out_dir: Path) -> Path:
         saved = _saved_model(deployable, Path(tmp))
         (_to_onnx if fmt == "onnx" else _to_openvino)(saved, target)
     stamp["seconds"] = round(time.monotonic() - t0, 1)
-    (out_dir / "inspectd-export.json").write_text(json.dumps(stamp, indent=2) + "\n")
+    (out_dir / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
     return target
 
 
@@ -112,7 +113,7 @@ def cached_export(deployable: Deployable, fmt: str, cache_dir: Path | None = Non
 
     Key: the `.keras` file's sha256 and the converter's version. A conversion is written to a
     temporary folder and renamed into place, so a crash or a second daemon never leaves half a model
-    under the key; an entry is complete when its stamp (inspectd-export.json) is there. `refresh`:
+    under the key; an entry is complete when its STAMP is there. `refresh`:
     an entry that would not load is moved aside and the model converted again."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     entry = root / "models" / f"{deployable.sha256[:32]}-{fmt}-{converter_version(fmt)}"
@@ -121,7 +122,7 @@ def cached_export(deployable: Deployable, fmt: str, cache_dir: Path | None = Non
         if refresh and entry.exists():
             os.replace(entry, entry.with_name(f".broken-{entry.name}.{time.time_ns()}"))
             log.warning("model %s: the cached %s conversion would not load; converting again", deployable.name, fmt)
-        if target.is_file() and (entry / "inspectd-export.json").is_file():
+        if target.is_file() and (entry / STAMP).is_file():
             log.info("model %s as %s from the cache %s", deployable.name, fmt, entry)
             return target
         entry.parent.mkdir(parents=True, exist_ok=True)
@@ -132,22 +133,28 @@ def cached_export(deployable: Deployable, fmt: str, cache_dir: Path | None = Non
                           "set [model] cache_dir or run `inspectd export` where it is writable") from None
     log.info("converting model %s to %s (once per model; cached in %s)", deployable.name, fmt, root)
     try:
-        try:
-            export(deployable, fmt, tmp)
-            _readable(tmp)
-        except OSError as exc:  # a full disk, a read-only cache
-            raise ConfigError(f"model.cache_dir {str(root)!r}: converting into it failed: {exc.strerror or exc}") from None
-        if not (entry / "inspectd-export.json").is_file():  # else another process finished first: keep its entry
-            shutil.rmtree(entry, ignore_errors=True)  # an entry without its stamp
-            try:
-                os.replace(tmp, entry)
-            except OSError:  # another process put its (identical) conversion there in between
-                if not target.is_file():
-                    raise ConfigError(f"model.cache_dir {str(root)!r}: cannot put the conversion in place") from None
+        _convert_into(deployable, fmt, tmp, entry, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted model %s to %s in %s", deployable.name, fmt, entry)
     return target
+
+
+def _convert_into(deployable: Deployable, fmt: str, tmp: Path, entry: Path, root: Path) -> None:
+    """Convert into `tmp`, then rename it to `entry` unless another process finished first (its entry is kept)."""
+    try:
+        export(deployable, fmt, tmp)
+        _readable(tmp)
+    except OSError as exc:  # a full disk, a read-only cache
+        raise ConfigError(f"model.cache_dir {str(root)!r}: converting into it failed: {exc.strerror or exc}") from None
+    if (entry / STAMP).is_file():
+        return
+    shutil.rmtree(entry, ignore_errors=True)  # an entry without its stamp
+    try:
+        os.replace(tmp, entry)
+    except OSError:  # another process put its (identical) conversion there in between
+        if not (entry / _FILES[fmt]).is_file():
+            raise ConfigError(f"model.cache_dir {str(root)!r}: cannot put the conversion in place") from None
 
 
 def _readable(folder: Path) -> None:

@@ -112,10 +112,15 @@ class InferenceEngine:
         if self._session is None:
             model = deployable.model if precision == "float32" else with_policy(deployable.model, precision)
 
-            @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)], jit_compile=xla)
-            def run(batch):
-                out = model(preprocess(batch, (h, w)), training=False)
+            # XLA compiles the model only: the antialiased resize (ScaleAndTranslate) has no XLA kernel.
+            @tf.function(jit_compile=xla)
+            def forward(x):
+                out = model(x, training=False)
                 return tf.cast(out["score"], tf.float32), tf.cast(out["cam_logits"], tf.float32)
+
+            @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+            def run(batch):
+                return forward(preprocess(batch, (h, w)))
 
             self._run = run
         else:
@@ -130,14 +135,15 @@ class InferenceEngine:
         from inspectd.pipeline.runtimes import FORMAT_OF, open_session
 
         try:
-            try:
-                return self._checked(open_session(self.runtime, cached_export(
-                    self.deployable, FORMAT_OF[self.runtime], cache_dir), self.device))
-            except InspectdError:
-                raise
-            except Exception:  # noqa: BLE001 - the runtimes raise their own classes; convert afresh once
-                return self._checked(open_session(self.runtime, cached_export(
-                    self.deployable, FORMAT_OF[self.runtime], cache_dir, refresh=True), self.device))
+            for refresh in (False, True):
+                exported = cached_export(self.deployable, FORMAT_OF[self.runtime], cache_dir, refresh=refresh)
+                try:
+                    return self._checked(open_session(self.runtime, exported, self.device))
+                except InspectdError:
+                    raise
+                except Exception:  # noqa: BLE001 - the runtimes raise their own classes: convert afresh once
+                    if refresh:
+                        raise
         except Exception as exc:  # noqa: BLE001 - any failure: `auto` runs TensorFlow; a named runtime stops
             if not fallback:
                 if isinstance(exc, InspectdError):

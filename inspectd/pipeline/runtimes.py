@@ -62,6 +62,8 @@ def _onnxruntime(path: Path, tf_device: str) -> Session:
 
     providers = ["CPUExecutionProvider"]
     if tf_device.startswith("/GPU"):
+        if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu >= 1.21: CUDA/cuDNN from the nvidia-* pip packages
+            ort.preload_dlls()  # (which tensorflow[and-cuda] installs), no LD_LIBRARY_PATH needed
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise UnavailableError("model.runtime onnxruntime on a GPU needs the onnxruntime-gpu package "
                                    "(CUDAExecutionProvider is not available)")

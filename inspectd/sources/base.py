@@ -2,12 +2,15 @@
 
 A source is opened, read and closed by one thread only (its camera worker); it never needs to be
 thread-safe. `read` returns the next frame as HxWx3 RGB uint8, or None when none arrived within
-`timeout_s` so that the worker can check for stop requests and stalls between frames.
+`timeout_s` so that the worker can check for stop requests and stalls between frames. A frame that
+arrives before `skip_before` (monotonic seconds: the camera's `fps_limit` would drop it) comes back as
+SKIPPED, without the work of making it a picture (rendering, reading an image file, OpenCV's
+retrieve, GStreamer sample to array): the worker counts it captured and dropped (`fps_limit`).
 """
 
 from __future__ import annotations
 
-__all__ = ["SourceError", "EndOfStream", "DecodeError", "Source", "Pacer", "redact", "query_params",
+__all__ = ["SourceError", "EndOfStream", "DecodeError", "Source", "Skipped", "SKIPPED", "Pacer", "redact", "query_params",
            "frame_period"]
 
 import re
@@ -37,6 +40,16 @@ class DecodeError(SourceError):
         self.repeated = repeated
 
 
+class Skipped:
+    """A frame arrived and was not made into a picture (see `Source.read`'s skip_before); one instance."""
+
+    def __repr__(self) -> str:
+        return "SKIPPED"
+
+
+SKIPPED = Skipped()
+
+
 @runtime_checkable
 class Source(Protocol):
     """A camera as the worker sees it; `inspectd.sources.open_source(cfg)` builds the right one."""
@@ -44,8 +57,9 @@ class Source(Protocol):
     def open(self) -> None:
         """Connect; raise SourceError on failure; never block much longer than cfg.open_timeout_s."""
 
-    def read(self, timeout_s: float) -> np.ndarray | None:
-        """The next frame (HxWx3 RGB uint8), or None when none arrived within timeout_s."""
+    def read(self, timeout_s: float, skip_before: float = float("-inf")) -> np.ndarray | Skipped | None:
+        """The next frame (HxWx3 RGB uint8); None when none arrived within timeout_s; SKIPPED (not converted)
+        when it arrived before the monotonic time skip_before."""
 
     def close(self) -> None:
         """Release everything; safe to call twice and after a failed open; `open` may follow again."""

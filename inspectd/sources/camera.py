@@ -31,7 +31,7 @@ import numpy as np
 from inspectd.frames import CameraState, DropReason, Frame
 from inspectd.service.config import CameraConfig
 from inspectd.service.metrics import Metrics
-from inspectd.sources.base import DecodeError, EndOfStream, Source, SourceError, frame_period, redact
+from inspectd.sources.base import SKIPPED, DecodeError, EndOfStream, Source, SourceError, frame_period, redact
 from inspectd.sources.registry import open_source
 
 log = logging.getLogger("inspectd.sources")
@@ -103,6 +103,11 @@ class RateLimiter:
     def __init__(self, fps: float):
         self.period = 1.0 / fps if fps > 0 else 0.0
         self._due = float("-inf")
+
+    @property
+    def due(self) -> float:
+        """The monotonic time before which a frame would be refused (-inf: the next one passes)."""
+        return self._due if self.period else float("-inf")
 
     def allow(self, now: float) -> bool:
         if now < self._due:
@@ -234,7 +239,10 @@ class CameraWorker:
         while not self._stop.is_set():
             self.heartbeat_mono = time.monotonic()
             try:
-                image = self._source.read(READ_SLICE_S)
+                # Frames over fps_limit are skipped unconverted only while UP: the first frame of a session
+                # is always looked at (state, roi), whatever the limiter's grid from the session before.
+                skip_before = self._limiter.due if self._state is CameraState.UP else float("-inf")
+                image = self._source.read(READ_SLICE_S, skip_before)
             except DecodeError as exc:  # one bad frame, not a bad camera: captured, and dropped as such
                 heard = True
                 self._seq += 1
@@ -244,7 +252,10 @@ class CameraWorker:
                     log.warning("camera %s: frame dropped: %s", self.cfg.id, redact(str(exc)))
                 image = None
             now = time.monotonic()
-            if image is not None:
+            if image is SKIPPED:  # arrived, not converted: over fps_limit
+                heard, last_new = True, now
+                self._on_skipped(now)
+            elif image is not None:
                 heard, last_new = True, now
                 self._on_frame(image, now)
             elif now - last_new > stall_s:
@@ -272,6 +283,13 @@ class CameraWorker:
             self._m_error_drop.inc()
             raise
         self._sink(Frame(self.cfg.id, self._seq, wall, now, image))
+
+    def _on_skipped(self, now: float) -> None:
+        """A frame the source did not convert because fps_limit drops it: captured, and dropped as such."""
+        self._seq += 1
+        self._m_captured.inc()
+        self._m_fps_drop.inc()
+        self.last_frame_mono = now
 
     def _check_roi(self, image: np.ndarray) -> None:
         """RoiError (the frame counted as a roi drop) if the roi misses the frame; a clipped roi is logged once."""

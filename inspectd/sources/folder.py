@@ -13,6 +13,7 @@ from __future__ import annotations
 
 __all__ = ["FolderSource", "folder_path"]
 
+import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -21,7 +22,7 @@ import numpy as np
 from inspectd.errors import InspectdError
 from inspectd.imageio import IMAGE_SUFFIXES, read_rgb
 from inspectd.service.config import CameraConfig
-from inspectd.sources.base import DecodeError, EndOfStream, Pacer, SourceError, query_params
+from inspectd.sources.base import SKIPPED, DecodeError, EndOfStream, Pacer, Skipped, SourceError, query_params
 
 _DEFAULTS = {"fps": 5.0}
 
@@ -63,7 +64,7 @@ class FolderSource:
         self._relist()
         self._pacer.reset()
 
-    def read(self, timeout_s: float) -> np.ndarray | None:
+    def read(self, timeout_s: float, skip_before: float = float("-inf")) -> np.ndarray | Skipped | None:
         if self._next >= len(self._files):
             if not self.loop:
                 raise EndOfStream(f"{self.path}: end of folder ({len(self._files)} images)")
@@ -72,7 +73,7 @@ class FolderSource:
             return None
         path = self._files[self._next]
         self._next += 1
-        return self._decode(path)
+        return SKIPPED if time.monotonic() < skip_before else self._decode(path)  # skipped: not read from disk
 
     def _relist(self) -> None:
         """Start a new pass; forget failures of files that are gone."""

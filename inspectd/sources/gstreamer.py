@@ -24,13 +24,14 @@ __all__ = ["GstSource", "pipeline_for", "import_gst", "rtsp_missing", "RTSP_ELEM
 import logging
 import re
 import threading
+import time
 from urllib.parse import unquote, urlsplit
 
 import cv2
 import numpy as np
 
 from inspectd.service.config import CameraConfig
-from inspectd.sources.base import EndOfStream, SourceError, redact
+from inspectd.sources.base import SKIPPED, EndOfStream, Skipped, SourceError, redact
 
 log = logging.getLogger("inspectd.sources")
 SINK_NAME = "inspectd_sink"
@@ -55,6 +56,7 @@ def import_gst():
     global _gst
     with _init_lock:
         if _gst is None:
+            _tensorflow_first()
             try:
                 import gi
 
@@ -67,6 +69,20 @@ def import_gst():
             Gst.init(None)
             _gst = (Gst, GstVideo)
     return _gst
+
+
+def _tensorflow_first() -> None:
+    """Import TensorFlow (if installed) before GStreamer: the other order kills the process when TensorFlow is
+    imported later (SIGSEGV, measured with TensorFlow 2.21 and Debian 12's GStreamer 1.22; GStreamer after
+    TensorFlow is fine). The daemon loads its model first anyway; this covers tools and tests that open a
+    camera before anything imports TensorFlow. It costs that import (seconds) once per such process."""
+    import importlib.util
+    import sys
+
+    if "tensorflow" not in sys.modules and importlib.util.find_spec("tensorflow") is not None:
+        from inspectd.tfload import import_tensorflow
+
+        import_tensorflow()
 
 
 # What `backend = "auto"` needs before it reads rtsp:// through GStreamer, and the Debian package of each.
@@ -168,14 +184,15 @@ class GstSource:
             finally:
                 self.close()
 
-    def read(self, timeout_s: float) -> np.ndarray | None:
+    def read(self, timeout_s: float, skip_before: float = float("-inf")) -> np.ndarray | Skipped | None:
         if self._sink is None:
             raise SourceError(f"{self.name}: read before open")
         Gst, _ = import_gst()
         sample = self._sink.try_pull_sample(max(0, int(timeout_s * Gst.SECOND)))
         self._drain_bus()
         if sample is not None:
-            return _to_rgb(sample)
+            # Decoded and converted already (GStreamer's threads); skipped: no copy out of the buffer.
+            return SKIPPED if time.monotonic() < skip_before else _to_rgb(sample)
         # try_pull_sample returns at once after EOS: the appsink knows before the bus message comes.
         if self._sink.is_eos():
             self._end_of_stream()

@@ -20,6 +20,7 @@ __all__ = ["OpenCVSource", "DEFAULT_FILE_FPS"]
 
 import logging
 import os
+import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -28,7 +29,7 @@ import numpy as np
 
 from inspectd.imageio import to_rgb
 from inspectd.service.config import CameraConfig
-from inspectd.sources.base import EndOfStream, Pacer, SourceError, redact
+from inspectd.sources.base import SKIPPED, DecodeError, EndOfStream, Pacer, Skipped, SourceError, redact
 
 log = logging.getLogger("inspectd.sources")
 DEFAULT_FILE_FPS = 25.0  # when a file does not say (or says something absurd)
@@ -96,18 +97,24 @@ class OpenCVSource:
         fps = cap.get(cv2.CAP_PROP_FPS)
         return fps if 0.1 <= fps <= 1000 else DEFAULT_FILE_FPS
 
-    def read(self, timeout_s: float) -> np.ndarray | None:
+    def read(self, timeout_s: float, skip_before: float = float("-inf")) -> np.ndarray | Skipped | None:
         if self._cap is None:
             raise SourceError(f"{redact(self.url)}: read before open")
         if self._pacer is not None and not self._pacer.wait(timeout_s):
             return None
-        ok, image = self._cap.read()
+        # grab() demuxes and decodes; retrieve() converts to BGR: a frame the fps_limit drops is only grabbed.
+        ok = self._cap.grab()
         if not ok and self.kind == "file":
-            ok, image = self._rewind()
-        if not ok or image is None:
+            ok = self._rewind()
+        if not ok:
             raise SourceError(f"{redact(self.url)}: read failed (stream ended or timed out)")
         if self.kind == "stream":
             self._check_timestamp(self._cap.get(cv2.CAP_PROP_PTS))
+        if time.monotonic() < skip_before:
+            return SKIPPED
+        ok, image = self._cap.retrieve()
+        if not ok or image is None:  # grabbed but not decodable: one frame dropped (counted), not the camera
+            raise DecodeError(f"{redact(self.url)}: a frame that does not decode")
         return to_rgb(image)
 
     def _check_timestamp(self, pts: float) -> None:
@@ -119,17 +126,15 @@ class OpenCVSource:
                         "frame, which OpenCV returns as torn frames; use backend = \"gstreamer\" (the gstreamer "
                         "extra) or set the camera to one slice per frame", self.camera)
 
-    def _rewind(self) -> tuple[bool, np.ndarray | None]:
-        """End of file: play it again from the start (seek; reopen if the container cannot seek)."""
+    def _rewind(self) -> bool:
+        """End of file: play it again from the start (seek; reopen if the container cannot seek); grabbed."""
         if not self.loop:
             raise EndOfStream(f"{self._target}: end of video file")
-        if self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0):
-            ok, image = self._cap.read()
-            if ok:
-                return ok, image
+        if self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0) and self._cap.grab():
+            return True
         self._cap.release()
         self._cap = self._capture()
-        return self._cap.read() if self._cap.isOpened() else (False, None)
+        return self._cap.isOpened() and self._cap.grab()
 
     def close(self) -> None:
         cap, self._cap, self._last_pts = self._cap, None, None

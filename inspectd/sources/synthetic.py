@@ -14,11 +14,13 @@ from __future__ import annotations
 
 __all__ = ["SyntheticSource"]
 
+import time
+
 import numpy as np
 
 from inspectd.imageio import to_rgb
 from inspectd.service.config import CameraConfig
-from inspectd.sources.base import Pacer, SourceError, query_params
+from inspectd.sources.base import SKIPPED, Pacer, Skipped, SourceError, query_params
 from inspectd.synth import Sample, render
 
 _DEFAULTS = {"fps": 10.0, "width": 320, "height": 240, "defect_rate": 0.3, "seed": 0, "repeat": 0, "dwell": 1}
@@ -71,11 +73,13 @@ class SyntheticSource:
     def open(self) -> None:
         self._pacer.reset()
 
-    def read(self, timeout_s: float) -> np.ndarray | None:
+    def read(self, timeout_s: float, skip_before: float = float("-inf")) -> np.ndarray | Skipped | None:
         if not self._pacer.wait(timeout_s):
             return None
-        self.last_sample = self.sample(self._index)
         self._index += 1
+        if time.monotonic() < skip_before:  # frame index-1 passed unseen: not rendered (a pure function of it)
+            return SKIPPED
+        self.last_sample = self.sample(self._index - 1)
         return to_rgb(self.last_sample.image)
 
     def close(self) -> None:
