@@ -37,7 +37,6 @@ import math
 import os
 import platform
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -76,11 +75,16 @@ def _thread_ticks(pid: int) -> dict[int, tuple[str, int, int]]:
     return out
 
 
+def _py_spy() -> str:
+    """py-spy's executable: on the PATH, else beside this interpreter (a venv's bin/)."""
+    return shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+
+
 def _python_thread_names(pid: int, dumps: int = 3) -> dict[int, str]:
     """tid -> Python thread name, from `py-spy dump` (it prints native tids); {} without py-spy. A non-blocking
     dump can miss a thread caught mid-update (measured: 1 of 9 named threads in 2 of 3 rounds), so the names
     of several dumps are merged."""
-    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    exe = _py_spy()
     names: dict[int, str] = {}
     for _ in range(dumps):
         try:
@@ -174,7 +178,7 @@ def child_bare(args) -> dict:
     out["cpu_percent"] = round(100 * (time.process_time() - c0) / (time.monotonic() - t0), 1)
     out["retraced"] = engine.traces() - traces
     out["runtime"] = engine.runtime
-    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["peak_rss_mb"] = _peak_rss_mb(os.getpid())
     return out
 
 
@@ -304,8 +308,7 @@ def _profiler(pid: int, args, label: str):
     if not args.profile:
         return None
     out = Path(tempfile.mkdtemp()) / f"{label.replace(' ', '-')}.txt"
-    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    cmd = [exe, "record", "--pid", str(pid), "--duration", str(int(args.seconds)), "--rate", "50", "--threads",
+    cmd = [_py_spy(), "record", "--pid", str(pid), "--duration", str(int(args.seconds)), "--rate", "50", "--threads",
            "--nonblocking", "--format", "raw", "--output", str(out)]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out
 

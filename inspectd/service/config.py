@@ -141,7 +141,7 @@ class ModelConfig(_Section):
                                   "quantile:Q | minmax:M (default: the model's own rule; see docs/model.md)")
     device: str = Field("auto", pattern=r"^(auto|cpu|gpu:\d+)$", description="auto | cpu | gpu:N")
     precision: Literal["float32", "mixed_float16"] = Field("float32", description="mixed_float16 on GPUs with tensor cores")
-    xla: bool = Field(False, description="jit_compile the inference function (slower on CPU, measured)")
+    xla: bool = Field(False, description="jit_compile the model (the resize before it stays outside; slower on CPU, measured)")
     runtime: Literal["auto", "tensorflow", "onnxruntime", "openvino"] = Field(
         "auto", description="what runs the model: auto = the fastest installed for the device (on a CPU onnxruntime, "
         "then openvino, else tensorflow; on a GPU, or with precision/xla set, tensorflow); the .keras file is "
