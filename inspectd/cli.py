@@ -82,6 +82,29 @@ def _cmd_archive_export(args) -> int:
     return 0
 
 
+def _cmd_keys_generate(args) -> int:
+    from inspectd.security import generate_keys
+
+    public, secret = generate_keys(args.dir, args.name, owner=args.owner, force=args.force)
+    print(f"wrote {public} (public: give it to the other side) and {secret} (secret, mode 0600: keep it here)")
+    return 0
+
+
+def _cmd_keys_hash_password(args) -> int:
+    import getpass
+
+    from inspectd.security import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            raise UsageError("the passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    print(hash_password(password, args.rounds))
+    return 0
+
+
 def _cmd_train(args) -> int:
     from inspectd.model.train import TrainOptions, train
 
@@ -323,17 +346,38 @@ def _add_archive(sub) -> None:
     e.set_defaults(func=_cmd_archive_export)
 
 
+def _add_keys(sub) -> None:
+    p = sub.add_parser("keys", help="CURVE key pairs for encrypted, authenticated events; password hashes for /metrics")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+    g = verbs.add_parser("generate", help="DIR/NAME.key (public, 0644) and DIR/NAME.key_secret (secret, 0600)",
+                         description="Make a CURVE key pair in ZeroMQ's certificate format (docs/security.md).")
+    g.add_argument("dir", type=Path, help="folder to write them in (created, 0755)")
+    g.add_argument("--name", default="server", help="file name: server for the daemon, the client's name for a "
+                   "client (default %(default)s)")
+    g.add_argument("--owner", metavar="USER[:GROUP]", help="chown both files (as root): the user that reads the secret "
+                   "one, e.g. inspectd for the daemon's")
+    g.add_argument("--force", action="store_true", help="replace an existing pair")
+    g.set_defaults(func=_cmd_keys_generate)
+    h = verbs.add_parser("hash-password", help="a bcrypt hash for [metrics] basic_auth_users (password from stdin "
+                         "or a prompt)")
+    h.add_argument("--rounds", type=int, default=12, choices=range(10, 16), metavar="10-15",
+                   help="bcrypt cost (default %(default)s: about 0.2 s per check; checked once per client, then "
+                   "remembered)")
+    h.set_defaults(func=_cmd_keys_hash_password)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="inspectd", description="Streaming defect inspection: single-pass score + CAM mask, ZeroMQ events, "
         "Prometheus metrics; and the model toolkit.",
         epilog="Exit codes: 0 ok, 1 internal error, 2 usage, 65 bad data/model, 66 missing input, "
-               "69 unavailable (e.g. ImageNet weights offline), 78 config error, 130 interrupted. See docs/cli.md.")
+               "69 unavailable (e.g. ImageNet weights offline), 77 refused by a daemon's key check, 78 config error, "
+               "130 interrupted. See docs/cli.md.")
     parser.add_argument("--version", action="version", version=f"inspectd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     from inspectd.watch import add_parser as _add_watch
 
-    commands = (_add_run, _add_check_config, _add_watch, _add_bench, _add_archive,
+    commands = (_add_run, _add_check_config, _add_watch, _add_bench, _add_archive, _add_keys,
                 _add_train, _add_convert, _add_export, _add_infer, _add_evaluate, _add_synth)
     for add in commands:
         add(sub)

@@ -19,6 +19,10 @@ lets a restarted consumer resume where it stopped:
             handle(ev)
             save(sub.positions)              # {run_id: {topic: seq}}: what has been handed out
 
+A daemon that uses CURVE (docs/security.md) needs our key pair and its public key:
+`Subscriber(..., curve=ClientKeys.load("me.key_secret", "server.key"))`; a key it does not allow
+receives nothing: the daemon counts the refusal and `recv` raises AccessError naming the endpoint.
+
 Needs pyzmq, numpy and OpenCV only (no TensorFlow). One SUB socket per endpoint, so sequence
 numbers and restarts are tracked per publisher even when several daemons share topic names.
 
@@ -31,8 +35,8 @@ header (PNG IHDR, JPEG SOF) gives the size the message header declares, and at m
 
 from __future__ import annotations
 
-__all__ = ["EventKind", "Event", "SeqTracker", "Subscriber", "ReplayClient", "ReplayError", "decode_event", "image_size",
-           "MAX_IMAGE_PIXELS"]
+__all__ = ["EventKind", "Event", "SeqTracker", "Subscriber", "ReplayClient", "ReplayError", "AccessError",
+           "decode_event", "image_size", "MAX_IMAGE_PIXELS"]
 
 import dataclasses
 import enum
@@ -48,13 +52,18 @@ from datetime import datetime
 import cv2
 import numpy as np
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
-from inspectd.errors import UsageError
+from inspectd.errors import ExitCode, InspectdError, UsageError
 from inspectd.outputs.replay import END_TOPIC, REQUEST_TAG
 from inspectd.outputs.wire import DEFAULT_ENDPOINT, WireFormatError, decode_message, parse_rfc3339
+from inspectd.security import ClientKeys
 
 log = logging.getLogger("inspectd.client")
 
+# A handshake that fails without a reason (what a client holding the wrong server key sees) can also be a
+# connection cut at the wrong moment: only this many in a row, with no success between, are an error.
+_NO_DETAIL_LIMIT = 5
 MAX_IMAGE_PIXELS = 7680 * 4320  # 8K UHD: larger declared attachments are refused, never decoded
 
 
@@ -280,6 +289,23 @@ def decode_event(parts: list[bytes], decode: bool = True, max_pixels: int = MAX_
     return Event(topic, kind, header, mask, frame, raw=raw, regions_mask=regions)
 
 
+_HANDSHAKE_FAILED = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the daemon refused our CURVE key: its public key (NAME.key) is not in the "
+                                     "daemon's publish.curve_clients folder",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the security handshake failed: the daemon uses CURVE and we do not "
+                                         "(--client-key/--server-key), or the daemon uses plain text and we CURVE",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: f"the CURVE handshake failed {_NO_DETAIL_LIMIT} times in a row: the server "
+                                          "key is not the daemon's (or the endpoint is not an inspectd daemon)",
+}
+_HANDSHAKE_EVENTS = sum(_HANDSHAKE_FAILED) | zmq.EVENT_HANDSHAKE_SUCCEEDED
+
+
+class AccessError(InspectdError):
+    """The daemon refused the connection at the security handshake (exit 77, EX_NOPERM)."""
+
+    exit_code = ExitCode.NO_PERMISSION
+
+
 class ReplayError(Exception):
     """The replay endpoint did not answer in time, or answered with an error."""
 
@@ -291,14 +317,18 @@ class ReplayClient:
     JSON). A request that is not answered within `timeout_s` raises ReplayError; the socket is then
     made anew, so a late answer can never be taken for the next one."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, timeout_s: float = 5.0, max_messages: int = 100_000):
+    def __init__(self, ctx: zmq.Context, endpoint: str, timeout_s: float = 5.0, max_messages: int = 100_000,
+                 curve: ClientKeys | None = None):
         self.ctx, self.endpoint, self.timeout_s, self.max_messages = ctx, endpoint, timeout_s, max_messages
+        self.curve = curve
         self._sock: zmq.Socket | None = None
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
             self._sock = self.ctx.socket(zmq.DEALER)
             self._sock.setsockopt(zmq.LINGER, 0)
+            if self.curve is not None:
+                self.curve.apply(self._sock)
             self._sock.setsockopt(zmq.RCVHWM, 0)  # an answer is bounded by the daemon; never drop part of it
             try:
                 self._sock.connect(self.endpoint)
@@ -353,15 +383,20 @@ class Subscriber:
     def __init__(self, endpoints: str | list[str] = DEFAULT_ENDPOINT, topics: list[str] = ("",), rcvhwm: int = 10000,
                  decode: bool = True, on_malformed: Callable[[str, str], None] | None = None,
                  replay: str | list[str | None] | None = None, positions: dict[str, dict[str, int]] | None = None,
-                 replay_timeout_s: float = 5.0):
+                 replay_timeout_s: float = 5.0, curve: ClientKeys | list[ClientKeys | None] | None = None):
         """`replay`: the replay endpoint of each of `endpoints` (one string for one endpoint; None for a
-        daemon without replay). `positions`: a previous session's `positions`, to resume from."""
+        daemon without replay). `positions`: a previous session's `positions`, to resume from. `curve`: our
+        key pair and the daemon's public key (inspectd.security.ClientKeys), for daemons that use CURVE (one
+        for all endpoints, or one per endpoint, None for a plain-text one)."""
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not self.endpoints:
             raise UsageError("no endpoint to subscribe to")
         replays = [replay] * len(self.endpoints) if replay is None or isinstance(replay, str) else list(replay)
         if len(replays) != len(self.endpoints):
             raise UsageError(f"{len(replays)} replay endpoint(s) for {len(self.endpoints)} event endpoint(s)")
+        curves = [curve] * len(self.endpoints) if curve is None or isinstance(curve, ClientKeys) else list(curve)
+        if len(curves) != len(self.endpoints):
+            raise UsageError(f"{len(curves)} CURVE key set(s) for {len(self.endpoints)} event endpoint(s)")
         self.topics = list(topics)
         self.decode = decode
         self.on_malformed = on_malformed or _log_malformed
@@ -379,23 +414,31 @@ class Subscriber:
         self._ctx = zmq.Context()
         self._poller = zmq.Poller()
         self._sockets: dict[zmq.Socket, tuple[str, SeqTracker]] = {}
+        self._monitors: dict[zmq.Socket, str] = {}  # handshake events of each SUB socket -> its endpoint
+        self._failed_handshakes: dict[zmq.Socket, int] = {}  # failures without a reason, in a row
         self._replay: dict[str, ReplayClient] = {}
         self._run_of: dict[str, str] = {}  # endpoint -> its current run_id
         self._pending: deque[Event] = deque()
         try:
-            for endpoint, replay_endpoint in zip(self.endpoints, replays):
+            for endpoint, replay_endpoint, keys in zip(self.endpoints, replays, curves):
                 if replay_endpoint:
-                    self._replay[endpoint] = ReplayClient(self._ctx, replay_endpoint, replay_timeout_s)
-                self._connect(endpoint, rcvhwm)
+                    self._replay[endpoint] = ReplayClient(self._ctx, replay_endpoint, replay_timeout_s, curve=keys)
+                self._connect(endpoint, rcvhwm, keys)
         except BaseException:
             self.close()
             raise
 
-    def _connect(self, endpoint: str, rcvhwm: int) -> None:
+    def _connect(self, endpoint: str, rcvhwm: int, keys: ClientKeys | None) -> None:
         sock = self._ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        if keys is not None:
+            keys.apply(sock)
         self._sockets[sock] = (endpoint, SeqTracker())  # registered first so close() closes it
+        monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
+        self._monitors[monitor] = endpoint
+        self._failed_handshakes[monitor] = 0
+        self._poller.register(monitor, zmq.POLLIN)
         try:
             sock.connect(endpoint)
         except zmq.ZMQError as exc:
@@ -414,11 +457,26 @@ class Subscriber:
             wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
             # One message from every ready socket per round, so a busy daemon cannot starve another.
             for sock, _ in self._poller.poll(wait_ms):
-                self._pending.extend(self._receive(sock))
+                if sock in self._monitors:
+                    self._handshake(sock)
+                else:
+                    self._pending.extend(self._receive(sock))
             if not self._pending and deadline is not None and time.monotonic() >= deadline:
                 return None
         event = self._pending.popleft()
         return self._handed_out(event) if event.endpoint in self._replay else event
+
+    def _handshake(self, monitor: zmq.Socket) -> None:
+        """AccessError when the daemon refused us at the security handshake (ZeroMQ never retries a refused key)."""
+        event = parse_monitor_message(monitor.recv_multipart())["event"]
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._failed_handshakes[monitor] = 0
+            return
+        if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            self._failed_handshakes[monitor] += 1
+            if self._failed_handshakes[monitor] < _NO_DETAIL_LIMIT:
+                return
+        raise AccessError(f"{self._monitors[monitor]}: {_HANDSHAKE_FAILED[event]} (docs/security.md)")
 
     def _receive(self, sock: zmq.Socket) -> list[Event]:
         endpoint, tracker = self._sockets[sock]
@@ -543,6 +601,9 @@ class Subscriber:
 
     def close(self) -> None:
         """Close the sockets (idempotent); messages not yet received are discarded."""
+        for monitor in self._monitors:
+            monitor.close(linger=0)
+        self._monitors.clear()
         for sock in self._sockets:
             sock.close(linger=0)
         self._sockets.clear()

@@ -25,6 +25,7 @@ class ExitCode(enum.IntEnum):
     DATA = 65  # EX_DATAERR: input data is wrong (dataset layout, unreadable image, bad model file)
     NO_INPUT = 66  # EX_NOINPUT: an input path does not exist
     UNAVAILABLE = 69  # EX_UNAVAILABLE: something needed is not reachable (e.g. ImageNet weights offline)
+    NO_PERMISSION = 77  # EX_NOPERM: a daemon refused our key at the security handshake
     CONFIG = 78  # EX_CONFIG: configuration error
     INTERRUPTED = 130  # Ctrl-C
 

@@ -17,7 +17,7 @@ the print and the write can print one event twice.
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_TOPICS", "add_parser", "run"]
+__all__ = ["DEFAULT_TOPICS", "add_parser", "run", "add_curve_arguments", "curve_keys"]
 
 import argparse
 import json
@@ -63,7 +63,34 @@ def add_parser(subparsers) -> None:
     p.add_argument("--state", type=Path, metavar="FILE",
                    help="resume from FILE and keep it current (JSON positions): with --replay, a restarted watch "
                    "prints every event exactly once")
+    add_curve_arguments(p, "ENDPOINT")
     p.set_defaults(func=run)
+
+
+def add_curve_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """--client-key / --server-key: for daemons (or a proxy) that use CURVE (docs/security.md)."""
+    p.add_argument("--client-key", type=Path, metavar="FILE",
+                   help="our CURVE secret key file (NAME.key_secret from inspectd keys generate, mode 0600); its "
+                   "public key must be in the daemon's publish.curve_clients folder")
+    p.add_argument("--server-key", type=Path, action="append", metavar="FILE",
+                   help=f"the daemon's CURVE public key file (server.key): one for every {what}, or one per {what} "
+                   "in the same order")
+
+
+def curve_keys(args: argparse.Namespace, endpoints: list[str]) -> list | None:
+    """The ClientKeys per endpoint from --client-key/--server-key (None: plain text); UsageError if half given."""
+    from inspectd.security import ClientKeys
+
+    if args.client_key is None and args.server_key is None:
+        return None
+    if args.client_key is None or args.server_key is None:
+        raise UsageError("--client-key and --server-key go together (CURVE needs our key pair and the daemon's "
+                         "public key)")
+    servers = args.server_key * len(endpoints) if len(args.server_key) == 1 else args.server_key
+    if len(servers) != len(endpoints):
+        raise UsageError(f"{len(args.server_key)} --server-key file(s) for {len(endpoints)} endpoint(s): give one, "
+                         "or one per endpoint in the same order")
+    return [ClientKeys.load(args.client_key, server) for server in servers]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,9 +100,10 @@ def run(args: argparse.Namespace) -> int:
     show_heartbeats = args.topic is not None and any("heartbeat".startswith(t) for t in topics)
     skipped = _Skipped()
     positions = _load_state(args.state) if args.state else None
+    keys = curve_keys(args, args.endpoints)
     try:
         with Subscriber(args.endpoints, topics, decode=args.save is not None, on_malformed=skipped.notice,
-                        replay=args.replay, positions=positions) as sub:
+                        replay=args.replay, positions=positions, curve=keys) as sub:
             return _print_events(sub, args, show_heartbeats, skipped)
     except KeyboardInterrupt:
         return 0

@@ -39,7 +39,9 @@ class PrometheusServer:
     """`prometheus` scraping `targets` (job `job`) every `scrape_interval`, rules evaluated as often."""
 
     def __init__(self, workdir: Path, targets: list[str], rule_files: list[Path] = (), job: str = "inspectd",
-                 scrape_interval: str = "1s", evaluation_interval: str = "1s", labels: dict | None = None):
+                 scrape_interval: str = "1s", evaluation_interval: str = "1s", labels: dict | None = None,
+                 jobs: list[dict] = ()):
+        """`jobs`: more scrape configs, as Prometheus takes them (e.g. HTTPS with basic auth)."""
         if PROMETHEUS is None:
             raise FileNotFoundError("prometheus is not installed (Debian: apt-get install prometheus)")
         self.workdir = Path(workdir)
@@ -52,7 +54,8 @@ class PrometheusServer:
                        "scrape_timeout": scrape_interval},
             "rule_files": [str(Path(p).resolve()) for p in rule_files],
             "scrape_configs": [{"job_name": job, "static_configs": [{"targets": list(targets),
-                                                                      "labels": dict(labels or {})}]}],
+                                                                      "labels": dict(labels or {})}]},
+                               *jobs],
         }
         self.config_path.write_text(json.dumps(config, indent=2))  # JSON is YAML
         self.log_path = self.workdir / "prometheus.log"

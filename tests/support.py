@@ -306,3 +306,13 @@ def unshare_unavailable() -> str | None:
         return "needs root and unshare(1)"
     proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True, timeout=30)
     return None if proc.returncode == 0 else f"unshare --mount is not permitted here: {proc.stderr.decode().strip()}"
+
+
+def self_signed_cert(folder: Path, name: str = "metrics") -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1/localhost (its own CA) and its key (mode 0600), by openssl."""
+    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=inspectd-test",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"], check=True, capture_output=True)
+    os.chmod(key, 0o600)
+    return cert, key

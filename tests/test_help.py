@@ -10,7 +10,7 @@ from conftest import run_cli
 
 from inspectd.cli import build_parser
 
-COMMANDS = ("run", "check-config", "watch", "bench", "archive", "train", "convert", "export", "infer", "evaluate",
+COMMANDS = ("run", "check-config", "watch", "bench", "archive", "keys", "train", "convert", "export", "infer", "evaluate",
             "synth")
 
 

@@ -1,15 +1,24 @@
-"""The /metrics server: bind failures name the key to change; no `_created` series."""
+"""The /metrics server: bind failures name the key to change; no `_created` series; HTTPS and basic auth."""
 
 from __future__ import annotations
 
+import base64
+import http.client
+import os
 import socket
+import ssl
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from support import http_get
+from support import http_get, self_signed_cert
 
 from inspectd.errors import ConfigError, ExitCode
-from inspectd.service.metrics import Metrics, MetricsServer
+from inspectd.security import hash_password
+from inspectd.service.config import MetricsConfig
+from inspectd.service.metrics import Metrics, MetricsServer, web_security
 
 
 def _ok() -> tuple[bool, str]:
@@ -72,3 +81,64 @@ def test_an_ipv6_host_is_served():
     finally:
         server.stop()
     assert status == 200 and body == "ok: ok\n"
+
+
+# -- HTTPS and basic auth (`[metrics] tls_*`, `basic_auth_users`) -------------------------------------------
+
+
+def _fetch(url: str, cafile: Path | None = None, auth: tuple[str, str] | None = None) -> tuple[int, str, dict]:
+    context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
+    request = urllib.request.Request(url)
+    if auth is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=5, context=context) as r:
+            return r.status, r.read().decode(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(), dict(e.headers)
+
+
+@pytest.fixture()
+def secured(tmp_path):
+    """A metrics server on HTTPS with one user (prom / s3cret); yields (base URL, CA file)."""
+    cert, key = self_signed_cert(tmp_path)
+    cfg = MetricsConfig(tls_cert_file=str(cert), tls_key_file=str(key),
+                        basic_auth_users={"prom": hash_password("s3cret", rounds=10)})
+    metrics = Metrics(CollectorRegistry())
+    metrics.frames_captured.labels(camera="a").inc()
+    server = MetricsServer(metrics.registry, "127.0.0.1", 0, _ok, _ok, web=web_security(cfg))
+    server.start()
+    try:
+        yield f"https://127.0.0.1:{server.port}", cert
+    finally:
+        server.stop()
+
+
+def test_https_with_basic_auth_serves_only_a_known_user(secured):
+    url, ca = secured
+    status, body, _ = _fetch(url + "/metrics", ca, ("prom", "s3cret"))
+    assert status == 200 and 'inspectd_frames_captured_total{camera="a"} 1.0' in body
+    assert _fetch(url + "/healthz", ca, ("prom", "s3cret"))[:2] == (200, "ok: ok\n")
+    for auth in (None, ("prom", "wrong"), ("someone", "s3cret")):
+        status, body, headers = _fetch(url + "/metrics", ca, auth)
+        assert status == 401 and "inspectd_" not in body and headers["WWW-Authenticate"].startswith("Basic")
+    assert _fetch(url + "/healthz", ca)[0] == 401
+
+
+def test_https_refuses_plain_http_and_an_untrusted_client_keeps_no_thread(secured):
+    url, ca = secured
+    with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+        _fetch(url.replace("https", "http") + "/metrics", auth=("prom", "s3cret"))
+    with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+        _fetch(url + "/metrics", auth=("prom", "s3cret"))  # the system's CAs do not know our certificate
+    assert _fetch(url + "/metrics", ca, ("prom", "s3cret"))[0] == 200  # still serving after both
+
+
+def test_a_tls_key_others_can_read_is_refused(tmp_path):
+    cert, key = self_signed_cert(tmp_path)
+    os.chmod(key, 0o644)
+    with pytest.raises(ConfigError, match="metrics.tls_key_file .*mode 0644"):
+        web_security(MetricsConfig(tls_cert_file=str(cert), tls_key_file=str(key)))
+    os.chmod(key, 0o600)
+    with pytest.raises(ConfigError, match="cannot load the certificate and key"):
+        web_security(MetricsConfig(tls_cert_file=str(key), tls_key_file=str(key)))

@@ -27,7 +27,7 @@ from prometheus_util import (
     PrometheusError,
     PrometheusServer,
 )
-from support import free_port, wait_until
+from support import free_port, self_signed_cert, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -281,3 +281,53 @@ def test_histogram_quantile_matches_prometheus(stack, name):
     for q in (0.1, 0.5, 0.9, 0.99):
         theirs = stack.prom.query(f'histogram_quantile({q}, sum by (le) ({name}_bucket{{job="inspectd"}}))', at=at)
         assert histogram_quantile(buckets, q) == pytest.approx(float(theirs[0]["value"][1]), abs=1e-4), (q, buckets)
+
+
+# ------------------------------------------------------------------------------ HTTPS and basic auth
+def test_prometheus_scrapes_over_https_with_basic_auth_and_nothing_else_gets_in(tmp_path):
+    """A real Prometheus scrapes a metrics server with `[metrics] tls_*` and `basic_auth_users` set: the job
+    with the CA and the password is up; a wrong password, plain HTTP or no CA are down, each for its reason."""
+    from prometheus_client import CollectorRegistry
+
+    from inspectd.security import hash_password
+    from inspectd.service.config import MetricsConfig
+    from inspectd.service.metrics import Metrics, MetricsServer, web_security
+
+    cert, key = self_signed_cert(tmp_path)
+    cfg = MetricsConfig(tls_cert_file=str(cert), tls_key_file=str(key),
+                        basic_auth_users={"prometheus": hash_password("scrape-me", rounds=10)})
+    metrics = Metrics(CollectorRegistry())
+    metrics.frames_captured.labels(camera="tls-cam").inc(7)
+    server = MetricsServer(metrics.registry, "127.0.0.1", 0, lambda: (True, "ok"), lambda: (True, "ok"),
+                           web=web_security(cfg))
+    server.start()
+    target = f"127.0.0.1:{server.port}"
+
+    def job(name: str, **options) -> dict:
+        return {"job_name": name, "static_configs": [{"targets": [target]}], **options}
+
+    tls = {"scheme": "https", "tls_config": {"ca_file": str(cert)}}
+    jobs = [job("secured", **tls, basic_auth={"username": "prometheus", "password": "scrape-me"}),
+            job("wrong-password", **tls, basic_auth={"username": "prometheus", "password": "guess"}),
+            job("plain-http", basic_auth={"username": "prometheus", "password": "scrape-me"}),
+            job("unknown-ca", scheme="https", basic_auth={"username": "prometheus", "password": "scrape-me"})]
+    try:
+        with PrometheusServer(tmp_path / "prom", targets=[], jobs=jobs) as prom:
+            prom.wait_ready()
+
+            def health() -> dict[str, tuple[str, str]]:
+                return {t["labels"]["job"]: (t["health"], t["lastError"]) for t in prom.targets()
+                        if t["labels"]["job"] != "inspectd"}
+
+            wait_until(lambda: all(h != "unknown" for h, _ in health().values()) and len(health()) == 4, 30,
+                       lambda: f"every job scraped once: {health()}")
+            found = health()
+            assert found["secured"] == ("up", ""), found
+            assert found["wrong-password"][0] == "down" and "401" in found["wrong-password"][1], found
+            assert found["plain-http"][0] == "down", found
+            assert found["unknown-ca"][0] == "down" and "certificate" in found["unknown-ca"][1], found
+            wait_until(lambda: prom.query('inspectd_frames_captured_total{camera="tls-cam",job="secured"}'), 30,
+                       "the secured job's samples in Prometheus")
+            assert float(prom.query('inspectd_frames_captured_total{job="secured"}')[0]["value"][1]) == 7
+    finally:
+        server.stop()

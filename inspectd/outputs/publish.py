@@ -27,12 +27,13 @@ import zmq
 
 from inspectd.frames import CameraState, Inspection
 from inspectd.outputs.archive import file_name, message_entry, unsent_header
-from inspectd.outputs.sockets import bind
+from inspectd.outputs.sockets import ServerSocket
 from inspectd.outputs.wire import HEARTBEAT_TOPIC, SCHEMA, encode_message, episode_body, inspection_body, status_body
 
 if TYPE_CHECKING:
     from inspectd.outputs.archive import Archive
     from inspectd.outputs.replay import Ring
+    from inspectd.security import ServerKeys
     from inspectd.service.config import PublishConfig
     from inspectd.service.metrics import Metrics
 
@@ -67,12 +68,14 @@ class Publisher:
     """
 
     def __init__(self, cfg: PublishConfig, metrics: Metrics, run_id: str, model: dict,
-                 stats: Callable[[], dict] = dict, archive: Archive | None = None, ring: Ring | None = None):
+                 stats: Callable[[], dict] = dict, archive: Archive | None = None, ring: Ring | None = None,
+                 keys: ServerKeys | None = None):
         """`model` is named in heartbeats until `stats()` returns a "model" of its own (the daemon's current one).
 
         With `archive`, every defect event goes to it as published (numbered, byte for byte), or, if
         the publisher dropped it, unnumbered (`seq` null): the archive keeps what the line saw, not
-        only what consumers got. Sampled ok frames go to it directly."""
+        only what consumers got. Sampled ok frames go to it directly. With `keys`, the socket is a CURVE
+        server (docs/security.md)."""
         self.cfg = cfg
         self.archive = archive
         self.ring = ring  # what was sent, for replay (added before its seq is announced: see last_seq)
@@ -83,7 +86,8 @@ class Publisher:
         self._stats = stats
         self._queue: queue.Queue[_Pending] = queue.Queue(maxsize=cfg.send_hwm)
         self._seq: dict[str, int] = defaultdict(int)  # publisher thread only
-        self._ctx: zmq.Context | None = None
+        self._keys = keys
+        self._server: ServerSocket | None = None
         self._socket: zmq.Socket | None = None
         self._endpoint = cfg.endpoint
         self._thread: threading.Thread | None = None
@@ -97,10 +101,13 @@ class Publisher:
         """Bind now (ConfigError naming the endpoint if that fails), then start the sending thread."""
         if self._thread is not None:
             raise RuntimeError("Publisher.start() called twice")
-        self._ctx, self._socket, self._endpoint = bind(zmq.PUB, self.cfg.endpoint, "publish.endpoint",
-                                                       {zmq.SNDHWM: self.cfg.send_hwm, zmq.LINGER: 0})
+        self._server = ServerSocket(zmq.PUB, self.cfg.endpoint, "publish.endpoint",
+                                    {zmq.SNDHWM: self.cfg.send_hwm, zmq.LINGER: 0}, self._keys,
+                                    self.metrics.refused("events"))
+        self._socket, self._endpoint = self._server.sock, self._server.endpoint
         self._started_mono = time.monotonic()
-        log.info("publishing %s on %s (run_id %s)", SCHEMA, self._endpoint, self.run_id)
+        log.info("publishing %s on %s (%s, run_id %s)", SCHEMA, self._endpoint,
+                 "CURVE" if self._server.curve else "plain text", self.run_id)
         # The socket moves to the new thread here; Thread.start() is the memory barrier ZeroMQ asks for.
         self._thread = threading.Thread(target=self._loop, name="publish", daemon=True)
         self._thread.start()
@@ -186,6 +193,7 @@ class Publisher:
         while self._deadline is None:
             now = time.monotonic()
             self.last_progress_mono = now
+            self._server.check_handshakes()
             if now >= next_heartbeat:
                 self._send(_Pending(HEARTBEAT_TOPIC, self._heartbeat_body(), []))
                 # Keep the period; after a long stall start afresh rather than sending a burst.
@@ -198,7 +206,7 @@ class Publisher:
         self._flush_and_close()
 
     def _flush_and_close(self) -> None:
-        assert self._deadline is not None and self._socket is not None and self._ctx is not None
+        assert self._deadline is not None and self._server is not None
         while True:
             self.last_progress_mono = time.monotonic()
             try:
@@ -210,8 +218,7 @@ class Publisher:
             else:
                 self._dropped(item)
         linger_s = min(max(0.0, self._deadline - time.monotonic()), _MAX_LINGER_S)
-        self._socket.close(linger=int(linger_s * 1000))
-        self._ctx.term()
+        self._server.close(linger_ms=int(linger_s * 1000))
         log.info("publisher on %s closed", self._endpoint)
 
     def _send(self, item: _Pending) -> None:

@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING
 
 import zmq
 
-from inspectd.outputs.sockets import bind
+from inspectd.outputs.sockets import ServerSocket
 
 if TYPE_CHECKING:
     from inspectd.outputs.archive import Archive
+    from inspectd.security import ServerKeys
     from inspectd.service.config import ReplayConfig
     from inspectd.service.metrics import Metrics
 
@@ -98,11 +99,13 @@ class ReplayServer:
     """The ROUTER socket and its thread; see the module doc for the protocol."""
 
     def __init__(self, cfg: ReplayConfig, run_id: str, ring: Ring, archive: Archive | None,
-                 metrics: Metrics, last_seq: Callable[[str], int]):
-        """`last_seq(topic)`: the highest seq the publisher has sent on topic in this run (0: none)."""
+                 metrics: Metrics, last_seq: Callable[[str], int], keys: ServerKeys | None = None):
+        """`last_seq(topic)`: the highest seq the publisher has sent on topic in this run (0: none).
+        `keys`: a CURVE server, as the publisher (docs/security.md)."""
         self.cfg, self.run_id, self.ring, self.archive, self.metrics = cfg, run_id, ring, archive, metrics
         self._last_seq = last_seq
-        self._ctx: zmq.Context | None = None
+        self._keys = keys
+        self._server: ServerSocket | None = None
         self._socket: zmq.Socket | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="replay", daemon=True)
@@ -111,8 +114,10 @@ class ReplayServer:
 
     def start(self) -> ReplayServer:
         # ROUTER_MANDATORY: a full or vanished peer raises instead of a silent drop.
-        self._ctx, self._socket, self.endpoint = bind(zmq.ROUTER, self.cfg.endpoint, "replay.endpoint", {
-            zmq.MAXMSGSIZE: _MAX_MESSAGE_BYTES, zmq.ROUTER_MANDATORY: 1, zmq.SNDHWM: 1000, zmq.LINGER: 0})
+        self._server = ServerSocket(zmq.ROUTER, self.cfg.endpoint, "replay.endpoint", {
+            zmq.MAXMSGSIZE: _MAX_MESSAGE_BYTES, zmq.ROUTER_MANDATORY: 1, zmq.SNDHWM: 1000, zmq.LINGER: 0},
+            self._keys, self.metrics.refused("replay"))
+        self._socket, self.endpoint = self._server.sock, self._server.endpoint
         for status in STATUSES:
             self.metrics.replay_requests.labels(status=status)
         log.info("replay (%s) on %s", REPLAY_SCHEMA, self.endpoint)
@@ -134,6 +139,7 @@ class ReplayServer:
         try:
             while not self._stop.is_set():
                 self.last_progress_mono = time.monotonic()
+                self._server.check_handshakes()
                 if not sock.poll(_TICK_MS, zmq.POLLIN):
                     continue
                 parts = sock.recv_multipart(zmq.NOBLOCK)
@@ -142,8 +148,7 @@ class ReplayServer:
                 except Exception:  # one bad answer must not end the endpoint
                     log.exception("replay: answering a request failed")
         finally:
-            sock.close(linger=0)
-            self._ctx.term()
+            self._server.close(linger_ms=0)
 
     def _answer(self, parts: list[bytes]) -> None:
         identity, body = parts[0], parts[1:]

@@ -233,16 +233,38 @@ class PublishConfig(_Section):
     heartbeat_s: float = Field(1, gt=0, description="heartbeat period")
     results: bool = Field(False, description="also publish result.<camera> for every inspected frame")
     attach_frame: bool = Field(False, description="attach a JPEG of the frame to defect events")
+    curve_secret_key: str = Field("", description="the daemon's CURVE secret key file (inspectd keys generate; mode "
+                                  "0600): encrypts and authenticates every socket it binds (events, replay); with "
+                                  "curve_clients. Empty = plain text (docs/security.md)")
+    curve_clients: str = Field("", description="folder of the public key files (*.key) of the clients allowed to "
+                               "connect; read again when it changes")
 
     @field_validator("endpoint")
     @classmethod
     def _endpoint(cls, value: str) -> str:
         return _check_endpoint(value)
 
+    @field_validator("curve_secret_key", "curve_clients")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        return _no_nul(value)
+
+    @model_validator(mode="after")
+    def _both_keys(self) -> PublishConfig:
+        if bool(self.curve_secret_key) != bool(self.curve_clients):
+            raise ValueError("set publish.curve_secret_key and publish.curve_clients together (CURVE needs the "
+                             "daemon's key pair and the clients it allows), or neither (plain text)")
+        return self
+
 
 class MetricsConfig(_Section):
     host: str = Field("127.0.0.1", description="bind address of /metrics, /healthz, /readyz")
     port: int = Field(9108, ge=0, le=65535, description="0 = any free port")
+    tls_cert_file: str = Field("", description="PEM certificate (chain) to serve HTTPS with; with tls_key_file. "
+                               "Empty = plain HTTP")
+    tls_key_file: str = Field("", description="PEM private key of tls_cert_file (mode 0600)")
+    basic_auth_users: dict[str, str] = Field(default_factory=dict, description="user = bcrypt hash (inspectd keys "
+                                             "hash-password); every request then needs one of them. Empty = no auth")
 
     @field_validator("host")
     @classmethod
@@ -251,6 +273,27 @@ class MetricsConfig(_Section):
             raise ValueError("empty; use 0.0.0.0 (or ::) for every interface")
         _resolves(value)
         return value
+
+    @field_validator("tls_cert_file", "tls_key_file")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        return _no_nul(value)
+
+    @field_validator("basic_auth_users")
+    @classmethod
+    def _users(cls, value: dict[str, str]) -> dict[str, str]:
+        for user, hashed in value.items():
+            if not user or ":" in user or not user.isprintable():
+                raise ValueError(f"user {user!r}: a printable name without ':' expected")
+            if not re.fullmatch(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}", hashed):
+                raise ValueError(f"user {user!r}: not a bcrypt hash ($2b$12$... from inspectd keys hash-password)")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> MetricsConfig:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("set metrics.tls_cert_file and metrics.tls_key_file together, or neither (plain HTTP)")
+        return self
 
 
 class ReplayConfig(_Section):
@@ -488,7 +531,8 @@ def _relative_to(base: Path, value: str) -> str:
 def _resolve_paths(data: dict, base: Path) -> dict:
     """Relative paths in the file are relative to the file (not to the daemon's working directory)."""
     data = dict(data)
-    for section, key in (("model", "path"), ("archive", "dir")):
+    for section, key in (("model", "path"), ("archive", "dir"), ("publish", "curve_secret_key"),
+                         ("publish", "curve_clients"), ("metrics", "tls_cert_file"), ("metrics", "tls_key_file")):
         if isinstance(data.get(section), dict) and isinstance(data[section].get(key), str):
             data[section] = {**data[section], key: _relative_to(base, data[section][key])}
     cams = data.get("cameras")
@@ -519,11 +563,26 @@ def load_settings(path: Path | None) -> Settings:
         found = re.search(r'field "(\w+)"', str(exc))
         name = f"{ENV_PREFIX}{found[1].upper()}" if found else f"{ENV_PREFIX}*"
         raise ConfigError(f"{name}: cannot parse the value: {exc}") from None
+    if path is not None:
+        from inspectd.security import check_config_file
+
+        check_config_file(path, holds_secrets=_holds_passwords(data))
     if not settings.cameras:
         origin = _origin(("cameras",), env)
         raise ConfigError((f"{origin}: " if origin else prefix) +
                           "cameras: no [[cameras]] configured; the daemon needs at least one camera")
     return settings
+
+
+_PASSWORD_IN_URL = re.compile(r"://[^/@\s]*:[^/@\s]*@")  # scheme://user:password@host
+
+
+def _holds_passwords(data: dict) -> bool:
+    """The file (not the environment) has a camera URL or pipeline with a password in it
+    (rtsp://user:pass@..., rtspsrc user-pw=...)."""
+    cams = data.get("cameras") if isinstance(data.get("cameras"), list) else []
+    texts = [v for c in cams if isinstance(c, dict) for k, v in c.items() if k in ("url", "pipeline") and isinstance(v, str)]
+    return any(_PASSWORD_IN_URL.search(t) or "user-pw=" in t for t in texts)
 
 
 def resolve_model_path(path: str) -> Path:

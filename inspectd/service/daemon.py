@@ -35,8 +35,9 @@ from inspectd.outputs.publish import Publisher
 from inspectd.outputs.replay import ReplayServer, Ring
 from inspectd.pipeline.context import InferenceContext, build_context
 from inspectd.pipeline.core import Pipeline
+from inspectd.security import ServerKeys, is_loopback_endpoint
 from inspectd.service.config import CameraConfig, Settings, resolve_model_path
-from inspectd.service.metrics import FrameAccount, Metrics, MetricsServer, frame_accounts
+from inspectd.service.metrics import FrameAccount, Metrics, MetricsServer, frame_accounts, web_security
 from inspectd.service.notify import Notifier
 from inspectd.service.reload import PreparedReload, prepare_reload
 from inspectd.sources.camera import CameraWorker
@@ -71,6 +72,7 @@ class Daemon:
         self.archive: Archive | None = None
         self.replay: ReplayServer | None = None
         self.pipeline: Pipeline | None = None
+        self._exposed: list[str] = []  # sockets open to the network without CURVE (notes on /healthz)
 
     # -- lifecycle -------------------------------------------------------------------------
     def run(self) -> int:
@@ -85,7 +87,9 @@ class Daemon:
 
     def startup(self) -> None:
         s = self.settings
-        self.metrics_server = MetricsServer(self.registry, s.metrics.host, s.metrics.port, self.healthz, self.readyz)
+        keys = self._server_keys()
+        self.metrics_server = MetricsServer(self.registry, s.metrics.host, s.metrics.port, self.healthz, self.readyz,
+                                            web=web_security(s.metrics))
         self.metrics_server.start()
         self._stack.callback(self.metrics_server.stop)
         deployable = self._load_model()
@@ -93,13 +97,14 @@ class Daemon:
         ring = Ring(s.replay.ring_messages, s.replay.ring_bytes) if s.replay.endpoint else None
         self.publisher = Publisher(s.publish, self.metrics, self.run_id,
                                    {"name": deployable.name, "sha256": deployable.sha256}, stats=self.stats,
-                                   archive=self.archive, ring=ring)
+                                   archive=self.archive, ring=ring, keys=keys)
         self.publisher.start()
         self._stack.callback(self.publisher.stop, s.daemon.shutdown_timeout_s)
         if ring is not None:
             self.replay = ReplayServer(s.replay, self.run_id, ring, self.archive,
-                                       self.metrics, self.publisher.last_seq).start()
+                                       self.metrics, self.publisher.last_seq, keys).start()
             self._stack.callback(self.replay.stop)
+        self._warn_exposed(keys)
         context = build_context(s, deployable)
         self._set_model_info(context)
         self.pipeline = Pipeline(context, self.metrics, self.publisher, s.postprocess.workers)
@@ -161,6 +166,22 @@ class Daemon:
                 f"last defect: {self.pipeline.last_defect if self.pipeline else 'none'}")
 
     # -- model and cameras ------------------------------------------------------------------
+    def _server_keys(self) -> ServerKeys | None:
+        """The CURVE key pair and allow-list of every socket the daemon binds (ConfigError before anything binds)."""
+        cfg = self.settings.publish
+        return ServerKeys.load(cfg.curve_secret_key, cfg.curve_clients) if cfg.curve_secret_key else None
+
+    def _warn_exposed(self, keys: ServerKeys | None) -> None:
+        """Plain-text sockets that other machines can reach: a warning now, and a note on /healthz for as long."""
+        if keys is not None:
+            return
+        bound = [("events", self.publisher.endpoint)] + ([("replay", self.replay.endpoint)] if self.replay else [])
+        for name, endpoint in bound:
+            if not is_loopback_endpoint(endpoint):
+                self._exposed.append(f"{name} on {endpoint} in plain text, open to the network: set "
+                                     "publish.curve_secret_key and publish.curve_clients (docs/security.md)")
+                log.warning("%s", self._exposed[-1])
+
     def _load_model(self) -> Deployable:
         from inspectd.tfload import import_tensorflow
 
@@ -328,7 +349,7 @@ class Daemon:
     def notes(self) -> list[str]:
         """What /healthz reports without failing: losses that do not stop inspection (a full archive disk
         must not have systemd restart the daemon)."""
-        out = []
+        out = list(self._exposed)
         archive = self.archive
         if archive is not None:
             losing = archive.losing()

@@ -7,11 +7,15 @@ Nothing is registered at import time; tests use a private registry each.
 
 from __future__ import annotations
 
-__all__ = ["Metrics", "MetricsServer", "FrameAccount", "frame_accounts", "BATCH_BUCKETS", "LATENCY_BUCKETS"]
+__all__ = ["Metrics", "MetricsServer", "WebSecurity", "web_security", "FrameAccount", "frame_accounts",
+           "BATCH_BUCKETS", "LATENCY_BUCKETS"]
 
+import base64
 import errno
+import logging
 import socket
 import socketserver
+import ssl
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -33,6 +37,9 @@ from prometheus_client.process_collector import ProcessCollector
 
 from inspectd import __version__
 from inspectd.errors import ConfigError
+from inspectd.security import PasswordCheck, private_file
+
+log = logging.getLogger("inspectd.service.metrics")
 
 NS = "inspectd"
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -78,6 +85,9 @@ class Metrics:
                                        "(complete, partial, unknown_run, error)", ["status"], **r)
         self.replay_abandoned = Counter("replay_abandoned", "Replay answers abandoned: the consumer stopped reading "
                                         "or went away", **r)
+        self.handshakes_refused = Counter("handshakes_refused", "ZeroMQ connections refused at the CURVE handshake, "
+                                          "by socket (events, replay) and reason (auth: a client key not allowed; "
+                                          "protocol: plain text or the wrong server key; other)", ["socket", "reason"], **r)
         self.reload_failures = Counter("reload_failures", "Reloads (SIGHUP) rejected; the old config/model kept", **r)
         self.model_info = Gauge("model_info", "The loaded model (value 1) and the runtime running it",
                                 ["name", "sha256", "backbone", "input", "runtime", "device"], **r)
@@ -86,6 +96,15 @@ class Metrics:
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
+
+    def refused(self, socket_name: str) -> Callable[[str], None]:
+        """The `refused(reason)` hook of a CURVE server socket: its series start at 0, so that `increase()` sees
+        the first refusal."""
+        from inspectd.outputs.sockets import HANDSHAKE_REASONS
+
+        for reason in HANDSHAKE_REASONS:
+            self.handshakes_refused.labels(socket=socket_name, reason=reason)
+        return lambda reason: self.handshakes_refused.labels(socket=socket_name, reason=reason).inc()
 
     def watch_archive(self, archive) -> None:
         """Export an `inspectd.outputs.archive.Archive`: its size read at each scrape, every drop reason from 0
@@ -153,6 +172,10 @@ def frame_accounts(registry: CollectorRegistry, in_flight: Mapping[str, int] | N
 class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
+    def handle_error(self, request, client_address):
+        """A client that fails the TLS handshake, or goes away mid-request: not worth a traceback on stderr."""
+        log.debug("metrics HTTP: request from %s failed", client_address, exc_info=True)
+
 
 class _ThreadingWSGIServer6(_ThreadingWSGIServer):
     address_family = socket.AF_INET6
@@ -182,8 +205,55 @@ def _server_class(host: str) -> type[_ThreadingWSGIServer]:
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = 10  # a client that stalls mid-request (or mid-handshake) frees its thread after this
+
+    def setup(self):
+        super().setup()
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.do_handshake()  # here, on the request's thread: a slow client cannot stall accept()
+
     def log_message(self, format, *args):  # noqa: A002  (scrapes every few seconds would flood the journal)
         pass
+
+
+@dataclass(frozen=True)
+class WebSecurity:
+    """TLS and basic auth of the metrics endpoint (`[metrics] tls_*`, `basic_auth_users`), as Prometheus'
+    exporter web config: a TLS certificate and key, and bcrypt-hashed users."""
+
+    tls: ssl.SSLContext | None
+    users: PasswordCheck | None
+
+
+def web_security(cfg) -> WebSecurity | None:
+    """From `[metrics]` (MetricsConfig); None when neither TLS nor users are set. ConfigError naming the key
+    for a key file others can read, or a certificate and key that do not load."""
+    tls = None
+    if cfg.tls_cert_file:
+        key = private_file(cfg.tls_key_file, "metrics.tls_key_file")
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            tls.load_cert_chain(cfg.tls_cert_file, key)
+        except FileNotFoundError:
+            raise ConfigError(f"metrics.tls_cert_file {cfg.tls_cert_file!r}: no such file") from None
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"metrics.tls_cert_file / tls_key_file: cannot load the certificate and key: "
+                              f"{getattr(exc, 'reason', None) or exc}") from None
+    users = PasswordCheck(cfg.basic_auth_users) if cfg.basic_auth_users else None
+    return WebSecurity(tls, users) if tls is not None or users is not None else None
+
+
+def _authorized(users: PasswordCheck, header: str) -> bool:
+    """HTTP basic auth: `Basic base64(user:password)`."""
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        user, colon, password = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return bool(colon) and users.check(user, password)
 
 
 Check = Callable[[], tuple[bool, str]]
@@ -196,11 +266,18 @@ class MetricsServer:
     address of this machine, unresolvable) with the address, if it cannot.
     """
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int, healthz: Check, readyz: Check):
+    def __init__(self, registry: CollectorRegistry, host: str, port: int, healthz: Check, readyz: Check,
+                 web: WebSecurity | None = None):
+        """`web`: HTTPS and/or basic auth on every path (web_security); None = plain HTTP, no auth."""
         metrics_app = make_wsgi_app(registry)
         checks = {"/healthz": healthz, "/readyz": readyz}
+        users = web.users if web is not None else None
 
         def app(environ, start_response):
+            if users is not None and not _authorized(users, environ.get("HTTP_AUTHORIZATION", "")):
+                start_response("401 Unauthorized", [("Content-Type", "text/plain; charset=utf-8"),
+                                                    ("WWW-Authenticate", 'Basic realm="inspectd", charset="UTF-8"')])
+                return [b"unauthorized\n"]
             check = checks.get(environ.get("PATH_INFO", ""))
             if check is None:
                 return metrics_app(environ, start_response)
@@ -212,6 +289,10 @@ class MetricsServer:
             self._server = make_server(host, port, app, _server_class(host), handler_class=_QuietHandler)
         except OSError as exc:  # in use, an address not on this machine, an unresolvable name
             raise _bind_error(host, port, exc) from None
+        if web is not None and web.tls is not None:
+            self._server.socket = web.tls.wrap_socket(self._server.socket, server_side=True,
+                                                      do_handshake_on_connect=False)
+        self.scheme = "https" if web is not None and web.tls is not None else "http"
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
 
     @property

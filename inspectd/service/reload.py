@@ -37,10 +37,12 @@ CONTEXT_KEYS = ("model.threshold", "model.mask_threshold", "model.mask_rule", "p
 # Read from the daemon's settings at each use: applied by the settings swap alone.
 LIVE_KEYS = ("daemon.stuck_after_s",)
 # Bound at start-up (sockets, pool sizes, queues, the archive's writer, shutdown timeouts registered at start).
-RESTART_KEYS = ("postprocess.workers", "publish.endpoint", "publish.send_hwm", "publish.heartbeat_s", "metrics.host",
-                "metrics.port", "replay.endpoint", "replay.ring_messages", "replay.ring_bytes", "replay.max_messages",
-                "replay.max_bytes", "archive.dir", "archive.max_bytes", "archive.max_age_s", "archive.queue_size",
-                "daemon.shutdown_timeout_s", "daemon.warmup")
+RESTART_KEYS = ("postprocess.workers", "publish.endpoint", "publish.send_hwm", "publish.heartbeat_s",
+                "publish.curve_secret_key", "publish.curve_clients", "metrics.host", "metrics.port",
+                "metrics.tls_cert_file", "metrics.tls_key_file", "metrics.basic_auth_users", "replay.endpoint",
+                "replay.ring_messages", "replay.ring_bytes", "replay.max_messages", "replay.max_bytes", "archive.dir",
+                "archive.max_bytes", "archive.max_age_s", "archive.queue_size", "daemon.shutdown_timeout_s",
+                "daemon.warmup")
 _APPLIED_KEYS = ENGINE_KEYS + CONTEXT_KEYS + LIVE_KEYS
 
 
