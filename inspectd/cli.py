@@ -44,10 +44,11 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_check_config(args) -> int:
-    from inspectd.service.config import check_model
+    from inspectd.service.config import check_model, check_security
 
     logging.basicConfig(level=logging.WARNING, format="inspectd check-config: %(levelname)s: %(message)s")
     settings, path = _settings(args)
+    check_security(settings)
     print(f"# effective configuration from {path} (after INSPECTD_* environment overrides)")
     print(json.dumps(settings.model_dump(mode="json"), indent=2))
     if getattr(args, "no_model", False):

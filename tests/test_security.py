@@ -333,3 +333,12 @@ def test_a_curve_daemon_serves_an_allowed_watch_and_refuses_a_stranger_with_exit
         assert plain.returncode == ExitCode.NO_PERMISSION and "we do not" in plain.stderr, plain.stderr
         wait_until(lambda: (metric_value(urls["metrics"], "inspectd_handshakes_refused_total", socket="events",
                                          reason="auth") or 0) >= 1, 10, "the refusal in the daemon's metrics")
+
+
+def test_check_config_loads_the_keys_as_run_would(keys, tmp_path):
+    config = _config(tmp_path, f'[publish]\ncurve_secret_key = "{keys["server_secret"]}"\n'
+                               f'curve_clients = "{keys["clients"]}"')
+    assert run_cli("check-config", "--config", config, "--no-model").returncode == 0
+    os.chmod(keys["server_secret"], 0o640)
+    bad = run_cli("check-config", "--config", config, "--no-model")
+    assert bad.returncode == ExitCode.CONFIG and "publish.curve_secret_key" in bad.stderr and "chmod 600" in bad.stderr

@@ -25,6 +25,7 @@ __all__ = [
     "config_env_names",
     "NON_CONFIG_ENV",
     "check_model",
+    "check_security",
 ]
 
 import difflib
@@ -583,6 +584,17 @@ def _holds_passwords(data: dict) -> bool:
     cams = data.get("cameras") if isinstance(data.get("cameras"), list) else []
     texts = [v for c in cams if isinstance(c, dict) for k, v in c.items() if k in ("url", "pipeline") and isinstance(v, str)]
     return any(_PASSWORD_IN_URL.search(t) or "user-pw=" in t for t in texts)
+
+
+def check_security(settings: Settings) -> None:
+    """Load the key files and the certificate the daemon would (ConfigError naming the key): a secret file
+    others can read, a file that is not a key, a certificate that does not match its key."""
+    from inspectd.security import ServerKeys
+    from inspectd.service.metrics import web_security
+
+    if settings.publish.curve_secret_key:
+        ServerKeys.load(settings.publish.curve_secret_key, settings.publish.curve_clients)
+    web_security(settings.metrics)
 
 
 def resolve_model_path(path: str) -> Path:
