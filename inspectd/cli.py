@@ -83,6 +83,31 @@ def _cmd_archive_export(args) -> int:
     return 0
 
 
+def _bridge_settings(args):
+    from inspectd.bridges.config import DEFAULT_BRIDGES_CONFIG, load_bridge_settings
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return load_bridge_settings(args.config or DEFAULT_BRIDGES_CONFIG)
+
+
+def _cmd_proxy(args) -> int:
+    from inspectd.bridges.proxy import Proxy
+
+    return Proxy(_bridge_settings(args)).run()
+
+
+def _cmd_bridge(args) -> int:
+    settings = _bridge_settings(args)
+    if args.verb == "mqtt":
+        from inspectd.bridges.mqtt import MqttBridge
+
+        return MqttBridge(settings).run()
+    from inspectd.bridges.opcua import OpcUaBridge
+
+    return OpcUaBridge(settings).run()
+
+
 def _cmd_keys_generate(args) -> int:
     from inspectd.security import generate_keys
 
@@ -347,6 +372,32 @@ def _add_archive(sub) -> None:
     e.set_defaults(func=_cmd_archive_export)
 
 
+def _bridge_options(p) -> None:
+    p.add_argument("--config", type=Path, metavar="FILE", help="the bridges' config (default /etc/inspectd/bridges.toml; "
+                   "docs/integration.md)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"), help="log level")
+
+
+def _add_proxy(sub) -> None:
+    p = sub.add_parser("proxy", help="many daemons as one ZeroMQ stream (XSUB/XPUB proxy), CURVE on both sides",
+                       description="Connect to every [[daemons]] endpoint and republish everything on [proxy] endpoint, "
+                       "untouched (docs/integration.md).")
+    _bridge_options(p)
+    p.set_defaults(func=_cmd_proxy)
+
+
+def _add_bridge(sub) -> None:
+    p = sub.add_parser("bridge", help="carry the daemons' events to the plant: MQTT broker, OPC UA server")
+    verbs = p.add_subparsers(dest="verb", metavar="KIND", required=True)
+    m = verbs.add_parser("mqtt", help="publish defect events, masks and camera status to an MQTT broker (QoS 1, "
+                         "persistent session, gaps filled from the daemons' replay)")
+    _bridge_options(m)
+    m.set_defaults(func=_cmd_bridge)
+    o = verbs.add_parser("opcua", help="serve each camera's last verdict and counters as OPC UA variables (for PLCs)")
+    _bridge_options(o)
+    o.set_defaults(func=_cmd_bridge)
+
+
 def _add_keys(sub) -> None:
     p = sub.add_parser("keys", help="CURVE key pairs for encrypted, authenticated events; password hashes for /metrics")
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
@@ -378,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     from inspectd.watch import add_parser as _add_watch
 
-    commands = (_add_run, _add_check_config, _add_watch, _add_bench, _add_archive, _add_keys,
+    commands = (_add_run, _add_check_config, _add_watch, _add_bench, _add_archive, _add_keys, _add_proxy, _add_bridge,
                 _add_train, _add_convert, _add_export, _add_infer, _add_evaluate, _add_synth)
     for add in commands:
         add(sub)

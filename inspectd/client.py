@@ -45,7 +45,7 @@ import logging
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -100,27 +100,64 @@ class Event:
 
 
 class SeqTracker:
-    """Loss and restart detection for one publisher: seq per (run_id, topic), from the wire's rules.
+    """Loss and restart detection for one endpoint: seq per (run_id, topic), from the wire's rules.
 
     The first message of a topic seen in a run sets the baseline (gap 0: a late joiner missed those
     on purpose); after that, seq jumping from n to n+k+1 means k messages were lost on the way.
-    A run_id other than the last one seen means the publisher restarted: its seqs start afresh.
+    Several runs may interleave on one endpoint (daemons behind `inspectd proxy`): each counts on its
+    own. A new run whose cameras an earlier run had is that daemon restarted (`restarted`, once, and
+    the old run is forgotten): cameras come from the topic (`defect.<camera>`) or, for heartbeats,
+    from the header's `cameras`. Behind one proxy, camera ids must therefore be unique across lines.
     """
 
-    def __init__(self) -> None:
-        self.run_id: str | None = None
-        self._last: dict[str, int] = {}
+    MAX_RUNS = 64  # runs tracked at once (one per daemon behind a proxy); the least recent go first
 
-    def observe(self, run_id: str, topic: str, seq: int) -> tuple[int, bool]:
-        """-> (messages missing before this one, whether this is the first message of a new run)."""
-        restarted = self.run_id is not None and run_id != self.run_id
-        if run_id != self.run_id:
-            self.run_id, self._last = run_id, {}
-        last = self._last.get(topic)
+    def __init__(self) -> None:
+        self.run_id: str | None = None  # the run of the last message
+        self._last: dict[str, dict[str, int]] = {}  # run -> topic -> last seq (insertion order: recency)
+        self._cameras: dict[str, set[str]] = {}  # run -> cameras seen
+
+    def observe(self, run_id: str, topic: str, seq: int, cameras: Iterable[str] = ()) -> tuple[int, bool]:
+        """-> (messages missing before this one, whether this is the first message of a restarted daemon).
+        `cameras`: a heartbeat's cameras (other topics name theirs)."""
+        self.run_id = run_id
+        seen = set(cameras) | ({topic.split(".", 1)[1]} if "." in topic else set())
+        restarted = False
+        if run_id not in self._last:
+            self._last[run_id], self._cameras[run_id] = {}, set()
+            # A publisher without cameras (yet: a daemon's first heartbeat may come before its cameras start)
+            # replaces another without cameras.
+            restarted = self._replaces(run_id, seen) if seen else self._replaces_empty(run_id)
+            while len(self._last) > self.MAX_RUNS:
+                self._forget(next(iter(self._last)))
+        elif seen - self._cameras[run_id]:
+            # Cameras this run did not name before: an older run that had them is over. Said once per run.
+            restarted = self._replaces(run_id, seen) and not self._cameras[run_id]
+        self._cameras[run_id] |= seen
+        self._last[run_id] = self._last.pop(run_id)  # most recent last
+        last_seqs = self._last[run_id]
+        last = last_seqs.get(topic)
         gap = seq - last - 1 if last is not None and seq > last else 0
         if last is None or seq > last:
-            self._last[topic] = seq
+            last_seqs[topic] = seq
         return gap, restarted
+
+    def _replaces(self, run_id: str, cameras: set[str]) -> bool:
+        """Forget the older runs that had any of `cameras`; True if there was one."""
+        older = [r for r, cams in self._cameras.items() if r != run_id and cams & cameras]
+        for r in older:
+            self._forget(r)
+        return bool(older)
+
+    def _replaces_empty(self, run_id: str) -> bool:
+        older = [r for r, cams in self._cameras.items() if r != run_id and not cams]
+        for r in older:
+            self._forget(r)
+        return bool(older)
+
+    def _forget(self, run_id: str) -> None:
+        self._last.pop(run_id, None)
+        self._cameras.pop(run_id, None)
 
 
 def _kind(topic: str) -> EventKind:
@@ -483,7 +520,9 @@ class Subscriber:
         event = self._decode(endpoint, sock.recv_multipart())
         if event is None:
             return []
-        gap, restarted = tracker.observe(event.header["run_id"], event.topic, event.header["seq"])
+        cameras = event.header.get("cameras") if event.kind is EventKind.HEARTBEAT else None
+        gap, restarted = tracker.observe(event.header["run_id"], event.topic, event.header["seq"],
+                                         cameras if isinstance(cameras, dict) else ())
         if endpoint in self._replay:
             return self._filled(endpoint, dataclasses.replace(event, restarted=restarted))
         if gap:

@@ -171,7 +171,7 @@ def _save_state(path: Path, positions: dict) -> None:
 def _print_events(sub: Subscriber, args: argparse.Namespace, show_heartbeats: bool, skipped: _Skipped) -> int:
     """The receive loop of `run`."""
     notices = sys.stderr if args.json else sys.stdout
-    runs: dict[str, str] = {}  # endpoint -> run_id seen last
+    runs: dict[str, set[str]] = {}  # endpoint -> the runs seen there
     # SIGTERM ends the watch (exit 0) between two events, never between a line and the state that
     # records it: the handler raises only outside that section (blocking the signal would not do: it
     # can be delivered to any thread of the process).
@@ -241,12 +241,16 @@ def _local_time(stamp: str) -> str:
     return datetime.fromtimestamp(parse_rfc3339(stamp)).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
-def _notices(event: Event, runs: dict[str, str], out) -> None:
-    """'connected' on the first message from a run, '!' lines for restarts and lost messages."""
+def _notices(event: Event, runs: dict[str, set[str]], out) -> None:
+    """'connected' on the first message from a run, '!' lines for restarts and lost messages. An endpoint
+    can carry several runs at once (daemons behind `inspectd proxy`)."""
     h = event.header
     when = _local_time(h["published_at"])
-    if runs.get(event.endpoint) != h["run_id"]:
-        runs[event.endpoint] = h["run_id"]
+    seen = runs.setdefault(event.endpoint, set())
+    if h["run_id"] not in seen:
+        if len(seen) > 256:  # bounded: a watch left running for years sees many restarts
+            seen.clear()
+        seen.add(h["run_id"])
         what = "! daemon restarted, now run" if event.restarted else "connected to run"
         print(f"{when}  {what} {h['run_id']} at {event.endpoint}", file=out, flush=True)
     if event.gap:

@@ -43,9 +43,29 @@ def test_seq_tracker_gaps_baseline_and_restart():
     assert t.observe("A", "status.cam1", 1) == (0, False)  # topics are independent
     assert t.observe("A", "defect.cam1", 12) == (0, False)  # a duplicate is not loss
     assert t.observe("A", "defect.cam1", 13) == (0, False)
-    assert t.observe("B", "heartbeat", 1) == (0, True)  # a new run: restarted, seqs start afresh
+    assert t.observe("B", "heartbeat", 1, cameras=["cam1"]) == (0, True)  # a new run with A's camera: restarted
     assert t.observe("B", "defect.cam1", 2) == (0, False)
     assert t.observe("B", "defect.cam1", 4) == (1, False)
+
+
+def test_seq_tracker_runs_interleaved_behind_a_proxy():
+    """Daemons behind one proxy: each run counts on its own, none is a restart of another; a restart of
+    one of them is still seen, by its cameras."""
+    t = SeqTracker()
+    assert t.observe("L1", "heartbeat", 1, cameras=["line1-top"]) == (0, False)
+    assert t.observe("L2", "heartbeat", 1, cameras=["line2-top"]) == (0, False)
+    assert t.observe("L1", "defect.line1-top", 1) == (0, False)
+    assert t.observe("L2", "defect.line2-top", 1) == (0, False)
+    assert t.observe("L1", "defect.line1-top", 2) == (0, False)
+    assert t.observe("L2", "defect.line2-top", 4) == (2, False)  # L2's own gap, not L1's seqs
+    assert t.observe("L1", "heartbeat", 2, cameras=["line1-top"]) == (0, False)
+    assert t.observe("L2", "heartbeat", 3, cameras=["line2-top"]) == (1, False)
+    assert t.observe("L1b", "status.line1-top", 1) == (0, True)  # line 1's daemon restarted
+    assert t.observe("L2", "defect.line2-top", 5) == (0, False)  # line 2 goes on
+    # A daemon's first heartbeat can come before its cameras start: the restart shows at its first camera.
+    assert t.observe("L2b", "heartbeat", 1, cameras=[]) == (0, False)
+    assert t.observe("L2b", "status.line2-top", 1) == (0, True)
+    assert t.observe("L2b", "defect.line2-top", 1) == (0, False)
 
 
 def test_decode_event_from_crafted_messages():

@@ -26,6 +26,7 @@ __all__ = [
     "NON_CONFIG_ENV",
     "check_model",
     "check_security",
+    "load_toml_model",
 ]
 
 import difflib
@@ -460,9 +461,9 @@ def _origin(loc: tuple, env: dict[str, str]) -> str | None:
     return names[0] if names else None
 
 
-def _keys_at(loc: tuple) -> list[str]:
-    """The keys allowed at `loc` (a path of keys and list indexes into Settings); [] if unknown."""
-    model: type[BaseModel] = Settings
+def _keys_at(loc: tuple, root: type[BaseModel] | None = None) -> list[str]:
+    """The keys allowed at `loc` (a path of keys and list indexes into `root`, default Settings); [] if unknown."""
+    model: type[BaseModel] = root or Settings
     for part in loc:
         if isinstance(part, int):
             continue
@@ -481,26 +482,51 @@ def _redact(text: str) -> str:
     return re.sub(r"(://[^:@/\s]*):[^@\s]*@", r"\1:***@", text)
 
 
-def _describe(err: dict, origin: str | None) -> str:
+def _describe(err: dict, origin: str | None, root: type[BaseModel] | None = None) -> str:
     loc = err["loc"]
     key = ".".join(str(p) for p in loc) or "(top level)"
     if err["type"] == "extra_forbidden":
         if origin is not None and _env_path(origin) == tuple(str(p).lower() for p in loc):
             return f"{key}: unknown key{_closest(origin, config_env_names())}"
         parent = "".join(f"{p}." for p in loc[:-1])
-        return f"{key}: unknown key{_closest(str(loc[-1]), _keys_at(loc[:-1]), parent)}"
+        return f"{key}: unknown key{_closest(str(loc[-1]), _keys_at(loc[:-1], root), parent)}"
     value = err.get("input")
     shown = "" if isinstance(value, dict | list | tuple) else f" (got {_redact(repr(value))[:120]})"
     return f"{key}: {err['msg'].removeprefix('Value error, ')}{shown}"
 
 
-def _format_errors(errors: list[dict], env: dict[str, str], where: str) -> str:
+def _format_errors(errors: list[dict], env: dict[str, str], where: str, root: type[BaseModel] | None = None) -> str:
     """One line: the errors grouped by where each value came from (the file, or an INSPECTD_* variable)."""
     groups: dict[str, list[str]] = {}
     for err in errors:
         origin = _origin(err["loc"], env)
-        groups.setdefault(origin or where, []).append(_describe(err, origin))
+        groups.setdefault(origin or where, []).append(_describe(err, origin, root))
     return "; ".join(f"{src}: {'; '.join(msgs)}" if src else "; ".join(msgs) for src, msgs in groups.items())
+
+
+def load_toml_model(path: Path, model: type[BaseModel], paths: tuple[tuple[str, ...], ...] = ()) -> BaseModel:
+    """A TOML file validated into `model` (no environment overrides): the daemon's errors, in one line naming
+    the key (ConfigError). `paths`: keys (as paths into the file) whose relative paths are relative to it."""
+    data = _read_toml(path)
+    base = path.resolve().parent
+
+    def resolve(node, keys: tuple[str, ...]) -> None:  # "*" steps into every element of a list
+        if not keys:
+            return
+        if keys[0] == "*":
+            for item in node if isinstance(node, list) else ():
+                resolve(item, keys[1:])
+        elif isinstance(node, dict) and len(keys) == 1 and isinstance(node.get(keys[0]), str):
+            node[keys[0]] = _relative_to(base, node[keys[0]])
+        elif isinstance(node, dict):
+            resolve(node.get(keys[0]), keys[1:])
+
+    for keys in paths:
+        resolve(data, keys)
+    try:
+        return model(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc.errors(include_url=False), {}, str(path), model)) from None
 
 
 def _read_toml(path: Path) -> dict:

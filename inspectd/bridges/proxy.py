@@ -1,0 +1,133 @@
+"""`inspectd proxy`: many daemons as one stream, by ZeroMQ's own XSUB/XPUB proxy (`zmq.proxy_steerable`).
+
+    Proxy(load_bridge_settings(path)).run()      # until SIGTERM/SIGINT; exit code 0
+
+An XSUB socket connects to every daemon of `[[daemons]]` (CURVE client where the daemon has a
+`server_key`), an XPUB socket binds `[proxy] endpoint` (CURVE server with `curve_secret_key` and
+`curve_clients`), and libzmq moves every message between them untouched: topics, headers and
+attachments as each daemon sent them, so `run_id`, `camera` and `seq` still name the origin and a
+consumer detects loss per daemon (`inspectd.client` tracks each run on its own). Subscriptions go
+the other way: a consumer's `defect.` reaches every daemon, so nothing is sent that nobody wants.
+
+The proxy holds no state, so it cannot lose what it never had: a consumer that needs gap filling
+asks the daemons' replay endpoints directly (replay is not proxied). Handshakes refused on either
+side are logged; ZeroMQ reconnects to a daemon that restarts by itself.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Proxy"]
+
+import logging
+import signal
+import threading
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from inspectd.bridges.config import BridgeSettings
+from inspectd.errors import ConfigError
+from inspectd.outputs.sockets import ServerSocket
+from inspectd.security import ServerKeys, is_loopback_endpoint
+
+log = logging.getLogger("inspectd.bridges.proxy")
+
+_WATCHED = {zmq.EVENT_CONNECTED: "connected", zmq.EVENT_DISCONNECTED: "disconnected",
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused our key (add our public key to its publish.curve_clients)",
+            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake failed (CURVE on one side only?)",
+            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed (the wrong server_key?)"}
+
+
+class Proxy:
+    """The proxy process: sockets, the steerable proxy on a thread, the main thread waiting for a signal."""
+
+    def __init__(self, settings: BridgeSettings):
+        self.settings = settings
+        self.endpoint = settings.proxy.endpoint
+        self._stop = threading.Event()
+        self._ctx = zmq.Context()
+        self._threads: list[threading.Thread] = []
+
+    def run(self) -> int:
+        """Proxy until SIGTERM or SIGINT; 0. ConfigError (78) for keys or an endpoint that cannot bind."""
+        old = {sig: signal.signal(sig, lambda *_: self._stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            self._stop.wait()
+        finally:
+            self.stop()
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+        return 0
+
+    def start(self) -> None:
+        cfg = self.settings.proxy
+        keys = ServerKeys.load(cfg.curve_secret_key, cfg.curve_clients, key="proxy.curve_secret_key") \
+            if cfg.curve_secret_key else None
+        upstream = self._connect_upstream()
+        self._backend = ServerSocket(zmq.XPUB, cfg.endpoint, "proxy.endpoint", {zmq.SNDHWM: cfg.hwm, zmq.LINGER: 0},
+                                     keys, lambda reason: log.warning("refused a consumer at the handshake (%s)", reason))
+        self.endpoint = self._backend.endpoint
+        if keys is None and not is_loopback_endpoint(self.endpoint):
+            log.warning("proxy on %s in plain text, open to the network: set proxy.curve_secret_key and "
+                        "proxy.curve_clients (docs/security.md)", self.endpoint)
+        self._control = self._ctx.socket(zmq.PAIR)
+        self._control.bind(f"inproc://proxy-control-{id(self)}")
+        steer = self._ctx.socket(zmq.PAIR)
+        steer.connect(f"inproc://proxy-control-{id(self)}")
+        self._steer = steer
+        self._spawn(self._proxy, "proxy", upstream, self._backend.sock, steer)
+        self._spawn(self._watch, "proxy-monitor", upstream)
+        log.info("proxy: %d daemon(s) -> %s (%s)", len(self.settings.daemons), self.endpoint,
+                 "CURVE" if keys else "plain text")
+
+    def _connect_upstream(self) -> zmq.Socket:
+        """One XSUB socket connected to every daemon. libzmq copies the socket's CURVE options into each
+        connection when it is made, so each daemon's server key is set just before its connect."""
+        keys = self.settings.client_keys()
+        if len({k is None for k in keys}) > 1:
+            raise ConfigError("daemons: behind one proxy every [[daemons]] has a server_key (CURVE), or none does")
+        sock = self._ctx.socket(zmq.XSUB)
+        sock.setsockopt(zmq.RCVHWM, self.settings.proxy.hwm)
+        sock.setsockopt(zmq.LINGER, 0)
+        self._monitor = sock.get_monitor_socket(sum(_WATCHED))
+        for daemon, key in zip(self.settings.daemons, keys):
+            if key is not None:
+                key.apply(sock)
+            sock.connect(daemon.endpoint)
+        return sock
+
+    def _spawn(self, target, name: str, *args) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _proxy(self, frontend: zmq.Socket, backend: zmq.Socket, control: zmq.Socket) -> None:
+        try:
+            zmq.proxy_steerable(frontend, backend, None, control)
+        except zmq.ContextTerminated:
+            pass
+        except Exception:  # the proxy is the whole process: stop it, systemd restarts it
+            log.exception("proxy failed")
+            self._stop.set()
+
+    def _watch(self, frontend: zmq.Socket) -> None:
+        """Log what happens to the connections to the daemons (a daemon restarting, our key refused)."""
+        poller = zmq.Poller()
+        poller.register(self._monitor, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(200):
+                continue
+            event = parse_monitor_message(self._monitor.recv_multipart())
+            what = _WATCHED.get(event["event"])
+            if what is not None:
+                level = logging.INFO if event["event"] in (zmq.EVENT_CONNECTED, zmq.EVENT_DISCONNECTED) else logging.ERROR
+                log.log(level, "daemon %s: %s", event["endpoint"].decode("utf-8", "replace"), what)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if hasattr(self, "_control"):
+            self._control.send(b"TERMINATE")
+        for thread in self._threads:
+            thread.join(5)
+        log.info("proxy stopped")
