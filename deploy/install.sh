@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install or upgrade inspectd as a systemd service (Debian 12 / Ubuntu 22.04+), as root:
 #
-#   deploy/install.sh [--gstreamer] [--gpu] [--onnx] [--openvino] [--source DIR|WHEEL] [--no-enable] [--no-start]
+#   deploy/install.sh [--gstreamer] [--gpu] [--onnx] [--openvino] [--bridges] [--source DIR|WHEEL] [--no-enable] [--no-start]
 #   deploy/install.sh --rollback
 #
 # Layout (see deploy/README.md):
@@ -9,7 +9,9 @@
 #   /opt/inspectd/venv -> releases/...   the release the unit runs (ExecStart=/opt/inspectd/venv/bin/inspectd)
 #   /opt/inspectd/venv.previous -> ...   the one before it, kept for --rollback; older ones are removed
 #   /etc/inspectd/config.toml            root:inspectd 0640; written from config.example.toml only if missing
-#   /etc/systemd/system/inspectd.service deploy/inspectd.service, replaced on every run
+#   /etc/systemd/system/inspectd.service deploy/inspectd.service, replaced on every run; likewise the
+#                                        bridges' inspectd-bridge@.service and inspectd-proxy.service
+#                                        (installed, never enabled by this script: docs/integration.md)
 #
 # Every run builds a fresh release next to the running one: the running daemon never sees a
 # half-installed environment, the new release is checked against the existing config before it is
@@ -45,6 +47,7 @@ Install or upgrade inspectd as the systemd service "inspectd".
   --onnx                    install the onnx extra: ONNX Runtime, the fastest CPU runtime measured
                             ([model] runtime = "auto" picks it; docs/performance.md)
   --openvino                install the openvino extra: OpenVINO's CPU runtime
+  --bridges                 install the bridges extra (paho-mqtt, asyncua) for inspectd-bridge@mqtt and @opcua
   --source DIR|WHEEL        what to install: a source tree or a built wheel
                             (default: the checkout this script lives in)
   --python PATH             interpreter for the virtual environment (default: /usr/bin/python3).
@@ -74,6 +77,7 @@ while (($#)); do
         --gpu) extras+=(gpu) ;;
         --onnx) extras+=(onnx) ;;
         --openvino) extras+=(openvino) ;;
+        --bridges) extras+=(bridges) ;;
         --source) (($# >= 2)) || die "--source needs a directory or a wheel"; source_arg="$2"; shift ;;
         --source=*) source_arg="${1#*=}" ;;
         --python) (($# >= 2)) || die "--python needs a path"; python="$2"; shift ;;
@@ -242,12 +246,15 @@ fi
 # ---- unit ----------------------------------------------------------------------------------------
 mapfile -t own < <(owned root:root)
 install -d -m 0755 "$(dirname "$unit")"
-if cmp -s "$here/inspectd.service" "$unit"; then
-    say "unit $unit unchanged"
-else
-    install -m 0644 "${own[@]}" "$here/inspectd.service" "$unit"
-    say "installed unit $unit"
-fi
+for file in inspectd.service inspectd-bridge@.service inspectd-proxy.service; do
+    target="$(dirname "$unit")/$file"
+    if cmp -s "$here/$file" "$target"; then
+        say "unit $target unchanged"
+    else
+        install -m 0644 "${own[@]}" "$here/$file" "$target"
+        say "installed unit $target"
+    fi
+done
 
 # ---- the release: a fresh venv with inspectd ------------------------------------------------------
 if [[ -d "$source_arg" ]]; then
@@ -294,6 +301,7 @@ pip install -q "${pip_args[@]}" "$spec"
 version="$(env -u PYTHONPATH "$release/bin/python" -c 'import importlib.metadata as m; print(m.version("inspectd"))')"
 install -d -m 0755 "$release/share/inspectd"
 install -m 0644 "$repo/config.example.toml" "$release/share/inspectd/config.example.toml"
+install -m 0644 "$here/bridges.example.toml" "$release/share/inspectd/bridges.example.toml"
 cat >"$release/share/inspectd/release.txt" <<EOF
 version=$version
 installed=$name

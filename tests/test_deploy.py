@@ -70,12 +70,12 @@ def systemd_root(root: Path) -> Path:
     return root
 
 
-def verify(root: Path) -> list[str]:
-    """`systemd-analyze verify --root=ROOT inspectd.service`: its complaints about our unit.
+def verify(root: Path, unit: str = "inspectd.service") -> list[str]:
+    """`systemd-analyze verify --root=ROOT UNIT`: its complaints about our unit.
 
     verify exits 0 even for unknown keys or unparsable values (it only prints them), so every line
     naming the unit or its file counts; lines about the host's own units do not."""
-    proc = subprocess.run([SYSTEMD_ANALYZE, "verify", f"--root={root}", "inspectd.service"],
+    proc = subprocess.run([SYSTEMD_ANALYZE, "verify", f"--root={root}", unit],
                           capture_output=True, text=True, timeout=60)
     lines = (proc.stdout + proc.stderr).splitlines()
     complaints = [line for line in lines if "inspectd" in line]
@@ -106,37 +106,40 @@ def test_the_unit_keeps_the_contract_with_the_daemon():
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
 
 
+# The bridges' units: (file in deploy/, the unit name verified: a template needs an instance).
+BRIDGE_UNITS = (("inspectd-bridge@.service", "inspectd-bridge@mqtt.service"),
+                ("inspectd-bridge@.service", "inspectd-bridge@opcua.service"),
+                ("inspectd-proxy.service", "inspectd-proxy.service"))
+
+
 @needs_systemd_analyze
-def test_the_unit_verifies_without_complaints(tmp_path):
+@pytest.mark.parametrize("file, name", [("inspectd.service", "inspectd.service"), *BRIDGE_UNITS])
+def test_the_unit_verifies_without_complaints(tmp_path, file, name):
     root = systemd_root(tmp_path)
     entry = root / ENTRY_POINT  # verify checks that ExecStart's binary exists and is executable
     entry.parent.mkdir(parents=True)
     entry.write_text("#!/bin/sh\nexit 0\n")
     entry.chmod(0o755)
     (root / "etc" / "systemd" / "system").mkdir(parents=True)
-    shutil.copy2(UNIT, root / "etc" / "systemd" / "system" / "inspectd.service")
-    assert verify(root) == []
+    shutil.copy2(ROOT / "deploy" / file, root / "etc" / "systemd" / "system" / file)
+    assert verify(root, name) == []
+
+
+@pytest.mark.parametrize("file, command", [("inspectd-bridge@.service", "bridge %i"), ("inspectd-proxy.service", "proxy")])
+def test_bridge_units_run_the_bridges_as_the_service_user(file, command):
+    svc = parse_unit(ROOT / "deploy" / file)["Service"]
+    assert svc["ExecStart"] == [f"/opt/inspectd/venv/bin/inspectd {command} --config /etc/inspectd/bridges.toml"]
+    assert svc["User"] == ["inspectd"] and svc["RestartPreventExitStatus"] == ["78"]
+    assert svc["MemoryDenyWriteExecute"] == ["yes"] and svc["PrivateDevices"] == ["yes"]
 
 
 @needs_systemd_analyze
-def test_verify_does_see_mistakes(tmp_path):
-    """The check above means something: a typo and a missing binary are reported."""
-    root = systemd_root(tmp_path)
-    (root / "etc" / "systemd" / "system").mkdir(parents=True)
-    (root / "etc" / "systemd" / "system" / "inspectd.service").write_text(
-        UNIT.read_text().replace("RestartSec=10", "RestartSec=ten").replace("[Install]", "Bogus=1\n[Install]"))
-    complaints = "\n".join(verify(root))
-    assert "RestartSec" in complaints or "ten" in complaints
-    assert "Bogus" in complaints
-    assert "/opt/inspectd/venv/bin/inspectd" in complaints
-
-
-@needs_systemd_analyze
-def test_the_unit_exposure_score_is_low():
-    proc = subprocess.run([SYSTEMD_ANALYZE, "security", "--offline=true", "--no-pager", str(UNIT)],
+@pytest.mark.parametrize("file", ["inspectd.service", "inspectd-bridge@.service", "inspectd-proxy.service"])
+def test_the_unit_exposure_score_is_low(file):
+    proc = subprocess.run([SYSTEMD_ANALYZE, "security", "--offline=true", "--no-pager", str(ROOT / "deploy" / file)],
                           capture_output=True, text=True, timeout=60)
     out = proc.stdout + proc.stderr
-    match = re.search(r"Overall exposure level for inspectd\.service:\s*([0-9.]+)", out)
+    match = re.search(r"Overall exposure level for inspectd[-a-z@]*\.service:\s*([0-9.]+)", out)
     assert match, out
     assert float(match.group(1)) <= MAX_EXPOSURE, out
 

@@ -189,3 +189,9 @@ def test_proxy_cli_config_error_is_one_line_and_78(tmp_path):
     path.write_text('[[daemons]]\nendpoint = "udp://x"\n')
     r = run_cli("proxy", "--config", path)
     assert r.returncode == ExitCode.CONFIG and r.stderr.count("\n") == 1 and "daemons.0.endpoint" in r.stderr, r.stderr
+
+
+def test_the_shipped_bridges_example_is_valid():
+    settings = load_bridge_settings(ROOT / "deploy" / "bridges.example.toml")
+    assert settings.daemons[0].endpoint == "tcp://127.0.0.1:5556" and settings.mqtt.qos == 1
+    assert settings.opcua.security == "none" and settings.proxy.endpoint == "tcp://127.0.0.1:5560"

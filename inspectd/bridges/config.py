@@ -100,15 +100,15 @@ class MqttConfig(_Section):
     topic_prefix: str = Field("inspectd", description="topics are PREFIX/LINE/CAMERA/KIND (docs/integration.md)")
     line: str = Field("line", description="the LINE of daemons without their own [[daemons]] line")
     qos: Literal[0, 1, 2] = Field(1, description="QoS of events (status and bridge state: 1, retained)")
-    frames: Literal["none", "separate"] = Field("separate", description="masks and attached frames: separate = "
-                                                "binary messages on .../defect/mask and .../defect/frame; none = "
-                                                "headers only")
+    frames: Literal["separate", "inline", "none"] = Field(
+        "separate", description="masks and attached frames: separate = binary messages right after the header on "
+        ".../defect/mask, /regions, /frame; inline = base64 in the header's attachments_base64; none = headers only")
     state_file: str = Field("", description="where the bridge keeps what it has published (run, topic, seq) "
                             "across its restarts; empty = in memory only (a restart then starts from the present)")
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive; the broker publishes the bridge's "
                              "Last Will after 1.5x this without a word")
-    max_queued: int = Field(10_000, ge=10, le=1_000_000, description="messages held while the broker is away; beyond, "
-                            "the bridge stops taking events until it is back (the daemon's replay fills the gap)")
+    max_queued: int = Field(5_000, ge=10, le=10_000, description="events held while the broker is away; beyond, the "
+                            "bridge stops taking events until it is back (the daemon's replay fills the gap)")
 
     @field_validator("topic_prefix")
     @classmethod
