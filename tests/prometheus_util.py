@@ -40,8 +40,9 @@ class PrometheusServer:
 
     def __init__(self, workdir: Path, targets: list[str], rule_files: list[Path] = (), job: str = "inspectd",
                  scrape_interval: str = "1s", evaluation_interval: str = "1s", labels: dict | None = None,
-                 jobs: list[dict] = ()):
-        """`jobs`: more scrape configs, as Prometheus takes them (e.g. HTTPS with basic auth)."""
+                 jobs: list[dict] = (), config_file: Path | None = None):
+        """`jobs`: more scrape configs, as Prometheus takes them (e.g. HTTPS with basic auth). `config_file`:
+        run this config instead (e.g. the shipped one); the other arguments are then unused."""
         if PROMETHEUS is None:
             raise FileNotFoundError("prometheus is not installed (Debian: apt-get install prometheus)")
         self.workdir = Path(workdir)
@@ -57,7 +58,10 @@ class PrometheusServer:
                                                                       "labels": dict(labels or {})}]},
                                *jobs],
         }
-        self.config_path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+        if config_file is not None:
+            self.config_path = Path(config_file)
+        else:
+            self.config_path.write_text(json.dumps(config, indent=2))  # JSON is YAML
         self.log_path = self.workdir / "prometheus.log"
         self._log = None
         self.proc: subprocess.Popen | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from prometheus_util import (
     ALERTS_TEST_YML,
     ALERTS_YML,
     DASHBOARD_JSON,
+    DEPLOY,
     PROMETHEUS,
     PROMETHEUS_YML,
     PROMTOOL,
@@ -236,13 +238,53 @@ def test_every_dashboard_query_returns_data(stack):
                 pytest.fail(f"{where}: {e}")
 
 
+def _variable_values(prom: PrometheusServer, name: str, variables: dict[str, str]) -> set[str]:
+    """What Grafana lists for the dashboard variable `name`, with the other variables set to `variables`."""
+    definition = {v["name"]: v for v in _dashboard()["templating"]["list"]}[name]["definition"]
+    m = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", definition)
+    assert m, definition
+    return set(prom.label_values(m.group(2), render(m.group(1), variables)))
+
+
 def test_dashboard_variables_list_the_daemon_and_its_cameras(stack):
-    variables = {v["name"]: v for v in _dashboard()["templating"]["list"]}
-    for name, want in (("instance", {stack.instance}), ("camera", {*LIVE_CAMERAS, DEAD_CAMERA})):
-        m = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", variables[name]["definition"])
-        assert m, variables[name]["definition"]
-        match = render(m.group(1), {"instance": _grafana_regex([stack.instance])})
-        assert set(stack.prom.label_values(m.group(2), match)) == want, name
+    variables = {"line": ".*", "instance": _grafana_regex([stack.instance])}
+    assert _variable_values(stack.prom, "line", variables) == {"test"}
+    assert _variable_values(stack.prom, "instance", variables) == {stack.instance}
+    assert _variable_values(stack.prom, "camera", variables) == {*LIVE_CAMERAS, DEAD_CAMERA}
+
+
+def test_file_sd_with_a_line_label_feeds_the_dashboard_variables_for_two_daemons(tmp_path):
+    """The shipped scrape layout (file_sd_configs, one targets file per line with a `line` label) on a real
+    Prometheus scraping two daemons: $line lists both lines, $instance the daemon of the chosen line, $camera
+    that daemon's cameras only."""
+    daemons = {}
+    for line, camera in (("line1", "l1-top"), ("line2", "l2-top")):
+        folder = tmp_path / line
+        folder.mkdir()
+        config, urls = daemon_config(folder, camera_toml(camera, "synthetic://?fps=4&width=160&height=128&seed=1"))
+        daemons[line] = (DaemonProcess(config, folder / "daemon.log"), urls["metrics"].removeprefix("http://"), camera)
+    shipped = tmp_path / "prometheus"  # deploy/prometheus as installed: the config, its rules, targets/
+    shutil.copytree(DEPLOY / "prometheus", shipped)
+    (shipped / "targets" / "local.yml").unlink()
+    for line, (_, instance, _) in daemons.items():  # what configuration management writes, per line
+        (shipped / "targets" / f"{line}.yml").write_text(f'- targets: ["{instance}"]\n  labels:\n    line: {line}\n')
+    try:
+        with PrometheusServer(tmp_path / "prom", targets=[], config_file=shipped / "prometheus.yml") as prom:
+            prom.wait_ready()
+            for daemon, instance, _ in daemons.values():
+                daemon.wait_ready(f"http://{instance}")
+            # The shipped scrape interval is 15 s: the first scrape of each target comes within it.
+            wait_until(lambda: _variable_values(prom, "line", {}) == {"line1", "line2"}, 60,
+                       lambda: f"both lines in Prometheus: {prom.targets()}")
+            for line, (_, instance, camera) in daemons.items():
+                chosen = {"line": line, "instance": _grafana_regex([instance])}
+                assert _variable_values(prom, "instance", chosen) == {instance}
+                wait_until(lambda c=chosen, cam=camera: _variable_values(prom, "camera", c) == {cam}, 30, f"{line}: camera")
+            both = {"line": "(line1|line2)", "instance": ".*"}
+            assert _variable_values(prom, "instance", both) == {i for _, i, _ in daemons.values()}
+    finally:
+        for daemon, _, _ in daemons.values():
+            daemon.terminate()
 
 
 def test_alert_rules_load_and_evaluate(stack):
