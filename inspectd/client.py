@@ -56,14 +56,18 @@ from zmq.utils.monitor import parse_monitor_message
 
 from inspectd.errors import ExitCode, InspectdError, UsageError
 from inspectd.outputs.replay import END_TOPIC, REQUEST_TAG
+from inspectd.outputs.sockets import HANDSHAKE_FAILED
 from inspectd.outputs.wire import DEFAULT_ENDPOINT, WireFormatError, decode_message, parse_rfc3339
 from inspectd.security import ClientKeys
 
 log = logging.getLogger("inspectd.client")
 
-# A handshake that fails without a reason (what a client holding the wrong server key sees) can also be a
-# connection cut at the wrong moment: only this many in a row, with no success between, are an error.
+# A handshake that fails without a reason is what a client holding the wrong server key sees (and, depending
+# on who hangs up first, a plain client of a CURVE daemon), but also a connection cut at the wrong moment (a
+# daemon restarting behind a TCP forwarder): never an error; this many in a row over at least this long, with
+# no success between, are a warning (on the logger).
 _NO_DETAIL_LIMIT = 5
+_NO_DETAIL_SPAN_S = 3.0
 MAX_IMAGE_PIXELS = 7680 * 4320  # 8K UHD: larger declared attachments are refused, never decoded
 
 
@@ -105,34 +109,40 @@ class SeqTracker:
     The first message of a topic seen in a run sets the baseline (gap 0: a late joiner missed those
     on purpose); after that, seq jumping from n to n+k+1 means k messages were lost on the way.
     Several runs may interleave on one endpoint (daemons behind `inspectd proxy`): each counts on its
-    own. A new run whose cameras an earlier run had is that daemon restarted (`restarted`, once, and
-    the old run is forgotten): cameras come from the topic (`defect.<camera>`) or, for heartbeats,
-    from the header's `cameras`. Behind one proxy, camera ids must therefore be unique across lines.
+    own. A run that names a camera an earlier run had is that daemon restarted (`restarted`, on that
+    message, once; the earlier run is forgotten); cameras come from the topic (`defect.<camera>`) or a
+    heartbeat's `cameras`. A daemon's first heartbeats may name no camera yet: its restart then shows at
+    its first camera. Runs that never name a camera (a bare publisher) replace one another, unless a
+    forgotten run speaks again: then the endpoint carries several daemons, and only cameras count.
+    Behind one proxy, camera ids must therefore be unique across lines.
     """
 
     MAX_RUNS = 64  # runs tracked at once (one per daemon behind a proxy); the least recent go first
 
     def __init__(self) -> None:
         self.run_id: str | None = None  # the run of the last message
+        self.shared = False  # several daemons' runs seen interleaved on this endpoint
         self._last: dict[str, dict[str, int]] = {}  # run -> topic -> last seq (insertion order: recency)
         self._cameras: dict[str, set[str]] = {}  # run -> cameras seen
+        self._forgotten: deque[str] = deque(maxlen=self.MAX_RUNS)  # runs replaced by a restart
 
     def observe(self, run_id: str, topic: str, seq: int, cameras: Iterable[str] = ()) -> tuple[int, bool]:
-        """-> (messages missing before this one, whether this is the first message of a restarted daemon).
+        """-> (messages missing before this one, whether this message shows its daemon restarted).
         `cameras`: a heartbeat's cameras (other topics name theirs)."""
         self.run_id = run_id
         seen = set(cameras) | ({topic.split(".", 1)[1]} if "." in topic else set())
         restarted = False
         if run_id not in self._last:
+            if run_id in self._forgotten:  # a run we took for replaced speaks again: several daemons here
+                self.shared = True
+                self._forgotten.remove(run_id)
             self._last[run_id], self._cameras[run_id] = {}, set()
-            # A publisher without cameras (yet: a daemon's first heartbeat may come before its cameras start)
-            # replaces another without cameras.
-            restarted = self._replaces(run_id, seen) if seen else self._replaces_empty(run_id)
+            if not seen and not self.shared:
+                restarted = self._replace(run_id, lambda cams: not cams)
             while len(self._last) > self.MAX_RUNS:
                 self._forget(next(iter(self._last)))
-        elif seen - self._cameras[run_id]:
-            # Cameras this run did not name before: an older run that had them is over. Said once per run.
-            restarted = self._replaces(run_id, seen) and not self._cameras[run_id]
+        if seen and not self._cameras[run_id]:  # the run's first camera(s): an older run that had one is over
+            restarted = self._replace(run_id, lambda cams: bool(cams & seen))
         self._cameras[run_id] |= seen
         self._last[run_id] = self._last.pop(run_id)  # most recent last
         last_seqs = self._last[run_id]
@@ -142,17 +152,12 @@ class SeqTracker:
             last_seqs[topic] = seq
         return gap, restarted
 
-    def _replaces(self, run_id: str, cameras: set[str]) -> bool:
-        """Forget the older runs that had any of `cameras`; True if there was one."""
-        older = [r for r, cams in self._cameras.items() if r != run_id and cams & cameras]
+    def _replace(self, run_id: str, replaced: Callable[[set[str]], bool]) -> bool:
+        """Forget the other runs whose cameras `replaced(...)`; True if there was one."""
+        older = [r for r, cams in self._cameras.items() if r != run_id and replaced(cams)]
         for r in older:
             self._forget(r)
-        return bool(older)
-
-    def _replaces_empty(self, run_id: str) -> bool:
-        older = [r for r, cams in self._cameras.items() if r != run_id and not cams]
-        for r in older:
-            self._forget(r)
+            self._forgotten.append(r)
         return bool(older)
 
     def _forget(self, run_id: str) -> None:
@@ -326,15 +331,18 @@ def decode_event(parts: list[bytes], decode: bool = True, max_pixels: int = MAX_
     return Event(topic, kind, header, mask, frame, raw=raw, regions_mask=regions)
 
 
-_HANDSHAKE_FAILED = {
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the daemon refused our CURVE key: its public key (NAME.key) is not in the "
-                                     "daemon's publish.curve_clients folder",
-    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the security handshake failed: the daemon uses CURVE and we do not "
-                                         "(--client-key/--server-key), or the daemon uses plain text and we CURVE",
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: f"the CURVE handshake failed {_NO_DETAIL_LIMIT} times in a row: the server "
-                                          "key is not the daemon's (or the endpoint is not an inspectd daemon)",
+# Why a handshake failed (inspectd.outputs.sockets.HANDSHAKE_FAILED's reasons), for the one line a user reads.
+_REFUSED_BECAUSE = {
+    "auth": "the daemon refused our CURVE key: its public key (NAME.key) is not in the daemon's "
+            "publish.curve_clients folder",
+    "protocol": "the security handshake failed: the daemon uses CURVE and we do not (--client-key/--server-key), "
+                "or the daemon uses plain text and we CURVE",
+    "other": f"the CURVE handshake failed {_NO_DETAIL_LIMIT} times in a row over {_NO_DETAIL_SPAN_S:g} s or more, "
+             "without a reason: is the server key the daemon's? (still trying)",
+    "other-plain": f"the handshake failed {_NO_DETAIL_LIMIT} times in a row over {_NO_DETAIL_SPAN_S:g} s or more, "
+                   "without a reason: does the daemon use CURVE (--client-key/--server-key)? (still trying)",
 }
-_HANDSHAKE_EVENTS = sum(_HANDSHAKE_FAILED) | zmq.EVENT_HANDSHAKE_SUCCEEDED
+_HANDSHAKE_EVENTS = sum(HANDSHAKE_FAILED) | zmq.EVENT_HANDSHAKE_SUCCEEDED
 
 
 class AccessError(InspectdError):
@@ -420,11 +428,14 @@ class Subscriber:
     def __init__(self, endpoints: str | list[str] = DEFAULT_ENDPOINT, topics: list[str] = ("",), rcvhwm: int = 10000,
                  decode: bool = True, on_malformed: Callable[[str, str], None] | None = None,
                  replay: str | list[str | None] | None = None, positions: dict[str, dict[str, int]] | None = None,
-                 replay_timeout_s: float = 5.0, curve: ClientKeys | list[ClientKeys | None] | None = None):
+                 replay_timeout_s: float = 5.0, curve: ClientKeys | list[ClientKeys | None] | None = None,
+                 on_refused: Callable[[str, str], None] | None = None):
         """`replay`: the replay endpoint of each of `endpoints` (one string for one endpoint; None for a
         daemon without replay). `positions`: a previous session's `positions`, to resume from. `curve`: our
         key pair and the daemon's public key (inspectd.security.ClientKeys), for daemons that use CURVE (one
-        for all endpoints, or one per endpoint, None for a plain-text one)."""
+        for all endpoints, or one per endpoint, None for a plain-text one). `on_refused(endpoint, why)`: called
+        when a daemon refuses us at the handshake (default: `recv` raises AccessError); the other endpoints
+        go on."""
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not self.endpoints:
             raise UsageError("no endpoint to subscribe to")
@@ -451,8 +462,9 @@ class Subscriber:
         self._ctx = zmq.Context()
         self._poller = zmq.Poller()
         self._sockets: dict[zmq.Socket, tuple[str, SeqTracker]] = {}
-        self._monitors: dict[zmq.Socket, str] = {}  # handshake events of each SUB socket -> its endpoint
-        self._failed_handshakes: dict[zmq.Socket, int] = {}  # failures without a reason, in a row
+        self._monitors: dict[zmq.Socket, tuple[str, bool]] = {}  # handshake events of a SUB socket -> (endpoint, curve)
+        self._failed_handshakes: dict[zmq.Socket, list[float]] = {}  # times of failures without a reason, in a row
+        self.on_refused = on_refused
         self._replay: dict[str, ReplayClient] = {}
         self._run_of: dict[str, str] = {}  # endpoint -> its current run_id
         self._pending: deque[Event] = deque()
@@ -473,8 +485,8 @@ class Subscriber:
             keys.apply(sock)
         self._sockets[sock] = (endpoint, SeqTracker())  # registered first so close() closes it
         monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
-        self._monitors[monitor] = endpoint
-        self._failed_handshakes[monitor] = 0
+        self._monitors[monitor] = (endpoint, keys is not None)
+        self._failed_handshakes[monitor] = []
         self._poller.register(monitor, zmq.POLLIN)
         try:
             sock.connect(endpoint)
@@ -504,16 +516,25 @@ class Subscriber:
         return self._handed_out(event) if event.endpoint in self._replay else event
 
     def _handshake(self, monitor: zmq.Socket) -> None:
-        """AccessError when the daemon refused us at the security handshake (ZeroMQ never retries a refused key)."""
+        """A refused handshake: AccessError, or `on_refused(endpoint, why)` when given (ZeroMQ never retries a
+        refused key: that endpoint stays silent until the subscriber is made anew)."""
         event = parse_monitor_message(monitor.recv_multipart())["event"]
+        endpoint, curve = self._monitors[monitor]
+        failures = self._failed_handshakes[monitor]
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            self._failed_handshakes[monitor] = 0
+            failures.clear()
             return
-        if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
-            self._failed_handshakes[monitor] += 1
-            if self._failed_handshakes[monitor] < _NO_DETAIL_LIMIT:
-                return
-        raise AccessError(f"{self._monitors[monitor]}: {_HANDSHAKE_FAILED[event]} (docs/security.md)")
+        reason = HANDSHAKE_FAILED[event]
+        if reason == "other":  # ambiguous (a cut connection looks the same): never fatal, a warning if it persists
+            failures.append(time.monotonic())
+            if len(failures) >= _NO_DETAIL_LIMIT and failures[-1] - failures[0] >= _NO_DETAIL_SPAN_S:
+                log.warning("%s: %s (docs/security.md)", endpoint, _REFUSED_BECAUSE["other" if curve else "other-plain"])
+                failures.clear()
+            return
+        why = f"{endpoint}: {_REFUSED_BECAUSE[reason]} (docs/security.md)"
+        if self.on_refused is None:
+            raise AccessError(why)
+        self.on_refused(endpoint, why)
 
     def _receive(self, sock: zmq.Socket) -> list[Event]:
         endpoint, tracker = self._sockets[sock]
@@ -523,6 +544,10 @@ class Subscriber:
         cameras = event.header.get("cameras") if event.kind is EventKind.HEARTBEAT else None
         gap, restarted = tracker.observe(event.header["run_id"], event.topic, event.header["seq"],
                                          cameras if isinstance(cameras, dict) else ())
+        if endpoint in self._replay and tracker.shared:  # replay answers for one daemon, not a proxy's many
+            log.warning("%s carries several daemons (a proxy?): gaps are not filled from %s; give each daemon's "
+                        "own endpoint and replay endpoint instead", endpoint, self._replay[endpoint].endpoint)
+            self._replay.pop(endpoint).close()
         if endpoint in self._replay:
             return self._filled(endpoint, dataclasses.replace(event, restarted=restarted))
         if gap:

@@ -37,13 +37,18 @@ from inspectd.errors import ConfigError, UsageError
 
 log = logging.getLogger("inspectd.security")
 
-# A refused key is logged at most this often (a refused client retries its handshake ~10 times a second).
+# A refused key is logged at most this often (a consumer restarted in a loop by its supervisor, a scan).
 _REFUSED_LOG_EVERY_S = 60.0
+# At most this many bcrypt checks run at once: wrong passwords cost ~0.2 s of CPU each, and a flood of
+# them must not take the line PC's cores from inspection. Requests beyond wait this long, then are refused.
+_BCRYPT_AT_ONCE = 1
+_BCRYPT_WAIT_S = 2.0
 
 
 def private_file(path: str | Path, key: str) -> Path:
-    """`path` as a Path if it is a readable regular file that neither its group nor others can read;
-    ConfigError naming `key` (the setting or option that names it) otherwise."""
+    """`path` as a Path if it is a regular file owned by us (or root) that neither its group nor others can
+    read; ConfigError naming `key` (the setting or option that names it) otherwise. (The folders above it
+    are not checked: keep them root-owned, as /etc/inspectd is.)"""
     path = Path(path)
     try:
         st = path.stat()
@@ -56,6 +61,9 @@ def private_file(path: str | Path, key: str) -> Path:
     if st.st_mode & 0o077:
         raise ConfigError(f"{key} {str(path)!r}: a secret readable or writable by group or others (mode "
                           f"{stat.S_IMODE(st.st_mode):04o}); refused: chmod 600 it, owned by the user that reads it")
+    if st.st_uid not in (0, os.geteuid()):
+        raise ConfigError(f"{key} {str(path)!r}: a secret owned by another user (uid {st.st_uid}), who could replace "
+                          f"it; refused: chown it to the user that reads it")
     return path
 
 
@@ -112,33 +120,47 @@ def _check_z85(value: bytes, key: str, path: Path) -> None:
 class AllowList:
     """The client public keys in a folder (`*.key`), for pyzmq's authenticator (`configure_curve_callback`).
 
-    The folder is read again when its modification time changes, so a key file added (or removed) takes
-    effect at the next connection, without a restart; a client already connected stays connected until it
+    Read again whenever a key file is added, removed, replaced or changed (each handshake compares the
+    files' names, sizes, inodes and modification times: a handful of stat calls), so a key takes effect
+    at the next connection, without a restart; a client already connected stays connected until it
     reconnects (restart the daemon to cut one off at once). A refused key is logged with its public key
     (once a minute per key), so an operator can tell which client it is."""
 
     def __init__(self, folder: str | Path, key: str = "publish.curve_clients"):
         self.folder, self.key = Path(folder), key
         self._keys: frozenset[bytes] = frozenset()
-        self._mtime: float | None = None
+        self._signature: tuple | None = None
         self._lock = threading.Lock()
         self._logged: dict[bytes, float] = {}
+        self._error_logged = -_REFUSED_LOG_EVERY_S
         self.refresh(strict=True)
 
+    def _files(self) -> tuple:
+        """What identifies the folder's key files as they are now (OSError if it cannot be read)."""
+        out = []
+        for entry in os.scandir(self.folder):
+            if entry.name.endswith(".key"):
+                st = entry.stat()
+                out.append((entry.name, st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(sorted(out))
+
     def refresh(self, strict: bool = False) -> frozenset[bytes]:
-        """Read the folder if it changed; ConfigError when `strict` (at start), else the last good list."""
+        """Read the folder if its key files changed; ConfigError when `strict` (at start), else the last good list."""
         try:
-            mtime = self.folder.stat().st_mtime
-            if mtime != self._mtime:
+            signature = self._files()
+            if signature != self._signature:
                 keys = frozenset(zmq.auth.load_certificates(self.folder))
                 with self._lock:
-                    self._keys, self._mtime = keys, mtime
+                    self._keys, self._signature = keys, signature
                 log.info("%s: %d client key(s) allowed from %s", self.key, len(keys), self.folder)
         except (OSError, ValueError) as exc:
             if strict:
                 raise ConfigError(f"{self.key} {str(self.folder)!r}: cannot read the client keys: {exc}") from None
-            log.error("%s %s: cannot read the client keys (keeping the last %d): %s",
-                      self.key, self.folder, len(self._keys), exc)
+            now = time.monotonic()
+            if now - self._error_logged >= _REFUSED_LOG_EVERY_S:
+                self._error_logged = now
+                log.error("%s %s: cannot read the client keys (keeping the last %d): %s",
+                          self.key, self.folder, len(self._keys), exc)
         return self._keys
 
     def callback(self, domain: str, client_key: bytes) -> bool:
@@ -272,18 +294,24 @@ def hash_password(password: str, rounds: int = 12) -> str:
 
 
 class PasswordCheck:
-    """user -> bcrypt hash; `check(user, password)`. bcrypt is slow on purpose (~0.2 s at cost 12), so a
-    pair that passed is remembered (by a SHA-256 of user, password and hash, never the password) for the
-    next scrapes; an unknown user costs one comparison too, so timing does not reveal which users exist."""
+    """user -> bcrypt hash; `check(user, password)`.
+
+    bcrypt is slow on purpose (~0.2 s at cost 12), so a pair that passed is remembered (by a SHA-256 of
+    user, password and hash, never the password) for the next scrapes. An unknown user costs one
+    comparison at the configured hashes' highest cost too, so timing does not reveal which users exist.
+    At most one comparison runs at a time: a flood of wrong passwords costs one core, not the machine,
+    and requests that wait more than 2 s for their turn are refused."""
 
     def __init__(self, users: dict[str, str]):
         import bcrypt
 
         self._bcrypt = bcrypt
         self._users = {u: h.encode("ascii") for u, h in users.items()}
-        self._dummy = bcrypt.hashpw(b"no such user", bcrypt.gensalt(4))
+        cost = max((int(h.split("$")[2]) for h in users.values()), default=4)
+        self._dummy = bcrypt.hashpw(b"no such user", bcrypt.gensalt(cost))
         self._passed: set[bytes] = set()
         self._lock = threading.Lock()
+        self._turn = threading.BoundedSemaphore(_BCRYPT_AT_ONCE)
 
     def __bool__(self) -> bool:
         return bool(self._users)
@@ -295,10 +323,14 @@ class PasswordCheck:
         with self._lock:
             if hashed is not None and token in self._passed:
                 return True
+        if not self._turn.acquire(timeout=_BCRYPT_WAIT_S):
+            return False
         try:
             ok = self._bcrypt.checkpw(data[:72], hashed or self._dummy) and hashed is not None
         except ValueError:  # a malformed hash (checked at load, so only a bug gets here)
             ok = False
+        finally:
+            self._turn.release()
         if ok:
             with self._lock:
                 if len(self._passed) > 1000:

@@ -247,12 +247,14 @@ def _notices(event: Event, runs: dict[str, set[str]], out) -> None:
     h = event.header
     when = _local_time(h["published_at"])
     seen = runs.setdefault(event.endpoint, set())
+    if event.restarted:  # said once per run, on the message that showed it (maybe not the run's first)
+        print(f"{when}  ! daemon restarted, now run {h['run_id']} at {event.endpoint}", file=out, flush=True)
+    elif h["run_id"] not in seen:
+        print(f"{when}  connected to run {h['run_id']} at {event.endpoint}", file=out, flush=True)
     if h["run_id"] not in seen:
         if len(seen) > 256:  # bounded: a watch left running for years sees many restarts
             seen.clear()
         seen.add(h["run_id"])
-        what = "! daemon restarted, now run" if event.restarted else "connected to run"
-        print(f"{when}  {what} {h['run_id']} at {event.endpoint}", file=out, flush=True)
     if event.gap:
         print(f"{when}  ! {event.gap} message(s) lost on {event.topic} before seq {h['seq']}", file=out, flush=True)
 

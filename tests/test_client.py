@@ -68,6 +68,18 @@ def test_seq_tracker_runs_interleaved_behind_a_proxy():
     assert t.observe("L2b", "defect.line2-top", 1) == (0, False)
 
 
+def test_seq_tracker_bare_publishers_behind_one_endpoint_settle():
+    """Runs without cameras: on a direct endpoint a new one is the restart; when a run taken for replaced
+    speaks again, the endpoint is shared and no more restarts are inferred from camera-less runs."""
+    t = SeqTracker()
+    assert t.observe("A", "heartbeat", 1) == (0, False)
+    assert t.observe("B", "heartbeat", 1) == (0, True)  # alone, this is what a restart looks like
+    assert t.observe("A", "heartbeat", 2) == (0, False)  # A again: two daemons share the endpoint
+    assert t.shared
+    assert [t.observe(r, "heartbeat", n)[1] for n in (2, 3, 4) for r in ("B", "A")] == [False] * 6
+    assert t.observe("B", "heartbeat", 6) == (1, False)  # B's own gap is still seen
+
+
 def test_decode_event_from_crafted_messages():
     insp = make_inspection(attach_frame=True)
     body, attachments = inspection_body(insp, MODEL, with_frame=True)

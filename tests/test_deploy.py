@@ -125,6 +125,22 @@ def test_the_unit_verifies_without_complaints(tmp_path, file, name):
     assert verify(root, name) == []
 
 
+@needs_systemd_analyze
+@pytest.mark.parametrize("file, name", [("inspectd.service", "inspectd.service"), BRIDGE_UNITS[0], BRIDGE_UNITS[2]])
+def test_verify_does_see_mistakes(tmp_path, file, name):
+    """The check above means something: a typo and a missing binary are reported, for every unit."""
+    root = systemd_root(tmp_path)
+    (root / "etc" / "systemd" / "system").mkdir(parents=True)
+    text = (ROOT / "deploy" / file).read_text()
+    assert "RestartSec=" in text
+    (root / "etc" / "systemd" / "system" / file).write_text(
+        re.sub(r"RestartSec=\d+", "RestartSec=ten", text).replace("[Install]", "Bogus=1\n[Install]"))
+    complaints = "\n".join(verify(root, name))
+    assert "RestartSec" in complaints or "ten" in complaints
+    assert "Bogus" in complaints
+    assert "/opt/inspectd/venv/bin/inspectd" in complaints
+
+
 @pytest.mark.parametrize("file, command", [("inspectd-bridge@.service", "bridge %i"), ("inspectd-proxy.service", "proxy")])
 def test_bridge_units_run_the_bridges_as_the_service_user(file, command):
     svc = parse_unit(ROOT / "deploy" / file)["Service"]

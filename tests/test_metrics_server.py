@@ -125,7 +125,7 @@ def test_https_with_basic_auth_serves_only_a_known_user(secured):
     assert _fetch(url + "/healthz", ca)[0] == 401
 
 
-def test_https_refuses_plain_http_and_an_untrusted_client_keeps_no_thread(secured):
+def test_https_refuses_plain_http_and_an_untrusted_client_and_keeps_serving(secured):
     url, ca = secured
     with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
         _fetch(url.replace("https", "http") + "/metrics", auth=("prom", "s3cret"))

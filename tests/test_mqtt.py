@@ -38,7 +38,7 @@ def _bridges_toml(tmp_path: Path, events: str, replay: str, port: int, **mqtt) -
                 "password_file": "mqtt.password", "line": "line3", "state_file": "state/positions.json",
                 "keepalive_s": 5, **mqtt}
     path = tmp_path / "bridges.toml"
-    path.write_text(f'[[daemons]]\nendpoint = "{events}"\nreplay = "{replay}"\n\n[mqtt]\n'
+    path.write_text(f'[[daemons]]\nendpoint = "{events}"\nreplay = "{replay}"\nline = "line3"\n\n[mqtt]\n'
                     + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))
     return path
 
@@ -56,6 +56,9 @@ class Bridge:
         try:
             return self.proc.wait(30)
         finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
             self._log.close()
 
 
@@ -73,50 +76,62 @@ def test_broker_and_bridge_restarts_lose_no_defect_event(tmp_path):
         bridges = _bridges_toml(tmp_path, urls["events"], replay, broker.port)
         with Recorder(broker.port, "reader", USERS["reader"], "inspectd/#") as rec:
             wait_until(lambda: rec.client.is_connected(), 10, "the recorder connected")
-            bridge = Bridge(bridges, tmp_path / "bridge.log")
+            bridges_started = [Bridge(bridges, tmp_path / "bridge.log")]
             daemon = DaemonProcess(config, tmp_path / "daemon.log")
             try:
-                daemon.wait_ready(urls["metrics"])
-                wait_until(lambda: len(_defects(rec)) >= 8, 60, lambda: f"8 defects over MQTT:\n{bridge_log(tmp_path)}")
-                broker.restart()  # mid-stream: the bridge and the recorder reconnect to a broker that kept the session
-                n = len(_defects(rec))
-                wait_until(lambda: len(_defects(rec)) >= n + 8, 60, lambda: f"8 more after the broker restart:\n"
-                           f"{bridge_log(tmp_path)}\n{broker.log()}")
-                assert bridge.stop() == 0  # a bridge outage: what it missed comes from the daemon's replay
-                n = len(_defects(rec))
-                bridge = Bridge(bridges, tmp_path / "bridge.log")
-                wait_until(lambda: len(_defects(rec)) >= n + 8, 60, lambda: f"8 more after the bridge restart:\n"
-                           f"{bridge_log(tmp_path)}")
+                _restarts(rec, broker, bridges_started, daemon, urls, bridges, tmp_path)
             finally:
-                assert daemon.terminate() == 0
-            index = RetentionIndex.scan(tmp_path / "archive")
-            runs = {h["run_id"] for h in _defects(rec)}
-            assert len(runs) == 1, runs
-            (run,) = runs
-            truth = {seq for seq, _ in index.published(run, "defect.cam-a", 0, 10**6)}
-            assert len(truth) >= 24
+                for bridge in bridges_started:
+                    bridge.stop(signal.SIGKILL)
 
-            def missing() -> set[int]:
-                return truth - {h["seq"] for h in _defects(rec)}
 
-            wait_until(lambda: not missing(), 60, lambda: f"every archived defect over MQTT; missing {sorted(missing())}"
-                       f"\n{bridge_log(tmp_path)}")
-            got = Counter(h["seq"] for h in _defects(rec))
-            duplicates = sum(c - 1 for c in got.values())
-            print(f"MQTT: {len(truth)} defect events published by the daemon, {len(got)} distinct received, "
-                  f"{duplicates} duplicate(s) (QoS 1 at least once), 0 missing")
-            assert set(got) == truth  # nothing invented either
-            masks = [t for t, _, _ in rec.snapshot() if t == "inspectd/line3/cam-a/defect/mask"]
-            assert len(masks) >= len(truth)
-            status = [json.loads(p) for t, p, _ in rec.snapshot() if t == "inspectd/line3/cam-a/status"]
-            assert status and status[0]["state"] in ("up", "connecting")
-            assert bridge.stop(signal.SIGKILL) == -signal.SIGKILL  # no goodbye: the broker sends the Last Will
+def _restarts(rec: Recorder, broker: Mosquitto, bridges_started: list, daemon: DaemonProcess, urls: dict,
+              bridges: Path, tmp_path: Path) -> None:
+    bridge = bridges_started[0]
+    try:
+        daemon.wait_ready(urls["metrics"])
+        wait_until(lambda: len(_defects(rec)) >= 8, 60, lambda: f"8 defects over MQTT:\n{bridge_log(tmp_path)}")
+        broker.restart()  # mid-stream: the bridge and the recorder reconnect to a broker that kept the session
+        n = len(_defects(rec))
+        wait_until(lambda: len(_defects(rec)) >= n + 8, 60, lambda: f"8 more after the broker restart:\n"
+                   f"{bridge_log(tmp_path)}\n{broker.log()}")
+        assert bridge.stop() == 0  # a bridge outage: what it missed comes from the daemon's replay
+        n = len(_defects(rec))
+        bridge = Bridge(bridges, tmp_path / "bridge.log")
+        bridges_started.append(bridge)
+        wait_until(lambda: len(_defects(rec)) >= n + 8, 60, lambda: f"8 more after the bridge restart:\n"
+                   f"{bridge_log(tmp_path)}")
+    finally:
+        assert daemon.terminate() == 0
+    index = RetentionIndex.scan(tmp_path / "archive")
+    runs = {h["run_id"] for h in _defects(rec)}
+    assert len(runs) == 1, runs
+    (run,) = runs
+    truth = {seq for seq, _ in index.published(run, "defect.cam-a", 0, 10**6)}
+    assert len(truth) >= 24
 
-            def bridge_states() -> list[str]:
-                return [json.loads(p)["state"] for t, p, _ in rec.snapshot() if t == "inspectd/bridges/bridge-test/state"]
+    def missing() -> set[int]:
+        return truth - {h["seq"] for h in _defects(rec)}
 
-            wait_until(lambda: bridge_states()[-1:] == ["offline"], 30, lambda: f"the Last Will: {bridge_states()}")
-            assert "online" in bridge_states()
+    wait_until(lambda: not missing(), 60, lambda: f"every archived defect over MQTT; missing {sorted(missing())}"
+               f"\n{bridge_log(tmp_path)}")
+    got = Counter(h["seq"] for h in _defects(rec))
+    duplicates = sum(c - 1 for c in got.values())
+    print(f"MQTT: {len(truth)} defect events published by the daemon, {len(got)} distinct received, "
+          f"{duplicates} duplicate(s) (QoS 1 at least once), 0 missing")
+    assert set(got) == truth  # nothing invented either
+    masks = {t.split("/")[4] for t, _, _ in rec.snapshot() if t.startswith("inspectd/line3/cam-a/defect/")
+             and t.endswith("/mask")}
+    assert masks == {str(seq) for seq in truth}  # every header's mask, on .../defect/SEQ/mask
+    status = [json.loads(p) for t, p, _ in rec.snapshot() if t == "inspectd/line3/cam-a/status"]
+    assert status and status[0]["state"] in ("up", "connecting")
+    assert bridge.stop(signal.SIGKILL) == -signal.SIGKILL  # no goodbye: the broker sends the Last Will
+
+    def bridge_states() -> list[str]:
+        return [json.loads(p)["state"] for t, p, _ in rec.snapshot() if t == "inspectd/bridges/bridge-test/state"]
+
+    wait_until(lambda: bridge_states()[-1:] == ["offline"], 30, lambda: f"the Last Will: {bridge_states()}")
+    assert "online" in bridge_states()
 
 
 def bridge_log(tmp_path: Path) -> str:
@@ -134,9 +149,8 @@ def test_topics_and_payloads_of_a_defect_event(tmp_path):
     body, attachments = inspection_body(insp, {"name": "m", "sha256": "0" * 64}, with_frame=True)
     event = decode_event(encode_message("defect.top", "run1", 7, body, attachments), decode=False)
     separate = topics_for(event, "line3", MqttConfig())
-    assert [m.topic for m in separate] == ["inspectd/line3/top/defect", "inspectd/line3/top/defect/mask",
-                                           "inspectd/line3/top/defect/frame", "inspectd/line3/top/defect/regions"][
-                                               :len(separate)]
+    assert [m.topic for m in separate] == ["inspectd/line3/top/defect", "inspectd/line3/top/defect/7/mask",
+                                           "inspectd/line3/top/defect/7/frame", "inspectd/line3/top/defect/7/regions"]
     header = json.loads(separate[0].payload)
     assert (header["line"], header["run_id"], header["seq"], header["camera"]) == ("line3", "run1", 7, "top")
     assert separate[1].payload[:8] == b"\x89PNG\r\n\x1a\n"
@@ -159,3 +173,58 @@ def test_positions_file_is_written_atomically_and_a_bad_one_is_a_clear_error(tmp
     (tmp_path / "p.json").write_text("{not json")
     with pytest.raises(DataError, match="state_file .*unreadable"):
         Positions(tmp_path / "p.json")
+
+
+def _doc_example(heading: str) -> str:
+    """The first python block after `heading` in docs/integration.md."""
+    import re
+
+    section = (ROOT / "docs" / "integration.md").read_text().split(heading, 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_documented_mqtt_consumer_runs_as_written(tmp_path, start_publisher):
+    """docs/integration.md's paho example, only the broker's address and password changed, against the
+    bridge fed by a real publisher: it prints each defect and saves the mask of that header's seq."""
+    import cv2
+    import numpy as np
+    from support import make_inspection
+
+    pub = start_publisher()
+    code = _doc_example("Python (paho-mqtt 2), printing each defect and saving its mask")
+    with Mosquitto(tmp_path / "broker", USERS) as broker:
+        broker.wait_ready()
+        code = code.replace('"secret"', json.dumps(USERS["reader"])).replace('"broker", 1883', f'"127.0.0.1", {broker.port}')
+        assert str(broker.port) in code and USERS["reader"] in code
+        (tmp_path / "consumer.py").write_text(code)
+        bridge = Bridge(_bridges_toml(tmp_path, pub.endpoint, "", broker.port).resolve(), tmp_path / "bridge.log")
+        out = open(tmp_path / "consumer.out", "w")
+        consumer = subprocess.Popen([sys.executable, str(tmp_path / "consumer.py")], cwd=tmp_path, stdout=out,
+                                    stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            insp = make_inspection(camera="top", seq=7)
+            sent = 0
+
+            def printed() -> str:
+                return (tmp_path / "consumer.out").read_text()
+
+            def published_and_printed() -> bool:  # the consumer subscribes when it connects: send until it shows
+                nonlocal sent
+                sent += 1
+                pub.publish_inspection(insp, {"name": "m", "sha256": "0" * 64})
+                return "line3 top" in printed()
+
+            wait_until(published_and_printed, 30, lambda: f"the consumer's first line:\n{printed()}\n{bridge_log(tmp_path)}",
+                       interval=0.3)
+            line = next(x for x in printed().splitlines() if x.startswith("line3 top"))
+            assert line.split()[:2] == ["line3", "top"] and line.split()[2].isdigit() and "0.9" in line, line
+            seq = line.split()[2]
+            wait_until(lambda: (tmp_path / f"top_{seq}_mask.png").exists(), 10, "its mask saved")
+            masks = [tmp_path / f"top_{seq}_mask.png"]
+            saved = cv2.imread(str(masks[0]), cv2.IMREAD_GRAYSCALE)
+            assert np.array_equal(saved, cv2.imdecode(np.frombuffer(insp.mask_png, np.uint8), cv2.IMREAD_GRAYSCALE))
+        finally:
+            consumer.kill()
+            consumer.wait()
+            out.close()
+            bridge.stop()

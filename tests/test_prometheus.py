@@ -116,7 +116,9 @@ def test_dashboard_structure():
     assert 36 <= d["schemaVersion"] <= 41 and d["uid"] and d["title"]
     variables = {v["name"]: v for v in d["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
-    for name, query in (("instance", "label_values(inspectd_build_info, instance)"),
+    assert [v["name"] for v in d["templating"]["list"]] == ["datasource", "line", "instance", "camera"]  # the order
+    for name, query in (("line", "label_values(inspectd_build_info, line)"),  # each depends on the ones before
+                        ("instance", 'label_values(inspectd_build_info{line=~"$line"}, instance)'),
                         ("camera", 'label_values(inspectd_camera_up{instance=~"$instance"}, camera)')):
         v = variables[name]
         assert v["type"] == "query" and v["multi"] and v["includeAll"], name

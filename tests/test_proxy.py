@@ -62,9 +62,9 @@ def _bridges_toml(tmp_path: Path, daemons: list[str], keyring: Path | None, prox
 
 def test_three_publishers_through_the_proxy_with_curve_on_both_sides(tmp_path, keyring):
     pubs = [Publisher(PublishConfig(endpoint="tcp://127.0.0.1:0", heartbeat_s=0.2), Metrics(CollectorRegistry()),
-                      run_id=f"run{i}", model=MODEL,
+                      run_id=f"run{i}", model=MODEL, stats=lambda i=i: {"cameras": {f"line{i}-top": "up"}},
                       keys=ServerKeys.load(keyring / f"daemon{i}.key_secret", keyring / "daemon-clients"))
-            for i in range(3)]
+            for i in range(3)]  # heartbeats name their daemon's camera, as a daemon's do
     for pub in pubs:
         pub.start()
     proxy = Proxy(load_bridge_settings(_bridges_toml(tmp_path, [p.endpoint for p in pubs], keyring, free_port())))
@@ -72,20 +72,21 @@ def test_three_publishers_through_the_proxy_with_curve_on_both_sides(tmp_path, k
     try:
         consumer = ClientKeys.load(keyring / "consumer.key_secret", keyring / "proxy.key")
         with Subscriber(proxy.endpoint, ["defect.", "heartbeat"], curve=consumer) as sub:
-            wait_until(lambda: len({ev.header["run_id"] for ev in iter(lambda: sub.recv(0.05), None)}) == 3 or
-                       _heard_all(sub, 3), 20, "heartbeats of all three daemons through the proxy")
+            heard: list = []
+            wait_until(lambda: _heard_all(sub, 3, heard), 20, "heartbeats of all three daemons through the proxy")
             for seq in range(1, 41):
                 for i, pub in enumerate(pubs):
                     pub.publish_inspection(make_inspection(camera=f"line{i}-top", seq=seq), MODEL)
             got = []
-            wait_until(lambda: _collect(sub, got) >= 120, 30, lambda: f"120 defect events, got {len(got)}")
+            wait_until(lambda: _collect(sub, got, heard) >= 120, 30, lambda: f"120 defect events, got {len(got)}")
         per_camera = Counter(ev.camera for ev in got)
         assert per_camera == {"line0-top": 40, "line1-top": 40, "line2-top": 40}, per_camera
         for i in range(3):  # untouched: each daemon's own run_id and seq 1..40, in order, no gap, no restart
             mine = [ev for ev in got if ev.camera == f"line{i}-top"]
             assert {ev.header["run_id"] for ev in mine} == {f"run{i}"}
             assert [ev.header["seq"] for ev in mine] == list(range(1, 41))
-        assert not any(ev.gap or ev.restarted for ev in got) and sub.gaps == {}
+        assert not any(ev.gap or ev.restarted for ev in got + heard) and sub.gaps == {}  # heartbeats interleaved too
+        assert len({ev.header["run_id"] for ev in heard}) == 3
         assert all(ev.mask is not None for ev in got)
         stranger = ClientKeys.load(keyring / "stranger.key_secret", keyring / "proxy.key")
         with Subscriber(proxy.endpoint, ["defect."], curve=stranger) as sub:
@@ -97,17 +98,19 @@ def test_three_publishers_through_the_proxy_with_curve_on_both_sides(tmp_path, k
             pub.stop()
 
 
-def _heard_all(sub: Subscriber, n: int, seen: set | None = None) -> bool:
-    seen = set() if seen is None else seen
-    while (ev := sub.recv(timeout_s=0.05)) is not None:
-        seen.add(ev.header["run_id"])
-    return len(seen) >= n
+def _heard_all(sub: Subscriber, n: int, heartbeats: list) -> bool:
+    """Receive what is there (heartbeats kept); True once `n` runs were heard."""
+    _collect(sub, [], heartbeats)
+    return len({ev.header["run_id"] for ev in heartbeats}) >= n
 
 
-def _collect(sub: Subscriber, into: list) -> int:
+def _collect(sub: Subscriber, into: list, heartbeats: list | None = None) -> int:
+    """Defect events into `into` (heartbeats into `heartbeats`); -> how many defect events so far."""
     while (ev := sub.recv(timeout_s=0.05)) is not None:
         if ev.kind.value == "defect":
             into.append(ev)
+        elif heartbeats is not None and ev.kind.value == "heartbeat":
+            heartbeats.append(ev)
     return len(into)
 
 
@@ -163,16 +166,17 @@ def test_three_daemons_and_one_proxy_process_every_defect_event_no_gap(tmp_path,
         try:
             consumer = ClientKeys.load(keyring / "consumer.key_secret", keyring / "proxy.key")
             got: list = []
-            with Subscriber(f"tcp://127.0.0.1:{proxy_port}", ["defect."], curve=consumer) as sub:
+            beats: list = []
+            with Subscriber(f"tcp://127.0.0.1:{proxy_port}", ["defect.", "heartbeat"], curve=consumer) as sub:
                 wait_until(lambda: min(Counter(ev.camera for ev in got).get(f"line{i}-top", 0) for i in range(3)) >= 12
-                           if _collect(sub, got) else False, 90,
+                           if _collect(sub, got, beats) else False, 90,
                            lambda: f"12 defect events per line through the proxy: {Counter(ev.camera for ev in got)}, "
                                    f"proxy log:\n{(tmp_path / 'proxy.log').read_text()}")
             for i in range(3):
                 mine = [ev.header["seq"] for ev in got if ev.camera == f"line{i}-top"]
                 assert mine == list(range(mine[0], mine[0] + len(mine))), (i, mine)  # consecutive: no gap
-            assert not any(ev.gap or ev.restarted for ev in got) and sub.gaps == {}
-            assert len({ev.header["run_id"] for ev in got}) == 3
+            assert not any(ev.gap or ev.restarted for ev in got + beats) and sub.gaps == {}
+            assert len({ev.header["run_id"] for ev in got}) == 3 == len({ev.header["run_id"] for ev in beats})
             proxy.send_signal(signal.SIGTERM)
             assert proxy.wait(15) == 0
         finally:

@@ -4,6 +4,7 @@ password hashes, the config-file checks, and two real daemons (plain text on the
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -101,14 +102,15 @@ def test_an_allowed_key_receives_events_an_unknown_one_or_plain_text_nothing_and
         pub.stop()
 
 
-def test_a_client_holding_the_wrong_server_key_receives_nothing(keys, tmp_path):
+def test_a_client_holding_the_wrong_server_key_receives_nothing(keys, tmp_path, caplog):
     generate_keys(tmp_path / "other", "server")
     pub = _publisher(keys)
     try:
         wrong = ClientKeys.load(keys["good"], tmp_path / "other" / "server.key")
         with Subscriber(pub.endpoint, ["defect."], curve=wrong) as sub:
-            with pytest.raises(AccessError, match="server key is not the daemon's"):
-                _defects(sub, pub, 2.0)
+            with caplog.at_level(logging.WARNING, logger="inspectd.client"):
+                assert _defects(sub, pub, 4.0) == 0  # ambiguous on the wire (a cut connection looks the same)
+            assert "is the server key the daemon's? (still trying)" in caplog.text  # so a warning, not an error
         assert sum(_refused(pub.metrics, "events", r) for r in ("auth", "protocol", "other")) >= 1
     finally:
         pub.stop()
@@ -329,8 +331,11 @@ def test_a_curve_daemon_serves_an_allowed_watch_and_refuses_a_stranger_with_exit
                           "--server-key", keys["server_public"], timeout=60)
         assert refused.returncode == ExitCode.NO_PERMISSION, refused.stderr
         assert refused.stderr.count("\n") == 1 and "refused our CURVE key" in refused.stderr, refused.stderr
-        plain = run_cli("watch", endpoint, "--timeout", "30", timeout=60)
-        assert plain.returncode == ExitCode.NO_PERMISSION and "we do not" in plain.stderr, plain.stderr
+        # Plain text against CURVE: refused for sure (77) when the client sees the mechanism mismatch; when the
+        # daemon hangs up first, the client cannot tell that from a cut connection: a warning, then --timeout.
+        plain = run_cli("watch", endpoint, "--timeout", "8", timeout=60)
+        assert (plain.returncode == ExitCode.NO_PERMISSION and "we do not" in plain.stderr) or (
+            plain.returncode == 1 and "does the daemon use CURVE (--client-key/--server-key)?" in plain.stderr), plain
         wait_until(lambda: (metric_value(urls["metrics"], "inspectd_handshakes_refused_total", socket="events",
                                          reason="auth") or 0) >= 1, 10, "the refusal in the daemon's metrics")
 
@@ -342,3 +347,23 @@ def test_check_config_loads_the_keys_as_run_would(keys, tmp_path):
     os.chmod(keys["server_secret"], 0o640)
     bad = run_cli("check-config", "--config", config, "--no-model")
     assert bad.returncode == ExitCode.CONFIG and "publish.curve_secret_key" in bad.stderr and "chmod 600" in bad.stderr
+
+
+def test_the_allow_list_follows_keys_added_replaced_in_place_and_removed(keys, tmp_path):
+    allow = ServerKeys.load(keys["server_secret"], keys["clients"]).allow
+    good = (keys["clients"] / "good.key")
+    good_public, _ = zmq.auth.load_certificate(good)
+    stranger_public, _ = zmq.auth.load_certificate(tmp_path / "stranger.key")
+    assert allow.callback("*", good_public) and not allow.callback("*", stranger_public)
+    good.write_bytes((tmp_path / "stranger.key").read_bytes())  # replaced in place: same name, another key
+    assert allow.callback("*", stranger_public) and not allow.callback("*", good_public)
+    good.unlink()  # removed
+    assert not allow.callback("*", stranger_public)
+
+
+def test_an_unknown_user_costs_what_a_known_one_does():
+    """The comparison for a user that does not exist runs at the configured hashes' cost (timing does not
+    tell users apart): the dummy hash is made at the highest cost configured."""
+    check = PasswordCheck({"a": hash_password("x", rounds=10), "b": hash_password("y", rounds=11)})
+    assert check._dummy.startswith(b"$2b$11$")
+    assert not check.check("nobody", "x") and check.check("b", "y")

@@ -22,7 +22,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from inspectd.security import ClientKeys, check_config_file
-from inspectd.service.config import _check_endpoint, load_toml_model
+from inspectd.service.config import CurveServerConfig, _check_endpoint, load_toml_model
 
 DEFAULT_BRIDGES_CONFIG = Path("/etc/inspectd/bridges.toml")
 _ID = re.compile(r"[a-z0-9_-]{1,64}")
@@ -68,12 +68,9 @@ class ClientConfig(_Section):
                      "server_key; its public half goes into each daemon's publish.curve_clients folder")
 
 
-class ProxyConfig(_Section):
+class ProxyConfig(CurveServerConfig):
     endpoint: str = Field("tcp://127.0.0.1:5560", description="where the proxy binds its XPUB socket: consumers "
                           "subscribe here as to a daemon")
-    curve_secret_key: str = Field("", description="the proxy's own CURVE secret key file (CURVE towards consumers); "
-                                  "with curve_clients")
-    curve_clients: str = Field("", description="folder of the consumers' public keys (*.key) allowed in")
     hwm: int = Field(10_000, ge=1, le=1_000_000, description="messages queued per consumer (and per daemon) before "
                      "new ones are dropped (a seq gap on the consumer's side)")
 
@@ -81,12 +78,6 @@ class ProxyConfig(_Section):
     @classmethod
     def _endpoint(cls, value: str) -> str:
         return _check_endpoint(value)
-
-    @model_validator(mode="after")
-    def _both(self) -> ProxyConfig:
-        if bool(self.curve_secret_key) != bool(self.curve_clients):
-            raise ValueError("set proxy.curve_secret_key and proxy.curve_clients together, or neither (plain text)")
-        return self
 
 
 class MqttConfig(_Section):
@@ -99,10 +90,11 @@ class MqttConfig(_Section):
     tls_ca_file: str = Field("", description="CA certificate (PEM) of the broker: TLS on when set")
     topic_prefix: str = Field("inspectd", description="topics are PREFIX/LINE/CAMERA/KIND (docs/integration.md)")
     line: str = Field("line", description="the LINE of daemons without their own [[daemons]] line")
-    qos: Literal[0, 1, 2] = Field(1, description="QoS of events (status and bridge state: 1, retained)")
+    qos: Literal[1, 2] = Field(1, description="QoS of events, 1 or 2 (0 could lose events: the bridge counts an event "
+                               "forwarded when the broker acknowledged it); status and bridge state: 1, retained")
     frames: Literal["separate", "inline", "none"] = Field(
-        "separate", description="masks and attached frames: separate = binary messages right after the header on "
-        ".../defect/mask, /regions, /frame; inline = base64 in the header's attachments_base64; none = headers only")
+        "separate", description="masks and attached frames: separate = binary messages on .../defect/SEQ/mask, "
+        "/frame, /regions; inline = base64 in the header's attachments_base64; none = headers only")
     state_file: str = Field("", description="where the bridge keeps what it has published (run, topic, seq) "
                             "across its restarts; empty = in memory only (a restart then starts from the present)")
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive; the broker publishes the bridge's "

@@ -7,7 +7,8 @@ subscribes to every `[[daemons]]` with `inspectd.client.Subscriber` (gaps filled
 replay endpoint) and publishes with paho-mqtt, QoS 1, persistent session (clean_session false):
 
     PREFIX/LINE/CAMERA/defect            the event's header (JSON, the wire header plus "line")
-    PREFIX/LINE/CAMERA/defect/mask       its mask PNG, then /regions (PNG) and /frame (JPEG) if attached
+    PREFIX/LINE/CAMERA/defect/SEQ/mask   its mask PNG; /frame (JPEG, if attached) and /regions (PNG) likewise:
+                                         SEQ is the header's seq, so an image finds its header in any order
     PREFIX/LINE/CAMERA/episode           an episode's summary (JSON)
     PREFIX/LINE/CAMERA/status            the camera's state (JSON, retained)
     PREFIX/bridges/CLIENT_ID/state       "online" (retained) / "offline" (retained; the Last Will too)
@@ -30,7 +31,6 @@ import base64
 import json
 import logging
 import os
-import signal
 import tempfile
 import threading
 import time
@@ -39,10 +39,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from inspectd.bridges import stop_on_signals
 from inspectd.bridges.config import BridgeSettings, MqttConfig
 from inspectd.client import Event, EventKind, Subscriber
 from inspectd.errors import ConfigError, DataError
-from inspectd.security import private_file
+from inspectd.security import is_loopback_endpoint, private_file
 
 log = logging.getLogger("inspectd.bridges.mqtt")
 
@@ -77,8 +78,8 @@ def topics_for(event: Event, line: str, cfg: MqttConfig) -> list[Outgoing]:
         header["attachments_base64"] = {k: base64.b64encode(v).decode("ascii") for k, v in event.raw.items()}
         return [Outgoing(f"{base}/defect", _json(header))]
     out = [Outgoing(f"{base}/defect", _json(header))]
-    if cfg.frames == "separate":
-        out += [Outgoing(f"{base}/defect/{kind}", data) for kind, data in event.raw.items()]
+    if cfg.frames == "separate":  # MQTT orders messages per topic only: the seq in the topic pairs them
+        out += [Outgoing(f"{base}/defect/{event.header['seq']}/{kind}", data) for kind, data in event.raw.items()]
     return out
 
 
@@ -141,7 +142,7 @@ class Positions:
 
 @dataclass
 class _InFlight:
-    """An event handed to paho: its MQTT message ids, acknowledged or not."""
+    """An event handed to paho: its MQTT message ids not yet acknowledged."""
 
     run_id: str
     topic: str
@@ -156,30 +157,39 @@ class _Acks:
     def __init__(self, positions: Positions):
         self.positions = positions
         self._queues: dict[tuple[str, str], deque[_InFlight]] = {}
-        self._acked: set[int] = set()
+        self._by_mid: dict[int, _InFlight] = {}
+        self._acked: list[int] = []
         self._lock = threading.Lock()
         self.pending = 0
 
     def sent(self, item: _InFlight) -> None:
         self._queues.setdefault((item.run_id, item.topic), deque()).append(item)
+        self._by_mid.update((mid, item) for mid in item.mids)
         self.pending += 1
 
     def acked(self, mid: int) -> None:  # paho's thread
         with self._lock:
-            self._acked.add(mid)
+            self._acked.append(mid)
 
     def commit(self) -> int:
         """Move every fully acknowledged head into the positions; -> events committed."""
         with self._lock:
-            acked, self._acked = self._acked, set()
+            acked, self._acked = self._acked, []
+        touched = set()
+        for mid in acked:
+            item = self._by_mid.pop(mid, None)  # None: the bridge's own state message
+            if item is not None:
+                item.mids.discard(mid)
+                touched.add((item.run_id, item.topic))
         done = 0
-        for queue in self._queues.values():
-            for item in queue:
-                item.mids -= acked
+        for key in touched:
+            queue = self._queues[key]
             while queue and not queue[0].mids:
                 item = queue.popleft()
                 self.positions.advance(item.run_id, item.topic, item.seq)
                 done += 1
+            if not queue:
+                del self._queues[key]
         self.pending -= done
         return done
 
@@ -205,15 +215,13 @@ class MqttBridge:
         self._sub: Subscriber | None = None
 
     def run(self) -> int:
-        old = {sig: signal.signal(sig, lambda *_: self._stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            self.start()
-            while not self._stop.is_set():
-                self.step()
-        finally:
-            self.stop()
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
+        with stop_on_signals(self._stop):
+            try:
+                self.start()
+                while not self._stop.is_set():
+                    self.step()
+            finally:
+                self.stop()
         return 0
 
     def start(self) -> None:
@@ -222,7 +230,8 @@ class MqttBridge:
         self._client.loop_start()
         d = self.settings.daemons
         self._sub = Subscriber([x.endpoint for x in d], _TOPICS, decode=False, replay=[x.replay or None for x in d],
-                               positions=self.positions.value or None, curve=self.settings.client_keys())
+                               positions=self.positions.value or None, curve=self.settings.client_keys(),
+                               on_refused=_refused)
         log.info("bridge mqtt: %d daemon(s) -> mqtt://%s:%d as %s, topics %s/<line>/<camera>/..., positions %s",
                  len(d), self.cfg.host, self.cfg.port, self.client_id, self.cfg.topic_prefix,
                  self.cfg.state_file or "in memory")
@@ -240,14 +249,17 @@ class MqttBridge:
 
     def forward(self, event: Event) -> None:
         outgoing = topics_for(event, self._line.get(event.endpoint, self.cfg.line), self.cfg)
+        if not outgoing:
+            return
         mids = set()
         for msg in outgoing:
             qos = 1 if msg.retain else self.cfg.qos
             info = self._client.publish(msg.topic, msg.payload, qos=qos, retain=msg.retain)
-            if info.rc != 0 and info.rc != 4:  # 4: MQTT_ERR_NO_CONN, queued for the reconnect
-                log.error("cannot hand %s to paho: rc %d", msg.topic, info.rc)
-            if qos > 0:
-                mids.add(info.mid)
+            if info.rc not in (0, 4):  # 4: MQTT_ERR_NO_CONN, queued for the reconnect
+                # Never acknowledged: stop (exit 1, systemd restarts the bridge) rather than stall; the
+                # restarted bridge resends from its positions.
+                raise RuntimeError(f"paho cannot take a message for {msg.topic}: rc {info.rc}")
+            mids.add(info.mid)
         self._acks.sent(_InFlight(event.header["run_id"], event.topic, event.header["seq"], mids))
         self.forwarded += 1
 
@@ -290,6 +302,9 @@ class MqttBridge:
                 client.tls_set(ca_certs=self.cfg.tls_ca_file)
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"mqtt.tls_ca_file {self.cfg.tls_ca_file!r}: {exc}") from None
+        if self.cfg.username and not self.cfg.tls_ca_file and not is_loopback_endpoint(f"tcp://{self.cfg.host}:1"):
+            log.warning("mqtt: the broker password goes to %s in plain text: set mqtt.tls_ca_file (port 8883)",
+                        self.cfg.host)
         client.will_set(self.state_topic, _state("offline"), qos=1, retain=True)
         client.max_inflight_messages_set(100)
         client.max_queued_messages_set(0)  # unbounded in paho: the bridge bounds it (max_queued) by not reading
@@ -312,6 +327,12 @@ class MqttBridge:
             log.warning("lost the broker %s:%d (%s); paho reconnects, events wait", self.cfg.host, self.cfg.port,
                         reason_code)
         self._connected.clear()
+
+
+def _refused(endpoint: str, why: str) -> None:
+    """A daemon refused our key: the others go on; that one stays silent until the bridge restarts."""
+    log.error("%s; events of this daemon are not bridged until the bridge restarts (systemctl restart "
+              "inspectd-bridge@mqtt) after the fix", why)
 
 
 def _state(state: str) -> bytes:

@@ -8,11 +8,10 @@ namespace` (default `urn:inspectd`), with string node ids a PLC can be configure
     inspectd/LINE/CAMERA                     the camera's object
       .../IsDefect     Boolean   the last verdict (a result, or a defect event)
       .../Score        Double    its score
-      .../FrameSeq     Int64     its frame_seq (a PLC matches it to the part it tracks)
       .../CapturedAt   DateTime  when the frame was captured (also each value's SourceTimestamp)
       .../EpisodeId    Int64     its defect episode (0: none)
-      .../Seq          Int64     the event's seq; with RunId, unique
       .../RunId        String    the daemon's run_id
+      .../FrameSeq     Int64     its frame_seq (a PLC matches it to the part it tracks), written last
       .../State        String    the camera's state (up, down, ...)
       .../Inspected    Int64     verdicts seen since the bridge started
       .../Defects      Int64     defect verdicts seen since the bridge started
@@ -21,9 +20,11 @@ namespace` (default `urn:inspectd`), with string node ids a PLC can be configure
 e.g. `ns=2;s=inspectd/line3/top/IsDefect` (the namespace index is whatever the server gives
 `urn:inspectd`: a client resolves it by URI). A verdict for every frame needs the daemon's
 `[publish] results = true` (result.<camera>); without it only defect events arrive and IsDefect
-is the last *defect*. Values are read-only to clients. A verdict's variables are written in the
-order listed with Seq last, each with the frame's capture time as its source timestamp: a client that
-sees a new Seq reads that verdict's values.
+is the last *defect*. A frame older than the last one written (a late or repeated event) changes
+nothing. Values are read-only to every client (remote admin logins are off). A verdict's variables
+are written one after the other with FrameSeq last, each with the frame's capture time as its source
+timestamp; they are not one atomic write: a client that needs a consistent set checks that FrameSeq
+is the same before and after reading the others.
 """
 
 from __future__ import annotations
@@ -47,10 +48,16 @@ log = logging.getLogger("inspectd.bridges.opcua")
 
 _TOPICS = ["result.", "defect.", "status.", "episode."]
 # name -> (OPC UA type name, initial value)
-NODE_VARIABLES = {"IsDefect": ("Boolean", False), "Score": ("Double", 0.0), "FrameSeq": ("Int64", 0),
-                  "CapturedAt": ("DateTime", None), "EpisodeId": ("Int64", 0), "Seq": ("Int64", 0),
-                  "RunId": ("String", ""), "State": ("String", "unknown"), "Inspected": ("Int64", 0),
-                  "Defects": ("Int64", 0), "Episodes": ("Int64", 0)}
+NODE_VARIABLES = {"IsDefect": ("Boolean", False), "Score": ("Double", 0.0), "CapturedAt": ("DateTime", None),
+                  "EpisodeId": ("Int64", 0), "RunId": ("String", ""), "FrameSeq": ("Int64", 0),
+                  "State": ("String", "unknown"), "Inspected": ("Int64", 0), "Defects": ("Int64", 0),
+                  "Episodes": ("Int64", 0)}
+
+
+def _refused(endpoint: str, why: str) -> None:
+    """A daemon refused our key: the others go on; that one stays silent until the bridge restarts."""
+    log.error("%s; this daemon's verdicts are not served until the bridge restarts (systemctl restart "
+              "inspectd-bridge@opcua) after the fix", why)
 
 
 def _no_asyncua_tracebacks(record: logging.LogRecord) -> bool:
@@ -66,7 +73,7 @@ class _Camera:
     def __init__(self, nodes: dict):
         self.nodes = nodes
         self.inspected = self.defects = self.episodes = 0
-        self.last = (None, -1)  # (run_id, frame_seq) of the last verdict written: a defect event and its result once
+        self.last: dict[str, int] = {}  # run_id -> the last frame_seq written (a defect event and its result: once)
 
 
 class OpcUaBridge:
@@ -122,7 +129,7 @@ class OpcUaBridge:
         d = self.settings.daemons
         try:
             with Subscriber([x.endpoint for x in d], _TOPICS, decode=False, replay=[x.replay or None for x in d],
-                            curve=self.settings.client_keys()) as sub:
+                            curve=self.settings.client_keys(), on_refused=_refused) as sub:
                 while not self._stop.is_set():
                     event = sub.recv(timeout_s=0.2)
                     if event is not None and event.kind is not EventKind.HEARTBEAT:
@@ -138,6 +145,7 @@ class OpcUaBridge:
         await server.init()
         server.set_endpoint(self.cfg.endpoint)
         server.set_server_name("inspectd")
+        server.allow_remote_admin(False)  # asyncua's default lets a client named "admin" write anything
         await server.set_application_uri(f"{self.cfg.namespace}:bridge")
         policies = {"none": [ua.SecurityPolicyType.NoSecurity],
                     "sign_and_encrypt": [ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt],
@@ -199,18 +207,20 @@ class OpcUaBridge:
             camera.episodes += 1
             await self._write(camera, {"Episodes": camera.episodes}, None)
         elif event.kind in (EventKind.RESULT, EventKind.DEFECT):
-            if camera.last == (h["run_id"], h["frame_seq"]):
-                return  # the defect event of a frame whose result was written (or the other way round)
-            camera.last = (h["run_id"], h["frame_seq"])
+            if h["frame_seq"] <= camera.last.get(h["run_id"], -1):
+                return  # the same frame's other event (defect and result), or an older frame arriving late
+            camera.last[h["run_id"]] = h["frame_seq"]
+            while len(camera.last) > 16:  # bounded: the oldest runs go first
+                camera.last.pop(next(iter(camera.last)))
             camera.inspected += 1
             camera.defects += bool(h["is_defect"])
             captured = datetime.fromtimestamp(parse_rfc3339(h["captured_at"]), timezone.utc)
             episode = h.get("episode")
             await self._write(camera, {
-                "IsDefect": bool(h["is_defect"]), "Score": float(h["score"]), "FrameSeq": int(h["frame_seq"]),
-                "CapturedAt": captured, "EpisodeId": int(episode) if isinstance(episode, int) else 0,
+                "IsDefect": bool(h["is_defect"]), "Score": float(h["score"]), "CapturedAt": captured,
+                "EpisodeId": int(episode) if isinstance(episode, int) else 0,
                 "RunId": h["run_id"], "Inspected": camera.inspected, "Defects": camera.defects,
-                "Seq": int(h["seq"]),  # last: a client that sees a new Seq sees this verdict's other values
+                "FrameSeq": int(h["frame_seq"]),  # last: a new FrameSeq means this verdict's values are all in
             }, captured)
             self.written += 1
 

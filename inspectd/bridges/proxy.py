@@ -8,10 +8,11 @@ An XSUB socket connects to every daemon of `[[daemons]]` (CURVE client where the
 attachments as each daemon sent them, so `run_id`, `camera` and `seq` still name the origin and a
 consumer detects loss per daemon (`inspectd.client` tracks each run on its own). Subscriptions go
 the other way: a consumer's `defect.` reaches every daemon, so nothing is sent that nobody wants.
+Consumers refused at the handshake and the connections to the daemons are logged.
 
 The proxy holds no state, so it cannot lose what it never had: a consumer that needs gap filling
-asks the daemons' replay endpoints directly (replay is not proxied). Handshakes refused on either
-side are logged; ZeroMQ reconnects to a daemon that restarts by itself.
+asks the daemons' replay endpoints directly (replay is not proxied). ZeroMQ reconnects to a daemon
+that restarts by itself.
 """
 
 from __future__ import annotations
@@ -19,23 +20,23 @@ from __future__ import annotations
 __all__ = ["Proxy"]
 
 import logging
-import signal
 import threading
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from inspectd.bridges import stop_on_signals
 from inspectd.bridges.config import BridgeSettings
 from inspectd.errors import ConfigError
-from inspectd.outputs.sockets import ServerSocket
+from inspectd.outputs.sockets import HANDSHAKE_FAILED, ServerSocket
 from inspectd.security import ServerKeys, is_loopback_endpoint
 
 log = logging.getLogger("inspectd.bridges.proxy")
 
+_BECAUSE = {"auth": "refused our key (add our public key to its publish.curve_clients)",
+            "protocol": "handshake failed (CURVE on one side only?)", "other": "handshake failed (the wrong server_key?)"}
 _WATCHED = {zmq.EVENT_CONNECTED: "connected", zmq.EVENT_DISCONNECTED: "disconnected",
-            zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused our key (add our public key to its publish.curve_clients)",
-            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake failed (CURVE on one side only?)",
-            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed (the wrong server_key?)"}
+            **{event: _BECAUSE[reason] for event, reason in HANDSHAKE_FAILED.items()}}
 
 
 class Proxy:
@@ -47,26 +48,29 @@ class Proxy:
         self._stop = threading.Event()
         self._ctx = zmq.Context()
         self._threads: list[threading.Thread] = []
+        self._backend: ServerSocket | None = None
+        self._upstream: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
+        self.failed = False
 
     def run(self) -> int:
-        """Proxy until SIGTERM or SIGINT; 0. ConfigError (78) for keys or an endpoint that cannot bind."""
-        old = {sig: signal.signal(sig, lambda *_: self._stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            self.start()
-            self._stop.wait()
-        finally:
-            self.stop()
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
-        return 0
+        """Proxy until SIGTERM or SIGINT (0) or a failure of the proxy itself (1: systemd restarts it).
+        ConfigError (78) for keys or an endpoint that cannot bind."""
+        with stop_on_signals(self._stop):
+            try:
+                self.start()
+                self._stop.wait()
+            finally:
+                self.stop()
+        return 1 if self.failed else 0
 
     def start(self) -> None:
         cfg = self.settings.proxy
         keys = ServerKeys.load(cfg.curve_secret_key, cfg.curve_clients, key="proxy.curve_secret_key") \
             if cfg.curve_secret_key else None
-        upstream = self._connect_upstream()
+        upstream = self._upstream = self._connect_upstream()
         self._backend = ServerSocket(zmq.XPUB, cfg.endpoint, "proxy.endpoint", {zmq.SNDHWM: cfg.hwm, zmq.LINGER: 0},
-                                     keys, lambda reason: log.warning("refused a consumer at the handshake (%s)", reason))
+                                     keys, self._consumer_refused)
         self.endpoint = self._backend.endpoint
         if keys is None and not is_loopback_endpoint(self.endpoint):
             log.warning("proxy on %s in plain text, open to the network: set proxy.curve_secret_key and "
@@ -107,15 +111,21 @@ class Proxy:
             zmq.proxy_steerable(frontend, backend, None, control)
         except zmq.ContextTerminated:
             pass
-        except Exception:  # the proxy is the whole process: stop it, systemd restarts it
+        except Exception:  # the proxy is the whole process: stop it with exit 1, systemd restarts it
             log.exception("proxy failed")
+            self.failed = True
             self._stop.set()
 
+    def _consumer_refused(self, reason: str) -> None:
+        log.warning("refused a consumer at the handshake (%s; docs/security.md)", reason)
+
     def _watch(self, frontend: zmq.Socket) -> None:
-        """Log what happens to the connections to the daemons (a daemon restarting, our key refused)."""
+        """Log what happens to the connections to the daemons (a daemon restarting, our key refused) and
+        count the consumers refused at the handshake. The monitor sockets are this thread's alone."""
         poller = zmq.Poller()
         poller.register(self._monitor, zmq.POLLIN)
         while not self._stop.is_set():
+            self._backend.check_handshakes()
             if not poller.poll(200):
                 continue
             event = parse_monitor_message(self._monitor.recv_multipart())
@@ -125,9 +135,19 @@ class Proxy:
                 log.log(level, "daemon %s: %s", event["endpoint"].decode("utf-8", "replace"), what)
 
     def stop(self) -> None:
+        """End the proxy, join its threads, close every socket and context (idempotent)."""
         self._stop.set()
         if hasattr(self, "_control"):
             self._control.send(b"TERMINATE")
         for thread in self._threads:
             thread.join(5)
+        self._threads.clear()
+        for sock in (getattr(self, "_control", None), getattr(self, "_steer", None), self._monitor, self._upstream):
+            if sock is not None and not sock.closed:
+                sock.close(linger=0)
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+        if not self._ctx.closed:
+            self._ctx.term()
         log.info("proxy stopped")

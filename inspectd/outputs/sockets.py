@@ -9,12 +9,13 @@ With `keys` (inspectd.security.ServerKeys) the socket is a CURVE server: traffic
 only clients whose public key is in the allow-list get through the handshake, checked by pyzmq's
 ZAP authenticator (`zmq.auth`) on a thread of its own. Every failed handshake is reported through
 `refused(reason)`: "auth" (a key not in the allow-list), "protocol" (a plaintext client, or one
-holding the wrong server key), "other".
+holding the wrong server key), "other" (the peer hung up mid-handshake: also what a port scan or a
+TCP health check looks like).
 """
 
 from __future__ import annotations
 
-__all__ = ["ServerSocket", "HANDSHAKE_REASONS"]
+__all__ = ["ServerSocket", "HANDSHAKE_FAILED", "HANDSHAKE_REASONS"]
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -27,9 +28,10 @@ from inspectd.errors import ConfigError
 if TYPE_CHECKING:
     from inspectd.security import ServerKeys
 
-_FAILED = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth", zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
-           zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "other"}
-HANDSHAKE_REASONS = tuple(_FAILED.values())
+# A failed security handshake, as ZeroMQ's socket monitor reports it -> its reason, on both ends.
+HANDSHAKE_FAILED = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth", zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
+                    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "other"}
+HANDSHAKE_REASONS = tuple(HANDSHAKE_FAILED.values())
 
 
 class ServerSocket:
@@ -53,7 +55,7 @@ class ServerSocket:
                 self._auth.start()
                 self._auth.configure_curve_callback("*", keys.allow)
                 keys.apply(self.sock)
-                self._monitor = self.sock.get_monitor_socket(sum(_FAILED))
+                self._monitor = self.sock.get_monitor_socket(sum(HANDSHAKE_FAILED))
             self.sock.bind(endpoint)
         except zmq.ZMQError as exc:
             self.close()
@@ -65,7 +67,7 @@ class ServerSocket:
         """Report the handshakes refused since the last call (owner thread; never blocks)."""
         while self._monitor is not None and self._monitor.poll(0, zmq.POLLIN):
             event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))["event"]
-            reason = _FAILED.get(event)
+            reason = HANDSHAKE_FAILED.get(event)
             if reason is not None:
                 self._refused(reason)
 

@@ -27,6 +27,8 @@ __all__ = [
     "check_model",
     "check_security",
     "load_toml_model",
+    "CurveServerConfig",
+    "together",
 ]
 
 import difflib
@@ -134,6 +136,12 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+def together(section: str, model: BaseModel, first: str, second: str, why: str) -> None:
+    """ValueError unless the two string keys are both set or both empty (a key pair, a certificate and its key)."""
+    if bool(getattr(model, first)) != bool(getattr(model, second)):
+        raise ValueError(f"set {section}.{first} and {section}.{second} together ({why}), or neither")
+
+
 class ModelConfig(_Section):
     path: str = Field(BUILTIN_DEMO_MODEL, description="deployable .keras model; 'builtin:demo' is the bundled demo model")
     threshold: float | None = Field(None, ge=0, le=1, description="image-level decision on the score (default: the model's)")
@@ -226,7 +234,29 @@ class PostprocessConfig(_Section):
     jpeg_quality: int = Field(85, ge=10, le=100, description="for attach_frame")
 
 
-class PublishConfig(_Section):
+class CurveServerConfig(_Section):
+    """The CURVE keys of a process that binds (the daemon's [publish], the proxy's [proxy])."""
+
+    curve_secret_key: str = Field("", description="this process's CURVE secret key file (inspectd keys generate; mode "
+                                  "0600): encrypts and authenticates every socket it binds; with curve_clients. "
+                                  "Empty = plain text (docs/security.md)")
+    curve_clients: str = Field("", description="folder of the public key files (*.key) of the clients allowed to "
+                               "connect; read again when it changes")
+
+    @field_validator("curve_secret_key", "curve_clients")
+    @classmethod
+    def _key_path(cls, value: str) -> str:
+        return _no_nul(value)
+
+    @model_validator(mode="after")
+    def _both_keys(self) -> CurveServerConfig:
+        section = "publish" if isinstance(self, PublishConfig) else "proxy"
+        together(section, self, "curve_secret_key", "curve_clients",
+                 "CURVE needs the key pair and the clients it allows; neither = plain text")
+        return self
+
+
+class PublishConfig(CurveServerConfig):
     endpoint: str = Field("tcp://127.0.0.1:5556", description="ZeroMQ PUB bind endpoint: tcp://HOST:PORT "
                           "(HOST *, an IPv4 address, interface or host name; PORT 1-65535, 0 or * = any) or ipc://PATH")
     send_hwm: int = Field(100, ge=1, le=100_000, description="messages queued per subscriber (ZeroMQ SNDHWM) and in "
@@ -235,28 +265,12 @@ class PublishConfig(_Section):
     heartbeat_s: float = Field(1, gt=0, description="heartbeat period")
     results: bool = Field(False, description="also publish result.<camera> for every inspected frame")
     attach_frame: bool = Field(False, description="attach a JPEG of the frame to defect events")
-    curve_secret_key: str = Field("", description="the daemon's CURVE secret key file (inspectd keys generate; mode "
-                                  "0600): encrypts and authenticates every socket it binds (events, replay); with "
-                                  "curve_clients. Empty = plain text (docs/security.md)")
-    curve_clients: str = Field("", description="folder of the public key files (*.key) of the clients allowed to "
-                               "connect; read again when it changes")
 
     @field_validator("endpoint")
     @classmethod
     def _endpoint(cls, value: str) -> str:
         return _check_endpoint(value)
 
-    @field_validator("curve_secret_key", "curve_clients")
-    @classmethod
-    def _path(cls, value: str) -> str:
-        return _no_nul(value)
-
-    @model_validator(mode="after")
-    def _both_keys(self) -> PublishConfig:
-        if bool(self.curve_secret_key) != bool(self.curve_clients):
-            raise ValueError("set publish.curve_secret_key and publish.curve_clients together (CURVE needs the "
-                             "daemon's key pair and the clients it allows), or neither (plain text)")
-        return self
 
 
 class MetricsConfig(_Section):
@@ -293,8 +307,7 @@ class MetricsConfig(_Section):
 
     @model_validator(mode="after")
     def _tls_pair(self) -> MetricsConfig:
-        if bool(self.tls_cert_file) != bool(self.tls_key_file):
-            raise ValueError("set metrics.tls_cert_file and metrics.tls_key_file together, or neither (plain HTTP)")
+        together("metrics", self, "tls_cert_file", "tls_key_file", "a certificate and its key; neither = plain HTTP")
         return self
 
 

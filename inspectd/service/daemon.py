@@ -172,15 +172,19 @@ class Daemon:
         return ServerKeys.load(cfg.curve_secret_key, cfg.curve_clients) if cfg.curve_secret_key else None
 
     def _warn_exposed(self, keys: ServerKeys | None) -> None:
-        """Plain-text sockets that other machines can reach: a warning now, and a note on /healthz for as long."""
-        if keys is not None:
-            return
+        """Plain text that other machines can reach (events, replay; passwords to /metrics): a warning now, and
+        a note on /healthz for as long as it runs."""
+        m = self.settings.metrics
         bound = [("events", self.publisher.endpoint)] + ([("replay", self.replay.endpoint)] if self.replay else [])
-        for name, endpoint in bound:
-            if not is_loopback_endpoint(endpoint):
-                self._exposed.append(f"{name} on {endpoint} in plain text, open to the network: set "
-                                     "publish.curve_secret_key and publish.curve_clients (docs/security.md)")
-                log.warning("%s", self._exposed[-1])
+        if keys is None:
+            self._exposed += [f"{name} on {endpoint} in plain text, open to the network: set publish.curve_secret_key "
+                              "and publish.curve_clients (docs/security.md)"
+                              for name, endpoint in bound if not is_loopback_endpoint(endpoint)]
+        if m.basic_auth_users and not m.tls_cert_file and not is_loopback_endpoint(f"tcp://{m.host}:{m.port}"):
+            self._exposed.append(f"metrics on {m.host}:{m.port} take passwords over plain HTTP: set "
+                                 "metrics.tls_cert_file and metrics.tls_key_file (docs/security.md)")
+        for note in self._exposed:
+            log.warning("%s", note)
 
     def _load_model(self) -> Deployable:
         from inspectd.tfload import import_tensorflow
