@@ -68,6 +68,12 @@ log = logging.getLogger("inspectd.client")
 # no success between, are a warning (on the logger).
 _NO_DETAIL_LIMIT = 5
 _NO_DETAIL_SPAN_S = 3.0
+# ZeroMQ reconnects after 0.1 s, then backs off up to this: a daemon that is away (or refuses us without a
+# reason) is not hammered, and is reached within this once it is back.
+_RECONNECT_MAX_MS = 5000
+# With on_refused, a daemon that refused our key is tried again after this, doubling up to the maximum
+# (a key file replaced non-atomically, an allow-list briefly empty, heal without a restart).
+_REFUSED_RETRY_S = (60.0, 600.0)
 MAX_IMAGE_PIXELS = 7680 * 4320  # 8K UHD: larger declared attachments are refused, never decoded
 
 
@@ -108,13 +114,13 @@ class SeqTracker:
 
     The first message of a topic seen in a run sets the baseline (gap 0: a late joiner missed those
     on purpose); after that, seq jumping from n to n+k+1 means k messages were lost on the way.
-    Several runs may interleave on one endpoint (daemons behind `inspectd proxy`): each counts on its
-    own. A run that names a camera an earlier run had is that daemon restarted (`restarted`, on that
-    message, once; the earlier run is forgotten); cameras come from the topic (`defect.<camera>`) or a
-    heartbeat's `cameras`. A daemon's first heartbeats may name no camera yet: its restart then shows at
-    its first camera. Runs that never name a camera (a bare publisher) replace one another, unless a
-    forgotten run speaks again: then the endpoint carries several daemons, and only cameras count.
-    Behind one proxy, camera ids must therefore be unique across lines.
+    Several runs may interleave on one endpoint (daemons behind `inspectd proxy`; `shared` is set once
+    two runs alternate, which one daemon's runs never do): each counts on its own. A run that names a
+    camera an earlier run had is that daemon restarted (`restarted`, on that message, once; the earlier
+    run is forgotten); cameras come from the topic (`defect.<camera>`) or a heartbeat's `cameras`. A
+    daemon's first heartbeats may name no camera yet: its restart shows at its first camera. Behind one
+    proxy, camera ids must therefore be unique across lines; a publisher that never names a camera is
+    never taken for a restart.
     """
 
     MAX_RUNS = 64  # runs tracked at once (one per daemon behind a proxy); the least recent go first
@@ -129,20 +135,22 @@ class SeqTracker:
     def observe(self, run_id: str, topic: str, seq: int, cameras: Iterable[str] = ()) -> tuple[int, bool]:
         """-> (messages missing before this one, whether this message shows its daemon restarted).
         `cameras`: a heartbeat's cameras (other topics name theirs)."""
-        self.run_id = run_id
         seen = set(cameras) | ({topic.split(".", 1)[1]} if "." in topic else set())
+        back = run_id in self._forgotten  # a run taken for replaced speaks again: it was another daemon
+        if back:
+            self._forgotten.remove(run_id)
+            log.warning("two daemons behind one endpoint share a camera id (%s): restarts cannot be told apart; "
+                        "camera ids must be unique across the lines behind a proxy", ", ".join(sorted(seen)) or "?")
+        if back or (run_id in self._last and self.run_id not in (None, run_id)):
+            self.shared = True
+        self.run_id = run_id
         restarted = False
         if run_id not in self._last:
-            if run_id in self._forgotten:  # a run we took for replaced speaks again: several daemons here
-                self.shared = True
-                self._forgotten.remove(run_id)
             self._last[run_id], self._cameras[run_id] = {}, set()
-            if not seen and not self.shared:
-                restarted = self._replace(run_id, lambda cams: not cams)
             while len(self._last) > self.MAX_RUNS:
                 self._forget(next(iter(self._last)))
-        if seen and not self._cameras[run_id]:  # the run's first camera(s): an older run that had one is over
-            restarted = self._replace(run_id, lambda cams: bool(cams & seen))
+        if seen and not self._cameras[run_id] and not back:  # its first camera(s): an older run that had one is over
+            restarted = self._replace(run_id, seen)
         self._cameras[run_id] |= seen
         self._last[run_id] = self._last.pop(run_id)  # most recent last
         last_seqs = self._last[run_id]
@@ -152,9 +160,9 @@ class SeqTracker:
             last_seqs[topic] = seq
         return gap, restarted
 
-    def _replace(self, run_id: str, replaced: Callable[[set[str]], bool]) -> bool:
-        """Forget the other runs whose cameras `replaced(...)`; True if there was one."""
-        older = [r for r, cams in self._cameras.items() if r != run_id and replaced(cams)]
+    def _replace(self, run_id: str, cameras: set[str]) -> bool:
+        """Forget the other runs that had any of `cameras`; True if there was one."""
+        older = [r for r, cams in self._cameras.items() if r != run_id and cams & cameras]
         for r in older:
             self._forget(r)
             self._forgotten.append(r)
@@ -372,6 +380,7 @@ class ReplayClient:
         if self._sock is None:
             self._sock = self.ctx.socket(zmq.DEALER)
             self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_MAX_MS)
             if self.curve is not None:
                 self.curve.apply(self._sock)
             self._sock.setsockopt(zmq.RCVHWM, 0)  # an answer is bounded by the daemon; never drop part of it
@@ -465,9 +474,13 @@ class Subscriber:
         self._monitors: dict[zmq.Socket, tuple[str, bool]] = {}  # handshake events of a SUB socket -> (endpoint, curve)
         self._failed_handshakes: dict[zmq.Socket, list[float]] = {}  # times of failures without a reason, in a row
         self.on_refused = on_refused
+        self._rcvhwm = rcvhwm
+        self._keys: dict[str, ClientKeys | None] = dict(zip(self.endpoints, curves))
+        self._retry: dict[str, tuple[float, float]] = {}  # refused endpoint -> (when to try again, the next wait)
         self._replay: dict[str, ReplayClient] = {}
         self._run_of: dict[str, str] = {}  # endpoint -> its current run_id
-        self._pending: deque[Event] = deque()
+        self._pending: deque[tuple[Event, bool]] = deque()  # (event, whether it came through the replay path)
+        self._restart_pending: set[str] = set()  # runs whose restart showed on a message not handed out
         try:
             for endpoint, replay_endpoint, keys in zip(self.endpoints, replays, curves):
                 if replay_endpoint:
@@ -477,13 +490,14 @@ class Subscriber:
             self.close()
             raise
 
-    def _connect(self, endpoint: str, rcvhwm: int, keys: ClientKeys | None) -> None:
+    def _connect(self, endpoint: str, rcvhwm: int, keys: ClientKeys | None, tracker: SeqTracker | None = None) -> None:
         sock = self._ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_MAX_MS)
         if keys is not None:
             keys.apply(sock)
-        self._sockets[sock] = (endpoint, SeqTracker())  # registered first so close() closes it
+        self._sockets[sock] = (endpoint, tracker or SeqTracker())  # registered first so close() closes it
         monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
         self._monitors[monitor] = (endpoint, keys is not None)
         self._failed_handshakes[monitor] = []
@@ -503,7 +517,10 @@ class Subscriber:
         """The next event, or None if none arrives within `timeout_s` (None: wait forever)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while not self._pending:
+            self._retry_refused()
             wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+            if self._retry:  # wake up in time to try a refused endpoint again
+                wait_ms = min(wait_ms if wait_ms is not None else 1000, 1000)
             # One message from every ready socket per round, so a busy daemon cannot starve another.
             for sock, _ in self._poller.poll(wait_ms):
                 if sock in self._monitors:
@@ -512,8 +529,11 @@ class Subscriber:
                     self._pending.extend(self._receive(sock))
             if not self._pending and deadline is not None and time.monotonic() >= deadline:
                 return None
-        event = self._pending.popleft()
-        return self._handed_out(event) if event.endpoint in self._replay else event
+        event, via_replay = self._pending.popleft()
+        if event.header.get("run_id") in self._restart_pending and event.kind is not EventKind.HEARTBEAT:
+            self._restart_pending.discard(event.header["run_id"])
+            event = dataclasses.replace(event, restarted=True)
+        return self._handed_out(event) if via_replay else event
 
     def _handshake(self, monitor: zmq.Socket) -> None:
         """A refused handshake: AccessError, or `on_refused(endpoint, why)` when given (ZeroMQ never retries a
@@ -523,6 +543,7 @@ class Subscriber:
         failures = self._failed_handshakes[monitor]
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             failures.clear()
+            self._retry.pop(endpoint, None)
             return
         reason = HANDSHAKE_FAILED[event]
         if reason == "other":  # ambiguous (a cut connection looks the same): never fatal, a warning if it persists
@@ -534,9 +555,29 @@ class Subscriber:
         why = f"{endpoint}: {_REFUSED_BECAUSE[reason]} (docs/security.md)"
         if self.on_refused is None:
             raise AccessError(why)
-        self.on_refused(endpoint, why)
+        wait = self._retry.get(endpoint, (0.0, _REFUSED_RETRY_S[0]))[1]
+        self._retry[endpoint] = (time.monotonic() + wait, min(2 * wait, _REFUSED_RETRY_S[1]))
+        self.on_refused(endpoint, f"{why}; trying again in {wait:g} s")
 
-    def _receive(self, sock: zmq.Socket) -> list[Event]:
+    def _retry_refused(self) -> None:
+        """Connect anew to endpoints that refused us, once their wait is over (ZeroMQ itself never would)."""
+        now = time.monotonic()
+        for endpoint, (at, _) in list(self._retry.items()):
+            if now < at:
+                continue
+            self._retry[endpoint] = (float("inf"), self._retry[endpoint][1])  # until it is refused again
+            sock = next(s for s, (e, _) in self._sockets.items() if e == endpoint)
+            tracker = self._sockets.pop(sock)[1]
+            monitor = next(m for m, (e, _) in self._monitors.items() if e == endpoint)
+            for s in (monitor, sock):
+                self._poller.unregister(s)
+            sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close(linger=0)
+            del self._monitors[monitor], self._failed_handshakes[monitor]
+            self._connect(endpoint, self._rcvhwm, self._keys[endpoint], tracker)
+
+    def _receive(self, sock: zmq.Socket) -> list[tuple[Event, bool]]:
         endpoint, tracker = self._sockets[sock]
         event = self._decode(endpoint, sock.recv_multipart())
         if event is None:
@@ -549,10 +590,13 @@ class Subscriber:
                         "own endpoint and replay endpoint instead", endpoint, self._replay[endpoint].endpoint)
             self._replay.pop(endpoint).close()
         if endpoint in self._replay:
-            return self._filled(endpoint, dataclasses.replace(event, restarted=restarted))
+            out = self._filled(endpoint, dataclasses.replace(event, restarted=restarted))
+            if restarted and not any(e.restarted for e in out):  # shown by a message not handed out
+                self._restart_pending.add(event.header["run_id"])
+            return [(e, True) for e in out]
         if gap:
             self.gaps[event.topic] = self.gaps.get(event.topic, 0) + gap
-        return [dataclasses.replace(event, gap=gap, restarted=restarted)]
+        return [(dataclasses.replace(event, gap=gap, restarted=restarted), False)]
 
     def _decode(self, endpoint: str, parts: list[bytes], replayed: bool = False) -> Event | None:
         try:

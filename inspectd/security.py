@@ -64,6 +64,9 @@ def private_file(path: str | Path, key: str) -> Path:
     if st.st_uid not in (0, os.geteuid()):
         raise ConfigError(f"{key} {str(path)!r}: a secret owned by another user (uid {st.st_uid}), who could replace "
                           f"it; refused: chown it to the user that reads it")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{key} {str(path)!r}: not readable by this process (uid {os.geteuid()}): chown it to the "
+                          "user that reads it")
     return path
 
 

@@ -68,16 +68,17 @@ def test_seq_tracker_runs_interleaved_behind_a_proxy():
     assert t.observe("L2b", "defect.line2-top", 1) == (0, False)
 
 
-def test_seq_tracker_bare_publishers_behind_one_endpoint_settle():
-    """Runs without cameras: on a direct endpoint a new one is the restart; when a run taken for replaced
-    speaks again, the endpoint is shared and no more restarts are inferred from camera-less runs."""
+def test_seq_tracker_sees_a_shared_endpoint_when_runs_alternate():
+    """Runs that alternate are several daemons (one daemon's runs never do): `shared`; a publisher that
+    never names a camera is never taken for a restart; runs that name no camera yet are not restarts."""
     t = SeqTracker()
     assert t.observe("A", "heartbeat", 1) == (0, False)
-    assert t.observe("B", "heartbeat", 1) == (0, True)  # alone, this is what a restart looks like
-    assert t.observe("A", "heartbeat", 2) == (0, False)  # A again: two daemons share the endpoint
-    assert t.shared
+    assert t.observe("B", "heartbeat", 1) == (0, False) and not t.shared
+    assert t.observe("A", "heartbeat", 2) == (0, False) and t.shared
     assert [t.observe(r, "heartbeat", n)[1] for n in (2, 3, 4) for r in ("B", "A")] == [False] * 6
     assert t.observe("B", "heartbeat", 6) == (1, False)  # B's own gap is still seen
+    assert t.observe("A", "status.a-top", 1) == (0, False)  # first cameras, nobody had them: no restart
+    assert t.observe("B", "status.b-top", 1) == (0, False)
 
 
 def test_decode_event_from_crafted_messages():
@@ -131,18 +132,24 @@ def test_recv_times_out_with_none(start_publisher):
 
 
 def test_subscriber_detects_a_restart(start_publisher, tmp_path):
+    """As a daemon restarts: the new run's first heartbeats name no camera yet (its cameras start after the
+    publisher); the restart shows, once, on its first message that names one of the old run's cameras."""
     endpoint = f"ipc://{tmp_path}/pub.sock"
-    first = start_publisher(endpoint)
+    first = start_publisher(endpoint, stats=lambda: {"cameras": {"cam1": "up"}})
     with Subscriber(endpoint, ["heartbeat", "status."]) as sub:
         wait_connected(sub)
         first.stop()
-        second = start_publisher(endpoint)
+        cameras: dict = {}
+        second = start_publisher(endpoint, stats=lambda: {"cameras": dict(cameras)})
         while (ev := sub.recv(timeout_s=5.0)).header["run_id"] != second.run_id:
             pass
-        assert ev.restarted and ev.gap == 0
+        assert not ev.restarted and ev.gap == 0  # a heartbeat without cameras: not known yet
         second.publish_status("cam1", CameraState.UP)
+        cameras["cam1"] = "up"
         ev = next_of(sub, EventKind.STATUS)
-        assert (ev.restarted, ev.header["run_id"], ev.header["seq"]) == (False, second.run_id, 1)
+        assert (ev.restarted, ev.header["run_id"], ev.header["seq"]) == (True, second.run_id, 1)
+        later = [sub.recv(timeout_s=5.0) for _ in range(5)]  # heartbeats naming cam1 now
+        assert not any(e.restarted for e in later) and {e.header["run_id"] for e in later} == {second.run_id}
 
 
 def test_one_subscriber_two_daemons_no_false_restarts(start_publisher):

@@ -120,9 +120,9 @@ def _restarts(rec: Recorder, broker: Mosquitto, bridges_started: list, daemon: D
     print(f"MQTT: {len(truth)} defect events published by the daemon, {len(got)} distinct received, "
           f"{duplicates} duplicate(s) (QoS 1 at least once), 0 missing")
     assert set(got) == truth  # nothing invented either
-    masks = {t.split("/")[4] for t, _, _ in rec.snapshot() if t.startswith("inspectd/line3/cam-a/defect/")
-             and t.endswith("/mask")}
-    assert masks == {str(seq) for seq in truth}  # every header's mask, on .../defect/SEQ/mask
+    masks = {t.split("/")[5] for t, _, _ in rec.snapshot()
+             if t.startswith(f"inspectd/line3/cam-a/defect/{run}/") and t.endswith("/mask")}
+    assert masks == {str(seq) for seq in truth}  # every header's mask, on .../defect/RUN/SEQ/mask
     status = [json.loads(p) for t, p, _ in rec.snapshot() if t == "inspectd/line3/cam-a/status"]
     assert status and status[0]["state"] in ("up", "connecting")
     assert bridge.stop(signal.SIGKILL) == -signal.SIGKILL  # no goodbye: the broker sends the Last Will
@@ -149,8 +149,9 @@ def test_topics_and_payloads_of_a_defect_event(tmp_path):
     body, attachments = inspection_body(insp, {"name": "m", "sha256": "0" * 64}, with_frame=True)
     event = decode_event(encode_message("defect.top", "run1", 7, body, attachments), decode=False)
     separate = topics_for(event, "line3", MqttConfig())
-    assert [m.topic for m in separate] == ["inspectd/line3/top/defect", "inspectd/line3/top/defect/7/mask",
-                                           "inspectd/line3/top/defect/7/frame", "inspectd/line3/top/defect/7/regions"]
+    assert [m.topic for m in separate] == ["inspectd/line3/top/defect", "inspectd/line3/top/defect/run1/7/mask",
+                                           "inspectd/line3/top/defect/run1/7/frame",
+                                           "inspectd/line3/top/defect/run1/7/regions"]
     header = json.loads(separate[0].payload)
     assert (header["line"], header["run_id"], header["seq"], header["camera"]) == ("line3", "run1", 7, "top")
     assert separate[1].payload[:8] == b"\x89PNG\r\n\x1a\n"
@@ -217,10 +218,11 @@ def test_the_documented_mqtt_consumer_runs_as_written(tmp_path, start_publisher)
             wait_until(published_and_printed, 30, lambda: f"the consumer's first line:\n{printed()}\n{bridge_log(tmp_path)}",
                        interval=0.3)
             line = next(x for x in printed().splitlines() if x.startswith("line3 top"))
-            assert line.split()[:2] == ["line3", "top"] and line.split()[2].isdigit() and "0.9" in line, line
-            seq = line.split()[2]
-            wait_until(lambda: (tmp_path / f"top_{seq}_mask.png").exists(), 10, "its mask saved")
-            masks = [tmp_path / f"top_{seq}_mask.png"]
+            words = line.split()
+            assert words[:3] == ["line3", "top", pub.run_id[:8]] and words[3].isdigit() and "0.9" in line, line
+            saved_as = tmp_path / f"top_{pub.run_id[:8]}_{words[3]}_mask.png"
+            wait_until(saved_as.exists, 10, "its mask saved")
+            masks = [saved_as]
             saved = cv2.imread(str(masks[0]), cv2.IMREAD_GRAYSCALE)
             assert np.array_equal(saved, cv2.imdecode(np.frombuffer(insp.mask_png, np.uint8), cv2.IMREAD_GRAYSCALE))
         finally:

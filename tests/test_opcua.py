@@ -155,13 +155,20 @@ async def _verdicts(bridge: BridgeProcess, pub: Publisher) -> None:
         with pytest.raises((BadUserAccessDenied, BadNotWritable)):  # read-only to clients
             await (await _node(client, "IsDefect")).write_value(True)
         # An older frame arriving late (or the same frame's other event) changes nothing.
-        pub.publish_inspection(make_inspection(camera="top", seq=frame - 5, defect=True), MODEL, results=True)
+        pub.publish_inspection(make_inspection(camera="top", seq=frame - 5, defect=True, captured_at=time.time() - 60),
+                               MODEL, results=True)
         frame += 1
         pub.publish_inspection(make_inspection(camera="top", seq=frame, defect=False), MODEL, results=True)
         while (await asyncio.wait_for(changes.get(), 10))[1] != frame:
             pass
         assert await (await _node(client, "IsDefect")).read_value() is False
         assert await (await _node(client, "Inspected")).read_value() == inspected + 1
+        # The camera restarted (a reload): frame_seq starts again at 1, later in time: written.
+        pub.publish_inspection(make_inspection(camera="top", seq=1, defect=True, captured_at=time.time() + 1), MODEL,
+                               results=True)
+        while (await asyncio.wait_for(changes.get(), 10))[1] != 1:
+            pass
+        assert await (await _node(client, "IsDefect")).read_value() is True
     finally:
         await client.disconnect()
     # asyncua's default would make a client logged in as "admin" (any password) an administrator.
@@ -172,9 +179,11 @@ async def _verdicts(bridge: BridgeProcess, pub: Publisher) -> None:
     admin.set_password("anything")
     await admin.connect()
     try:
+        node = await _node(admin, "IsDefect")
+        before = await node.read_value()
         with pytest.raises((BadUserAccessDenied, BadNotWritable)):
-            await (await _node(admin, "IsDefect")).write_value(True)
-        assert await (await _node(admin, "IsDefect")).read_value() is False
+            await node.write_value(not before)
+        assert await node.read_value() is before
     finally:
         await admin.disconnect()
     ms = sorted(x * 1000 for x in latencies)

@@ -367,3 +367,29 @@ def test_an_unknown_user_costs_what_a_known_one_does():
     check = PasswordCheck({"a": hash_password("x", rounds=10), "b": hash_password("y", rounds=11)})
     assert check._dummy.startswith(b"$2b$11$")
     assert not check.check("nobody", "x") and check.check("b", "y")
+
+
+def test_a_bridge_style_subscriber_goes_on_and_tries_a_refusing_daemon_again(keys, tmp_path, monkeypatch):
+    """With on_refused (the bridges), a refusal is reported, not raised; the endpoint is connected anew
+    after a wait, so a key added to the daemon's folder meanwhile gets in without restarting anything."""
+    import inspectd.client
+
+    monkeypatch.setattr(inspectd.client, "_REFUSED_RETRY_S", (0.5, 1.0))
+    pub = _publisher(keys)
+    refusals: list[str] = []
+    try:
+        later = ClientKeys.load(keys["stranger"], keys["server_public"])
+        with Subscriber(pub.endpoint, ["defect."], curve=later, on_refused=lambda e, why: refusals.append(why)) as sub:
+            wait_until(lambda: _defects(sub, pub, 0.1) == 0 and refusals, 10, "the refusal reported")
+            assert "refused our CURVE key" in refusals[0] and "trying again in 0.5 s" in refusals[0]
+            (tmp_path / "stranger.key").rename(keys["clients"] / "stranger.key")
+            wait_until(lambda: _defects(sub, pub, 0.2) > 0, 20, lambda: f"events after the key was added: {refusals}")
+    finally:
+        pub.stop()
+
+
+def test_a_bcrypt_cost_out_of_range_is_a_config_error(tmp_path):
+    hashed = hash_password("pw", rounds=10)
+    for cost in ("03", "31"):
+        with pytest.raises(ConfigError, match=f"bcrypt cost {int(cost)}: 4-15 expected"):
+            load_settings(_config(tmp_path, f'[metrics.basic_auth_users]\nprom = "{hashed[:4]}{cost}{hashed[6:]}"'))

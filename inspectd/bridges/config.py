@@ -93,8 +93,9 @@ class MqttConfig(_Section):
     qos: Literal[1, 2] = Field(1, description="QoS of events, 1 or 2 (0 could lose events: the bridge counts an event "
                                "forwarded when the broker acknowledged it); status and bridge state: 1, retained")
     frames: Literal["separate", "inline", "none"] = Field(
-        "separate", description="masks and attached frames: separate = binary messages on .../defect/SEQ/mask, "
-        "/frame, /regions; inline = base64 in the header's attachments_base64; none = headers only")
+        "separate", description="masks and attached frames: separate = binary messages on "
+        ".../defect/RUN/SEQ/mask, /frame, /regions; inline = base64 in the header's attachments_base64; none = "
+        "headers only")
     state_file: str = Field("", description="where the bridge keeps what it has published (run, topic, seq) "
                             "across its restarts; empty = in memory only (a restart then starts from the present)")
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive; the broker publishes the bridge's "

@@ -7,8 +7,9 @@ subscribes to every `[[daemons]]` with `inspectd.client.Subscriber` (gaps filled
 replay endpoint) and publishes with paho-mqtt, QoS 1, persistent session (clean_session false):
 
     PREFIX/LINE/CAMERA/defect            the event's header (JSON, the wire header plus "line")
-    PREFIX/LINE/CAMERA/defect/SEQ/mask   its mask PNG; /frame (JPEG, if attached) and /regions (PNG) likewise:
-                                         SEQ is the header's seq, so an image finds its header in any order
+    PREFIX/LINE/CAMERA/defect/RUN/SEQ/mask   its mask PNG; /frame (JPEG, if attached) and /regions (PNG)
+                                         likewise: RUN and SEQ are the header's run_id and seq, so an image
+                                         finds its header whatever the order of arrival
     PREFIX/LINE/CAMERA/episode           an episode's summary (JSON)
     PREFIX/LINE/CAMERA/status            the camera's state (JSON, retained)
     PREFIX/bridges/CLIENT_ID/state       "online" (retained) / "offline" (retained; the Last Will too)
@@ -50,6 +51,9 @@ log = logging.getLogger("inspectd.bridges.mqtt")
 _TOPICS = ["defect.", "episode.", "status."]
 _SAVE_EVERY_S = 0.5  # positions are written at most this often (and at stop)
 _STOP_FLUSH_S = 5.0  # at stop, how long acknowledgements of what was handed to paho are waited for
+# An event the broker has not acknowledged this long while connected (a message it keeps refusing, e.g. over
+# its size limit) would pin the bridge: it exits 1 instead; systemd restarts it, and it resends from its positions.
+_ACK_TIMEOUT_S = 300.0
 
 
 # -- what goes where -------------------------------------------------------------------------------------------
@@ -78,8 +82,9 @@ def topics_for(event: Event, line: str, cfg: MqttConfig) -> list[Outgoing]:
         header["attachments_base64"] = {k: base64.b64encode(v).decode("ascii") for k, v in event.raw.items()}
         return [Outgoing(f"{base}/defect", _json(header))]
     out = [Outgoing(f"{base}/defect", _json(header))]
-    if cfg.frames == "separate":  # MQTT orders messages per topic only: the seq in the topic pairs them
-        out += [Outgoing(f"{base}/defect/{event.header['seq']}/{kind}", data) for kind, data in event.raw.items()]
+    if cfg.frames == "separate":  # MQTT orders messages per topic only: run and seq in the topic pair them
+        h = event.header
+        out += [Outgoing(f"{base}/defect/{h['run_id']}/{h['seq']}/{kind}", data) for kind, data in event.raw.items()]
     return out
 
 
@@ -148,6 +153,7 @@ class _InFlight:
     topic: str
     seq: int
     mids: set[int]
+    sent_mono: float = 0.0
 
 
 class _Acks:
@@ -166,6 +172,11 @@ class _Acks:
         self._queues.setdefault((item.run_id, item.topic), deque()).append(item)
         self._by_mid.update((mid, item) for mid in item.mids)
         self.pending += 1
+
+    def oldest_s(self) -> float:
+        """Seconds the oldest event not yet acknowledged has waited (0: none)."""
+        heads = [q[0].sent_mono for q in self._queues.values() if q]
+        return time.monotonic() - min(heads) if heads else 0.0
 
     def acked(self, mid: int) -> None:  # paho's thread
         with self._lock:
@@ -240,6 +251,9 @@ class MqttBridge:
         """Commit what the broker acknowledged; take one event unless paho holds too much already."""
         self._acks.commit()
         self.positions.save()
+        if self._connected.is_set() and self._acks.oldest_s() > _ACK_TIMEOUT_S:
+            raise RuntimeError(f"the broker has not acknowledged an event for {_ACK_TIMEOUT_S:.0f} s while "
+                               "connected; restarting the bridge")
         if self._acks.pending >= self.cfg.max_queued:
             self._stop.wait(0.05)  # backpressure: ZeroMQ queues, then drops for us; replay refills later
             return
@@ -260,7 +274,7 @@ class MqttBridge:
                 # restarted bridge resends from its positions.
                 raise RuntimeError(f"paho cannot take a message for {msg.topic}: rc {info.rc}")
             mids.add(info.mid)
-        self._acks.sent(_InFlight(event.header["run_id"], event.topic, event.header["seq"], mids))
+        self._acks.sent(_InFlight(event.header["run_id"], event.topic, event.header["seq"], mids, time.monotonic()))
         self.forwarded += 1
 
     def stop(self) -> None:
@@ -330,9 +344,8 @@ class MqttBridge:
 
 
 def _refused(endpoint: str, why: str) -> None:
-    """A daemon refused our key: the others go on; that one stays silent until the bridge restarts."""
-    log.error("%s; events of this daemon are not bridged until the bridge restarts (systemctl restart "
-              "inspectd-bridge@mqtt) after the fix", why)
+    """A daemon refused our key: the others go on; that one is tried again later (the Subscriber does)."""
+    log.error("%s (the other daemons go on)", why)
 
 
 def _state(state: str) -> bytes:

@@ -20,8 +20,8 @@ namespace` (default `urn:inspectd`), with string node ids a PLC can be configure
 e.g. `ns=2;s=inspectd/line3/top/IsDefect` (the namespace index is whatever the server gives
 `urn:inspectd`: a client resolves it by URI). A verdict for every frame needs the daemon's
 `[publish] results = true` (result.<camera>); without it only defect events arrive and IsDefect
-is the last *defect*. A frame older than the last one written (a late or repeated event) changes
-nothing. Values are read-only to every client (remote admin logins are off). A verdict's variables
+is the last *defect*. A frame captured before the last one written (a late or repeated event)
+changes nothing. Values are read-only to every client (remote admin logins are off). A verdict's variables
 are written one after the other with FrameSeq last, each with the frame's capture time as its source
 timestamp; they are not one atomic write: a client that needs a consistent set checks that FrameSeq
 is the same before and after reading the others.
@@ -55,9 +55,8 @@ NODE_VARIABLES = {"IsDefect": ("Boolean", False), "Score": ("Double", 0.0), "Cap
 
 
 def _refused(endpoint: str, why: str) -> None:
-    """A daemon refused our key: the others go on; that one stays silent until the bridge restarts."""
-    log.error("%s; this daemon's verdicts are not served until the bridge restarts (systemctl restart "
-              "inspectd-bridge@opcua) after the fix", why)
+    """A daemon refused our key: the others go on; that one is tried again later (the Subscriber does)."""
+    log.error("%s (the other daemons go on; its cameras' values are not updated meanwhile)", why)
 
 
 def _no_asyncua_tracebacks(record: logging.LogRecord) -> bool:
@@ -73,7 +72,7 @@ class _Camera:
     def __init__(self, nodes: dict):
         self.nodes = nodes
         self.inspected = self.defects = self.episodes = 0
-        self.last: dict[str, int] = {}  # run_id -> the last frame_seq written (a defect event and its result: once)
+        self.last: tuple[float, int] = (float("-inf"), -1)  # (captured_at, frame_seq) of the last verdict written
 
 
 class OpcUaBridge:
@@ -116,7 +115,7 @@ class OpcUaBridge:
                         break
                     item = get.result()
                     if isinstance(item, BaseException):
-                        raise item  # the reader's error (a refused key: exit 77)
+                        raise item  # the reader's error (the bridge exits; systemd restarts it)
                     await self.apply(item)
             finally:
                 self._stop.set()
@@ -207,11 +206,12 @@ class OpcUaBridge:
             camera.episodes += 1
             await self._write(camera, {"Episodes": camera.episodes}, None)
         elif event.kind in (EventKind.RESULT, EventKind.DEFECT):
-            if h["frame_seq"] <= camera.last.get(h["run_id"], -1):
-                return  # the same frame's other event (defect and result), or an older frame arriving late
-            camera.last[h["run_id"]] = h["frame_seq"]
-            while len(camera.last) > 16:  # bounded: the oldest runs go first
-                camera.last.pop(next(iter(camera.last)))
+            # By capture time (frame_seq restarts at 1 with the camera: a reload, a daemon restart): the same
+            # frame's other event (defect and result) or an older frame arriving late changes nothing.
+            when = (parse_rfc3339(h["captured_at"]), h["frame_seq"])
+            if when <= camera.last:
+                return
+            camera.last = when
             camera.inspected += 1
             camera.defects += bool(h["is_defect"])
             captured = datetime.fromtimestamp(parse_rfc3339(h["captured_at"]), timezone.utc)

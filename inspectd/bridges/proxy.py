@@ -21,6 +21,7 @@ __all__ = ["Proxy"]
 
 import logging
 import threading
+import time
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -51,6 +52,7 @@ class Proxy:
         self._backend: ServerSocket | None = None
         self._upstream: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
+        self._logged: dict[tuple, float] = {}
         self.failed = False
 
     def run(self) -> int:
@@ -94,6 +96,7 @@ class Proxy:
         sock = self._ctx.socket(zmq.XSUB)
         sock.setsockopt(zmq.RCVHWM, self.settings.proxy.hwm)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)  # a daemon that is away is retried every 5 s, not 10 times a second
         self._monitor = sock.get_monitor_socket(sum(_WATCHED))
         for daemon, key in zip(self.settings.daemons, keys):
             if key is not None:
@@ -117,32 +120,55 @@ class Proxy:
             self._stop.set()
 
     def _consumer_refused(self, reason: str) -> None:
-        log.warning("refused a consumer at the handshake (%s; docs/security.md)", reason)
+        # "other" is also what a port scan or a TCP health check looks like: kept out of WARNING.
+        self._log_once(logging.WARNING if reason != "other" else logging.INFO, ("consumer", reason),
+                       "refused a consumer at the handshake (%s; docs/security.md)", reason)
+
+    def _log_once(self, level: int, key: tuple, message: str, *args) -> None:
+        """Log at most once a minute per `key` (a refused peer retries; a daemon away reconnects every 5 s)."""
+        now = time.monotonic()
+        if now - self._logged.get(key, -60.0) >= 60.0:
+            self._logged[key] = now
+            log.log(level, message, *args)
 
     def _watch(self, frontend: zmq.Socket) -> None:
-        """Log what happens to the connections to the daemons (a daemon restarting, our key refused) and
-        count the consumers refused at the handshake. The monitor sockets are this thread's alone."""
-        poller = zmq.Poller()
-        poller.register(self._monitor, zmq.POLLIN)
-        while not self._stop.is_set():
-            self._backend.check_handshakes()
-            if not poller.poll(200):
-                continue
-            event = parse_monitor_message(self._monitor.recv_multipart())
-            what = _WATCHED.get(event["event"])
-            if what is not None:
-                level = logging.INFO if event["event"] in (zmq.EVENT_CONNECTED, zmq.EVENT_DISCONNECTED) else logging.ERROR
-                log.log(level, "daemon %s: %s", event["endpoint"].decode("utf-8", "replace"), what)
+        """Log what happens to the connections to the daemons (a daemon restarting, our key refused) and the
+        consumers refused at the handshake. The monitor sockets are this thread's alone."""
+        try:
+            poller = zmq.Poller()
+            poller.register(self._monitor, zmq.POLLIN)
+            while not self._stop.is_set():
+                self._backend.check_handshakes()
+                if not poller.poll(200):
+                    continue
+                event = parse_monitor_message(self._monitor.recv_multipart())
+                what = _WATCHED.get(event["event"])
+                if what is not None:
+                    endpoint = event["endpoint"].decode("utf-8", "replace")
+                    level = logging.INFO if event["event"] in (zmq.EVENT_CONNECTED, zmq.EVENT_DISCONNECTED) \
+                        else logging.ERROR
+                    self._log_once(level, (endpoint, what), "daemon %s: %s", endpoint, what)
+        except Exception:  # without it the proxy would go on blind: stop it (exit 1), systemd restarts it
+            log.exception("proxy monitor failed")
+            self.failed = True
+            self._stop.set()
 
     def stop(self) -> None:
-        """End the proxy, join its threads, close every socket and context (idempotent)."""
+        """End the proxy, join its threads, close every socket and context (idempotent). Sockets a thread
+        that did not end still owns are left alone (the process is ending anyway)."""
         self._stop.set()
-        if hasattr(self, "_control"):
-            self._control.send(b"TERMINATE")
+        control = getattr(self, "_control", None)
+        if control is not None and not control.closed:
+            control.send(b"TERMINATE")
         for thread in self._threads:
             thread.join(5)
+        if any(t.is_alive() for t in self._threads):
+            log.error("proxy threads did not stop within 5 s; leaving their sockets open")
+            return
         self._threads.clear()
-        for sock in (getattr(self, "_control", None), getattr(self, "_steer", None), self._monitor, self._upstream):
+        if self._upstream is not None and not self._upstream.closed and self._monitor is not None:
+            self._upstream.disable_monitor()
+        for sock in (control, getattr(self, "_steer", None), self._monitor, self._upstream):
             if sock is not None and not sock.closed:
                 sock.close(linger=0)
         if self._backend is not None:
@@ -150,4 +176,4 @@ class Proxy:
             self._backend = None
         if not self._ctx.closed:
             self._ctx.term()
-        log.info("proxy stopped")
+            log.info("proxy stopped")

@@ -303,6 +303,8 @@ class MetricsConfig(_Section):
                 raise ValueError(f"user {user!r}: a printable name without ':' expected")
             if not re.fullmatch(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}", hashed):
                 raise ValueError(f"user {user!r}: not a bcrypt hash ($2b$12$... from inspectd keys hash-password)")
+            if not 4 <= int(hashed[4:6]) <= 15:  # beyond 15 every check takes seconds: make a new hash
+                raise ValueError(f"user {user!r}: bcrypt cost {int(hashed[4:6])}: 4-15 expected (12 is usual)")
         return value
 
     @model_validator(mode="after")
