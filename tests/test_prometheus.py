@@ -38,10 +38,11 @@ DEAD_CAMERA = "dead"
 EXPECTED_ALERTS = {
     "InspectdDown", "InspectdCameraDown", "InspectdInferenceFpsLow", "InspectdDroppedFrameRatioHigh",
     "InspectdStaleFrameRatioHigh", "InspectdEndToEndLatencyHigh", "InspectdEventsDropped", "InspectdRestarted",
-    "InspectdReloadFailed", "InspectdArchiveLosingEntries",
+    "InspectdReloadFailed", "InspectdArchiveLosingEntries", "InspectdClientKeyRefused",
 }
 # Alerts without `for:` that a healthy daemon must never fire.
-QUIET_WHEN_HEALTHY = {"InspectdEventsDropped", "InspectdRestarted", "InspectdReloadFailed", "InspectdArchiveLosingEntries"}
+QUIET_WHEN_HEALTHY = {"InspectdEventsDropped", "InspectdRestarted", "InspectdReloadFailed", "InspectdArchiveLosingEntries",
+                      "InspectdClientKeyRefused"}
 
 
 # ------------------------------------------------------------------------------------------ promtool
