@@ -68,8 +68,9 @@ log = logging.getLogger("inspectd.client")
 # no success between, are a warning (on the logger).
 _NO_DETAIL_LIMIT = 5
 _NO_DETAIL_SPAN_S = 3.0
-# ZeroMQ reconnects after 0.1 s, then backs off up to this: a daemon that is away (or refuses us without a
-# reason) is not hammered, and is reached within this once it is back.
+# A replay request socket reconnects after 0.1 s, then backs off up to this while its daemon is away. (Not the
+# SUB sockets: they keep ZeroMQ's 0.1 s, so that they are connected before a restarted daemon's first event,
+# which a subscriber without positions would otherwise take for the past.)
 _RECONNECT_MAX_MS = 5000
 # With on_refused, a daemon that refused our key is tried again after this, doubling up to the maximum
 # (a key file replaced non-atomically, an allow-list briefly empty, heal without a restart).
@@ -494,7 +495,6 @@ class Subscriber:
         sock = self._ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, rcvhwm)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_MAX_MS)
         if keys is not None:
             keys.apply(sock)
         self._sockets[sock] = (endpoint, tracker or SeqTracker())  # registered first so close() closes it
