@@ -19,13 +19,20 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from inspectd.security import ClientKeys, check_config_file
-from inspectd.service.config import CurveServerConfig, _check_endpoint, load_toml_model
+from inspectd.service.config import CurveServerConfig, _check_endpoint, _Section, load_toml_model
 
 DEFAULT_BRIDGES_CONFIG = Path("/etc/inspectd/bridges.toml")
 _ID = re.compile(r"[a-z0-9_-]{1,64}")
+
+
+def _check_line(value: str) -> str:
+    """A line name: it becomes part of MQTT topics and OPC UA node ids."""
+    if not _ID.fullmatch(value):
+        raise ValueError("1-64 characters of a-z, 0-9, _ and - (it becomes part of MQTT topics)")
+    return value
 
 
 def _connect_endpoint(value: str) -> str:
@@ -37,10 +44,6 @@ def _connect_endpoint(value: str) -> str:
     if scheme != "tcp" or not colon or not host or not (port.isdigit() and 0 < int(port) <= 65535):
         raise ValueError("expected tcp://HOST:PORT (PORT 1-65535) or ipc://PATH")
     return value
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DaemonSource(_Section):
@@ -58,9 +61,7 @@ class DaemonSource(_Section):
     @field_validator("line")
     @classmethod
     def _line(cls, value: str) -> str:
-        if value and not _ID.fullmatch(value):
-            raise ValueError("1-64 characters of a-z, 0-9, _ and - (it becomes part of MQTT topics)")
-        return value
+        return _check_line(value) if value else value  # empty: [mqtt] line
 
 
 class ClientConfig(_Section):
@@ -113,9 +114,7 @@ class MqttConfig(_Section):
     @field_validator("line")
     @classmethod
     def _line(cls, value: str) -> str:
-        if not _ID.fullmatch(value):
-            raise ValueError("1-64 characters of a-z, 0-9, _ and - (it becomes part of MQTT topics)")
-        return value
+        return _check_line(value)
 
     def effective_client_id(self) -> str:
         return self.client_id or f"inspectd-{socket.gethostname()}"
