@@ -42,6 +42,7 @@ _REFUSED_LOG_EVERY_S = 60.0
 # At most this many bcrypt checks run at once: wrong passwords cost ~0.2 s of CPU each, and a flood of
 # them must not take the line PC's cores from inspection. Requests beyond wait this long, then are refused.
 _BCRYPT_AT_ONCE = 1
+_BCRYPT_TURN = threading.BoundedSemaphore(_BCRYPT_AT_ONCE)
 _BCRYPT_WAIT_S = 2.0
 
 
@@ -302,8 +303,9 @@ class PasswordCheck:
     bcrypt is slow on purpose (~0.2 s at cost 12), so a pair that passed is remembered (by a SHA-256 of
     user, password and hash, never the password) for the next scrapes. An unknown user costs one
     comparison at the configured hashes' highest cost too, so timing does not reveal which users exist.
-    At most one comparison runs at a time: a flood of wrong passwords costs one core, not the machine,
-    and requests that wait more than 2 s for their turn are refused."""
+    At most one comparison runs at a time in the whole process (every endpoint's checks share the turn):
+    a flood of wrong passwords costs one core, not the machine, and requests that wait more than 2 s for
+    their turn are refused."""
 
     def __init__(self, users: dict[str, str]):
         import bcrypt
@@ -314,7 +316,7 @@ class PasswordCheck:
         self._dummy = bcrypt.hashpw(b"no such user", bcrypt.gensalt(cost))
         self._passed: set[bytes] = set()
         self._lock = threading.Lock()
-        self._turn = threading.BoundedSemaphore(_BCRYPT_AT_ONCE)
+        self._turn = _BCRYPT_TURN  # one for the process: /metrics and the live view together cost one core
 
     def __bool__(self) -> bool:
         return bool(self._users)

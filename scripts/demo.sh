@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's main-job command: set up, then run the daemon on config.example.toml (two synthetic
-# cameras, the bundled demo model) and a watcher that prints its events and saves masks and
-# overlays of defects to demo-out/events/. Ctrl-C stops both cleanly.
+# cameras, the bundled demo model, the live view on http://127.0.0.1:8080/) and a watcher that prints its
+# events and saves masks and overlays of defects to demo-out/events/. Ctrl-C stops both cleanly.
 #   scripts/demo.sh            run until Ctrl-C
 #   scripts/demo.sh 30         stop by itself after 30 seconds
 set -euo pipefail
@@ -35,7 +35,8 @@ PY
     kill -0 "$daemon" 2>/dev/null || { echo "demo: the daemon exited; see its messages above" >&2; exit 1; }
     sleep 0.5
 done
-echo "demo: daemon ready; metrics at http://127.0.0.1:9108/metrics; events on tcp://127.0.0.1:5556 (Ctrl-C stops)"
+echo "demo: daemon ready; live view at http://127.0.0.1:8080/ (open it in a browser); metrics at" \
+     "http://127.0.0.1:9108/metrics; events on tcp://127.0.0.1:5556 (Ctrl-C stops)"
 
 if [[ "$seconds" -gt 0 ]]; then
     timeout --signal=TERM "$seconds" "$venv/bin/inspectd" watch --save "$out" &

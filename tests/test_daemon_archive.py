@@ -11,7 +11,7 @@ import shlex
 import cv2
 import numpy as np
 import pytest
-from daemon_util import DaemonProcess, camera_toml, daemon_config
+from daemon_util import DaemonProcess, camera_toml, daemon_config, free_port
 from support import collect_events, http_get, scrape, unshare_unavailable, wait_until
 
 from inspectd.client import Subscriber
@@ -36,8 +36,10 @@ def _check_entry(header: dict, files: dict[str, bytes]) -> None:
 
 def test_every_defect_event_is_archived_as_published_with_sampled_ok_frames(tmp_path):
     root = tmp_path / "archive"
+    ui = free_port()
     config, urls = daemon_config(tmp_path, camera_toml("cam-1", CAMERA),
-                                 archive={"dir": str(root), "frame_format": "png", "ok_every": 4})
+                                 archive={"dir": str(root), "frame_format": "png", "ok_every": 4},
+                                 ui={"enabled": True, "port": ui})
     with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
         daemon.wait_ready(urls["metrics"])
         with Subscriber(urls["events"], topics=["defect."]) as sub:
@@ -47,6 +49,14 @@ def test_every_defect_event_is_archived_as_published_with_sampled_ok_frames(tmp_
         m = scrape(urls["metrics"])
         assert m.value("inspectd_archive_dropped_total", reason="disk_full") == 0  # every reason exported from 0
         assert m.value("inspectd_archive_bytes") > 0 and m.value("inspectd_archive_entries") > 0
+        # The live view lists recent defects from the archive (ids are entry folders), never its ok samples.
+        wait_until(lambda: json.loads(http_get(f"http://127.0.0.1:{ui}/api/defects?limit=5")[1])["defects"], 30,
+                   "defects listed by the live view")
+        status, body = http_get(f"http://127.0.0.1:{ui}/api/defects?limit=5")
+        listed = json.loads(body)["defects"]
+        assert status == 200 and listed and all(d["id"].startswith("cam-1/") for d in listed), listed
+        status, body = http_get(f"http://127.0.0.1:{ui}/api/defect?id={listed[0]['id']}")
+        assert status == 200 and json.loads(body)["topic"] == "defect.cam-1"
         assert daemon.terminate() == 0, daemon.log()
     kept = _archive(root)
     assert not list(root.rglob(f"{TEMP_PREFIX}*"))

@@ -330,3 +330,30 @@ def test_stop_returns_promptly_with_unsent_messages(start_publisher, caplog):
     assert published <= 1 and published + dropped == 1000, (published, dropped)
     pub.publish_status("cam1", CameraState.STOPPED)  # after stop: counted as dropped, never raises
     assert sample(pub, "events_dropped", "status.cam1") == 1
+
+
+def test_the_live_views_ring_gets_every_defect_event_as_sent_or_dropped():
+    """[ui] with the archive off: each defect event goes to the recent-defects ring with its frame, the header as
+    published (seq 1, 2...) or, when the hand-off queue was full, unnumbered (seq null); ok frames never."""
+    from inspectd.outputs.recent import MemoryDefects
+
+    ring = MemoryDefects()
+    held = HeldUp(hold_s=30)
+    pub = Publisher(PublishConfig(endpoint="tcp://127.0.0.1:0", heartbeat_s=0.05, send_hwm=2),
+                    Metrics(CollectorRegistry()), "run1", MODEL, held, recent=ring)
+    pub.start()
+    try:
+        insp, ok = make_inspection(), make_inspection(defect=False)
+        held.hold()
+        for _ in range(3):  # two queued, the third dropped at once
+            pub.publish_inspection(insp, MODEL)
+        pub.publish_inspection(ok, MODEL)
+        assert [r.header["seq"] for r in ring.recent()] == [None]
+        held.release.set()
+        wait_until(lambda: len(ring.recent()) == 3, 5, "the two queued events sent")
+    finally:
+        pub.stop(timeout=1.0)
+    records = ring.recent()
+    assert [r.header["seq"] for r in records] == [2, 1, None]
+    assert all(r.image is insp.frame.image and r.header["topic"] == "defect.cam1" for r in records)
+    assert records[0].files["mask.png"] == insp.mask_png

@@ -53,6 +53,7 @@ class ArchiveEntry:
     frame_seq: int
     files: tuple[tuple[str, bytes], ...]
     published: tuple[str, str, int] | None = None  # (run_id, topic, seq) when it was published: replayable
+    topic: str = ""  # the message's topic (defect.<camera>, result.<camera> for a sampled ok frame)
 
 
 def safe_component(camera: str) -> str:
@@ -171,6 +172,11 @@ class RetentionIndex:
         self._heap: list[tuple[float, str, int, tuple[str, str, int] | None]] = []
         # (run_id, topic) -> (its seqs, sorted; seq -> folder): replay takes a bounded slice by bisection
         self._published: dict[tuple[str, str], tuple[list[int], dict[int, str]]] = {}
+        # The defect events (topic defect.*), by capture time, all and per camera folder: the live view lists the
+        # newest without looking at the sampled ok frames around them.
+        self._defects: list[tuple[float, str]] = []
+        self._defects_by: dict[str, list[tuple[float, str]]] = {}
+        self._defect_paths: set[str] = set()
         self._lock = threading.Lock()
         self.total_bytes = 0
 
@@ -184,15 +190,22 @@ class RetentionIndex:
             try:
                 header = json.loads((e / HEADER_FILE).read_bytes())
                 key = _published_key(header) if isinstance(header, dict) else None
-                index.add(entry_time(e), e, _size(e), key)
+                topic = str(header.get("topic", "")) if isinstance(header, dict) else ""
+                index.add(entry_time(e), e, _size(e), key, topic)
             except (OSError, ValueError):  # removed meanwhile, or a foreign folder: not ours to expire
                 continue
         return index
 
-    def add(self, when: float, path: Path, size: int, published: tuple[str, str, int] | None = None) -> None:
+    def add(self, when: float, path: Path, size: int, published: tuple[str, str, int] | None = None,
+            topic: str = "") -> None:
         with self._lock:
             heapq.heappush(self._heap, (when, str(path), size, published))
             self.total_bytes += size
+            if topic.startswith("defect.") and str(path) not in self._defect_paths:
+                key = (when, str(path))
+                self._defect_paths.add(str(path))
+                bisect.insort(self._defects, key)  # appended at the end, as entries are written in time order
+                bisect.insort(self._defects_by.setdefault(Path(path).parent.parent.name, []), key)
             if published is not None:
                 run, topic, seq = published
                 seqs, paths = self._published.setdefault((run, topic), ([], {}))
@@ -207,6 +220,13 @@ class RetentionIndex:
             start = bisect.bisect_right(seqs, after_seq)
             found = [(seq, paths[seq]) for seq in seqs[start:start + limit]]
         return [(seq, Path(path)) for seq, path in found]
+
+    def newest_defects(self, limit: int, folder: str | None = None) -> list[tuple[float, Path]]:
+        """The `limit` newest defect entries (capture time, entry folder), newest first; of one camera folder
+        (`safe_component(camera)`) only, or of all."""
+        with self._lock:
+            found = (self._defects if folder is None else self._defects_by.get(folder, []))[-limit:]
+        return [(when, Path(path)) for when, path in reversed(found)]
 
     def knows(self, run_id: str, topic: str) -> bool:
         with self._lock:
@@ -226,6 +246,12 @@ class RetentionIndex:
                     break  # oldest first: every later entry is younger, and the total is within the limit
                 heapq.heappop(self._heap)
                 self.total_bytes -= size
+                if path in self._defect_paths:
+                    self._defect_paths.discard(path)
+                    for found in (self._defects, self._defects_by.get(Path(path).parent.parent.name, [])):
+                        i = bisect.bisect_left(found, (when, path))
+                        if i < len(found) and found[i] == (when, path):
+                            del found[i]
                 if published is not None:  # gone for replay before it is gone from the disk
                     seqs, paths = self._published.get(published[:2], ([], {}))
                     if paths.pop(published[2], None) is not None:
@@ -363,7 +389,7 @@ class Archive:
         try:
             size = write_entry(self.root, item)
             if size:
-                self.index.add(item.captured_at, entry_dir(self.root, item), size, item.published)
+                self.index.add(item.captured_at, entry_dir(self.root, item), size, item.published, item.topic)
                 self.written += 1
                 self.on_written()
         except OSError as exc:
@@ -403,7 +429,7 @@ def message_entry(header_json: bytes, attachments: Sequence[bytes] = (),
     for name, data in extra:
         files.setdefault(name, data)
     return ArchiveEntry(header["camera"], parse_rfc3339(header["captured_at"]), int(header["frame_seq"]),
-                        tuple(files.items()), _published_key(header))
+                        tuple(files.items()), _published_key(header), str(header.get("topic", "")))
 
 
 def unsent_header(topic: str, run_id: str, body: dict) -> bytes:

@@ -21,7 +21,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -32,6 +32,7 @@ from inspectd.outputs.wire import HEARTBEAT_TOPIC, SCHEMA, encode_message, episo
 
 if TYPE_CHECKING:
     from inspectd.outputs.archive import Archive
+    from inspectd.outputs.recent import MemoryDefects
     from inspectd.outputs.replay import Ring
     from inspectd.security import ServerKeys
     from inspectd.service.config import PublishConfig
@@ -56,6 +57,7 @@ class _Pending:
     body: dict
     attachments: list[bytes]
     keep: tuple[tuple[str, bytes], ...] | None = None  # archive this message, with these archive-only files
+    image: Any = None  # a defect event's frame (numpy RGB), for the live view's recent defects; never sent
 
 
 class Publisher:
@@ -69,16 +71,18 @@ class Publisher:
 
     def __init__(self, cfg: PublishConfig, metrics: Metrics, run_id: str, model: dict,
                  stats: Callable[[], dict] = dict, archive: Archive | None = None, ring: Ring | None = None,
-                 keys: ServerKeys | None = None):
+                 keys: ServerKeys | None = None, recent: MemoryDefects | None = None):
         """`model` is named in heartbeats until `stats()` returns a "model" of its own (the daemon's current one).
 
         With `archive`, every defect event goes to it as published (numbered, byte for byte), or, if
         the publisher dropped it, unnumbered (`seq` null): the archive keeps what the line saw, not
         only what consumers got. Sampled ok frames go to it directly. With `keys`, the socket is a CURVE
-        server (docs/security.md)."""
+        server (docs/security.md). With `recent` (the live view's ring), every defect event goes there too,
+        as sent or, if dropped, unnumbered, with the frame it was found on."""
         self.cfg = cfg
         self.archive = archive
         self.ring = ring  # what was sent, for replay (added before its seq is announced: see last_seq)
+        self.recent = recent
         self.metrics = metrics
         self.run_id = run_id
         self.last_progress_mono = time.monotonic()
@@ -156,7 +160,8 @@ class Publisher:
         if self.archive is not None and insp.archive_frame:
             keep = ((file_name("frame", insp.archive_encoding), insp.archive_frame),)
         if insp.is_defect and defect_event:
-            self._enqueue(f"defect.{camera}", *inspection_body(insp, model, with_frame=True), keep=keep)
+            self._enqueue(f"defect.{camera}", *inspection_body(insp, model, with_frame=True), keep=keep,
+                          image=insp.frame.image)
         elif keep is not None and not insp.is_defect:  # an ok frame sampled for retraining: archived, never published
             self._archive_unsent(_Pending(f"result.{camera}", *inspection_body(insp, model, with_frame=False), keep))
         if results:
@@ -167,8 +172,8 @@ class Publisher:
         self._enqueue(f"status.{camera}", status_body(camera, state, detail), [])
 
     def _enqueue(self, topic: str, body: dict, attachments: list[bytes],
-                 keep: tuple[tuple[str, bytes], ...] | None = None) -> None:
-        item = _Pending(topic, body, attachments, keep)
+                 keep: tuple[tuple[str, bytes], ...] | None = None, image=None) -> None:
+        item = _Pending(topic, body, attachments, keep, image)
         if self._closing.is_set():
             self._dropped(item)
             return
@@ -181,6 +186,8 @@ class Publisher:
         """Not published (counted); still archived when it was to be."""
         self.metrics.events_dropped.labels(topic=item.topic).inc()
         self._archive_unsent(item)
+        if self.recent is not None and item.topic.startswith("defect."):
+            self.recent.add(unsent_header(item.topic, self.run_id, item.body), item.attachments, item.image)
 
     def _archive_unsent(self, item: _Pending) -> None:
         if self.archive is not None and item.keep is not None:
@@ -240,6 +247,8 @@ class Publisher:
         self.metrics.events_published.labels(topic=item.topic).inc()
         if self.archive is not None and item.keep is not None:
             self.archive.submit(message_entry(parts[1], parts[2:], item.keep))
+        if self.recent is not None and item.topic.startswith("defect."):
+            self.recent.add(parts[1], parts[2:], item.image)
 
     def _heartbeat_body(self) -> dict:
         try:

@@ -25,14 +25,17 @@ import os
 import threading
 import time
 from collections import Counter, defaultdict, deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
+
+import numpy as np
 
 from inspectd.frames import Batch, DropReason, Frame, Inspection
 from inspectd.pipeline.batching import Batcher, FrameBoard
 from inspectd.pipeline.context import InferenceContext
 from inspectd.pipeline.episodes import Episode, EpisodeTracker
-from inspectd.pipeline.postprocess import inspect
+from inspectd.pipeline.postprocess import InspectOptions, inspect
 from inspectd.service.metrics import Metrics
 
 log = logging.getLogger("inspectd.pipeline")
@@ -51,11 +54,18 @@ class InspectionSink(Protocol):
     def publish_episode(self, episode: Episode, model: dict, best_event: bool) -> None: ...
 
 
+Observer = Callable[[Frame, float, np.ndarray, InspectOptions], None]
+
+
 class Pipeline:
     """Owns the frame board, the batcher, the inference thread, the post-processing pool and the hand-off."""
 
-    def __init__(self, context: InferenceContext, metrics: Metrics, sink: InspectionSink, workers: int):
+    def __init__(self, context: InferenceContext, metrics: Metrics, sink: InspectionSink, workers: int,
+                 observer: Observer | None = None):
+        """`observer(frame, score, cam_logits, options)`: each inferred frame, on the inference thread, before its
+        post-processing (the live view keeps a reference; it must return at once)."""
         self.metrics = metrics
+        self._observer = observer
         self.board = FrameBoard(on_drop=self._count_drop)
         self.batcher = Batcher(self.board)
         self._context = context
@@ -166,6 +176,8 @@ class Pipeline:
         finally:
             self._running, self.busy_since = None, None
         for frame, score, cam in zip(batch.frames, scores, cams):
+            if self._observer is not None:
+                self._observer(frame, float(score), cam, context.options)
             self._handoff.acquire()
             try:
                 future = self._pool.submit(inspect, frame, float(score), cam, context.options)

@@ -28,6 +28,8 @@ __all__ = [
     "check_security",
     "load_toml_model",
     "CurveServerConfig",
+    "WebServerConfig",
+    "UiConfig",
     "together",
 ]
 
@@ -41,7 +43,7 @@ import socket
 import sys
 import typing
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -273,7 +275,10 @@ class PublishConfig(CurveServerConfig):
 
 
 
-class MetricsConfig(_Section):
+class WebServerConfig(_Section):
+    """An HTTP endpoint of the daemon ([metrics], [ui]): bind address, optional HTTPS and basic auth."""
+
+    _section: ClassVar[str] = "metrics"
     host: str = Field("127.0.0.1", description="bind address of /metrics, /healthz, /readyz")
     port: int = Field(9108, ge=0, le=65535, description="0 = any free port")
     tls_cert_file: str = Field("", description="PEM certificate (chain) to serve HTTPS with; with tls_key_file. "
@@ -308,8 +313,45 @@ class MetricsConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _tls_pair(self) -> MetricsConfig:
-        together("metrics", self, "tls_cert_file", "tls_key_file", "a certificate and its key; neither = plain HTTP")
+    def _tls_pair(self) -> WebServerConfig:
+        together(self._section, self, "tls_cert_file", "tls_key_file", "a certificate and its key; neither = plain HTTP")
+        return self
+
+
+class MetricsConfig(WebServerConfig):
+    pass
+
+
+class UiConfig(WebServerConfig):
+    """[ui]: the operator's live view (docs/live-view.md)."""
+
+    _section: ClassVar[str] = "ui"
+    enabled: bool = Field(False, description="serve the live view; off by default so that an upgrade never opens a "
+                          "port a running line did not ask for")
+    host: str = Field("127.0.0.1", description="bind address of the live view; any other than loopback needs "
+                      "ui.basic_auth_users")
+    port: int = Field(8080, ge=0, le=65535, description="0 = any free port")
+    max_fps: float = Field(5.0, gt=0, le=30, description="live images per second per camera, at most (rendered only "
+                           "while someone watches)")
+    width: int = Field(640, ge=64, le=4096, description="live images are scaled down to this width at most")
+    recent: int = Field(50, ge=1, le=1000, description="recent defects listed (archive off: kept in memory)")
+    recent_bytes: int = Field(64_000_000, ge=1_000_000, description="memory for the recent defects' frames when the "
+                              "archive is off (the oldest go first)")
+    collect_dir: str = Field("", description="folder the 'save as ok / defect' buttons write frames to (DIR/ok, "
+                             "DIR/defect: the layout `inspectd train` reads); empty = no buttons")
+
+    @field_validator("collect_dir")
+    @classmethod
+    def _collect_dir(cls, value: str) -> str:
+        return _no_nul(value)
+
+    @model_validator(mode="after")
+    def _auth_off_loopback(self) -> UiConfig:
+        from inspectd.security import is_loopback_endpoint
+
+        if self.enabled and not self.basic_auth_users and not is_loopback_endpoint(f"tcp://{self.host}:{self.port}"):
+            raise ValueError(f"ui.host {self.host!r} is reachable from the network: set ui.basic_auth_users (and "
+                             "ui.tls_cert_file / ui.tls_key_file), or keep ui.host on 127.0.0.1 and use an SSH tunnel")
         return self
 
 
@@ -381,6 +423,7 @@ class Settings(BaseSettings):
     episodes: EpisodesConfig = EpisodesConfig()
     replay: ReplayConfig = ReplayConfig()
     archive: ArchiveConfig = ArchiveConfig()
+    ui: UiConfig = UiConfig()
     daemon: DaemonConfig = DaemonConfig()
 
     @field_validator("cameras")
@@ -574,7 +617,8 @@ def _resolve_paths(data: dict, base: Path) -> dict:
     """Relative paths in the file are relative to the file (not to the daemon's working directory)."""
     data = dict(data)
     for section, key in (("model", "path"), ("archive", "dir"), ("publish", "curve_secret_key"),
-                         ("publish", "curve_clients"), ("metrics", "tls_cert_file"), ("metrics", "tls_key_file")):
+                         ("publish", "curve_clients"), ("metrics", "tls_cert_file"), ("metrics", "tls_key_file"),
+                         ("ui", "tls_cert_file"), ("ui", "tls_key_file"), ("ui", "collect_dir")):
         if isinstance(data.get(section), dict) and isinstance(data[section].get(key), str):
             data[section] = {**data[section], key: _relative_to(base, data[section][key])}
     cams = data.get("cameras")
@@ -631,11 +675,13 @@ def check_security(settings: Settings) -> None:
     """Load the key files and the certificate the daemon would (ConfigError naming the key): a secret file
     others can read, a file that is not a key, a certificate that does not match its key."""
     from inspectd.security import ServerKeys
-    from inspectd.service.metrics import web_security
+    from inspectd.service.web import web_security
 
     if settings.publish.curve_secret_key:
         ServerKeys.load(settings.publish.curve_secret_key, settings.publish.curve_clients)
-    web_security(settings.metrics)
+    web_security(settings.metrics, "metrics")
+    if settings.ui.enabled:
+        web_security(settings.ui, "ui")
 
 
 def resolve_model_path(path: str) -> Path:

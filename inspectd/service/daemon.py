@@ -2,9 +2,9 @@
 
     Daemon(load_settings(path)).run()
 
-Startup order: metrics HTTP (so /healthz answers during warm-up) -> model (load in safe mode) ->
-publisher (bind) -> engine (warm up) -> pipeline (inference thread, post-processing pool) ->
-cameras. Shutdown is that
+Startup order: metrics HTTP (so /healthz answers during warm-up) -> live view HTTP ([ui], bound
+early so that a port in use fails at once) -> model (load in safe mode) -> publisher (bind) ->
+engine (warm up) -> pipeline (inference thread, post-processing pool) -> cameras. Shutdown is that
 order reversed, derived from an ExitStack, so it can never drift from startup: stop grabbing,
 finish and publish the batch in flight, drain post-processing, log every camera's frame account,
 flush and close the publisher, stop serving metrics. The frame's route itself lives in
@@ -27,24 +27,30 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from inspectd import __version__
 from inspectd.errors import ConfigError
 from inspectd.frames import CameraState
 from inspectd.model.deployable import Deployable, load_model
 from inspectd.outputs.archive import Archive
+from inspectd.outputs.live import LiveView
 from inspectd.outputs.publish import Publisher
+from inspectd.outputs.recent import ArchiveDefects, MemoryDefects
 from inspectd.outputs.replay import ReplayServer, Ring
 from inspectd.pipeline.context import InferenceContext, build_context
 from inspectd.pipeline.core import Pipeline
 from inspectd.security import ServerKeys, is_loopback_endpoint
 from inspectd.service.config import CameraConfig, Settings, resolve_model_path
-from inspectd.service.metrics import FrameAccount, Metrics, MetricsServer, frame_accounts, web_security
+from inspectd.service.metrics import FrameAccount, Metrics, MetricsServer, frame_accounts
 from inspectd.service.notify import Notifier
 from inspectd.service.reload import PreparedReload, prepare_reload
+from inspectd.service.web import WebServer, web_security
 from inspectd.sources.camera import CameraWorker
 
 log = logging.getLogger("inspectd.service.daemon")
 
 STATUS_EVERY_S = 5.0
+# A live stream falls at most this far behind the pictures drawn (a few pictures), even on a slow SSH tunnel.
+_UI_SEND_BUFFER = 128 * 1024
 
 
 class Daemon:
@@ -59,6 +65,7 @@ class Daemon:
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.camera_states: dict[str, CameraState] = {}
+        self.camera_details: dict[str, str] = {}  # the detail of each camera's last state change (live view)
         self.cameras: dict[str, CameraWorker] = {}
         self.should_exit = threading.Event()
         self.ready = False
@@ -72,6 +79,10 @@ class Daemon:
         self.archive: Archive | None = None
         self.replay: ReplayServer | None = None
         self.pipeline: Pipeline | None = None
+        self.live: LiveView | None = None
+        self.ui_server: WebServer | None = None
+        self._recent_memory: MemoryDefects | None = None
+        self._ui_app = None  # inspectd.outputs.ui.UiApp while [ui] is on
         self._exposed: list[str] = []  # sockets open to the network without CURVE (notes on /healthz)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -92,12 +103,15 @@ class Daemon:
                                             web=web_security(s.metrics))
         self.metrics_server.start()
         self._stack.callback(self.metrics_server.stop)
+        self.ui_server = self._bind_ui()
         deployable = self._load_model()
         self.archive = self._start_archive()
+        if self.ui_server is not None:
+            self._start_ui()
         ring = Ring(s.replay.ring_messages, s.replay.ring_bytes) if s.replay.endpoint else None
         self.publisher = Publisher(s.publish, self.metrics, self.run_id,
                                    {"name": deployable.name, "sha256": deployable.sha256}, stats=self.stats,
-                                   archive=self.archive, ring=ring, keys=keys)
+                                   archive=self.archive, ring=ring, keys=keys, recent=self._recent_memory)
         self.publisher.start()
         self._stack.callback(self.publisher.stop, s.daemon.shutdown_timeout_s)
         if ring is not None:
@@ -107,7 +121,8 @@ class Daemon:
         self._warn_exposed(keys)
         context = build_context(s, deployable)
         self._set_model_info(context)
-        self.pipeline = Pipeline(context, self.metrics, self.publisher, s.postprocess.workers)
+        self.pipeline = Pipeline(context, self.metrics, self.publisher, s.postprocess.workers,
+                                 observer=self.live.offer if self.live is not None else None)
         self.pipeline.start()
         self._stack.callback(self._log_frame_accounts)
         self._stack.callback(self.pipeline.stop, s.daemon.shutdown_timeout_s)
@@ -117,9 +132,10 @@ class Daemon:
         self.ready = True
         self.notifier.ready()
         engine = self.pipeline.context.engine
-        log.info("ready: %d camera(s), model %s, batches %s on %s with %s, events on %s, replay %s, metrics on :%d",
-                 len(self.cameras), deployable.name, engine.buckets, engine.device, engine.runtime, self.publisher.endpoint,
-                 f"on {self.replay.endpoint}" if self.replay else "off", self.metrics_server.port)
+        log.info("ready: %d camera(s), model %s, batches %s on %s with %s, events on %s, replay %s, metrics on :%d, "
+                 "live view %s", len(self.cameras), deployable.name, engine.buckets, engine.device, engine.runtime,
+                 self.publisher.endpoint, f"on {self.replay.endpoint}" if self.replay else "off",
+                 self.metrics_server.port, self.ui_url() or "off")
 
     def main_loop(self) -> None:
         """Supervise: fps, systemd STATUS and watchdog pings (only while progressing), reloads."""
@@ -180,11 +196,71 @@ class Daemon:
             self._exposed += [f"{name} on {endpoint} in plain text, open to the network: set publish.curve_secret_key "
                               "and publish.curve_clients (docs/security.md)"
                               for name, endpoint in bound if not is_loopback_endpoint(endpoint)]
-        if m.basic_auth_users and not m.tls_cert_file and not is_loopback_endpoint(f"tcp://{m.host}:{m.port}"):
-            self._exposed.append(f"metrics on {m.host}:{m.port} take passwords over plain HTTP: set "
-                                 "metrics.tls_cert_file and metrics.tls_key_file (docs/security.md)")
+        for name, web, what in (("metrics", m, "metrics"), ("ui", self.settings.ui, "the live view")):
+            if name == "ui" and not web.enabled:
+                continue
+            if web.basic_auth_users and not web.tls_cert_file and not is_loopback_endpoint(f"tcp://{web.host}:{web.port}"):
+                self._exposed.append(f"passwords to {what} on {web.host}:{web.port} go over plain HTTP: set "
+                                     f"{name}.tls_cert_file and {name}.tls_key_file (docs/security.md)")
         for note in self._exposed:
             log.warning("%s", note)
+
+    # -- the live view ([ui]) ------------------------------------------------------------------
+    def _bind_ui(self) -> WebServer | None:
+        """Bind the live view's port (ConfigError naming ui.port / ui.host); it serves from _start_ui on."""
+        cfg = self.settings.ui
+        if not cfg.enabled:
+            return None
+        from inspectd.outputs.ui import UiApp
+
+        self.live = LiveView(cfg.max_fps, cfg.width)
+        web = web_security(cfg, "ui")
+        self._ui_app = UiApp(self.live, MemoryDefects(), self.ui_state,
+                             collect_dir=Path(cfg.collect_dir) if cfg.collect_dir else None,
+                             auth=web is not None and web.users is not None, recent_limit=cfg.recent, host=cfg.host)
+        server = WebServer(self._ui_app, cfg.host, cfg.port, web, section="ui", what="the live view", name="ui-http",
+                           send_buffer=_UI_SEND_BUFFER)
+        self._stack.callback(server.stop)
+        return server
+
+    def _start_ui(self) -> None:
+        """Serve: recent defects from the archive when it is on, else from memory (fed by the publisher)."""
+        cfg = self.settings.ui
+        if self.archive is not None:
+            self._ui_app.recent = ArchiveDefects(self.archive)
+        else:
+            self._recent_memory = MemoryDefects(cfg.recent, cfg.recent_bytes, prefix=self.run_id[:12])
+            self._ui_app.recent = self._recent_memory
+        self.live.start()
+        self._stack.callback(self.live.stop)
+        self.ui_server.start()
+        log.info("live view on %s (recent defects from %s%s)", self.ui_url(),
+                 "the archive" if self.archive is not None else "memory",
+                 f", frame collection into {cfg.collect_dir}" if cfg.collect_dir else "")
+
+    def ui_url(self) -> str | None:
+        if self.ui_server is None:
+            return None
+        host = self.settings.ui.host
+        host = f"[{host}]" if ":" in host else host
+        return f"{self.ui_server.scheme}://{host}:{self.ui_server.port}/"
+
+    def ui_state(self) -> dict:
+        """The cameras as the live view shows them: state, its detail, frame counters (totals)."""
+        # Only the counters it shows are collected (not the process collectors and histograms): pages poll this.
+        m = self.metrics
+        accounts = {a.camera: a for a in frame_accounts(_Counters(m.frames_captured, m.frames_inferred, m.frames_dropped))}
+        reconnects = {s.labels.get("camera"): s.value for s in next(iter(m.camera_reconnects.collect())).samples
+                      if s.name.endswith("_total")}
+        cameras = []
+        for camera, state in list(self.camera_states.items()):
+            account = accounts.get(camera) or FrameAccount(camera)
+            cameras.append({"id": camera, "state": state.value, "detail": self.camera_details.get(camera, ""),
+                            "captured": account.captured, "inspected": account.inferred,
+                            "dropped": sum(account.dropped.values()), "reconnects": int(reconnects.get(camera, 0))})
+        model = self.pipeline.context.model if self.pipeline is not None else {}
+        return {"cameras": cameras, "model": model, "run_id": self.run_id, "version": __version__,
+                "fps": round(self._fps, 2), "ready": self.ready}
 
     def _load_model(self) -> Deployable:
         from inspectd.tfload import import_tensorflow
@@ -218,6 +294,8 @@ class Daemon:
     def start_camera(self, cfg: CameraConfig) -> None:
         worker = CameraWorker(cfg, self.pipeline.put, self.metrics, on_state=self._on_camera_state)
         self.camera_states[cfg.id] = CameraState.STARTING
+        if self.live is not None:
+            self.live.add(cfg.id)
         self.metrics.camera_up.labels(camera=cfg.id).set(0)
         worker.start()
         self.cameras[cfg.id] = worker
@@ -233,6 +311,9 @@ class Daemon:
         self.pipeline.remove_camera(camera, "camera_stopped" if forget else "shutdown")
         if forget:
             self.camera_states.pop(camera, None)
+            self.camera_details.pop(camera, None)
+            if self.live is not None:
+                self.live.forget(camera)
             self.metrics.camera_up.remove(camera)
 
     def _stop_all_cameras(self) -> None:
@@ -246,6 +327,7 @@ class Daemon:
 
     def _on_camera_state(self, camera: str, state: CameraState, detail: str) -> None:
         self.camera_states[camera] = state
+        self.camera_details[camera] = detail
         if self.publisher is not None:
             self.publisher.publish_status(camera, state, detail)
 
@@ -372,6 +454,17 @@ class Daemon:
     def readyz(self) -> tuple[bool, str]:
         bound = self.publisher is not None and self.publisher.bound
         return (self.ready and bound, "model warm, publisher bound" if self.ready and bound else "starting")
+
+
+class _Counters:
+    """Some metrics as a registry for `frame_accounts` (collect() only)."""
+
+    def __init__(self, *metrics):
+        self._metrics = metrics
+
+    def collect(self):
+        for metric in self._metrics:
+            yield from metric.collect()
 
 
 @contextlib.contextmanager

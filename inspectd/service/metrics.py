@@ -10,17 +10,10 @@ from __future__ import annotations
 __all__ = ["Metrics", "MetricsServer", "WebSecurity", "web_security", "FrameAccount", "frame_accounts",
            "BATCH_BUCKETS", "LATENCY_BUCKETS"]
 
-import base64
-import errno
 import logging
-import socket
-import socketserver
-import ssl
-import threading
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -36,8 +29,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from inspectd import __version__
-from inspectd.errors import ConfigError
-from inspectd.security import PasswordCheck, private_file
+from inspectd.service.web import WebSecurity, WebServer, web_security
 
 log = logging.getLogger("inspectd.service.metrics")
 
@@ -169,97 +161,10 @@ def frame_accounts(registry: CollectorRegistry, in_flight: Mapping[str, int] | N
     return [FrameAccount(c, captured[c], inferred[c], dropped[c], in_flight.get(c, 0)) for c in cameras]
 
 
-class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-    def handle_error(self, request, client_address):
-        """A client that fails the TLS handshake, or goes away mid-request: not worth a traceback on stderr."""
-        log.debug("metrics HTTP: request from %s failed", client_address, exc_info=True)
-
-
-class _ThreadingWSGIServer6(_ThreadingWSGIServer):
-    address_family = socket.AF_INET6
-
-
-# Bind failures caused by the port (the rest are the host's): in use, or privileged (< 1024).
-_PORT_ERRNOS = {errno.EADDRINUSE, errno.EACCES}
-
-
-def _bind_error(host: str, port: int, exc: OSError) -> ConfigError:
-    """A bind failure as a config error naming the key to change and the address (like publish.endpoint's)."""
-    reason = exc.strerror or str(exc)
-    if isinstance(exc, socket.gaierror):
-        return ConfigError(f"metrics.host {host!r}: cannot resolve: {reason}")
-    key = "metrics.port" if exc.errno in _PORT_ERRNOS else "metrics.host"
-    return ConfigError(f"{key}: cannot bind {host}:{port} for /metrics: {reason}")
-
-
-def _server_class(host: str) -> type[_ThreadingWSGIServer]:
-    """The IPv6 server for an IPv6 address (or a name that resolves only to one), else IPv4."""
-    try:
-        infos = socket.getaddrinfo(host or None, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror:
-        return _ThreadingWSGIServer  # bind reports it, as a ConfigError naming metrics.host
-    families = {info[0] for info in infos}
-    return _ThreadingWSGIServer if socket.AF_INET in families else _ThreadingWSGIServer6
-
-
-class _QuietHandler(WSGIRequestHandler):
-    timeout = 10  # a client that stalls mid-request (or mid-handshake) frees its thread after this
-
-    def setup(self):
-        super().setup()
-        if isinstance(self.request, ssl.SSLSocket):
-            self.request.do_handshake()  # here, on the request's thread: a slow client cannot stall accept()
-
-    def log_message(self, format, *args):  # noqa: A002  (scrapes every few seconds would flood the journal)
-        pass
-
-
-@dataclass(frozen=True)
-class WebSecurity:
-    """TLS and basic auth of the metrics endpoint (`[metrics] tls_*`, `basic_auth_users`), as Prometheus'
-    exporter web config: a TLS certificate and key, and bcrypt-hashed users."""
-
-    tls: ssl.SSLContext | None
-    users: PasswordCheck | None
-
-
-def web_security(cfg) -> WebSecurity | None:
-    """From `[metrics]` (MetricsConfig); None when neither TLS nor users are set. ConfigError naming the key
-    for a key file others can read, or a certificate and key that do not load."""
-    tls = None
-    if cfg.tls_cert_file:
-        key = private_file(cfg.tls_key_file, "metrics.tls_key_file")
-        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        tls.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
-            tls.load_cert_chain(cfg.tls_cert_file, key)
-        except FileNotFoundError:
-            raise ConfigError(f"metrics.tls_cert_file {cfg.tls_cert_file!r}: no such file") from None
-        except (ssl.SSLError, OSError) as exc:
-            raise ConfigError(f"metrics.tls_cert_file / tls_key_file: cannot load the certificate and key: "
-                              f"{getattr(exc, 'reason', None) or exc}") from None
-    users = PasswordCheck(cfg.basic_auth_users) if cfg.basic_auth_users else None
-    return WebSecurity(tls, users) if tls is not None or users is not None else None
-
-
-def _authorized(users: PasswordCheck, header: str) -> bool:
-    """HTTP basic auth: `Basic base64(user:password)`."""
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() != "basic":
-        return False
-    try:
-        user, colon, password = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
-    except (ValueError, UnicodeDecodeError):
-        return False
-    return bool(colon) and users.check(user, password)
-
-
 Check = Callable[[], tuple[bool, str]]
 
 
-class MetricsServer:
+class MetricsServer(WebServer):
     """HTTP server: /metrics (Prometheus), /healthz (alive and progressing), /readyz (warm and bound).
 
     Binds when built: ConfigError naming metrics.port (in use, privileged) or metrics.host (not an
@@ -271,13 +176,8 @@ class MetricsServer:
         """`web`: HTTPS and/or basic auth on every path (web_security); None = plain HTTP, no auth."""
         metrics_app = make_wsgi_app(registry)
         checks = {"/healthz": healthz, "/readyz": readyz}
-        users = web.users if web is not None else None
 
         def app(environ, start_response):
-            if users is not None and not _authorized(users, environ.get("HTTP_AUTHORIZATION", "")):
-                start_response("401 Unauthorized", [("Content-Type", "text/plain; charset=utf-8"),
-                                                    ("WWW-Authenticate", 'Basic realm="inspectd", charset="UTF-8"')])
-                return [b"unauthorized\n"]
             check = checks.get(environ.get("PATH_INFO", ""))
             if check is None:
                 return metrics_app(environ, start_response)
@@ -285,24 +185,4 @@ class MetricsServer:
             start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")])
             return [f"{'ok' if ok else 'fail'}: {detail}\n".encode()]
 
-        try:
-            self._server = make_server(host, port, app, _server_class(host), handler_class=_QuietHandler)
-        except OSError as exc:  # in use, an address not on this machine, an unresolvable name
-            raise _bind_error(host, port, exc) from None
-        if web is not None and web.tls is not None:
-            self._server.socket = web.tls.wrap_socket(self._server.socket, server_side=True,
-                                                      do_handshake_on_connect=False)
-        self.scheme = "https" if web is not None and web.tls is not None else "http"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_port)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        super().__init__(app, host, port, web, section="metrics", what="/metrics", name="metrics-http")

@@ -41,8 +41,9 @@ RESTART_KEYS = ("postprocess.workers", "publish.endpoint", "publish.send_hwm", "
                 "publish.curve_secret_key", "publish.curve_clients", "metrics.host", "metrics.port",
                 "metrics.tls_cert_file", "metrics.tls_key_file", "metrics.basic_auth_users", "replay.endpoint",
                 "replay.ring_messages", "replay.ring_bytes", "replay.max_messages", "replay.max_bytes", "archive.dir",
-                "archive.max_bytes", "archive.max_age_s", "archive.queue_size", "daemon.shutdown_timeout_s",
-                "daemon.warmup")
+                "archive.max_bytes", "archive.max_age_s", "archive.queue_size", "ui.enabled", "ui.host", "ui.port",
+                "ui.tls_cert_file", "ui.tls_key_file", "ui.basic_auth_users", "ui.max_fps", "ui.width", "ui.recent",
+                "ui.recent_bytes", "ui.collect_dir", "daemon.shutdown_timeout_s", "daemon.warmup")
 _APPLIED_KEYS = ENGINE_KEYS + CONTEXT_KEYS + LIVE_KEYS
 
 

@@ -1,0 +1,343 @@
+"""The live view's pictures: each camera's latest inference result, rendered only while someone watches.
+
+    live = LiveView(max_fps=5, width=640).start()
+    pipeline = Pipeline(..., observer=live.offer)   # the inference thread hands over each result: O(1)
+    for jpeg in live.stream("line1-top", stop):      # an HTTP viewer (MJPEG): a new picture at most max_fps
+        ...
+    live.stop()
+
+`offer` only keeps a reference to the newest (frame, score, CAM) of each camera: inference never
+waits for, and never pays for, the live view. The render thread draws a camera's picture (the frame,
+the probability map blended in, the mask's contours and the regions' boxes, score and verdict, the
+map's colour legend: the look of `postprocess.overlay`, which `inspectd infer` and `watch --save`
+draw) only while a viewer streams that camera, at most `max_fps` times a second, once for all its
+viewers, at most `width` pixels wide, at a lower CPU priority than inference.
+"""
+
+from __future__ import annotations
+
+__all__ = ["LiveView", "Seen", "render", "placeholder", "KEEPALIVE_S", "SNAPSHOT_LEASE_S"]
+
+import functools
+import logging
+import os
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from inspectd.frames import Frame
+from inspectd.pipeline.postprocess import InspectOptions
+
+log = logging.getLogger("inspectd.outputs.live")
+
+# A stream with nothing new sends its last picture again this often: a viewer that went away is noticed
+# (the write fails) and its thread freed, and a camera that is down still shows its last picture.
+KEEPALIVE_S = 2.0
+# A camera whose picture was asked for as a snapshot is drawn for this long after (the page refreshes sooner).
+SNAPSHOT_LEASE_S = 3.0
+_JPEG_QUALITY = 80
+# The render thread's nice value: with the CPU saturated, inference (nice 0) goes first.
+_NICE = 10
+
+
+@dataclass(frozen=True, eq=False)
+class Seen:
+    """A camera's newest inference result, as the pipeline had it (references, nothing copied)."""
+
+    frame: Frame
+    score: float
+    cam_logits: np.ndarray
+    options: InspectOptions
+
+    @property
+    def is_defect(self) -> bool:
+        return self.score >= self.options.threshold
+
+
+@dataclass(frozen=True, eq=False)
+class Picture:
+    """One rendered picture of a camera: `number` counts up with each new one."""
+
+    number: int
+    jpeg: bytes
+    seen: Seen  # what it shows
+
+
+# The map's colours straight from a logit: a logit quantized to 0..255 over [-_LOGIT_SPAN, +_LOGIT_SPAN] indexes
+# the jet colour of its sigmoid, so one cv2.applyColorMap draws sigmoid + colour map in a single C call.
+_LOGIT_SPAN = 8.0
+
+
+def _sigmoid_jet() -> np.ndarray:
+    logits = np.linspace(-_LOGIT_SPAN, _LOGIT_SPAN, 256)
+    prob = np.rint(255.0 / (1.0 + np.exp(-logits))).astype(np.uint8)
+    return cv2.applyColorMap(prob.reshape(256, 1), cv2.COLORMAP_JET).reshape(256, 1, 3)  # BGR
+
+
+_SIGMOID_JET = _sigmoid_jet()
+_ALPHA = 0.35  # the map's weight in the blend, as postprocess.overlay
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+@functools.lru_cache(maxsize=16)
+def _legend(width: int, height: int) -> tuple[tuple[int, int], np.ndarray] | None:
+    """The colour bar (probability 1 at the top, 0 at the bottom) with its labels, drawn once per picture size:
+    ((x, y) of its corner, the BGR patch)."""
+    bar_h, bar_w = max(16, height // 3), max(6, width // 50)
+    pad = 26  # room for the labels, left of the bar
+    if bar_h + 8 > height or bar_w + pad + 8 > width:
+        return None
+    ramp = np.linspace(255, 0, bar_h).astype(np.uint8)[:, None].repeat(bar_w, axis=1)
+    color = cv2.applyColorMap(ramp, cv2.COLORMAP_JET)
+    out = np.zeros((bar_h + 8, bar_w + pad, 3), np.uint8)
+    out[4:4 + bar_h, pad:] = color
+    scale = max(0.3, min(0.5, height / 600))
+    for text, y in (("p 1", 12), ("0", 4 + bar_h)):
+        (tw, _), _ = cv2.getTextSize(text, _FONT, scale, 1)
+        cv2.putText(out, text, (pad - tw - 3, y), _FONT, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    return (width - bar_w - pad - 4, height - bar_h - 8), out
+
+
+def render(seen: Seen, width: int) -> bytes:
+    """The live picture of one result as JPEG: the frame scaled to at most `width`, the probability map
+    blended in (jet, as `postprocess.overlay`), the mask's contours and the regions' boxes when judged
+    defective, score and verdict, the legend.
+
+    Drawn in about a dozen OpenCV calls, each of which lets go of the GIL: the inference thread, which
+    shares the interpreter, is kept waiting as little as possible (a first version drawn with
+    `postprocess.overlay`, some forty numpy and OpenCV calls, cost a saturated CPU 15 % of its inspected
+    frames with two viewers; docs/performance.md). The mask is the published one's rule at the picture's
+    size: logits upsampled bilinearly, at or above the frame's logit threshold (`MaskRule.logit_threshold`)."""
+    image = seen.frame.image
+    h, w = image.shape[:2]
+    if w > width:
+        w, h = width, max(1, round(h * width / w))
+        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+    picture = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    logits = cv2.resize(np.asarray(seen.cam_logits, np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    # convertScaleAbs takes |x|: clip first, so that a very negative logit is blue, not red.
+    index = cv2.convertScaleAbs(np.clip(logits, -_LOGIT_SPAN, _LOGIT_SPAN), alpha=127.5 / _LOGIT_SPAN, beta=127.5)
+    heat = cv2.applyColorMap(index, _SIGMOID_JET)
+    picture = cv2.addWeighted(picture, 1.0 - _ALPHA, heat, _ALPHA, 0.0)
+    if seen.is_defect:
+        _regions(picture, logits, seen, (w / seen.frame.width) ** 2)
+    legend = _legend(w, h)
+    if legend is not None:
+        (x0, y0), patch = legend
+        region = picture[y0:y0 + patch.shape[0], x0:x0 + patch.shape[1]]
+        np.copyto(region, patch, where=patch.any(axis=2, keepdims=True))
+    _verdict(picture, seen.score, seen.options.threshold)
+    ok, buf = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def _regions(picture: np.ndarray, logits: np.ndarray, seen: Seen, area_scale: float) -> None:
+    """The mask's contours (white) and the regions' boxes (yellow): the components of logits >= the frame's
+    threshold with at least min_region_px pixels (scaled to the picture), as `postprocess.locate` finds them."""
+    t = seen.options.mask_rule.logit_threshold(seen.cam_logits)
+    if t == float("inf"):
+        return
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(cv2.compare(logits, float(t), cv2.CMP_GE), connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= max(1.0, seen.options.min_region_px * area_scale)
+    keep[0] = False  # the background
+    if not keep.any():
+        return
+    line = max(1, round(min(picture.shape[:2]) / 200))
+    contours, _ = cv2.findContours(np.where(keep[labels], 255, 0).astype(np.uint8), cv2.RETR_EXTERNAL,
+                                   cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(picture, contours, -1, (255, 255, 255), line, cv2.LINE_AA)
+    for x, y, bw, bh, _ in stats[keep]:
+        cv2.rectangle(picture, (int(x), int(y)), (int(x + bw - 1), int(y + bh - 1)), (0, 255, 255), line)
+
+
+def _verdict(picture: np.ndarray, score: float, threshold: float) -> None:
+    """'DEFECT score 0.973' (red) or 'ok score 0.041' (green) on black, top left, about a third of the width."""
+    defect = score >= threshold
+    text = f"{'DEFECT' if defect else 'ok'}  score {score:.3f}"
+    scale, thick = _text_size(picture.shape[1])
+    (tw, th), base = cv2.getTextSize(text, _FONT, scale, thick)
+    cv2.rectangle(picture, (0, 0), (tw + 8, th + base + 8), (0, 0, 0), -1)
+    cv2.putText(picture, text, (4, th + 4), _FONT, scale, (64, 64, 255) if defect else (64, 255, 64), thick, cv2.LINE_AA)
+
+
+@functools.lru_cache(maxsize=16)
+def _text_size(width: int) -> tuple[float, int]:
+    (unit_w, _), _ = cv2.getTextSize("DEFECT  score 0.000", _FONT, 1.0, 2)
+    scale = max(0.1, min(min(max(0.35 * width / unit_w, 0.4), 1.5), (width - 8) / unit_w))
+    return scale, max(1, round(scale * 2))
+
+
+@functools.lru_cache(maxsize=4)
+def placeholder(text: str, width: int = 320, height: int = 240) -> bytes:
+    """A grey picture saying `text` (a camera with no frame yet)."""
+    image = np.full((height, width, 3), 64, np.uint8)
+    (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.6, 1)
+    cv2.putText(image, text, ((width - tw) // 2, (height + th) // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.6,
+                (220, 220, 220), 1, cv2.LINE_AA)
+    return _jpeg(image)
+
+
+def _jpeg(rgb: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+class LiveView:
+    """The newest result per camera (`offer`), and pictures of it for the cameras someone watches."""
+
+    def __init__(self, max_fps: float = 5.0, width: int = 640):
+        self.max_fps = max_fps
+        self.width = width
+        self._latest: dict[str, Seen] = {}  # written by the inference thread only; a dict store is atomic
+        self._cameras: set[str] = set()  # the cameras running now (add/forget): offers of others are ignored
+        self._leases: dict[str, float] = {}  # camera -> monotonic time until which a snapshot viewer counts
+        self._pictures: dict[str, Picture] = {}
+        self._viewers: dict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # the render thread's: viewers coming and going, stop
+        # Each watched camera's: a new picture wakes only the streams of that camera.
+        self._drawn: dict[str, threading.Condition] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="live-render", daemon=True)
+        self.renders = 0  # pictures drawn since start (tests, the benchmark)
+
+    # -- the pipeline's side -------------------------------------------------------------------
+    def offer(self, frame: Frame, score: float, cam_logits: np.ndarray, options: InspectOptions) -> None:
+        """The inference thread's newest result of a camera: kept by reference, nothing else (never blocks).
+        A camera not running (removed while its frame was in the model) is ignored."""
+        if frame.camera in self._cameras:
+            self._latest[frame.camera] = Seen(frame, float(score), cam_logits, options)
+
+    def add(self, camera: str) -> None:
+        """A camera started: its results are kept from now on."""
+        with self._lock:
+            self._cameras.add(camera)
+
+    def forget(self, camera: str) -> None:
+        """A camera removed (reload): its results and pictures go, and its streams end."""
+        with self._lock:
+            self._cameras.discard(camera)
+            self._latest.pop(camera, None)
+            self._pictures.pop(camera, None)
+            if camera in self._drawn:
+                self._drawn[camera].notify_all()
+
+    def latest(self, camera: str) -> Seen | None:
+        return self._latest.get(camera)
+
+    def shown(self, camera: str) -> Seen | None:
+        """What a viewer of `camera` sees: the result of its last picture (the newest result if none is drawn)."""
+        with self._lock:
+            picture = self._pictures.get(camera)
+        return picture.seen if picture is not None else self._latest.get(camera)
+
+    def snapshot(self, camera: str) -> bytes:
+        """The camera's current picture as one JPEG (the placeholder before the first), and a lease: the camera
+        counts as watched for SNAPSHOT_LEASE_S, so that a page refreshing it gets new pictures."""
+        with self._lock:
+            self._leases[camera] = time.monotonic() + SNAPSHOT_LEASE_S
+            picture = self._pictures.get(camera)
+            self._changed.notify_all()
+        return picture.jpeg if picture is not None else placeholder("waiting for a frame")
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> LiveView:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            self._changed.notify_all()
+            for drawn in self._drawn.values():
+                drawn.notify_all()
+        self._thread.join(timeout=5)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    # -- viewers ---------------------------------------------------------------------------
+    @contextmanager
+    def watching(self, camera: str) -> Iterator[threading.Condition]:
+        """Count a viewer of `camera` while inside; yields the condition its new pictures are announced on."""
+        with self._lock:
+            self._viewers[camera] += 1
+            drawn = self._drawn.setdefault(camera, threading.Condition(self._lock))
+            self._changed.notify_all()
+        try:
+            yield drawn
+        finally:
+            with self._lock:
+                self._viewers[camera] -= 1
+                if self._viewers[camera] <= 0:
+                    del self._viewers[camera]
+                    del self._drawn[camera]
+
+    def viewers(self) -> int:
+        with self._lock:
+            return sum(self._viewers.values())
+
+    def stream(self, camera: str, until: threading.Event | None = None) -> Iterator[bytes]:
+        """JPEG pictures of `camera` as they are drawn (each once), the last one again after KEEPALIVE_S
+        without a new one, a placeholder until the first; ends at stop() or when `until` is set."""
+        with self.watching(camera) as drawn:
+            number, last = -1, placeholder("waiting for a frame")
+            while not self._stop.is_set() and not (until is not None and until.is_set()) and camera in self._cameras:
+                with self._lock:
+                    drawn.wait_for(lambda n=number: self._newer(camera, n), timeout=KEEPALIVE_S)
+                    picture = self._pictures.get(camera)
+                if picture is not None and picture.number != number:
+                    number, last = picture.number, picture.jpeg
+                if not self._stop.is_set():
+                    yield last
+
+    def _newer(self, camera: str, number: int) -> bool:
+        picture = self._pictures.get(camera)
+        return self._stop.is_set() or camera not in self._cameras or (picture is not None and picture.number != number)
+
+    # -- the render thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        try:  # Linux: a thread's own nice value (setpriority on its thread id)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _NICE)
+        except (OSError, AttributeError):
+            pass
+        period = 1.0 / self.max_fps
+        while not self._stop.is_set():
+            with self._changed:
+                self._changed.wait_for(lambda: self._viewers or self._leases or self._stop.is_set(), timeout=1.0)
+                now = time.monotonic()
+                self._leases = {c: until for c, until in self._leases.items() if until > now}
+                watched = sorted(set(self._viewers) | set(self._leases))
+            started = time.monotonic()
+            for camera in watched:
+                self._render(camera)
+            # Each watched camera at most once per period: a render that took longer waits less.
+            self._stop.wait(max(0.0, period - (time.monotonic() - started)))
+
+    def _render(self, camera: str) -> None:
+        seen = self._latest.get(camera)
+        drawn = self._pictures.get(camera)
+        if seen is None or (drawn is not None and drawn.seen is seen):
+            return  # nothing new since the last picture
+        try:
+            jpeg = render(seen, self.width)
+        except Exception:  # a picture is not worth the thread: say so, go on with the next
+            log.exception("live view: cannot draw camera %s frame %d", camera, seen.frame.seq)
+            return
+        self.renders += 1
+        with self._lock:
+            if camera in self._latest:  # not forgotten meanwhile
+                self._pictures[camera] = Picture((drawn.number + 1) if drawn else 0, jpeg, seen)
+            if camera in self._drawn:
+                self._drawn[camera].notify_all()

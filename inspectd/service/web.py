@@ -1,0 +1,198 @@
+"""The daemon's HTTP servers (/metrics and the live view): one WSGI server, HTTPS and basic auth optional.
+
+    server = WebServer(app, "127.0.0.1", 9108, web=web_security(settings.metrics, "metrics"), section="metrics")
+    server.start(); ...; server.stop()
+
+Why the standard library's wsgiref with a thread per connection: prometheus_client serves its WSGI app
+on it already, the daemon's HTTP traffic is a scrape every few seconds and a handful of people looking
+at the live view (never hundreds), and a long-lived MJPEG response is simply a generator on its own
+thread. No new dependency reaches the line PC, and TLS and auth are written once, here, for both.
+"""
+
+from __future__ import annotations
+
+__all__ = ["WebServer", "WebSecurity", "web_security", "authorized", "UNAUTHORIZED_HEADERS"]
+
+import base64
+import errno
+import logging
+import socket
+import socketserver
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer, make_server
+
+from inspectd.errors import ConfigError
+from inspectd.security import PasswordCheck, private_file
+
+log = logging.getLogger("inspectd.service.web")
+
+UNAUTHORIZED_HEADERS = [("Content-Type", "text/plain; charset=utf-8"),
+                        ("WWW-Authenticate", 'Basic realm="inspectd", charset="UTF-8"')]
+
+
+class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        """A client that fails the TLS handshake, or goes away mid-request: not worth a traceback on stderr."""
+        log.debug("HTTP: request from %s failed", client_address, exc_info=True)
+
+
+class _ThreadingWSGIServer6(_ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
+# Bind failures caused by the port (the rest are the host's): in use, or privileged (< 1024).
+_PORT_ERRNOS = {errno.EADDRINUSE, errno.EACCES}
+
+
+def _bind_error(section: str, what: str, host: str, port: int, exc: OSError) -> ConfigError:
+    """A bind failure as a config error naming the key to change and the address (like publish.endpoint's)."""
+    reason = exc.strerror or str(exc)
+    if isinstance(exc, socket.gaierror):
+        return ConfigError(f"{section}.host {host!r}: cannot resolve: {reason}")
+    key = f"{section}.port" if exc.errno in _PORT_ERRNOS else f"{section}.host"
+    return ConfigError(f"{key}: cannot bind {host}:{port} for {what}: {reason}")
+
+
+def _server_class(host: str) -> type[_ThreadingWSGIServer]:
+    """The IPv6 server for an IPv6 address (or a name that resolves only to one), else IPv4."""
+    try:
+        infos = socket.getaddrinfo(host or None, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return _ThreadingWSGIServer  # bind reports it, as a ConfigError naming the host key
+    families = {info[0] for info in infos}
+    return _ThreadingWSGIServer if socket.AF_INET in families else _ThreadingWSGIServer6
+
+
+# What a client does to a response (goes away, stops reading, fails TLS): not worth more than a debug line.
+_CLIENT_ERRORS = (TimeoutError, ConnectionError, ssl.SSLError)
+
+
+class _ServerHandler(ServerHandler):
+    def log_exception(self, exc_info) -> None:
+        """wsgiref prints tracebacks to stderr: clients' faults go to the debug log, the application's to the
+        journal as errors."""
+        if isinstance(exc_info[1], _CLIENT_ERRORS):
+            log.debug("HTTP: client error: %s", exc_info[1])
+        else:
+            log.error("HTTP: request failed", exc_info=exc_info)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = 10  # a client that stalls mid-request (or mid-handshake, or stops reading a stream) frees its thread
+
+    def handle(self):
+        """WSGIRequestHandler.handle (Python 3.11), with the ServerHandler that logs through `logging`."""
+        self.raw_requestline = self.rfile.readline(65537)
+        if len(self.raw_requestline) > 65536:
+            self.requestline, self.request_version, self.command = "", "", ""
+            self.send_error(414)
+            return
+        if not self.parse_request():
+            return
+        handler = _ServerHandler(self.rfile, self.wfile, self.get_stderr(), self.get_environ(), multithread=True)
+        handler.request_handler = self
+        handler.run(self.server.get_app())
+
+    def setup(self):
+        super().setup()
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.do_handshake()  # here, on the request's thread: a slow client cannot stall accept()
+        send_buffer = getattr(self.server, "send_buffer", 0)
+        if send_buffer:  # a stream cannot fall more than this many bytes behind what is drawn
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+
+    def log_message(self, format, *args):  # noqa: A002  (scrapes every few seconds would flood the journal)
+        pass
+
+
+@dataclass(frozen=True)
+class WebSecurity:
+    """TLS and basic auth of an HTTP endpoint (`tls_*`, `basic_auth_users` of [metrics] or [ui]), as
+    Prometheus' exporter web config: a TLS certificate and key, and bcrypt-hashed users."""
+
+    tls: ssl.SSLContext | None
+    users: PasswordCheck | None
+
+
+def web_security(cfg, section: str = "metrics") -> WebSecurity | None:
+    """From a `WebServerConfig` section; None when neither TLS nor users are set. ConfigError naming the key
+    for a key file others can read, or a certificate and key that do not load."""
+    tls = None
+    if cfg.tls_cert_file:
+        key = private_file(cfg.tls_key_file, f"{section}.tls_key_file")
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            tls.load_cert_chain(cfg.tls_cert_file, key)
+        except FileNotFoundError:
+            raise ConfigError(f"{section}.tls_cert_file {cfg.tls_cert_file!r}: no such file") from None
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"{section}.tls_cert_file / tls_key_file: cannot load the certificate and key: "
+                              f"{getattr(exc, 'reason', None) or exc}") from None
+    users = PasswordCheck(cfg.basic_auth_users) if cfg.basic_auth_users else None
+    return WebSecurity(tls, users) if tls is not None or users is not None else None
+
+
+def authorized(users: PasswordCheck, header: str) -> bool:
+    """HTTP basic auth: `Basic base64(user:password)`."""
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        user, colon, password = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return bool(colon) and users.check(user, password)
+
+
+App = Callable  # a WSGI application
+
+
+class WebServer:
+    """A threaded WSGI server; with `web`, HTTPS and/or basic auth in front of every path.
+
+    Binds when built: ConfigError naming SECTION.port (in use, privileged) or SECTION.host (not an
+    address of this machine, unresolvable) with the address, if it cannot.
+    """
+
+    def __init__(self, app: App, host: str, port: int, web: WebSecurity | None = None, section: str = "metrics",
+                 what: str = "/metrics", name: str = "metrics-http", send_buffer: int = 0):
+        """`send_buffer`: SO_SNDBUF of each connection (0: the kernel's autotuning), to keep streams current."""
+        users = web.users if web is not None else None
+
+        def guarded(environ, start_response):
+            if users is not None and not authorized(users, environ.get("HTTP_AUTHORIZATION", "")):
+                start_response("401 Unauthorized", UNAUTHORIZED_HEADERS)
+                return [b"unauthorized\n"]
+            return app(environ, start_response)
+
+        try:
+            self._server = make_server(host, port, guarded, _server_class(host), handler_class=_QuietHandler)
+        except OSError as exc:  # in use, an address not on this machine, an unresolvable name
+            raise _bind_error(section, what, host, port, exc) from None
+        self._server.send_buffer = send_buffer
+        if web is not None and web.tls is not None:
+            self._server.socket = web.tls.wrap_socket(self._server.socket, server_side=True,
+                                                      do_handshake_on_connect=False)
+        self.scheme = "https" if web is not None and web.tls is not None else "http"
+        self._thread = threading.Thread(target=self._server.serve_forever, name=name, daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_port)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving (if it started: socketserver's shutdown() waits forever for a loop that never ran) and
+        close the socket."""
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._thread.join(timeout=5)
+        self._server.server_close()
