@@ -129,13 +129,15 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _phase(metrics_url: str, pid: int, settle_s: float, seconds: float) -> tuple[float, float]:
-    """(inspected frames/s, the daemon's CPU % of one core) over `seconds` after `settle_s`."""
+def _phase(metrics_url: str, pid: int, settle_s: float, seconds: float) -> tuple[float, float, float]:
+    """(inspected frames/s, the daemon's CPU % of one core, this process' (the viewers') CPU %) over `seconds`
+    after `settle_s`."""
     time.sleep(settle_s)
-    n0, c0, t0 = _inspected(metrics_url), _cpu_s(pid), time.monotonic()
+    n0, c0, v0, t0 = _inspected(metrics_url), _cpu_s(pid), _cpu_s(os.getpid()), time.monotonic()
     time.sleep(seconds)
     dt = time.monotonic() - t0
-    return (_inspected(metrics_url) - n0) / dt, 100.0 * (_cpu_s(pid) - c0) / dt
+    return ((_inspected(metrics_url) - n0) / dt, 100.0 * (_cpu_s(pid) - c0) / dt,
+            100.0 * (_cpu_s(os.getpid()) - v0) / dt)
 
 
 def main() -> int:
@@ -172,15 +174,17 @@ def main() -> int:
                         pages = [Viewer(ui_url, cameras, not args.no_streams, not args.no_polls) for _ in range(viewers)]
                         for p in pages:
                             p.__enter__()
-                        fps, cpu = _phase(metrics_url, proc.pid, args.settle_s, args.phase_s)
+                        fps, cpu, client = _phase(metrics_url, proc.pid, args.settle_s, args.phase_s)
                         pictures = sum(p.pictures for p in pages) / (args.settle_s + args.phase_s)
                         for p in pages:
                             p.__exit__()
                     else:
-                        (fps, cpu), pictures = _phase(metrics_url, proc.pid, args.settle_s, args.phase_s), 0.0
+                        (fps, cpu, client), pictures = _phase(metrics_url, proc.pid, args.settle_s, args.phase_s), 0.0
                     rows.append({"round": r + 1, "viewers": viewers, "inspected_fps": round(fps, 2),
-                                 "daemon_cpu_percent": round(cpu, 1), "pictures_per_s_received": round(pictures, 2)})
-                    print(f"round {r + 1}: {viewers} viewer(s): {fps:.2f} frames/s inspected, daemon CPU {cpu:.1f} %"
+                                 "daemon_cpu_percent": round(cpu, 1), "viewers_cpu_percent": round(client, 1),
+                                 "pictures_per_s_received": round(pictures, 2)})
+                    print(f"round {r + 1}: {viewers} viewer(s): {fps:.2f} frames/s inspected, daemon CPU {cpu:.1f} %, "
+                          f"viewers' CPU {client:.1f} %"
                           + (f", {pictures:.1f} pictures/s received in all" if viewers else ""), flush=True)
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -207,10 +211,10 @@ def main() -> int:
     lines = [f"`{result['command']}` — {result['machine']}; {result['when']}; {len(cameras)} synthetic cameras "
              f"{args.width}x{args.height} offering {args.fps} frames/s each; {args.viewers} viewers, each "
              f"streaming every camera and polling like the page; phases of {args.phase_s:g} s",
-             "", "| round | viewers | frames/s inspected | daemon CPU % (of one core) | pictures/s received (all viewers) |",
-             "|---|---|---|---|---|"]
+             "", "| round | viewers | frames/s inspected | daemon CPU % (of one core) | the viewers' CPU % (this "
+             "process) | pictures/s received (all viewers) |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['round']} | {r['viewers']} | {r['inspected_fps']} | {r['daemon_cpu_percent']} | "
-              f"{r['pictures_per_s_received'] or '-'} |" for r in rows]
+              f"{r['viewers_cpu_percent']} | {r['pictures_per_s_received'] or '-'} |" for r in rows]
     lines += ["", f"Mean without viewers {result['mean_none']} frames/s, with {args.viewers} viewers "
               f"{result['mean_viewers']} frames/s: **ratio {ratio:.3f}** (per round: "
               f"{', '.join(f'{p:.3f}' for p in pairs)}); target >= {args.target}: "

@@ -114,6 +114,29 @@ def test_a_stream_gets_each_new_picture_once_at_most_max_fps(live):
     assert decoded.shape[1] == 120  # scaled to [ui] width
 
 
+def test_pictures_slow_down_while_inspection_is_saturated():
+    saturated = threading.Event()
+    view = LiveView(max_fps=8, width=120, saturated=saturated.is_set).start()
+    view.add("cam-a")
+    try:
+        with Feeder(view, cameras=("cam-a",), period=0.01):
+            stream = view.stream("cam-a")
+            next(stream)
+            counts = {}
+            for state in (False, True):
+                saturated.set() if state else saturated.clear()
+                next(stream)  # the period changes after the picture being waited for
+                start, n = time.monotonic(), 0
+                while time.monotonic() - start < 3.0:
+                    next(stream)
+                    n += 1
+                counts[state] = n / (time.monotonic() - start)
+            stream.close()
+    finally:
+        view.stop()
+    assert counts[True] <= 1.5 and counts[False] >= 2 * counts[True], counts
+
+
 def test_a_quiet_camera_repeats_its_last_picture_as_a_keepalive(live):
     live.offer(_frame("cam-a", 1), 0.9, _logits(True), OPTS)
     stream = live.stream("cam-a")

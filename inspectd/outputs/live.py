@@ -11,7 +11,8 @@ waits for, and never pays for, the live view. The render thread draws a camera's
 the probability map blended in, the mask's contours and the regions' boxes, score and verdict, the
 map's colour legend: the look of `postprocess.overlay`, which `inspectd infer` and `watch --save`
 draw) only while a viewer streams that camera, at most `max_fps` times a second, once for all its
-viewers, at most `width` pixels wide, at a lower CPU priority than inference.
+viewers, at most `width` pixels wide, at a lower CPU priority than inference, and at most
+SATURATED_FPS while inspection cannot keep up with the cameras.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -41,6 +42,9 @@ log = logging.getLogger("inspectd.outputs.live")
 KEEPALIVE_S = 2.0
 # A camera whose picture was asked for as a snapshot is drawn for this long after (the page refreshes sooner).
 SNAPSHOT_LEASE_S = 3.0
+# While inspection is saturated (frames replaced before the model could take them), pictures are drawn at
+# most this often: every cycle the view takes then comes out of inspection (docs/performance.md#the-live-view).
+SATURATED_FPS = 1.0
 _JPEG_QUALITY = 80
 # The render thread's nice value: with the CPU saturated, inference (nice 0) goes first.
 _NICE = 10
@@ -195,9 +199,11 @@ def _jpeg(rgb: np.ndarray) -> bytes:
 class LiveView:
     """The newest result per camera (`offer`), and pictures of it for the cameras someone watches."""
 
-    def __init__(self, max_fps: float = 5.0, width: int = 640):
+    def __init__(self, max_fps: float = 5.0, width: int = 640, saturated: Callable[[], bool] = lambda: False):
+        """`saturated()`: inspection cannot keep up right now; pictures are then drawn at SATURATED_FPS at most."""
         self.max_fps = max_fps
         self.width = width
+        self.saturated = saturated
         self._latest: dict[str, Seen] = {}  # written by the inference thread only; a dict store is atomic
         self._cameras: set[str] = set()  # the cameras running now (add/forget): offers of others are ignored
         self._leases: dict[str, float] = {}  # camera -> monotonic time until which a snapshot viewer counts
@@ -312,7 +318,6 @@ class LiveView:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _NICE)
         except (OSError, AttributeError):
             pass
-        period = 1.0 / self.max_fps
         while not self._stop.is_set():
             with self._changed:
                 self._changed.wait_for(lambda: self._viewers or self._leases or self._stop.is_set(), timeout=1.0)
@@ -323,7 +328,14 @@ class LiveView:
             for camera in watched:
                 self._render(camera)
             # Each watched camera at most once per period: a render that took longer waits less.
+            period = 1.0 / (min(self.max_fps, SATURATED_FPS) if self._saturated() else self.max_fps)
             self._stop.wait(max(0.0, period - (time.monotonic() - started)))
+
+    def _saturated(self) -> bool:
+        try:
+            return bool(self.saturated())
+        except Exception:  # a failing probe must not stop the pictures
+            return False
 
     def _render(self, camera: str) -> None:
         seen = self._latest.get(camera)

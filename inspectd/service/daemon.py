@@ -71,6 +71,7 @@ class Daemon:
         self.ready = False
         self._stack = contextlib.ExitStack()
         self._fps = 0.0
+        self.saturated = False  # frames were dropped as stale in the last second: inference cannot keep up
         # Reloads are prepared on a thread of their own and applied here, on the main loop's thread.
         self._reloads: queue.SimpleQueue[PreparedReload | Exception] = queue.SimpleQueue()
         self._reload_thread: threading.Thread | None = None
@@ -140,14 +141,16 @@ class Daemon:
     def main_loop(self) -> None:
         """Supervise: fps, systemd STATUS and watchdog pings (only while progressing), reloads."""
         last_count, last_t = self._inferred_total(), time.monotonic()
+        last_stale = self._stale_total()
         last_status = last_ping = 0.0
         interval = self.notifier.watchdog_interval_s
         while not self.should_exit.wait(0.25):
             now = time.monotonic()
             if now - last_t >= 1.0:
-                count = self._inferred_total()
+                count, stale = self._inferred_total(), self._stale_total()
                 self._fps = (count - last_count) / (now - last_t)
-                last_count, last_t = count, now
+                self.saturated = stale > last_stale
+                last_count, last_t, last_stale = count, now, stale
             if now - last_status >= STATUS_EVERY_S:
                 self.notifier.status(self.status_line())
                 last_status = now
@@ -213,7 +216,7 @@ class Daemon:
             return None
         from inspectd.outputs.ui import UiApp
 
-        self.live = LiveView(cfg.max_fps, cfg.width)
+        self.live = LiveView(cfg.max_fps, cfg.width, saturated=lambda: self.saturated)
         web = web_security(cfg, "ui")
         self._ui_app = UiApp(self.live, MemoryDefects(), self.ui_state,
                              collect_dir=Path(cfg.collect_dir) if cfg.collect_dir else None,
@@ -260,7 +263,7 @@ class Daemon:
                             "dropped": sum(account.dropped.values()), "reconnects": int(reconnects.get(camera, 0))})
         model = self.pipeline.context.model if self.pipeline is not None else {}
         return {"cameras": cameras, "model": model, "run_id": self.run_id, "version": __version__,
-                "fps": round(self._fps, 2), "ready": self.ready}
+                "fps": round(self._fps, 2), "ready": self.ready, "saturated": self.saturated}
 
     def _load_model(self) -> Deployable:
         from inspectd.tfload import import_tensorflow
@@ -394,6 +397,12 @@ class Daemon:
             log.info("reload: %s", line)
 
     # -- health --------------------------------------------------------------------------------
+    def _stale_total(self) -> float:
+        """Frames replaced by newer ones before the model took them (all cameras): it grows when inference is
+        the bottleneck."""
+        return sum(s.value for m in self.metrics.frames_dropped.collect() for s in m.samples
+                   if s.labels.get("reason") == "stale" and s.name.endswith("_total"))
+
     def _inferred_total(self) -> float:
         return sum(self.registry.get_sample_value("inspectd_frames_inferred_total", {"camera": c}) or 0.0
                    for c in self.camera_states)

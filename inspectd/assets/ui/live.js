@@ -130,7 +130,8 @@ async function refreshState() {
     answering = true;
     const model = s.model && s.model.name ? "model " + s.model.name : "model loading";
     document.getElementById("summary").textContent = model + " · " + s.fps.toFixed(1) + " frames/s inspected · inspectd " +
-      s.version + " · live pictures at most " + s.max_fps + "/s";
+      s.version + (s.saturated ? " · inspection saturated (frames dropped): live pictures slowed to 1/s"
+                               : " · live pictures at most " + s.max_fps + "/s");
     const ids = s.cameras.map((c) => c.id);
     for (const [id, tile] of tiles) {
       if (!ids.includes(id)) { clearTimeout(tile.refresh); tile.img.removeAttribute("src"); tile.root.remove(); tiles.delete(id); }
