@@ -45,7 +45,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
@@ -132,6 +132,9 @@ def _check_endpoint(value: str) -> str:
     elif not rest or "\x00" in rest or len(rest.encode("utf-8", "surrogatepass")) > _IPC_PATH_MAX:
         raise ValueError(f"ipc path must be 1-{_IPC_PATH_MAX} bytes without NUL, e.g. ipc:///run/inspectd/events")
     return value
+
+
+_Path = Annotated[str, AfterValidator(_no_nul)]  # a file or folder path: any text but NUL
 
 
 class _Section(BaseModel):
@@ -337,13 +340,8 @@ class UiConfig(WebServerConfig):
     recent: int = Field(50, ge=1, le=1000, description="recent defects listed (archive off: kept in memory)")
     recent_bytes: int = Field(64_000_000, ge=1_000_000, description="memory for the recent defects' frames when the "
                               "archive is off (the oldest go first)")
-    collect_dir: str = Field("", description="folder the 'save as ok / defect' buttons write frames to (DIR/ok, "
+    collect_dir: _Path = Field("", description="folder the 'save as ok / defect' buttons write frames to (DIR/ok, "
                              "DIR/defect: the layout `inspectd train` reads); empty = no buttons")
-
-    @field_validator("collect_dir")
-    @classmethod
-    def _collect_dir(cls, value: str) -> str:
-        return _no_nul(value)
 
     @model_validator(mode="after")
     def _auth_off_loopback(self) -> UiConfig:
