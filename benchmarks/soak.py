@@ -51,7 +51,8 @@ def _example_config(tmp: Path, archive_max_bytes: int) -> tuple[Path, dict]:
     """config.example.toml with free ports (a soak never collides with a running daemon), the archive on."""
     metrics, events, replay = _free_port(), _free_port(), _free_port()
     text = (ROOT / "config.example.toml").read_text()
-    text = re.sub(r"(?m)^port = \d+", f"port = {metrics}", text)
+    text = re.sub(r"(?m)^port = 9108", f"port = {metrics}", text)
+    text = re.sub(r"(?m)^port = 8080", f"port = {_free_port()}", text)  # the live view's
     text = re.sub(r'(?m)^endpoint = "tcp://127\.0\.0\.1:5556"', f'endpoint = "tcp://127.0.0.1:{events}"', text)
     text = re.sub(r'(?m)^endpoint = "tcp://127\.0\.0\.1:5557"', f'endpoint = "tcp://127.0.0.1:{replay}"', text)
     text = re.sub(r'(?m)^dir = ""', f'dir = "{tmp / "archive"}"', text)

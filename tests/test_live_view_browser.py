@@ -192,7 +192,7 @@ def test_a_start_that_fails_after_the_view_is_bound_still_exits(tmp_path):
     config, _ = daemon_config(tmp_path, camera_toml("cam-1", "synthetic://?fps=5"), model=str(tmp_path / "none.keras"),
                               ui={"enabled": True, "port": free_port()})
     run = subprocess.run([sys.executable, "-m", "inspectd", "run", "--config", str(config)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=60)
     assert run.returncode == 66, run.stderr
     assert "none.keras" in run.stderr
 
