@@ -129,15 +129,40 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _phase(metrics_url: str, pid: int, settle_s: float, seconds: float) -> tuple[float, float, float]:
-    """(inspected frames/s, the daemon's CPU % of one core, this process' (the viewers') CPU %) over `seconds`
-    after `settle_s`."""
+def _threads(pid: int) -> dict[str, tuple[str, float]]:
+    """tid -> (OS-level thread name, CPU seconds) of every thread of the process (the daemon names its own:
+    inference, live-render, ui-req for the live view's HTTP requests)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[task.name] = (name, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    return out
+
+
+VIEW_THREADS = ("live-render", "ui-req")
+
+
+def _phase(metrics_url: str, pid: int, settle_s: float, seconds: float) -> dict:
+    """Over `seconds` after `settle_s`: inspected frames/s, the daemon's CPU, this process' (the viewers') CPU,
+    and per-thread CPU (% of one core) of the live view's threads and of inference, for the threads that lived
+    through the phase (a poll's request thread lives milliseconds and is not counted)."""
     time.sleep(settle_s)
-    n0, c0, v0, t0 = _inspected(metrics_url), _cpu_s(pid), _cpu_s(os.getpid()), time.monotonic()
+    n0, c0, v0, th0, t0 = (_inspected(metrics_url), _cpu_s(pid), _cpu_s(os.getpid()), _threads(pid),
+                           time.monotonic())
     time.sleep(seconds)
     dt = time.monotonic() - t0
-    return ((_inspected(metrics_url) - n0) / dt, 100.0 * (_cpu_s(pid) - c0) / dt,
-            100.0 * (_cpu_s(os.getpid()) - v0) / dt)
+    th1 = _threads(pid)
+    per = {}
+    for tid, (name, cpu) in th1.items():
+        if tid in th0:
+            per[name] = per.get(name, 0.0) + 100.0 * (cpu - th0[tid][1]) / dt
+    return {"fps": (_inspected(metrics_url) - n0) / dt, "cpu": 100.0 * (_cpu_s(pid) - c0) / dt,
+            "client": 100.0 * (_cpu_s(os.getpid()) - v0) / dt,
+            "view_threads": sum(v for k, v in per.items() if k in VIEW_THREADS), "inference": per.get("inference", 0.0)}
 
 
 def main() -> int:
@@ -174,16 +199,20 @@ def main() -> int:
                         pages = [Viewer(ui_url, cameras, not args.no_streams, not args.no_polls) for _ in range(viewers)]
                         for p in pages:
                             p.__enter__()
-                        fps, cpu, client = _phase(metrics_url, proc.pid, args.settle_s, args.phase_s)
+                        phase = _phase(metrics_url, proc.pid, args.settle_s, args.phase_s)
                         pictures = sum(p.pictures for p in pages) / (args.settle_s + args.phase_s)
                         for p in pages:
                             p.__exit__()
                     else:
-                        (fps, cpu, client), pictures = _phase(metrics_url, proc.pid, args.settle_s, args.phase_s), 0.0
+                        phase, pictures = _phase(metrics_url, proc.pid, args.settle_s, args.phase_s), 0.0
+                    fps, cpu, client = phase["fps"], phase["cpu"], phase["client"]
                     rows.append({"round": r + 1, "viewers": viewers, "inspected_fps": round(fps, 2),
                                  "daemon_cpu_percent": round(cpu, 1), "viewers_cpu_percent": round(client, 1),
+                                 "view_threads_cpu_percent": round(phase["view_threads"], 2),
+                                 "inference_thread_cpu_percent": round(phase["inference"], 1),
                                  "pictures_per_s_received": round(pictures, 2)})
                     print(f"round {r + 1}: {viewers} viewer(s): {fps:.2f} frames/s inspected, daemon CPU {cpu:.1f} %, "
+                          f"the view's threads {phase['view_threads']:.2f} %, inference thread {phase['inference']:.1f} %, "
                           f"viewers' CPU {client:.1f} %"
                           + (f", {pictures:.1f} pictures/s received in all" if viewers else ""), flush=True)
         finally:
@@ -205,21 +234,28 @@ def main() -> int:
               "viewers": args.viewers, "phase_s": args.phase_s, "rows": rows, "mean_none": round(statistics.mean(none), 2),
               "mean_viewers": round(statistics.mean(some), 2), "ratio": round(ratio, 4),
               "cpu_none": round(statistics.mean(cpu_none), 1), "cpu_viewers": round(statistics.mean(cpu_some), 1),
+              "view_threads_viewers": round(statistics.mean(r["view_threads_cpu_percent"] for r in rows if r["viewers"]), 2),
+              "inference_none": round(statistics.mean(r["inference_thread_cpu_percent"] for r in rows if not r["viewers"]), 1),
+              "inference_viewers": round(statistics.mean(r["inference_thread_cpu_percent"] for r in rows if r["viewers"]), 1),
               "round_ratios": [round(p, 4) for p in pairs], "target": args.target, "daemon": ready_line.split(": ", 1)[-1]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"`{result['command']}` — {result['machine']}; {result['when']}; {len(cameras)} synthetic cameras "
              f"{args.width}x{args.height} offering {args.fps} frames/s each; {args.viewers} viewers, each "
              f"streaming every camera and polling like the page; phases of {args.phase_s:g} s",
-             "", "| round | viewers | frames/s inspected | daemon CPU % (of one core) | the viewers' CPU % (this "
-             "process) | pictures/s received (all viewers) |", "|---|---|---|---|---|---|"]
+             "", "| round | viewers | frames/s inspected | daemon CPU % (of one core) | the view's threads CPU % | "
+             "inference thread CPU % | the viewers' CPU % (this process) | pictures/s received (all viewers) |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['round']} | {r['viewers']} | {r['inspected_fps']} | {r['daemon_cpu_percent']} | "
+              f"{r['view_threads_cpu_percent']} | {r['inference_thread_cpu_percent']} | "
               f"{r['viewers_cpu_percent']} | {r['pictures_per_s_received'] or '-'} |" for r in rows]
     lines += ["", f"Mean without viewers {result['mean_none']} frames/s, with {args.viewers} viewers "
               f"{result['mean_viewers']} frames/s: **ratio {ratio:.3f}** (per round: "
               f"{', '.join(f'{p:.3f}' for p in pairs)}); target >= {args.target}: "
               f"{'met' if ratio >= args.target else 'NOT MET'}. The daemon's CPU: {result['cpu_none']} % without "
-              f"viewers, {result['cpu_viewers']} % with."]
+              f"viewers, {result['cpu_viewers']} % with; the view's own threads (render, streams) "
+              f"{result['view_threads_viewers']} % of one core with viewers; the inference thread "
+              f"{result['inference_none']} % without, {result['inference_viewers']} % with."]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if ratio >= args.target else 1

@@ -523,3 +523,9 @@ def test_a_ui_port_in_use_names_ui_port(live):
         with pytest.raises(ConfigError) as exc:
             WebServer(lambda e, r: [], "127.0.0.1", port, None, section="ui", what="the live view")
     assert str(exc.value) == f"ui.port: cannot bind 127.0.0.1:{port} for the live view: Address already in use"
+
+
+def test_the_render_thread_has_its_name_at_the_os_level(live):
+    """top -H, ps -L and /proc show `live-render` (the benchmark counts the view's CPU by these names)."""
+    comm = Path(f"/proc/self/task/{live._thread.native_id}/comm")
+    wait_until(lambda: comm.read_text().strip() == "live-render", 5, lambda: f"the name, not {comm.read_text()!r}")

@@ -34,6 +34,7 @@ import numpy as np
 
 from inspectd.frames import Frame
 from inspectd.pipeline.postprocess import InspectOptions
+from inspectd.threads import name_this_thread
 
 log = logging.getLogger("inspectd.outputs.live")
 
@@ -314,6 +315,7 @@ class LiveView:
 
     # -- the render thread -----------------------------------------------------------------
     def _run(self) -> None:
+        name_this_thread("live-render")
         try:  # Linux: a thread's own nice value (setpriority on its thread id)
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _NICE)
         except (OSError, AttributeError):

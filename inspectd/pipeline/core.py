@@ -37,6 +37,7 @@ from inspectd.pipeline.context import InferenceContext
 from inspectd.pipeline.episodes import Episode, EpisodeTracker
 from inspectd.pipeline.postprocess import InspectOptions, inspect
 from inspectd.service.metrics import Metrics
+from inspectd.threads import name_this_thread
 
 log = logging.getLogger("inspectd.pipeline")
 
@@ -157,6 +158,7 @@ class Pipeline:
 
     # -- the inference thread ------------------------------------------------------------------
     def _run(self) -> None:
+        name_this_thread("inference")
         while not self._stop.is_set():
             self.heartbeat_mono = time.monotonic()
             context = self._context  # read once: the batch is formed for, and run with, this context

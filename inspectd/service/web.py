@@ -26,6 +26,7 @@ from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer,
 
 from inspectd.errors import ConfigError
 from inspectd.security import PasswordCheck, private_file
+from inspectd.threads import name_this_thread
 
 log = logging.getLogger("inspectd.service.web")
 
@@ -35,6 +36,11 @@ UNAUTHORIZED_HEADERS = [("Content-Type", "text/plain; charset=utf-8"),
 
 class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True
+    thread_name = "http"  # the OS-level name of its request threads (WebServer sets it: metrics-req, ui-req)
+
+    def process_request_thread(self, request, client_address):
+        name_this_thread(self.thread_name)
+        super().process_request_thread(request, client_address)
 
     def handle_error(self, request, client_address):
         """A client that fails the TLS handshake, or goes away mid-request: not worth a traceback on stderr."""
@@ -176,6 +182,7 @@ class WebServer:
         except OSError as exc:  # in use, an address not on this machine, an unresolvable name
             raise _bind_error(section, what, host, port, exc) from None
         self._server.send_buffer = send_buffer
+        self._server.thread_name = f"{section}-req"
         if web is not None and web.tls is not None:
             self._server.socket = web.tls.wrap_socket(self._server.socket, server_side=True,
                                                       do_handshake_on_connect=False)
