@@ -49,7 +49,7 @@ import numpy as np
 from inspectd.outputs.archive import safe_component
 from inspectd.outputs.live import LiveView, Seen
 from inspectd.outputs.recent import DefectLog, DefectRecord
-from inspectd.pipeline.postprocess import overlay
+from inspectd.pipeline.postprocess import encode_jpeg, encode_png, overlay
 
 log = logging.getLogger("inspectd.outputs.ui")
 
@@ -89,15 +89,13 @@ def collect_frame(root: Path, seen: Seen, label: str) -> Path:
     frame = seen.frame
     when = datetime.fromtimestamp(frame.captured_at, tz=timezone.utc)
     path = folder / f"{safe_component(frame.camera)}_{when:%Y%m%dT%H%M%S.%fZ}_{frame.seq}.png"
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise ValueError("PNG encoding failed")
+    data = encode_png(cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR))
     # A unique temporary name without an image suffix: `train` never reads a half-written file, and two saves
     # of the same frame never share one.
     fd, temp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(buf.tobytes())
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(temp, 0o644)
@@ -178,10 +176,7 @@ def defect_thumbnail(record: DefectRecord, width: int = 240) -> np.ndarray:
 
 
 def _jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise ValueError("JPEG encoding failed")
-    return buf.tobytes()
+    return encode_jpeg(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), quality)
 
 
 # -- rates -----------------------------------------------------------------------------------------
@@ -356,7 +351,9 @@ class UiApp:
 
     # -- the MJPEG stream ------------------------------------------------------------------------
     def _camera(self, camera: str) -> str:
-        if camera not in {c["id"] for c in self.state().get("cameras", [])}:
+        """`camera` if it is running (the live view is told of every start and stop), else 404. Not from
+        state(), which adds up every camera's counters: snapshots ask this several times a second."""
+        if not self.live.running(camera):
             raise HttpError("404 Not Found", "no such camera")
         return camera
 
