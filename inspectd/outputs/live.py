@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 
 from inspectd.frames import Frame
-from inspectd.pipeline.postprocess import InspectOptions, encode_jpeg
+from inspectd.pipeline.postprocess import InspectOptions
 from inspectd.threads import name_this_thread
 
 log = logging.getLogger("inspectd.outputs.live")
@@ -138,7 +138,10 @@ def render(seen: Seen, width: int) -> bytes:
         region = picture[y0:y0 + patch.shape[0], x0:x0 + patch.shape[1]]
         np.copyto(region, patch, where=patch.any(axis=2, keepdims=True))
     _verdict(picture, seen.score, seen.options.threshold)
-    return encode_jpeg(picture, _JPEG_QUALITY)
+    ok, buf = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return buf.tobytes()
 
 
 def _regions(picture: np.ndarray, logits: np.ndarray, seen: Seen, area_scale: float) -> None:
@@ -184,7 +187,14 @@ def placeholder(text: str, width: int = 320, height: int = 240) -> bytes:
     (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.6, 1)
     cv2.putText(image, text, ((width - tw) // 2, (height + th) // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.6,
                 (220, 220, 220), 1, cv2.LINE_AA)
-    return encode_jpeg(image, _JPEG_QUALITY)  # grey: the same in RGB and BGR
+    return _jpeg(image)
+
+
+def _jpeg(rgb: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return buf.tobytes()
 
 
 class LiveView:
@@ -228,10 +238,6 @@ class LiveView:
             self._pictures.pop(camera, None)
             if camera in self._drawn:
                 self._drawn[camera].notify_all()
-
-    def running(self, camera: str) -> bool:
-        """`camera` is configured and running (added, not forgotten)."""
-        return camera in self._cameras
 
     def latest(self, camera: str) -> Seen | None:
         return self._latest.get(camera)

@@ -49,7 +49,7 @@ import numpy as np
 from inspectd.outputs.archive import safe_component
 from inspectd.outputs.live import LiveView, Seen
 from inspectd.outputs.recent import DefectLog, DefectRecord
-from inspectd.pipeline.postprocess import encode_jpeg, encode_png, overlay
+from inspectd.pipeline.postprocess import overlay
 
 log = logging.getLogger("inspectd.outputs.ui")
 
@@ -89,13 +89,15 @@ def collect_frame(root: Path, seen: Seen, label: str) -> Path:
     frame = seen.frame
     when = datetime.fromtimestamp(frame.captured_at, tz=timezone.utc)
     path = folder / f"{safe_component(frame.camera)}_{when:%Y%m%dT%H%M%S.%fZ}_{frame.seq}.png"
-    data = encode_png(cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR))
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ValueError("PNG encoding failed")
     # A unique temporary name without an image suffix: `train` never reads a half-written file, and two saves
     # of the same frame never share one.
     fd, temp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            f.write(buf.tobytes())
             f.flush()
             os.fsync(f.fileno())
         os.chmod(temp, 0o644)
@@ -176,7 +178,10 @@ def defect_thumbnail(record: DefectRecord, width: int = 240) -> np.ndarray:
 
 
 def _jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
-    return encode_jpeg(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), quality)
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return buf.tobytes()
 
 
 # -- rates -----------------------------------------------------------------------------------------
@@ -351,9 +356,7 @@ class UiApp:
 
     # -- the MJPEG stream ------------------------------------------------------------------------
     def _camera(self, camera: str) -> str:
-        """`camera` if it is running (the live view is told of every start and stop), else 404. Not from
-        state(), which adds up every camera's counters: snapshots ask this several times a second."""
-        if not self.live.running(camera):
+        if camera not in {c["id"] for c in self.state().get("cameras", [])}:
             raise HttpError("404 Not Found", "no such camera")
         return camera
 

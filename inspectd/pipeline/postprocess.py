@@ -5,7 +5,7 @@ from __future__ import annotations
 __all__ = [
     "Region", "MaskRule", "MASK_RULES", "InspectOptions", "Located", "probability", "upsample", "find_regions",
     "label_regions", "locate", "to_mask_u8",
-    "encode_png", "encode_jpeg", "overlay", "inspect",
+    "encode_png", "overlay", "inspect",
 ]
 
 from dataclasses import asdict, dataclass
@@ -95,14 +95,6 @@ def encode_png(image: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".png", image)
     if not ok:
         raise ValueError("PNG encoding failed")
-    return buf.tobytes()
-
-
-def encode_jpeg(bgr: np.ndarray, quality: int = 85) -> bytes:
-    """A BGR (OpenCV order) image as JPEG; ValueError if it cannot be encoded."""
-    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-    if not ok:
-        raise ValueError("JPEG encoding failed")
     return buf.tobytes()
 
 

@@ -218,10 +218,7 @@ class Daemon:
 
         self.live = LiveView(cfg.max_fps, cfg.width, saturated=lambda: self.saturated)
         web = web_security(cfg, "ui")
-        # Recent defects: a ring the publisher fills, unless the archive is on (then ArchiveDefects, in _start_ui).
-        if not self.settings.archive.dir:
-            self._recent_memory = MemoryDefects(cfg.recent, cfg.recent_bytes, prefix=self.run_id[:12])
-        self._ui_app = UiApp(self.live, self._recent_memory, self.ui_state,
+        self._ui_app = UiApp(self.live, MemoryDefects(), self.ui_state,
                              collect_dir=Path(cfg.collect_dir) if cfg.collect_dir else None,
                              auth=web is not None and web.users is not None, recent_limit=cfg.recent, host=cfg.host)
         server = WebServer(self._ui_app, cfg.host, cfg.port, web, section="ui", what="the live view", name="ui-http",
@@ -230,10 +227,13 @@ class Daemon:
         return server
 
     def _start_ui(self) -> None:
-        """Serve, with recent defects from the archive (started by now) when it is on."""
+        """Serve: recent defects from the archive when it is on, else from memory (fed by the publisher)."""
         cfg = self.settings.ui
         if self.archive is not None:
             self._ui_app.recent = ArchiveDefects(self.archive)
+        else:
+            self._recent_memory = MemoryDefects(cfg.recent, cfg.recent_bytes, prefix=self.run_id[:12])
+            self._ui_app.recent = self._recent_memory
         self.live.start()
         self._stack.callback(self.live.stop)
         self.ui_server.start()
@@ -400,11 +400,12 @@ class Daemon:
     def _stale_total(self) -> float:
         """Frames replaced by newer ones before the model took them (all cameras): it grows when inference is
         the bottleneck."""
-        return _total(self.metrics.frames_dropped, lambda labels: labels.get("reason") == "stale")
+        return sum(s.value for m in self.metrics.frames_dropped.collect() for s in m.samples
+                   if s.labels.get("reason") == "stale" and s.name.endswith("_total"))
 
     def _inferred_total(self) -> float:
-        cameras = set(self.camera_states)
-        return _total(self.metrics.frames_inferred, lambda labels: labels.get("camera") in cameras)
+        return sum(self.registry.get_sample_value("inspectd_frames_inferred_total", {"camera": c}) or 0.0
+                   for c in self.camera_states)
 
     def stats(self) -> dict:
         """Heartbeat and STATUS summary: inspected fps, camera states, last defect, the model in use."""
@@ -462,12 +463,6 @@ class Daemon:
     def readyz(self) -> tuple[bool, str]:
         bound = self.publisher is not None and self.publisher.bound
         return (self.ready and bound, "model warm, publisher bound" if self.ready and bound else "starting")
-
-
-def _total(counter, keep=lambda labels: True) -> float:
-    """The sum of a labelled counter's `_total` samples whose labels `keep` accepts (that counter alone is
-    collected, not the whole registry)."""
-    return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total") and keep(s.labels))
 
 
 class _Counters:
