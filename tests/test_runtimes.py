@@ -88,6 +88,18 @@ def test_no_retracing_after_warmup(engines, runtime):
     assert engine.traces() == before == 1
 
 
+def test_openvino_runs_float32_on_every_cpu(demo, engines):
+    """OpenVINO's CPU plugin defaults to bfloat16 where the CPU has it (AVX-512 BF16, AMX): pinned to float32 so
+    outputs do not depend on the CPU. On a CPU without bfloat16 this holds without the pin; the equal-output
+    tests above then cannot tell either, on one with it they fail by up to 5e-3 without it."""
+    import openvino as ov
+
+    from inspectd.model.export import cached_export
+
+    compiled = runtimes.compile_openvino(cached_export(demo, "openvino", engines[1]))
+    assert compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+
+
 def test_conversion_is_cached_by_model_hash(demo, engines, tmp_path, caplog):
     from inspectd.model.export import cached_export
 

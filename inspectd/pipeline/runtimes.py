@@ -7,7 +7,7 @@ resizes before, the same way for every runtime) and returns (score [n], cam_logi
 
 from __future__ import annotations
 
-__all__ = ["RUNTIMES", "AUTO_ORDER", "FORMAT_OF", "resolve_runtime", "open_session", "installed"]
+__all__ = ["RUNTIMES", "AUTO_ORDER", "FORMAT_OF", "resolve_runtime", "open_session", "installed", "compile_openvino"]
 
 import importlib.util
 from collections.abc import Callable
@@ -84,13 +84,21 @@ def _onnxruntime(path: Path, tf_device: str) -> Session:
     return run
 
 
-def _openvino(path: Path, tf_device: str) -> Session:
+def compile_openvino(path: Path):
+    """The OpenVINO model `path` compiled for the CPU, precision float32 on every CPU."""
     import openvino as ov
 
     # LATENCY: one request at a time uses all cores (the daemon runs one batch at a time). No pinning of its
     # threads to cores: the daemon's own threads share them (pipeline 9.85 and 10.25 vs 9.3 and 9.47 frames/s
-    # pinned, EfficientNetV2B0 752x480, docs/performance.md).
-    compiled = ov.Core().compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False})
+    # pinned, EfficientNetV2B0 752x480, docs/performance.md). Precision pinned to float32: the CPU plugin's
+    # default is bfloat16 on CPUs that have it (AVX-512 BF16, AMX), which moves scores by up to 5e-3 and
+    # would make the daemon's outputs depend on the CPU it happens to run on.
+    return ov.Core().compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False,
+                                                      "INFERENCE_PRECISION_HINT": "f32"})
+
+
+def _openvino(path: Path, tf_device: str) -> Session:
+    compiled = compile_openvino(path)
     request = compiled.create_infer_request()
     score, cam_logits = compiled.output("score"), compiled.output("cam_logits")
 
