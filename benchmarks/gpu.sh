@@ -18,7 +18,7 @@
 #         keras==3.15.1 namex==0.1.0 optree==0.20.0 typing-extensions==4.16.0
 #
 # The inspectd code on the load path (inspectd.model.deployable, .head, .convert, .backbones,
-# inspectd.pipeline.engine's with_policy, inspectd.pipeline.masks) imports neither TensorFlow nor
+# inspectd.pipeline.engine's with_policy, inspectd.model.masks) imports neither TensorFlow nor
 # pydantic nor OpenCV, so the package runs from the checkout (PYTHONPATH) without its own dependencies.
 #
 # On a GPU machine that has TensorFlow (pip install 'inspectd[gpu]'), run the same benchmark under

@@ -144,8 +144,8 @@ def build_v2b0(size: tuple[int, int], folder: Path) -> Path:
     """The seed paper's classifier (random weights) through `inspectd convert`: a deployable model file."""
     import keras
 
-    from inspectd.model.backbones import build_features
-    from inspectd.model.convert import convert
+    from inspectd.toolkit.backbones import build_features
+    from inspectd.toolkit.convert import convert
 
     w, h = size
     keras.utils.set_random_seed(0)

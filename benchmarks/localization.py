@@ -98,9 +98,9 @@ def one(name: str, train_dir: Path, test_dir: Path, out: Path, args) -> dict:
 
 def _samples(model, items):
     from inspectd.imageio import read_rgb
-    from inspectd.model.evaluate import truth_mask
-    from inspectd.model.localize import Sample
     from inspectd.pipeline.engine import Predictor
+    from inspectd.toolkit.evaluate import truth_mask
+    from inspectd.toolkit.localize import Sample
 
     items = [it for it in items if it.label == 0 or it.mask is not None]
     images = [read_rgb(it.path) for it in items]
@@ -113,10 +113,10 @@ def rule_ablation(model_path: Path, train_dir: Path, test_dir: Path) -> dict:
     the test split: mean defect IoU of the published mask and the region metrics."""
     import numpy as np
 
-    from inspectd.model import dataset as datasets
     from inspectd.model.deployable import load_model
-    from inspectd.model.localize import RULE_GRIDS, logit_map, mean_defect_iou, pick_mask_rule, published_mask
-    from inspectd.model.scoring import region_metrics
+    from inspectd.toolkit import dataset as datasets
+    from inspectd.toolkit.localize import RULE_GRIDS, logit_map, mean_defect_iou, pick_mask_rule, published_mask
+    from inspectd.toolkit.scoring import region_metrics
 
     model = load_model(model_path)
     _, val_ds = datasets.stratified_split(datasets.scan(train_dir), 0.2, 0)  # exactly train's split (seed 0)

@@ -136,9 +136,8 @@ def _timed(call, seconds: float, per_call: int) -> dict:
 
 def child_reference(args) -> dict:
     """The reference notebook's way: resize, then `model.predict` on a batch of one, frame after frame."""
-    from inspectd.model.deployable import load_model
+    from inspectd.model.deployable import load_model, resolve_model_path
     from inspectd.pipeline.engine import preprocess
-    from inspectd.service.config import resolve_model_path
     from inspectd.tfload import import_tensorflow
 
     import_tensorflow()
@@ -159,9 +158,8 @@ def child_reference(args) -> dict:
 
 
 def child_bare(args) -> dict:
-    from inspectd.model.deployable import load_model
+    from inspectd.model.deployable import load_model, resolve_model_path
     from inspectd.pipeline.engine import InferenceEngine
-    from inspectd.service.config import resolve_model_path
     from inspectd.tfload import import_tensorflow
 
     import_tensorflow()

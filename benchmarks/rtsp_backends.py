@@ -37,9 +37,9 @@ from rtsp import RtspServer, counter_match, read_frames, synthetic_frame  # noqa
 from support import wait_until  # noqa: E402
 from tcp_proxy import TcpProxy  # noqa: E402
 
+from inspectd.config import CameraConfig  # noqa: E402
 from inspectd.frames import CameraState  # noqa: E402
-from inspectd.service.config import CameraConfig  # noqa: E402
-from inspectd.service.metrics import Metrics  # noqa: E402
+from inspectd.metrics import Metrics  # noqa: E402
 from inspectd.sources import CameraWorker, open_source  # noqa: E402
 
 BACKENDS = ("opencv", "gstreamer")

@@ -45,9 +45,8 @@ def _free_port() -> int:
 
 def bare_model(opts: BenchOptions) -> dict:
     """Frames/s of the engine alone, full batches of `opts.batch` frames, after warm-up."""
-    from inspectd.model.deployable import load_model
+    from inspectd.model.deployable import load_model, resolve_model_path
     from inspectd.pipeline.engine import InferenceEngine
-    from inspectd.service.config import resolve_model_path
 
     engine = InferenceEngine(load_model(resolve_model_path(opts.model)), (opts.batch,), opts.device,
                              runtime=opts.runtime)
@@ -64,7 +63,7 @@ def bare_model(opts: BenchOptions) -> dict:
 
 
 def _settings(opts: BenchOptions):
-    from inspectd.service.config import BatchingConfig, CameraConfig, MetricsConfig, ModelConfig, PublishConfig, Settings
+    from inspectd.config import BatchingConfig, CameraConfig, MetricsConfig, ModelConfig, PublishConfig, Settings
 
     # repeat: each camera cycles through 8 frames rendered once. Rendering a new 320x240 frame costs about 5 ms
     # (more than the demo model's inference with onnxruntime), which would measure the renderer, not the pipeline.

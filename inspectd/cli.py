@@ -20,7 +20,7 @@ _EXAMPLE_CONFIG = Path(__file__).resolve().parents[1] / "config.example.toml"
 
 
 def _settings(args):
-    from inspectd.service.config import DEFAULT_CONFIG, load_settings
+    from inspectd.config import DEFAULT_CONFIG, load_settings
 
     path = args.config
     if path is None:
@@ -44,7 +44,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_check_config(args) -> int:
-    from inspectd.service.config import check_model, check_security
+    from inspectd.service.checks import check_model, check_security
 
     logging.basicConfig(level=logging.WARNING, format="inspectd check-config: %(levelname)s: %(message)s")
     settings, path = _settings(args)
@@ -132,7 +132,7 @@ def _cmd_keys_hash_password(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from inspectd.model.train import TrainOptions, train
+    from inspectd.toolkit.train import TrainOptions, train
 
     opts = TrainOptions(
         dataset=args.dataset, out=args.out, backbone=args.backbone, stride=args.stride,
@@ -148,7 +148,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from inspectd.model.convert import convert
+    from inspectd.toolkit.convert import convert
 
     out = convert(args.classifier, args.out, args.input_range, args.threshold, args.mask_threshold)
     print(f"wrote {out}")
@@ -156,9 +156,8 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from inspectd.model.deployable import load_model
+    from inspectd.model.deployable import load_model, resolve_model_path
     from inspectd.model.export import cached_export, default_cache_dir, export
-    from inspectd.service.config import resolve_model_path
 
     deployable = load_model(resolve_model_path(args.model))
     print(f"inspectd export: converting {deployable.name} to {args.format} (tens of seconds)", file=sys.stderr, flush=True)
@@ -175,7 +174,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_infer(args) -> int:
-    from inspectd.model.infer import InferOptions, infer, raise_if_skipped
+    from inspectd.toolkit.infer import InferOptions, infer, raise_if_skipped
 
     opts = InferOptions(model=args.model, inputs=tuple(args.inputs), out=args.out, batch_size=args.batch_size,
                         every_s=args.every, max_frames=args.max_frames, threshold=args.threshold,
@@ -187,7 +186,7 @@ def _cmd_infer(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from inspectd.model.evaluate import EvalOptions, evaluate, format_table
+    from inspectd.toolkit.evaluate import EvalOptions, evaluate, format_table
 
     report = evaluate(EvalOptions(args.model, args.dataset, args.report, args.batch_size, args.threshold,
                                   args.mask_rule))

@@ -35,6 +35,7 @@ from inspectd.errors import DataError, UsageError
 from inspectd.imageio import write_png
 from inspectd.outputs.wire import DEFAULT_ENDPOINT, parse_rfc3339
 from inspectd.pipeline.postprocess import overlay, upsample
+from inspectd.security import ClientKeys
 
 DEFAULT_TOPICS = ("defect.", "episode.", "status.", "heartbeat")
 
@@ -79,7 +80,6 @@ def add_curve_arguments(p: argparse.ArgumentParser, what: str) -> None:
 
 def curve_keys(args: argparse.Namespace, endpoints: list[str]) -> list | None:
     """The ClientKeys per endpoint from --client-key/--server-key (None: plain text); UsageError if half given."""
-    from inspectd.security import ClientKeys
 
     if args.client_key is None and args.server_key is None:
         return None

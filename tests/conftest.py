@@ -73,7 +73,7 @@ def synth_test(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained(tf, synth_train, tmp_path_factory):
     """One small model trained from scratch (weights none) with the real `train`; shared by tests."""
-    from inspectd.model.train import TrainOptions, train
+    from inspectd.toolkit.train import TrainOptions, train
 
     out = tmp_path_factory.mktemp("model") / "tiny.keras"
     # Deterministic kernels make it the same model on every run of a machine, so the quality floors test
@@ -94,9 +94,9 @@ def start_publisher():
 
     from prometheus_client import CollectorRegistry
 
+    from inspectd.config import PublishConfig
+    from inspectd.metrics import Metrics
     from inspectd.outputs.publish import Publisher
-    from inspectd.service.config import PublishConfig
-    from inspectd.service.metrics import Metrics
 
     started: list[Publisher] = []
 

@@ -275,7 +275,7 @@ class CameraHarness:
     def __init__(self, cfg, **worker_kw):
         from prometheus_client import CollectorRegistry
 
-        from inspectd.service.metrics import Metrics
+        from inspectd.metrics import Metrics
         from inspectd.sources.camera import CameraWorker
 
         self.registry = CollectorRegistry()

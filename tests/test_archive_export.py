@@ -13,13 +13,13 @@ from conftest import run_cli
 from prometheus_client import CollectorRegistry
 from support import make_inspection, wait_until
 
-from inspectd.model.dataset import scan
+from inspectd.config import PublishConfig
+from inspectd.metrics import Metrics
 from inspectd.outputs.archive import Archive, RetentionIndex, entries, message_entry, read_entry, unsent_header, write_entry
 from inspectd.outputs.export import ExportOptions, export_archive, parse_since
 from inspectd.outputs.publish import Publisher
 from inspectd.outputs.wire import encode_message, inspection_body
-from inspectd.service.config import PublishConfig
-from inspectd.service.metrics import Metrics
+from inspectd.toolkit.dataset import scan
 
 MODEL = {"name": "m", "sha256": "0" * 64}
 T0 = 1795708800.0  # 2026-11-26T16:00:00Z

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inspectd.model.augment import AugmentSpec, _shift_scale_rotate, augment
+from inspectd.toolkit.augment import AugmentSpec, _shift_scale_rotate, augment
 
 OFF = AugmentSpec(p_flip=0, p_brightness_contrast=0, p_gamma=0, p_affine=0)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from inspectd.errors import UnavailableError, UsageError
-from inspectd.model.backbones import BACKBONES, build_features, check_input_size
+from inspectd.toolkit.backbones import BACKBONES, build_features, check_input_size
 
 # Channel counts of F at the cut (docs/model.md) and of the full networks.
 CHANNELS = {("efficientnetv2b0", 16): 672, ("convnext_tiny", 16): 384, ("mobilenetv3large", 16): 672,

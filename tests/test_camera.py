@@ -10,9 +10,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from support import CameraHarness, free_port, wait_until
 
+from inspectd.config import CameraConfig
 from inspectd.frames import CameraState
-from inspectd.service.config import CameraConfig
-from inspectd.service.metrics import Metrics
+from inspectd.metrics import Metrics
 from inspectd.sources import CameraWorker, SourceError, backoff_delay
 from inspectd.sources.camera import RateLimiter, crop_roi, resize_frame
 from inspectd.sources.synthetic import SyntheticSource

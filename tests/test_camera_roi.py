@@ -16,8 +16,8 @@ import pytest
 from support import CameraHarness, wait_until
 
 import inspectd.sources.camera as camera
+from inspectd.config import CameraConfig
 from inspectd.frames import CameraState
-from inspectd.service.config import CameraConfig
 from inspectd.sources import SourceError
 from inspectd.sources.camera import RoiError, crop_roi, roi_box
 

@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from support import ROOT, free_port
 
+from inspectd.config import NON_CONFIG_ENV, config_env_names, load_settings
 from inspectd.errors import ConfigError
-from inspectd.service.config import NON_CONFIG_ENV, config_env_names, load_settings
 
 CAMERA = '[[cameras]]\nid = "a"\nurl = "synthetic://?fps=5"\n'
 DEMO_MODEL = ROOT / "inspectd" / "assets" / "demo.keras"

@@ -165,8 +165,8 @@ def test_evaluate_report(tf, trained, synth_test, tmp_path):
     from sklearn.metrics import roc_auc_score
 
     from inspectd.imageio import read_rgb
-    from inspectd.model.dataset import scan
     from inspectd.model.deployable import load_model
+    from inspectd.toolkit.dataset import scan
 
     data = scan(synth_test)
     images = np.stack([read_rgb(it.path) for it in data.items]).astype(np.float32)

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_cli
 
+from inspectd.config import load_settings
 from inspectd.errors import ConfigError
-from inspectd.service.config import BUILTIN_DEMO_MODEL, load_settings
+from inspectd.model.deployable import BUILTIN_DEMO_MODEL
 
 CAMERA = '[[cameras]]\nid = "a"\nurl = "synthetic://"\n'
 
@@ -62,7 +63,7 @@ def test_send_hwm_default_bounds_zeromq_and_the_hand_off(start_publisher):
     """Bounded by default: a stuck subscriber holds at most send_hwm messages, and so does the hand-off queue."""
     import zmq
 
-    from inspectd.service.config import PublishConfig
+    from inspectd.config import PublishConfig
 
     assert PublishConfig().send_hwm == 100
     pub = start_publisher()

@@ -11,8 +11,8 @@ import pytest
 from conftest import ROOT, run_cli
 
 from inspectd.errors import ModelFileError
-from inspectd.model.convert import convert, load_classifier
 from inspectd.model.deployable import load_model
+from inspectd.toolkit.convert import convert, load_classifier
 
 
 @pytest.fixture(scope="session")

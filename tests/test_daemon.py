@@ -102,7 +102,7 @@ class _Pipeline:
 def test_stuck_cameras_share_one_shutdown_timeout(caplog):
     """Three cameras stuck in their backends: all are told to stop first, then waited for against one
     deadline, so the wait is shutdown_timeout_s in all (not once per camera) and each is still removed."""
-    from inspectd.service.config import CameraConfig, DaemonConfig, Settings
+    from inspectd.config import CameraConfig, DaemonConfig, Settings
     from inspectd.service.daemon import Daemon
 
     settings = Settings(cameras=[CameraConfig(id="a", url="synthetic://")], daemon=DaemonConfig(shutdown_timeout_s=0.3))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from inspectd.errors import DataError, NoInputError
-from inspectd.model.dataset import scan, stratified_split
+from inspectd.toolkit.dataset import scan, stratified_split
 
 
 def _make(root, layout: dict[str, int], masks: bool = False):

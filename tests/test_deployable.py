@@ -19,7 +19,7 @@ def classifier(tf):
     """A random, untrained GAP+Dense classifier with a head strong enough to give varied scores."""
     import keras
 
-    from inspectd.model.backbones import build_features
+    from inspectd.toolkit.backbones import build_features
 
     keras.utils.set_random_seed(3)
     features = build_features("efficientnetv2b0", 16, SIZE, "none")
@@ -70,7 +70,7 @@ def test_softmax_two_class_head_is_exact(tf, batch):
 def test_sequential_classifier(tf, batch):
     import keras
 
-    from inspectd.model.backbones import build_features
+    from inspectd.toolkit.backbones import build_features
 
     seq = keras.Sequential([keras.Input((SIZE[1], SIZE[0], 3)), build_features("mobilenetv3large", 32, SIZE, "none"),
                             keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1, activation="sigmoid")])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inspectd.service.config import resolve_model_path
+from inspectd.model.deployable import resolve_model_path
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ from daemon_util import DaemonProcess, camera_toml, daemon_config
 from support import collect_events
 
 from inspectd.client import Subscriber
+from inspectd.config import CameraConfig
 from inspectd.frames import Frame, Inspection
 from inspectd.pipeline.episodes import EpisodeRules, EpisodeTracker
-from inspectd.service.config import CameraConfig
 from inspectd.sources.synthetic import SyntheticSource
 
 RULES = EpisodeRules(exit_threshold=0.4, end_frames=2, end_s=1.0)

@@ -14,9 +14,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from support import wait_until
 
+from inspectd.config import CameraConfig
 from inspectd.imageio import write_png
-from inspectd.service.config import CameraConfig
-from inspectd.service.metrics import Metrics
+from inspectd.metrics import Metrics
 from inspectd.sources import DecodeError
 from inspectd.sources.camera import CameraWorker
 from inspectd.sources.folder import FolderSource

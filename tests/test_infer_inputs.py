@@ -11,7 +11,7 @@ import pytest
 from conftest import run_cli
 
 from inspectd.errors import DataError
-from inspectd.model.infer import _expand
+from inspectd.toolkit.infer import _expand
 
 
 def _image(path: Path, value: int) -> Path:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from support import wait_until
 
+from inspectd.config import Settings, UiConfig
 from inspectd.errors import ConfigError
 from inspectd.frames import Frame
 from inspectd.outputs.archive import Archive, message_entry, unsent_header
@@ -25,7 +26,6 @@ from inspectd.outputs.ui import BOUNDARY, UiApp, _loopback_host, collect_frame
 from inspectd.outputs.wire import encode_message
 from inspectd.pipeline.postprocess import InspectOptions, encode_png
 from inspectd.security import hash_password
-from inspectd.service.config import Settings, UiConfig
 from inspectd.service.web import WebServer, web_security
 
 OPTS = InspectOptions(threshold=0.5)
@@ -500,7 +500,7 @@ def test_ui_off_loopback_needs_users():
 
 
 def test_ui_section_loads_from_toml_with_relative_collect_dir(tmp_path):
-    from inspectd.service.config import load_settings
+    from inspectd.config import load_settings
 
     path = tmp_path / "c.toml"
     path.write_text('[ui]\nenabled = true\ncollect_dir = "dataset"\nmax_fps = 2\n[[cameras]]\nid = "a"\n'

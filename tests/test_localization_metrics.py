@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from inspectd.model.scoring import aupro, image_region_counts, pro_curve, region_metrics
+from inspectd.toolkit.scoring import aupro, image_region_counts, pro_curve, region_metrics
 
 
 def _hand_case() -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from inspectd.frames import Frame
-from inspectd.model.localize import RULE_GRIDS, Sample, mean_defect_iou, pick_mask_rule, published_mask
 from inspectd.pipeline.postprocess import MASK_RULES, InspectOptions, MaskRule, inspect
+from inspectd.toolkit.localize import RULE_GRIDS, Sample, mean_defect_iou, pick_mask_rule, published_mask
 
 # A 4 x 5 CAM: background logits around 1 (a confidently defective GAP map sits high everywhere),
 # one hot cell at (1, 3).

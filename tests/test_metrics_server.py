@@ -15,10 +15,12 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from support import http_get, self_signed_cert
 
+from inspectd.config import MetricsConfig
 from inspectd.errors import ConfigError, ExitCode
+from inspectd.metrics import Metrics
 from inspectd.security import hash_password
-from inspectd.service.config import MetricsConfig
-from inspectd.service.metrics import Metrics, MetricsServer, web_security
+from inspectd.service.metrics import MetricsServer
+from inspectd.service.web import web_security
 
 
 def _ok() -> tuple[bool, str]:

@@ -21,9 +21,9 @@ from prometheus_client import CollectorRegistry
 from support import ROOT, free_port, make_inspection
 
 from inspectd.bridges.opcua import NODE_VARIABLES
+from inspectd.config import PublishConfig
+from inspectd.metrics import Metrics
 from inspectd.outputs.publish import Publisher
-from inspectd.service.config import PublishConfig
-from inspectd.service.metrics import Metrics
 
 pytestmark = pytest.mark.slow
 

@@ -13,13 +13,13 @@ from conftest import run_cli
 from prometheus_client import CollectorRegistry
 from support import wait_until
 
+from inspectd.config import BatchingConfig, CameraConfig, MetricsConfig, PublishConfig, Settings
 from inspectd.frames import DropReason, Frame
+from inspectd.metrics import Metrics, frame_accounts
 from inspectd.pipeline.context import InferenceContext
 from inspectd.pipeline.core import Pipeline
 from inspectd.pipeline.engine import InferenceEngine
 from inspectd.pipeline.postprocess import InspectOptions
-from inspectd.service.config import BatchingConfig, CameraConfig, MetricsConfig, PublishConfig, Settings
-from inspectd.service.metrics import Metrics, frame_accounts
 
 pytestmark = pytest.mark.slow
 
@@ -73,8 +73,7 @@ def test_swap_never_mixes_contexts(tf):
     """Two contexts (engines with different batch limits, different thresholds and model names) swapped
     back and forth while frames flow: every inspection carries the threshold of the model that made it,
     and no batch ever reaches an engine too small for it (that would be a drop with reason `error`)."""
-    from inspectd.model.deployable import load_model
-    from inspectd.service.config import resolve_model_path
+    from inspectd.model.deployable import load_model, resolve_model_path
 
     demo = load_model(resolve_model_path("builtin:demo"))
     contexts = []

@@ -56,7 +56,7 @@ def test_regions_attachment_reproduces_the_regions_where_the_probability_png_can
     import time
 
     from inspectd.frames import Frame
-    from inspectd.pipeline.masks import MaskRule
+    from inspectd.model.masks import MaskRule
     from inspectd.pipeline.postprocess import InspectOptions, inspect
 
     logits = np.full((12, 16), 9.0, np.float32)
@@ -88,8 +88,8 @@ def test_an_ok_frame_costs_no_map_unless_results_are_published(monkeypatch):
     import time
 
     from inspectd.frames import Frame
+    from inspectd.model.masks import MaskRule
     from inspectd.pipeline import postprocess
-    from inspectd.pipeline.masks import MaskRule
     from inspectd.pipeline.postprocess import InspectOptions, inspect
 
     calls = []

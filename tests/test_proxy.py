@@ -22,11 +22,11 @@ from support import ROOT, free_port, make_inspection, wait_until
 from inspectd.bridges.config import load_bridge_settings
 from inspectd.bridges.proxy import Proxy
 from inspectd.client import AccessError, Subscriber
+from inspectd.config import PublishConfig
 from inspectd.errors import ConfigError, ExitCode
+from inspectd.metrics import Metrics
 from inspectd.outputs.publish import Publisher
 from inspectd.security import ClientKeys, ServerKeys, generate_keys
-from inspectd.service.config import PublishConfig
-from inspectd.service.metrics import Metrics
 
 MODEL = {"name": "test", "sha256": "0" * 64}
 

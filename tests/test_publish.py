@@ -15,8 +15,10 @@ import zmq
 from prometheus_client import CollectorRegistry
 from support import TEST_MODEL, finishes_within, make_inspection, wait_until
 
+from inspectd.config import PublishConfig
 from inspectd.errors import ConfigError
 from inspectd.frames import CameraState, Inspection
+from inspectd.metrics import Metrics
 from inspectd.outputs.publish import Publisher
 from inspectd.outputs.wire import (
     SCHEMA,
@@ -27,8 +29,6 @@ from inspectd.outputs.wire import (
     rfc3339,
     status_body,
 )
-from inspectd.service.config import PublishConfig
-from inspectd.service.metrics import Metrics
 
 MODEL = TEST_MODEL
 RFC3339_US = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")

@@ -20,8 +20,7 @@ CAM_B = camera_toml("cam-b", "synthetic://?fps=8&width=160&height=128&defect_rat
 @pytest.fixture(scope="module")
 def second_model(tmp_path_factory, tf):
     """The demo model saved again under another name: a different file, a different sha256."""
-    from inspectd.model.deployable import load_model, save_model
-    from inspectd.service.config import resolve_model_path
+    from inspectd.model.deployable import load_model, resolve_model_path, save_model
 
     demo = load_model(resolve_model_path("builtin:demo"))
     path = tmp_path_factory.mktemp("models") / "demo-b.keras"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from inspectd.service.config import Settings
+from inspectd.config import Settings
 from inspectd.service.reload import CONTEXT_KEYS, ENGINE_KEYS, LIVE_KEYS, RESTART_KEYS, changed_keys, plan_reload
 
 SHA = "a" * 64

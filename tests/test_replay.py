@@ -14,12 +14,12 @@ from prometheus_client import CollectorRegistry
 from support import TEST_MODEL, make_inspection, wait_until
 
 from inspectd.client import ReplayClient, ReplayError, Subscriber
+from inspectd.config import PublishConfig, ReplayConfig
+from inspectd.metrics import Metrics
 from inspectd.outputs.archive import Archive, message_entry, write_entry
 from inspectd.outputs.publish import Publisher
 from inspectd.outputs.replay import END_TOPIC, REQUEST_TAG, ReplayServer, Ring, parse_request
 from inspectd.outputs.wire import encode_message, inspection_body
-from inspectd.service.config import PublishConfig, ReplayConfig
-from inspectd.service.metrics import Metrics
 
 
 class Line:

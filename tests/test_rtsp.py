@@ -16,9 +16,9 @@ from rtsp import RtspServer, counter_match, read_frames, synthetic_frame
 from support import free_port, wait_until
 from tcp_proxy import TcpProxy
 
+from inspectd.config import CameraConfig
 from inspectd.frames import CameraState
-from inspectd.service.config import CameraConfig
-from inspectd.service.metrics import Metrics
+from inspectd.metrics import Metrics
 from inspectd.sources import CameraWorker, SourceError, open_source
 from inspectd.sources.gstreamer import GstSource
 from inspectd.sources.opencv import OpenCVSource

@@ -26,8 +26,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def demo(tf):
-    from inspectd.model.deployable import load_model
-    from inspectd.service.config import resolve_model_path
+    from inspectd.model.deployable import load_model, resolve_model_path
 
     return load_model(resolve_model_path("builtin:demo"))
 

@@ -6,7 +6,7 @@ import pytest
 
 
 def test_shape_of_the_schedule(tf):
-    from inspectd.model.schedule import WarmupHoldCosine
+    from inspectd.toolkit.schedule import WarmupHoldCosine
 
     s = WarmupHoldCosine(1e-3, total_steps=1000, warmup=0.15, hold=0.10)
     lr = lambda step: float(s(step))  # noqa: E731

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis.extra.numpy import arrays
 
-from inspectd.model.scoring import best_f1_threshold, image_metrics, iou_dice, minmax_map
+from inspectd.toolkit.scoring import best_f1_threshold, image_metrics, iou_dice, minmax_map
 
 
 def test_iou_dice_known_values():

@@ -19,7 +19,9 @@ from prometheus_client import CollectorRegistry
 from support import ROOT, free_port, http_get, make_inspection, metric_value, wait_until
 
 from inspectd.client import AccessError, ReplayClient, ReplayError, Subscriber
+from inspectd.config import PublishConfig, ReplayConfig, load_settings
 from inspectd.errors import ConfigError, ExitCode, UsageError
+from inspectd.metrics import Metrics
 from inspectd.outputs.publish import Publisher
 from inspectd.outputs.replay import ReplayServer, Ring
 from inspectd.security import (
@@ -31,8 +33,6 @@ from inspectd.security import (
     is_loopback_endpoint,
     private_file,
 )
-from inspectd.service.config import PublishConfig, ReplayConfig, load_settings
-from inspectd.service.metrics import Metrics
 
 MODEL = {"name": "test", "sha256": "0" * 64}
 

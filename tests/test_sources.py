@@ -12,8 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
+from inspectd.config import CameraConfig
 from inspectd.imageio import write_png
-from inspectd.service.config import CameraConfig
 from inspectd.sources import DecodeError, EndOfStream, SourceError, open_source, redact, source_kind
 from inspectd.sources.base import Pacer, query_params
 from inspectd.sources.folder import FolderSource
@@ -352,7 +352,7 @@ def test_open_source_table(cfg, kind, cls):
 
 def test_auto_reads_rtsp_with_opencv_when_gstreamer_is_missing():
     code = ("import logging, sys; sys.modules['gi'] = None; logging.basicConfig(level=logging.INFO)\n"
-            "from inspectd.service.config import CameraConfig\n"
+            "from inspectd.config import CameraConfig\n"
             "from inspectd.sources import open_source\n"
             "for _ in range(2):\n"
             "    print(type(open_source(CameraConfig(id='c', url='rtsp://h/s'))).__name__)\n")

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from inspectd.imageio import read_rgb
-from inspectd.model.dataset import scan
 from inspectd.model.deployable import load_model, read_metadata
 from inspectd.pipeline.engine import Predictor
 from inspectd.pipeline.postprocess import probability, upsample
+from inspectd.toolkit.dataset import scan
 
 pytestmark = pytest.mark.slow
 
@@ -50,8 +50,8 @@ def test_probability_map_localizes(held_out):
     """
     import cv2
 
-    from inspectd.model.evaluate import THRESHOLDS
-    from inspectd.model.scoring import iou_dice
+    from inspectd.toolkit.evaluate import THRESHOLDS
+    from inspectd.toolkit.scoring import iou_dice
 
     data, _, preds = held_out
     defect_preds = [p for it, p in zip(data.items, preds) if it.label == 1]
@@ -116,7 +116,7 @@ def test_recorded_val_metrics_match_an_independent_computation(tf, trained, synt
     calling the saved model directly, and the accuracy at the 0.5 threshold."""
     from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
-    from inspectd.model.dataset import stratified_split
+    from inspectd.toolkit.dataset import stratified_split
 
     meta = read_metadata(trained.model_path)
     recorded = meta["metrics"]["val"]

@@ -21,8 +21,9 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from inspectd.config import CurveServerConfig, load_toml_model
+from inspectd.config.base import PathText, Section, check_endpoint
 from inspectd.security import ClientKeys, check_config_file
-from inspectd.service.config import CurveServerConfig, _check_endpoint, _Section, load_toml_model
 
 DEFAULT_BRIDGES_CONFIG = Path("/etc/inspectd/bridges.toml")
 _ID = re.compile(r"[a-z0-9_-]{1,64}")
@@ -46,10 +47,10 @@ def _connect_endpoint(value: str) -> str:
     return value
 
 
-class DaemonSource(_Section):
+class DaemonSource(Section):
     endpoint: str = Field(description="the daemon's [publish] endpoint, e.g. tcp://linepc3:5556")
     replay: str = Field("", description="its [replay] endpoint: gaps are filled from it (bridge mqtt); empty = none")
-    server_key: str = Field("", description="its CURVE public key file (server.key) when it uses CURVE; needs "
+    server_key: PathText = Field("", description="its CURVE public key file (server.key) when it uses CURVE; needs "
                             "[client] key")
     line: str = Field("", description="the line it inspects (MQTT topics, OPC UA folders); default: [mqtt] line")
 
@@ -64,8 +65,8 @@ class DaemonSource(_Section):
         return _check_line(value) if value else value  # empty: [mqtt] line
 
 
-class ClientConfig(_Section):
-    key: str = Field("", description="our CURVE secret key file (NAME.key_secret, mode 0600) for daemons with a "
+class ClientConfig(Section):
+    key: PathText = Field("", description="our CURVE secret key file (NAME.key_secret, mode 0600) for daemons with a "
                      "server_key; its public half goes into each daemon's publish.curve_clients folder")
 
 
@@ -78,17 +79,17 @@ class ProxyConfig(CurveServerConfig):
     @field_validator("endpoint")
     @classmethod
     def _endpoint(cls, value: str) -> str:
-        return _check_endpoint(value)
+        return check_endpoint(value)
 
 
-class MqttConfig(_Section):
+class MqttConfig(Section):
     host: str = Field("127.0.0.1", description="the MQTT broker")
     port: int = Field(1883, ge=1, le=65535, description="1883, or 8883 with TLS")
     client_id: str = Field("", description="MQTT client id: must be stable for the persistent session "
                            "(default inspectd-<host name>)")
     username: str = Field("", description="broker login; empty = anonymous")
-    password_file: str = Field("", description="file holding the broker password (one line, mode 0600)")
-    tls_ca_file: str = Field("", description="CA certificate (PEM) of the broker: TLS on when set")
+    password_file: PathText = Field("", description="file holding the broker password (one line, mode 0600)")
+    tls_ca_file: PathText = Field("", description="CA certificate (PEM) of the broker: TLS on when set")
     topic_prefix: str = Field("inspectd", description="topics are PREFIX/LINE/CAMERA/KIND (docs/integration.md)")
     line: str = Field("line", description="the LINE of daemons without their own [[daemons]] line")
     qos: Literal[1, 2] = Field(1, description="QoS of events, 1 or 2 (0 could lose events: the bridge counts an event "
@@ -97,7 +98,7 @@ class MqttConfig(_Section):
         "separate", description="masks and attached frames: separate = binary messages on "
         ".../defect/RUN/SEQ/mask, /frame, /regions; inline = base64 in the header's attachments_base64; none = "
         "headers only")
-    state_file: str = Field("", description="where the bridge keeps what it has published (run, topic, seq) "
+    state_file: PathText = Field("", description="where the bridge keeps what it has published (run, topic, seq) "
                             "across its restarts; empty = in memory only (a restart then starts from the present)")
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive; the broker publishes the bridge's "
                              "Last Will after 1.5x this without a word")
@@ -120,15 +121,15 @@ class MqttConfig(_Section):
         return self.client_id or f"inspectd-{socket.gethostname()}"
 
 
-class OpcUaConfig(_Section):
+class OpcUaConfig(Section):
     endpoint: str = Field("opc.tcp://127.0.0.1:4840/inspectd", description="where the OPC UA server listens")
     namespace: str = Field("urn:inspectd", description="namespace URI of the inspectd nodes (docs/integration.md)")
     security: Literal["none", "sign_and_encrypt", "both"] = Field(
         "none", description="none; sign_and_encrypt = Basic256Sha256 SignAndEncrypt only (needs certificate and "
         "private_key); both = offer both")
-    certificate: str = Field("", description="the server's certificate (PEM or DER) for Basic256Sha256")
-    private_key: str = Field("", description="its private key (PEM, mode 0600)")
-    trusted_clients: str = Field("", description="folder of client certificates (DER/PEM) allowed to connect with "
+    certificate: PathText = Field("", description="the server's certificate (PEM or DER) for Basic256Sha256")
+    private_key: PathText = Field("", description="its private key (PEM, mode 0600)")
+    trusted_clients: PathText = Field("", description="folder of client certificates (DER/PEM) allowed to connect with "
                                  "security; empty = any client that completes the handshake")
 
     @field_validator("endpoint")
@@ -145,7 +146,7 @@ class OpcUaConfig(_Section):
         return self
 
 
-class BridgeSettings(_Section):
+class BridgeSettings(Section):
     daemons: list[DaemonSource] = Field(default_factory=list, validate_default=True,
                                         description="one [[daemons]] table per daemon")
     client: ClientConfig = ClientConfig()
@@ -179,13 +180,8 @@ class BridgeSettings(_Section):
         return daemon.line or self.mqtt.line
 
 
-_PATHS = (("daemons", "*", "server_key"), ("client", "key"), ("proxy", "curve_secret_key"), ("proxy", "curve_clients"),
-          ("mqtt", "password_file"), ("mqtt", "tls_ca_file"), ("mqtt", "state_file"), ("opcua", "certificate"),
-          ("opcua", "private_key"), ("opcua", "trusted_clients"))
-
-
 def load_bridge_settings(path: Path) -> BridgeSettings:
     """Read and check the bridges' config (ConfigError, exit 78, in one line naming the key)."""
-    settings = load_toml_model(path, BridgeSettings, _PATHS)
+    settings = load_toml_model(path, BridgeSettings)
     check_config_file(path, holds_secrets=False)
     return settings

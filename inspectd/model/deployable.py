@@ -21,6 +21,8 @@ __all__ = [
     "read_metadata",
     "file_sha256",
     "config_nodes",
+    "BUILTIN_DEMO_MODEL",
+    "resolve_model_path",
 ]
 
 import hashlib
@@ -39,8 +41,11 @@ import numpy as np
 from inspectd import __version__
 from inspectd.errors import ModelFileError, NoInputError, UsageError
 from inspectd.model.head import Pooling, cam_head, deployable_outputs, register
+from inspectd.model.masks import MaskRule
 
 FORMAT = "inspectd.model/1"
+BUILTIN_DEMO_MODEL = "builtin:demo"  # the bundled demo model, as [model] path and the commands name it
+_ASSETS = Path(__file__).resolve().parents[1] / "assets"
 META_ENTRY = "inspectd.json"
 # What the wrapped classifier expects -> (scale, offset) applied to 0..255 input.
 INPUT_RANGES = {"0-255": None, "0-1": (1 / 255.0, 0.0), "-1-1": (1 / 127.5, -1.0)}
@@ -81,8 +86,6 @@ class Deployable:
     @property
     def mask_rule(self):
         """The model's own rule for turning its map into a mask (models without one: a fixed probability)."""
-        from inspectd.pipeline.masks import MaskRule
-
         rule = self.meta.get("mask_rule")
         return MaskRule(rule["kind"], float(rule["param"])) if rule else MaskRule("probability", self.mask_threshold)
 
@@ -180,6 +183,13 @@ def build_deployable(classifier, input_range: str = "0-255"):
     return model
 
 
+def resolve_model_path(path: str) -> Path:
+    """'builtin:demo' -> the bundled demo model; anything else is a file path (~ expanded)."""
+    if path == BUILTIN_DEMO_MODEL:
+        return _ASSETS / "demo.keras"
+    return Path(os.path.expanduser(path))
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -253,8 +263,6 @@ def read_metadata(path: Path) -> dict:
 def _check_metadata(path: Path, meta: dict) -> None:
     """The fields every tool reads, checked once when the file is read: a wrong value is one
     ModelFileError naming it, not a KeyError deep inside the daemon or a mask rule out of range."""
-    from inspectd.pipeline.masks import MaskRule
-
     def section(key: str, required: bool = True) -> dict | None:
         value = meta.get(key) if not required else meta[key]
         if value is not None and not isinstance(value, dict):

@@ -27,16 +27,16 @@ import zmq
 
 from inspectd.frames import CameraState, Inspection
 from inspectd.outputs.archive import file_name, message_entry, unsent_header
-from inspectd.outputs.sockets import ServerSocket
+from inspectd.outputs.sockets import HANDSHAKE_REASONS, ServerSocket
 from inspectd.outputs.wire import HEARTBEAT_TOPIC, SCHEMA, encode_message, episode_body, inspection_body, status_body
 
 if TYPE_CHECKING:
+    from inspectd.config import PublishConfig
+    from inspectd.metrics import Metrics
     from inspectd.outputs.archive import Archive
     from inspectd.outputs.recent import MemoryDefects
     from inspectd.outputs.replay import Ring
     from inspectd.security import ServerKeys
-    from inspectd.service.config import PublishConfig
-    from inspectd.service.metrics import Metrics
 
 log = logging.getLogger("inspectd.outputs.publish")
 
@@ -107,7 +107,7 @@ class Publisher:
             raise RuntimeError("Publisher.start() called twice")
         self._server = ServerSocket(zmq.PUB, self.cfg.endpoint, "publish.endpoint",
                                     {zmq.SNDHWM: self.cfg.send_hwm, zmq.LINGER: 0}, self._keys,
-                                    self.metrics.refused("events"))
+                                    self.metrics.refused("events", HANDSHAKE_REASONS))
         self._socket, self._endpoint = self._server.sock, self._server.endpoint
         self._started_mono = time.monotonic()
         log.info("publishing %s on %s (%s, run_id %s)", SCHEMA, self._endpoint,

@@ -26,13 +26,14 @@ from typing import TYPE_CHECKING
 
 import zmq
 
-from inspectd.outputs.sockets import ServerSocket
+from inspectd.outputs.archive import entry_message
+from inspectd.outputs.sockets import HANDSHAKE_REASONS, ServerSocket
 
 if TYPE_CHECKING:
+    from inspectd.config import ReplayConfig
+    from inspectd.metrics import Metrics
     from inspectd.outputs.archive import Archive
     from inspectd.security import ServerKeys
-    from inspectd.service.config import ReplayConfig
-    from inspectd.service.metrics import Metrics
 
 log = logging.getLogger("inspectd.outputs.replay")
 
@@ -116,7 +117,7 @@ class ReplayServer:
         # ROUTER_MANDATORY: a full or vanished peer raises instead of a silent drop.
         self._server = ServerSocket(zmq.ROUTER, self.cfg.endpoint, "replay.endpoint", {
             zmq.MAXMSGSIZE: _MAX_MESSAGE_BYTES, zmq.ROUTER_MANDATORY: 1, zmq.SNDHWM: 1000, zmq.LINGER: 0},
-            self._keys, self.metrics.refused("replay"))
+            self._keys, self.metrics.refused("replay", HANDSHAKE_REASONS))
         self._socket, self.endpoint = self._server.sock, self._server.endpoint
         for status in STATUSES:
             self.metrics.replay_requests.labels(status=status)
@@ -233,8 +234,6 @@ class ReplayServer:
         self._end(identity, "complete", request, last_seq=prev, missing=missing, **end_fields)
 
     def _read(self, path) -> list[bytes] | None:
-        from inspectd.outputs.archive import entry_message
-
         try:
             return entry_message(path)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):  # removed meanwhile, or damaged

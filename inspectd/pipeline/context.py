@@ -13,13 +13,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from inspectd.config import Settings
 from inspectd.model.deployable import Deployable
+from inspectd.model.masks import MaskRule
 from inspectd.pipeline.batching import buckets_for
 from inspectd.pipeline.engine import InferenceEngine, select_device
 from inspectd.pipeline.episodes import EpisodeRules
-from inspectd.pipeline.masks import MaskRule
 from inspectd.pipeline.postprocess import InspectOptions
-from inspectd.service.config import Settings
 
 log = logging.getLogger("inspectd.pipeline.context")
 

@@ -32,11 +32,11 @@ from typing import Protocol
 import numpy as np
 
 from inspectd.frames import Batch, DropReason, Frame, Inspection
+from inspectd.metrics import Metrics
 from inspectd.pipeline.batching import Batcher, FrameBoard
 from inspectd.pipeline.context import InferenceContext
 from inspectd.pipeline.episodes import Episode, EpisodeTracker
 from inspectd.pipeline.postprocess import InspectOptions, inspect
-from inspectd.service.metrics import Metrics
 from inspectd.threads import name_this_thread
 
 log = logging.getLogger("inspectd.pipeline")

@@ -22,7 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from inspectd.errors import ConfigError, InspectdError, ModelFileError
 from inspectd.model.deployable import Deployable, config_nodes
+from inspectd.model.export import cached_export
+from inspectd.pipeline.runtimes import FORMAT_OF, open_session, resolve_runtime
 
 log = logging.getLogger("inspectd.pipeline.engine")
 
@@ -75,7 +78,6 @@ def select_device(device: str) -> str:
         return "/CPU:0"
     index = 0 if device == "auto" else int(device.split(":")[1])
     if index >= len(gpus):
-        from inspectd.errors import ConfigError
 
         raise ConfigError(f"model.device: {device!r} but TensorFlow sees {len(gpus)} GPU(s)")
     return f"/GPU:{index}"
@@ -96,8 +98,6 @@ class InferenceEngine:
     def __init__(self, deployable: Deployable, buckets: tuple[int, ...], device: str = "auto", xla: bool = False,
                  precision: str = "float32", runtime: str = "tensorflow", cache_dir: Path | None = None):
         import tensorflow as tf
-
-        from inspectd.pipeline.runtimes import resolve_runtime
 
         self.deployable = deployable
         self.buckets = tuple(sorted(buckets))
@@ -130,9 +130,6 @@ class InferenceEngine:
     def _open_exported(self, cache_dir: Path | None, fallback: bool):
         """The ONNX Runtime / OpenVINO session on the cached export, checked on one frame; None (TensorFlow) if
         `auto` cannot have it. A cached conversion that does not load is converted again, once."""
-        from inspectd.errors import InspectdError, ModelFileError
-        from inspectd.model.export import cached_export
-        from inspectd.pipeline.runtimes import FORMAT_OF, open_session
 
         try:
             for refresh in (False, True):

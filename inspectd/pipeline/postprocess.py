@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
+from inspectd.frames import Inspection
+from inspectd.model.masks import MASK_RULES, MaskRule, logit_to_probability
 from inspectd.pipeline.episodes import EpisodeRules
-from inspectd.pipeline.masks import MASK_RULES, MaskRule, logit_to_probability
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,6 @@ def inspect(frame, score: float, cam_logits: np.ndarray, opts: InspectOptions):
 
     Only what leaves the daemon is computed: a frame judged ok, without `results`, gets its threshold
     from the CAM and no map at frame size, no regions and no PNG (most frames on a line are ok)."""
-    from inspectd.frames import Inspection
 
     is_defect = bool(score >= opts.threshold)
     jpeg, kept, encoding = _frame_outputs(frame, is_defect, opts)

@@ -28,10 +28,12 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from inspectd import __version__
+from inspectd.config import CameraConfig, Settings
 from inspectd.errors import ConfigError
 from inspectd.frames import CameraState
-from inspectd.model.deployable import Deployable, load_model
-from inspectd.outputs.archive import Archive
+from inspectd.metrics import FrameAccount, Metrics, frame_accounts
+from inspectd.model.deployable import Deployable, load_model, resolve_model_path
+from inspectd.outputs.archive import DROP_REASONS, Archive
 from inspectd.outputs.live import LiveView
 from inspectd.outputs.publish import Publisher
 from inspectd.outputs.recent import ArchiveDefects, MemoryDefects
@@ -39,12 +41,12 @@ from inspectd.outputs.replay import ReplayServer, Ring
 from inspectd.pipeline.context import InferenceContext, build_context
 from inspectd.pipeline.core import Pipeline
 from inspectd.security import ServerKeys, is_loopback_endpoint
-from inspectd.service.config import CameraConfig, Settings, resolve_model_path
-from inspectd.service.metrics import FrameAccount, Metrics, MetricsServer, frame_accounts
+from inspectd.service.metrics import MetricsServer
 from inspectd.service.notify import Notifier
 from inspectd.service.reload import PreparedReload, prepare_reload
 from inspectd.service.web import WebServer, web_security
 from inspectd.sources.camera import CameraWorker
+from inspectd.tfload import import_tensorflow
 
 log = logging.getLogger("inspectd.service.daemon")
 
@@ -266,7 +268,6 @@ class Daemon:
                 "fps": round(self._fps, 2), "ready": self.ready, "saturated": self.saturated}
 
     def _load_model(self) -> Deployable:
-        from inspectd.tfload import import_tensorflow
 
         import_tensorflow()
         return load_model(resolve_model_path(self.settings.model.path))
@@ -288,7 +289,7 @@ class Daemon:
         except OSError as exc:
             raise ConfigError(f"archive.dir {cfg.dir!r}: cannot use it: {exc.strerror or exc}") from None
         self._stack.callback(archive.stop, self.settings.daemon.shutdown_timeout_s)
-        self.metrics.watch_archive(archive)
+        self.metrics.watch_archive(archive, DROP_REASONS)
         log.info("archive in %s: %d entries, %.1f MB (limits: %s, %s)", cfg.dir, len(archive.index),
                  archive.index.total_bytes / 1e6, f"{cfg.max_bytes / 1e9:g} GB" if cfg.max_bytes else "no size limit",
                  f"{cfg.max_age_s / 86400:g} days" if cfg.max_age_s else "no age limit")

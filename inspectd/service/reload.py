@@ -18,32 +18,19 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from inspectd.model.deployable import file_sha256, load_model
+from inspectd.config import CameraConfig, Reload, Settings, load_settings, reload_table
+from inspectd.model.deployable import file_sha256, load_model, resolve_model_path
 from inspectd.pipeline.context import InferenceContext, build_context, inspect_options
-from inspectd.service.config import CameraConfig, Settings, load_settings, resolve_model_path
 
 log = logging.getLogger("inspectd.service.reload")
 
-# Every key outside [[cameras]] is in exactly one of these (a test enumerates them); a key in none
-# is treated as needing a restart, the safe default.
-# A new engine: the model loaded again and warmed up, then the context swapped.
-ENGINE_KEYS = ("model.path", "model.device", "model.precision", "model.xla", "model.runtime", "model.cache_dir",
-               "batching.max_batch")
-# A new inference context with the same engine (thresholds, output options, the batching wait).
-CONTEXT_KEYS = ("model.threshold", "model.mask_threshold", "model.mask_rule", "postprocess.mask_resolution",
-                "postprocess.min_region_px", "postprocess.jpeg_quality", "publish.results", "publish.attach_frame",
-                "batching.max_wait_ms", "archive.frame_format", "archive.ok_every", "episodes.mode",
-                "episodes.exit_threshold", "episodes.end_frames", "episodes.end_s")
-# Read from the daemon's settings at each use: applied by the settings swap alone.
-LIVE_KEYS = ("daemon.stuck_after_s",)
-# Bound at start-up (sockets, pool sizes, queues, the archive's writer, shutdown timeouts registered at start).
-RESTART_KEYS = ("postprocess.workers", "publish.endpoint", "publish.send_hwm", "publish.heartbeat_s",
-                "publish.curve_secret_key", "publish.curve_clients", "metrics.host", "metrics.port",
-                "metrics.tls_cert_file", "metrics.tls_key_file", "metrics.basic_auth_users", "replay.endpoint",
-                "replay.ring_messages", "replay.ring_bytes", "replay.max_messages", "replay.max_bytes", "archive.dir",
-                "archive.max_bytes", "archive.max_age_s", "archive.queue_size", "ui.enabled", "ui.host", "ui.port",
-                "ui.tls_cert_file", "ui.tls_key_file", "ui.basic_auth_users", "ui.max_fps", "ui.width", "ui.recent",
-                "ui.recent_bytes", "ui.collect_dir", "daemon.shutdown_timeout_s", "daemon.warmup")
+# Every key outside [[cameras]] by how a reload treats it, derived from the fields' declarations
+# (`inspectd.config.base.setting(reload=...)`): ENGINE (a new engine, warmed up, then the context swapped),
+# CONTEXT (a new inference context with the same engine), LIVE (read at each use), RESTART (bound at start-up).
+_TABLE = reload_table()
+ENGINE_KEYS, CONTEXT_KEYS, LIVE_KEYS, RESTART_KEYS = (
+    tuple(key for key, how in _TABLE.items() if how is kind)
+    for kind in (Reload.ENGINE, Reload.CONTEXT, Reload.LIVE, Reload.RESTART))
 _APPLIED_KEYS = ENGINE_KEYS + CONTEXT_KEYS + LIVE_KEYS
 
 

@@ -28,9 +28,9 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 
+from inspectd.config import CameraConfig
 from inspectd.frames import CameraState, DropReason, Frame
-from inspectd.service.config import CameraConfig
-from inspectd.service.metrics import Metrics
+from inspectd.metrics import Metrics
 from inspectd.sources.base import SKIPPED, DecodeError, EndOfStream, Source, SourceError, frame_period, redact
 from inspectd.sources.registry import open_source
 

@@ -19,9 +19,9 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
+from inspectd.config import CameraConfig
 from inspectd.errors import InspectdError
 from inspectd.imageio import IMAGE_SUFFIXES, read_rgb
-from inspectd.service.config import CameraConfig
 from inspectd.sources.base import SKIPPED, DecodeError, EndOfStream, Pacer, Skipped, SourceError, query_params
 
 _DEFAULTS = {"fps": 5.0}

@@ -30,7 +30,7 @@ from urllib.parse import unquote, urlsplit
 import cv2
 import numpy as np
 
-from inspectd.service.config import CameraConfig
+from inspectd.config import CameraConfig
 from inspectd.sources.base import SKIPPED, EndOfStream, Skipped, SourceError, redact
 
 log = logging.getLogger("inspectd.sources")

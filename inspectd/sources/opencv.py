@@ -27,8 +27,8 @@ from urllib.parse import unquote, urlsplit
 import cv2
 import numpy as np
 
+from inspectd.config import CameraConfig
 from inspectd.imageio import to_rgb
-from inspectd.service.config import CameraConfig
 from inspectd.sources.base import SKIPPED, DecodeError, EndOfStream, Pacer, Skipped, SourceError, redact
 
 log = logging.getLogger("inspectd.sources")

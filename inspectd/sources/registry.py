@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from inspectd.service.config import CameraConfig
+from inspectd.config import CameraConfig
 from inspectd.sources.base import Source, SourceError, redact
 from inspectd.sources.folder import FolderSource
 from inspectd.sources.gstreamer import GstSource, rtsp_missing

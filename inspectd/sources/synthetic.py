@@ -18,8 +18,8 @@ import time
 
 import numpy as np
 
+from inspectd.config import CameraConfig
 from inspectd.imageio import to_rgb
-from inspectd.service.config import CameraConfig
 from inspectd.sources.base import SKIPPED, Pacer, Skipped, SourceError, query_params
 from inspectd.synth import Sample, render
 

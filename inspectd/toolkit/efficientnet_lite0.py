@@ -84,7 +84,7 @@ def EfficientNetLite0(include_top: bool = False, weights: str | None = "imagenet
 
     state = None  # read first: a missing package or a bad file fails before the (slower) build
     if weights is not None and (weights == "imagenet" or Path(weights).suffix in (".pth", ".pt")):
-        from inspectd.model.torch_checkpoint import load_state_dict
+        from inspectd.toolkit.torch_checkpoint import load_state_dict
 
         state = load_state_dict(package_weights_path() if weights == "imagenet" else weights)
     image = keras.Input(input_shape or (224, 224, 3))

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inspectd.errors import InspectdError, NoInputError, UnavailableError, UsageError
-from inspectd.model.efficientnet_lite0 import CUT16 as _LITE0_CUT16
-from inspectd.model.efficientnet_lite0 import EfficientNetLite0
+from inspectd.toolkit.efficientnet_lite0 import CUT16 as _LITE0_CUT16
+from inspectd.toolkit.efficientnet_lite0 import EfficientNetLite0
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,10 @@ import numpy as np
 
 from inspectd.errors import DataError, NoInputError, UsageError
 from inspectd.imageio import IMAGE_SUFFIXES, VIDEO_SUFFIXES, read_rgb, to_rgb, write_png
-from inspectd.model.dataset import class_items
-from inspectd.model.deployable import load_model
+from inspectd.model.deployable import load_model, resolve_model_path
 from inspectd.pipeline.engine import Predictor
 from inspectd.pipeline.postprocess import MaskRule, locate, overlay, to_mask_u8
-from inspectd.service.config import resolve_model_path
+from inspectd.toolkit.dataset import class_items
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from inspectd.model.scoring import iou_dice
-from inspectd.pipeline.masks import MaskRule
+from inspectd.model.masks import MaskRule
 from inspectd.pipeline.postprocess import upsample
+from inspectd.toolkit.scoring import iou_dice
 
 # The parameter grid searched for each rule (the defaults of MASK_RULES are on them).
 RULE_GRIDS = {

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from inspectd.errors import UsageError
-from inspectd.model import dataset as datasets
-from inspectd.model.backbones import BACKBONES, build_features, check_input_size
 from inspectd.model.head import parse_pooling
+from inspectd.toolkit import dataset as datasets
+from inspectd.toolkit.backbones import BACKBONES, build_features, check_input_size
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ class _BestWeights:
 
 def _prepare(opts: TrainOptions):
     """Scan and check the data; pick the input size and the train/val split."""
-    from inspectd.model.pipeline import decode_check
+    from inspectd.toolkit.pipeline import decode_check
 
     if opts.backbone not in BACKBONES:
         raise UsageError(f"--backbone {opts.backbone}: choose one of {', '.join(BACKBONES)}")
@@ -112,7 +112,7 @@ def _prepare(opts: TrainOptions):
         parse_pooling(opts.pooling)
     except ValueError as exc:
         raise UsageError(f"--pooling: {exc}") from None
-    from inspectd.pipeline.masks import MaskRule
+    from inspectd.model.masks import MaskRule
 
     try:
         MaskRule.parse(opts.mask_rule)
@@ -148,9 +148,9 @@ def _balance(opts: TrainOptions, train_ds) -> bool:
 def _fit(opts: TrainOptions, train_ds, val_ds, size, balance: bool):
     import keras
 
-    from inspectd.model.augment import AugmentSpec
-    from inspectd.model.pipeline import eval_pipeline, train_pipeline
-    from inspectd.model.schedule import WarmupHoldCosine
+    from inspectd.toolkit.augment import AugmentSpec
+    from inspectd.toolkit.pipeline import eval_pipeline, train_pipeline
+    from inspectd.toolkit.schedule import WarmupHoldCosine
 
     model, deployable = _classifier(opts, size)
     steps = max(1, math.ceil(len(train_ds.items) / opts.batch_size))
@@ -175,7 +175,7 @@ def _fit(opts: TrainOptions, train_ds, val_ds, size, balance: bool):
 
 
 def _val_scores(model, val_ds, size, batch_size: int) -> np.ndarray:
-    from inspectd.model.pipeline import eval_pipeline
+    from inspectd.toolkit.pipeline import eval_pipeline
 
     return np.concatenate([model(x, training=False).numpy()[:, 0] for x, _ in eval_pipeline(val_ds, size, batch_size)])
 
@@ -185,10 +185,10 @@ def _pick_mask_rule(opts: TrainOptions, deployable, val_ds, size):
     mean defect IoU on the validation images' masks, else the kind's default (no masks)."""
     from inspectd.imageio import read_rgb
     from inspectd.model.deployable import Deployable
-    from inspectd.model.evaluate import truth_mask
-    from inspectd.model.localize import Sample, pick_mask_rule
+    from inspectd.model.masks import MASK_RULES, MaskRule
     from inspectd.pipeline.engine import Predictor
-    from inspectd.pipeline.masks import MASK_RULES, MaskRule
+    from inspectd.toolkit.evaluate import truth_mask
+    from inspectd.toolkit.localize import Sample, pick_mask_rule
 
     rule = MaskRule.parse(opts.mask_rule)
     if ":" in opts.mask_rule:
@@ -213,8 +213,8 @@ def train(opts: TrainOptions) -> TrainResult:
     import keras
 
     from inspectd.model.deployable import save_model
-    from inspectd.model.plots import plot_training
-    from inspectd.model.scoring import image_metrics
+    from inspectd.toolkit.plots import plot_training
+    from inspectd.toolkit.scoring import image_metrics
 
     out = Path(opts.out)
     if out.suffix != ".keras":

@@ -10,9 +10,9 @@ import numpy as np
 import tensorflow as tf
 
 from inspectd.errors import DataError
-from inspectd.model.augment import AugmentSpec, augment
-from inspectd.model.dataset import Dataset
 from inspectd.pipeline.engine import RESIZE
+from inspectd.toolkit.augment import AugmentSpec, augment
+from inspectd.toolkit.dataset import Dataset
 
 # Keep decoded, resized images in RAM when they fit this budget (uint8), else decode each epoch.
 CACHE_BUDGET_BYTES = 2 << 30

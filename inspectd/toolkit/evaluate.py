@@ -1,7 +1,7 @@
 """`inspectd evaluate`: image-level and (with masks) pixel-level quality, calibrated vs min-max map.
 
 Metrics: ROC-AUC, average precision, ROC/PR curves and the threshold metrics come from
-scikit-learn; IoU/Dice (inspectd.model.scoring.iou_dice) are our own, unit-tested code.
+scikit-learn; IoU/Dice (inspectd.toolkit.scoring.iou_dice) are our own, unit-tested code.
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ from sklearn import metrics
 
 from inspectd.errors import DataError, UsageError
 from inspectd.imageio import read_rgb
-from inspectd.model import dataset as datasets
-from inspectd.model.deployable import load_model
-from inspectd.model.localize import RULE_GRIDS, Sample, logit_map, pick_mask_rule, published_mask
-from inspectd.model.scoring import aupro, image_metrics, iou_dice, minmax_map, region_metrics
+from inspectd.model.deployable import load_model, resolve_model_path
+from inspectd.model.masks import MaskRule
 from inspectd.pipeline.engine import Predictor
-from inspectd.pipeline.masks import MaskRule
 from inspectd.pipeline.postprocess import upsample
-from inspectd.service.config import resolve_model_path
+from inspectd.toolkit import dataset as datasets
+from inspectd.toolkit.localize import RULE_GRIDS, Sample, logit_map, pick_mask_rule, published_mask
+from inspectd.toolkit.scoring import aupro, image_metrics, iou_dice, minmax_map, region_metrics
 
 # The same threshold search for both maps: a grid over (0, 1), the best mean IoU over defect images.
 # The grid reaches 0.999 because calibrated maps of confidently defective images sit high everywhere.
@@ -158,7 +157,7 @@ def evaluate(opts: EvalOptions) -> dict:
 
 
 def _write_report(out: Path, report: dict, labels: np.ndarray, scores: np.ndarray, rocs: dict) -> None:
-    from inspectd.model.plots import plot_roc_pr
+    from inspectd.toolkit.plots import plot_roc_pr
 
     out.mkdir(parents=True, exist_ok=True)
     fpr, tpr, _ = metrics.roc_curve(labels, scores)

@@ -1,0 +1,59 @@
+"""What `check-config` and `run` check before anything binds: the model loads, the key files and certificates do.
+
+These load files the configuration names, so they live here rather than in `inspectd.config`,
+which only validates values.
+"""
+
+from __future__ import annotations
+
+__all__ = ["check_model", "check_security"]
+
+from inspectd.config import ModelConfig, Settings
+from inspectd.errors import ModelFileError, NoInputError
+from inspectd.model.deployable import load_model, read_metadata, resolve_model_path
+from inspectd.security import ServerKeys
+from inspectd.service.web import web_security
+from inspectd.tfload import import_tensorflow
+
+
+def check_security(settings: Settings) -> None:
+    """Load the key files and the certificate the daemon would (ConfigError naming the key): a secret file
+    others can read, a file that is not a key, a certificate that does not match its key."""
+    if settings.publish.curve_secret_key:
+        ServerKeys.load(settings.publish.curve_secret_key, settings.publish.curve_clients)
+    web_security(settings.metrics, "metrics")
+    if settings.ui.enabled:
+        web_security(settings.ui, "ui")
+
+
+def check_model(cfg: ModelConfig) -> list[str]:
+    """Load the configured model as the daemon would (safe mode) and describe it; the daemon's exit codes on failure.
+
+    NoInputError (66) for a missing file, ModelFileError (65) for anything that is not a deployable
+    model. The metadata is read first, so a bad path fails before TensorFlow is imported.
+    """
+    path = resolve_model_path(cfg.path)
+    try:
+        read_metadata(path)
+        import_tensorflow()
+        model = load_model(path)
+    except (NoInputError, ModelFileError) as exc:  # the same error and exit code as `run`, naming the key
+        raise type(exc)(f"model.path: {exc}") from None
+    outputs = model.model.output if isinstance(model.model.output, dict) else {}
+    missing = sorted({"score", "cam_logits"} - set(outputs))
+    if missing:
+        raise ModelFileError(f"{path}: the model has no output {', '.join(missing)}; not an inspectd deployable model")
+    shapes = ", ".join(f"{name} [{', '.join('B' if d is None else str(d) for d in outputs[name].shape)}]"
+                       for name in ("score", "cam_logits"))
+    width, height = model.input_size
+    thresholds = ", ".join(
+        f"{what} {own}" if mine is None else f"{what} {mine} ({key}; the model's {own})"
+        for what, key, mine, own in (("score", "model.threshold", cfg.threshold, model.threshold),
+                                     ("mask rule", "model.mask_rule", cfg.mask_rule or (
+                                         None if cfg.mask_threshold is None else f"probability:{cfg.mask_threshold:g}"),
+                                      model.mask_rule)))
+    return [f"model {cfg.path}: {path} (loaded in Keras safe mode)",
+            f"  name {model.name}, backbone {model.meta.get('backbone', 'unknown')}, input {width}x{height} RGB 0..255",
+            f"  outputs {shapes}, pooling {model.pooling}",
+            f"  thresholds {thresholds}",
+            f"  sha256 {model.sha256[:16]}"]
