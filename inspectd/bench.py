@@ -101,15 +101,6 @@ def _quantile(registry, name: str, q: float, labels: dict | None = None) -> floa
                                and all(s.labels.get(k) == v for k, v in (labels or {}).items())], q)
 
 
-def _total(registry, name: str, label: str | None = None, value: str | None = None) -> float:
-    out = 0.0
-    for metric in registry.collect():
-        for s in metric.samples:
-            if s.name == name and (label is None or s.labels.get(label) == value):
-                out += s.value
-    return out
-
-
 def full_pipeline(opts: BenchOptions) -> dict:
     """Frames/s through the real daemon, measured over `opts.seconds` after it reported ready.
 
@@ -121,11 +112,10 @@ def full_pipeline(opts: BenchOptions) -> dict:
     try:
         daemon.startup()
         time.sleep(2.0)  # cameras connected, first batches through
-        reg = daemon.registry
+        reg, m = daemon.registry, daemon.metrics
 
         def counts():
-            return (_total(reg, "inspectd_frames_captured_total"), _total(reg, "inspectd_frames_inferred_total"),
-                    time.monotonic())
+            return m.frames_captured.total(), m.frames_inferred.total(), time.monotonic()
 
         c0, n0, t0 = counts()
         time.sleep(opts.seconds)
@@ -133,7 +123,7 @@ def full_pipeline(opts: BenchOptions) -> dict:
         result = {
             "frames": int(n1 - n0), "seconds": round(t1 - t0, 2), "fps": round((n1 - n0) / (t1 - t0), 2),
             "captured_fps": round((c1 - c0) / (t1 - t0), 2),
-            "stale_dropped": int(_total(reg, "inspectd_frames_dropped_total", "reason", "stale")),
+            "stale_dropped": int(m.frames_dropped.total(reason="stale")),
             "end_to_end_p50_s": _quantile(reg, "inspectd_end_to_end_seconds", 0.5),
             "end_to_end_p99_s": _quantile(reg, "inspectd_end_to_end_seconds", 0.99),
             "inference_p50_s": _quantile(reg, "inspectd_inference_seconds", 0.5),

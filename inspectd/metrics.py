@@ -2,13 +2,18 @@
 
 >>> m = Metrics(CollectorRegistry())
 >>> m.frames_captured.labels(camera="line1-top").inc()
-Nothing is registered at import time; tests use a private registry each.
+>>> m.frames_captured.total(camera="line1-top")
+1.0
+Nothing is registered at import time; tests use a private registry each. State first: the counts
+the daemon itself reads (frames per camera, reconnects) are `Tally` objects, plain state that
+Prometheus exports at each scrape; nothing reads the registry back.
 """
 
 from __future__ import annotations
 
-__all__ = ["Metrics", "FrameAccount", "frame_accounts", "BATCH_BUCKETS", "LATENCY_BUCKETS"]
+__all__ = ["Metrics", "Tally", "TallyExport", "FrameAccount", "accounts", "frame_accounts", "BATCH_BUCKETS", "LATENCY_BUCKETS"]
 
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +26,7 @@ from prometheus_client import (
     Info,
     disable_created_metrics,
 )
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -34,6 +40,80 @@ LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2,
 SCORE_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 10)) + (0.95, 0.99)
 
 
+class Tally:
+    """A labelled count kept as plain state, exported to Prometheus as a counter (`TallyExport`).
+
+    The API of a prometheus_client Counter where the pipeline uses one (`labels(...).inc(n)`), plus
+    reads for the daemon (`total`, `values`). Written by hand because client_python's Counter keeps
+    its values private and documents `get_sample_value` as meant for unit tests.
+
+    >>> t = Tally("frames_dropped", "Frames not inferred", ("camera", "reason"))
+    >>> t.labels(camera="a", reason="stale").inc(2)
+    >>> t.total(reason="stale")
+    2.0
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: Iterable[str]):
+        self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
+        self._lock = threading.Lock()
+        self._values: dict[tuple[str, ...], float] = {}
+
+    def labels(self, **labels: str) -> _TallyChild:
+        """The series of these label values, at 0 from now on (as a Counter's child), to `inc()`."""
+        if set(labels) != set(self.labelnames):
+            raise ValueError(f"{self.name}: labels {sorted(labels)}, expected {list(self.labelnames)}")
+        key = tuple(str(labels[name]) for name in self.labelnames)
+        with self._lock:
+            self._values.setdefault(key, 0.0)
+        return _TallyChild(self, key)
+
+    def _inc(self, key: tuple[str, ...], amount: float) -> None:
+        if amount < 0:
+            raise ValueError(f"{self.name}: a count only grows (inc by {amount})")
+        with self._lock:
+            self._values[key] += amount
+
+    def values(self) -> dict[tuple[str, ...], float]:
+        """A copy of every series: {label values: count}."""
+        with self._lock:
+            return dict(self._values)
+
+    def total(self, **match: str) -> float:
+        """The sum of the series whose labels match (all of them without arguments)."""
+        index = {name: i for i, name in enumerate(self.labelnames)}
+        return sum(v for k, v in self.values().items() if all(k[index[n]] == str(x) for n, x in match.items()))
+
+
+class _TallyChild:
+    __slots__ = ("_tally", "_key")
+
+    def __init__(self, tally: Tally, key: tuple[str, ...]):
+        self._tally, self._key = tally, key
+
+    def inc(self, amount: float = 1) -> None:
+        self._tally._inc(self._key, amount)
+
+
+class TallyExport:
+    """The Prometheus collector of some `Tally`s: one counter family each, read at every scrape."""
+
+    def __init__(self, namespace: str, tallies: Iterable[Tally]):
+        self._namespace, self._tallies = namespace, tuple(tallies)
+
+    def _family(self, tally: Tally) -> CounterMetricFamily:
+        return CounterMetricFamily(f"{self._namespace}_{tally.name}", tally.documentation, labels=tally.labelnames)
+
+    def describe(self):
+        return [self._family(t) for t in self._tallies]
+
+    def collect(self):
+        for tally in self._tallies:
+            family = self._family(tally)
+            for key, value in sorted(tally.values().items()):
+                family.add_metric(list(key), value)
+            yield family
+
+
 class Metrics:
     """The daemon's metrics (names are a contract: Grafana and the alert rules use them)."""
 
@@ -43,15 +123,18 @@ class Metrics:
         disable_created_metrics()
         self.registry = registry
         r = {"registry": registry, "namespace": NS}
-        self.frames_captured = Counter("frames_captured", "Frames read from the camera", ["camera"], **r)
-        self.frames_dropped = Counter("frames_dropped", "Frames not inferred, by reason (stale: replaced by a newer "
-                                      "frame before inference; fps_limit; decode)", ["camera", "reason"], **r)
-        self.frames_inferred = Counter("frames_inferred", "Frames run through the model", ["camera"], **r)
-        self.defects = Counter("defects", "Frames judged defective (score >= threshold)", ["camera"], **r)
+        # The counts the daemon reads itself (fps, the live view, frame accounts): state, exported at each scrape.
+        self.frames_captured = Tally("frames_captured", "Frames read from the camera", ["camera"])
+        self.frames_dropped = Tally("frames_dropped", "Frames not inferred, by reason (stale: replaced by a newer "
+                                    "frame before inference; fps_limit; decode)", ["camera", "reason"])
+        self.frames_inferred = Tally("frames_inferred", "Frames run through the model", ["camera"])
+        self.defects = Tally("defects", "Frames judged defective (score >= threshold)", ["camera"])
         self.episodes = Counter("episodes", "Defect episodes ended, by how they ended (frames, time, shutdown, "
                                 "camera_stopped)", ["camera", "end"], **r)
         self.camera_up = Gauge("camera_up", "1 while the camera delivers frames, else 0", ["camera"], **r)
-        self.camera_reconnects = Counter("camera_reconnects", "Reconnection attempts", ["camera"], **r)
+        self.camera_reconnects = Tally("camera_reconnects", "Reconnection attempts", ["camera"])
+        registry.register(TallyExport(NS, (self.frames_captured, self.frames_dropped, self.frames_inferred,
+                                           self.defects, self.camera_reconnects)))
         self.batch_size = Histogram("batch_size", "Real (unpadded) frames per inference batch", buckets=BATCH_BUCKETS, **r)
         self.inference_seconds = Histogram("inference_seconds", "Model call per batch (preprocess + forward)",
                                            buckets=LATENCY_BUCKETS, **r)
@@ -132,8 +215,21 @@ class FrameAccount:
                 f"{sum(self.dropped.values())} ({reasons}) + in flight {self.in_flight}; residual {self.residual}")
 
 
+def accounts(metrics: Metrics, in_flight: Mapping[str, int] | None = None) -> list[FrameAccount]:
+    """Every camera's frame account, from the daemon's counts (plus frames still in flight)."""
+    captured = {k[0]: int(v) for k, v in metrics.frames_captured.values().items()}
+    inferred = {k[0]: int(v) for k, v in metrics.frames_inferred.values().items()}
+    dropped: dict[str, dict[str, int]] = defaultdict(dict)
+    for (cam, reason), value in metrics.frames_dropped.values().items():
+        dropped[cam][reason] = int(value)
+    in_flight = in_flight or {}
+    cameras = sorted(set(captured) | set(inferred) | set(dropped) | set(in_flight))
+    return [FrameAccount(c, captured.get(c, 0), inferred.get(c, 0), dropped[c], in_flight.get(c, 0)) for c in cameras]
+
+
 def frame_accounts(registry: CollectorRegistry, in_flight: Mapping[str, int] | None = None) -> list[FrameAccount]:
-    """Every camera's frame account, from the counters in `registry` (plus frames still in flight)."""
+    """Every camera's frame account as a scraper sees it: from the samples `registry` exports (tests check the
+    export with it; the daemon uses `accounts`)."""
     captured: dict[str, int] = defaultdict(int)
     inferred: dict[str, int] = defaultdict(int)
     dropped: dict[str, dict[str, int]] = defaultdict(dict)

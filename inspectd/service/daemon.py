@@ -31,7 +31,7 @@ from inspectd import __version__
 from inspectd.config import CameraConfig, Settings
 from inspectd.errors import ConfigError
 from inspectd.frames import CameraState
-from inspectd.metrics import FrameAccount, Metrics, frame_accounts
+from inspectd.metrics import FrameAccount, Metrics, accounts
 from inspectd.model.deployable import Deployable, load_model, resolve_model_path
 from inspectd.outputs.archive import DROP_REASONS, Archive
 from inspectd.outputs.live import LiveView
@@ -252,14 +252,11 @@ class Daemon:
 
     def ui_state(self) -> dict:
         """The cameras as the live view shows them: state, its detail, frame counters (totals)."""
-        # Only the counters it shows are collected (not the process collectors and histograms): pages poll this.
-        m = self.metrics
-        accounts = {a.camera: a for a in frame_accounts(_Counters(m.frames_captured, m.frames_inferred, m.frames_dropped))}
-        reconnects = {s.labels.get("camera"): s.value for s in next(iter(m.camera_reconnects.collect())).samples
-                      if s.name.endswith("_total")}
+        by_camera = {a.camera: a for a in accounts(self.metrics)}
+        reconnects = {key[0]: value for key, value in self.metrics.camera_reconnects.values().items()}
         cameras = []
         for camera, state in list(self.camera_states.items()):
-            account = accounts.get(camera) or FrameAccount(camera)
+            account = by_camera.get(camera) or FrameAccount(camera)
             cameras.append({"id": camera, "state": state.value, "detail": self.camera_details.get(camera, ""),
                             "captured": account.captured, "inspected": account.inferred,
                             "dropped": sum(account.dropped.values()), "reconnects": int(reconnects.get(camera, 0))})
@@ -338,7 +335,7 @@ class Daemon:
     # -- frame accounting ----------------------------------------------------------------------
     def frame_accounts(self) -> list[FrameAccount]:
         """captured = inferred + dropped + in flight, per camera (exact once the pipeline has stopped)."""
-        return frame_accounts(self.registry, self.pipeline.in_flight() if self.pipeline else {})
+        return accounts(self.metrics, self.pipeline.in_flight() if self.pipeline else {})
 
     def _log_frame_accounts(self) -> None:
         for account in self.frame_accounts():
@@ -401,12 +398,10 @@ class Daemon:
     def _stale_total(self) -> float:
         """Frames replaced by newer ones before the model took them (all cameras): it grows when inference is
         the bottleneck."""
-        return sum(s.value for m in self.metrics.frames_dropped.collect() for s in m.samples
-                   if s.labels.get("reason") == "stale" and s.name.endswith("_total"))
+        return self.metrics.frames_dropped.total(reason="stale")
 
     def _inferred_total(self) -> float:
-        return sum(self.registry.get_sample_value("inspectd_frames_inferred_total", {"camera": c}) or 0.0
-                   for c in self.camera_states)
+        return self.metrics.frames_inferred.total()
 
     def stats(self) -> dict:
         """Heartbeat and STATUS summary: inspected fps, camera states, last defect, the model in use."""
@@ -464,17 +459,6 @@ class Daemon:
     def readyz(self) -> tuple[bool, str]:
         bound = self.publisher is not None and self.publisher.bound
         return (self.ready and bound, "model warm, publisher bound" if self.ready and bound else "starting")
-
-
-class _Counters:
-    """Some metrics as a registry for `frame_accounts` (collect() only)."""
-
-    def __init__(self, *metrics):
-        self._metrics = metrics
-
-    def collect(self):
-        for metric in self._metrics:
-            yield from metric.collect()
 
 
 @contextlib.contextmanager
