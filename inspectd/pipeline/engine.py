@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from inspectd.errors import ConfigError, InspectdError, ModelFileError
+from inspectd.model import export
 from inspectd.model.deployable import Deployable, config_nodes
-from inspectd.model.export import cached_export
-from inspectd.pipeline.runtimes import FORMAT_OF, open_session, resolve_runtime
+from inspectd.pipeline import runtimes  # modules, not names: their functions are looked up at each call
 
 log = logging.getLogger("inspectd.pipeline.engine")
 
@@ -102,7 +102,7 @@ class InferenceEngine:
         self.deployable = deployable
         self.buckets = tuple(sorted(buckets))
         self.device = select_device(device)
-        self.runtime, self.runtime_reason = resolve_runtime(runtime, self.device, precision, xla)
+        self.runtime, self.runtime_reason = runtimes.resolve_runtime(runtime, self.device, precision, xla)
         w, h = deployable.input_size
         self._size = (h, w)
         self._tf = tf
@@ -133,9 +133,9 @@ class InferenceEngine:
 
         try:
             for refresh in (False, True):
-                exported = cached_export(self.deployable, FORMAT_OF[self.runtime], cache_dir, refresh=refresh)
+                exported = export.cached_export(self.deployable, runtimes.FORMAT_OF[self.runtime], cache_dir, refresh=refresh)
                 try:
-                    return self._checked(open_session(self.runtime, exported, self.device))
+                    return self._checked(runtimes.open_session(self.runtime, exported, self.device))
                 except InspectdError:
                     raise
                 except Exception:  # noqa: BLE001 - the runtimes raise their own classes: convert afresh once
