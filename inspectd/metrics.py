@@ -215,16 +215,21 @@ class FrameAccount:
                 f"{sum(self.dropped.values())} ({reasons}) + in flight {self.in_flight}; residual {self.residual}")
 
 
+def _accounts(captured: Mapping[str, int], inferred: Mapping[str, int], dropped: Mapping[str, dict[str, int]],
+              in_flight: Mapping[str, int] | None) -> list[FrameAccount]:
+    in_flight = in_flight or {}
+    cameras = sorted(set(captured) | set(inferred) | set(dropped) | set(in_flight))
+    return [FrameAccount(c, captured.get(c, 0), inferred.get(c, 0), dropped.get(c, {}), in_flight.get(c, 0))
+            for c in cameras]
+
+
 def accounts(metrics: Metrics, in_flight: Mapping[str, int] | None = None) -> list[FrameAccount]:
     """Every camera's frame account, from the daemon's counts (plus frames still in flight)."""
-    captured = {k[0]: int(v) for k, v in metrics.frames_captured.values().items()}
-    inferred = {k[0]: int(v) for k, v in metrics.frames_inferred.values().items()}
     dropped: dict[str, dict[str, int]] = defaultdict(dict)
     for (cam, reason), value in metrics.frames_dropped.values().items():
         dropped[cam][reason] = int(value)
-    in_flight = in_flight or {}
-    cameras = sorted(set(captured) | set(inferred) | set(dropped) | set(in_flight))
-    return [FrameAccount(c, captured.get(c, 0), inferred.get(c, 0), dropped[c], in_flight.get(c, 0)) for c in cameras]
+    return _accounts({k[0]: int(v) for k, v in metrics.frames_captured.values().items()},
+                     {k[0]: int(v) for k, v in metrics.frames_inferred.values().items()}, dropped, in_flight)
 
 
 def frame_accounts(registry: CollectorRegistry, in_flight: Mapping[str, int] | None = None) -> list[FrameAccount]:
@@ -242,6 +247,4 @@ def frame_accounts(registry: CollectorRegistry, in_flight: Mapping[str, int] | N
                 inferred[cam] += int(s.value)
             elif s.name == f"{NS}_frames_dropped_total":
                 dropped[cam][s.labels["reason"]] = int(s.value)
-    in_flight = in_flight or {}
-    cameras = sorted(set(captured) | set(inferred) | set(dropped) | set(in_flight))
-    return [FrameAccount(c, captured[c], inferred[c], dropped[c], in_flight.get(c, 0)) for c in cameras]
+    return _accounts(captured, inferred, dropped, in_flight)

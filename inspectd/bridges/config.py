@@ -22,7 +22,7 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from inspectd.config import CurveServerConfig, load_toml_model
-from inspectd.config.base import PathText, Section, check_endpoint
+from inspectd.config.base import PathText, Section, check_endpoint, repeated
 from inspectd.security import ClientKeys, check_config_file
 
 DEFAULT_BRIDGES_CONFIG = Path("/etc/inspectd/bridges.toml")
@@ -159,8 +159,7 @@ class BridgeSettings(Section):
     def _some(cls, daemons: list[DaemonSource]) -> list[DaemonSource]:
         if not daemons:
             raise ValueError("no [[daemons]]: name at least one daemon's endpoint to subscribe to")
-        endpoints = [d.endpoint for d in daemons]
-        dupes = sorted({e for e in endpoints if endpoints.count(e) > 1})
+        dupes = repeated([d.endpoint for d in daemons])
         if dupes:
             raise ValueError(f"each daemon once; repeated: {', '.join(dupes)}")
         return daemons

@@ -9,7 +9,7 @@ config.example.toml are all derived from these declarations.
 from __future__ import annotations
 
 __all__ = ["Section", "Reload", "setting", "PathText", "Text", "Endpoint", "OptionalEndpoint", "check_endpoint",
-           "check_host", "is_path_field", "reload_of", "together", "no_nul"]
+           "check_host", "is_path_field", "reload_of", "together", "no_nul", "repeated"]
 
 import enum
 import ipaddress
@@ -85,6 +85,11 @@ def together(section: str, model: BaseModel, first: str, second: str, why: str) 
     """ValueError unless the two string keys are both set or both empty (a key pair, a certificate and its key)."""
     if bool(getattr(model, first)) != bool(getattr(model, second)):
         raise ValueError(f"set {section}.{first} and {section}.{second} together ({why}), or neither")
+
+
+def repeated(values: list[str]) -> list[str]:
+    """The values that occur more than once, sorted (ids and endpoints that must be unique)."""
+    return sorted({v for v in values if values.count(v) > 1})
 
 
 def check_host(host: str) -> str:

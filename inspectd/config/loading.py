@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from inspectd.config.base import is_path_field
 from inspectd.errors import ConfigError
+from inspectd.model.deployable import BUILTIN_DEMO_MODEL
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,7 +28,6 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 ENV_PREFIX = "INSPECTD_"
-_BUILTIN = "builtin:"  # builtin:demo names a bundled model, not a file
 
 
 def read_toml(path: Path) -> dict:
@@ -52,7 +52,7 @@ def read_toml(path: Path) -> dict:
 
 
 def _relative_to(base: Path, value: str) -> str:
-    if not value or value.startswith(_BUILTIN) or "://" in value or "\x00" in value or Path(value).is_absolute():
+    if not value or value.startswith(BUILTIN_DEMO_MODEL) or "://" in value or "\x00" in value or Path(value).is_absolute():
         return value
     return str((base / value).resolve())
 

@@ -20,7 +20,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
-from inspectd.config.base import Reload, reload_of
+from inspectd.config.base import Reload, reload_of, repeated
 from inspectd.config.cameras import CameraConfig
 from inspectd.config.daemon import DaemonConfig
 from inspectd.config.loading import ENV_PREFIX, closest, env_names, env_path, format_errors, origin, read_toml, resolve_paths
@@ -68,8 +68,7 @@ class Settings(BaseSettings):
     @field_validator("cameras")
     @classmethod
     def _unique_ids(cls, cameras: list[CameraConfig]) -> list[CameraConfig]:
-        ids = [c.id for c in cameras]
-        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        dupes = repeated([c.id for c in cameras])
         if dupes:
             raise ValueError(f"camera ids must be unique; repeated: {', '.join(dupes)}")
         return cameras
