@@ -73,6 +73,26 @@ def _loaded(driver, image) -> bool:
     return bool(driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", image))
 
 
+# The recent list is read and clicked in one script each: at 0.4 defects a frame, entries fall off the list
+# between two WebDriver calls, and an element found in one is stale in the next (as CI once saw).
+_RECENT = "[...document.querySelectorAll('#recent li')]"
+
+
+def _recent_cameras(driver) -> list[str]:
+    return driver.execute_script(f"return {_RECENT}.map((li) => li.dataset.camera)")
+
+
+def _a_thumbnail_loaded(driver) -> bool:
+    return bool(driver.execute_script(
+        f"return {_RECENT}.some((li) => {{ const i = li.querySelector('img'); return i.complete && i.naturalWidth > 0; }})"))
+
+
+def _open_first_recent(driver) -> str | None:
+    """Click the newest entry; its camera, or None when the list is empty."""
+    return driver.execute_script("const li = document.querySelector('#recent li'); if (!li) return null; "
+                                 "li.click(); return li.dataset.camera;")
+
+
 def test_the_page_shows_every_camera_live_with_recent_defects(daemon, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -89,8 +109,8 @@ def test_the_page_shows_every_camera_live_with_recent_defects(daemon, browser, t
     first = live.screenshot_as_png
     # The picture is live: a later screenshot of the same element differs (frames move at 8/s, pictures at 4/s).
     wait_until(lambda: live.screenshot_as_png != first, 10, "the live picture to change")
-    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, "#recent li"), 60, "a recent defect listed")
-    wait_until(lambda: _loaded(browser, browser.find_element(By.CSS_SELECTOR, "#recent li img")), 30, "its thumbnail")
+    wait_until(lambda: _recent_cameras(browser), 60, "a recent defect listed")
+    wait_until(lambda: _a_thumbnail_loaded(browser), 30, "its thumbnail")
     # For the screenshot: a frame judged defective on show, as on a line with a problem.
     wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, "article.tile.defect"), 30, "a defective frame")
     shot = tmp_path / "live-view.png"
@@ -100,9 +120,8 @@ def test_the_page_shows_every_camera_live_with_recent_defects(daemon, browser, t
     if os.environ.get("INSPECTD_UI_SCREENSHOT"):
         shutil.copy(shot, os.environ["INSPECTD_UI_SCREENSHOT"])
 
-    entry = browser.find_element(By.CSS_SELECTOR, "#recent li")
-    camera = entry.get_attribute("data-camera")
-    entry.click()
+    camera = _open_first_recent(browser)
+    assert camera in CAMERAS
     dialog = browser.find_element(By.ID, "detail")
     wait_until(lambda: dialog.get_attribute("open") is not None, 10, "the detail view open")
     wait_until(lambda: '"schema": "inspectd.event/1"' in browser.find_element(By.ID, "detail-header").text, 10,
@@ -117,8 +136,7 @@ def test_the_page_shows_every_camera_live_with_recent_defects(daemon, browser, t
     from selenium.webdriver.support.ui import Select
 
     Select(browser.find_element(By.ID, "camera-filter")).select_by_value(CAMERAS[1])
-    wait_until(lambda: {li.get_attribute("data-camera") for li in browser.find_elements(By.CSS_SELECTOR, "#recent li")}
-               == {CAMERAS[1]}, 20, "only the chosen camera's defects")
+    wait_until(lambda: set(_recent_cameras(browser)) == {CAMERAS[1]}, 20, "only the chosen camera's defects")
 
 
 def test_the_collection_buttons_save_frames_train_reads(daemon, browser, tmp_path):
