@@ -56,7 +56,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from inspectd.errors import ExitCode, InspectdError, UsageError
 from inspectd.outputs.replay import END_TOPIC, REQUEST_TAG
-from inspectd.outputs.sockets import HANDSHAKE_FAILED
+from inspectd.outputs.sockets import HANDSHAKE_FAILED, zmq_reason
 from inspectd.outputs.wire import DEFAULT_ENDPOINT, WireFormatError, decode_message, parse_rfc3339
 from inspectd.security import ClientKeys
 
@@ -389,7 +389,7 @@ class ReplayClient:
                 self._sock.connect(self.endpoint)
             except zmq.ZMQError as exc:
                 self.close()
-                raise UsageError(f"replay endpoint {self.endpoint!r}: {zmq.strerror(exc.errno)}") from None
+                raise UsageError(f"replay endpoint {self.endpoint!r}: {zmq_reason(exc)}") from None
         return self._sock
 
     def fetch(self, run_id: str, topic: str, after_seq: int) -> tuple[list[list[bytes]], dict]:
@@ -435,7 +435,7 @@ class Subscriber:
     `on_malformed(endpoint, reason)` (default: a warning on the "inspectd.client" logger).
     """
 
-    def __init__(self, endpoints: str | list[str] = DEFAULT_ENDPOINT, topics: list[str] = ("",), rcvhwm: int = 10000,
+    def __init__(self, endpoints: str | list[str] = DEFAULT_ENDPOINT, topics: Iterable[str] = ("",), rcvhwm: int = 10000,
                  decode: bool = True, on_malformed: Callable[[str, str], None] | None = None,
                  replay: str | list[str | None] | None = None, positions: dict[str, dict[str, int]] | None = None,
                  replay_timeout_s: float = 5.0, curve: ClientKeys | list[ClientKeys | None] | None = None,
@@ -505,7 +505,7 @@ class Subscriber:
         try:
             sock.connect(endpoint)
         except zmq.ZMQError as exc:
-            raise UsageError(f"endpoint {endpoint!r}: {zmq.strerror(exc.errno)} (expected e.g. tcp://host:5556 or ipc:///path)") \
+            raise UsageError(f"endpoint {endpoint!r}: {zmq_reason(exc)} (expected e.g. tcp://host:5556 or ipc:///path)") \
                 from None
         for topic in self.topics:
             sock.setsockopt(zmq.SUBSCRIBE, topic.encode("ascii"))

@@ -34,7 +34,7 @@ def read_rgb(path: Path) -> np.ndarray:
     # imdecode(fromfile) rather than imread: works for non-ASCII paths and never returns a
     # silently empty image without us noticing.
     data = np.fromfile(str(path), dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    image: np.ndarray | None = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if image is None:
         raise DataError(f"{path}: not a readable image (corrupt or unsupported format)")
     if image.dtype == np.uint16:

@@ -17,6 +17,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -122,7 +123,7 @@ class Metrics:
         # dashboards (rate() needs none). prometheus_client's switch is process-wide.
         disable_created_metrics()
         self.registry = registry
-        r = {"registry": registry, "namespace": NS}
+        r: dict[str, Any] = {"registry": registry, "namespace": NS}
         # The counts the daemon reads itself (fps, the live view, frame accounts): state, exported at each scrape.
         self.frames_captured = Tally("frames_captured", "Frames read from the camera", ["camera"])
         self.frames_dropped = Tally("frames_dropped", "Frames not inferred, by reason (stale: replaced by a newer "
@@ -240,11 +241,11 @@ def frame_accounts(registry: CollectorRegistry, in_flight: Mapping[str, int] | N
     dropped: dict[str, dict[str, int]] = defaultdict(dict)
     for metric in registry.collect():
         for s in metric.samples:
-            cam = s.labels.get("camera")
+            # These three counters are declared with a `camera` label: every sample has one.
             if s.name == f"{NS}_frames_captured_total":
-                captured[cam] += int(s.value)
+                captured[s.labels["camera"]] += int(s.value)
             elif s.name == f"{NS}_frames_inferred_total":
-                inferred[cam] += int(s.value)
+                inferred[s.labels["camera"]] += int(s.value)
             elif s.name == f"{NS}_frames_dropped_total":
-                dropped[cam][s.labels["reason"]] = int(s.value)
+                dropped[s.labels["camera"]][s.labels["reason"]] = int(s.value)
     return _accounts(captured, inferred, dropped, in_flight)

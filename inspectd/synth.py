@@ -88,7 +88,7 @@ def _metal(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     k = max(3, int(cw * rng.uniform(0.04, 0.25)))
     canvas = cv2.blur(_noise(rng, ch, cw), (k, 1))
     canvas = cv2.blur(canvas, (k, 1)) * (rng.uniform(3.0, 8.0) / canvas.std())
-    band = rng.standard_normal((ch, 1), dtype=np.float32)
+    band: np.ndarray = rng.standard_normal((ch, 1), dtype=np.float32)
     band = cv2.GaussianBlur(band, (1, 0), m * rng.uniform(0.005, 0.04))  # bands across the grain
     canvas += band * (rng.uniform(1.5, 6.0) / max(float(band.std()), 1e-6))
     # Sample the canvas along the rotated axes (inverse map: output pixel -> canvas pixel).
@@ -101,7 +101,7 @@ def _metal(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
 
 def _cast(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     """Cast / sand-blasted: fine granular noise over low-frequency blotches."""
-    grain = cv2.GaussianBlur(_noise(rng, h, w), (0, 0), rng.uniform(0.6, 1.4))
+    grain: np.ndarray = cv2.GaussianBlur(_noise(rng, h, w), (0, 0), rng.uniform(0.6, 1.4))
     grain *= rng.uniform(4.0, 11.0) / max(float(grain.std()), 1e-6)
     blotch = _lowfreq(rng, w, h, rng.uniform(2.5, 6.0)) * rng.uniform(5.0, 14.0)
     blotch += _lowfreq(rng, w, h, rng.uniform(10.0, 20.0)) * rng.uniform(1.5, 4.0)
@@ -254,7 +254,7 @@ def _stamp(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, used: np
         return False
     pad = int(math.ceil(3.0 * soft)) + 1
     roi = np.s_[max(0, y - pad):min(h, y + bh + pad), max(0, x - pad):min(w, x + bw + pad)]
-    alpha = canvas[roi].astype(np.float32) * np.float32(1.0 / 255.0)
+    alpha: np.ndarray = canvas[roi].astype(np.float32) * np.float32(1.0 / 255.0)
     if soft > 0.0:
         alpha = cv2.GaussianBlur(alpha, (0, 0), soft)
     core, touched = alpha >= 0.5, alpha > 0.01

@@ -39,12 +39,16 @@ from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from inspectd.bridges import stop_on_signals
 from inspectd.bridges.config import BridgeSettings, MqttConfig
 from inspectd.client import Event, EventKind, Subscriber
 from inspectd.errors import ConfigError, DataError
 from inspectd.security import is_loopback_endpoint, private_file
+
+if TYPE_CHECKING:
+    import paho.mqtt.client as mqtt
 
 log = logging.getLogger("inspectd.bridges.mqtt")
 
@@ -102,21 +106,21 @@ class Positions:
 
     def __init__(self, path: Path | None):
         self.path = path
-        self.value: dict[str, dict[str, int]] = self._load() if path else {}
+        self.value: dict[str, dict[str, int]] = self._load(path) if path else {}
         self._dirty = False
         self._saved = 0.0
 
-    def _load(self) -> dict[str, dict[str, int]]:
+    def _load(self, path: Path) -> dict[str, dict[str, int]]:
         try:
-            data = json.loads(self.path.read_text())
+            data = json.loads(path.read_text())
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
-            raise DataError(f"mqtt.state_file {self.path}: unreadable ({exc}); move it away to start from the "
+            raise DataError(f"mqtt.state_file {path}: unreadable ({exc}); move it away to start from the "
                             "present") from None
         if not (isinstance(data, dict) and all(isinstance(t, dict) and all(isinstance(s, int) for s in t.values())
                                                for t in data.values())):
-            raise DataError(f"mqtt.state_file {self.path}: not {{run_id: {{topic: seq}}}}; move it away to start "
+            raise DataError(f"mqtt.state_file {path}: not {{run_id: {{topic: seq}}}}; move it away to start "
                             "from the present")
         return data
 
@@ -222,7 +226,7 @@ class MqttBridge:
         self._connected = threading.Event()
         self._line = {d.endpoint: settings.line_of(d) for d in settings.daemons}
         self.forwarded = 0
-        self._client = None
+        self._client: mqtt.Client | None = None
         self._sub: Subscriber | None = None
 
     def run(self) -> int:
@@ -236,9 +240,9 @@ class MqttBridge:
         return 0
 
     def start(self) -> None:
-        self._client = self._mqtt_client()
-        self._client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
-        self._client.loop_start()
+        self._client = client = self._mqtt_client()
+        client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+        client.loop_start()
         d = self.settings.daemons
         self._sub = Subscriber([x.endpoint for x in d], _TOPICS, decode=False, replay=[x.replay or None for x in d],
                                positions=self.positions.value or None, curve=self.settings.client_keys(),
@@ -257,7 +261,7 @@ class MqttBridge:
         if self._acks.pending >= self.cfg.max_queued:
             self._stop.wait(0.05)  # backpressure: ZeroMQ queues, then drops for us; replay refills later
             return
-        event = self._sub.recv(timeout_s=0.1)
+        event = cast(Subscriber, self._sub).recv(timeout_s=0.1)  # made by start()
         if event is not None and event.kind is not EventKind.HEARTBEAT:
             self.forward(event)
 
@@ -265,10 +269,11 @@ class MqttBridge:
         outgoing = topics_for(event, self._line.get(event.endpoint, self.cfg.line), self.cfg)
         if not outgoing:
             return
+        client = cast("mqtt.Client", self._client)  # made by start()
         mids = set()
         for msg in outgoing:
             qos = 1 if msg.retain else self.cfg.qos
-            info = self._client.publish(msg.topic, msg.payload, qos=qos, retain=msg.retain)
+            info = client.publish(msg.topic, msg.payload, qos=qos, retain=msg.retain)
             if info.rc not in (0, 4):  # 4: MQTT_ERR_NO_CONN, queued for the reconnect
                 # Never acknowledged: stop (exit 1, systemd restarts the bridge) rather than stall; the
                 # restarted bridge resends from its positions.
@@ -300,7 +305,7 @@ class MqttBridge:
         log.info("bridge mqtt stopped: %d event(s) forwarded", self.forwarded)
 
     # -- paho ------------------------------------------------------------------------------------------------------
-    def _mqtt_client(self):
+    def _mqtt_client(self) -> mqtt.Client:
         import paho.mqtt.client as mqtt
 
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False,

@@ -80,7 +80,7 @@ class OpcUaBridge:
         self.settings = settings
         self.cfg = settings.opcua
         self._line = {d.endpoint: settings.line_of(d) for d in settings.daemons}
-        self._cameras: dict[tuple[str, str], _Camera] = {}
+        self._cameras: dict[tuple[str, str | None], _Camera] = {}  # (line, camera); camera None: an event naming none
         self._stop = threading.Event()
         self.endpoint = self.cfg.endpoint
         self.written = 0
@@ -182,7 +182,7 @@ class OpcUaBridge:
             server.set_certificate_validator(CertificateValidator(
                 CertificateValidatorOptions.TRUSTED_VALIDATION | CertificateValidatorOptions.PEER_CLIENT, store))
 
-    async def _camera(self, line: str, camera: str) -> _Camera:
+    async def _camera(self, line: str, camera: str | None) -> _Camera:
         key = (line, camera)
         if key not in self._cameras:
             ua, ns = self._ua, self._ns

@@ -22,6 +22,7 @@ __all__ = ["Proxy"]
 import logging
 import threading
 import time
+from typing import cast
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -36,8 +37,8 @@ log = logging.getLogger("inspectd.bridges.proxy")
 
 _BECAUSE = {"auth": "refused our key (add our public key to its publish.curve_clients)",
             "protocol": "handshake failed (CURVE on one side only?)", "other": "handshake failed (the wrong server_key?)"}
-_WATCHED = {zmq.EVENT_CONNECTED: "connected", zmq.EVENT_DISCONNECTED: "disconnected",
-            **{event: _BECAUSE[reason] for event, reason in HANDSHAKE_FAILED.items()}}
+_WATCHED: dict[int, str] = {zmq.EVENT_CONNECTED: "connected", zmq.EVENT_DISCONNECTED: "disconnected",
+                            **{event: _BECAUSE[reason] for event, reason in HANDSHAKE_FAILED.items()}}
 
 
 class Proxy:
@@ -136,14 +137,16 @@ class Proxy:
     def _watch(self, frontend: zmq.Socket) -> None:
         """Log what happens to the connections to the daemons (a daemon restarting, our key refused) and the
         consumers refused at the handshake. The monitor sockets are this thread's alone."""
+        # start() made both before this thread; stop() drops them only once it has ended.
+        backend, monitor = cast(ServerSocket, self._backend), cast(zmq.Socket, self._monitor)
         try:
             poller = zmq.Poller()
-            poller.register(self._monitor, zmq.POLLIN)
+            poller.register(monitor, zmq.POLLIN)
             while not self._stop.is_set():
-                self._backend.check_handshakes()
+                backend.check_handshakes()
                 if not poller.poll(200):
                     continue
-                event = parse_monitor_message(self._monitor.recv_multipart())
+                event = parse_monitor_message(monitor.recv_multipart())
                 what = _WATCHED.get(event["event"])
                 if what is not None:
                     endpoint = event["endpoint"].decode("utf-8", "replace")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from inspectd.config.base import is_path_field
 from inspectd.errors import ConfigError
@@ -151,7 +152,7 @@ def _redact(text: str) -> str:
     return re.sub(r"(://[^:@/\s]*):[^@\s]*@", r"\1:***@", text)
 
 
-def _describe(err: dict, source: str | None, root: type[BaseModel]) -> str:
+def _describe(err: ErrorDetails, source: str | None, root: type[BaseModel]) -> str:
     loc = err["loc"]
     key = ".".join(str(p) for p in loc) or "(top level)"
     if err["type"] == "extra_forbidden":
@@ -164,7 +165,7 @@ def _describe(err: dict, source: str | None, root: type[BaseModel]) -> str:
     return f"{key}: {err['msg'].removeprefix('Value error, ')}{shown}"
 
 
-def format_errors(errors: list[dict], env: dict[str, str], where: str, root: type[BaseModel]) -> str:
+def format_errors(errors: list[ErrorDetails], env: dict[str, str], where: str, root: type[BaseModel]) -> str:
     """One line: the errors grouped by where each value came from (the file, or an INSPECTD_* variable)."""
     groups: dict[str, list[str]] = {}
     for err in errors:

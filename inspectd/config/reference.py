@@ -64,7 +64,8 @@ def _section(name: str, model: type[BaseModel], table: bool) -> list[str]:
     title = f"## `[[{name}]]`" if table else f"## `[{name}]`"
     lines = [title, "", "| key | default | allowed | reload | description |", "|---|---|---|---|---|"]
     for key, field in model.model_fields.items():
-        how = "camera" if table else (reload_of(field).value if reload_of(field) else "restart")
+        reload = None if table else reload_of(field)
+        how = "camera" if table else (reload.value if reload else "restart")
         kind = " (path)" if is_path_field(field) else ""
         text = (field.description or "").replace("|", "\\|")
         lines.append(f"| `{key}`{kind} | {_default(field)} | {_allowed(field)} | {how} | {text} |")
@@ -75,7 +76,7 @@ def markdown() -> str:
     """The whole reference, as docs/configuration.md holds it."""
     out = [_HEAD]
     for name, field in Settings.model_fields.items():
-        model = section_model(field.annotation)
+        model = typing.cast(type[BaseModel], section_model(field.annotation))  # every key of Settings is a section
         out += _section(name, model, table=name == "cameras")
     return "\n".join(out).rstrip() + "\n"
 

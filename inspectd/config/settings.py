@@ -15,8 +15,9 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import cast
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
@@ -87,7 +88,7 @@ def reload_table() -> dict[str, Reload]:
     for section, field in Settings.model_fields.items():
         if section == "cameras":
             continue
-        for key, info in field.annotation.model_fields.items():
+        for key, info in cast(type[BaseModel], field.annotation).model_fields.items():  # a section's model
             table[f"{section}.{key}"] = reload_of(info) or Reload.RESTART
     return table
 
@@ -160,6 +161,7 @@ _PASSWORD_IN_URL = re.compile(r"://[^/@\s]*:[^/@\s]*@")  # scheme://user:passwor
 def _holds_passwords(data: dict) -> bool:
     """The file (not the environment) has a camera URL or pipeline with a password in it
     (rtsp://user:pass@..., rtspsrc user-pw=...)."""
-    cams = data.get("cameras") if isinstance(data.get("cameras"), list) else []
+    cams = data.get("cameras")
+    cams = cams if isinstance(cams, list) else []
     texts = [v for c in cams if isinstance(c, dict) for k, v in c.items() if k in ("url", "pipeline") and isinstance(v, str)]
     return any(_PASSWORD_IN_URL.search(t) or "user-pw=" in t for t in texts)

@@ -172,8 +172,9 @@ def build_deployable(classifier, input_range: str = "0-255"):
     features = keras.Model(classifier.inputs, head.features, name="features")
     image = keras.Input(shape, name="image")
     x = image
-    if INPUT_RANGES[input_range] is not None:
-        scale, offset = INPUT_RANGES[input_range]
+    rescale = INPUT_RANGES[input_range]
+    if rescale is not None:
+        scale, offset = rescale
         x = keras.layers.Rescaling(scale, offset, name="input_range")(x)
     fmap = features(x)
     channels = fmap.shape[-1]
@@ -263,11 +264,14 @@ def read_metadata(path: Path) -> dict:
 def _check_metadata(path: Path, meta: dict) -> None:
     """The fields every tool reads, checked once when the file is read: a wrong value is one
     ModelFileError naming it, not a KeyError deep inside the daemon or a mask rule out of range."""
-    def section(key: str, required: bool = True) -> dict | None:
-        value = meta.get(key) if not required else meta[key]
-        if value is not None and not isinstance(value, dict):
+    def section(key: str) -> dict:
+        value = meta[key]
+        if not isinstance(value, dict):
             raise ValueError(f"{key} is {type(value).__name__}, not an object")
         return value
+
+    def optional(key: str) -> dict | None:
+        return section(key) if meta.get(key) is not None else None
 
     try:
         size = section("input")["width"], section("input")["height"]
@@ -277,8 +281,8 @@ def _check_metadata(path: Path, meta: dict) -> None:
             value = section("thresholds")[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"thresholds.{key} {value!r} is not a number in [0, 1]")
-        Pooling.from_meta(section("pooling", required=False))
-        rule = section("mask_rule", required=False)
+        Pooling.from_meta(optional("pooling"))
+        rule = optional("mask_rule")
         if rule is not None:
             MaskRule(str(rule["kind"]), float(rule["param"]))
     except KeyError as exc:

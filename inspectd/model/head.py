@@ -19,6 +19,7 @@ __all__ = ["Pooling", "POOLING_KINDS", "parse_pooling", "pool_logit", "pool_nump
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -51,14 +52,20 @@ def parse_pooling(text: str) -> Pooling:
     kind, _, value = text.strip().lower().partition(":")
     if kind not in POOLING_KINDS:
         raise ValueError(f"pooling {text!r}: choose one of {', '.join(POOLING_KINDS)} (lse:R, topk:F with a parameter)")
-    if _DEFAULT_PARAM[kind] is None:
+    default = _DEFAULT_PARAM[kind]
+    if default is None:
         if value:
             raise ValueError(f"pooling {text!r}: {kind} takes no parameter")
         return Pooling(kind)
-    param = float(value) if value else _DEFAULT_PARAM[kind]
+    param = float(value) if value else default
     if not (param > 0 and math.isfinite(param)) or (kind == "topk" and param > 1):
         raise ValueError(f"pooling {text!r}: the parameter must be > 0" + (" and <= 1" if kind == "topk" else ""))
     return Pooling(kind, param)
+
+
+def _param(pooling: Pooling) -> float:
+    """The parameter of a `lse` or `topk` pooling (parse_pooling gives each one)."""
+    return cast(float, pooling.param)
 
 
 def _topk_count(fraction: float, cells: int) -> int:
@@ -90,7 +97,7 @@ def _topk_layer():
     return TopKMean
 
 
-_TOPK = []  # the Keras class, made on first use: this module imports without Keras (the daemon's metadata path)
+_TOPK: list[type] = []  # the Keras class, made on first use: this module imports without Keras (the daemon's metadata path)
 
 
 def register():
@@ -110,10 +117,10 @@ def pool_logit(cam, pooling: Pooling):
     if pooling.kind == "max":
         return keras.layers.GlobalMaxPooling2D(name="logit")(cam)
     if pooling.kind == "topk":
-        return register()(_topk_count(pooling.param, h * w), name="logit")(cam)
+        return register()(_topk_count(_param(pooling), h * w), name="logit")(cam)
     # lse: (1/r) * (logsumexp(r x) - log n); logsumexp(z) = z_i - log_softmax(z)_i for every i, so its
     # mean over i is exact and stable, with standard layers only.
-    r, n = float(pooling.param), h * w
+    r, n = float(_param(pooling)), h * w
     z = keras.layers.Rescaling(r, name="lse_scale")(keras.layers.Reshape((1, n), name="lse_flat")(cam))
     lse = keras.layers.Subtract(name="lse_terms")([z, keras.layers.Activation("log_softmax", name="lse_log_softmax")(z)])
     mean = keras.layers.GlobalAveragePooling1D(data_format="channels_first", name="lse_mean")(lse)
@@ -146,7 +153,7 @@ def pool_numpy(cam_logits: np.ndarray, pooling: Pooling) -> float:
     if pooling.kind == "max":
         return float(x.max())
     if pooling.kind == "topk":
-        return float(np.sort(x)[-_topk_count(pooling.param, x.size):].mean())
-    r = float(pooling.param)
+        return float(np.sort(x)[-_topk_count(_param(pooling), x.size):].mean())
+    r = float(_param(pooling))
     m = x.max()
     return float(m + np.log(np.mean(np.exp(r * (x - m)))) / r)

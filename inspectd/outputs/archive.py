@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 from inspectd.outputs.wire import SCHEMA, parse_rfc3339
 
@@ -168,7 +169,7 @@ class RetentionIndex:
     for entries that were published, by (run_id, topic) -> {seq: folder} for replay. Thread-safe:
     the writer thread adds and expires, the replay thread looks up."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._heap: list[tuple[float, str, int, tuple[str, str, int] | None]] = []
         # (run_id, topic) -> (its seqs, sorted; seq -> folder): replay takes a bounded slice by bisection
         self._published: dict[tuple[str, str], tuple[list[int], dict[int, str]]] = {}
@@ -272,9 +273,9 @@ def enforce_retention(root: Path, max_bytes: int, max_age_s: float, now: float |
     return RetentionIndex.scan(root).expire(max_bytes, max_age_s, now)
 
 
-# OSError errno -> the drop reason counted in inspectd_archive_dropped_total{reason}
-_REASONS = {errno.ENOSPC: "disk_full", errno.EDQUOT: "disk_full", errno.EROFS: "read_only",
-            errno.EACCES: "permission", errno.EPERM: "permission"}
+# OSError errno (None for some: then "error") -> the drop reason counted in inspectd_archive_dropped_total{reason}
+_REASONS: dict[int | None, str] = {errno.ENOSPC: "disk_full", errno.EDQUOT: "disk_full", errno.EROFS: "read_only",
+                                   errno.EACCES: "permission", errno.EPERM: "permission"}
 DROP_REASONS = ("queue_full", "disk_full", "read_only", "permission", "error")
 
 
@@ -373,6 +374,7 @@ class Archive:
     def _run(self) -> None:
         next_retention = time.monotonic()
         while True:
+            item: ArchiveEntry | Literal[False] | None
             try:
                 item = self._queue.get(timeout=max(0.0, next_retention - time.monotonic()))
             except queue.Empty:

@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -150,7 +150,8 @@ def _regions(picture: np.ndarray, logits: np.ndarray, seen: Seen, area_scale: fl
     t = seen.options.mask_rule.logit_threshold(seen.cam_logits)
     if t == float("inf"):
         return
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(cv2.compare(logits, float(t), cv2.CMP_GE), connectivity=8)
+    above = cv2.compare(logits, float(t), cv2.CMP_GE)  # type: ignore[call-overload]  # a scalar src2 works; stubs want arrays
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(above, connectivity=8)
     keep = stats[:, cv2.CC_STAT_AREA] >= max(1.0, seen.options.min_region_px * area_scale)
     keep[0] = False  # the background
     if not keep.any():
@@ -295,14 +296,14 @@ class LiveView:
         with self._lock:
             return sum(self._viewers.values())
 
-    def stream(self, camera: str, until: threading.Event | None = None) -> Iterator[bytes]:
+    def stream(self, camera: str, until: threading.Event | None = None) -> Generator[bytes, None, None]:
         """JPEG pictures of `camera` as they are drawn (each once), the last one again after KEEPALIVE_S
         without a new one, a placeholder until the first; ends at stop() or when `until` is set."""
         with self.watching(camera) as drawn:
             number, last = -1, placeholder("waiting for a frame")
             while not self._stop.is_set() and not (until is not None and until.is_set()) and camera in self._cameras:
                 with self._lock:
-                    drawn.wait_for(lambda n=number: self._newer(camera, n), timeout=KEEPALIVE_S)
+                    drawn.wait_for(functools.partial(self._newer, camera, number), timeout=KEEPALIVE_S)
                     picture = self._pictures.get(camera)
                 if picture is not None and picture.number != number:
                     number, last = picture.number, picture.jpeg

@@ -21,7 +21,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import zmq
 
@@ -196,11 +196,12 @@ class Publisher:
 
     # -- the publisher thread ------------------------------------------------------------------
     def _loop(self) -> None:
+        server = cast(ServerSocket, self._server)  # start() made it before this thread
         next_heartbeat = time.monotonic()
         while self._deadline is None:
             now = time.monotonic()
             self.last_progress_mono = now
-            self._server.check_handshakes()
+            server.check_handshakes()
             if now >= next_heartbeat:
                 self._send(_Pending(HEARTBEAT_TOPIC, self._heartbeat_body(), []))
                 # Keep the period; after a long stall start afresh rather than sending a burst.
@@ -233,7 +234,7 @@ class Publisher:
         seq = self._seq[item.topic] + 1
         try:
             parts = encode_message(item.topic, self.run_id, seq, item.body, item.attachments)
-            self._socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+            cast(zmq.Socket, self._socket).send_multipart(parts, flags=zmq.NOBLOCK, copy=False)  # made by start()
         except zmq.Again:
             self._dropped(item)
             return

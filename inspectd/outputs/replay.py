@@ -22,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import zmq
 
@@ -136,11 +136,11 @@ class ReplayServer:
 
     # -- the replay thread ---------------------------------------------------------------------
     def _loop(self) -> None:
-        sock = self._socket
+        server, sock = cast(ServerSocket, self._server), cast(zmq.Socket, self._socket)  # start() made them first
         try:
             while not self._stop.is_set():
                 self.last_progress_mono = time.monotonic()
-                self._server.check_handshakes()
+                server.check_handshakes()
                 if not sock.poll(_TICK_MS, zmq.POLLIN):
                     continue
                 parts = sock.recv_multipart(zmq.NOBLOCK)
@@ -149,7 +149,7 @@ class ReplayServer:
                 except Exception:  # one bad answer must not end the endpoint
                     log.exception("replay: answering a request failed")
         finally:
-            self._server.close(linger_ms=0)
+            server.close(linger_ms=0)
 
     def _answer(self, parts: list[bytes]) -> None:
         identity, body = parts[0], parts[1:]
@@ -168,7 +168,7 @@ class ReplayServer:
         if run_id == self.run_id:
             self._from_this_run(identity, request)
         elif self.archive is not None and self.archive.index.knows(run_id, topic):
-            self._from_archive(identity, request)
+            self._from_archive(identity, request, self.archive)
         else:
             reason = ("another run (the daemon restarted) and not in the archive" if self.archive is not None
                       else "another run (the daemon restarted); no archive to answer from")
@@ -188,9 +188,9 @@ class ReplayServer:
         seqs = sorted(set(self.ring.seqs(topic, after)) | set(archived))
         self._answer_from(identity, request, seqs, archived, last, horizon)
 
-    def _from_archive(self, identity: bytes, request: dict) -> None:
+    def _from_archive(self, identity: bytes, request: dict, archive: Archive) -> None:
         """Another run: what the archive holds (its last seq is not known: the end says what was sent)."""
-        found = dict(self.archive.index.published(request["run_id"], request["topic"], request["after_seq"],
+        found = dict(archive.index.published(request["run_id"], request["topic"], request["after_seq"],
                                                   self.cfg.max_messages))
         horizon = max(found) if len(found) >= self.cfg.max_messages else None
         self._answer_from(identity, request, sorted(found), found, None, horizon,
@@ -244,7 +244,7 @@ class ReplayServer:
         deadline = time.monotonic() + _ANSWER_TIMEOUT_S if deadline is None else deadline
         while True:
             try:
-                self._socket.send_multipart([identity, *message], zmq.NOBLOCK)
+                cast(zmq.Socket, self._socket).send_multipart([identity, *message], zmq.NOBLOCK)  # made by start()
                 return True
             except zmq.Again:  # the consumer's queue is full: wait for it a while
                 if time.monotonic() > deadline or self._stop.is_set():

@@ -15,7 +15,7 @@ TCP health check looks like).
 
 from __future__ import annotations
 
-__all__ = ["ServerSocket", "HANDSHAKE_FAILED", "HANDSHAKE_REASONS"]
+__all__ = ["ServerSocket", "HANDSHAKE_FAILED", "HANDSHAKE_REASONS", "zmq_reason"]
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -29,9 +29,15 @@ if TYPE_CHECKING:
     from inspectd.security import ServerKeys
 
 # A failed security handshake, as ZeroMQ's socket monitor reports it -> its reason, on both ends.
-HANDSHAKE_FAILED = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth", zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
-                    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "other"}
+HANDSHAKE_FAILED: dict[int, str] = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth", zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
+                                    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "other"}
 HANDSHAKE_REASONS = tuple(HANDSHAKE_FAILED.values())
+
+
+def zmq_reason(exc: zmq.ZMQError) -> str:
+    """ZeroMQ's text for the error number of `exc`."""
+    # pyzmq types errno `int | None`, but sets it (from zmq_errno()) whenever the error is not given one.
+    return zmq.strerror(exc.errno)  # type: ignore[arg-type]
 
 
 class ServerSocket:
@@ -59,7 +65,7 @@ class ServerSocket:
             self.sock.bind(endpoint)
         except zmq.ZMQError as exc:
             self.close()
-            raise ConfigError(f"{key} {endpoint!r}: cannot bind: {zmq.strerror(exc.errno)}") from None
+            raise ConfigError(f"{key} {endpoint!r}: cannot bind: {zmq_reason(exc)}") from None
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.curve = keys is not None
 

@@ -38,7 +38,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import parse_qs
@@ -193,7 +193,7 @@ class _Rates:
 
     WINDOW_S = 5.0
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._samples: deque[tuple[float, dict[str, tuple[float, float]]]] = deque()
         self._lock = threading.Lock()
 
@@ -292,9 +292,8 @@ class UiApp:
         if path == "/favicon.ico":  # browsers ask for it: no icon, and no error in their console
             return "204 No Content", "image/x-icon", b""
         if path == "/api/defects":
-            camera = query.get("camera") or None
             limit = _int(query.get("limit"), self.recent_limit, 1, self.recent_limit)
-            records = self.recent.recent(camera, limit)
+            records = self.recent.recent(query.get("camera") or None, limit)
             return "200 OK", "application/json", _json({"defects": [r.summary() for r in records]})
         if path == "/api/defect":
             return "200 OK", "application/json", self._record(query).header_json
@@ -325,8 +324,9 @@ class UiApp:
             for file in ("frame.jpg", "frame.png"):
                 if file in record.files:
                     return "200 OK", _CONTENT_TYPES[file[-4:]], record.files[file], True
-            if record.image is not None:
-                return "200 OK", "image/jpeg", self._drawn_once(record, "frame", lambda: _jpeg(record.image, 90)), True
+            image = record.image
+            if image is not None:
+                return "200 OK", "image/jpeg", self._drawn_once(record, "frame", lambda: _jpeg(image, 90)), True
             raise HttpError("404 Not Found", "no frame was kept with this event (publish.attach_frame, archive)")
         if name in ("mask", "regions"):
             data = record.files.get(f"{name}.png")
@@ -372,7 +372,7 @@ class UiApp:
                                   ("Cache-Control", "no-store"), *_SECURITY_HEADERS])
         return _Stream(self._parts(camera), self._streams.release)
 
-    def _parts(self, camera: str) -> Iterator[bytes]:
+    def _parts(self, camera: str) -> Generator[bytes, None, None]:
         pictures = self.live.stream(camera)
         try:
             for jpeg in pictures:
@@ -416,7 +416,7 @@ class _Stream:
     its first part) frees the stream's place exactly once; a generator's own `finally` would never run if
     the server gave up before starting it."""
 
-    def __init__(self, parts: Iterator[bytes], release: Callable[[], None]):
+    def __init__(self, parts: Generator[bytes, None, None], release: Callable[[], None]):
         self._parts, self._release = parts, release
         self._released = False
 

@@ -47,15 +47,17 @@ class FrameBoard:
 
     def put(self, frame: Frame) -> None:
         """Replace the camera's waiting frame (the old one is dropped as `stale`)."""
+        old: Frame | None
         with self._cond:
-            if self._closed:
-                old, frame = frame, None  # a capture thread that outlived shutdown
+            closed = self._closed
+            if closed:
+                old = frame  # a capture thread that outlived shutdown
             else:
                 old = self._slots.get(frame.camera)
                 self._slots[frame.camera] = frame
                 self._cond.notify()
         if old is not None:
-            self._on_drop(old, DropReason.STALE if frame is not None else DropReason.SHUTDOWN)
+            self._on_drop(old, DropReason.SHUTDOWN if closed else DropReason.STALE)
 
     def wait(self, min_frames: int, timeout: float) -> bool:
         """Wait until at least `min_frames` slots hold a frame (or timeout, or close); True if they do."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 __all__ = ["Pipeline", "FREEZE_ENV"]
 
+import functools
 import logging
 import os
 import threading
@@ -189,7 +190,7 @@ class Pipeline:
                 continue
             with self._deliver_lock:
                 self._order[frame.camera].append((future, context))
-            future.add_done_callback(lambda f, camera=frame.camera: self._drain(camera))
+            future.add_done_callback(functools.partial(self._drain_done, frame.camera))
 
     def _infer(self, batch: Batch, context: InferenceContext):
         t0 = time.monotonic()
@@ -205,6 +206,10 @@ class Pipeline:
         return scores, cams
 
     # -- post-processing threads -----------------------------------------------------------------
+    def _drain_done(self, camera: str, _future: Future) -> None:
+        """A camera's inspection is done (a future's callback): deliver what is ready."""
+        self._drain(camera)
+
     def _drain(self, camera: str) -> None:
         """Deliver this camera's finished inspections from the front of its queue, in capture order."""
         with self._deliver_lock:

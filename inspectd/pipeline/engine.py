@@ -19,6 +19,7 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -28,6 +29,8 @@ from inspectd.model.deployable import Deployable, config_nodes
 from inspectd.pipeline import runtimes  # modules, not names: their functions are looked up at each call
 
 log = logging.getLogger("inspectd.pipeline.engine")
+
+K = TypeVar("K")  # what `Predictor.stream` carries beside each image
 
 # One resize everywhere (training, infer, evaluate, daemon): bilinear with antialiasing, so a
 # model never sees a different interpolation in production than in training.
@@ -226,9 +229,9 @@ class Predictor:
             out += [Prediction(float(score), cam) for score, cam in zip(scores, cams)]
         return out
 
-    def stream(self, items: Iterable) -> Iterator[tuple[object, np.ndarray, Prediction]]:
+    def stream(self, items: Iterable[tuple[K, np.ndarray]]) -> Iterator[tuple[K, np.ndarray, Prediction]]:
         """(key, image) pairs in, (key, image, prediction) out, batched without holding everything."""
-        pending: list[tuple[object, np.ndarray]] = []
+        pending: list[tuple[K, np.ndarray]] = []
         for item in items:
             pending.append(item)
             if len(pending) == self.batch_size:

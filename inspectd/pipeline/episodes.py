@@ -92,7 +92,7 @@ class EpisodeTracker:
         ended = None
         a = self._active
         if a is not None and insp.frame.captured_at - a.last.frame.captured_at > rules.end_s:
-            ended = self._end("time")  # the gap since its last frame is longer than end_s
+            ended = self._end(a, "time")  # the gap since its last frame is longer than end_s
             a = None
         if a is None:
             if not insp.is_defect:
@@ -110,20 +110,22 @@ class EpisodeTracker:
             return Step(insp, a.mode)
         a.below += 1
         if a.below >= rules.end_frames:
-            return Step(insp, mode, ended=self._end("frames"))
+            return Step(insp, mode, ended=self._end(a, "frames"))
         return Step(insp, a.mode)
 
     def expire(self, now: float, rules: EpisodeRules) -> Episode | None:
         """End the active episode if its last frame at or above the exit threshold is older than end_s."""
         a = self._active
         if a is not None and now - a.last.frame.captured_at > rules.end_s:
-            return self._end("time")
+            return self._end(a, "time")
         return None
 
     def close(self, reason: str) -> Episode | None:
         """End the active episode now (shutdown, camera removed)."""
-        return self._end(reason) if self._active is not None else None
+        a = self._active
+        return self._end(a, reason) if a is not None else None
 
-    def _end(self, reason: str) -> Episode:
-        a, self._active = self._active, None
+    def _end(self, a: _Active, reason: str) -> Episode:
+        """End `a`, the active episode."""
+        self._active = None
         return Episode(self.camera, a.number, a.first, a.last, a.best, a.frames, a.defect_frames, reason, a.mode)

@@ -60,7 +60,7 @@ def resolve_runtime(requested: str, tf_device: str, precision: str = "float32", 
 def _onnxruntime(path: Path, tf_device: str) -> Session:
     import onnxruntime as ort
 
-    providers = ["CPUExecutionProvider"]
+    providers: list[str | tuple[str, dict[str, int]]] = ["CPUExecutionProvider"]
     if tf_device.startswith("/GPU"):
         if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu >= 1.21: CUDA/cuDNN from the nvidia-* pip packages
             ort.preload_dlls()  # (which tensorflow[and-cuda] installs), no LD_LIBRARY_PATH needed

@@ -24,11 +24,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from prometheus_client import CollectorRegistry
 
 from inspectd import __version__
-from inspectd.config import CameraConfig, Settings
+from inspectd.config import CameraConfig, Settings, UiConfig
 from inspectd.errors import ConfigError
 from inspectd.frames import CameraState
 from inspectd.metrics import FrameAccount, Metrics, accounts
@@ -47,6 +48,9 @@ from inspectd.service.reload import PreparedReload, prepare_reload
 from inspectd.service.web import WebServer, web_security
 from inspectd.sources.camera import CameraWorker
 from inspectd.tfload import import_tensorflow
+
+if TYPE_CHECKING:
+    from inspectd.outputs.ui import UiApp
 
 log = logging.getLogger("inspectd.service.daemon")
 
@@ -85,8 +89,13 @@ class Daemon:
         self.live: LiveView | None = None
         self.ui_server: WebServer | None = None
         self._recent_memory: MemoryDefects | None = None
-        self._ui_app = None  # inspectd.outputs.ui.UiApp while [ui] is on
+        self._ui_app: UiApp | None = None  # while [ui] is on
         self._exposed: list[str] = []  # sockets open to the network without CURVE (notes on /healthz)
+
+    @property
+    def _pipeline(self) -> Pipeline:
+        """The pipeline, for what runs only once startup() has made it (cameras, the main loop, reloads)."""
+        return cast(Pipeline, self.pipeline)
 
     # -- lifecycle -------------------------------------------------------------------------
     def run(self) -> int:
@@ -121,7 +130,7 @@ class Daemon:
             self.replay = ReplayServer(s.replay, self.run_id, ring, self.archive,
                                        self.metrics, self.publisher.last_seq, keys).start()
             self._stack.callback(self.replay.stop)
-        self._warn_exposed(keys)
+        self._warn_exposed(keys, self.publisher)
         context = build_context(s, deployable)
         self._set_model_info(context)
         self.pipeline = Pipeline(context, self.metrics, self.publisher, s.postprocess.workers,
@@ -159,7 +168,7 @@ class Daemon:
             if interval is not None and now - last_ping >= interval:
                 last_ping = now if self._watchdog_ping() else last_ping
             self._finish_reload()
-            self.pipeline.tick()  # episodes of cameras that went quiet end by time
+            self._pipeline.tick()  # episodes of cameras that went quiet end by time
             # One reload at a time, each planned on the settings the previous one left: a SIGHUP
             # during a reload is kept and served after it.
             if self.reload_requested.is_set() and not self._reload_busy():
@@ -192,17 +201,17 @@ class Daemon:
         cfg = self.settings.publish
         return ServerKeys.load(cfg.curve_secret_key, cfg.curve_clients) if cfg.curve_secret_key else None
 
-    def _warn_exposed(self, keys: ServerKeys | None) -> None:
+    def _warn_exposed(self, keys: ServerKeys | None, publisher: Publisher) -> None:
         """Plain text that other machines can reach (events, replay; passwords to /metrics): a warning now, and
         a note on /healthz for as long as it runs."""
         m = self.settings.metrics
-        bound = [("events", self.publisher.endpoint)] + ([("replay", self.replay.endpoint)] if self.replay else [])
+        bound = [("events", publisher.endpoint)] + ([("replay", self.replay.endpoint)] if self.replay else [])
         if keys is None:
             self._exposed += [f"{name} on {endpoint} in plain text, open to the network: set publish.curve_secret_key "
                               "and publish.curve_clients (docs/security.md)"
                               for name, endpoint in bound if not is_loopback_endpoint(endpoint)]
         for name, web, what in (("metrics", m, "metrics"), ("ui", self.settings.ui, "the live view")):
-            if name == "ui" and not web.enabled:
+            if isinstance(web, UiConfig) and not web.enabled:  # name == "ui"
                 continue
             if web.basic_auth_users and not web.tls_cert_file and not is_loopback_endpoint(f"tcp://{web.host}:{web.port}"):
                 self._exposed.append(f"passwords to {what} on {web.host}:{web.port} go over plain HTTP: set "
@@ -231,14 +240,16 @@ class Daemon:
     def _start_ui(self) -> None:
         """Serve: recent defects from the archive when it is on, else from memory (fed by the publisher)."""
         cfg = self.settings.ui
+        # _bind_ui made all three (startup calls this only when it bound the port).
+        app, live, server = cast("UiApp", self._ui_app), cast(LiveView, self.live), cast(WebServer, self.ui_server)
         if self.archive is not None:
-            self._ui_app.recent = ArchiveDefects(self.archive)
+            app.recent = ArchiveDefects(self.archive)
         else:
             self._recent_memory = MemoryDefects(cfg.recent, cfg.recent_bytes, prefix=self.run_id[:12])
-            self._ui_app.recent = self._recent_memory
-        self.live.start()
-        self._stack.callback(self.live.stop)
-        self.ui_server.start()
+            app.recent = self._recent_memory
+        live.start()
+        self._stack.callback(live.stop)
+        server.start()
         log.info("live view on %s (recent defects from %s%s)", self.ui_url(),
                  "the archive" if self.archive is not None else "memory",
                  f", frame collection into {cfg.collect_dir}" if cfg.collect_dir else "")
@@ -293,7 +304,7 @@ class Daemon:
         return archive
 
     def start_camera(self, cfg: CameraConfig) -> None:
-        worker = CameraWorker(cfg, self.pipeline.put, self.metrics, on_state=self._on_camera_state)
+        worker = CameraWorker(cfg, self._pipeline.put, self.metrics, on_state=self._on_camera_state)
         self.camera_states[cfg.id] = CameraState.STARTING
         if self.live is not None:
             self.live.add(cfg.id)
@@ -309,7 +320,7 @@ class Daemon:
             deadline = time.monotonic() + self.settings.daemon.shutdown_timeout_s
         if not worker.join(timeout=max(0.0, deadline - time.monotonic())):
             log.warning("camera %s: capture thread still blocked in its backend; leaving it", camera)
-        self.pipeline.remove_camera(camera, "camera_stopped" if forget else "shutdown")
+        self._pipeline.remove_camera(camera, "camera_stopped" if forget else "shutdown")
         if forget:
             self.camera_states.pop(camera, None)
             self.camera_details.pop(camera, None)
@@ -356,7 +367,7 @@ class Daemon:
         try:
             if self.config_path is None:
                 raise ValueError("the daemon was started without a config file")
-            self._reloads.put(prepare_reload(self.config_path, self.settings, self.pipeline.context))
+            self._reloads.put(prepare_reload(self.config_path, self.settings, self._pipeline.context))
         except Exception as exc:  # any failure: nothing was touched
             self._reloads.put(exc)
 
@@ -383,7 +394,7 @@ class Daemon:
         """Carry out a prepared plan: the context in one swap, then the cameras."""
         plan = prepared.plan
         if prepared.context is not None:
-            self.pipeline.swap(prepared.context)
+            self._pipeline.swap(prepared.context)
             if plan.load_model:
                 self._set_model_info(prepared.context)
         for camera in plan.stop_cameras + tuple(c.id for c in plan.restart_cameras):

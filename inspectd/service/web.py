@@ -37,6 +37,7 @@ UNAUTHORIZED_HEADERS = [("Content-Type", "text/plain; charset=utf-8"),
 class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True
     thread_name = "http"  # the OS-level name of its request threads (WebServer sets it: metrics-req, ui-req)
+    send_buffer = 0  # SO_SNDBUF of each connection (WebServer sets it; 0: the kernel's autotuning)
 
     def process_request_thread(self, request, client_address):
         name_this_thread(self.thread_name)

@@ -15,7 +15,8 @@ __all__ = ["SourceError", "EndOfStream", "DecodeError", "Source", "Skipped", "SK
 
 import re
 import time
-from typing import Protocol, runtime_checkable
+from collections.abc import Mapping
+from typing import Protocol, TypeVar, cast, runtime_checkable
 from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
@@ -76,6 +77,7 @@ def frame_period(source: object) -> float:
 
 # user:password@ inside any scheme://authority. The password is matched greedily up to the last
 # '@' before whitespace: over-redacting a path that contains '@' is harmless, leaking is not.
+_Params = TypeVar("_Params", bound=Mapping[str, object])
 _CREDENTIALS = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:@/\s]*):(?P<secret>\S*)@")
 
 
@@ -84,10 +86,11 @@ def redact(url: str) -> str:
     return _CREDENTIALS.sub(lambda m: f"{m['head']}:***@", url)
 
 
-def query_params(url: str, defaults: dict[str, type | object]) -> dict[str, object]:
+def query_params(url: str, defaults: _Params) -> _Params:
     """`?a=1&b=x` -> {'a': 1, 'b': 'x'}, converted to the type of each default; unknown keys are errors.
 
-    `defaults` maps each allowed key to its default value (whose type is the conversion).
+    `defaults` maps each allowed key to its default value (whose type is the conversion); the result is a dict with
+    the same keys and value types (a TypedDict of defaults gives that TypedDict).
     """
     raw = dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
     unknown = sorted(set(raw) - set(defaults))
@@ -95,12 +98,12 @@ def query_params(url: str, defaults: dict[str, type | object]) -> dict[str, obje
         raise SourceError(f"{redact(url)}: unknown parameter(s) {', '.join(unknown)}; allowed: {', '.join(defaults)}")
     out = dict(defaults)
     for key, text in raw.items():
-        kind = type(defaults[key])
+        kind: type = type(defaults[key])
         try:
             out[key] = _parse_bool(text) if kind is bool else kind(text)
         except ValueError:
             raise SourceError(f"{redact(url)}: parameter {key}={text!r} is not a valid {kind.__name__}") from None
-    return out
+    return cast(_Params, out)  # each value converted to its default's type
 
 
 def _parse_bool(text: str) -> bool:

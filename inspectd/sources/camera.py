@@ -31,7 +31,7 @@ import numpy as np
 from inspectd.config import CameraConfig
 from inspectd.frames import CameraState, DropReason, Frame
 from inspectd.metrics import Metrics
-from inspectd.sources.base import SKIPPED, DecodeError, EndOfStream, Source, SourceError, frame_period, redact
+from inspectd.sources.base import DecodeError, EndOfStream, Skipped, Source, SourceError, frame_period, redact
 from inspectd.sources.registry import open_source
 
 log = logging.getLogger("inspectd.sources")
@@ -221,7 +221,7 @@ class CameraWorker:
             if self._source is None:
                 self._source = self._factory(self.cfg)
             self._source.open()
-            self._stream()
+            self._stream(self._source)
             return None
         except SourceError as exc:
             return exc
@@ -231,10 +231,10 @@ class CameraWorker:
         finally:
             self._close()
 
-    def _stream(self) -> None:
-        """Read until stop(); raise SourceError on a read failure or a stall."""
+    def _stream(self, source: Source) -> None:
+        """Read `source` (open) until stop(); raise SourceError on a read failure or a stall."""
         last_new = time.monotonic()  # the stall clock starts at open
-        stall_s = max(self.cfg.stall_timeout_s, 2 * frame_period(self._source))
+        stall_s = max(self.cfg.stall_timeout_s, 2 * frame_period(source))
         heard = False  # anything read this session, a frame or an undecodable one
         while not self._stop.is_set():
             self.heartbeat_mono = time.monotonic()
@@ -242,7 +242,7 @@ class CameraWorker:
                 # Frames over fps_limit are skipped unconverted only while UP: the first frame of a session
                 # is always looked at (state, roi), whatever the limiter's grid from the session before.
                 skip_before = self._limiter.due if self._state is CameraState.UP else float("-inf")
-                image = self._source.read(READ_SLICE_S, skip_before)
+                image = source.read(READ_SLICE_S, skip_before)
             except DecodeError as exc:  # one bad frame, not a bad camera: captured, and dropped as such
                 heard = True
                 self._seq += 1
@@ -252,7 +252,7 @@ class CameraWorker:
                     log.warning("camera %s: frame dropped: %s", self.cfg.id, redact(str(exc)))
                 image = None
             now = time.monotonic()
-            if image is SKIPPED:  # arrived, not converted: over fps_limit
+            if isinstance(image, Skipped):  # SKIPPED: arrived, not converted: over fps_limit
                 heard, last_new = True, now
                 self._on_skipped(now)
             elif image is not None:

@@ -25,6 +25,7 @@ import logging
 import re
 import threading
 import time
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import cv2
@@ -142,8 +143,9 @@ class GstSource:
         self.launch, self.is_file = pipeline_for(cfg)
         self.loop, self.camera = cfg.loop, cfg.id
         self.name = redact(cfg.url or cfg.pipeline or "")
-        self._pipeline = None
-        self._sink = None
+        # A Gst.Pipeline and its appsink while open (gi ships no type stubs: Any).
+        self._pipeline: Any = None
+        self._sink: Any = None
 
     def _parse(self, launch: str):
         Gst, _ = import_gst()

@@ -105,7 +105,7 @@ class OpenCVSource:
         # grab() demuxes and decodes; retrieve() converts to BGR: a frame the fps_limit drops is only grabbed.
         ok = self._cap.grab()
         if not ok and self.kind == "file":
-            ok = self._rewind()
+            ok = self._rewind(self._cap)
         if not ok:
             raise SourceError(f"{redact(self.url)}: read failed (stream ended or timed out)")
         if self.kind == "stream":
@@ -126,15 +126,15 @@ class OpenCVSource:
                         "frame, which OpenCV returns as torn frames; use backend = \"gstreamer\" (the gstreamer "
                         "extra) or set the camera to one slice per frame", self.camera)
 
-    def _rewind(self) -> bool:
-        """End of file: play it again from the start (seek; reopen if the container cannot seek); grabbed."""
+    def _rewind(self, cap: cv2.VideoCapture) -> bool:
+        """End of file: play `cap` again from the start (seek; reopen if the container cannot seek); grabbed."""
         if not self.loop:
             raise EndOfStream(f"{self._target}: end of video file")
-        if self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0) and self._cap.grab():
+        if cap.set(cv2.CAP_PROP_POS_FRAMES, 0) and cap.grab():
             return True
-        self._cap.release()
-        self._cap = self._capture()
-        return self._cap.isOpened() and self._cap.grab()
+        cap.release()
+        self._cap = cap = self._capture()
+        return cap.isOpened() and cap.grab()
 
     def close(self) -> None:
         cap, self._cap, self._last_pts = self._cap, None, None

@@ -15,6 +15,7 @@ from __future__ import annotations
 __all__ = ["SyntheticSource"]
 
 import time
+from typing import TypedDict
 
 import numpy as np
 
@@ -23,7 +24,20 @@ from inspectd.imageio import to_rgb
 from inspectd.sources.base import SKIPPED, Pacer, Skipped, SourceError, query_params
 from inspectd.synth import Sample, render
 
-_DEFAULTS = {"fps": 10.0, "width": 320, "height": 240, "defect_rate": 0.3, "seed": 0, "repeat": 0, "dwell": 1}
+
+class _Params(TypedDict):
+    """The URL's parameters; each default's type is its conversion."""
+
+    fps: float
+    width: int
+    height: int
+    defect_rate: float
+    seed: int
+    repeat: int
+    dwell: int
+
+
+_DEFAULTS: _Params = {"fps": 10.0, "width": 320, "height": 240, "defect_rate": 0.3, "seed": 0, "repeat": 0, "dwell": 1}
 
 
 class SyntheticSource:

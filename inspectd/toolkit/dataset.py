@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __all__ = ["CLASS_DIRS", "Item", "Dataset", "class_items", "scan", "stratified_split"]
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +42,7 @@ class Dataset:
     def has_masks(self) -> bool:
         return any(it.mask is not None for it in self.items)
 
-    def subset(self, index: Sequence[int]) -> Dataset:
+    def subset(self, index: Iterable[int]) -> Dataset:
         return Dataset(self.root, tuple(self.items[i] for i in index))
 
     def describe(self) -> str:

@@ -143,10 +143,10 @@ def evaluate(opts: EvalOptions) -> dict:
         if n % 25 == 0 or n == len(data.items):
             print(f"inspectd evaluate: {n}/{len(data.items)} images", file=sys.stderr, flush=True)
     labels_a, scores_a = np.array(labels), np.array(scores)
-    image = image_metrics(labels_a, scores_a, thr)
+    image_report = image_metrics(labels_a, scores_a, thr)
     report = {"model": {"path": str(opts.model), "name": model.name, "sha256": model.sha256,
                         "pooling": str(model.pooling), "mask_rule": str(model.mask_rule)},
-              "dataset": str(opts.dataset), "n_images": len(labels), "counts": data.counts(), "image": image}
+              "dataset": str(opts.dataset), "n_images": len(labels), "counts": data.counts(), "image": image_report}
     rocs: dict = {}
     if any(s.truth.any() for s in samples):
         print("inspectd evaluate: pixel metrics (AUPRO, regions, mask rules)", file=sys.stderr, flush=True)

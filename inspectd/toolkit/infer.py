@@ -124,7 +124,7 @@ def _items(files: list[_Input], opts: InferOptions, errors: list[dict]) -> Itera
 def _record(key: _Key, image: np.ndarray, pred, out: Path, thr: float, rule: MaskRule) -> dict:
     h, w = image.shape[:2]
     found = locate(pred.cam_logits, w, h, rule, pred.score >= thr)  # as the daemon does
-    mask = found.kept > 0 if found.regions else None
+    mask = found.kept > 0 if found.regions and found.kept is not None else None  # regions: kept is not None
     write_png(out / f"{key.name}_overlay.png", overlay(image, found.prob, pred.score, thr, mask=mask, regions=found.regions))
     write_png(out / f"{key.name}_mask.png", to_mask_u8(found.prob), rgb=False)
     if found.kept is not None:  # defects: exactly the regions (the 8-bit probability can saturate above the threshold)

@@ -61,7 +61,8 @@ class _Storage:
     __slots__ = ("key", "dtype", "numel", "data")
 
     def __init__(self, key: str, dtype: np.dtype, numel: int):
-        self.key, self.dtype, self.numel, self.data = key, dtype, numel, None
+        self.key, self.dtype, self.numel = key, dtype, numel
+        self.data: np.ndarray | None = None  # read after the pickle
 
 
 class _TensorRef:

@@ -58,7 +58,8 @@ def _auto_size(sizes: list[tuple[int, int]], stride: int) -> tuple[int, int]:
     """Median image size, rounded to the nearest multiple of 32 and capped at 768 on the long side."""
     w, h = np.median(np.array(sizes), axis=0)
     scale = min(1.0, 768 / max(w, h))
-    return tuple(int(max(2, round(v * scale / 32)) * 32) for v in (w, h))
+    width, height = (int(max(2, round(v * scale / 32)) * 32) for v in (w, h))
+    return width, height
 
 
 def _classifier(opts: TrainOptions, size):
