@@ -15,10 +15,10 @@ from support import make_inspection, wait_until
 
 from inspectd.config import PublishConfig
 from inspectd.metrics import Metrics
-from inspectd.outputs.archive import Archive, RetentionIndex, entries, message_entry, read_entry, unsent_header, write_entry
+from inspectd.outputs.archive import Archive, RetentionIndex, entries, message_entry, read_entry, write_entry
 from inspectd.outputs.export import ExportOptions, export_archive, parse_since
 from inspectd.outputs.publish import Publisher
-from inspectd.outputs.wire import encode_message, inspection_body
+from inspectd.outputs.wire import encode_message, inspection_body, unsent_header
 from inspectd.toolkit.dataset import scan
 
 MODEL = {"name": "m", "sha256": "0" * 64}
@@ -111,7 +111,7 @@ def test_export_command_exit_codes(archive, tmp_path):
 def test_the_publisher_archives_what_it_sends_numbered_and_what_it_drops_unnumbered(tmp_path):
     archive = Archive(tmp_path / "a").start()
     pub = Publisher(PublishConfig(endpoint="tcp://127.0.0.1:0", send_hwm=1, heartbeat_s=60),
-                    Metrics(CollectorRegistry()), uuid.uuid4().hex, MODEL, archive=archive)
+                    Metrics(CollectorRegistry()), uuid.uuid4().hex, MODEL, outcome=archive.on_outcome)
     first, second = (make_inspection("cam", seq, archive_frame="png") for seq in (1, 2))
     pub.publish_inspection(first, MODEL)  # queued (the publisher thread is not started yet)
     pub.publish_inspection(second, MODEL)  # the hand-off queue holds 1: dropped, still archived

@@ -340,7 +340,7 @@ def test_the_live_views_ring_gets_every_defect_event_as_sent_or_dropped():
     ring = MemoryDefects()
     held = HeldUp(hold_s=30)
     pub = Publisher(PublishConfig(endpoint="tcp://127.0.0.1:0", heartbeat_s=0.05, send_hwm=2),
-                    Metrics(CollectorRegistry()), "run1", MODEL, held, recent=ring)
+                    Metrics(CollectorRegistry()), "run1", MODEL, held, outcome=ring.on_outcome)
     pub.start()
     try:
         insp, ok = make_inspection(), make_inspection(defect=False)

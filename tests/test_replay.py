@@ -17,6 +17,7 @@ from inspectd.client import ReplayClient, ReplayError, Subscriber
 from inspectd.config import PublishConfig, ReplayConfig
 from inspectd.metrics import Metrics
 from inspectd.outputs.archive import Archive, message_entry, write_entry
+from inspectd.outputs.fanout import Fanout
 from inspectd.outputs.publish import Publisher
 from inspectd.outputs.replay import END_TOPIC, REQUEST_TAG, ReplayServer, Ring, parse_request
 from inspectd.outputs.wire import encode_message, inspection_body
@@ -31,7 +32,8 @@ class Line:
         self.archive = Archive(tmp_path / "archive").start() if archive else None  # indexes what earlier runs left
         self.ring = Ring(ring_messages, 10**9)
         self.pub = Publisher(PublishConfig(endpoint="tcp://127.0.0.1:0", heartbeat_s=0.05), self.metrics, self.run_id,
-                             TEST_MODEL, archive=self.archive, ring=self.ring)
+                             TEST_MODEL, outcome=Fanout({"replay ring": self.ring.on_outcome,
+                                                         **({"archive": self.archive.on_outcome} if archive else {})}))
         self.pub.start()
         cfg = ReplayConfig(endpoint="tcp://127.0.0.1:0", max_messages=max_messages)
         self.replay = ReplayServer(cfg, self.run_id, self.ring, self.archive, self.metrics, self.pub.last_seq).start()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 __all__ = ["ArchiveEntry", "Archive", "RetentionIndex", "safe_component", "entry_dir", "entry_time", "write_entry",
            "clean_temporaries", "entries", "enforce_retention", "TEMP_PREFIX", "DROP_REASONS", "HEADER_FILE", "file_name",
-           "message_entry", "unsent_header", "read_entry", "entry_message"]
+           "message_entry", "read_entry", "entry_message"]
 
 import bisect
 import errno
@@ -39,7 +39,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from inspectd.outputs.wire import SCHEMA, parse_rfc3339
+from inspectd.outputs.fanout import Outcome
+from inspectd.outputs.wire import parse_rfc3339
 
 TEMP_PREFIX = ".tmp-"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -312,6 +313,13 @@ class Archive:
         self._thread.start()
         return self
 
+    def on_outcome(self, outcome: Outcome) -> None:
+        """The publisher's listener: every message that carries the archive's frame (defect events, sent
+        byte for byte or dropped and unnumbered; ok frames sampled) becomes an entry."""
+        if outcome.kept_frame is not None:
+            encoding, data = outcome.kept_frame
+            self.submit(message_entry(outcome.header, outcome.attachments, ((file_name("frame", encoding), data),)))
+
     def submit(self, entry: ArchiveEntry) -> bool:
         if entry.published is not None:
             with self._written:
@@ -432,13 +440,6 @@ def message_entry(header_json: bytes, attachments: Sequence[bytes] = (),
         files.setdefault(name, data)
     return ArchiveEntry(header["camera"], parse_rfc3339(header["captured_at"]), int(header["frame_seq"]),
                         tuple(files.items()), _published_key(header), str(header.get("topic", "")))
-
-
-def unsent_header(topic: str, run_id: str, body: dict) -> bytes:
-    """The header of an entry that was never published (an ok frame sampled for retraining, or a defect
-    event the publisher dropped): the wire header with `seq` and `published_at` null."""
-    header = {"schema": SCHEMA, "run_id": run_id, "topic": topic, "seq": None, "published_at": None, **body}
-    return json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def entry_message(path: Path) -> list[bytes]:

@@ -1,6 +1,7 @@
 """ZeroMQ publisher of the wire format `inspectd.event/1` (encoding in `inspectd.outputs.wire`).
 
-    pub = Publisher(settings.publish, metrics, run_id=uuid.uuid4().hex, model={"name": "demo", "sha256": "..."})
+    pub = Publisher(settings.publish, metrics, run_id=uuid.uuid4().hex, model={"name": "demo", "sha256": "..."},
+                    outcome=fanout)       # optional: told what became of every message (inspectd.outputs.fanout)
     pub.start()                           # binds now (ConfigError if it cannot), then sends from its own thread
     pub.publish_inspection(insp, model)   # from any thread; never blocks: queue full -> dropped and counted
     pub.stop()
@@ -8,6 +9,7 @@
 Only the publisher's thread touches the socket (ZeroMQ sockets are not thread-safe). Sequence
 numbers are per topic and assigned when a message is handed to ZeroMQ, so the messages that left
 the daemon are numbered 1, 2, 3... without gaps; a gap seen by a consumer is loss on the way to it.
+The other outputs (replay ring, archive, recent defects) are listeners of each message's outcome.
 """
 
 from __future__ import annotations
@@ -26,16 +28,21 @@ from typing import TYPE_CHECKING, Any, cast
 import zmq
 
 from inspectd.frames import CameraState, Inspection
-from inspectd.outputs.archive import file_name, message_entry, unsent_header
+from inspectd.outputs.fanout import Fate, Listener, Outcome
 from inspectd.outputs.sockets import HANDSHAKE_REASONS, ServerSocket
-from inspectd.outputs.wire import HEARTBEAT_TOPIC, SCHEMA, encode_message, episode_body, inspection_body, status_body
+from inspectd.outputs.wire import (
+    HEARTBEAT_TOPIC,
+    SCHEMA,
+    encode_message,
+    episode_body,
+    inspection_body,
+    status_body,
+    unsent_header,
+)
 
 if TYPE_CHECKING:
     from inspectd.config import PublishConfig
     from inspectd.metrics import Metrics
-    from inspectd.outputs.archive import Archive
-    from inspectd.outputs.recent import MemoryDefects
-    from inspectd.outputs.replay import Ring
     from inspectd.security import ServerKeys
 
 log = logging.getLogger("inspectd.outputs.publish")
@@ -56,8 +63,12 @@ class _Pending:
     topic: str
     body: dict
     attachments: list[bytes]
-    keep: tuple[tuple[str, bytes], ...] | None = None  # archive this message, with these archive-only files
+    kept_frame: tuple[str, bytes] | None = None  # (encoding, data): the frame for the archive, when it is on
     image: Any = None  # a defect event's frame (numpy RGB), for the live view's recent defects; never sent
+
+
+def _ignore(outcome: Outcome) -> None:
+    """The listener of a publisher that has no other outputs."""
 
 
 class Publisher:
@@ -70,19 +81,15 @@ class Publisher:
     """
 
     def __init__(self, cfg: PublishConfig, metrics: Metrics, run_id: str, model: dict,
-                 stats: Callable[[], dict] = dict, archive: Archive | None = None, ring: Ring | None = None,
-                 keys: ServerKeys | None = None, recent: MemoryDefects | None = None):
+                 stats: Callable[[], dict] = dict, keys: ServerKeys | None = None, outcome: Listener = _ignore):
         """`model` is named in heartbeats until `stats()` returns a "model" of its own (the daemon's current one).
 
-        With `archive`, every defect event goes to it as published (numbered, byte for byte), or, if
-        the publisher dropped it, unnumbered (`seq` null): the archive keeps what the line saw, not
-        only what consumers got. Sampled ok frames go to it directly. With `keys`, the socket is a CURVE
-        server (docs/security.md). With `recent` (the live view's ring), every defect event goes there too,
-        as sent or, if dropped, unnumbered, with the frame it was found on."""
+        `outcome` is told what became of every message, on the thread that decided it (`Fanout`: the
+        other outputs). A sent one before its seq shows in `last_seq`, so the replay ring always holds a
+        seq a consumer can learn of. Ok frames sampled for the archive are `KEPT`, never published.
+        With `keys`, the socket is a CURVE server (docs/security.md)."""
         self.cfg = cfg
-        self.archive = archive
-        self.ring = ring  # what was sent, for replay (added before its seq is announced: see last_seq)
-        self.recent = recent
+        self._outcome = outcome
         self.metrics = metrics
         self.run_id = run_id
         self.last_progress_mono = time.monotonic()
@@ -156,14 +163,12 @@ class Publisher:
         `[publish] results` setting of the inference context it ran in (a reload changes it at once).
         `defect_event` False (episode mode): a defective frame is not a defect event of its own."""
         camera = insp.frame.camera
-        keep = None
-        if self.archive is not None and insp.archive_frame:
-            keep = ((file_name("frame", insp.archive_encoding), insp.archive_frame),)
+        kept = (insp.archive_encoding, insp.archive_frame) if insp.archive_frame else None
         if insp.is_defect and defect_event:
-            self._enqueue(f"defect.{camera}", *inspection_body(insp, model, with_frame=True), keep=keep,
+            self._enqueue(f"defect.{camera}", *inspection_body(insp, model, with_frame=True), kept_frame=kept,
                           image=insp.frame.image)
-        elif keep is not None and not insp.is_defect:  # an ok frame sampled for retraining: archived, never published
-            self._archive_unsent(_Pending(f"result.{camera}", *inspection_body(insp, model, with_frame=False), keep))
+        elif kept is not None and not insp.is_defect:  # an ok frame sampled for retraining: archived, never published
+            self._unsent(Fate.KEPT, _Pending(f"result.{camera}", *inspection_body(insp, model, with_frame=False), kept))
         if results:
             self._enqueue(f"result.{camera}", *inspection_body(insp, model, with_frame=False))
 
@@ -172,8 +177,8 @@ class Publisher:
         self._enqueue(f"status.{camera}", status_body(camera, state, detail), [])
 
     def _enqueue(self, topic: str, body: dict, attachments: list[bytes],
-                 keep: tuple[tuple[str, bytes], ...] | None = None, image=None) -> None:
-        item = _Pending(topic, body, attachments, keep, image)
+                 kept_frame: tuple[str, bytes] | None = None, image=None) -> None:
+        item = _Pending(topic, body, attachments, kept_frame, image)
         if self._closing.is_set():
             self._dropped(item)
             return
@@ -183,16 +188,13 @@ class Publisher:
             self._dropped(item)
 
     def _dropped(self, item: _Pending) -> None:
-        """Not published (counted); still archived when it was to be."""
+        """Not published (counted); the listeners still hear of it (the archive keeps what the line saw)."""
         self.metrics.events_dropped.labels(topic=item.topic).inc()
-        self._archive_unsent(item)
-        if self.recent is not None and item.topic.startswith("defect."):
-            self.recent.add(unsent_header(item.topic, self.run_id, item.body), item.attachments, item.image)
+        self._unsent(Fate.DROPPED, item)
 
-    def _archive_unsent(self, item: _Pending) -> None:
-        if self.archive is not None and item.keep is not None:
-            header = unsent_header(item.topic, self.run_id, item.body)
-            self.archive.submit(message_entry(header, item.attachments, item.keep))
+    def _unsent(self, fate: Fate, item: _Pending) -> None:
+        parts = (item.topic.encode("ascii"), unsent_header(item.topic, self.run_id, item.body), *item.attachments)
+        self._outcome(Outcome(fate, parts, None, item.kept_frame, item.image))
 
     # -- the publisher thread ------------------------------------------------------------------
     def _loop(self) -> None:
@@ -242,14 +244,9 @@ class Publisher:
             log.exception("cannot publish on %s", item.topic)
             self._dropped(item)
             return
-        if self.ring is not None and item.topic != HEARTBEAT_TOPIC:
-            self.ring.add(item.topic, seq, parts)
-        self._seq[item.topic] = seq
         self.metrics.events_published.labels(topic=item.topic).inc()
-        if self.archive is not None and item.keep is not None:
-            self.archive.submit(message_entry(parts[1], parts[2:], item.keep))
-        if self.recent is not None and item.topic.startswith("defect."):
-            self.recent.add(parts[1], parts[2:], item.image)
+        self._outcome(Outcome(Fate.SENT, tuple(parts), seq, item.kept_frame, item.image))
+        self._seq[item.topic] = seq  # after the listeners: the replay ring holds every seq last_seq names
 
     def _heartbeat_body(self) -> dict:
         try:

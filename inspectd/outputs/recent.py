@@ -1,7 +1,7 @@
 """The live view's recent defects: from the archive when it is on, else from a bounded ring in memory.
 
     recent = ArchiveDefects(archive) if archive else MemoryDefects(limit=50, max_bytes=64_000_000)
-    recent.add(header_json, attachments, image)      # MemoryDefects only: the publisher, per defect event
+    publisher_fanout.listen("recent defects", recent.on_outcome)   # MemoryDefects only: each defect event
     recent.recent(camera="line1-top", limit=20)      # newest first: DefectRecord (header only)
     recent.get(record_id)                            # one, with its files: header, mask, frame, regions
 
@@ -26,6 +26,7 @@ from typing import Protocol
 import numpy as np
 
 from inspectd.outputs.archive import HEADER_FILE, Archive, file_name, read_entry, safe_component
+from inspectd.outputs.fanout import Fate, Outcome
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,6 +69,11 @@ class MemoryDefects:
         self._bytes = 0
         self._count = 0
         self._lock = threading.Lock()
+
+    def on_outcome(self, outcome: Outcome) -> None:
+        """The publisher's listener: every defect event, as sent or, if dropped, unnumbered, with its frame."""
+        if outcome.fate is not Fate.KEPT and outcome.topic.startswith("defect."):
+            self.add(outcome.header, outcome.attachments, outcome.image)
 
     def add(self, header_json: bytes, attachments: Sequence[bytes] = (), image: np.ndarray | None = None) -> None:
         """A defect event as sent: its header JSON, its attachments in header order, the frame (by reference)."""

@@ -1,6 +1,6 @@
 """Replay (`inspectd.replay/1`, docs/wire-format.md#replay): events a consumer missed, on request.
 
-    ring = Ring(max_messages=1000, max_bytes=64 << 20)         # the publisher adds what it sent
+    ring = Ring(max_messages=1000, max_bytes=64 << 20)         # fanout.listen("replay ring", ring.on_outcome)
     server = ReplayServer(cfg, run_id, ring, archive_index, metrics).start()   # binds now (ConfigError)
     server.stop()
 
@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING, cast
 import zmq
 
 from inspectd.outputs.archive import entry_message
+from inspectd.outputs.fanout import Fate, Outcome
 from inspectd.outputs.sockets import HANDSHAKE_REASONS, ServerSocket
+from inspectd.outputs.wire import HEARTBEAT_TOPIC
 
 if TYPE_CHECKING:
     from inspectd.config import ReplayConfig
@@ -58,6 +60,11 @@ class Ring:
         self._items: OrderedDict[tuple[str, int], list[bytes]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+
+    def on_outcome(self, outcome: Outcome) -> None:
+        """The publisher's listener: every message sent, heartbeats aside (a replay never asks for them)."""
+        if outcome.fate is Fate.SENT and outcome.seq is not None and outcome.topic != HEARTBEAT_TOPIC:
+            self.add(outcome.topic, outcome.seq, list(outcome.parts))
 
     def add(self, topic: str, seq: int, parts: list[bytes]) -> None:
         size = sum(len(p) for p in parts)

@@ -17,6 +17,7 @@ __all__ = [
     "status_body",
     "episode_body",
     "encode_message",
+    "unsent_header",
     "decode_message",
 ]
 
@@ -144,6 +145,15 @@ def encode_message(topic: str, run_id: str, seq: int, body: dict, attachments: S
     header.setdefault("attachments", [])  # in every header, so consumers can always zip it with parts 2..
     data = json.dumps(header, separators=(",", ":"), ensure_ascii=False, default=_json_default)
     return [topic.encode("ascii"), data.encode("utf-8"), *attachments]
+
+
+def unsent_header(topic: str, run_id: str, body: dict) -> bytes:
+    """The header of a message that was never published (an ok frame sampled for the archive, or an event
+    the publisher dropped): the wire header with `seq` and `published_at` null."""
+    header = {"schema": SCHEMA, "run_id": run_id, "topic": topic, "seq": None, "published_at": None, **body}
+    header.setdefault("attachments", [])
+    data = json.dumps(header, separators=(",", ":"), ensure_ascii=False, default=_json_default)
+    return data.encode("utf-8")
 
 
 def decode_message(parts: list[bytes]) -> tuple[str, dict, list[bytes]]:

@@ -35,6 +35,7 @@ from inspectd.frames import CameraState
 from inspectd.metrics import FrameAccount, Metrics, accounts
 from inspectd.model.deployable import Deployable, load_model, resolve_model_path
 from inspectd.outputs.archive import DROP_REASONS, Archive
+from inspectd.outputs.fanout import Fanout
 from inspectd.outputs.live import LiveView
 from inspectd.outputs.publish import Publisher
 from inspectd.outputs.recent import ArchiveDefects, MemoryDefects
@@ -88,7 +89,6 @@ class Daemon:
         self.pipeline: Pipeline | None = None
         self.live: LiveView | None = None
         self.ui_server: WebServer | None = None
-        self._recent_memory: MemoryDefects | None = None
         self._ui_app: UiApp | None = None  # while [ui] is on
         self._exposed: list[str] = []  # sockets open to the network without CURVE (notes on /healthz)
 
@@ -117,13 +117,16 @@ class Daemon:
         self._stack.callback(self.metrics_server.stop)
         self.ui_server = self._bind_ui()
         deployable = self._load_model()
-        self.archive = self._start_archive()
+        outputs = Fanout()  # the outputs beside ZeroMQ: each hears what became of every message published
+        self.archive = self._start_archive(outputs)
         if self.ui_server is not None:
-            self._start_ui()
+            self._start_ui(outputs)
         ring = Ring(s.replay.ring_messages, s.replay.ring_bytes) if s.replay.endpoint else None
+        if ring is not None:
+            outputs.listen("replay ring", ring.on_outcome)
         self.publisher = Publisher(s.publish, self.metrics, self.run_id,
                                    {"name": deployable.name, "sha256": deployable.sha256}, stats=self.stats,
-                                   archive=self.archive, ring=ring, keys=keys, recent=self._recent_memory)
+                                   keys=keys, outcome=outputs)
         self.publisher.start()
         self._stack.callback(self.publisher.stop, s.daemon.shutdown_timeout_s)
         if ring is not None:
@@ -237,16 +240,17 @@ class Daemon:
         self._stack.callback(server.stop)
         return server
 
-    def _start_ui(self) -> None:
-        """Serve: recent defects from the archive when it is on, else from memory (fed by the publisher)."""
+    def _start_ui(self, outputs: Fanout) -> None:
+        """Serve: recent defects from the archive when it is on, else from memory (a listener of the publisher)."""
         cfg = self.settings.ui
         # _bind_ui made all three (startup calls this only when it bound the port).
         app, live, server = cast("UiApp", self._ui_app), cast(LiveView, self.live), cast(WebServer, self.ui_server)
         if self.archive is not None:
             app.recent = ArchiveDefects(self.archive)
         else:
-            self._recent_memory = MemoryDefects(cfg.recent, cfg.recent_bytes, prefix=self.run_id[:12])
-            app.recent = self._recent_memory
+            recent = MemoryDefects(cfg.recent, cfg.recent_bytes, prefix=self.run_id[:12])
+            outputs.listen("recent defects", recent.on_outcome)
+            app.recent = recent
         live.start()
         self._stack.callback(live.stop)
         server.start()
@@ -285,8 +289,8 @@ class Daemon:
         self.metrics.set_model(d.name, d.sha256, d.meta.get("backbone", "unknown"), d.input_size, engine.runtime,
                                engine.device)
 
-    def _start_archive(self) -> Archive | None:
-        """The archive's writer (None when `[archive] dir` is empty); stopped after the publisher."""
+    def _start_archive(self, outputs: Fanout) -> Archive | None:
+        """The archive's writer (None when `[archive] dir` is empty), listening to the publisher; stopped after it."""
         cfg = self.settings.archive
         if not cfg.dir:
             return None
@@ -298,6 +302,7 @@ class Daemon:
             raise ConfigError(f"archive.dir {cfg.dir!r}: cannot use it: {exc.strerror or exc}") from None
         self._stack.callback(archive.stop, self.settings.daemon.shutdown_timeout_s)
         self.metrics.watch_archive(archive, DROP_REASONS)
+        outputs.listen("archive", archive.on_outcome)
         log.info("archive in %s: %d entries, %.1f MB (limits: %s, %s)", cfg.dir, len(archive.index),
                  archive.index.total_bytes / 1e6, f"{cfg.max_bytes / 1e9:g} GB" if cfg.max_bytes else "no size limit",
                  f"{cfg.max_age_s / 86400:g} days" if cfg.max_age_s else "no age limit")
