@@ -55,9 +55,16 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from inspectd.errors import ExitCode, InspectdError, UsageError
-from inspectd.outputs.replay import END_TOPIC, REQUEST_TAG
-from inspectd.outputs.sockets import HANDSHAKE_FAILED, zmq_reason
-from inspectd.outputs.wire import DEFAULT_ENDPOINT, WireFormatError, decode_message, parse_rfc3339
+from inspectd.outputs.wire import (
+    DEFAULT_ENDPOINT,
+    END_TOPIC,
+    HANDSHAKE_FAILED,
+    REQUEST_TAG,
+    WireFormatError,
+    decode_message,
+    parse_rfc3339,
+    zmq_reason,
+)
 from inspectd.security import ClientKeys
 
 log = logging.getLogger("inspectd.client")
@@ -172,6 +179,134 @@ class SeqTracker:
     def _forget(self, run_id: str) -> None:
         self._last.pop(run_id, None)
         self._cameras.pop(run_id, None)
+
+
+# A replay request: (run_id, topic, after_seq) -> (the messages, as multipart lists; the end message's JSON).
+# ReplayError when it cannot be answered.
+Fetch = Callable[[str, str, int], tuple[list[list[bytes]], dict]]
+# A received multipart message -> its Event (replayed=True), or None when it is malformed (counted by the caller).
+Decode = Callable[[list[bytes]], "Event | None"]
+
+
+class GapFiller:
+    """Exactly once per (run_id, topic, seq), for the endpoints that have a replay endpoint: which events to
+    hand out for each message received, the missed ones first, fetched in seq order. No sockets: the
+    subscriber passes each endpoint's `ReplayClient.fetch`, so these rules are tested on their own.
+
+    `positions` ({run_id: {topic: seq}}, what was handed out: a restarted consumer passes it back),
+    `gaps` ({topic: messages lost for good}), `replayed` and `replay_failures` are the counts a consumer
+    reads. The baseline: a consumer that starts without positions does not want the past, so a run's
+    first heartbeat (its `last_seq`) sets where each topic starts; after that, and for resumed runs,
+    every topic counts from its first message. At most 16 runs are remembered, the oldest go first.
+    """
+
+    MAX_RUNS = 16
+
+    def __init__(self, topics: Iterable[str], positions: dict[str, dict[str, int]] | None = None):
+        self.topics = list(topics)
+        self.positions: dict[str, dict[str, int]] = {r: dict(t) for r, t in (positions or {}).items()}
+        self.gaps: dict[str, int] = {}
+        self.replayed = 0  # events delivered through replay
+        self.replay_failures = 0  # fills that could not be made: the endpoint did not answer
+        self.settled: set[str] = set(self.positions)  # runs whose every topic counts from its first message
+        self._through = {r: dict(t) for r, t in self.positions.items()}  # received or fetched, per run and topic
+        self._asked: set[tuple[str, str]] = set()  # (endpoint, earlier run) already asked for its rest
+        self._run_of: dict[str, str] = {}  # endpoint -> its current run_id
+
+    def wanted(self, topic: str) -> bool:
+        return any(topic.startswith(t) for t in self.topics)
+
+    def count_gap(self, topic: str, gap: int) -> None:
+        if gap:
+            self.gaps[topic] = self.gaps.get(topic, 0) + gap
+
+    def received(self, endpoint: str, event: Event, fetch: Fetch, decode: Decode) -> list[Event]:
+        """The events to hand out for one message received on `endpoint`: the missed ones first (fetched),
+        then it, unless it was handed out already (fetched by an earlier fill)."""
+        run, topic, seq = event.header["run_id"], event.topic, event.header["seq"]
+        out: list[Event] = []
+        if self._run_of.get(endpoint) != run:
+            out += self._finish_old_runs(endpoint, run, fetch, decode)
+            self._run_of[endpoint] = run
+        through = self._through.setdefault(run, {})
+        settled = run in self.settled
+        if event.kind is EventKind.HEARTBEAT:
+            for t, last in (event.header.get("last_seq") or {}).items():
+                if not self.wanted(t) or not isinstance(last, int) or t == "heartbeat":
+                    continue
+                if t not in through and not settled:  # a consumer that starts now does not want the past
+                    through[t] = last
+                    self.positions.setdefault(run, {}).setdefault(t, last)
+                elif last > through.setdefault(t, 0):  # lost during a silence, or a topic new since the baseline
+                    out += self._fetch(run, t, through[t], fetch, decode)[0]
+            self.settled.add(run)
+            return out + ([event] if self.wanted("heartbeat") else [])
+        have = through.get(topic, 0 if settled else None)  # settled: a topic new to us counts from seq 1
+        if have is not None and seq > have + 1:
+            out += self._fetch(run, topic, have, fetch, decode)[0]
+        if have is not None and through.get(topic, have) >= seq:
+            return out  # handed out already, through replay
+        through[topic] = seq
+        return out + [event]
+
+    def handed_out(self, event: Event) -> Event:
+        """Record the event as delivered (positions) and say how many before it are lost for good."""
+        if event.kind is EventKind.HEARTBEAT:
+            return event
+        run, seq = event.header["run_id"], event.header["seq"]
+        positions = self.positions.setdefault(run, {})
+        last = positions.get(event.topic)
+        gap = seq - last - 1 if last is not None and seq > last + 1 else 0
+        positions[event.topic] = max(seq, last or 0)
+        if event.replayed:
+            self.replayed += 1
+        self.count_gap(event.topic, gap)
+        while len(self.positions) > self.MAX_RUNS:
+            self.positions.pop(next(iter(self.positions)))
+        return dataclasses.replace(event, gap=gap)
+
+    def _fetch(self, run: str, topic: str, after: int, fetch: Fetch, decode: Decode) -> tuple[list[Event], str]:
+        """Fetch (run, topic) after `after` until the answer is complete; what it cannot give is lost.
+        -> (the events, how the answer ended: complete, unknown_run, or failed)."""
+        out: list[Event] = []
+        through = self._through.setdefault(run, {})
+        while True:
+            try:
+                messages, end = fetch(run, topic, after)
+            except (ReplayError, UsageError) as exc:
+                self.replay_failures += 1
+                log.warning("cannot fill the gap on %s after seq %d: %s", topic, after, exc)
+                return out, "failed"
+            for parts in messages:
+                event = decode(parts)
+                if event is not None and event.topic == topic and event.header["seq"] > through.get(topic, after):
+                    through[topic] = event.header["seq"]
+                    out.append(event)
+            last = end.get("last_seq")
+            if end.get("status") != "partial" or not isinstance(last, int) or last <= after:
+                if end.get("status") == "complete" and isinstance(last, int):
+                    through[topic] = max(through.get(topic, after), last)  # what it could not give is gone
+                return out, str(end.get("status"))
+            after = last
+
+    def _finish_old_runs(self, endpoint: str, current: str, fetch: Fetch, decode: Decode) -> list[Event]:
+        """A daemon restarted (or we resume): fetch what is left of earlier runs (from its archive)."""
+        out: list[Event] = []
+        for run in [r for r in self._through if r != current and r not in self._run_of.values()]:
+            if (endpoint, run) in self._asked:
+                continue
+            self._asked.add((endpoint, run))  # once per endpoint and session: an unanswered run costs no more
+            statuses = set()
+            for topic, after in list(self._through[run].items()):
+                if self.wanted(topic):
+                    got, status = self._fetch(run, topic, after, fetch, decode)
+                    out += got
+                    statuses.add(status)
+            if "complete" in statuses:  # this daemon's run, finished
+                self._through.pop(run, None)
+        while len(self._through) > self.MAX_RUNS:  # bounded, like positions: the oldest runs go first
+            self._through.pop(next(iter(self._through)))
+        return out
 
 
 def _kind(topic: str) -> EventKind:
@@ -340,7 +475,7 @@ def decode_event(parts: list[bytes], decode: bool = True, max_pixels: int = MAX_
     return Event(topic, kind, header, mask, frame, raw=raw, regions_mask=regions)
 
 
-# Why a handshake failed (inspectd.outputs.sockets.HANDSHAKE_FAILED's reasons), for the one line a user reads.
+# Why a handshake failed (inspectd.outputs.wire.HANDSHAKE_FAILED's reasons), for the one line a user reads.
 _REFUSED_BECAUSE = {
     "auth": "the daemon refused our CURVE key: its public key (NAME.key) is not in the daemon's "
             "publish.curve_clients folder",
@@ -458,17 +593,8 @@ class Subscriber:
         self.topics = list(topics)
         self.decode = decode
         self.on_malformed = on_malformed or _log_malformed
-        self.gaps: dict[str, int] = {}  # topic -> messages lost for good
         self.malformed = 0
-        self.replayed = 0  # events delivered through replay
-        self.replay_failures = 0  # gaps that could not be filled: the endpoint did not answer
-        # {run_id: {topic: seq}}: handed out (positions) and received or fetched (_through)
-        self.positions: dict[str, dict[str, int]] = {r: dict(t) for r, t in (positions or {}).items()}
-        self._through: dict[str, dict[str, int]] = {r: dict(t) for r, t in self.positions.items()}
-        # Runs whose every topic counts from its first message: resumed ones, and those whose first
-        # heartbeat (the baseline: a new consumer starts from the present) has been seen.
-        self._settled: set[str] = set(self.positions)
-        self._asked: set[tuple[str, str]] = set()  # (endpoint, earlier run) already asked for its rest
+        self.filler = GapFiller(self.topics, positions)  # loss counts, positions, and gap filling through replay
         self._ctx = zmq.Context()
         self._poller = zmq.Poller()
         self._sockets: dict[zmq.Socket, tuple[str, SeqTracker]] = {}
@@ -479,7 +605,6 @@ class Subscriber:
         self._keys: dict[str, ClientKeys | None] = dict(zip(self.endpoints, curves))
         self._retry: dict[str, tuple[float, float]] = {}  # refused endpoint -> (when to try again, the next wait)
         self._replay: dict[str, ReplayClient] = {}
-        self._run_of: dict[str, str] = {}  # endpoint -> its current run_id
         self._pending: deque[tuple[Event, bool]] = deque()  # (event, whether it came through the replay path)
         self._restart_pending: set[str] = set()  # runs whose restart showed on a message not handed out
         try:
@@ -509,7 +634,7 @@ class Subscriber:
                 from None
         for topic in self.topics:
             sock.setsockopt(zmq.SUBSCRIBE, topic.encode("ascii"))
-        if endpoint in self._replay and not self._wanted("heartbeat"):
+        if endpoint in self._replay and not self.filler.wanted("heartbeat"):
             sock.setsockopt(zmq.SUBSCRIBE, b"heartbeat")  # their last_seq reveals losses during a silence
         self._poller.register(sock, zmq.POLLIN)
 
@@ -533,7 +658,27 @@ class Subscriber:
         if event.header.get("run_id") in self._restart_pending and event.kind is not EventKind.HEARTBEAT:
             self._restart_pending.discard(event.header["run_id"])
             event = dataclasses.replace(event, restarted=True)
-        return self._handed_out(event) if via_replay else event
+        return self.filler.handed_out(event) if via_replay else event
+
+    @property
+    def gaps(self) -> dict[str, int]:
+        """{topic: messages lost for good}."""
+        return self.filler.gaps
+
+    @property
+    def positions(self) -> dict[str, dict[str, int]]:
+        """{run_id: {topic: seq}}: what has been handed out (save it; pass it back to resume)."""
+        return self.filler.positions
+
+    @property
+    def replayed(self) -> int:
+        """Events delivered through replay."""
+        return self.filler.replayed
+
+    @property
+    def replay_failures(self) -> int:
+        """Gaps that could not be filled: the replay endpoint did not answer."""
+        return self.filler.replay_failures
 
     def _handshake(self, monitor: zmq.Socket) -> None:
         """A refused handshake: AccessError, or `on_refused(endpoint, why)` when given (ZeroMQ never retries a
@@ -590,12 +735,13 @@ class Subscriber:
                         "own endpoint and replay endpoint instead", endpoint, self._replay[endpoint].endpoint)
             self._replay.pop(endpoint).close()
         if endpoint in self._replay:
-            out = self._filled(endpoint, dataclasses.replace(event, restarted=restarted))
+            out = self.filler.received(endpoint, dataclasses.replace(event, restarted=restarted),
+                                       self._replay[endpoint].fetch,
+                                       lambda parts: self._decode(endpoint, parts, replayed=True))
             if restarted and not any(e.restarted for e in out):  # shown by a message not handed out
                 self._restart_pending.add(event.header["run_id"])
             return [(e, True) for e in out]
-        if gap:
-            self.gaps[event.topic] = self.gaps.get(event.topic, 0) + gap
+        self.filler.count_gap(event.topic, gap)
         return [(dataclasses.replace(event, gap=gap, restarted=restarted), False)]
 
     def _decode(self, endpoint: str, parts: list[bytes], replayed: bool = False) -> Event | None:
@@ -606,100 +752,6 @@ class Subscriber:
             self.on_malformed(endpoint, str(exc))
             return None
         return dataclasses.replace(event, endpoint=endpoint, replayed=replayed)
-
-    # -- replay: exactly once per (run_id, topic, seq) --------------------------------------------
-    def _wanted(self, topic: str) -> bool:
-        return any(topic.startswith(t) for t in self.topics)
-
-    def _filled(self, endpoint: str, event: Event) -> list[Event]:
-        """The events to hand out for one received message: the missed ones first (fetched), then it,
-        unless it was handed out already (fetched by an earlier fill)."""
-        run, topic, seq = event.header["run_id"], event.topic, event.header["seq"]
-        out: list[Event] = []
-        if self._run_of.get(endpoint) != run:
-            out += self._finish_old_runs(endpoint, run)
-            self._run_of[endpoint] = run
-        through = self._through.setdefault(run, {})
-        settled = run in self._settled
-        if event.kind is EventKind.HEARTBEAT:
-            for t, last in (event.header.get("last_seq") or {}).items():
-                if not self._wanted(t) or not isinstance(last, int) or t == "heartbeat":
-                    continue
-                if t not in through and not settled:  # a consumer that starts now does not want the past
-                    through[t] = last
-                    self.positions.setdefault(run, {}).setdefault(t, last)
-                elif last > through.setdefault(t, 0):  # lost during a silence, or a topic new since the baseline
-                    out += self._fetch(endpoint, run, t, through[t])[0]
-            self._settled.add(run)
-            return out + ([event] if self._wanted("heartbeat") else [])
-        have = through.get(topic, 0 if settled else None)  # settled: a topic new to us counts from seq 1
-        if have is not None and seq > have + 1:
-            out += self._fetch(endpoint, run, topic, have)[0]
-        if have is not None and through.get(topic, have) >= seq:
-            return out  # handed out already, through replay
-        through[topic] = seq
-        return out + [event]
-
-    def _fetch(self, endpoint: str, run: str, topic: str, after: int) -> tuple[list[Event], str]:
-        """Fetch (run, topic) after `after` until the answer is complete; what it cannot give is lost.
-        -> (the events, how the answer ended: complete, unknown_run, or failed)."""
-        out: list[Event] = []
-        through = self._through.setdefault(run, {})
-        client = self._replay[endpoint]
-        while True:
-            try:
-                messages, end = client.fetch(run, topic, after)
-            except (ReplayError, UsageError) as exc:
-                self.replay_failures += 1
-                log.warning("cannot fill the gap on %s after seq %d: %s", topic, after, exc)
-                return out, "failed"
-            for parts in messages:
-                event = self._decode(endpoint, parts, replayed=True)
-                if event is not None and event.topic == topic and event.header["seq"] > through.get(topic, after):
-                    through[topic] = event.header["seq"]
-                    out.append(event)
-            last = end.get("last_seq")
-            if end.get("status") != "partial" or not isinstance(last, int) or last <= after:
-                if end.get("status") == "complete" and isinstance(last, int):
-                    through[topic] = max(through.get(topic, after), last)  # what it could not give is gone
-                return out, str(end.get("status"))
-            after = last
-
-    def _finish_old_runs(self, endpoint: str, current: str) -> list[Event]:
-        """A daemon restarted (or we resume): fetch what is left of earlier runs (from its archive)."""
-        out: list[Event] = []
-        for run in [r for r in self._through if r != current and r not in self._run_of.values()]:
-            if (endpoint, run) in self._asked:
-                continue
-            self._asked.add((endpoint, run))  # once per endpoint and session: an unanswered run costs no more
-            statuses = set()
-            for topic, after in list(self._through[run].items()):
-                if self._wanted(topic):
-                    got, status = self._fetch(endpoint, run, topic, after)
-                    out += got
-                    statuses.add(status)
-            if "complete" in statuses:  # this daemon's run, finished
-                self._through.pop(run, None)
-        while len(self._through) > 16:  # bounded, like positions: the oldest runs go first
-            self._through.pop(next(iter(self._through)))
-        return out
-
-    def _handed_out(self, event: Event) -> Event:
-        """Record the event as delivered (positions) and say how many before it are lost for good."""
-        if event.kind is EventKind.HEARTBEAT:
-            return event
-        run, seq = event.header["run_id"], event.header["seq"]
-        positions = self.positions.setdefault(run, {})
-        last = positions.get(event.topic)
-        gap = seq - last - 1 if last is not None and seq > last + 1 else 0
-        positions[event.topic] = max(seq, last or 0)
-        if event.replayed:
-            self.replayed += 1
-        if gap:
-            self.gaps[event.topic] = self.gaps.get(event.topic, 0) + gap
-        while len(self.positions) > 16:  # bounded: the oldest runs go first
-            self.positions.pop(next(iter(self.positions)))
-        return dataclasses.replace(event, gap=gap)
 
     def __iter__(self) -> Iterator[Event]:
         while True:

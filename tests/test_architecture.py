@@ -200,3 +200,23 @@ def test_the_daemon_never_imports_the_training_toolkit():
                              "print(sorted(m for m in sys.modules if m.startswith('inspectd.toolkit')))"],
                             capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[]"
+
+
+def _reached(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo += graph.get(module, ())
+    return seen
+
+
+def test_the_consumer_library_takes_only_the_wire_protocol_from_the_daemon():
+    """client.py (and so `inspectd watch`) reaches no daemon module: of outputs/ only wire.py, where the
+    protocol constants live, and nothing of service/, pipeline/, sources/ or config/."""
+    reached = _reached(import_graph(), "inspectd.client")
+    daemon_side = sorted(m for m in reached if m.startswith(("inspectd.outputs.", "inspectd.service", "inspectd.pipeline",
+                                                             "inspectd.sources", "inspectd.config", "inspectd.model"))
+                         and m != "inspectd.outputs.wire")
+    assert daemon_side == [] and "inspectd.outputs.wire" in reached

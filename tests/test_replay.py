@@ -19,8 +19,8 @@ from inspectd.metrics import Metrics
 from inspectd.outputs.archive import Archive, message_entry, write_entry
 from inspectd.outputs.fanout import Fanout
 from inspectd.outputs.publish import Publisher
-from inspectd.outputs.replay import END_TOPIC, REQUEST_TAG, ReplayServer, Ring, parse_request
-from inspectd.outputs.wire import encode_message, inspection_body
+from inspectd.outputs.replay import ReplayServer, Ring, parse_request
+from inspectd.outputs.wire import END_TOPIC, REQUEST_TAG, encode_message, inspection_body
 
 
 class Line:
@@ -302,7 +302,7 @@ def test_a_topic_new_since_the_consumer_left_comes_from_its_first_seq(line):
         assert sub.gaps == {}
     # A consumer that stays: once its baseline is set, a new topic's first messages are fetched too.
     with Subscriber(ln.pub.endpoint, ["defect."], replay=ln.replay.endpoint) as sub:
-        wait_until(lambda: sub.recv(0.05) is None and ln.run_id in sub._settled, 5, "the baseline")
+        wait_until(lambda: sub.recv(0.05) is None and ln.run_id in sub.filler.settled, 5, "the baseline")
         ln.defects(2, camera="cam3")
         got = [sub.recv(5) for _ in range(2)]
         assert [(e.topic, e.header["seq"]) for e in got] == [("defect.cam3", 1), ("defect.cam3", 2)]

@@ -30,7 +30,8 @@ from zmq.utils.monitor import parse_monitor_message
 from inspectd.bridges import stop_on_signals
 from inspectd.bridges.config import BridgeSettings
 from inspectd.errors import ConfigError
-from inspectd.outputs.sockets import HANDSHAKE_FAILED, ServerSocket
+from inspectd.outputs.sockets import ServerSocket
+from inspectd.outputs.wire import HANDSHAKE_FAILED
 from inspectd.security import ServerKeys, is_loopback_endpoint
 
 log = logging.getLogger("inspectd.bridges.proxy")

@@ -29,8 +29,9 @@ import zmq
 
 from inspectd.frames import CameraState, Inspection
 from inspectd.outputs.fanout import Fate, Listener, Outcome
-from inspectd.outputs.sockets import HANDSHAKE_REASONS, ServerSocket
+from inspectd.outputs.sockets import ServerSocket
 from inspectd.outputs.wire import (
+    HANDSHAKE_REASONS,
     HEARTBEAT_TOPIC,
     SCHEMA,
     encode_message,

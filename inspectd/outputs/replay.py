@@ -14,7 +14,7 @@ are counted; an answer is bounded in messages and bytes (`partial`: ask again fr
 
 from __future__ import annotations
 
-__all__ = ["Ring", "ReplayServer", "REQUEST_TAG", "END_TOPIC", "REPLAY_SCHEMA", "parse_request", "STATUSES"]
+__all__ = ["Ring", "ReplayServer", "parse_request", "STATUSES"]
 
 import json
 import logging
@@ -28,8 +28,8 @@ import zmq
 
 from inspectd.outputs.archive import entry_message
 from inspectd.outputs.fanout import Fate, Outcome
-from inspectd.outputs.sockets import HANDSHAKE_REASONS, ServerSocket
-from inspectd.outputs.wire import HEARTBEAT_TOPIC
+from inspectd.outputs.sockets import ServerSocket
+from inspectd.outputs.wire import END_TOPIC, HANDSHAKE_REASONS, HEARTBEAT_TOPIC, REPLAY_SCHEMA, REQUEST_TAG
 
 if TYPE_CHECKING:
     from inspectd.config import ReplayConfig
@@ -39,9 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("inspectd.outputs.replay")
 
-REPLAY_SCHEMA = "inspectd.replay/1"
-REQUEST_TAG = b"inspectd.replay/1"
-END_TOPIC = "replay.end"
 # How an answer ended (the end message's "status", and the `status` label of the requests counter).
 STATUSES = ("complete", "partial", "unknown_run", "error")
 MAX_REQUEST_BYTES = 1024  # a request is about 100 bytes: larger ones get an `error` answer

@@ -15,7 +15,7 @@ TCP health check looks like).
 
 from __future__ import annotations
 
-__all__ = ["ServerSocket", "HANDSHAKE_FAILED", "HANDSHAKE_REASONS", "zmq_reason"]
+__all__ = ["ServerSocket"]
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -24,21 +24,10 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from inspectd.errors import ConfigError
+from inspectd.outputs.wire import HANDSHAKE_FAILED, zmq_reason
 
 if TYPE_CHECKING:
     from inspectd.security import ServerKeys
-
-# A failed security handshake, as ZeroMQ's socket monitor reports it -> its reason, on both ends.
-HANDSHAKE_FAILED: dict[int, str] = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth", zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
-                                    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "other"}
-HANDSHAKE_REASONS = tuple(HANDSHAKE_FAILED.values())
-
-
-def zmq_reason(exc: zmq.ZMQError) -> str:
-    """ZeroMQ's text for the error number of `exc`."""
-    # pyzmq types errno `int | None`, but sets it (from zmq_errno()) whenever the error is not given one.
-    return zmq.strerror(exc.errno)  # type: ignore[arg-type]
-
 
 class ServerSocket:
     """A context, a socket of `kind` with `options` bound to `endpoint`, and (with keys) its CURVE

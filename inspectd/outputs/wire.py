@@ -1,13 +1,20 @@
-"""The wire format `inspectd.event/1` (docs/wire-format.md): pure encode/decode, no sockets.
+"""The wire format `inspectd.event/1` (docs/wire-format.md): pure encode/decode, no sockets; and the
+protocol constants both ends share (replay's request tag and end topic, the handshake failures).
 
-Shared by the publisher (`inspectd.outputs.publish`) and the consumer library (`inspectd.client`);
-imports nothing of the daemon beyond `frames`, so a consumer never pulls in TensorFlow.
+Shared by the daemon's outputs and the consumer library (`inspectd.client`, the bridges); imports
+nothing of the daemon beyond `frames`, so a consumer never pulls in TensorFlow or the daemon.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "SCHEMA",
+    "REPLAY_SCHEMA",
+    "REQUEST_TAG",
+    "END_TOPIC",
+    "HANDSHAKE_FAILED",
+    "HANDSHAKE_REASONS",
+    "zmq_reason",
     "DEFAULT_ENDPOINT",
     "HEARTBEAT_TOPIC",
     "WireFormatError",
@@ -26,11 +33,29 @@ import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 
+import zmq
+
 from inspectd.frames import CameraState, Inspection
 
 SCHEMA = "inspectd.event/1"
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5556"
 HEARTBEAT_TOPIC = "heartbeat"
+
+# Replay (docs/wire-format.md#replay): a request is [REQUEST_TAG, JSON]; an answer ends with [END_TOPIC, JSON].
+REPLAY_SCHEMA = "inspectd.replay/1"
+REQUEST_TAG = b"inspectd.replay/1"
+END_TOPIC = "replay.end"
+
+# A failed security handshake, as ZeroMQ's socket monitor reports it -> its reason, on both ends.
+HANDSHAKE_FAILED: dict[int, str] = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth", zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
+                                    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "other"}
+HANDSHAKE_REASONS = tuple(HANDSHAKE_FAILED.values())
+
+
+def zmq_reason(exc: zmq.ZMQError) -> str:
+    """ZeroMQ's text for the error number of `exc`."""
+    # pyzmq types errno `int | None`, but sets it (from zmq_errno()) whenever the error is not given one.
+    return zmq.strerror(exc.errno)  # type: ignore[arg-type]
 
 
 class WireFormatError(ValueError):
