@@ -1,8 +1,10 @@
-"""Reading images and videos the same way everywhere: RGB uint8, grey replicated to 3 channels."""
+"""Reading images and videos the same way everywhere (RGB uint8, grey replicated to 3 channels), and the
+one JPEG/PNG encoder every output uses (events, archive, live view, infer, watch, synth)."""
 
 from __future__ import annotations
 
-__all__ = ["IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "read_rgb", "to_rgb", "write_png", "parse_size"]
+__all__ = ["IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "read_rgb", "to_rgb", "encode_jpeg", "encode_png", "write_png",
+           "parse_size"]
 
 from pathlib import Path
 
@@ -42,13 +44,27 @@ def read_rgb(path: Path) -> np.ndarray:
     return to_rgb(image)
 
 
-def write_png(path: Path, image: np.ndarray, rgb: bool = True) -> None:
-    """Write an RGB (or grey) uint8 image as PNG."""
+def _encode(suffix: str, image: np.ndarray, rgb: bool, params: list[int]) -> bytes:
     out = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if rgb and image.ndim == 3 else image
-    ok, buf = cv2.imencode(".png", out)
-    if not ok:
-        raise DataError(f"{path}: could not encode PNG")
-    Path(path).write_bytes(buf.tobytes())
+    ok, buf = cv2.imencode(suffix, out, params)
+    if not ok:  # OpenCV refuses only what is not an image (a wrong dtype or shape): a bug of ours, not bad input
+        raise ValueError(f"cannot encode a {image.dtype} array of shape {image.shape} as {suffix}")
+    return buf.tobytes()
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 85, rgb: bool = True) -> bytes:
+    """An RGB (rgb=False: BGR, as OpenCV draws) or grey uint8 image as JPEG bytes."""
+    return _encode(".jpg", image, rgb, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+
+
+def encode_png(image: np.ndarray, rgb: bool = True) -> bytes:
+    """An RGB (rgb=False: BGR) or grey uint8 image as PNG bytes, lossless."""
+    return _encode(".png", image, rgb, [])
+
+
+def write_png(path: Path, image: np.ndarray, rgb: bool = True) -> None:
+    """Write an RGB (rgb=False: BGR) or grey uint8 image as PNG."""
+    Path(path).write_bytes(encode_png(image, rgb))
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -22,6 +22,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from inspectd.imageio import write_png
+
 __all__ = ["SURFACES", "DEFECTS", "Sample", "DatasetSummary", "render", "write_dataset"]
 
 SURFACES = ("metal", "cast", "fabric", "gradient")
@@ -346,13 +348,6 @@ def _prepare(out: Path) -> None:
         (out / sub).mkdir(parents=True, exist_ok=True)
 
 
-def _write_png(path: Path, image: np.ndarray) -> None:
-    ok, buf = cv2.imencode(".png", image)
-    if not ok:
-        raise OSError(f"{path}: could not encode PNG")
-    path.write_bytes(buf.tobytes())
-
-
 def _write_meta(out: Path, meta: dict, samples: list[dict], complete: bool) -> None:
     text = json.dumps({**meta, "complete": complete, "samples": samples}, indent=1)
     (out / "synth.json").write_text(text + "\n", encoding="utf-8")
@@ -383,9 +378,9 @@ def write_dataset(out: Path, n: int, width: int, height: int, seed: int = 0,
     for i, child in enumerate(np.random.SeedSequence(seed).spawn(n)):
         s = render(np.random.default_rng(child), width, height, bool(is_defect[i]))
         name = f"synth_{i:05d}.png"
-        _write_png(out / ("defect" if s.defect else "ok") / name, s.image)
+        write_png(out / ("defect" if s.defect else "ok") / name, s.image, rgb=False)
         if s.defect:
-            _write_png(out / "masks" / name, s.mask)
+            write_png(out / "masks" / name, s.mask, rgb=False)
         samples.append({"file": f"{'defect' if s.defect else 'ok'}/{name}", "surface": s.surface,
                         "kinds": list(s.kinds)})
         if progress is not None:

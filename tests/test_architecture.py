@@ -105,7 +105,7 @@ def test_runtime_path_does_not_reach_the_training_code():
 # the layers below its own; within a layer only the foundation's modules import each other (acyclically).
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("inspectd", "inspectd.errors", "inspectd.threads", "inspectd.frames", "inspectd.imageio", "inspectd.tfload",
-     "inspectd.security", "inspectd.synth"),  # foundation: no knowledge of the daemon
+     "inspectd.security", "inspectd.synth", "inspectd.drawing"),  # foundation: no knowledge of the daemon
     ("inspectd.model",),  # the deployable model: file, metadata, mask rule, conversion
     ("inspectd.config",),  # configuration: one model per section, each setting declared once
     ("inspectd.metrics",),  # metric definitions

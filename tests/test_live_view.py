@@ -19,12 +19,13 @@ from support import wait_until
 from inspectd.config import Settings, UiConfig
 from inspectd.errors import ConfigError
 from inspectd.frames import Frame
+from inspectd.imageio import encode_png
 from inspectd.outputs.archive import Archive, message_entry
 from inspectd.outputs.live import KEEPALIVE_S, LiveView, Seen
 from inspectd.outputs.recent import ArchiveDefects, MemoryDefects
 from inspectd.outputs.ui import BOUNDARY, UiApp, _loopback_host, collect_frame
 from inspectd.outputs.wire import encode_message, unsent_header
-from inspectd.pipeline.postprocess import InspectOptions, encode_png
+from inspectd.pipeline.postprocess import InspectOptions
 from inspectd.security import hash_password
 from inspectd.service.web import WebServer, web_security
 

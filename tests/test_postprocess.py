@@ -111,3 +111,24 @@ def test_an_ok_frame_costs_no_map_unless_results_are_published(monkeypatch):
     # Archived ok frames still keep their frame.
     kept = inspect(frame, 0.1, logits, InspectOptions(threshold=0.5, archive_frame="png", archive_ok_every=7))
     assert kept.archive_frame[:4] == b"\x89PNG" and kept.archive_encoding == "png" and kept.mask_png == b""
+
+
+def test_infer_and_the_live_view_draw_the_same_picture():
+    """One drawing (inspectd.drawing.draw) for infer/watch and the live view: the same frame and CAM give the
+    same picture, but for JPEG and the live view's 256-step colour lookup (the frame alone is 37 levels away)."""
+    import time
+
+    from inspectd.frames import Frame
+    from inspectd.outputs.live import Seen, render
+    from inspectd.pipeline.postprocess import InspectOptions, locate
+
+    image = np.dstack([np.tile(np.linspace(60, 200, 320, dtype=np.float32), (240, 1))] * 3).astype(np.uint8)
+    logits = np.full((15, 20), -5.0, np.float32)
+    logits[4:8, 10:15] = 5.0
+    opts = InspectOptions(threshold=0.5)
+    jpeg = render(Seen(Frame("cam", 1, time.time(), time.monotonic(), image), 0.9, logits, opts), 320)
+    live = cv2.cvtColor(cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB).astype(int)
+    found = locate(logits, 320, 240, opts.mask_rule, True)
+    drawn = overlay(image, found.prob, 0.9, 0.5, mask=found.kept, regions=found.regions).astype(int)
+    assert np.abs(drawn - live).mean() < 4 and np.percentile(np.abs(drawn - live), 99) < 40
+    assert np.abs(image.astype(int) - live).mean() > 30

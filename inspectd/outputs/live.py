@@ -9,10 +9,10 @@
 `offer` only keeps a reference to the newest (frame, score, CAM) of each camera: inference never
 waits for, and never pays for, the live view. The render thread draws a camera's picture (the frame,
 the probability map blended in, the mask's contours and the regions' boxes, score and verdict, the
-map's colour legend: the look of `postprocess.overlay`, which `inspectd infer` and `watch --save`
-draw) only while a viewer streams that camera, at most `max_fps` times a second, once for all its
-viewers, at most `width` pixels wide, at a lower CPU priority than inference, and at most
-SATURATED_FPS while inspection cannot keep up with the cameras.
+map's colour legend: `inspectd.drawing.draw`, as `inspectd infer` and `watch --save` draw) only
+while a viewer streams that camera, at most `max_fps` times a second, once for all its viewers, at
+most `width` pixels wide, at a lower CPU priority than inference, and at most SATURATED_FPS while
+inspection cannot keep up with the cameras.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from inspectd.drawing import draw
 from inspectd.frames import Frame
+from inspectd.imageio import encode_jpeg
 from inspectd.pipeline.postprocess import InspectOptions
 from inspectd.threads import name_this_thread
 
@@ -86,99 +88,42 @@ def _sigmoid_jet() -> np.ndarray:
 
 
 _SIGMOID_JET = _sigmoid_jet()
-_ALPHA = 0.35  # the map's weight in the blend, as postprocess.overlay
-_FONT = cv2.FONT_HERSHEY_SIMPLEX
-
-
-@functools.lru_cache(maxsize=16)
-def _legend(width: int, height: int) -> tuple[tuple[int, int], np.ndarray] | None:
-    """The colour bar (probability 1 at the top, 0 at the bottom) with its labels, drawn once per picture size:
-    ((x, y) of its corner, the BGR patch)."""
-    bar_h, bar_w = max(16, height // 3), max(6, width // 50)
-    pad = 26  # room for the labels, left of the bar
-    if bar_h + 8 > height or bar_w + pad + 8 > width:
-        return None
-    ramp = np.linspace(255, 0, bar_h).astype(np.uint8)[:, None].repeat(bar_w, axis=1)
-    color = cv2.applyColorMap(ramp, cv2.COLORMAP_JET)
-    out = np.zeros((bar_h + 8, bar_w + pad, 3), np.uint8)
-    out[4:4 + bar_h, pad:] = color
-    scale = max(0.3, min(0.5, height / 600))
-    for text, y in (("p 1", 12), ("0", 4 + bar_h)):
-        (tw, _), _ = cv2.getTextSize(text, _FONT, scale, 1)
-        cv2.putText(out, text, (pad - tw - 3, y), _FONT, scale, (255, 255, 255), 1, cv2.LINE_AA)
-    return (width - bar_w - pad - 4, height - bar_h - 8), out
 
 
 def render(seen: Seen, width: int) -> bytes:
     """The live picture of one result as JPEG: the frame scaled to at most `width`, the probability map
-    blended in (jet, as `postprocess.overlay`), the mask's contours and the regions' boxes when judged
-    defective, score and verdict, the legend.
-
-    Drawn in about a dozen OpenCV calls, each of which lets go of the GIL: the inference thread, which
-    shares the interpreter, is kept waiting as little as possible (a first version drawn with
-    `postprocess.overlay`, some forty numpy and OpenCV calls, cost a saturated CPU 15 % of its inspected
-    frames with two viewers; docs/performance.md). The mask is the published one's rule at the picture's
-    size: logits upsampled bilinearly, at or above the frame's logit threshold (`MaskRule.logit_threshold`)."""
+    blended in, the mask's contours and the regions' boxes when judged defective, score and verdict, the
+    legend (`inspectd.drawing.draw`, as infer and watch draw). Everything is scaled down first and the map
+    coloured straight from the logits, so a picture costs about a dozen OpenCV calls, each of which lets go
+    of the GIL (docs/performance.md). The mask is the published one's rule at the picture's size: logits
+    upsampled bilinearly, at or above the frame's logit threshold (`MaskRule.logit_threshold`)."""
     image = seen.frame.image
     h, w = image.shape[:2]
     if w > width:
         w, h = width, max(1, round(h * width / w))
         image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
-    picture = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
     logits = cv2.resize(np.asarray(seen.cam_logits, np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
     # convertScaleAbs takes |x|: clip first, so that a very negative logit is blue, not red.
     index = cv2.convertScaleAbs(np.clip(logits, -_LOGIT_SPAN, _LOGIT_SPAN), alpha=127.5 / _LOGIT_SPAN, beta=127.5)
-    heat = cv2.applyColorMap(index, _SIGMOID_JET)
-    picture = cv2.addWeighted(picture, 1.0 - _ALPHA, heat, _ALPHA, 0.0)
-    if seen.is_defect:
-        _regions(picture, logits, seen, (w / seen.frame.width) ** 2)
-    legend = _legend(w, h)
-    if legend is not None:
-        (x0, y0), patch = legend
-        region = picture[y0:y0 + patch.shape[0], x0:x0 + patch.shape[1]]
-        np.copyto(region, patch, where=patch.any(axis=2, keepdims=True))
-    _verdict(picture, seen.score, seen.options.threshold)
-    ok, buf = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
-    if not ok:
-        raise ValueError("JPEG encoding failed")
-    return buf.tobytes()
+    mask, boxes = _regions(logits, seen, (w / seen.frame.width) ** 2) if seen.is_defect else (None, [])
+    picture = draw(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), index, _SIGMOID_JET, mask=mask, boxes=boxes,
+                   verdict=(seen.score, seen.options.threshold))
+    return encode_jpeg(picture, _JPEG_QUALITY, rgb=False)
 
 
-def _regions(picture: np.ndarray, logits: np.ndarray, seen: Seen, area_scale: float) -> None:
-    """The mask's contours (white) and the regions' boxes (yellow): the components of logits >= the frame's
-    threshold with at least min_region_px pixels (scaled to the picture), as `postprocess.locate` finds them."""
+def _regions(logits: np.ndarray, seen: Seen, area_scale: float) -> tuple[np.ndarray | None, list]:
+    """(the mask to outline, the regions' boxes): the components of logits >= the frame's threshold with at
+    least min_region_px pixels (scaled to the picture), as `postprocess.locate` finds them."""
     t = seen.options.mask_rule.logit_threshold(seen.cam_logits)
     if t == float("inf"):
-        return
+        return None, []
     above = cv2.compare(logits, float(t), cv2.CMP_GE)  # type: ignore[call-overload]  # a scalar src2 works; stubs want arrays
     n, labels, stats, _ = cv2.connectedComponentsWithStats(above, connectivity=8)
     keep = stats[:, cv2.CC_STAT_AREA] >= max(1.0, seen.options.min_region_px * area_scale)
     keep[0] = False  # the background
     if not keep.any():
-        return
-    line = max(1, round(min(picture.shape[:2]) / 200))
-    contours, _ = cv2.findContours(np.where(keep[labels], 255, 0).astype(np.uint8), cv2.RETR_EXTERNAL,
-                                   cv2.CHAIN_APPROX_SIMPLE)
-    cv2.drawContours(picture, contours, -1, (255, 255, 255), line, cv2.LINE_AA)
-    for x, y, bw, bh, _ in stats[keep]:
-        cv2.rectangle(picture, (int(x), int(y)), (int(x + bw - 1), int(y + bh - 1)), (0, 255, 255), line)
-
-
-def _verdict(picture: np.ndarray, score: float, threshold: float) -> None:
-    """'DEFECT score 0.973' (red) or 'ok score 0.041' (green) on black, top left, about a third of the width."""
-    defect = score >= threshold
-    text = f"{'DEFECT' if defect else 'ok'}  score {score:.3f}"
-    scale, thick = _text_size(picture.shape[1])
-    (tw, th), base = cv2.getTextSize(text, _FONT, scale, thick)
-    cv2.rectangle(picture, (0, 0), (tw + 8, th + base + 8), (0, 0, 0), -1)
-    cv2.putText(picture, text, (4, th + 4), _FONT, scale, (64, 64, 255) if defect else (64, 255, 64), thick, cv2.LINE_AA)
-
-
-@functools.lru_cache(maxsize=16)
-def _text_size(width: int) -> tuple[float, int]:
-    (unit_w, _), _ = cv2.getTextSize("DEFECT  score 0.000", _FONT, 1.0, 2)
-    scale = max(0.1, min(min(max(0.35 * width / unit_w, 0.4), 1.5), (width - 8) / unit_w))
-    return scale, max(1, round(scale * 2))
+        return None, []
+    return keep[labels], [tuple(box) for box in stats[keep][:, :4]]
 
 
 @functools.lru_cache(maxsize=4)
@@ -188,14 +133,7 @@ def placeholder(text: str, width: int = 320, height: int = 240) -> bytes:
     (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.6, 1)
     cv2.putText(image, text, ((width - tw) // 2, (height + th) // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.6,
                 (220, 220, 220), 1, cv2.LINE_AA)
-    return _jpeg(image)
-
-
-def _jpeg(rgb: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
-    if not ok:
-        raise ValueError("JPEG encoding failed")
-    return buf.tobytes()
+    return encode_jpeg(image, _JPEG_QUALITY)
 
 
 class LiveView:

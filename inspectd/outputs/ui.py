@@ -46,6 +46,8 @@ from urllib.parse import parse_qs
 import cv2
 import numpy as np
 
+from inspectd.drawing import draw
+from inspectd.imageio import encode_jpeg, encode_png
 from inspectd.outputs.archive import safe_component
 from inspectd.outputs.live import LiveView, Seen
 from inspectd.outputs.recent import DefectLog, DefectRecord
@@ -89,15 +91,13 @@ def collect_frame(root: Path, seen: Seen, label: str) -> Path:
     frame = seen.frame
     when = datetime.fromtimestamp(frame.captured_at, tz=timezone.utc)
     path = folder / f"{safe_component(frame.camera)}_{when:%Y%m%dT%H%M%S.%fZ}_{frame.seq}.png"
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise ValueError("PNG encoding failed")
+    data = encode_png(frame.image)
     # A unique temporary name without an image suffix: `train` never reads a half-written file, and two saves
     # of the same frame never share one.
     fd, temp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(buf.tobytes())
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(temp, 0o644)
@@ -162,26 +162,13 @@ def defect_thumbnail(record: DefectRecord, width: int = 240) -> np.ndarray:
     picture = np.zeros((size[1], size[0], 3), np.uint8) if image is None else \
         cv2.cvtColor(cv2.resize(image, size, interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2BGR)
     mask = _decode(record.files.get("mask.png", b""), cv2.IMREAD_GRAYSCALE)
-    if mask is not None:
-        heat = cv2.applyColorMap(cv2.resize(mask, size, interpolation=cv2.INTER_LINEAR), cv2.COLORMAP_JET)
-        picture = cv2.addWeighted(picture, 0.65, heat, 0.35, 0.0)
     kept = _decode(record.files.get("regions.png", b""), cv2.IMREAD_GRAYSCALE)
-    if kept is not None:
-        contours, _ = cv2.findContours(cv2.resize(kept, size, interpolation=cv2.INTER_NEAREST), cv2.RETR_EXTERNAL,
-                                       cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(picture, contours, -1, (255, 255, 255), 1, cv2.LINE_AA)
     scale = size[0] / full_w
-    for region in h.get("regions") or ():
-        x, y, bw, bh = (round(v * scale) for v in region["bbox"])
-        cv2.rectangle(picture, (x, y), (x + max(1, bw) - 1, y + max(1, bh) - 1), (0, 255, 255), 1)
+    boxes = [tuple(round(v * scale) for v in region["bbox"]) for region in h.get("regions") or ()]
+    picture = draw(picture, None if mask is None else cv2.resize(mask, size, interpolation=cv2.INTER_LINEAR),
+                   mask=None if kept is None else cv2.resize(kept, size, interpolation=cv2.INTER_NEAREST),
+                   boxes=boxes, legend=False)
     return cv2.cvtColor(picture, cv2.COLOR_BGR2RGB)
-
-
-def _jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise ValueError("JPEG encoding failed")
-    return buf.tobytes()
 
 
 # -- rates -----------------------------------------------------------------------------------------
@@ -326,7 +313,7 @@ class UiApp:
                     return "200 OK", _CONTENT_TYPES[file[-4:]], record.files[file], True
             image = record.image
             if image is not None:
-                return "200 OK", "image/jpeg", self._drawn_once(record, "frame", lambda: _jpeg(image, 90)), True
+                return "200 OK", "image/jpeg", self._drawn_once(record, "frame", lambda: encode_jpeg(image, 90)), True
             raise HttpError("404 Not Found", "no frame was kept with this event (publish.attach_frame, archive)")
         if name in ("mask", "regions"):
             data = record.files.get(f"{name}.png")
@@ -334,9 +321,9 @@ class UiApp:
                 raise HttpError("404 Not Found", f"this event has no {name} attachment")
             return "200 OK", "image/png", data, True
         if name == "overlay":
-            return "200 OK", "image/jpeg", self._drawn_once(record, name, lambda: _jpeg(defect_overlay(record))), True
+            return "200 OK", "image/jpeg", self._drawn_once(record, name, lambda: encode_jpeg(defect_overlay(record))), True
         if name == "thumb":
-            return "200 OK", "image/jpeg", self._drawn_once(record, name, lambda: _jpeg(defect_thumbnail(record))), True
+            return "200 OK", "image/jpeg", self._drawn_once(record, name, lambda: encode_jpeg(defect_thumbnail(record))), True
         raise HttpError("404 Not Found", "no such file")
 
     def _drawn_once(self, record: DefectRecord, kind: str, draw: Callable[[], bytes]) -> bytes:

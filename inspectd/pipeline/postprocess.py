@@ -1,11 +1,12 @@
-"""Probability map -> mask and regions; overlay rendering. numpy + OpenCV only (daemon path)."""
+"""Probability map -> mask and regions, encoded for the wire; the overlay of infer and watch. numpy + OpenCV
+only (daemon path)."""
 
 from __future__ import annotations
 
 __all__ = [
     "Region", "MaskRule", "MASK_RULES", "InspectOptions", "Located", "probability", "upsample", "find_regions",
     "label_regions", "locate", "to_mask_u8",
-    "encode_png", "overlay", "inspect",
+    "overlay", "inspect",
 ]
 
 from dataclasses import asdict, dataclass
@@ -13,7 +14,9 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
+from inspectd.drawing import draw
 from inspectd.frames import Inspection
+from inspectd.imageio import encode_jpeg, encode_png
 from inspectd.model.masks import MASK_RULES, MaskRule, logit_to_probability
 from inspectd.pipeline.episodes import EpisodeRules
 
@@ -92,55 +95,14 @@ def to_mask_u8(prob: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(prob * 255.0), 0, 255).astype(np.uint8)
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", image)
-    if not ok:
-        raise ValueError("PNG encoding failed")
-    return buf.tobytes()
-
-
-def _legend(out: np.ndarray) -> None:
-    """A jet colour bar, probability 1 at the top and 0 at the bottom, in the lower right corner."""
-    h, w = out.shape[:2]
-    bar_h, bar_w = max(16, h // 3), max(6, w // 50)
-    if bar_h + 8 > h or bar_w + 40 > w:
-        return
-    ramp = np.linspace(255, 0, bar_h).astype(np.uint8)[:, None].repeat(bar_w, axis=1)
-    bar = cv2.cvtColor(cv2.applyColorMap(ramp, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
-    x0, y0 = w - bar_w - 4, h - bar_h - 4
-    out[y0:y0 + bar_h, x0:x0 + bar_w] = bar
-    scale = max(0.3, min(0.5, h / 600))
-    for text, y in (("p 1", y0 + 8), ("0", y0 + bar_h)):
-        (tw, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
-        cv2.putText(out, text, (x0 - tw - 3, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
-
-
-def overlay(image_rgb: np.ndarray, prob: np.ndarray, score: float, threshold: float, alpha: float = 0.35,
+def overlay(image_rgb: np.ndarray, prob: np.ndarray, score: float, threshold: float,
             mask: np.ndarray | None = None, regions: tuple = ()) -> np.ndarray:
-    """Image + jet heatmap of the probability map (at image size), the mask's contours, the regions' boxes,
-    a colour legend, score and verdict printed."""
-    heat = cv2.applyColorMap(to_mask_u8(prob), cv2.COLORMAP_JET)
-    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
-    out = cv2.addWeighted(image_rgb, 1.0 - alpha, heat, alpha, 0.0)
-    thick_line = max(1, round(min(out.shape[:2]) / 200))
-    if mask is not None and mask.any():
-        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(out, contours, -1, (255, 255, 255), thick_line, cv2.LINE_AA)
-    for region in regions:
-        x, y, w, h = (int(v) for v in (region.bbox if hasattr(region, "bbox") else region["bbox"]))
-        cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), (255, 255, 0), thick_line)
-    _legend(out)
-    defect = score >= threshold
-    text = f"{'DEFECT' if defect else 'ok'}  score {score:.3f}"
-    (unit_w, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 1.0, 2)
-    scale = min(max(0.35 * out.shape[1] / unit_w, 0.4), 1.5)  # about a third of the width...
-    scale = max(0.1, min(scale, (out.shape[1] - 8) / unit_w))  # ...and never wider than the image
-    thick = max(1, round(scale * 2))
-    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
-    cv2.rectangle(out, (0, 0), (tw + 8, th + base + 8), (0, 0, 0), -1)
-    color = (255, 64, 64) if defect else (64, 255, 64)
-    cv2.putText(out, text, (4, th + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, color, thick, cv2.LINE_AA)
-    return out
+    """RGB image + jet map of the probability map (at image size), the mask's contours, the regions' boxes,
+    a colour legend, score and verdict (`inspectd.drawing.draw`, as the live view draws)."""
+    boxes = [tuple(r.bbox if hasattr(r, "bbox") else r["bbox"]) for r in regions]
+    picture = draw(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), to_mask_u8(prob), mask=mask, boxes=boxes,
+                   verdict=(score, threshold))
+    return cv2.cvtColor(picture, cv2.COLOR_BGR2RGB)
 
 
 @dataclass(frozen=True)
@@ -201,15 +163,10 @@ def _frame_outputs(frame, is_defect: bool, opts: InspectOptions) -> tuple[bytes,
     archive = opts.archives(frame, is_defect)
     if not (attach or archive):
         return b"", b"", ""
-    bgr = cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR)
-    jpeg = _encode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, opts.jpeg_quality]) if attach or (
+    bgr = cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR)  # converted once for both encodings
+    jpeg = encode_jpeg(bgr, opts.jpeg_quality, rgb=False) if attach or (
         archive and opts.archive_frame == "jpeg") else b""
     kept = b""  # the frame for the archive: the attached JPEG itself when the formats agree, else encoded once
     if archive:
-        kept = jpeg if opts.archive_frame == "jpeg" else _encode(".png", bgr, [])
+        kept = jpeg if opts.archive_frame == "jpeg" else encode_png(bgr, rgb=False)
     return jpeg if attach else b"", kept, opts.archive_frame if archive else ""
-
-
-def _encode(ext: str, bgr: np.ndarray, params: list) -> bytes:
-    ok, buf = cv2.imencode(ext, bgr, params)
-    return buf.tobytes() if ok else b""
