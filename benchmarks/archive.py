@@ -38,7 +38,7 @@ def _inspection(rng: np.random.Generator, width: int, height: int, seq: int, fmt
     frame = Frame("bench", seq, time.time(), time.monotonic(), image)
     logits = np.full((height // 16, width // 16), -4.0, np.float32)
     y, x = (int(v) // 16 for v in np.argwhere(sample.mask > 0).mean(axis=0)) if sample.mask.any() else (2, 2)
-    logits[max(0, y - 1):y + 2, max(0, x - 1):x + 2] = 4.0
+    logits[max(0, y - 1) : y + 2, max(0, x - 1) : x + 2] = 4.0
     t0 = time.perf_counter()
     insp = inspect(frame, 0.9, logits, InspectOptions(threshold=0.5, archive_frame=fmt))
     return insp, time.perf_counter() - t0
@@ -60,8 +60,13 @@ def measure(root: Path, width: int, height: int, fmt: str, seconds: float) -> di
         sizes.append(write_entry(root, _entry(insp, n + 1, fmt)))
         n += 1
     elapsed = time.perf_counter() - t0
-    return {"size": f"{width}x{height}", "format": fmt, "entry_kB": statistics.median(sizes) / 1000,
-            "entries_per_s": n / elapsed, "postprocess_ms": 1000 * statistics.median(t for _, t in samples)}
+    return {
+        "size": f"{width}x{height}",
+        "format": fmt,
+        "entry_kB": statistics.median(sizes) / 1000,
+        "entries_per_s": n / elapsed,
+        "postprocess_ms": 1000 * statistics.median(t for _, t in samples),
+    }
 
 
 def main() -> None:
@@ -76,8 +81,10 @@ def main() -> None:
         for width, height in SIZES:
             for fmt in ("jpeg", "png"):
                 r = measure(base / f"{width}x{height}-{fmt}", width, height, fmt, args.seconds)
-                print(f"| {r['size']} | {fmt} | {r['entry_kB']:.0f} kB | {r['entries_per_s']:.0f} | "
-                      f"{r['postprocess_ms']:.0f} ms |", flush=True)
+                print(
+                    f"| {r['size']} | {fmt} | {r['entry_kB']:.0f} kB | {r['entries_per_s']:.0f} | {r['postprocess_ms']:.0f} ms |",
+                    flush=True,
+                )
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

@@ -28,8 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def inspectd(*args) -> None:
-    subprocess.run([sys.executable, "-m", "inspectd", *map(str, args)], check=True, cwd=ROOT,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "inspectd", *map(str, args)], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
 
 
 def coverage(results: Path, size: tuple[int, int]) -> dict:
@@ -43,7 +42,7 @@ def coverage(results: Path, size: tuple[int, int]) -> dict:
         n += 1
         canvas = np.zeros((h, w), bool)
         for x, y, bw, bh in (r["bbox"] for r in rec["regions"]):
-            canvas[y:y + bh, x:x + bw] = True
+            canvas[y : y + bh, x : x + bw] = True
         boxes.append(canvas.mean())
         regions.append(sum(r["area_px"] for r in rec["regions"]) / (w * h))
     return {"defect_frames": n, "median_box_cover": float(np.median(boxes)), "median_region_share": float(np.median(regions))}
@@ -68,8 +67,9 @@ def main() -> int:
     data = args.out / "test"
     if not (data / "synth.json").exists():
         inspectd("synth", data, "--n", 100, "--size", "320x240", "--seed", 12)
-    truth_share = float(np.median([(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) > 0).mean()
-                                   for p in sorted((data / "masks").glob("*.png"))]))
+    truth_share = float(
+        np.median([(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) > 0).mean() for p in sorted((data / "masks").glob("*.png"))])
+    )
     res, rows = {"truth_median_share": truth_share}, []
     names = sorted(p.stem for p in (data / "defect").iterdir())[: args.show]
     for tag, model in (("before", args.old), ("after", args.new)):
@@ -77,12 +77,16 @@ def main() -> int:
         inspectd("infer", model, data / "defect", data / "ok", "--out", out)
         inspectd("evaluate", model, data, "--report", out / "report")
         report = json.loads((out / "report" / "report.json").read_text())
-        res[tag] = {"model": str(model), "mask_rule": report["model"]["mask_rule"],
-                    "image_roc_auc": report["image"]["roc_auc"], "mean_defect_iou": report["pixel"]["published"]["iou"],
-                    "region_recall": report["pixel"]["published"]["region_recall"],
-                    "region_precision": report["pixel"]["published"]["region_precision"],
-                    "false_region_rate": report["pixel"]["published"]["false_region_rate"],
-                    **coverage(out / "results.jsonl", (320, 240))}
+        res[tag] = {
+            "model": str(model),
+            "mask_rule": report["model"]["mask_rule"],
+            "image_roc_auc": report["image"]["roc_auc"],
+            "mean_defect_iou": report["pixel"]["published"]["iou"],
+            "region_recall": report["pixel"]["published"]["region_recall"],
+            "region_precision": report["pixel"]["published"]["region_precision"],
+            "false_region_rate": report["pixel"]["published"]["false_region_rate"],
+            **coverage(out / "results.jsonl", (320, 240)),
+        }
         rows.append(np.hstack([outlined(out / f"{n}_overlay.png", data / "masks" / f"{n}.png") for n in names]))
     args.picture.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(args.picture), np.vstack(rows))
@@ -95,10 +99,12 @@ def main() -> int:
 
     for tag in ("before", "after"):
         r = res[tag]
-        print(f"{tag:6}: {r['model']} ({r['mask_rule']}): image ROC-AUC {r['image_roc_auc']:.3f}, mean defect IoU "
-              f"{r['mean_defect_iou']:.3f}, region recall {f(r['region_recall'])} precision {f(r['region_precision'])}, "
-              f"ok frames with a region {f(r['false_region_rate'])}; over {r['defect_frames']} frames judged defective: "
-              f"boxes cover a median {100 * r['median_box_cover']:.1f} %, regions {100 * r['median_region_share']:.1f} %")
+        print(
+            f"{tag:6}: {r['model']} ({r['mask_rule']}): image ROC-AUC {r['image_roc_auc']:.3f}, mean defect IoU "
+            f"{r['mean_defect_iou']:.3f}, region recall {f(r['region_recall'])} precision {f(r['region_precision'])}, "
+            f"ok frames with a region {f(r['false_region_rate'])}; over {r['defect_frames']} frames judged defective: "
+            f"boxes cover a median {100 * r['median_box_cover']:.1f} %, regions {100 * r['median_region_share']:.1f} %"
+        )
     print(f"picture: {args.picture}")
     return 0
 

@@ -65,8 +65,14 @@ def environment(backend: str) -> dict:
     """Device, versions, and what ONNX Runtime could use (recorded, not measured)."""
     import keras
 
-    env = {"backend": backend, "python": platform.python_version(), "machine": platform.machine(),
-           "keras": keras.__version__, "numpy": np.__version__, "cpu_count": os.cpu_count()}
+    env = {
+        "backend": backend,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "cpu_count": os.cpu_count(),
+    }
     if backend == "jax":
         import jax
         import jaxlib
@@ -191,15 +197,18 @@ def _jax_runner(model, mode: str, highest: bool):
                 score, cam = forward(trainable, non_trainable, frames)  # numpy in: host -> device each call
             return np.asarray(score), np.asarray(cam)  # waits for the device, device -> host
     elif mode == "eager":
+
         def run(frames):
             with precision:
                 out = model(jnp.asarray(frames).astype(jnp.float32), training=False)
             return np.asarray(out["score"], np.float32), np.asarray(out["cam_logits"], np.float32)
     else:
+
         def run(frames):
             with precision:
                 out = model.predict_on_batch(frames.astype(np.float32))
             return np.asarray(out["score"], np.float32), np.asarray(out["cam_logits"], np.float32)
+
     return run
 
 
@@ -213,9 +222,11 @@ def _tf_runner(model, mode: str):
         return tf.cast(out["score"], tf.float32), tf.cast(out["cam_logits"], tf.float32)
 
     if mode == "predict":
+
         def run(frames):
             out = model.predict_on_batch(frames.astype(np.float32))
             return np.asarray(out["score"], np.float32), np.asarray(out["cam_logits"], np.float32)
+
         return run
     fn = {"jit": tf.function(forward, jit_compile=True), "graph": tf.function(forward), "eager": forward}[mode]
 
@@ -223,6 +234,7 @@ def _tf_runner(model, mode: str):
         with tf.device(device):
             score, cam = fn(tf.constant(frames))
         return score.numpy(), cam.numpy()
+
     return run
 
 
@@ -252,12 +264,16 @@ def measure(run, frames: np.ndarray, seconds: float, min_iters: int, max_iters: 
         run(frames)
         lat.append(time.perf_counter() - t0)
     lat_ms = np.array(lat) * 1000
-    return {"outputs": outputs, "warmup_s": round(first, 3), "iterations": len(lat),
-            "seconds": round(float(lat_ms.sum()) / 1000, 3),
-            "frames_per_s": round(len(frames) * len(lat) / (lat_ms.sum() / 1000), 2),
-            "latency_p50_ms": round(float(np.percentile(lat_ms, 50)), 3),
-            "latency_p99_ms": round(float(np.percentile(lat_ms, 99)), 3),
-            "latency_mean_ms": round(float(lat_ms.mean()), 3)}
+    return {
+        "outputs": outputs,
+        "warmup_s": round(first, 3),
+        "iterations": len(lat),
+        "seconds": round(float(lat_ms.sum()) / 1000, 3),
+        "frames_per_s": round(len(frames) * len(lat) / (lat_ms.sum() / 1000), 2),
+        "latency_p50_ms": round(float(np.percentile(lat_ms, 50)), 3),
+        "latency_p99_ms": round(float(np.percentile(lat_ms, 99)), 3),
+        "latency_mean_ms": round(float(lat_ms.mean()), 3),
+    }
 
 
 def difference(outputs, reference) -> dict:
@@ -269,8 +285,12 @@ def difference(outputs, reference) -> dict:
     ref_score, ref_cam = reference
     d_cam = float(np.max(np.abs(cam - ref_cam)))
     scale = float(np.max(np.abs(ref_cam)))
-    return {"diff_score": float(np.max(np.abs(score - ref_score))), "diff_cam": d_cam,
-            "diff_cam_rel": d_cam / scale if scale > 0 else None, "finite": finite}
+    return {
+        "diff_score": float(np.max(np.abs(score - ref_score))),
+        "diff_cam": d_cam,
+        "diff_cam_rel": d_cam / scale if scale > 0 else None,
+        "finite": finite,
+    }
 
 
 def plan(args, backend: str) -> list[tuple[str, str]]:
@@ -299,10 +319,16 @@ def bench_model(name: str, path: Path, args, backend: str, results: list, skippe
         deployable = load_model(path)
     load_s = time.monotonic() - t0
     w, h = deployable.input_size
-    info = {"name": name, "path": str(path), "input": [w, h], "cam": [deployable.meta["cam"]["height"],
-            deployable.meta["cam"]["width"]], "backbone": deployable.meta.get("backbone"),
-            "pooling": str(deployable.pooling), "params": int(deployable.model.count_params()),
-            "load_s": round(load_s, 2)}
+    info = {
+        "name": name,
+        "path": str(path),
+        "input": [w, h],
+        "cam": [deployable.meta["cam"]["height"], deployable.meta["cam"]["width"]],
+        "backbone": deployable.meta.get("backbone"),
+        "pooling": str(deployable.pooling),
+        "params": int(deployable.model.count_params()),
+        "load_s": round(load_s, 2),
+    }
     log(f"{name}: loaded {w}x{h} ({info['params']:,} parameters) in {load_s:.1f} s")
     frames_all = np.random.default_rng(0).integers(0, 256, (max(args.batches), h, w, 3), dtype=np.uint8)
     reference: dict[int, tuple] = {}  # batch -> float32 jit outputs
@@ -342,9 +368,11 @@ def bench_model(name: str, path: Path, args, backend: str, results: list, skippe
                 reference[batch] = outputs
             row = {**key, **m, **difference(outputs, reference.get(batch)), "rebuild_s": round(rebuild_s, 2)}
             results.append(row)
-            log(f"{name} {precision} {mode} b={batch}: {row['frames_per_s']:.1f} frames/s, p50 "
+            log(
+                f"{name} {precision} {mode} b={batch}: {row['frames_per_s']:.1f} frames/s, p50 "
                 f"{row['latency_p50_ms']:.2f} ms, first call {row['warmup_s']:.1f} s, "
-                f"diff score {_fmt(row['diff_score'])} cam {_fmt(row['diff_cam'])}")
+                f"diff score {_fmt(row['diff_score'])} cam {_fmt(row['diff_cam'])}"
+            )
     info["memory"] = device_memory(backend)
     return info
 
@@ -354,15 +382,19 @@ def _fmt(x) -> str:
 
 
 def table(results: list) -> str:
-    lines = ["| model | precision | mode | batch | frames/s | latency p50 / p99 (ms) | first call (s) | "
-             "max abs diff score | max abs diff cam_logits (relative) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | precision | mode | batch | frames/s | latency p50 / p99 (ms) | first call (s) | "
+        "max abs diff score | max abs diff cam_logits (relative) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         rel = "" if r["diff_cam_rel"] is None else f" ({r['diff_cam_rel']:.1e})"
         finite = "" if r["finite"] else " NON-FINITE"
-        lines.append(f"| {r['model']} | {r['precision']} | {r['mode']} | {r['batch']} | {r['frames_per_s']:.1f} | "
-                     f"{r['latency_p50_ms']:.2f} / {r['latency_p99_ms']:.2f} | {r['warmup_s']:.1f} | "
-                     f"{_fmt(r['diff_score'])} | {_fmt(r['diff_cam'])}{rel}{finite} |")
+        lines.append(
+            f"| {r['model']} | {r['precision']} | {r['mode']} | {r['batch']} | {r['frames_per_s']:.1f} | "
+            f"{r['latency_p50_ms']:.2f} / {r['latency_p99_ms']:.2f} | {r['warmup_s']:.1f} | "
+            f"{_fmt(r['diff_score'])} | {_fmt(r['diff_cam'])}{rel}{finite} |"
+        )
     return "\n".join(lines)
 
 
@@ -371,11 +403,19 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "gpu.json")
     ap.add_argument("--models", nargs="+", default=["demo", "v2b0"], help="demo, v2b0 or paths of deployable .keras files")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--precisions", nargs="+", default=["float32", "mixed_float16", "mixed_bfloat16"],
-                    help="float32, float32-highest (jax), mixed_float16, mixed_bfloat16, float16, bfloat16")
+    ap.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["float32", "mixed_float16", "mixed_bfloat16"],
+        help="float32, float32-highest (jax), mixed_float16, mixed_bfloat16, float16, bfloat16",
+    )
     ap.add_argument("--modes", nargs="+", default=["jit", "eager"], help="jit, graph (tensorflow), eager, predict")
-    ap.add_argument("--eager-precisions", nargs="+", default=["float32"],
-                    help="the precisions the non-jit modes run at (each first call compiles op by op)")
+    ap.add_argument(
+        "--eager-precisions",
+        nargs="+",
+        default=["float32"],
+        help="the precisions the non-jit modes run at (each first call compiles op by op)",
+    )
     ap.add_argument("--seconds", type=float, default=2.0, help="timed seconds per configuration")
     ap.add_argument("--min-iters", type=int, default=5)
     ap.add_argument("--max-iters", type=int, default=5000)
@@ -392,8 +432,10 @@ def main() -> int:
     if backend not in MODES:
         ap.error(f"KERAS_BACKEND={backend}: this benchmark runs jax or tensorflow")
     env = environment(backend)
-    log(f"keras {env['keras']} on {backend}: {env['devices']} ({env['device_kind']}); "
-        f"onnxruntime providers {env['onnxruntime_providers']}")
+    log(
+        f"keras {env['keras']} on {backend}: {env['devices']} ({env['device_kind']}); "
+        f"onnxruntime providers {env['onnxruntime_providers']}"
+    )
     if not args.allow_cpu and env["platform"] != "gpu":
         log(f"no GPU visible to {backend}: {env['devices']} (--allow-cpu to run on the CPU)")
         return 3
@@ -404,23 +446,41 @@ def main() -> int:
         for name, path in model_paths(args.models, args.v2b0_size, Path(tmp)).items():
             models.append(bench_model(name, path, args, backend, results, skipped))
             gc.collect()
-    report = {"command": " ".join([f"KERAS_BACKEND={backend}", "python", *sys.argv]), "environment": env,
-              "settings": {k: v for k, v in vars(args).items() if k != "out"}, "models": models,
-              "results": results, "skipped": skipped, "total_seconds": round(time.monotonic() - START, 1)}
+    report = {
+        "command": " ".join([f"KERAS_BACKEND={backend}", "python", *sys.argv]),
+        "environment": env,
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "models": models,
+        "results": results,
+        "skipped": skipped,
+        "total_seconds": round(time.monotonic() - START, 1),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str))
-    print(f"command: `{report['command']}`; {env['device_kind']} ({backend}, keras {env['keras']}"
-          f"{', jax ' + env['jax'] if 'jax' in env else ''}); frames: uint8 host -> device -> score and cam_logits "
-          f"on the host; diff: vs float32 jit, same frames\n")
+    print(
+        f"command: `{report['command']}`; {env['device_kind']} ({backend}, keras {env['keras']}"
+        f"{', jax ' + env['jax'] if 'jax' in env else ''}); frames: uint8 host -> device -> score and cam_logits "
+        f"on the host; diff: vs float32 jit, same frames\n"
+    )
     for m in models:
-        print(f"- {m['name']}: {m['input'][0]}x{m['input'][1]} -> cam {m['cam'][1]}x{m['cam'][0]}, {m['backbone']}, "
-              f"{m['params']:,} parameters" + (f", device memory peak so far {m['memory']['peak_bytes_in_use'] / 2**30:.2f} GiB"
-                                               if m.get("memory") and "peak_bytes_in_use" in m["memory"] else ""))
+        print(
+            f"- {m['name']}: {m['input'][0]}x{m['input'][1]} -> cam {m['cam'][1]}x{m['cam'][0]}, {m['backbone']}, "
+            f"{m['params']:,} parameters"
+            + (
+                f", device memory peak so far {m['memory']['peak_bytes_in_use'] / 2**30:.2f} GiB"
+                if m.get("memory") and "peak_bytes_in_use" in m["memory"]
+                else ""
+            )
+        )
     print()
     print(table(results))
     if skipped:
-        print("\nskipped: " + "; ".join(f"{s.get('model')} {s.get('precision')} {s.get('mode', '')} "
-                                       f"b={s.get('batch', '-')} ({s['why']})" for s in skipped))
+        print(
+            "\nskipped: "
+            + "; ".join(
+                f"{s.get('model')} {s.get('precision')} {s.get('mode', '')} b={s.get('batch', '-')} ({s['why']})" for s in skipped
+            )
+        )
     print(f"\ntotal {report['total_seconds']} s; JSON: {args.out}")
     return 0
 

@@ -53,8 +53,11 @@ def _config(tmp: Path, args) -> tuple[Path, str, str]:
     """config.example.toml with free ports, saturating cameras, the live view on."""
     metrics, ui, events = _free_port(), _free_port(), _free_port()
     text = (ROOT / "config.example.toml").read_text()
-    text = re.sub(r"synthetic://\?fps=\d+&width=\d+&height=\d+",
-                  f"synthetic://?fps={args.fps}&width={args.width}&height={args.height}", text)
+    text = re.sub(
+        r"synthetic://\?fps=\d+&width=\d+&height=\d+",
+        f"synthetic://?fps={args.fps}&width={args.width}&height={args.height}",
+        text,
+    )
     text = text.replace("port = 9108", f"port = {metrics}").replace("port = 8080", f"port = {ui}")
     text = text.replace('endpoint = "tcp://127.0.0.1:5556"', f'endpoint = "tcp://127.0.0.1:{events}"')
     text = text.replace('endpoint = "tcp://127.0.0.1:5557"', 'endpoint = ""')
@@ -65,8 +68,7 @@ def _config(tmp: Path, args) -> tuple[Path, str, str]:
 
 def _inspected(metrics_url: str) -> float:
     text = urllib.request.urlopen(f"{metrics_url}/metrics", timeout=5).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("inspectd_frames_inferred_total{"))
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("inspectd_frames_inferred_total{"))
 
 
 class Viewer:
@@ -100,7 +102,7 @@ class Viewer:
                     return
                 data = tail + chunk
                 self.pictures += data.count(BOUNDARY)
-                tail = data[-len(BOUNDARY):]
+                tail = data[-len(BOUNDARY) :]
 
     def _poll(self) -> None:
         seen: set[str] = set()
@@ -151,8 +153,7 @@ def _phase(metrics_url: str, pid: int, settle_s: float, seconds: float) -> dict:
     and per-thread CPU (% of one core) of the live view's threads and of inference, for the threads that lived
     through the phase (a poll's request thread lives milliseconds and is not counted)."""
     time.sleep(settle_s)
-    n0, c0, v0, th0, t0 = (_inspected(metrics_url), _cpu_s(pid), _cpu_s(os.getpid()), _threads(pid),
-                           time.monotonic())
+    n0, c0, v0, th0, t0 = (_inspected(metrics_url), _cpu_s(pid), _cpu_s(os.getpid()), _threads(pid), time.monotonic())
     time.sleep(seconds)
     dt = time.monotonic() - t0
     th1 = _threads(pid)
@@ -160,9 +161,13 @@ def _phase(metrics_url: str, pid: int, settle_s: float, seconds: float) -> dict:
     for tid, (name, cpu) in th1.items():
         if tid in th0:
             per[name] = per.get(name, 0.0) + 100.0 * (cpu - th0[tid][1]) / dt
-    return {"fps": (_inspected(metrics_url) - n0) / dt, "cpu": 100.0 * (_cpu_s(pid) - c0) / dt,
-            "client": 100.0 * (_cpu_s(os.getpid()) - v0) / dt,
-            "view_threads": sum(v for k, v in per.items() if k in VIEW_THREADS), "inference": per.get("inference", 0.0)}
+    return {
+        "fps": (_inspected(metrics_url) - n0) / dt,
+        "cpu": 100.0 * (_cpu_s(pid) - c0) / dt,
+        "client": 100.0 * (_cpu_s(os.getpid()) - v0) / dt,
+        "view_threads": sum(v for k, v in per.items() if k in VIEW_THREADS),
+        "inference": per.get("inference", 0.0),
+    }
 
 
 def main() -> int:
@@ -182,8 +187,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         config, metrics_url, ui_url = _config(Path(tmp), args)
         log = open(Path(tmp) / "daemon.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "inspectd", "run", "--config", str(config)], cwd=ROOT,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "inspectd", "run", "--config", str(config)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
         try:
             for _ in range(600):
                 try:
@@ -206,15 +212,24 @@ def main() -> int:
                     else:
                         phase, pictures = _phase(metrics_url, proc.pid, args.settle_s, args.phase_s), 0.0
                     fps, cpu, client = phase["fps"], phase["cpu"], phase["client"]
-                    rows.append({"round": r + 1, "viewers": viewers, "inspected_fps": round(fps, 2),
-                                 "daemon_cpu_percent": round(cpu, 1), "viewers_cpu_percent": round(client, 1),
-                                 "view_threads_cpu_percent": round(phase["view_threads"], 2),
-                                 "inference_thread_cpu_percent": round(phase["inference"], 1),
-                                 "pictures_per_s_received": round(pictures, 2)})
-                    print(f"round {r + 1}: {viewers} viewer(s): {fps:.2f} frames/s inspected, daemon CPU {cpu:.1f} %, "
-                          f"the view's threads {phase['view_threads']:.2f} %, inference thread {phase['inference']:.1f} %, "
-                          f"viewers' CPU {client:.1f} %"
-                          + (f", {pictures:.1f} pictures/s received in all" if viewers else ""), flush=True)
+                    rows.append(
+                        {
+                            "round": r + 1,
+                            "viewers": viewers,
+                            "inspected_fps": round(fps, 2),
+                            "daemon_cpu_percent": round(cpu, 1),
+                            "viewers_cpu_percent": round(client, 1),
+                            "view_threads_cpu_percent": round(phase["view_threads"], 2),
+                            "inference_thread_cpu_percent": round(phase["inference"], 1),
+                            "pictures_per_s_received": round(pictures, 2),
+                        }
+                    )
+                    print(
+                        f"round {r + 1}: {viewers} viewer(s): {fps:.2f} frames/s inspected, daemon CPU {cpu:.1f} %, "
+                        f"the view's threads {phase['view_threads']:.2f} %, inference thread {phase['inference']:.1f} %, "
+                        f"viewers' CPU {client:.1f} %" + (f", {pictures:.1f} pictures/s received in all" if viewers else ""),
+                        flush=True,
+                    )
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
@@ -225,37 +240,59 @@ def main() -> int:
     ratio = statistics.mean(some) / statistics.mean(none)
     cpu_none = [r["daemon_cpu_percent"] for r in rows if r["viewers"] == 0]
     cpu_some = [r["daemon_cpu_percent"] for r in rows if r["viewers"]]
-    pairs = [b["inspected_fps"] / a["inspected_fps"] for a, b in
-             zip([r for r in rows if r["viewers"] == 0], [r for r in rows if r["viewers"]])]
-    result = {"when": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "machine":
-              f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU used",
-              "command": "python " + " ".join([Path(sys.argv[0]).as_posix().replace(str(ROOT) + "/", "")] + sys.argv[1:]),
-              "cameras": len(cameras), "frame": f"{args.width}x{args.height}", "offered_fps_per_camera": args.fps,
-              "viewers": args.viewers, "phase_s": args.phase_s, "rows": rows, "mean_none": round(statistics.mean(none), 2),
-              "mean_viewers": round(statistics.mean(some), 2), "ratio": round(ratio, 4),
-              "cpu_none": round(statistics.mean(cpu_none), 1), "cpu_viewers": round(statistics.mean(cpu_some), 1),
-              "view_threads_viewers": round(statistics.mean(r["view_threads_cpu_percent"] for r in rows if r["viewers"]), 2),
-              "inference_none": round(statistics.mean(r["inference_thread_cpu_percent"] for r in rows if not r["viewers"]), 1),
-              "inference_viewers": round(statistics.mean(r["inference_thread_cpu_percent"] for r in rows if r["viewers"]), 1),
-              "round_ratios": [round(p, 4) for p in pairs], "target": args.target, "daemon": ready_line.split(": ", 1)[-1]}
+    pairs = [
+        b["inspected_fps"] / a["inspected_fps"]
+        for a, b in zip([r for r in rows if r["viewers"] == 0], [r for r in rows if r["viewers"]])
+    ]
+    result = {
+        "when": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU used",
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix().replace(str(ROOT) + "/", "")] + sys.argv[1:]),
+        "cameras": len(cameras),
+        "frame": f"{args.width}x{args.height}",
+        "offered_fps_per_camera": args.fps,
+        "viewers": args.viewers,
+        "phase_s": args.phase_s,
+        "rows": rows,
+        "mean_none": round(statistics.mean(none), 2),
+        "mean_viewers": round(statistics.mean(some), 2),
+        "ratio": round(ratio, 4),
+        "cpu_none": round(statistics.mean(cpu_none), 1),
+        "cpu_viewers": round(statistics.mean(cpu_some), 1),
+        "view_threads_viewers": round(statistics.mean(r["view_threads_cpu_percent"] for r in rows if r["viewers"]), 2),
+        "inference_none": round(statistics.mean(r["inference_thread_cpu_percent"] for r in rows if not r["viewers"]), 1),
+        "inference_viewers": round(statistics.mean(r["inference_thread_cpu_percent"] for r in rows if r["viewers"]), 1),
+        "round_ratios": [round(p, 4) for p in pairs],
+        "target": args.target,
+        "daemon": ready_line.split(": ", 1)[-1],
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"`{result['command']}` — {result['machine']}; {result['when']}; {len(cameras)} synthetic cameras "
-             f"{args.width}x{args.height} offering {args.fps} frames/s each; {args.viewers} viewers, each "
-             f"streaming every camera and polling like the page; phases of {args.phase_s:g} s",
-             "", "| round | viewers | frames/s inspected | daemon CPU % (of one core) | the view's threads CPU % | "
-             "inference thread CPU % | the viewers' CPU % (this process) | pictures/s received (all viewers) |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['round']} | {r['viewers']} | {r['inspected_fps']} | {r['daemon_cpu_percent']} | "
-              f"{r['view_threads_cpu_percent']} | {r['inference_thread_cpu_percent']} | "
-              f"{r['viewers_cpu_percent']} | {r['pictures_per_s_received'] or '-'} |" for r in rows]
-    lines += ["", f"Mean without viewers {result['mean_none']} frames/s, with {args.viewers} viewers "
-              f"{result['mean_viewers']} frames/s: **ratio {ratio:.3f}** (per round: "
-              f"{', '.join(f'{p:.3f}' for p in pairs)}); target >= {args.target}: "
-              f"{'met' if ratio >= args.target else 'NOT MET'}. The daemon's CPU: {result['cpu_none']} % without "
-              f"viewers, {result['cpu_viewers']} % with; the view's own threads (render, streams) "
-              f"{result['view_threads_viewers']} % of one core with viewers; the inference thread "
-              f"{result['inference_none']} % without, {result['inference_viewers']} % with."]
+    lines = [
+        f"`{result['command']}` — {result['machine']}; {result['when']}; {len(cameras)} synthetic cameras "
+        f"{args.width}x{args.height} offering {args.fps} frames/s each; {args.viewers} viewers, each "
+        f"streaming every camera and polling like the page; phases of {args.phase_s:g} s",
+        "",
+        "| round | viewers | frames/s inspected | daemon CPU % (of one core) | the view's threads CPU % | "
+        "inference thread CPU % | the viewers' CPU % (this process) | pictures/s received (all viewers) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['round']} | {r['viewers']} | {r['inspected_fps']} | {r['daemon_cpu_percent']} | "
+        f"{r['view_threads_cpu_percent']} | {r['inference_thread_cpu_percent']} | "
+        f"{r['viewers_cpu_percent']} | {r['pictures_per_s_received'] or '-'} |"
+        for r in rows
+    ]
+    lines += [
+        "",
+        f"Mean without viewers {result['mean_none']} frames/s, with {args.viewers} viewers "
+        f"{result['mean_viewers']} frames/s: **ratio {ratio:.3f}** (per round: "
+        f"{', '.join(f'{p:.3f}' for p in pairs)}); target >= {args.target}: "
+        f"{'met' if ratio >= args.target else 'NOT MET'}. The daemon's CPU: {result['cpu_none']} % without "
+        f"viewers, {result['cpu_viewers']} % with; the view's own threads (render, streams) "
+        f"{result['view_threads_viewers']} % of one core with viewers; the inference thread "
+        f"{result['inference_none']} % without, {result['inference_viewers']} % with.",
+    ]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if ratio >= args.target else 1

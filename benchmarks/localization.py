@@ -43,8 +43,18 @@ CONFIGS = {
     "lite0_lse5": ["--backbone", "efficientnet_lite0", "--weights", "imagenet", "--pooling", "lse:5"],
     "lite0_topk10": ["--backbone", "efficientnet_lite0", "--weights", "imagenet", "--pooling", "topk:0.1"],
     # the same at stride 8 (atrous Lite0): a 32x32 map at 256x256
-    "lite0_gap_s8": ["--backbone", "efficientnet_lite0", "--weights", "imagenet", "--pooling", "gap", "--stride", "8",
-                     "--mask-rule", "minmax"],
+    "lite0_gap_s8": [
+        "--backbone",
+        "efficientnet_lite0",
+        "--weights",
+        "imagenet",
+        "--pooling",
+        "gap",
+        "--stride",
+        "8",
+        "--mask-rule",
+        "minmax",
+    ],
 }
 
 
@@ -84,16 +94,30 @@ def one(name: str, train_dir: Path, test_dir: Path, out: Path, args) -> dict:
     model = out / name / f"{name}.keras"
     seconds = None
     if not model.exists():
-        seconds = run("train", train_dir, "--out", model, "--weights", args.weights, "--epochs", args.epochs,
-                      "--batch-size", 8, "--input-size", args.size, "--seed", 0, *CONFIGS[name])
+        seconds = run(
+            "train",
+            train_dir,
+            "--out",
+            model,
+            "--weights",
+            args.weights,
+            "--epochs",
+            args.epochs,
+            "--batch-size",
+            8,
+            "--input-size",
+            args.size,
+            "--seed",
+            0,
+            *CONFIGS[name],
+        )
         (out / name / "train_seconds.txt").write_text(f"{seconds:.0f}\n")
     elif (out / name / "train_seconds.txt").exists():
         seconds = float((out / name / "train_seconds.txt").read_text())
     run("evaluate", model, test_dir, "--report", out / name / "report")
     report = json.loads((out / name / "report" / "report.json").read_text())
     rules = rule_ablation(model, train_dir, test_dir)
-    return {"name": name, "train_minutes": None if seconds is None else round(seconds / 60, 1), "report": report,
-            "rules": rules}
+    return {"name": name, "train_minutes": None if seconds is None else round(seconds / 60, 1), "report": report, "rules": rules}
 
 
 def _samples(model, items):
@@ -104,8 +128,10 @@ def _samples(model, items):
 
     items = [it for it in items if it.label == 0 or it.mask is not None]
     images = [read_rgb(it.path) for it in items]
-    return [Sample(p.cam_logits, p.score, truth_mask(it, im.shape[:2]))
-            for it, im, p in zip(items, images, Predictor(model, 8).predict(images))]
+    return [
+        Sample(p.cam_logits, p.score, truth_mask(it, im.shape[:2]))
+        for it, im, p in zip(items, images, Predictor(model, 8).predict(images))
+    ]
 
 
 def rule_ablation(model_path: Path, train_dir: Path, test_dir: Path) -> dict:
@@ -129,9 +155,12 @@ def rule_ablation(model_path: Path, train_dir: Path, test_dir: Path) -> dict:
         rule, curve = pick_mask_rule(val, kind, thr, val_cache)
         masks = [published_mask(s, rule, thr, lg) for s, lg in zip(test, logits)]
         regions = region_metrics(masks, [s.truth for s in test])
-        out[kind] = {"rule": str(rule), "val_iou": curve[rule.param],
-                     "test_iou": mean_defect_iou(test, rule, thr, dict(enumerate(logits))),
-                     **{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in regions.items()}}
+        out[kind] = {
+            "rule": str(rule),
+            "val_iou": curve[rule.param],
+            "test_iou": mean_defect_iou(test, rule, thr, dict(enumerate(logits))),
+            **{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in regions.items()},
+        }
     return out
 
 
@@ -143,10 +172,12 @@ def _row(r: dict) -> str:
     def f(v):
         return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    return (f"| {r['name']} | {f(img.get('roc_auc'))} | {f(own.get('roc_auc'))} | {f(own.get('aupro'))} | "
-            f"{f(own.get('iou_at_model_threshold', own.get('iou')))} | {f(own.get('region_recall'))} | "
-            f"{f(own.get('region_precision'))} | {f(own.get('false_region_rate'))} | {f(pix.get('peak_on_defect'))} | "
-            f"{f(r['train_minutes'])} |")
+    return (
+        f"| {r['name']} | {f(img.get('roc_auc'))} | {f(own.get('roc_auc'))} | {f(own.get('aupro'))} | "
+        f"{f(own.get('iou_at_model_threshold', own.get('iou')))} | {f(own.get('region_recall'))} | "
+        f"{f(own.get('region_precision'))} | {f(own.get('false_region_rate'))} | {f(pix.get('peak_on_defect'))} | "
+        f"{f(r['train_minutes'])} |"
+    )
 
 
 def _f(v) -> str:
@@ -154,8 +185,7 @@ def _f(v) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--tiles", type=Path, required=True, help="Magnetic Tile dataset folder: ok/ defect/ masks/")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "localization")
     ap.add_argument("--epochs", type=int, default=20)
@@ -167,8 +197,9 @@ def main() -> int:
     names = args.only or list(CONFIGS)
     splits = {"tiles 25 % test split": split_tiles(args.tiles, args.out / "split", 0.25, 0)}
     if args.holdout:
-        splits["held-out type: train blowhole, test crack"] = split_by_type(args.tiles, args.out / "split-type",
-                                                                            "blowhole", "crack")
+        splits["held-out type: train blowhole, test crack"] = split_by_type(
+            args.tiles, args.out / "split-type", "blowhole", "crack"
+        )
     results: dict = {}
     for title, (train_dir, test_dir) in splits.items():
         sub = args.out / ("tiles" if title.startswith("tiles") else "holdout")
@@ -183,17 +214,25 @@ def main() -> int:
 def write_summary(results: dict, out: Path) -> str:
     """OUT/summary.json and OUT/summary.md of the results so far; returns the Markdown."""
     (out / "summary.json").write_text(json.dumps(results, indent=2))
-    header = ("| config | image ROC-AUC | pixel ROC-AUC | AUPRO | IoU (own rule) | region recall | region precision | "
-              "false-region rate (ok) | peak on defect | train min |\n|" + "---|" * 10)
+    header = (
+        "| config | image ROC-AUC | pixel ROC-AUC | AUPRO | IoU (own rule) | region recall | region precision | "
+        "false-region rate (ok) | peak on defect | train min |\n|" + "---|" * 10
+    )
     md = [f"Command: `{' '.join(sys.argv)}`\n"]
     for title, rows in results.items():
         md += [f"### {title}\n", header, *map(_row, rows), ""]
-        md += [f"Mask rules ({title}): parameter picked on train's validation masks, measured on the test split "
-               "(mean defect IoU / region recall / region precision / ok images with a region)\n",
-               "| config | " + " | ".join(rows[0]["rules"]) + " |", "|---|" + "---|" * len(rows[0]["rules"])]
+        md += [
+            f"Mask rules ({title}): parameter picked on train's validation masks, measured on the test split "
+            "(mean defect IoU / region recall / region precision / ok images with a region)\n",
+            "| config | " + " | ".join(rows[0]["rules"]) + " |",
+            "|---|" + "---|" * len(rows[0]["rules"]),
+        ]
         for r in rows:
-            cells = [f"{v['rule']}: {v['test_iou']:.3f} / {_f(v['region_recall'])} / {_f(v['region_precision'])} / "
-                     f"{_f(v['false_region_rate'])}" for v in r["rules"].values()]
+            cells = [
+                f"{v['rule']}: {v['test_iou']:.3f} / {_f(v['region_recall'])} / {_f(v['region_precision'])} / "
+                f"{_f(v['false_region_rate'])}"
+                for v in r["rules"].values()
+            ]
             md.append(f"| {r['name']} | " + " | ".join(cells) + " |")
         md.append("")
     (out / "summary.md").write_text("\n".join(md))

@@ -71,7 +71,7 @@ def _thread_ticks(pid: int) -> dict[int, tuple[str, int, int]]:
             continue
         fields = stat.rpartition(")")[2].split()  # after "(comm)": state is field 3, utime/stime 14/15
         nvcsw = int(re.search(r"nonvoluntary_ctxt_switches:\s*(\d+)", status).group(1))
-        out[int(task.name)] = (stat[stat.index("(") + 1:stat.rindex(")")], int(fields[11]) + int(fields[12]), nvcsw)
+        out[int(task.name)] = (stat[stat.index("(") + 1 : stat.rindex(")")], int(fields[11]) + int(fields[12]), nvcsw)
     return out
 
 
@@ -88,8 +88,7 @@ def _python_thread_names(pid: int, dumps: int = 3) -> dict[int, str]:
     names: dict[int, str] = {}
     for _ in range(dumps):
         try:
-            done = subprocess.run([exe, "dump", "--pid", str(pid), "--nonblocking"], capture_output=True, text=True,
-                                  timeout=30)
+            done = subprocess.run([exe, "dump", "--pid", str(pid), "--nonblocking"], capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired) as e:
             print(f"  py-spy dump: {e}", file=sys.stderr)
             return names
@@ -118,8 +117,11 @@ class ThreadCpu:
             g[0] += 100 * (ticks - ticks0) / hz / wall
             g[1] += (nvcsw - nvcsw0) / wall
             g[2] += 1
-        return {k: {"cpu_percent": round(v[0], 1), "preempted_per_s": round(v[1], 1), "threads": v[2]}
-                for k, v in sorted(groups.items(), key=lambda kv: -kv[1][0]) if v[0] >= 0.5 or v[1] >= 1}
+        return {
+            k: {"cpu_percent": round(v[0], 1), "preempted_per_s": round(v[1], 1), "threads": v[2]}
+            for k, v in sorted(groups.items(), key=lambda kv: -kv[1][0])
+            if v[0] >= 0.5 or v[1] >= 1
+        }
 
 
 def _timed(call, seconds: float, per_call: int) -> dict:
@@ -130,8 +132,12 @@ def _timed(call, seconds: float, per_call: int) -> dict:
         call()
         lat.append(time.perf_counter() - t)
     wall = time.perf_counter() - t0
-    return {"fps": round(per_call * len(lat) / wall, 2), "batch_p50_ms": round(1000 * float(np.percentile(lat, 50)), 2),
-            "batch_p99_ms": round(1000 * float(np.percentile(lat, 99)), 2), "calls": len(lat)}
+    return {
+        "fps": round(per_call * len(lat) / wall, 2),
+        "batch_p50_ms": round(1000 * float(np.percentile(lat, 50)), 2),
+        "batch_p99_ms": round(1000 * float(np.percentile(lat, 99)), 2),
+        "calls": len(lat),
+    }
 
 
 def child_reference(args) -> dict:
@@ -163,8 +169,14 @@ def child_bare(args) -> dict:
     from inspectd.tfload import import_tensorflow
 
     import_tensorflow()
-    engine = InferenceEngine(load_model(resolve_model_path(args.model)), (args.batch,), args.device,
-                             precision=args.precision, xla=args.xla, runtime=args.runtime)
+    engine = InferenceEngine(
+        load_model(resolve_model_path(args.model)),
+        (args.batch,),
+        args.device,
+        precision=args.precision,
+        xla=args.xla,
+        runtime=args.runtime,
+    )
     engine.warmup((args.width, args.height))
     frames = _frames(args.batch, args.width, args.height)
     traces = engine.traces()
@@ -189,11 +201,13 @@ def _free_port() -> int:
 
 def _config(urls: list[str], args, metrics_port: int, publish_port: int) -> str:
     cams = "\n".join(f'[[cameras]]\nid = "cam{i}"\nurl = "{url}"\n' for i, url in enumerate(urls))
-    return (f'[model]\npath = "{args.model}"\nruntime = "{args.pipeline_runtime}"\ndevice = "{args.device}"\n'
-            f'precision = "{args.precision}"\nxla = {str(args.xla).lower()}\n'
-            f'[batching]\nmax_batch = {args.pipeline_batch}\nmax_wait_ms = 10\n'
-            f'[publish]\nendpoint = "tcp://127.0.0.1:{publish_port}"\n[metrics]\nhost = "127.0.0.1"\n'
-            f'port = {metrics_port}\n{cams}')
+    return (
+        f'[model]\npath = "{args.model}"\nruntime = "{args.pipeline_runtime}"\ndevice = "{args.device}"\n'
+        f'precision = "{args.precision}"\nxla = {str(args.xla).lower()}\n'
+        f"[batching]\nmax_batch = {args.pipeline_batch}\nmax_wait_ms = 10\n"
+        f'[publish]\nendpoint = "tcp://127.0.0.1:{publish_port}"\n[metrics]\nhost = "127.0.0.1"\n'
+        f"port = {metrics_port}\n{cams}"
+    )
 
 
 def _quantile(m, name: str, q: float) -> float | None:
@@ -209,8 +223,10 @@ def _delta_histogram(m1, m0, name: str):
     class View:
         def find(self, metric: str):
             before = {tuple(sorted(s.labels.items())): s.value for s in m0.find(metric)}
-            return [MetricSample(s.name, s.labels, s.value - before.get(tuple(sorted(s.labels.items())), 0.0))
-                    for s in m1.find(metric)]
+            return [
+                MetricSample(s.name, s.labels, s.value - before.get(tuple(sorted(s.labels.items())), 0.0))
+                for s in m1.find(metric)
+            ]
 
     return View()
 
@@ -228,8 +244,9 @@ def run_pipeline(args, urls: list[str], label: str, servers: tuple[int, ...] = (
         config = Path(tmp) / "bench.toml"
         config.write_text(_config(urls, args, metrics_port, _free_port()))
         log = open(Path(tmp) / "daemon.log", "w+")
-        proc = subprocess.Popen([sys.executable, "-m", "inspectd", "run", "--config", str(config)], stdout=log,
-                                stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "inspectd", "run", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+        )
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         try:
             deadline = time.monotonic() + 180
@@ -239,8 +256,7 @@ def run_pipeline(args, urls: list[str], label: str, servers: tuple[int, ...] = (
                     raise SystemExit(f"{label}: the daemon did not get going:\n{log.read()[-3000:]}")
                 try:
                     m = scrape(url)
-                    if all((m.value("inspectd_frames_inferred_total", camera=f"cam{i}") or 0) > 0
-                           for i in range(len(urls))):
+                    if all((m.value("inspectd_frames_inferred_total", camera=f"cam{i}") or 0) > 0 for i in range(len(urls))):
                         break
                 except OSError:
                     pass
@@ -258,7 +274,8 @@ def run_pipeline(args, urls: list[str], label: str, servers: tuple[int, ...] = (
             if side:
                 groups = [g for s in side for g in s.summary().values()]
                 thread_cpu["other processes: RTSP servers (x264)"] = {
-                    k: round(sum(g[k] for g in groups), 1) for k in ("cpu_percent", "preempted_per_s", "threads")}
+                    k: round(sum(g[k] for g in groups), 1) for k in ("cpu_percent", "preempted_per_s", "threads")
+                }
             spy = _profiler(proc.pid, args, label) if profile else None
             if spy:
                 try:
@@ -281,16 +298,20 @@ def run_pipeline(args, urls: list[str], label: str, servers: tuple[int, ...] = (
     residuals = [int(r) for r in re.findall(r"residual (-?\d+)", text)]
     runtime = re.search(r"with (\w+), events on", text)
     return {
-        "fps": round(inferred / wall, 2), "offered_fps": round(captured / wall, 2),
-        "dropped_fps": round(dropped / wall, 2), "cameras": len(urls),
+        "fps": round(inferred / wall, 2),
+        "offered_fps": round(captured / wall, 2),
+        "dropped_fps": round(dropped / wall, 2),
+        "cameras": len(urls),
         "end_to_end_p50_s": _quantile(window, "inspectd_end_to_end_seconds", 0.5),
         "end_to_end_p99_s": _quantile(window, "inspectd_end_to_end_seconds", 0.99),
         "inference_mean_ms": round(1000 * infer_s / batches, 2) if batches else None,
-        "cpu_percent": round(100 * (m1.value("process_cpu_seconds_total") - m0.value("process_cpu_seconds_total"))
-                             / wall, 1),
+        "cpu_percent": round(100 * (m1.value("process_cpu_seconds_total") - m0.value("process_cpu_seconds_total")) / wall, 1),
         "peak_rss_mb": peak_rss,
-        "residual": sum(abs(r) for r in residuals) if residuals else None, "accounts": len(residuals),
-        "exit": code, "runtime": runtime.group(1) if runtime else None, "profile": profile,
+        "residual": sum(abs(r) for r in residuals) if residuals else None,
+        "accounts": len(residuals),
+        "exit": code,
+        "runtime": runtime.group(1) if runtime else None,
+        "profile": profile,
         "threads": thread_cpu,
     }
 
@@ -306,8 +327,22 @@ def _profiler(pid: int, args, label: str):
     if not args.profile:
         return None
     out = Path(tempfile.mkdtemp()) / f"{label.replace(' ', '-')}.txt"
-    cmd = [_py_spy(), "record", "--pid", str(pid), "--duration", str(int(args.seconds)), "--rate", "50", "--threads",
-           "--nonblocking", "--format", "raw", "--output", str(out)]
+    cmd = [
+        _py_spy(),
+        "record",
+        "--pid",
+        str(pid),
+        "--duration",
+        str(int(args.seconds)),
+        "--rate",
+        "50",
+        "--threads",
+        "--nonblocking",
+        "--format",
+        "raw",
+        "--output",
+        str(out),
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out
 
 
@@ -342,8 +377,11 @@ def _profile_summary(spy) -> dict:
         key = f"{stage}: {leaf}"
         by_function[key] = by_function.get(key, 0) + n
     share = lambda n: round(100 * n / max(total, 1), 1)  # noqa: E731
-    return {"samples": total, "stages_percent": {k: share(v) for k, v in sorted(by_stage.items(), key=lambda kv: -kv[1])},
-            "top_functions_percent": {k: share(v) for k, v in sorted(by_function.items(), key=lambda kv: -kv[1])[:15]}}
+    return {
+        "samples": total,
+        "stages_percent": {k: share(v) for k, v in sorted(by_stage.items(), key=lambda kv: -kv[1])},
+        "top_functions_percent": {k: share(v) for k, v in sorted(by_function.items(), key=lambda kv: -kv[1])[:15]},
+    }
 
 
 def pipeline_synthetic(args, camera_fps: float, profile: bool = False) -> dict:
@@ -355,8 +393,10 @@ def pipeline_synthetic(args, camera_fps: float, profile: bool = False) -> dict:
 def pipeline_rtsp(args, camera_fps: float, profile: bool = False) -> dict:
     from rtsp import RtspServer
 
-    servers = [RtspServer(mode="synthetic", width=args.width, height=args.height, fps=math.ceil(camera_fps), seed=i)
-               for i in range(args.cameras)]
+    servers = [
+        RtspServer(mode="synthetic", width=args.width, height=args.height, fps=math.ceil(camera_fps), seed=i)
+        for i in range(args.cameras)
+    ]
     try:
         for s in servers:
             s.start()
@@ -368,9 +408,23 @@ def pipeline_rtsp(args, camera_fps: float, profile: bool = False) -> dict:
 
 # -- the run ---------------------------------------------------------------------------------------------
 def child(args, kind: str, **extra) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--model", args.model, "--size", f"{args.width}x{args.height}",
-           "--seconds", str(args.seconds), "--device", args.device, "--precision", args.precision,
-           *(["--xla"] if args.xla else [])] + [f"--{k}={v}" for k, v in extra.items()]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--model",
+        args.model,
+        "--size",
+        f"{args.width}x{args.height}",
+        "--seconds",
+        str(args.seconds),
+        "--device",
+        args.device,
+        "--precision",
+        args.precision,
+        *(["--xla"] if args.xla else []),
+    ] + [f"--{k}={v}" for k, v in extra.items()]
     print(f"  {kind} {extra or ''} ...", file=sys.stderr, flush=True)
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
@@ -382,8 +436,16 @@ def _versions() -> dict:
     from importlib import metadata
 
     out = {"python": platform.python_version()}
-    for pkg in ("inspectd", "tensorflow", "keras", "onnxruntime", "onnxruntime-gpu", "openvino", "tf2onnx",
-                "opencv-python-headless"):
+    for pkg in (
+        "inspectd",
+        "tensorflow",
+        "keras",
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "openvino",
+        "tf2onnx",
+        "opencv-python-headless",
+    ):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -392,15 +454,28 @@ def _versions() -> dict:
 
 
 def _machine(args) -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     return f"{os.cpu_count()} CPU cores ({model}), " + (_gpu_name() if args.device.startswith("gpu") else "no GPU used")
 
 
 def _gpu_name() -> str:
     try:
-        return "GPU " + subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                                       capture_output=True, text=True, timeout=30).stdout.strip()
+        return (
+            "GPU "
+            + subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout.strip()
+        )
     except (OSError, subprocess.TimeoutExpired):
         return "GPU (nvidia-smi not found)"
 
@@ -413,9 +488,13 @@ def _median_round(rounds: list[dict]) -> int:
 
 
 def measure(args) -> dict:
-    res = {"command": " ".join(["benchmarks/performance.py", *sys.argv[1:]]), "machine": _machine(args),
-           "versions": _versions(), "options": {k: v for k, v in vars(args).items() if k != "child"},
-           "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    res = {
+        "command": " ".join(["benchmarks/performance.py", *sys.argv[1:]]),
+        "machine": _machine(args),
+        "versions": _versions(),
+        "options": {k: v for k, v in vars(args).items() if k != "child"},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     print("reference loop", file=sys.stderr)
     res["reference"] = child(args, "reference")
     res["bare"] = []
@@ -430,32 +509,48 @@ def measure(args) -> dict:
     same = next(r for r in res["bare"] if r["batch"] == b and r["runtime"] == args.pipeline_runtime)
     camera_fps = args.offered * same["fps"] / args.cameras
     res["camera_fps"] = round(camera_fps, 1)
-    print(f"pipelines: {args.cameras} cameras x {camera_fps:.1f} frames/s, batch {b}, {args.pipeline_runtime} "
-          f"(best bare at batch {b}: {best['runtime']} {best['fps']} frames/s); {args.repeat} round(s)", file=sys.stderr)
+    print(
+        f"pipelines: {args.cameras} cameras x {camera_fps:.1f} frames/s, batch {b}, {args.pipeline_runtime} "
+        f"(best bare at batch {b}: {best['runtime']} {best['fps']} frames/s); {args.repeat} round(s)",
+        file=sys.stderr,
+    )
     # Rounds interleave the bare model (the pipeline's runtime and batch) with both pipelines, so that each ratio
     # compares measurements minutes apart: this shared machine drifts by 20-30 % between runs.
     rounds = []
     for i in range(args.repeat):
-        bare = same if i == 0 else {"runtime": same["runtime"], "batch": b,
-                                    **child(args, "bare", runtime=same["runtime"], batch=b)}
+        bare = (
+            same if i == 0 else {"runtime": same["runtime"], "batch": b, **child(args, "bare", runtime=same["runtime"], batch=b)}
+        )
         # --profile: py-spy in the first round only (a window of its own after the measured one)
-        rounds.append({"bare": bare, "synthetic": pipeline_synthetic(args, camera_fps, profile=i == 0),
-                       "rtsp": pipeline_rtsp(args, camera_fps, profile=i == 0)})
+        rounds.append(
+            {
+                "bare": bare,
+                "synthetic": pipeline_synthetic(args, camera_fps, profile=i == 0),
+                "rtsp": pipeline_rtsp(args, camera_fps, profile=i == 0),
+            }
+        )
     res["rounds"] = rounds
     k = res["median_round"] = _median_round(rounds)
     res["bare_in_rounds"], res["pipeline_synthetic"], res["pipeline_rtsp"] = (
-        rounds[k]["bare"], rounds[k]["synthetic"], rounds[k]["rtsp"])
+        rounds[k]["bare"],
+        rounds[k]["synthetic"],
+        rounds[k]["rtsp"],
+    )
     res["profiles"] = {kind: rounds[0][kind].get("profile") for kind in ("synthetic", "rtsp")}
     ratio = lambda key: [round(r[key]["fps"] / r["bare"]["fps"], 3) for r in rounds]  # noqa: E731
     median = lambda xs: float(np.median(xs))  # noqa: E731
     bound = 2 * median([r["bare"]["batch_p50_ms"] for r in rounds]) / 1000 + 0.010
     res["ratios"] = {
-        "synthetic_vs_bare_rounds": ratio("synthetic"), "rtsp_vs_bare_rounds": ratio("rtsp"),
-        "synthetic_vs_bare": round(median(ratio("synthetic")), 3), "rtsp_vs_bare": round(median(ratio("rtsp")), 3),
+        "synthetic_vs_bare_rounds": ratio("synthetic"),
+        "rtsp_vs_bare_rounds": ratio("rtsp"),
+        "synthetic_vs_bare": round(median(ratio("synthetic")), 3),
+        "rtsp_vs_bare": round(median(ratio("rtsp")), 3),
         "synthetic_vs_reference": round(res["pipeline_synthetic"]["fps"] / res["reference"]["fps"], 2),
-        "best_bare_vs_tensorflow_b1": round(max(r["fps"] for r in res["bare"] if r["batch"] == 1)
-                                            / next(r["fps"] for r in res["bare"]
-                                                   if r["runtime"] == "tensorflow" and r["batch"] == 1), 2),
+        "best_bare_vs_tensorflow_b1": round(
+            max(r["fps"] for r in res["bare"] if r["batch"] == 1)
+            / next(r["fps"] for r in res["bare"] if r["runtime"] == "tensorflow" and r["batch"] == 1),
+            2,
+        ),
         "p99_bound_s": round(bound, 4),
         "p99_s": [max(r["synthetic"]["end_to_end_p99_s"] or 9, r["rtsp"]["end_to_end_p99_s"] or 9) for r in rounds],
     }
@@ -464,63 +559,89 @@ def measure(args) -> dict:
 
 def _threads_table(res: dict) -> list[str]:
     """CPU % of one core per thread (group), the bare model beside each pipeline: where the cores went."""
-    cols = [("bare model", res["bare_in_rounds"]), ("pipeline, synthetic", res["pipeline_synthetic"]),
-            ("pipeline, RTSP", res["pipeline_rtsp"])]
+    cols = [
+        ("bare model", res["bare_in_rounds"]),
+        ("pipeline, synthetic", res["pipeline_synthetic"]),
+        ("pipeline, RTSP", res["pipeline_rtsp"]),
+    ]
     groups = list(dict.fromkeys(g for _, m in cols for g in (m.get("threads") or {})))
-    lines = ["| thread (group) | " + " | ".join(f"{name}: CPU % / preempted per s" for name, _ in cols) + " |",
-             "|---|" + "---|" * len(cols)]
+    lines = [
+        "| thread (group) | " + " | ".join(f"{name}: CPU % / preempted per s" for name, _ in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
     for g in groups:
         cells = [(m.get("threads") or {}).get(g) for _, m in cols]
-        lines.append(f"| {g} | " + " | ".join(f"{c['cpu_percent']} / {c['preempted_per_s']}" if c else "-"
-                                               for c in cells) + " |")
+        lines.append(f"| {g} | " + " | ".join(f"{c['cpu_percent']} / {c['preempted_per_s']}" if c else "-" for c in cells) + " |")
     return lines
 
 
 def markdown(res: dict) -> str:
     o, r = res["options"], res["ratios"]
     n = len(res["rounds"])
-    lines = [f"`{res['command']}` — {res['machine']}; model {o['model_label']}, camera frames {o['width']}x{o['height']}; "
-             f"{res['started']}", "",
-             "| measurement | runtime | batch | frames/s | batch p50 / p99 ms | capture-to-publish p50 / p99 s | "
-             "CPU % | peak RSS MB | residual |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"`{res['command']}` — {res['machine']}; model {o['model_label']}, camera frames {o['width']}x{o['height']}; "
+        f"{res['started']}",
+        "",
+        "| measurement | runtime | batch | frames/s | batch p50 / p99 ms | capture-to-publish p50 / p99 s | "
+        "CPU % | peak RSS MB | residual |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     ref = res["reference"]
-    lines.append(f"| reference loop (`model.predict` per frame) | tensorflow | 1 | {ref['fps']} | {ref['batch_p50_ms']} / "
-                 f"{ref['batch_p99_ms']} | - | {ref['cpu_percent']} | - | - |")
+    lines.append(
+        f"| reference loop (`model.predict` per frame) | tensorflow | 1 | {ref['fps']} | {ref['batch_p50_ms']} / "
+        f"{ref['batch_p99_ms']} | - | {ref['cpu_percent']} | - | - |"
+    )
     for row in res["bare"]:
-        lines.append(f"| bare model | {row['runtime']} | {row['batch']} | {row['fps']} | {row['batch_p50_ms']} / "
-                     f"{row['batch_p99_ms']} | - | {row['cpu_percent']} | {row['peak_rss_mb']} | - |")
+        lines.append(
+            f"| bare model | {row['runtime']} | {row['batch']} | {row['fps']} | {row['batch_p50_ms']} / "
+            f"{row['batch_p99_ms']} | - | {row['cpu_percent']} | {row['peak_rss_mb']} | - |"
+        )
     spread = lambda key: ", ".join(str(x[key]["fps"]) for x in res["rounds"])  # noqa: E731
     which = f"round {res['median_round'] + 1} of {n}, the median synthetic ratio" if n > 1 else ""
     if n > 1:
         b = res["bare_in_rounds"]
-        lines.append(f"| bare model, in the rounds ({which}; all rounds: {spread('bare')}) | {b['runtime']} | {b['batch']} | "
-                     f"{b['fps']} | {b['batch_p50_ms']} / {b['batch_p99_ms']} | - | {b['cpu_percent']} | "
-                     f"{b['peak_rss_mb']} | - |")
-    for key, short, name in (("pipeline_synthetic", "synthetic", "pipeline, synthetic cameras"),
-                             ("pipeline_rtsp", "rtsp", "pipeline, RTSP cameras")):
+        lines.append(
+            f"| bare model, in the rounds ({which}; all rounds: {spread('bare')}) | {b['runtime']} | {b['batch']} | "
+            f"{b['fps']} | {b['batch_p50_ms']} / {b['batch_p99_ms']} | - | {b['cpu_percent']} | "
+            f"{b['peak_rss_mb']} | - |"
+        )
+    for key, short, name in (
+        ("pipeline_synthetic", "synthetic", "pipeline, synthetic cameras"),
+        ("pipeline_rtsp", "rtsp", "pipeline, RTSP cameras"),
+    ):
         p = res[key]
         rounds = f"; {which}; all rounds: {spread(short)}" if n > 1 else ""
-        lines.append(f"| {name} ({p['cameras']} x {res['camera_fps']} frames/s offered{rounds}) | {p['runtime']} | "
-                     f"{o['pipeline_batch']} | {p['fps']} | {p['inference_mean_ms']} (mean) | {p['end_to_end_p50_s']} / "
-                     f"{p['end_to_end_p99_s']} | {p['cpu_percent']} | {p['peak_rss_mb']} | {p['residual']} |")
+        lines.append(
+            f"| {name} ({p['cameras']} x {res['camera_fps']} frames/s offered{rounds}) | {p['runtime']} | "
+            f"{o['pipeline_batch']} | {p['fps']} | {p['inference_mean_ms']} (mean) | {p['end_to_end_p50_s']} / "
+            f"{p['end_to_end_p99_s']} | {p['cpu_percent']} | {p['peak_rss_mb']} | {p['residual']} |"
+        )
     syn, rtsp = res["pipeline_synthetic"], res["pipeline_rtsp"]
     ok = lambda cond: "met" if cond else "**not met**"  # noqa: E731
     each = lambda xs: f" (rounds: {', '.join(map(str, xs))})" if n > 1 else ""  # noqa: E731
-    lines += ["", f"Ratios{' (median over the rounds)' if n > 1 else ''}: pipeline / bare {syn['runtime']} at batch "
-              f"{o['pipeline_batch']} {r['synthetic_vs_bare']} (synthetic){each(r['synthetic_vs_bare_rounds'])}, "
-              f"{r['rtsp_vs_bare']} (RTSP){each(r['rtsp_vs_bare_rounds'])}; pipeline / reference loop "
-              f"{r['synthetic_vs_reference']}; best runtime / TensorFlow at batch 1 {r['best_bare_vs_tensorflow_b1']}.",
-              "", "| target | measured | |", "|---|---|---|",
-              f"| synthetic pipeline >= 0.90 x bare | {r['synthetic_vs_bare']} | {ok(r['synthetic_vs_bare'] >= 0.9)} |",
-              f"| RTSP pipeline >= 0.80 x bare | {r['rtsp_vs_bare']} | {ok(r['rtsp_vs_bare'] >= 0.8)} |",
-              f"| pipeline >= 3 x reference loop | {r['synthetic_vs_reference']} | {ok(r['synthetic_vs_reference'] >= 3)} |",
-              f"| p99 capture-to-publish <= 2 x bare batch p50 + max_wait = {r['p99_bound_s']} s | {syn['end_to_end_p99_s']} "
-              f"(synthetic), {rtsp['end_to_end_p99_s']} (RTSP) | {ok(max(r['p99_s']) <= r['p99_bound_s'])} |",
-              f"| accounting residual 0 | {syn['residual']}, {rtsp['residual']} | "
-              f"{ok(syn['residual'] == rtsp['residual'] == 0)} |"]
+    lines += [
+        "",
+        f"Ratios{' (median over the rounds)' if n > 1 else ''}: pipeline / bare {syn['runtime']} at batch "
+        f"{o['pipeline_batch']} {r['synthetic_vs_bare']} (synthetic){each(r['synthetic_vs_bare_rounds'])}, "
+        f"{r['rtsp_vs_bare']} (RTSP){each(r['rtsp_vs_bare_rounds'])}; pipeline / reference loop "
+        f"{r['synthetic_vs_reference']}; best runtime / TensorFlow at batch 1 {r['best_bare_vs_tensorflow_b1']}.",
+        "",
+        "| target | measured | |",
+        "|---|---|---|",
+        f"| synthetic pipeline >= 0.90 x bare | {r['synthetic_vs_bare']} | {ok(r['synthetic_vs_bare'] >= 0.9)} |",
+        f"| RTSP pipeline >= 0.80 x bare | {r['rtsp_vs_bare']} | {ok(r['rtsp_vs_bare'] >= 0.8)} |",
+        f"| pipeline >= 3 x reference loop | {r['synthetic_vs_reference']} | {ok(r['synthetic_vs_reference'] >= 3)} |",
+        f"| p99 capture-to-publish <= 2 x bare batch p50 + max_wait = {r['p99_bound_s']} s | {syn['end_to_end_p99_s']} "
+        f"(synthetic), {rtsp['end_to_end_p99_s']} (RTSP) | {ok(max(r['p99_s']) <= r['p99_bound_s'])} |",
+        f"| accounting residual 0 | {syn['residual']}, {rtsp['residual']} | {ok(syn['residual'] == rtsp['residual'] == 0)} |",
+    ]
     if syn.get("threads"):
-        lines += ["", "CPU per thread (from /proc; Python threads named by py-spy, native ones by their OS name; "
-                  f"{which or 'this run'}):", "", *_threads_table(res)]
+        lines += [
+            "",
+            f"CPU per thread (from /proc; Python threads named by py-spy, native ones by their OS name; {which or 'this run'}):",
+            "",
+            *_threads_table(res),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -530,10 +651,12 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["reference"] + [f"{r['runtime']} b{r['batch']}" for r in res["bare"]] + ["pipeline synthetic",
-                                                                                       "pipeline RTSP"]
-    fps = [res["reference"]["fps"]] + [r["fps"] for r in res["bare"]] + [res["pipeline_synthetic"]["fps"],
-                                                                          res["pipeline_rtsp"]["fps"]]
+    names = ["reference"] + [f"{r['runtime']} b{r['batch']}" for r in res["bare"]] + ["pipeline synthetic", "pipeline RTSP"]
+    fps = (
+        [res["reference"]["fps"]]
+        + [r["fps"] for r in res["bare"]]
+        + [res["pipeline_synthetic"]["fps"], res["pipeline_rtsp"]["fps"]]
+    )
     colors = ["grey"] + ["tab:blue"] * len(res["bare"]) + ["tab:green", "tab:olive"]
     fig, ax = plt.subplots(figsize=(10, 4.5))
     ax.barh(names[::-1], fps[::-1], color=colors[::-1])
@@ -541,8 +664,10 @@ def plot(res: dict, path: Path) -> None:
         ax.text(v, i, f" {v:.0f}", va="center")
     ax.axvline(res["best_bare"]["fps"], color="k", ls=":", lw=1, label=f"best bare model, batch {res['best_bare']['batch']}")
     ax.set_xlabel("frames/s")
-    ax.set_title(f"{res['options']['model_label']}, {res['options']['width']}x{res['options']['height']} frames, "
-                 f"{res['machine'].split(' (')[0]}")
+    ax.set_title(
+        f"{res['options']['model_label']}, {res['options']['width']}x{res['options']['height']} frames, "
+        f"{res['machine'].split(' (')[0]}"
+    )
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -558,15 +683,23 @@ def main() -> None:
     ap.add_argument("--cameras", type=int, default=4)
     ap.add_argument("--offered", type=float, default=1.2, help="cameras offer this x the best bare frames/s")
     ap.add_argument("--pipeline-runtime", help="the daemon's runtime (default: the fastest bare at --pipeline-batch)")
-    ap.add_argument("--pipeline-batch", type=int, default=1, help="the daemon's max_batch (1: what \"auto\" takes on a CPU)")
-    ap.add_argument("--repeat", type=lambda v: max(1, int(v)), default=3,
-                    help="rounds of bare model + both pipelines, interleaved; ratios are the rounds' median")
+    ap.add_argument("--pipeline-batch", type=int, default=1, help='the daemon\'s max_batch (1: what "auto" takes on a CPU)')
+    ap.add_argument(
+        "--repeat",
+        type=lambda v: max(1, int(v)),
+        default=3,
+        help="rounds of bare model + both pipelines, interleaved; ratios are the rounds' median",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/performance")
-    ap.add_argument("--profile", action="store_true", help="sample the pipelines with py-spy (pip install py-spy): "
-                    "CPU share per stage and the top functions, in the JSON")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample the pipelines with py-spy (pip install py-spy): CPU share per stage and the top functions, in the JSON",
+    )
     ap.add_argument("--device", default="cpu", help="[model] device for everything measured: cpu or gpu:N")
-    ap.add_argument("--precision", default="float32", choices=["float32", "mixed_float16"],
-                    help="[model] precision (TensorFlow only)")
+    ap.add_argument(
+        "--precision", default="float32", choices=["float32", "mixed_float16"], help="[model] precision (TensorFlow only)"
+    )
     ap.add_argument("--xla", action="store_true", help="[model] xla (TensorFlow only)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--runtime", help=argparse.SUPPRESS)

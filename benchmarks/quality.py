@@ -72,10 +72,25 @@ def tiles(args) -> dict:
     model, t_train = args.model, None
     if model is None:
         model = args.out / "tiles" / "tiles.keras"
-        recipe = [*(["--backbone", args.backbone] if args.backbone else []),
-                  *(["--weights", args.weights] if args.weights else [])]
-        t_train = sh("train", train_dir, "--out", model, "--epochs", args.epochs, "--batch-size", 8,
-                     "--input-size", args.tiles_size, "--seed", 0, *recipe)
+        recipe = [
+            *(["--backbone", args.backbone] if args.backbone else []),
+            *(["--weights", args.weights] if args.weights else []),
+        ]
+        t_train = sh(
+            "train",
+            train_dir,
+            "--out",
+            model,
+            "--epochs",
+            args.epochs,
+            "--batch-size",
+            8,
+            "--input-size",
+            args.tiles_size,
+            "--seed",
+            0,
+            *recipe,
+        )
     report_dir = args.out / "tiles" / "report"
     sh("evaluate", model, test_dir, "--report", report_dir, *(["--mask-rule", args.mask_rule] if args.mask_rule else []))
     report = json.loads((report_dir / "report.json").read_text())
@@ -84,10 +99,27 @@ def tiles(args) -> dict:
 
 def oliena(args) -> dict:
     model = args.out / "oliena" / "oliena.keras"
-    t_train = sh("train", args.oliena, "--val", args.oliena, "--out", model, "--weights", args.weights or "none",
-                 "--epochs", args.oliena_epochs, "--batch-size", 2, "--input-size", "752x480", "--seed", 0,
-                 "--backbone", args.backbone or "efficientnetv2b0",  # the reference's, from scratch (docs/quality.md)
-                 *(["--no-augment"] if args.oliena_no_augment else []))
+    t_train = sh(
+        "train",
+        args.oliena,
+        "--val",
+        args.oliena,
+        "--out",
+        model,
+        "--weights",
+        args.weights or "none",
+        "--epochs",
+        args.oliena_epochs,
+        "--batch-size",
+        2,
+        "--input-size",
+        "752x480",
+        "--seed",
+        0,
+        "--backbone",
+        args.backbone or "efficientnetv2b0",  # the reference's, from scratch (docs/quality.md)
+        *(["--no-augment"] if args.oliena_no_augment else []),
+    )
     sh("infer", model, args.oliena / "1", args.oliena / "0", "--out", args.out / "oliena" / "overlays")
     scores = [json.loads(line) for line in (args.out / "oliena" / "overlays" / "results.jsonl").read_text().splitlines()]
     return {"train_seconds": t_train, "scores": {s["name"]: s["score"] for s in scores}}
@@ -97,13 +129,15 @@ def targets(report: dict) -> list[str]:
     """The localization targets (docs/quality.md), each met or not, at the model's own thresholds."""
     im, px = report["image"], report["pixel"]
     pub, cal, mm = px["published"], px.get("gated", px["calibrated"]), px["minmax"]
-    rows = [("image ROC-AUC", im["roc_auc"], ">=", 0.98),
-            ("pixel ROC-AUC (calibrated map, gated by the verdict)", cal["roc_auc"], ">=", 0.95),
-            ("AUPRO (calibrated map, gated)", cal["aupro"], ">=", 0.80),
-            (f"mean defect IoU at the model's own rule ({pub['mask_rule']})", pub["iou"], ">=", 0.30),
-            ("false-region rate on ok images", pub["false_region_rate"], "<=", 0.05),
-            ("pixel ROC-AUC: calibrated (gated) vs the seed's min-max map (gated)", cal["roc_auc"], ">=", mm["roc_auc"]),
-            ("AUPRO: calibrated (gated) vs the seed's min-max map (gated)", cal["aupro"], ">=", mm["aupro"])]
+    rows = [
+        ("image ROC-AUC", im["roc_auc"], ">=", 0.98),
+        ("pixel ROC-AUC (calibrated map, gated by the verdict)", cal["roc_auc"], ">=", 0.95),
+        ("AUPRO (calibrated map, gated)", cal["aupro"], ">=", 0.80),
+        (f"mean defect IoU at the model's own rule ({pub['mask_rule']})", pub["iou"], ">=", 0.30),
+        ("false-region rate on ok images", pub["false_region_rate"], "<=", 0.05),
+        ("pixel ROC-AUC: calibrated (gated) vs the seed's min-max map (gated)", cal["roc_auc"], ">=", mm["roc_auc"]),
+        ("AUPRO: calibrated (gated) vs the seed's min-max map (gated)", cal["aupro"], ">=", mm["aupro"]),
+    ]
     out = ["| target | measured | goal | met |", "|---|---|---|---|"]
     for name, value, op, goal in rows:
         met = value >= goal if op == ">=" else value <= goal
@@ -117,33 +151,45 @@ def summary(res: dict, args) -> str:
         r = res["tiles"]["report"]
         im, px = r["image"], r.get("pixel", {})
         took = res["tiles"]["train_seconds"]
-        lines += [f"magnetic tiles test split: {r['n_images']} images {r['counts']}, model {r['model']['path']} "
-                  f"(pooling {r['model'].get('pooling')}, mask rule {r['model'].get('mask_rule')})"
-                  + (f", training took {took / 60:.1f} min" if took else ""), ""]
+        lines += [
+            f"magnetic tiles test split: {r['n_images']} images {r['counts']}, model {r['model']['path']} "
+            f"(pooling {r['model'].get('pooling')}, mask rule {r['model'].get('mask_rule')})"
+            + (f", training took {took / 60:.1f} min" if took else ""),
+            "",
+        ]
         if px:
             lines += [*targets(r), ""]
-        lines += ["| image level | ROC-AUC | AP | acc | prec | rec | F1 (thr) |", "|---|---|---|---|---|---|---|",
-                  f"| at 0.5 | {im['roc_auc']:.3f} | {im['average_precision']:.3f} | {im['accuracy']:.3f} | "
-                  f"{im['precision']:.3f} | {im['recall']:.3f} | {im['f1']:.3f} ({im['threshold']:.2f}) |"]
+        lines += [
+            "| image level | ROC-AUC | AP | acc | prec | rec | F1 (thr) |",
+            "|---|---|---|---|---|---|---|",
+            f"| at 0.5 | {im['roc_auc']:.3f} | {im['average_precision']:.3f} | {im['accuracy']:.3f} | "
+            f"{im['precision']:.3f} | {im['recall']:.3f} | {im['f1']:.3f} ({im['threshold']:.2f}) |",
+        ]
         if im.get("best_f1"):
             b = im["best_f1"]
-            lines.append(f"| best-F1 (oracle) | | | {b['accuracy']:.3f} | {b['precision']:.3f} | {b['recall']:.3f} | "
-                         f"{b['f1']:.3f} ({b['threshold']:.2f}) |")
+            lines.append(
+                f"| best-F1 (oracle) | | | {b['accuracy']:.3f} | {b['precision']:.3f} | {b['recall']:.3f} | "
+                f"{b['f1']:.3f} ({b['threshold']:.2f}) |"
+            )
         if px:
             lines += ["", "| pixel level | ROC-AUC | IoU | Dice | threshold |", "|---|---|---|---|---|"]
             for name in ("calibrated", "gated", "minmax"):
                 if name not in px:
                     continue
                 m = px[name]
-                lines.append(f"| {name} (best threshold) | {m['roc_auc']:.3f} | {m['iou']:.3f} | {m['dice']:.3f} "
-                             f"| {m['threshold']:.3f} |")
+                lines.append(
+                    f"| {name} (best threshold) | {m['roc_auc']:.3f} | {m['iou']:.3f} | {m['dice']:.3f} | {m['threshold']:.3f} |"
+                )
             pub = px["published"]
             lines.append(f"| published (the model's own rule) | | {pub['iou']:.3f} | {pub['dice']:.3f} | {pub['mask_rule']} |")
             lines.append(f"\nmap peak on the defect (+- one CAM cell): {100 * px['peak_in_defect']:.1f} % of defect images")
     if "oliena" in res:
         o = res["oliena"]
-        lines += ["", f"oliena overfit (752x480, {args.oliena_epochs} epochs, {o['train_seconds'] / 60:.1f} min): "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in o["scores"].items())]
+        lines += [
+            "",
+            f"oliena overfit (752x480, {args.oliena_epochs} epochs, {o['train_seconds'] / 60:.1f} min): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in o["scores"].items()),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -154,11 +200,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--model", type=Path, help="evaluate this model (trained on the same split) instead of training")
-    ap.add_argument("--mask-rule", help="evaluate at this rule instead of the model's own (e.g. the rule train would "
-                    "pick for a model trained before its default changed)")
+    ap.add_argument(
+        "--mask-rule",
+        help="evaluate at this rule instead of the model's own (e.g. the rule train would "
+        "pick for a model trained before its default changed)",
+    )
     ap.add_argument("--oliena-epochs", type=int, default=150)
-    ap.add_argument("--oliena-no-augment", action=argparse.BooleanOptionalAction, default=True,
-                    help="from scratch, 8 frames only overfit without augmentation (the reference had ImageNet weights)")
+    ap.add_argument(
+        "--oliena-no-augment",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="from scratch, 8 frames only overfit without augmentation (the reference had ImageNet weights)",
+    )
     ap.add_argument("--tiles-size", default="256x256")
     ap.add_argument("--backbone", help="default: train's (efficientnet_lite0)")
     ap.add_argument("--weights", help="default: train's (imagenet, offline for efficientnet_lite0); none: from scratch")

@@ -199,12 +199,23 @@ class Renderer:
             texts = [("No data", FG)]
         size = 16 if len(texts) == 1 and len(texts[0][0]) < 10 else 10
         for i, (text, color) in enumerate(texts[:3]):
-            ax.text(0.5, 0.45 - (i - (len(texts[:3]) - 1) / 2) * 0.35, text, color=color, fontsize=size,
-                    ha="center", va="center", transform=ax.transAxes, fontweight="bold")
+            ax.text(
+                0.5,
+                0.45 - (i - (len(texts[:3]) - 1) / 2) * 0.35,
+                text,
+                color=color,
+                fontsize=size,
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                fontweight="bold",
+            )
 
     def _buckets(self, target) -> list[tuple[str, float]]:
-        rows = [(s["metric"].get("le", legend(target.get("legendFormat"), s["metric"])), to_float(s["value"][1]))
-                for s in self.q(target)]
+        rows = [
+            (s["metric"].get("le", legend(target.get("legendFormat"), s["metric"])), to_float(s["value"][1]))
+            for s in self.q(target)
+        ]
         if target.get("format") == "heatmap":
             rows.sort(key=lambda r: float(r[0]))
             rows = [(le, v - (rows[i - 1][1] if i else 0.0)) for i, (le, v) in enumerate(rows)]
@@ -244,8 +255,14 @@ class Renderer:
             for t, v in s["values"]:
                 cum[j, index[to_float(t)]] = to_float(v)
         counts = np.diff(cum, axis=0, prepend=0).clip(min=0)
-        ax.imshow(np.sqrt(counts), aspect="auto", origin="lower", cmap="Oranges",
-                  extent=(times[0], times[-1], 0, len(series)), interpolation="nearest")
+        ax.imshow(
+            np.sqrt(counts),
+            aspect="auto",
+            origin="lower",
+            cmap="Oranges",
+            extent=(times[0], times[-1], 0, len(series)),
+            interpolation="nearest",
+        )
         les = [s["metric"]["le"] for s in series]
         ax.set_yticks([i + 0.5 for i in range(len(les))][::2], les[::2], fontsize=5)
         self._time_axis(ax, panel, grid=False)
@@ -275,8 +292,7 @@ class Renderer:
         order = sorted(org.get("indexByName", {}), key=lambda k: org["indexByName"][k])
         cols = [c for c in order if any(c in r for r in rows.values())]
         header = [org.get("renameByName", {}).get(c, c) for c in cols]
-        cells = [[(r.get(c, "")[:16] + "..." if len(r.get(c, "")) > 19 else r.get(c, "")) for c in cols]
-                 for r in rows.values()]
+        cells = [[(r.get(c, "")[:16] + "..." if len(r.get(c, "")) > 19 else r.get(c, "")) for c in cols] for r in rows.values()]
         if cells:
             table = ax.table(cellText=cells, colLabels=header, loc="upper center", cellLoc="left")
             table.auto_set_font_size(False)
@@ -314,8 +330,13 @@ def main(argv=None) -> int:
     step = args.step or max(1.0, round(args.minutes * 60 / 300))
     range_s = f"{int(end - start)}s"
     instances = args.instance or prom.label_values("instance", "inspectd_build_info")
-    variables = {"instance": grafana_regex(instances), "__rate_interval": args.rate_interval, "__range": range_s,
-                 "__interval": f"{int(step)}s", "datasource": ""}
+    variables = {
+        "instance": grafana_regex(instances),
+        "__rate_interval": args.rate_interval,
+        "__range": range_s,
+        "__interval": f"{int(step)}s",
+        "datasource": "",
+    }
     cameras = args.camera or prom.label_values("camera", render('inspectd_camera_up{instance=~"$instance"}', variables))
     variables["camera"] = grafana_regex(cameras)
     r = Renderer(prom, variables, start, end, step)
@@ -325,9 +346,16 @@ def main(argv=None) -> int:
     unit_px = 0.32  # inches per grid row: Grafana's rows are ~30 px, columns ~1/24 of the width
     fig = plt.figure(figsize=(18, height * unit_px + 0.6), facecolor=BG)
     top = 1 - 0.6 / (height * unit_px + 0.6)
-    fig.text(0.01, 1 - 0.2 / (height * unit_px + 0.6), f"{dash['title']}  |  instance {', '.join(instances)}  |  "
-             f"{datetime.fromtimestamp(start):%Y-%m-%d %H:%M} - {datetime.fromtimestamp(end):%H:%M}  |  "
-             f"rate interval {args.rate_interval}", color=FG, fontsize=10, va="center")
+    fig.text(
+        0.01,
+        1 - 0.2 / (height * unit_px + 0.6),
+        f"{dash['title']}  |  instance {', '.join(instances)}  |  "
+        f"{datetime.fromtimestamp(start):%Y-%m-%d %H:%M} - {datetime.fromtimestamp(end):%H:%M}  |  "
+        f"rate interval {args.rate_interval}",
+        color=FG,
+        fontsize=10,
+        va="center",
+    )
     for p in panels:
         g = p["gridPos"]
         x0, w = g["x"] / 24, g["w"] / 24
@@ -339,8 +367,7 @@ def main(argv=None) -> int:
         pad_x, pad_top, pad_bottom = 0.03 if p["type"] not in ("stat",) else 0.004, 0.022, 0.02
         if p["type"] in ("stat", "table"):
             pad_bottom = 0.004
-        ax = fig.add_axes((x0 + pad_x, y1 - h + pad_bottom * top, w - pad_x - 0.006,
-                           h - (pad_top + pad_bottom) * top))
+        ax = fig.add_axes((x0 + pad_x, y1 - h + pad_bottom * top, w - pad_x - 0.006, h - (pad_top + pad_bottom) * top))
         try:
             r.draw(ax, p)
         except Exception as exc:  # one broken panel must not hide the others

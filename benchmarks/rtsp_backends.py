@@ -49,8 +49,10 @@ W, H, ALT, FPS = 320, 240, (256, 192), 10
 
 def torn_frames(backend: str, slices: int) -> tuple[str, int]:
     """('torn / received', slices per frame as sent) for 100 frames of a counter stream."""
-    with RtspServer(mode="counter", width=W, height=H, fps=25, slices=slices, tcp_only=True) as server, \
-            TcpProxy(server.port) as proxy:
+    with (
+        RtspServer(mode="counter", width=W, height=H, fps=25, slices=slices, tcp_only=True) as server,
+        TcpProxy(server.port) as proxy,
+    ):
         frames = read_frames(open_source(CameraConfig(id="b", url=proxy.url(), backend=backend, **TIMING)), 100, 30)
         sent = statistics.median(proxy.slices_per_frame())
     torn = sum(max(counter_match(frame)[1]) >= 10 for frame in frames)
@@ -84,8 +86,11 @@ def resolution_change(backend: str) -> str:
 class Camera:
     def __init__(self, url: str, backend: str):
         self.frames: list[float] = []  # arrival times
-        self.worker = CameraWorker(CameraConfig(id="b", url=url, backend=backend, **TIMING),
-                                   lambda f: self.frames.append(time.monotonic()), Metrics(CollectorRegistry()))
+        self.worker = CameraWorker(
+            CameraConfig(id="b", url=url, backend=backend, **TIMING),
+            lambda f: self.frames.append(time.monotonic()),
+            Metrics(CollectorRegistry()),
+        )
         self.worker.start()
 
     def flowing_since(self, t0: float, quiet: float = 0.5) -> float | None:
@@ -104,15 +109,21 @@ class Camera:
 
 
 def faults(backend: str, repeats: int) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {"half-open cut": [], "media stall, session up": [], "40 corrupt RTP packets": [],
-                                   "never answers, then answers": []}
-    with RtspServer(mode="synthetic", width=W, height=H, fps=FPS, tcp_only=True) as server, \
-            TcpProxy(server.port) as proxy:
+    out: dict[str, list[float]] = {
+        "half-open cut": [],
+        "media stall, session up": [],
+        "40 corrupt RTP packets": [],
+        "never answers, then answers": [],
+    }
+    with RtspServer(mode="synthetic", width=W, height=H, fps=FPS, tcp_only=True) as server, TcpProxy(server.port) as proxy:
         cam = Camera(proxy.url(), backend)
         try:
             for _ in range(repeats):
-                for name, inject in (("half-open cut", proxy.cut), ("media stall, session up", proxy.stall),
-                                     ("40 corrupt RTP packets", lambda: proxy.corrupt(40))):
+                for name, inject in (
+                    ("half-open cut", proxy.cut),
+                    ("media stall, session up", proxy.stall),
+                    ("40 corrupt RTP packets", lambda: proxy.corrupt(40)),
+                ):
                     wait_until(lambda: cam.worker.state is CameraState.UP and cam.flowing_since(time.monotonic() - 3), 30)
                     t0 = time.monotonic()
                     inject()
@@ -146,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         row["after 320x240 -> 256x192"] = resolution_change(backend)
         print(f"{backend}: resolution change: {row['after 320x240 -> 256x192']}", flush=True)
         for name, times in faults(backend, args.repeats).items():
-            row[f"{name}: frames again after (s)"] = (f"median {statistics.median(times):.2f}, "
-                                                      f"max {max(times):.2f} (n={len(times)})")
+            row[f"{name}: frames again after (s)"] = (
+                f"median {statistics.median(times):.2f}, max {max(times):.2f} (n={len(times)})"
+            )
             print(f"{backend}: {name}: {row[f'{name}: frames again after (s)']}", flush=True)
     print("\n| | " + " | ".join(BACKENDS) + " |\n|---|" + "---|" * len(BACKENDS))
     for key in results[BACKENDS[0]]:

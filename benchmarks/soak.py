@@ -35,10 +35,11 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
-ACCOUNT = re.compile(r"frames (?P<camera>\S+): captured (?P<captured>\d+) = inferred (?P<inferred>\d+) \+ dropped "
-                     r"(?P<dropped>\d+) \((?P<reasons>[^)]*)\) \+ in flight (?P<in_flight>\d+); residual (?P<residual>-?\d+)")
-FIELDS = ("t_s", "rss_mb", "open_files", "threads", "frames_per_s", "archive_mb", "archive_entries",
-          "events_received")
+ACCOUNT = re.compile(
+    r"frames (?P<camera>\S+): captured (?P<captured>\d+) = inferred (?P<inferred>\d+) \+ dropped "
+    r"(?P<dropped>\d+) \((?P<reasons>[^)]*)\) \+ in flight (?P<in_flight>\d+); residual (?P<residual>-?\d+)"
+)
+FIELDS = ("t_s", "rss_mb", "open_files", "threads", "frames_per_s", "archive_mb", "archive_entries", "events_received")
 
 
 def _free_port() -> int:
@@ -59,8 +60,11 @@ def _example_config(tmp: Path, archive_max_bytes: int) -> tuple[Path, dict]:
     text = re.sub(r"(?m)^max_bytes = 10_000_000_000", f"max_bytes = {archive_max_bytes}", text)
     path = tmp / "soak.toml"
     path.write_text(text)
-    return path, {"metrics": f"http://127.0.0.1:{metrics}", "events": f"tcp://127.0.0.1:{events}",
-                  "replay": f"tcp://127.0.0.1:{replay}"}
+    return path, {
+        "metrics": f"http://127.0.0.1:{metrics}",
+        "events": f"tcp://127.0.0.1:{events}",
+        "replay": f"tcp://127.0.0.1:{replay}",
+    }
 
 
 def _proc_status(pid: int) -> tuple[float, int]:
@@ -126,8 +130,9 @@ class Consumer(threading.Thread):
 def soak(config: Path, urls: dict, seconds: float, every: float, log_path: Path) -> tuple[list[dict], list, int, Consumer]:
     """-> (samples, account lines parsed from the shutdown log, the daemon's exit code, the consumer)."""
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "inspectd", "run", "--config", str(config)], cwd=ROOT,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "inspectd", "run", "--config", str(config)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
         consumer = None
         try:
             deadline = time.monotonic() + 180
@@ -143,11 +148,18 @@ def soak(config: Path, urls: dict, seconds: float, every: float, log_path: Path)
                 time.sleep(every)
                 now, m = time.monotonic(), _metrics(urls["metrics"])
                 rss, threads = _proc_status(proc.pid)
-                samples.append({"t_s": round(now - t0), "rss_mb": round(rss, 1),
-                                "open_files": len(os.listdir(f"/proc/{proc.pid}/fd")), "threads": threads,
-                                "frames_per_s": round((m["inferred"] - last[1]) / (now - last[0]), 2),
-                                "archive_mb": round(m["archive_bytes"] / 1e6, 2),
-                                "archive_entries": int(m["archive_entries"]), "events_received": consumer.received})
+                samples.append(
+                    {
+                        "t_s": round(now - t0),
+                        "rss_mb": round(rss, 1),
+                        "open_files": len(os.listdir(f"/proc/{proc.pid}/fd")),
+                        "threads": threads,
+                        "frames_per_s": round((m["inferred"] - last[1]) / (now - last[0]), 2),
+                        "archive_mb": round(m["archive_bytes"] / 1e6, 2),
+                        "archive_entries": int(m["archive_entries"]),
+                        "events_received": consumer.received,
+                    }
+                )
                 last = (now, m["inferred"])
                 print("  ".join(f"{k} {v}" for k, v in samples[-1].items()), flush=True)
         finally:
@@ -181,9 +193,14 @@ def plot(samples: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     t = [s["t_s"] / 60 for s in samples]
-    panels = (("rss_mb", "RSS (MB)"), ("open_files", "open files"), ("threads", "threads"),
-              ("frames_per_s", "inspected frames/s"), ("archive_mb", "archive (MB)"),
-              ("events_received", "defect events received"))
+    panels = (
+        ("rss_mb", "RSS (MB)"),
+        ("open_files", "open files"),
+        ("threads", "threads"),
+        ("frames_per_s", "inspected frames/s"),
+        ("archive_mb", "archive (MB)"),
+        ("events_received", "defect events received"),
+    )
     fig, axes = plt.subplots(2, 3, figsize=(13, 6), sharex=True)
     for ax, (key, label) in zip(axes.flat, panels):
         ax.plot(t, [s[key] for s in samples], lw=1.2)
@@ -199,8 +216,7 @@ def plot(samples: list[dict], path: Path, title: str) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--config", type=Path, help="daemon config (default: config.example.toml with free ports, archive on)")
     ap.add_argument("--metrics-url", help="with --config: the daemon's metrics URL")
     ap.add_argument("--events", help="with --config: the daemon's publish endpoint (for the consumer)")
@@ -227,26 +243,48 @@ def main() -> int:
     settled = [s for s in samples if s["t_s"] >= args.settle] or samples
     growth = settled[-1]["rss_mb"] - settled[0]["rss_mb"] if settled else float("nan")
     drift = {k: max(abs(s[k] - settled[0][k]) for s in settled) if settled else 0 for k in ("open_files", "threads")}
-    print(f"after {args.settle:g} s: RSS {settled[0]['rss_mb']} -> {settled[-1]['rss_mb']} MB (growth {growth:.1f} MB, "
-          f"allowed {args.max_growth_mb}); open files {settled[0]['open_files']} -> {settled[-1]['open_files']}, "
-          f"threads {settled[0]['threads']} -> {settled[-1]['threads']} (largest drift {drift}); archive "
-          f"{settled[-1]['archive_mb']} MB, {settled[-1]['archive_entries']} entries")
-    print(f"consumer: {consumer.received} defect events, {consumer.replayed} through replay, gaps {consumer.sub.gaps}, "
-          f"handed out twice {consumer.twice}")
+    print(
+        f"after {args.settle:g} s: RSS {settled[0]['rss_mb']} -> {settled[-1]['rss_mb']} MB (growth {growth:.1f} MB, "
+        f"allowed {args.max_growth_mb}); open files {settled[0]['open_files']} -> {settled[-1]['open_files']}, "
+        f"threads {settled[0]['threads']} -> {settled[-1]['threads']} (largest drift {drift}); archive "
+        f"{settled[-1]['archive_mb']} MB, {settled[-1]['archive_entries']} entries"
+    )
+    print(
+        f"consumer: {consumer.received} defect events, {consumer.replayed} through replay, gaps {consumer.sub.gaps}, "
+        f"handed out twice {consumer.twice}"
+    )
     print("frame accounts at shutdown:")
     for a in accounts:
-        print(f"  {a['camera']}: captured {a['captured']} = inferred {a['inferred']} + dropped {a['dropped']} "
-              f"({a['reasons']}) + in flight {a['in_flight']}; residual {a['residual']}")
+        print(
+            f"  {a['camera']}: captured {a['captured']} = inferred {a['inferred']} + dropped {a['dropped']} "
+            f"({a['reasons']}) + in flight {a['in_flight']}; residual {a['residual']}"
+        )
     if args.plot:
-        plot(samples, args.plot, f"inspectd soak: {args.seconds / 60:g} min, archive on (limit "
-             f"{args.archive_max_bytes / 1e6:g} MB), replay on, sampled every {args.every:g} s")
+        plot(
+            samples,
+            args.plot,
+            f"inspectd soak: {args.seconds / 60:g} min, archive on (limit "
+            f"{args.archive_max_bytes / 1e6:g} MB), replay on, sampled every {args.every:g} s",
+        )
     balanced = bool(accounts) and all(int(a["residual"]) == 0 and int(a["in_flight"]) == 0 for a in accounts)
     flat = growth < args.max_growth_mb and all(v <= args.max_fd_drift for v in drift.values())
     lossless = not consumer.sub.gaps and consumer.twice == 0 and consumer.received > 0
     ok = code == 0 and balanced and flat and lossless
-    print("OK" if ok else "FAILED: " + ", ".join(
-        what for what, bad in (("daemon exit code", code != 0), ("frame accounts", not balanced),
-                               ("resources not flat", not flat), ("consumer lost or repeated events", not lossless)) if bad))
+    print(
+        "OK"
+        if ok
+        else "FAILED: "
+        + ", ".join(
+            what
+            for what, bad in (
+                ("daemon exit code", code != 0),
+                ("frame accounts", not balanced),
+                ("resources not flat", not flat),
+                ("consumer lost or repeated events", not lossless),
+            )
+            if bad
+        )
+    )
     return 0 if ok else 1
 
 

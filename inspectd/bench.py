@@ -48,8 +48,7 @@ def bare_model(opts: BenchOptions) -> dict:
     from inspectd.model.deployable import load_model, resolve_model_path
     from inspectd.pipeline.engine import InferenceEngine
 
-    engine = InferenceEngine(load_model(resolve_model_path(opts.model)), (opts.batch,), opts.device,
-                             runtime=opts.runtime)
+    engine = InferenceEngine(load_model(resolve_model_path(opts.model)), (opts.batch,), opts.device, runtime=opts.runtime)
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (opts.height, opts.width, 3), dtype=np.uint8) for _ in range(opts.batch)]
     engine.warmup((opts.width, opts.height))
@@ -58,8 +57,13 @@ def bare_model(opts: BenchOptions) -> dict:
         engine.infer(frames)
         n += opts.batch
     elapsed = time.monotonic() - t0
-    return {"frames": n, "seconds": round(elapsed, 2), "fps": round(n / elapsed, 2), "device": engine.device,
-            "runtime": engine.runtime}
+    return {
+        "frames": n,
+        "seconds": round(elapsed, 2),
+        "fps": round(n / elapsed, 2),
+        "device": engine.device,
+        "runtime": engine.runtime,
+    }
 
 
 def _settings(opts: BenchOptions):
@@ -69,10 +73,13 @@ def _settings(opts: BenchOptions):
     # (more than the demo model's inference with onnxruntime), which would measure the renderer, not the pipeline.
     url = f"synthetic://?fps={opts.camera_fps}&width={opts.width}&height={opts.height}&defect_rate=0.3&repeat=8&seed="
     cams = [CameraConfig(id=f"bench{i}", url=url + str(i)) for i in range(opts.cameras)]
-    return Settings(model=ModelConfig(path=opts.model, device=opts.device, runtime=opts.runtime),
-                    batching=BatchingConfig(max_batch=opts.batch, max_wait_ms=10), cameras=cams,
-                    publish=PublishConfig(endpoint=f"tcp://127.0.0.1:{_free_port()}"),
-                    metrics=MetricsConfig(port=0))
+    return Settings(
+        model=ModelConfig(path=opts.model, device=opts.device, runtime=opts.runtime),
+        batching=BatchingConfig(max_batch=opts.batch, max_wait_ms=10),
+        cameras=cams,
+        publish=PublishConfig(endpoint=f"tcp://127.0.0.1:{_free_port()}"),
+        metrics=MetricsConfig(port=0),
+    )
 
 
 def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
@@ -96,9 +103,15 @@ def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float | 
 
 
 def _quantile(registry, name: str, q: float, labels: dict | None = None) -> float | None:
-    return histogram_quantile([(float(s.labels["le"]), s.value) for metric in registry.collect()
-                               for s in metric.samples if s.name == f"{name}_bucket"
-                               and all(s.labels.get(k) == v for k, v in (labels or {}).items())], q)
+    return histogram_quantile(
+        [
+            (float(s.labels["le"]), s.value)
+            for metric in registry.collect()
+            for s in metric.samples
+            if s.name == f"{name}_bucket" and all(s.labels.get(k) == v for k, v in (labels or {}).items())
+        ],
+        q,
+    )
 
 
 def full_pipeline(opts: BenchOptions) -> dict:
@@ -121,7 +134,9 @@ def full_pipeline(opts: BenchOptions) -> dict:
         time.sleep(opts.seconds)
         c1, n1, t1 = counts()
         result = {
-            "frames": int(n1 - n0), "seconds": round(t1 - t0, 2), "fps": round((n1 - n0) / (t1 - t0), 2),
+            "frames": int(n1 - n0),
+            "seconds": round(t1 - t0, 2),
+            "fps": round((n1 - n0) / (t1 - t0), 2),
             "captured_fps": round((c1 - c0) / (t1 - t0), 2),
             "stale_dropped": int(m.frames_dropped.total(reason="stale")),
             "end_to_end_p50_s": _quantile(reg, "inspectd_end_to_end_seconds", 0.5),
@@ -149,16 +164,18 @@ def bench(opts: BenchOptions) -> dict:
 def format_bench(res: dict) -> str:
     o, bare, pipe = res["options"], res["bare_model"], res["pipeline"]
     ratio = pipe["fps"] / bare["fps"] if bare["fps"] else float("nan")
-    return "\n".join([
-        f"model {o['model']}  batch {o['batch']}  {o['cameras']} synthetic cameras at {o['camera_fps']} fps, "
-        f"{o['width']}x{o['height']}  device {bare['device']}  runtime {bare['runtime']}",
-        f"bare model     {bare['fps']:8.2f} frames/s  ({bare['frames']} frames in {bare['seconds']} s)",
-        f"full pipeline  {pipe['fps']:8.2f} frames/s  ({pipe['frames']} frames in {pipe['seconds']} s) = "
-        f"{100 * ratio:.0f} % of the bare model",
-        f"pipeline: captured {pipe['captured_fps']} frames/s, {pipe['stale_dropped']} stale frames dropped, "
-        f"end-to-end p50 <= {pipe['end_to_end_p50_s']} s, p99 <= {pipe['end_to_end_p99_s']} s, "
-        f"inference p50 <= {pipe['inference_p50_s']} s per batch",
-        "frame accounting after shutdown (captured = inferred + dropped + in flight):",
-        *(f"  {line}" for line in pipe["accounts"]),
-        f"  residual {pipe['residual']} ({'every frame accounted for' if pipe['residual'] == 0 else 'FRAMES LOST'})",
-    ])
+    return "\n".join(
+        [
+            f"model {o['model']}  batch {o['batch']}  {o['cameras']} synthetic cameras at {o['camera_fps']} fps, "
+            f"{o['width']}x{o['height']}  device {bare['device']}  runtime {bare['runtime']}",
+            f"bare model     {bare['fps']:8.2f} frames/s  ({bare['frames']} frames in {bare['seconds']} s)",
+            f"full pipeline  {pipe['fps']:8.2f} frames/s  ({pipe['frames']} frames in {pipe['seconds']} s) = "
+            f"{100 * ratio:.0f} % of the bare model",
+            f"pipeline: captured {pipe['captured_fps']} frames/s, {pipe['stale_dropped']} stale frames dropped, "
+            f"end-to-end p50 <= {pipe['end_to_end_p50_s']} s, p99 <= {pipe['end_to_end_p99_s']} s, "
+            f"inference p50 <= {pipe['inference_p50_s']} s per batch",
+            "frame accounting after shutdown (captured = inferred + dropped + in flight):",
+            *(f"  {line}" for line in pipe["accounts"]),
+            f"  residual {pipe['residual']} ({'every frame accounted for' if pipe['residual'] == 0 else 'FRAMES LOST'})",
+        ]
+    )

@@ -37,8 +37,7 @@ def _cmd_run(args) -> int:
 
     # systemd's watchdog kills with SIGABRT: the journal then shows every thread's stack.
     faulthandler.enable()
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings, path = _settings(args)
     return Daemon(settings, config_path=path).run()
 
@@ -62,9 +61,19 @@ def _cmd_bench(args) -> int:
     from inspectd.bench import BenchOptions, bench, format_bench
 
     width, height = parse_size(args.size)
-    res = bench(BenchOptions(model=args.model, batch=args.batch, cameras=args.cameras, camera_fps=args.camera_fps,
-                             width=width, height=height, seconds=args.seconds, device=args.device,
-                             runtime=args.runtime))
+    res = bench(
+        BenchOptions(
+            model=args.model,
+            batch=args.batch,
+            cameras=args.cameras,
+            camera_fps=args.camera_fps,
+            width=width,
+            height=height,
+            seconds=args.seconds,
+            device=args.device,
+            runtime=args.runtime,
+        )
+    )
     print(json.dumps(res) if args.json else format_bench(res))
     # A frame account that does not balance is a bug in the pipeline, not a slow machine.
     return 0 if res["pipeline"]["residual"] == 0 else int(ExitCode.INTERNAL)
@@ -73,21 +82,26 @@ def _cmd_bench(args) -> int:
 def _cmd_archive_export(args) -> int:
     from inspectd.outputs.export import ExportOptions, export_archive, parse_since
 
-    opts = ExportOptions(archive=args.archive, out=args.out, cameras=tuple(args.camera or ()),
-                         since=parse_since(args.since) if args.since else None,
-                         until=parse_since(args.until) if args.until else None)
+    opts = ExportOptions(
+        archive=args.archive,
+        out=args.out,
+        cameras=tuple(args.camera or ()),
+        since=parse_since(args.since) if args.since else None,
+        until=parse_since(args.until) if args.until else None,
+    )
     s = export_archive(opts)
-    print(f"exported {s.defect} defect and {s.ok} ok frames to {args.out} ({s.matched} entries matched; "
-          f"{s.already} exported before, {s.unusable} unusable). The folders are the model's verdicts: review "
-          f"them before training; its masks are in {args.out / 'predictions'}, not masks/.")
+    print(
+        f"exported {s.defect} defect and {s.ok} ok frames to {args.out} ({s.matched} entries matched; "
+        f"{s.already} exported before, {s.unusable} unusable). The folders are the model's verdicts: review "
+        f"them before training; its masks are in {args.out / 'predictions'}, not masks/."
+    )
     return 0
 
 
 def _bridge_settings(args):
     from inspectd.bridges.config import DEFAULT_BRIDGES_CONFIG, load_bridge_settings
 
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return load_bridge_settings(args.config or DEFAULT_BRIDGES_CONFIG)
 
 
@@ -135,15 +149,34 @@ def _cmd_train(args) -> int:
     from inspectd.toolkit.train import TrainOptions, train
 
     opts = TrainOptions(
-        dataset=args.dataset, out=args.out, backbone=args.backbone, stride=args.stride,
-        input_size=parse_size(args.input_size) if args.input_size else None, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, weights=args.weights, val=args.val,
-        val_fraction=args.val_fraction, seed=args.seed, balance=args.balance, augment=not args.no_augment,
-        pooling=args.pooling, mask_rule=args.mask_rule,
+        dataset=args.dataset,
+        out=args.out,
+        backbone=args.backbone,
+        stride=args.stride,
+        input_size=parse_size(args.input_size) if args.input_size else None,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weights=args.weights,
+        val=args.val,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        balance=args.balance,
+        augment=not args.no_augment,
+        pooling=args.pooling,
+        mask_rule=args.mask_rule,
     )
     result = train(opts)
-    print(json.dumps({"model": str(result.model_path), "best_epoch": result.best_epoch,
-                      "val_roc_auc": result.val_metrics.get("roc_auc"), "val_f1": result.val_metrics.get("f1")}))
+    print(
+        json.dumps(
+            {
+                "model": str(result.model_path),
+                "best_epoch": result.best_epoch,
+                "val_roc_auc": result.val_metrics.get("roc_auc"),
+                "val_f1": result.val_metrics.get("f1"),
+            }
+        )
+    )
     return 0
 
 
@@ -168,17 +201,24 @@ def _cmd_export(args) -> int:
         target = cached_export(deployable, args.format, args.cache_dir)
         where = f"in the cache {args.cache_dir or default_cache_dir()}: a daemon using it will not convert again"
     w, h = deployable.input_size
-    print(f"wrote {target} ({where}); input 'image' float32 [N,{h},{w},3] RGB 0..255, outputs 'score' [N] and "
-          "'cam_logits'")
+    print(f"wrote {target} ({where}); input 'image' float32 [N,{h},{w},3] RGB 0..255, outputs 'score' [N] and 'cam_logits'")
     return 0
 
 
 def _cmd_infer(args) -> int:
     from inspectd.toolkit.infer import InferOptions, infer, raise_if_skipped
 
-    opts = InferOptions(model=args.model, inputs=tuple(args.inputs), out=args.out, batch_size=args.batch_size,
-                        every_s=args.every, max_frames=args.max_frames, threshold=args.threshold,
-                        mask_threshold=args.mask_threshold, mask_rule=args.mask_rule)
+    opts = InferOptions(
+        model=args.model,
+        inputs=tuple(args.inputs),
+        out=args.out,
+        batch_size=args.batch_size,
+        every_s=args.every,
+        max_frames=args.max_frames,
+        threshold=args.threshold,
+        mask_threshold=args.mask_threshold,
+        mask_rule=args.mask_rule,
+    )
     written, skipped = infer(opts)
     print(f"wrote {written} overlay/mask pairs and results.jsonl to {args.out}")
     raise_if_skipped(skipped)
@@ -188,8 +228,7 @@ def _cmd_infer(args) -> int:
 def _cmd_evaluate(args) -> int:
     from inspectd.toolkit.evaluate import EvalOptions, evaluate, format_table
 
-    report = evaluate(EvalOptions(args.model, args.dataset, args.report, args.batch_size, args.threshold,
-                                  args.mask_rule))
+    report = evaluate(EvalOptions(args.model, args.dataset, args.report, args.batch_size, args.threshold, args.mask_rule))
     print(format_table(report))
     if args.report:
         print(f"\nwrote {args.report / 'report.json'} and {args.report / 'roc_pr.png'}")
@@ -209,8 +248,10 @@ def _cmd_synth(args) -> int:
         summary = write_dataset(args.out, args.n, width, height, args.seed, args.defect_ratio, progress)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    print(f"wrote {summary.n_ok} ok + {summary.n_defect} defect images ({width}x{height}, masks in "
-          f"{args.out / 'masks'}) to {args.out}")
+    print(
+        f"wrote {summary.n_ok} ok + {summary.n_defect} defect images ({width}x{height}, masks in "
+        f"{args.out / 'masks'}) to {args.out}"
+    )
     return 0
 
 
@@ -233,34 +274,60 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train the binary classifier (seed recipe), save the deployable model",
-                       description="Train on DATASET/ok|defect (aliases 0|1, good|bad); writes MODEL.keras, "
-                       "MODEL.history.json and MODEL.curves.png.")
+    p = sub.add_parser(
+        "train",
+        help="train the binary classifier (seed recipe), save the deployable model",
+        description="Train on DATASET/ok|defect (aliases 0|1, good|bad); writes MODEL.keras, "
+        "MODEL.history.json and MODEL.curves.png.",
+    )
     p.add_argument("dataset", type=Path)
     p.add_argument("--out", type=Path, required=True, help="deployable model file (.keras)")
     # Defaults: the recipe docs/quality.md chose by measurement (the same as TrainOptions').
-    p.add_argument("--backbone", default="efficientnet_lite0",
-                   help="efficientnet_lite0 (ImageNet weights offline) | efficientnetv2b0 | convnext_tiny | mobilenetv3large")
-    p.add_argument("--stride", type=int, default=16, choices=(8, 16, 32),
-                   help="16: truncated as in the paper; 8: atrous, a 2x finer map (efficientnet_lite0 only); 32: full")
+    p.add_argument(
+        "--backbone",
+        default="efficientnet_lite0",
+        help="efficientnet_lite0 (ImageNet weights offline) | efficientnetv2b0 | convnext_tiny | mobilenetv3large",
+    )
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=16,
+        choices=(8, 16, 32),
+        help="16: truncated as in the paper; 8: atrous, a 2x finer map (efficientnet_lite0 only); 32: full",
+    )
     p.add_argument("--input-size", help="WxH, multiples of the stride (default: median image size, rounded to 32)")
     p.add_argument("--epochs", type=int, default=30, help="training epochs")
     p.add_argument("--batch-size", type=int, default=8, help="images per training step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (warm-up 15 %%, hold 10 %%, cosine)")
-    p.add_argument("--weights", default="imagenet", help="imagenet (offline for efficientnet_lite0; Keras downloads "
-                   "it for the others) | none (from scratch) | PATH")
+    p.add_argument(
+        "--weights",
+        default="imagenet",
+        help="imagenet (offline for efficientnet_lite0; Keras downloads it for the others) | none (from scratch) | PATH",
+    )
     p.add_argument("--val", type=Path, help="validation dataset (default: a stratified split of DATASET)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of DATASET held out when --val is not given")
     p.add_argument("--seed", type=int, default=0, help="seeds the split, the sampling and the weights")
-    p.add_argument("--balance", default="auto", choices=("auto", "oversample", "none"),
-                   help="auto: oversample to 50/50 when classes differ by more than 1.5x")
+    p.add_argument(
+        "--balance",
+        default="auto",
+        choices=("auto", "oversample", "none"),
+        help="auto: oversample to 50/50 when classes differ by more than 1.5x",
+    )
     p.add_argument("--no-augment", action="store_true", help="switch the seed's augmentations off")
-    p.add_argument("--pooling", default="gap", help="how the head pools cam_logits into the score: gap (the paper), "
-                   "lse:R (log-mean-exp, sharpness R), topk:F (mean of the top F share of cells), max; "
-                   "see docs/model.md")
-    p.add_argument("--mask-rule", default="minmax", help="how the map becomes a mask: probability | relative | "
-                   "quantile | minmax; its parameter is picked on the validation masks when there are any (KIND:PARAM "
-                   "fixes it); see docs/model.md")
+    p.add_argument(
+        "--pooling",
+        default="gap",
+        help="how the head pools cam_logits into the score: gap (the paper), "
+        "lse:R (log-mean-exp, sharpness R), topk:F (mean of the top F share of cells), max; "
+        "see docs/model.md",
+    )
+    p.add_argument(
+        "--mask-rule",
+        default="minmax",
+        help="how the map becomes a mask: probability | relative | "
+        "quantile | minmax; its parameter is picked on the validation masks when there are any (KIND:PARAM "
+        "fixes it); see docs/model.md",
+    )
     p.set_defaults(func=_cmd_train)
 
 
@@ -268,22 +335,34 @@ def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="turn a plain classifier (.keras/.h5/.hdf5/SavedModel) into the deployable model")
     p.add_argument("classifier", type=Path, help="plain classifier: .keras, .h5/.hdf5 or a Keras-2 SavedModel folder")
     p.add_argument("--out", type=Path, required=True, help="deployable model file (.keras)")
-    p.add_argument("--input-range", default="0-255", choices=("0-255", "0-1", "-1-1"),
-                   help="the input range the classifier expects (the deployable model always takes RGB 0..255)")
+    p.add_argument(
+        "--input-range",
+        default="0-255",
+        choices=("0-255", "0-1", "-1-1"),
+        help="the input range the classifier expects (the deployable model always takes RGB 0..255)",
+    )
     p.add_argument("--threshold", type=float, default=0.5, help="image-level threshold stored in the model")
     p.add_argument("--mask-threshold", type=float, default=0.5, help="per-pixel threshold stored in the model")
     p.set_defaults(func=_cmd_convert)
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="convert the deployable model for onnxruntime or openvino, once (the daemon "
-                       "would at start-up)", description="Writes the model converted to FORMAT into the cache the "
-                       "daemon reads ([model] cache_dir), or with --out into a folder of your choice.")
+    p = sub.add_parser(
+        "export",
+        help="convert the deployable model for onnxruntime or openvino, once (the daemon would at start-up)",
+        description="Writes the model converted to FORMAT into the cache the "
+        "daemon reads ([model] cache_dir), or with --out into a folder of your choice.",
+    )
     p.add_argument("model", help="deployable .keras model, or builtin:demo")
-    p.add_argument("--format", required=True, choices=("onnx", "openvino"),
-                   help="onnx (for model.runtime onnxruntime) | openvino")
-    p.add_argument("--cache-dir", type=Path, help="the daemon's [model] cache_dir (default: $CACHE_DIRECTORY, "
-                   "else ~/.cache/inspectd; for the service, /var/cache/inspectd)")
+    p.add_argument(
+        "--format", required=True, choices=("onnx", "openvino"), help="onnx (for model.runtime onnxruntime) | openvino"
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="the daemon's [model] cache_dir (default: $CACHE_DIRECTORY, "
+        "else ~/.cache/inspectd; for the service, /var/cache/inspectd)",
+    )
     p.add_argument("--out", type=Path, help="write to this folder instead of the cache")
     p.set_defaults(func=_cmd_export)
 
@@ -291,17 +370,28 @@ def _add_export(sub) -> None:
 def _add_infer(sub) -> None:
     p = sub.add_parser("infer", help="images / folders / videos -> overlays, masks, results.jsonl")
     p.add_argument("model", help="deployable .keras model, or builtin:demo (the bundled demo model)")
-    p.add_argument("inputs", type=Path, nargs="+", metavar="INPUT",
-                   help="image, video, folder of them, or dataset folder (ok/ defect/, 0/ 1/, good/ bad/)")
+    p.add_argument(
+        "inputs",
+        type=Path,
+        nargs="+",
+        metavar="INPUT",
+        help="image, video, folder of them, or dataset folder (ok/ defect/, 0/ 1/, good/ bad/)",
+    )
     p.add_argument("--out", type=Path, required=True, help="folder for overlays, masks and results.jsonl")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument("--every", type=float, default=1.0, help="videos: one frame per this many seconds")
     p.add_argument("--max-frames", type=int, default=0, help="videos: at most this many frames each (0: all)")
     p.add_argument("--threshold", type=float, help="image-level threshold (default: the model's)")
-    p.add_argument("--mask-threshold", type=float, help="a fixed probability threshold for regions, i.e. "
-                   "--mask-rule probability:VALUE (default: the model's own rule)")
-    p.add_argument("--mask-rule", help="how the map becomes regions: probability:P | relative:D | quantile:Q | "
-                   "minmax:M (default: the model's own rule; see docs/model.md)")
+    p.add_argument(
+        "--mask-threshold",
+        type=float,
+        help="a fixed probability threshold for regions, i.e. --mask-rule probability:VALUE (default: the model's own rule)",
+    )
+    p.add_argument(
+        "--mask-rule",
+        help="how the map becomes regions: probability:P | relative:D | quantile:Q | "
+        "minmax:M (default: the model's own rule; see docs/model.md)",
+    )
     p.set_defaults(func=_cmd_infer)
 
 
@@ -336,8 +426,11 @@ def _add_run(sub) -> None:
 def _add_check_config(sub) -> None:
     p = sub.add_parser("check-config", help="validate the config, print the effective values (exit 0, or 78 on error)")
     p.add_argument("--config", type=Path, help="TOML file (default /etc/inspectd/config.toml, else the demo config)")
-    p.add_argument("--no-model", action="store_true",
-                   help="validate the config only; by default the model is loaded too (safe mode), as `run` would")
+    p.add_argument(
+        "--no-model",
+        action="store_true",
+        help="validate the config only; by default the model is loaded too (safe mode), as `run` would",
+    )
     p.set_defaults(func=_cmd_check_config)
 
 
@@ -346,13 +439,20 @@ def _add_bench(sub) -> None:
     p.add_argument("--model", default="builtin:demo", help="deployable .keras model, or builtin:demo")
     p.add_argument("--batch", type=int, default=1, help="batch size of both measurements")
     p.add_argument("--cameras", type=int, default=2, help="synthetic cameras, each faster than the model")
-    p.add_argument("--camera-fps", type=float, help="frame rate of each synthetic camera (default: together 1.2x "
-                   "the bare model's frames/s, just above its capacity)")
+    p.add_argument(
+        "--camera-fps",
+        type=float,
+        help="frame rate of each synthetic camera (default: together 1.2x the bare model's frames/s, just above its capacity)",
+    )
     p.add_argument("--size", default="320x240", help="camera frame size WxH")
     p.add_argument("--seconds", type=float, default=20.0, help="measuring time for each of the two")
     p.add_argument("--device", default="auto", help="auto | cpu | gpu:0")
-    p.add_argument("--runtime", default="auto", choices=("auto", "tensorflow", "onnxruntime", "openvino"),
-                   help="what runs the model, for both measurements ([model] runtime)")
+    p.add_argument(
+        "--runtime",
+        default="auto",
+        choices=("auto", "tensorflow", "onnxruntime", "openvino"),
+        help="what runs the model, for both measurements ([model] runtime)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=_cmd_bench)
 
@@ -360,27 +460,32 @@ def _add_bench(sub) -> None:
 def _add_archive(sub) -> None:
     p = sub.add_parser("archive", help="the defect archive: export it as a dataset for review and retraining")
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
-    e = verbs.add_parser("export", help="archive -> DATASET/defect, ok (the model's verdicts), predictions/, "
-                         "manifest.jsonl")
+    e = verbs.add_parser("export", help="archive -> DATASET/defect, ok (the model's verdicts), predictions/, manifest.jsonl")
     e.add_argument("archive", type=Path, help="the archive folder ([archive] dir)")
     e.add_argument("--out", type=Path, required=True, help="dataset folder (created; exporting again adds what is new)")
     e.add_argument("--camera", action="append", metavar="ID", help="only this camera (repeatable)")
-    e.add_argument("--since", metavar="T", help="captured at or after T: 2026-11-26, 2026-11-26T13:40:00Z, or an "
-                   "age: 24h, 7d")
+    e.add_argument("--since", metavar="T", help="captured at or after T: 2026-11-26, 2026-11-26T13:40:00Z, or an age: 24h, 7d")
     e.add_argument("--until", metavar="T", help="captured before T (same forms)")
     e.set_defaults(func=_cmd_archive_export)
 
 
 def _bridge_options(p) -> None:
-    p.add_argument("--config", type=Path, metavar="FILE", help="the bridges' config (default /etc/inspectd/bridges.toml; "
-                   "docs/integration.md)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="the bridges' config (default /etc/inspectd/bridges.toml; docs/integration.md)",
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"), help="log level")
 
 
 def _add_proxy(sub) -> None:
-    p = sub.add_parser("proxy", help="many daemons as one ZeroMQ stream (XSUB/XPUB proxy), CURVE on both sides",
-                       description="Connect to every [[daemons]] endpoint and republish everything on [proxy] endpoint, "
-                       "untouched (docs/integration.md).")
+    p = sub.add_parser(
+        "proxy",
+        help="many daemons as one ZeroMQ stream (XSUB/XPUB proxy), CURVE on both sides",
+        description="Connect to every [[daemons]] endpoint and republish everything on [proxy] endpoint, "
+        "untouched (docs/integration.md).",
+    )
     _bridge_options(p)
     p.set_defaults(func=_cmd_proxy)
 
@@ -388,8 +493,11 @@ def _add_proxy(sub) -> None:
 def _add_bridge(sub) -> None:
     p = sub.add_parser("bridge", help="carry the daemons' events to the plant: MQTT broker, OPC UA server")
     verbs = p.add_subparsers(dest="verb", metavar="KIND", required=True)
-    m = verbs.add_parser("mqtt", help="publish defect events, masks and camera status to an MQTT broker (QoS 1, "
-                         "persistent session, gaps filled from the daemons' replay)")
+    m = verbs.add_parser(
+        "mqtt",
+        help="publish defect events, masks and camera status to an MQTT broker (QoS 1, "
+        "persistent session, gaps filled from the daemons' replay)",
+    )
     _bridge_options(m)
     m.set_defaults(func=_cmd_bridge)
     o = verbs.add_parser("opcua", help="serve each camera's last verdict and counters as OPC UA variables (for PLCs)")
@@ -400,36 +508,63 @@ def _add_bridge(sub) -> None:
 def _add_keys(sub) -> None:
     p = sub.add_parser("keys", help="CURVE key pairs for encrypted, authenticated events; password hashes for /metrics")
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
-    g = verbs.add_parser("generate", help="DIR/NAME.key (public, 0644) and DIR/NAME.key_secret (secret, 0600)",
-                         description="Make a CURVE key pair in ZeroMQ's certificate format (docs/security.md).")
+    g = verbs.add_parser(
+        "generate",
+        help="DIR/NAME.key (public, 0644) and DIR/NAME.key_secret (secret, 0600)",
+        description="Make a CURVE key pair in ZeroMQ's certificate format (docs/security.md).",
+    )
     g.add_argument("dir", type=Path, help="folder to write them in (created, 0755)")
-    g.add_argument("--name", default="server", help="file name: server for the daemon, the client's name for a "
-                   "client (default %(default)s)")
-    g.add_argument("--owner", metavar="USER[:GROUP]", help="chown both files (as root): the user that reads the secret "
-                   "one, e.g. inspectd for the daemon's")
+    g.add_argument(
+        "--name", default="server", help="file name: server for the daemon, the client's name for a client (default %(default)s)"
+    )
+    g.add_argument(
+        "--owner",
+        metavar="USER[:GROUP]",
+        help="chown both files (as root): the user that reads the secret one, e.g. inspectd for the daemon's",
+    )
     g.add_argument("--force", action="store_true", help="replace an existing pair")
     g.set_defaults(func=_cmd_keys_generate)
-    h = verbs.add_parser("hash-password", help="a bcrypt hash for [metrics] basic_auth_users (password from stdin "
-                         "or a prompt)")
-    h.add_argument("--rounds", type=int, default=12, choices=range(10, 16), metavar="10-15",
-                   help="bcrypt cost (default %(default)s: about 0.2 s per check; checked once per client, then "
-                   "remembered)")
+    h = verbs.add_parser("hash-password", help="a bcrypt hash for [metrics] basic_auth_users (password from stdin or a prompt)")
+    h.add_argument(
+        "--rounds",
+        type=int,
+        default=12,
+        choices=range(10, 16),
+        metavar="10-15",
+        help="bcrypt cost (default %(default)s: about 0.2 s per check; checked once per client, then remembered)",
+    )
     h.set_defaults(func=_cmd_keys_hash_password)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="inspectd", description="Streaming defect inspection: single-pass score + CAM mask, ZeroMQ events, "
+        prog="inspectd",
+        description="Streaming defect inspection: single-pass score + CAM mask, ZeroMQ events, "
         "Prometheus metrics; and the model toolkit.",
         epilog="Exit codes: 0 ok, 1 internal error, 2 usage, 65 bad data/model, 66 missing input, "
-               "69 unavailable (e.g. ImageNet weights offline), 77 refused by a daemon's key check, 78 config error, "
-               "130 interrupted. See docs/cli.md.")
+        "69 unavailable (e.g. ImageNet weights offline), 77 refused by a daemon's key check, 78 config error, "
+        "130 interrupted. See docs/cli.md.",
+    )
     parser.add_argument("--version", action="version", version=f"inspectd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     from inspectd.watch import add_parser as _add_watch
 
-    commands = (_add_run, _add_check_config, _add_watch, _add_bench, _add_archive, _add_keys, _add_proxy, _add_bridge,
-                _add_train, _add_convert, _add_export, _add_infer, _add_evaluate, _add_synth)
+    commands = (
+        _add_run,
+        _add_check_config,
+        _add_watch,
+        _add_bench,
+        _add_archive,
+        _add_keys,
+        _add_proxy,
+        _add_bridge,
+        _add_train,
+        _add_convert,
+        _add_export,
+        _add_infer,
+        _add_evaluate,
+        _add_synth,
+    )
     for add in commands:
         add(sub)
     return parser
@@ -461,8 +596,11 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         if exc.name not in _TOOLKIT_MODULES:
             raise
-        print(f"inspectd {args.command}: error: this command needs the toolkit extra "
-              f"({exc.name} is missing): pip install 'inspectd[toolkit]'", file=sys.stderr)
+        print(
+            f"inspectd {args.command}: error: this command needs the toolkit extra "
+            f"({exc.name} is missing): pip install 'inspectd[toolkit]'",
+            file=sys.stderr,
+        )
         return int(ExitCode.UNAVAILABLE)
     except KeyboardInterrupt:
         print(f"inspectd {args.command}: interrupted", file=sys.stderr)
@@ -470,6 +608,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: one line by default, the traceback on request
         if os.environ.get("INSPECTD_DEBUG"):
             raise
-        print(f"inspectd {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
-              "(set INSPECTD_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(
+            f"inspectd {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
+            "(set INSPECTD_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return int(ExitCode.INTERNAL)

@@ -35,8 +35,18 @@ header (PNG IHDR, JPEG SOF) gives the size the message header declares, and at m
 
 from __future__ import annotations
 
-__all__ = ["EventKind", "Event", "SeqTracker", "Subscriber", "ReplayClient", "ReplayError", "AccessError",
-           "decode_event", "image_size", "MAX_IMAGE_PIXELS"]
+__all__ = [
+    "EventKind",
+    "Event",
+    "SeqTracker",
+    "Subscriber",
+    "ReplayClient",
+    "ReplayError",
+    "AccessError",
+    "decode_event",
+    "image_size",
+    "MAX_IMAGE_PIXELS",
+]
 
 import dataclasses
 import enum
@@ -147,8 +157,11 @@ class SeqTracker:
         back = run_id in self._forgotten  # a run taken for replaced speaks again: it was another daemon
         if back:
             self._forgotten.remove(run_id)
-            log.warning("two daemons behind one endpoint share a camera id (%s): restarts cannot be told apart; "
-                        "camera ids must be unique across the lines behind a proxy", ", ".join(sorted(seen)) or "?")
+            log.warning(
+                "two daemons behind one endpoint share a camera id (%s): restarts cannot be told apart; "
+                "camera ids must be unique across the lines behind a proxy",
+                ", ".join(sorted(seen)) or "?",
+            )
         if back or (run_id in self._last and self.run_id not in (None, run_id)):
             self.shared = True
         self.run_id = run_id
@@ -318,16 +331,35 @@ def _kind(topic: str) -> EventKind:
 
 # -- header fields by kind (docs/wire-format.md) ----------------------------------------------------
 
-_INSPECTION_FIELDS = {"camera": "str", "frame_seq": "int", "captured_at": "time", "score": "number",
-                      "threshold": "number", "is_defect": "bool", "model": "object", "regions": "array",
-                      "frame": "size"}
+_INSPECTION_FIELDS = {
+    "camera": "str",
+    "frame_seq": "int",
+    "captured_at": "time",
+    "score": "number",
+    "threshold": "number",
+    "is_defect": "bool",
+    "model": "object",
+    "regions": "array",
+    "frame": "size",
+}
 _FIELDS = {
     EventKind.DEFECT: _INSPECTION_FIELDS,
     EventKind.RESULT: _INSPECTION_FIELDS,
     EventKind.STATUS: {"camera": "str", "state": "str"},
-    EventKind.EPISODE: {"camera": "str", "episode": "int", "started_at": "time", "ended_at": "time",
-                        "duration_s": "number", "frames": "int", "defect_frames": "int", "peak_score": "number",
-                        "end_reason": "str", "best": "object", "model": "object", "frame": "size"},
+    EventKind.EPISODE: {
+        "camera": "str",
+        "episode": "int",
+        "started_at": "time",
+        "ended_at": "time",
+        "duration_s": "number",
+        "frames": "int",
+        "defect_frames": "int",
+        "peak_score": "number",
+        "end_reason": "str",
+        "best": "object",
+        "model": "object",
+        "frame": "size",
+    },
     EventKind.HEARTBEAT: {"uptime_s": "number", "cameras": "object"},
 }
 _OPTIONAL = {"detail": "str", "fps": "number"}  # when present (fps may be null)
@@ -364,8 +396,13 @@ def _region_ok(region) -> bool:
     if not isinstance(region, dict):
         return False
     bbox = region.get("bbox")
-    return (isinstance(bbox, list) and len(bbox) == 4 and all(_CHECKS["int"](v) for v in bbox)
-            and _CHECKS["int"](region.get("area_px")) and all(_CHECKS["number"](region.get(k)) for k in ("peak", "mean")))
+    return (
+        isinstance(bbox, list)
+        and len(bbox) == 4
+        and all(_CHECKS["int"](v) for v in bbox)
+        and _CHECKS["int"](region.get("area_px"))
+        and all(_CHECKS["number"](region.get(k)) for k in ("peak", "mean"))
+    )
 
 
 def _check_header(topic: str, kind: EventKind, header: dict) -> None:
@@ -387,8 +424,13 @@ def _attachment_map(topic: str, declared: list, data: list[bytes]) -> dict[str, 
     """kind -> (entry, bytes); WireFormatError for an entry that is not {kind, encoding, width, height}."""
     out: dict[str, tuple[dict, bytes]] = {}
     for entry, part in zip(declared, data):
-        if not (isinstance(entry, dict) and isinstance(entry.get("kind"), str) and isinstance(entry.get("encoding"), str)
-                and _positive_int(entry.get("width")) and _positive_int(entry.get("height"))):
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("kind"), str)
+            and isinstance(entry.get("encoding"), str)
+            and _positive_int(entry.get("width"))
+            and _positive_int(entry.get("height"))
+        ):
             raise WireFormatError(f"topic {topic!r}: attachment entry {entry!r} is not {{kind, encoding, width, height}}")
         if entry["kind"] in out:
             raise WireFormatError(f"topic {topic!r}: two {entry['kind']!r} attachments")
@@ -425,12 +467,12 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
         elif marker in _JPEG_STANDALONE:
             i += 2
         elif marker in _JPEG_SOF and i + 9 <= len(data):
-            height, width = struct.unpack(">HH", data[i + 5:i + 9])
+            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
             return width, height
         elif marker in (0xD9, 0xDA):  # end of image, or scan data before any frame header
             break
         else:
-            i += 2 + struct.unpack(">H", data[i + 2:i + 4])[0]
+            i += 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
     raise WireFormatError("attachment is a JPEG without a readable frame header")
 
 
@@ -450,8 +492,9 @@ def _decode_image(entry: dict, data: bytes, flags: int, max_pixels: int) -> np.n
         raise WireFormatError(f"{entry['kind']} attachment of {declared[0]}x{declared[1]}: over {max_pixels} pixels")
     actual = image_size(data, entry["encoding"])
     if actual != declared:
-        raise WireFormatError(f"{entry['kind']} attachment is {actual[0]}x{actual[1]}, "
-                              f"the header declares {declared[0]}x{declared[1]}")
+        raise WireFormatError(
+            f"{entry['kind']} attachment is {actual[0]}x{actual[1]}, the header declares {declared[0]}x{declared[1]}"
+        )
     image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if image is None or (image.shape[1], image.shape[0]) != declared:
         raise WireFormatError(f"undecodable {entry['kind']} attachment")
@@ -477,14 +520,13 @@ def decode_event(parts: list[bytes], decode: bool = True, max_pixels: int = MAX_
 
 # Why a handshake failed (inspectd.outputs.wire.HANDSHAKE_FAILED's reasons), for the one line a user reads.
 _REFUSED_BECAUSE = {
-    "auth": "the daemon refused our CURVE key: its public key (NAME.key) is not in the daemon's "
-            "publish.curve_clients folder",
+    "auth": "the daemon refused our CURVE key: its public key (NAME.key) is not in the daemon's publish.curve_clients folder",
     "protocol": "the security handshake failed: the daemon uses CURVE and we do not (--client-key/--server-key), "
-                "or the daemon uses plain text and we CURVE",
+    "or the daemon uses plain text and we CURVE",
     "other": f"the CURVE handshake failed {_NO_DETAIL_LIMIT} times in a row over {_NO_DETAIL_SPAN_S:g} s or more, "
-             "without a reason: is the server key the daemon's? (still trying)",
+    "without a reason: is the server key the daemon's? (still trying)",
     "other-plain": f"the handshake failed {_NO_DETAIL_LIMIT} times in a row over {_NO_DETAIL_SPAN_S:g} s or more, "
-                   "without a reason: does the daemon use CURVE (--client-key/--server-key)? (still trying)",
+    "without a reason: does the daemon use CURVE (--client-key/--server-key)? (still trying)",
 }
 _HANDSHAKE_EVENTS = sum(HANDSHAKE_FAILED) | zmq.EVENT_HANDSHAKE_SUCCEEDED
 
@@ -506,8 +548,14 @@ class ReplayClient:
     JSON). A request that is not answered within `timeout_s` raises ReplayError; the socket is then
     made anew, so a late answer can never be taken for the next one."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, timeout_s: float = 5.0, max_messages: int = 100_000,
-                 curve: ClientKeys | None = None):
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        endpoint: str,
+        timeout_s: float = 5.0,
+        max_messages: int = 100_000,
+        curve: ClientKeys | None = None,
+    ):
         self.ctx, self.endpoint, self.timeout_s, self.max_messages = ctx, endpoint, timeout_s, max_messages
         self.curve = curve
         self._sock: zmq.Socket | None = None
@@ -570,11 +618,19 @@ class Subscriber:
     `on_malformed(endpoint, reason)` (default: a warning on the "inspectd.client" logger).
     """
 
-    def __init__(self, endpoints: str | list[str] = DEFAULT_ENDPOINT, topics: Iterable[str] = ("",), rcvhwm: int = 10000,
-                 decode: bool = True, on_malformed: Callable[[str, str], None] | None = None,
-                 replay: str | list[str | None] | None = None, positions: dict[str, dict[str, int]] | None = None,
-                 replay_timeout_s: float = 5.0, curve: ClientKeys | list[ClientKeys | None] | None = None,
-                 on_refused: Callable[[str, str], None] | None = None):
+    def __init__(
+        self,
+        endpoints: str | list[str] = DEFAULT_ENDPOINT,
+        topics: Iterable[str] = ("",),
+        rcvhwm: int = 10000,
+        decode: bool = True,
+        on_malformed: Callable[[str, str], None] | None = None,
+        replay: str | list[str | None] | None = None,
+        positions: dict[str, dict[str, int]] | None = None,
+        replay_timeout_s: float = 5.0,
+        curve: ClientKeys | list[ClientKeys | None] | None = None,
+        on_refused: Callable[[str, str], None] | None = None,
+    ):
         """`replay`: the replay endpoint of each of `endpoints` (one string for one endpoint; None for a
         daemon without replay). `positions`: a previous session's `positions`, to resume from. `curve`: our
         key pair and the daemon's public key (inspectd.security.ClientKeys), for daemons that use CURVE (one
@@ -630,8 +686,7 @@ class Subscriber:
         try:
             sock.connect(endpoint)
         except zmq.ZMQError as exc:
-            raise UsageError(f"endpoint {endpoint!r}: {zmq_reason(exc)} (expected e.g. tcp://host:5556 or ipc:///path)") \
-                from None
+            raise UsageError(f"endpoint {endpoint!r}: {zmq_reason(exc)} (expected e.g. tcp://host:5556 or ipc:///path)") from None
         for topic in self.topics:
             sock.setsockopt(zmq.SUBSCRIBE, topic.encode("ascii"))
         if endpoint in self._replay and not self.filler.wanted("heartbeat"):
@@ -728,16 +783,24 @@ class Subscriber:
         if event is None:
             return []
         cameras = event.header.get("cameras") if event.kind is EventKind.HEARTBEAT else None
-        gap, restarted = tracker.observe(event.header["run_id"], event.topic, event.header["seq"],
-                                         cameras if isinstance(cameras, dict) else ())
+        gap, restarted = tracker.observe(
+            event.header["run_id"], event.topic, event.header["seq"], cameras if isinstance(cameras, dict) else ()
+        )
         if endpoint in self._replay and tracker.shared:  # replay answers for one daemon, not a proxy's many
-            log.warning("%s carries several daemons (a proxy?): gaps are not filled from %s; give each daemon's "
-                        "own endpoint and replay endpoint instead", endpoint, self._replay[endpoint].endpoint)
+            log.warning(
+                "%s carries several daemons (a proxy?): gaps are not filled from %s; give each daemon's "
+                "own endpoint and replay endpoint instead",
+                endpoint,
+                self._replay[endpoint].endpoint,
+            )
             self._replay.pop(endpoint).close()
         if endpoint in self._replay:
-            out = self.filler.received(endpoint, dataclasses.replace(event, restarted=restarted),
-                                       self._replay[endpoint].fetch,
-                                       lambda parts: self._decode(endpoint, parts, replayed=True))
+            out = self.filler.received(
+                endpoint,
+                dataclasses.replace(event, restarted=restarted),
+                self._replay[endpoint].fetch,
+                lambda parts: self._decode(endpoint, parts, replayed=True),
+            )
             if restarted and not any(e.restarted for e in out):  # shown by a message not handed out
                 self._restart_pending.add(event.header["run_id"])
             return [(e, True) for e in out]

@@ -27,15 +27,21 @@ _WHITE, _YELLOW = (255, 255, 255), (0, 255, 255)  # BGR
 _RED, _GREEN = (64, 64, 255), (64, 255, 64)
 
 
-def draw(picture: np.ndarray, heat: np.ndarray | None, colormap: int | np.ndarray = cv2.COLORMAP_JET, *,
-         mask: np.ndarray | None = None, boxes: Iterable[tuple[int, int, int, int]] = (),
-         verdict: tuple[float, float] | None = None, legend: bool = True) -> np.ndarray:
+def draw(
+    picture: np.ndarray,
+    heat: np.ndarray | None,
+    colormap: int | np.ndarray = cv2.COLORMAP_JET,
+    *,
+    mask: np.ndarray | None = None,
+    boxes: Iterable[tuple[int, int, int, int]] = (),
+    verdict: tuple[float, float] | None = None,
+    legend: bool = True,
+) -> np.ndarray:
     """A new BGR picture: `picture` (HxWx3 BGR uint8) with `heat` (HxW uint8, 255 = probability 1, or
     None: no map) coloured by `colormap` (an OpenCV colormap, or a 256x1x3 lookup table) and blended in;
     the outer contours of `mask` (HxW, non-zero inside); `boxes` (x, y, width, height); `verdict`
     (score, threshold) as text; the colour bar when `legend`."""
-    out = picture if heat is None else cv2.addWeighted(picture, 1.0 - ALPHA, cv2.applyColorMap(heat, colormap),
-                                                       ALPHA, 0.0)
+    out = picture if heat is None else cv2.addWeighted(picture, 1.0 - ALPHA, cv2.applyColorMap(heat, colormap), ALPHA, 0.0)
     if out is picture:
         out = picture.copy()
     line = max(1, round(min(out.shape[:2]) / 200))
@@ -47,7 +53,7 @@ def draw(picture: np.ndarray, heat: np.ndarray | None, colormap: int | np.ndarra
     bar = _legend(out.shape[1], out.shape[0]) if legend else None
     if bar is not None:
         (x0, y0), patch = bar
-        region = out[y0:y0 + patch.shape[0], x0:x0 + patch.shape[1]]
+        region = out[y0 : y0 + patch.shape[0], x0 : x0 + patch.shape[1]]
         np.copyto(region, patch, where=patch.any(axis=2, keepdims=True))
     if verdict is not None:
         _verdict(out, *verdict)
@@ -64,7 +70,7 @@ def _legend(width: int, height: int) -> tuple[tuple[int, int], np.ndarray] | Non
         return None
     ramp = np.linspace(255, 0, bar_h).astype(np.uint8)[:, None].repeat(bar_w, axis=1)
     out = np.zeros((bar_h + 8, bar_w + pad, 3), np.uint8)
-    out[4:4 + bar_h, pad:] = cv2.applyColorMap(ramp, cv2.COLORMAP_JET)
+    out[4 : 4 + bar_h, pad:] = cv2.applyColorMap(ramp, cv2.COLORMAP_JET)
     scale = max(0.3, min(0.5, height / 600))
     for text, y in (("p 1", 12), ("0", 4 + bar_h)):
         (tw, _), _ = cv2.getTextSize(text, _FONT, scale, 1)

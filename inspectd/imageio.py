@@ -3,8 +3,7 @@ one JPEG/PNG encoder every output uses (events, archive, live view, infer, watch
 
 from __future__ import annotations
 
-__all__ = ["IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "read_rgb", "to_rgb", "encode_jpeg", "encode_png", "write_png",
-           "parse_size"]
+__all__ = ["IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "read_rgb", "to_rgb", "encode_jpeg", "encode_png", "write_png", "parse_size"]
 
 from pathlib import Path
 

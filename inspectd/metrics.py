@@ -126,41 +126,73 @@ class Metrics:
         r: dict[str, Any] = {"registry": registry, "namespace": NS}
         # The counts the daemon reads itself (fps, the live view, frame accounts): state, exported at each scrape.
         self.frames_captured = Tally("frames_captured", "Frames read from the camera", ["camera"])
-        self.frames_dropped = Tally("frames_dropped", "Frames not inferred, by reason (stale: replaced by a newer "
-                                    "frame before inference; fps_limit; decode)", ["camera", "reason"])
+        self.frames_dropped = Tally(
+            "frames_dropped",
+            "Frames not inferred, by reason (stale: replaced by a newer frame before inference; fps_limit; decode)",
+            ["camera", "reason"],
+        )
         self.frames_inferred = Tally("frames_inferred", "Frames run through the model", ["camera"])
         self.defects = Tally("defects", "Frames judged defective (score >= threshold)", ["camera"])
-        self.episodes = Counter("episodes", "Defect episodes ended, by how they ended (frames, time, shutdown, "
-                                "camera_stopped)", ["camera", "end"], **r)
+        self.episodes = Counter(
+            "episodes",
+            "Defect episodes ended, by how they ended (frames, time, shutdown, camera_stopped)",
+            ["camera", "end"],
+            **r,
+        )
         self.camera_up = Gauge("camera_up", "1 while the camera delivers frames, else 0", ["camera"], **r)
         self.camera_reconnects = Tally("camera_reconnects", "Reconnection attempts", ["camera"])
-        registry.register(TallyExport(NS, (self.frames_captured, self.frames_dropped, self.frames_inferred,
-                                           self.defects, self.camera_reconnects)))
+        registry.register(
+            TallyExport(
+                NS, (self.frames_captured, self.frames_dropped, self.frames_inferred, self.defects, self.camera_reconnects)
+            )
+        )
         self.batch_size = Histogram("batch_size", "Real (unpadded) frames per inference batch", buckets=BATCH_BUCKETS, **r)
-        self.inference_seconds = Histogram("inference_seconds", "Model call per batch (preprocess + forward)",
-                                           buckets=LATENCY_BUCKETS, **r)
-        self.end_to_end_seconds = Histogram("end_to_end_seconds", "Capture to publish, per frame", ["camera"],
-                                            buckets=LATENCY_BUCKETS, **r)
+        self.inference_seconds = Histogram(
+            "inference_seconds", "Model call per batch (preprocess + forward)", buckets=LATENCY_BUCKETS, **r
+        )
+        self.end_to_end_seconds = Histogram(
+            "end_to_end_seconds", "Capture to publish, per frame", ["camera"], buckets=LATENCY_BUCKETS, **r
+        )
         self.score = Histogram("score", "Defect score per inferred frame", ["camera"], buckets=SCORE_BUCKETS, **r)
         self.events_published = Counter("events_published", "ZeroMQ messages sent", ["topic"], **r)
         self.events_dropped = Counter("events_dropped", "ZeroMQ messages dropped (send queue full)", ["topic"], **r)
-        self.archive_written = Counter("archive_written", "Entries written to the archive (defect events, sampled ok "
-                                       "frames)", **r)
-        self.archive_dropped = Counter("archive_dropped", "Archive entries lost, by reason (queue_full: the disk is "
-                                       "slower than the defects; disk_full; read_only; permission; error)", ["reason"], **r)
+        self.archive_written = Counter(
+            "archive_written", "Entries written to the archive (defect events, sampled ok frames)", **r
+        )
+        self.archive_dropped = Counter(
+            "archive_dropped",
+            "Archive entries lost, by reason (queue_full: the disk is "
+            "slower than the defects; disk_full; read_only; permission; error)",
+            ["reason"],
+            **r,
+        )
         self.archive_errors = Counter("archive_errors", "Archive writes that failed (every reason but queue_full)", **r)
         self.archive_bytes = Gauge("archive_bytes", "Bytes in the archive's entries", **r)
         self.archive_entries = Gauge("archive_entries", "Entries in the archive", **r)
-        self.replay_requests = Counter("replay_requests", "Replay requests answered, by how the answer ended "
-                                       "(complete, partial, unknown_run, error)", ["status"], **r)
-        self.replay_abandoned = Counter("replay_abandoned", "Replay answers abandoned: the consumer stopped reading "
-                                        "or went away", **r)
-        self.handshakes_refused = Counter("handshakes_refused", "ZeroMQ connections refused at the CURVE handshake, "
-                                          "by socket (events, replay) and reason (auth: a client key not allowed; "
-                                          "protocol: plain text or the wrong server key; other)", ["socket", "reason"], **r)
+        self.replay_requests = Counter(
+            "replay_requests",
+            "Replay requests answered, by how the answer ended (complete, partial, unknown_run, error)",
+            ["status"],
+            **r,
+        )
+        self.replay_abandoned = Counter(
+            "replay_abandoned", "Replay answers abandoned: the consumer stopped reading or went away", **r
+        )
+        self.handshakes_refused = Counter(
+            "handshakes_refused",
+            "ZeroMQ connections refused at the CURVE handshake, "
+            "by socket (events, replay) and reason (auth: a client key not allowed; "
+            "protocol: plain text or the wrong server key; other)",
+            ["socket", "reason"],
+            **r,
+        )
         self.reload_failures = Counter("reload_failures", "Reloads (SIGHUP) rejected; the old config/model kept", **r)
-        self.model_info = Gauge("model_info", "The loaded model (value 1) and the runtime running it",
-                                ["name", "sha256", "backbone", "input", "runtime", "device"], **r)
+        self.model_info = Gauge(
+            "model_info",
+            "The loaded model (value 1) and the runtime running it",
+            ["name", "sha256", "backbone", "input", "runtime", "device"],
+            **r,
+        )
         self.build = Info("build", "inspectd build", **r)
         self.build.info({"version": __version__})
         ProcessCollector(registry=registry)
@@ -187,12 +219,12 @@ class Metrics:
         if reason != "queue_full":
             self.archive_errors.inc()
 
-    def set_model(self, name: str, sha256: str, backbone: str, input_size: tuple[int, int], runtime: str,
-                  device: str) -> None:
+    def set_model(self, name: str, sha256: str, backbone: str, input_size: tuple[int, int], runtime: str, device: str) -> None:
         """Export the loaded model, its runtime and device as the only `model_info` series."""
         self.model_info.clear()
-        self.model_info.labels(name=name, sha256=sha256, backbone=backbone, input=f"{input_size[0]}x{input_size[1]}",
-                               runtime=runtime, device=device).set(1)
+        self.model_info.labels(
+            name=name, sha256=sha256, backbone=backbone, input=f"{input_size[0]}x{input_size[1]}", runtime=runtime, device=device
+        ).set(1)
 
 
 @dataclass(frozen=True)
@@ -212,16 +244,21 @@ class FrameAccount:
 
     def __str__(self) -> str:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items()) if v) or "none"
-        return (f"{self.camera}: captured {self.captured} = inferred {self.inferred} + dropped "
-                f"{sum(self.dropped.values())} ({reasons}) + in flight {self.in_flight}; residual {self.residual}")
+        return (
+            f"{self.camera}: captured {self.captured} = inferred {self.inferred} + dropped "
+            f"{sum(self.dropped.values())} ({reasons}) + in flight {self.in_flight}; residual {self.residual}"
+        )
 
 
-def _accounts(captured: Mapping[str, int], inferred: Mapping[str, int], dropped: Mapping[str, dict[str, int]],
-              in_flight: Mapping[str, int] | None) -> list[FrameAccount]:
+def _accounts(
+    captured: Mapping[str, int],
+    inferred: Mapping[str, int],
+    dropped: Mapping[str, dict[str, int]],
+    in_flight: Mapping[str, int] | None,
+) -> list[FrameAccount]:
     in_flight = in_flight or {}
     cameras = sorted(set(captured) | set(inferred) | set(dropped) | set(in_flight))
-    return [FrameAccount(c, captured.get(c, 0), inferred.get(c, 0), dropped.get(c, {}), in_flight.get(c, 0))
-            for c in cameras]
+    return [FrameAccount(c, captured.get(c, 0), inferred.get(c, 0), dropped.get(c, {}), in_flight.get(c, 0)) for c in cameras]
 
 
 def accounts(metrics: Metrics, in_flight: Mapping[str, int] | None = None) -> list[FrameAccount]:
@@ -229,8 +266,12 @@ def accounts(metrics: Metrics, in_flight: Mapping[str, int] | None = None) -> li
     dropped: dict[str, dict[str, int]] = defaultdict(dict)
     for (cam, reason), value in metrics.frames_dropped.values().items():
         dropped[cam][reason] = int(value)
-    return _accounts({k[0]: int(v) for k, v in metrics.frames_captured.values().items()},
-                     {k[0]: int(v) for k, v in metrics.frames_inferred.values().items()}, dropped, in_flight)
+    return _accounts(
+        {k[0]: int(v) for k, v in metrics.frames_captured.values().items()},
+        {k[0]: int(v) for k, v in metrics.frames_inferred.values().items()},
+        dropped,
+        in_flight,
+    )
 
 
 def frame_accounts(registry: CollectorRegistry, in_flight: Mapping[str, int] | None = None) -> list[FrameAccount]:

@@ -12,8 +12,17 @@ OpenSSH refuses an unprotected private key. docs/security.md has the threat mode
 
 from __future__ import annotations
 
-__all__ = ["ServerKeys", "ClientKeys", "AllowList", "generate_keys", "private_file", "check_config_file",
-           "is_loopback_endpoint", "hash_password", "PasswordCheck"]
+__all__ = [
+    "ServerKeys",
+    "ClientKeys",
+    "AllowList",
+    "generate_keys",
+    "private_file",
+    "check_config_file",
+    "is_loopback_endpoint",
+    "hash_password",
+    "PasswordCheck",
+]
 
 import contextlib
 import grp
@@ -61,14 +70,19 @@ def private_file(path: str | Path, key: str) -> Path:
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(f"{key} {str(path)!r}: not a regular file")
     if st.st_mode & 0o077:
-        raise ConfigError(f"{key} {str(path)!r}: a secret readable or writable by group or others (mode "
-                          f"{stat.S_IMODE(st.st_mode):04o}); refused: chmod 600 it, owned by the user that reads it")
+        raise ConfigError(
+            f"{key} {str(path)!r}: a secret readable or writable by group or others (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}); refused: chmod 600 it, owned by the user that reads it"
+        )
     if st.st_uid not in (0, os.geteuid()):
-        raise ConfigError(f"{key} {str(path)!r}: a secret owned by another user (uid {st.st_uid}), who could replace "
-                          f"it; refused: chown it to the user that reads it")
+        raise ConfigError(
+            f"{key} {str(path)!r}: a secret owned by another user (uid {st.st_uid}), who could replace "
+            f"it; refused: chown it to the user that reads it"
+        )
     if not os.access(path, os.R_OK):
-        raise ConfigError(f"{key} {str(path)!r}: not readable by this process (uid {os.geteuid()}): chown it to the "
-                          "user that reads it")
+        raise ConfigError(
+            f"{key} {str(path)!r}: not readable by this process (uid {os.geteuid()}): chown it to the user that reads it"
+        )
     return path
 
 
@@ -84,8 +98,10 @@ def check_config_file(path: Path, holds_secrets: bool) -> None:
     if mode & 0o022:
         raise ConfigError(f"{path}: writable by group or others (mode {mode:04o}); refused: chmod 640 it")
     if holds_secrets and mode & 0o004:
-        raise ConfigError(f"{path}: holds passwords and is readable by everyone (mode {mode:04o}); refused: "
-                          "chmod 640 it (owner root, group of the service)")
+        raise ConfigError(
+            f"{path}: holds passwords and is readable by everyone (mode {mode:04o}); refused: "
+            "chmod 640 it (owner root, group of the service)"
+        )
 
 
 def _load_pair(path: str | Path, key: str) -> tuple[bytes, bytes]:
@@ -95,8 +111,10 @@ def _load_pair(path: str | Path, key: str) -> tuple[bytes, bytes]:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{key} {str(path)!r}: not a ZeroMQ key file: {exc}") from None
     if not secret:
-        raise ConfigError(f"{key} {str(path)!r}: holds no secret-key: name the .key_secret file "
-                          "(inspectd keys generate writes NAME.key and NAME.key_secret)")
+        raise ConfigError(
+            f"{key} {str(path)!r}: holds no secret-key: name the .key_secret file "
+            "(inspectd keys generate writes NAME.key and NAME.key_secret)"
+        )
     _check_z85(public, key, path)
     _check_z85(secret, key, path)
     return public, secret
@@ -164,8 +182,9 @@ class AllowList:
             now = time.monotonic()
             if now - self._error_logged >= _REFUSED_LOG_EVERY_S:
                 self._error_logged = now
-                log.error("%s %s: cannot read the client keys (keeping the last %d): %s",
-                          self.key, self.folder, len(self._keys), exc)
+                log.error(
+                    "%s %s: cannot read the client keys (keeping the last %d): %s", self.key, self.folder, len(self._keys), exc
+                )
         return self._keys
 
     def callback(self, domain: str, client_key: bytes) -> bool:
@@ -177,8 +196,11 @@ class AllowList:
                 self._logged[client_key] = now
                 if len(self._logged) > 1000:  # bounded: a scan with random keys cannot grow it
                     self._logged.clear()
-                log.warning("refused a client key not in %s: %s (add its .key file there to allow it)",
-                            self.folder, client_key.decode("ascii", "replace"))
+                log.warning(
+                    "refused a client key not in %s: %s (add its .key file there to allow it)",
+                    self.folder,
+                    client_key.decode("ascii", "replace"),
+                )
         return allowed
 
 
@@ -191,8 +213,7 @@ class ServerKeys:
     allow: AllowList
 
     @classmethod
-    def load(cls, secret_key_file: str | Path, clients_dir: str | Path,
-             key: str = "publish.curve_secret_key") -> ServerKeys:
+    def load(cls, secret_key_file: str | Path, clients_dir: str | Path, key: str = "publish.curve_secret_key") -> ServerKeys:
         public, secret = _load_pair(secret_key_file, key)
         return cls(public, secret, AllowList(clients_dir, key.rsplit(".", 1)[0] + ".curve_clients"))
 
@@ -212,8 +233,9 @@ class ClientKeys:
     server: bytes
 
     @classmethod
-    def load(cls, secret_key_file: str | Path, server_key_file: str | Path,
-             keys: tuple[str, str] = ("--client-key", "--server-key")) -> ClientKeys:
+    def load(
+        cls, secret_key_file: str | Path, server_key_file: str | Path, keys: tuple[str, str] = ("--client-key", "--server-key")
+    ) -> ClientKeys:
         public, secret = _load_pair(secret_key_file, keys[0])
         return cls(public, secret, _load_public(server_key_file, keys[1]))
 
@@ -234,8 +256,10 @@ def generate_keys(folder: Path, name: str, owner: str | None = None, force: bool
     public_file, secret_file = folder / f"{name}.key", folder / f"{name}.key_secret"
     existing = [str(p) for p in (public_file, secret_file) if p.exists()]
     if existing and not force:
-        raise UsageError(f"{', '.join(existing)} exists; refusing to replace a key (--force replaces it, and every "
-                         "client or server that trusted the old one must get the new public key)")
+        raise UsageError(
+            f"{', '.join(existing)} exists; refusing to replace a key (--force replaces it, and every "
+            "client or server that trusted the old one must get the new public key)"
+        )
     folder.mkdir(mode=0o755, parents=True, exist_ok=True)
     old_umask = os.umask(0o077)  # the secret file is private from its first byte
     try:

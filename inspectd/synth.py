@@ -94,8 +94,7 @@ def _metal(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     band = cv2.GaussianBlur(band, (1, 0), m * rng.uniform(0.005, 0.04))  # bands across the grain
     canvas += band * (rng.uniform(1.5, 6.0) / max(float(band.std()), 1e-6))
     # Sample the canvas along the rotated axes (inverse map: output pixel -> canvas pixel).
-    rot = np.array([[c, s, cw / 2 - c * w / 2 - s * h / 2],
-                    [-s, c, ch / 2 + s * w / 2 - c * h / 2]])
+    rot = np.array([[c, s, cw / 2 - c * w / 2 - s * h / 2], [-s, c, ch / 2 + s * w / 2 - c * h / 2]])
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     out = cv2.warpAffine(canvas, rot, (w, h), flags=flags, borderMode=cv2.BORDER_REFLECT)
     return out + np.float32(rng.uniform(100.0, 175.0))
@@ -179,8 +178,16 @@ def _scratch(rng: np.random.Generator, w: int, h: int) -> tuple[np.ndarray, floa
     return canvas, 0.0, int(rng.choice([-1, 1]))
 
 
-def _walk(rng: np.random.Generator, canvas: np.ndarray, p: np.ndarray, heading: float,
-          length: float, step: float, thickness: int, depth: int) -> None:
+def _walk(
+    rng: np.random.Generator,
+    canvas: np.ndarray,
+    p: np.ndarray,
+    heading: float,
+    length: float,
+    step: float,
+    thickness: int,
+    depth: int,
+) -> None:
     """Jagged random-walk polyline that may fork (recursively, `depth` levels)."""
     pts, h0 = [p], heading
     for _ in range(max(2, int(length / step))):
@@ -189,8 +196,7 @@ def _walk(rng: np.random.Generator, canvas: np.ndarray, p: np.ndarray, heading: 
         pts.append(p)
         if depth > 0 and rng.random() < 0.12:
             turn = rng.choice([-1.0, 1.0]) * rng.uniform(0.4, 1.1)
-            _walk(rng, canvas, p, heading + turn, length * rng.uniform(0.2, 0.5), step,
-                  max(1, thickness - 1), depth - 1)
+            _walk(rng, canvas, p, heading + turn, length * rng.uniform(0.2, 0.5), step, max(1, thickness - 1), depth - 1)
     _polyline(canvas, np.array(pts), thickness)
 
 
@@ -199,8 +205,16 @@ def _crack(rng: np.random.Generator, w: int, h: int) -> tuple[np.ndarray, float,
     m, canvas = min(w, h), np.zeros((h, w), np.uint8)
     thickness = max(1, round(m * rng.uniform(0.002, 0.007)))
     start = rng.uniform(0.15, 0.85, 2) * (w, h)
-    _walk(rng, canvas, start, rng.uniform(0.0, 2 * math.pi), m * rng.uniform(0.15, 0.45),
-          max(1.5, m * rng.uniform(0.02, 0.04)), thickness, 2)
+    _walk(
+        rng,
+        canvas,
+        start,
+        rng.uniform(0.0, 2 * math.pi),
+        m * rng.uniform(0.15, 0.45),
+        max(1.5, m * rng.uniform(0.02, 0.04)),
+        thickness,
+        2,
+    )
     return canvas, 0.0, -1
 
 
@@ -242,8 +256,7 @@ def _delta(level: float, contrast: float, sign: int) -> float:
     return sign * max(_CONTRAST[0], min(contrast, room[sign]))
 
 
-def _stamp(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, used: np.ndarray,
-           kind: str, low: float) -> bool:
+def _stamp(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, used: np.ndarray, kind: str, low: float) -> bool:
     """Draw one defect of `kind` (contrast >= `low`) into img, mask and `used` (its footprint).
 
     Returns False, changing nothing, if it has no alpha >= 0.5 core or would touch an earlier
@@ -255,7 +268,7 @@ def _stamp(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, used: np
     if bw == 0 or bh == 0:
         return False
     pad = int(math.ceil(3.0 * soft)) + 1
-    roi = np.s_[max(0, y - pad):min(h, y + bh + pad), max(0, x - pad):min(w, x + bw + pad)]
+    roi = np.s_[max(0, y - pad) : min(h, y + bh + pad), max(0, x - pad) : min(w, x + bw + pad)]
     alpha: np.ndarray = canvas[roi].astype(np.float32) * np.float32(1.0 / 255.0)
     if soft > 0.0:
         alpha = cv2.GaussianBlur(alpha, (0, 0), soft)
@@ -353,9 +366,15 @@ def _write_meta(out: Path, meta: dict, samples: list[dict], complete: bool) -> N
     (out / "synth.json").write_text(text + "\n", encoding="utf-8")
 
 
-def write_dataset(out: Path, n: int, width: int, height: int, seed: int = 0,
-                  defect_ratio: float = 0.5,
-                  progress: Callable[[int, int], None] | None = None) -> DatasetSummary:
+def write_dataset(
+    out: Path,
+    n: int,
+    width: int,
+    height: int,
+    seed: int = 0,
+    defect_ratio: float = 0.5,
+    progress: Callable[[int, int], None] | None = None,
+) -> DatasetSummary:
     """Write n samples to out/ok, out/defect and out/masks as synth_%05d.png, plus out/synth.json.
 
     round(n * defect_ratio) samples are defects (kept within 1..n-1 so both classes exist), at
@@ -369,10 +388,19 @@ def write_dataset(out: Path, n: int, width: int, height: int, seed: int = 0,
     n_defect = min(n - 1, max(1, round(n * defect_ratio)))
     is_defect = np.zeros(n, bool)
     is_defect[np.random.default_rng(seed).permutation(n)[:n_defect]] = True
-    meta = {"generator": _GENERATOR, "format": _FORMAT, "n": n, "n_ok": n - n_defect,
-            "n_defect": n_defect, "width": width, "height": height, "seed": seed,
-            "defect_ratio": float(defect_ratio), "surfaces": list(SURFACES),
-            "defects": list(DEFECTS)}
+    meta = {
+        "generator": _GENERATOR,
+        "format": _FORMAT,
+        "n": n,
+        "n_ok": n - n_defect,
+        "n_defect": n_defect,
+        "width": width,
+        "height": height,
+        "seed": seed,
+        "defect_ratio": float(defect_ratio),
+        "surfaces": list(SURFACES),
+        "defects": list(DEFECTS),
+    }
     _write_meta(out, meta, [], complete=False)  # marks the folder as ours even if interrupted
     samples = []
     for i, child in enumerate(np.random.SeedSequence(seed).spawn(n)):
@@ -381,10 +409,8 @@ def write_dataset(out: Path, n: int, width: int, height: int, seed: int = 0,
         write_png(out / ("defect" if s.defect else "ok") / name, s.image, rgb=False)
         if s.defect:
             write_png(out / "masks" / name, s.mask, rgb=False)
-        samples.append({"file": f"{'defect' if s.defect else 'ok'}/{name}", "surface": s.surface,
-                        "kinds": list(s.kinds)})
+        samples.append({"file": f"{'defect' if s.defect else 'ok'}/{name}", "surface": s.surface, "kinds": list(s.kinds)})
         if progress is not None:
             progress(i + 1, n)
     _write_meta(out, meta, samples, complete=True)
-    return DatasetSummary(root=out, n_ok=n - n_defect, n_defect=n_defect, width=width,
-                          height=height, seed=seed)
+    return DatasetSummary(root=out, n_ok=n - n_defect, n_defect=n_defect, width=width, height=height, seed=seed)

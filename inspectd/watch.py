@@ -43,39 +43,69 @@ DEFAULT_TOPICS = ("defect.", "episode.", "status.", "heartbeat")
 def add_parser(subparsers) -> None:
     """Register `watch` on the CLI's subparsers."""
     p = subparsers.add_parser(
-        "watch", help="subscribe to a daemon's events and print them; save masks and overlays",
+        "watch",
+        help="subscribe to a daemon's events and print them; save masks and overlays",
         description="Print one line per event (defects and camera status by default). Heartbeats are "
         "subscribed to confirm the connection but printed only with --topic heartbeat. Lost events (seq "
-        "gaps) and daemon restarts are reported on lines starting with '!'.")
-    p.add_argument("endpoints", nargs="*", metavar="ENDPOINT", default=[DEFAULT_ENDPOINT],
-                   help=f"daemon publish endpoint(s) (default {DEFAULT_ENDPOINT})")
-    p.add_argument("--topic", action="append", metavar="T",
-                   help="topic prefix, repeatable: defect. | defect.CAMERA | result. | status. | heartbeat | '' "
-                   f"for everything (default: {' '.join(DEFAULT_TOPICS)})")
-    p.add_argument("--save", type=Path, metavar="DIR",
-                   help="write CAMERA_FRAMESEQ_mask.png and _regions.png, and with an attached frame _frame.jpg and _overlay.png")
+        "gaps) and daemon restarts are reported on lines starting with '!'.",
+    )
+    p.add_argument(
+        "endpoints",
+        nargs="*",
+        metavar="ENDPOINT",
+        default=[DEFAULT_ENDPOINT],
+        help=f"daemon publish endpoint(s) (default {DEFAULT_ENDPOINT})",
+    )
+    p.add_argument(
+        "--topic",
+        action="append",
+        metavar="T",
+        help="topic prefix, repeatable: defect. | defect.CAMERA | result. | status. | heartbeat | '' "
+        f"for everything (default: {' '.join(DEFAULT_TOPICS)})",
+    )
+    p.add_argument(
+        "--save",
+        type=Path,
+        metavar="DIR",
+        help="write CAMERA_FRAMESEQ_mask.png and _regions.png, and with an attached frame _frame.jpg and _overlay.png",
+    )
     p.add_argument("--json", action="store_true", help="print each event's header as one JSON line")
     p.add_argument("--count", type=int, metavar="N", help="exit 0 after N printed events")
-    p.add_argument("--timeout", type=float, metavar="S",
-                   help="exit 1 if nothing (not even a heartbeat) arrives for S seconds")
-    p.add_argument("--replay", action="append", metavar="ENDPOINT",
-                   help="the daemon's replay endpoint ([replay] endpoint), one per ENDPOINT in the same order: "
-                   "lost events are fetched and printed in order, marked [replayed]")
-    p.add_argument("--state", type=Path, metavar="FILE",
-                   help="resume from FILE and keep it current (JSON positions): with --replay, a restarted watch "
-                   "prints every event exactly once")
+    p.add_argument("--timeout", type=float, metavar="S", help="exit 1 if nothing (not even a heartbeat) arrives for S seconds")
+    p.add_argument(
+        "--replay",
+        action="append",
+        metavar="ENDPOINT",
+        help="the daemon's replay endpoint ([replay] endpoint), one per ENDPOINT in the same order: "
+        "lost events are fetched and printed in order, marked [replayed]",
+    )
+    p.add_argument(
+        "--state",
+        type=Path,
+        metavar="FILE",
+        help="resume from FILE and keep it current (JSON positions): with --replay, a restarted watch "
+        "prints every event exactly once",
+    )
     add_curve_arguments(p, "ENDPOINT")
     p.set_defaults(func=run)
 
 
 def add_curve_arguments(p: argparse.ArgumentParser, what: str) -> None:
     """--client-key / --server-key: for daemons (or a proxy) that use CURVE (docs/security.md)."""
-    p.add_argument("--client-key", type=Path, metavar="FILE",
-                   help="our CURVE secret key file (NAME.key_secret from inspectd keys generate, mode 0600); its "
-                   "public key must be in the daemon's publish.curve_clients folder")
-    p.add_argument("--server-key", type=Path, action="append", metavar="FILE",
-                   help=f"the daemon's CURVE public key file (server.key): one for every {what}, or one per {what} "
-                   "in the same order")
+    p.add_argument(
+        "--client-key",
+        type=Path,
+        metavar="FILE",
+        help="our CURVE secret key file (NAME.key_secret from inspectd keys generate, mode 0600); its "
+        "public key must be in the daemon's publish.curve_clients folder",
+    )
+    p.add_argument(
+        "--server-key",
+        type=Path,
+        action="append",
+        metavar="FILE",
+        help=f"the daemon's CURVE public key file (server.key): one for every {what}, or one per {what} in the same order",
+    )
 
 
 def curve_keys(args: argparse.Namespace, endpoints: list[str]) -> list | None:
@@ -84,12 +114,13 @@ def curve_keys(args: argparse.Namespace, endpoints: list[str]) -> list | None:
     if args.client_key is None and args.server_key is None:
         return None
     if args.client_key is None or args.server_key is None:
-        raise UsageError("--client-key and --server-key go together (CURVE needs our key pair and the daemon's "
-                         "public key)")
+        raise UsageError("--client-key and --server-key go together (CURVE needs our key pair and the daemon's public key)")
     servers = args.server_key * len(endpoints) if len(args.server_key) == 1 else args.server_key
     if len(servers) != len(endpoints):
-        raise UsageError(f"{len(args.server_key)} --server-key file(s) for {len(endpoints)} endpoint(s): give one, "
-                         "or one per endpoint in the same order")
+        raise UsageError(
+            f"{len(args.server_key)} --server-key file(s) for {len(endpoints)} endpoint(s): give one, "
+            "or one per endpoint in the same order"
+        )
     return [ClientKeys.load(args.client_key, server) for server in servers]
 
 
@@ -102,8 +133,15 @@ def run(args: argparse.Namespace) -> int:
     positions = _load_state(args.state) if args.state else None
     keys = curve_keys(args, args.endpoints)
     try:
-        with Subscriber(args.endpoints, topics, decode=args.save is not None, on_malformed=skipped.notice,
-                        replay=args.replay, positions=positions, curve=keys) as sub:
+        with Subscriber(
+            args.endpoints,
+            topics,
+            decode=args.save is not None,
+            on_malformed=skipped.notice,
+            replay=args.replay,
+            positions=positions,
+            curve=keys,
+        ) as sub:
             return _print_events(sub, args, show_heartbeats, skipped)
     except KeyboardInterrupt:
         return 0
@@ -114,8 +152,10 @@ def run(args: argparse.Namespace) -> int:
 def _check_args(args: argparse.Namespace) -> None:
     """UsageError for a bad --count, --timeout or --save."""
     if args.replay is not None and len(args.replay) != len(args.endpoints):
-        raise UsageError(f"{len(args.replay)} --replay endpoint(s) for {len(args.endpoints)} ENDPOINT(s): "
-                         "give one per ENDPOINT, in the same order")
+        raise UsageError(
+            f"{len(args.replay)} --replay endpoint(s) for {len(args.endpoints)} ENDPOINT(s): "
+            "give one per ENDPOINT, in the same order"
+        )
     if args.count is not None and args.count < 1:
         raise UsageError(f"--count {args.count}: must be at least 1")
     if args.timeout is not None and args.timeout <= 0:
@@ -152,7 +192,8 @@ def _load_state(path: Path) -> dict[str, dict[str, int]] | None:
         raise DataError(f"--state {path}: cannot read it: {getattr(exc, 'strerror', None) or exc}") from None
     ok = isinstance(state, dict) and all(
         isinstance(r, str) and isinstance(t, dict) and all(isinstance(k, str) and type(v) is int for k, v in t.items())
-        for r, t in state.items())
+        for r, t in state.items()
+    )
     if not ok:
         raise DataError(f"--state {path}: not an inspectd watch state ({{run_id: {{topic: seq}}}})")
     return state
@@ -206,14 +247,14 @@ class _Termination:
             raise _Stopped
 
 
-def _loop(sub: Subscriber, args: argparse.Namespace, show_heartbeats: bool, skipped: _Skipped, notices, runs: dict,
-          term: _Termination) -> int:
+def _loop(
+    sub: Subscriber, args: argparse.Namespace, show_heartbeats: bool, skipped: _Skipped, notices, runs: dict, term: _Termination
+) -> int:
     shown = 0
     while args.count is None or shown < args.count:
         event = sub.recv(timeout_s=args.timeout)
         if event is None:
-            print(f"inspectd watch: no event for {args.timeout:g} s from {', '.join(args.endpoints)}",
-                  file=sys.stderr)
+            print(f"inspectd watch: no event for {args.timeout:g} s from {', '.join(args.endpoints)}", file=sys.stderr)
             return 1
         try:
             _notices(event, runs, notices)
@@ -264,8 +305,10 @@ def describe(event: Event) -> str:
     h = event.header
     if event.kind in (EventKind.DEFECT, EventKind.RESULT):
         verdict = "DEFECT" if h["is_defect"] else "ok"
-        line = (f"{_local_time(h['captured_at'])}  {event.topic}  camera {h['camera']}  frame {h['frame_seq']}  "
-                f"{verdict} score {h['score']:.3f} (threshold {h['threshold']:.2f})  regions {len(h['regions'])}")
+        line = (
+            f"{_local_time(h['captured_at'])}  {event.topic}  camera {h['camera']}  frame {h['frame_seq']}  "
+            f"{verdict} score {h['score']:.3f} (threshold {h['threshold']:.2f})  regions {len(h['regions'])}"
+        )
         if h["regions"]:
             x, y, w, hh = max(h["regions"], key=lambda r: r["area_px"])["bbox"]
             line += f"  largest {w}x{hh} at {x},{y}"
@@ -274,9 +317,11 @@ def describe(event: Event) -> str:
         best = h["best"]
         x, y, w, hh = best.get("bbox") or (0, 0, 0, 0)
         where = f"  largest {w}x{hh} at {x},{y}" if best.get("bbox") else ""
-        return (f"{_local_time(h['ended_at'])}  {event.topic}  camera {h['camera']}  episode {h['episode']} ended "
-                f"({h['end_reason']}): {h['frames']} frames ({h['defect_frames']} defective) over {h['duration_s']:.2f} s, "
-                f"peak {h['peak_score']:.3f} at frame {best['frame_seq']}{where}")
+        return (
+            f"{_local_time(h['ended_at'])}  {event.topic}  camera {h['camera']}  episode {h['episode']} ended "
+            f"({h['end_reason']}): {h['frames']} frames ({h['defect_frames']} defective) over {h['duration_s']:.2f} s, "
+            f"peak {h['peak_score']:.3f} at frame {best['frame_seq']}{where}"
+        )
     if event.kind is EventKind.STATUS:
         detail = f"  ({h['detail']})" if h.get("detail") else ""
         return f"{_local_time(h['published_at'])}  {event.topic}  camera {h['camera']}  {h['state']}{detail}"
@@ -309,7 +354,9 @@ def _save(event: Event, folder: Path) -> None:
                 mask = event.regions_mask > 0  # exact
             else:  # a daemon from before the regions attachment
                 mask = prob >= float(h.get("mask_threshold", 0.5))
-            write_png(Path(f"{stem}_overlay.png"), overlay(event.frame, prob, h["score"], h["threshold"], mask=mask,
-                                                           regions=tuple(h.get("regions") or ())))
+            write_png(
+                Path(f"{stem}_overlay.png"),
+                overlay(event.frame, prob, h["score"], h["threshold"], mask=mask, regions=tuple(h.get("regions") or ())),
+            )
     except OSError as exc:  # keep watching: a full disk must not hide the events themselves
         print(f"inspectd watch: cannot save {stem}_*: {exc.strerror}", file=sys.stderr, flush=True)

@@ -39,7 +39,11 @@ def run_cli(*args: str | Path, timeout: float = 600, env: dict | None = None) ->
     """Run `python -m inspectd ARGS` as a user would, in a subprocess."""
     proc = subprocess.run(
         [sys.executable, "-m", "inspectd", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
     )
     return Run(proc.returncode, proc.stdout, proc.stderr)
 
@@ -82,9 +86,22 @@ def trained(tf, synth_train, tmp_path_factory):
     tf.config.experimental.enable_op_determinism()
     # The tests' tiny recipe, not train's defaults (pretrained Lite0, minmax mask rule, docs/quality.md): from scratch,
     # the paper's backbone and a fixed probability mask, so the quality floors stay those of that recipe.
-    return train(TrainOptions(dataset=synth_train, out=out, input_size=TRAIN_SIZE, epochs=12, batch_size=16,
-                              lr=2e-3, weights="none", seed=0, verbose=0, backbone="efficientnetv2b0", stride=16,
-                              mask_rule="probability"))
+    return train(
+        TrainOptions(
+            dataset=synth_train,
+            out=out,
+            input_size=TRAIN_SIZE,
+            epochs=12,
+            batch_size=16,
+            lr=2e-3,
+            weights="none",
+            seed=0,
+            verbose=0,
+            backbone="efficientnetv2b0",
+            stride=16,
+            mask_rule="probability",
+        )
+    )
 
 
 @pytest.fixture()
@@ -102,8 +119,9 @@ def start_publisher():
 
     def start(endpoint: str = "tcp://127.0.0.1:0", run_id: str | None = None, stats=dict, **cfg) -> Publisher:
         cfg = {"heartbeat_s": 0.05, **cfg}
-        pub = Publisher(PublishConfig(endpoint=endpoint, **cfg), Metrics(CollectorRegistry()),
-                        run_id or uuid.uuid4().hex, TEST_MODEL, stats)
+        pub = Publisher(
+            PublishConfig(endpoint=endpoint, **cfg), Metrics(CollectorRegistry()), run_id or uuid.uuid4().hex, TEST_MODEL, stats
+        )
         pub.start()
         started.append(pub)
         return pub

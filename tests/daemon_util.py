@@ -31,8 +31,11 @@ def assert_on_defect(events: list, truth: np.ndarray) -> None:
         # (its peak is no use: the calibrated map saturates at 255 over an area).
         on_defect = ev.mask[truth > 0].mean()
         assert on_defect >= 128 and on_defect > ev.mask.mean(), (on_defect, ev.mask.mean())
-        hits = [r for r in ev.header["regions"] if near[r["bbox"][1]:r["bbox"][1] + r["bbox"][3],
-                                                       r["bbox"][0]:r["bbox"][0] + r["bbox"][2]].any()]
+        hits = [
+            r
+            for r in ev.header["regions"]
+            if near[r["bbox"][1] : r["bbox"][1] + r["bbox"][3], r["bbox"][0] : r["bbox"][0] + r["bbox"][2]].any()
+        ]
         assert hits, ev.header["regions"]
 
 
@@ -45,8 +48,11 @@ def daemon_config(tmp_path: Path, cameras: str, model: str = "builtin:demo", **s
     """Write a config with free ports; returns (path, {"metrics": url, "events": endpoint})."""
     metrics_port, events_port = free_port(), free_port()
     publish = {"endpoint": f"tcp://127.0.0.1:{events_port}", "heartbeat_s": 0.5, **sections.pop("publish", {})}
-    parts = [f'[model]\npath = "{model}"\n', f'[metrics]\nhost = "127.0.0.1"\nport = {metrics_port}\n',
-             "[publish]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in publish.items())]
+    parts = [
+        f'[model]\npath = "{model}"\n',
+        f'[metrics]\nhost = "127.0.0.1"\nport = {metrics_port}\n',
+        "[publish]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in publish.items()),
+    ]
     for name, values in sections.items():
         parts.append(f"[{name}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in values.items()))
     path = tmp_path / "inspectd.toml"
@@ -70,9 +76,13 @@ class DaemonProcess:
         pass SIGTERM on to the daemon and exit with its status."""
         self.log_path = log
         self._log = open(log, "w")
-        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "inspectd", "run", "--config", str(config)],
-                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            [*prefix, sys.executable, "-m", "inspectd", "run", "--config", str(config)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+        )
 
     def wait_ready(self, metrics_url: str, timeout: float = 120.0) -> None:
         def ready() -> bool:
@@ -87,6 +97,7 @@ class DaemonProcess:
 
     def wait_log(self, needle: str, timeout: float = 30.0, count: int = 1) -> None:
         """Until `needle` occurs `count` times in the daemon's output (it must not exit meanwhile)."""
+
         def seen() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited {self.proc.returncode} waiting for {needle!r}:\n{self.log()}")

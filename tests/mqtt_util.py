@@ -31,20 +31,36 @@ class Mosquitto:
         self.port = free_port()
         passwd = self.workdir / "passwd"
         for i, (user, password) in enumerate(users.items()):
-            subprocess.run([MOSQUITTO_PASSWD, "-b", *(["-c"] if i == 0 else []), str(passwd), user, password],
-                           check=True, capture_output=True)
+            subprocess.run(
+                [MOSQUITTO_PASSWD, "-b", *(["-c"] if i == 0 else []), str(passwd), user, password],
+                check=True,
+                capture_output=True,
+            )
         passwd.chmod(0o600)
         self.conf = self.workdir / "mosquitto.conf"
-        self.conf.write_text("\n".join([
-            f"listener {self.port} 127.0.0.1", "allow_anonymous false", f"password_file {passwd}",
-            "persistence true", f"persistence_location {self.workdir}/", "autosave_interval 1",
-            f"log_dest file {self.workdir}/mosquitto.log", "log_type error", "log_type warning", "log_type notice",
-            "user root", "max_queued_messages 100000", ""]))
+        self.conf.write_text(
+            "\n".join(
+                [
+                    f"listener {self.port} 127.0.0.1",
+                    "allow_anonymous false",
+                    f"password_file {passwd}",
+                    "persistence true",
+                    f"persistence_location {self.workdir}/",
+                    "autosave_interval 1",
+                    f"log_dest file {self.workdir}/mosquitto.log",
+                    "log_type error",
+                    "log_type warning",
+                    "log_type notice",
+                    "user root",
+                    "max_queued_messages 100000",
+                    "",
+                ]
+            )
+        )
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Mosquitto:
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         return self
 
     def wait_ready(self, timeout: float = 10.0) -> None:
@@ -114,4 +130,3 @@ class Recorder:
 
     def __exit__(self, *exc) -> None:
         self.close()
-

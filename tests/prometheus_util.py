@@ -38,9 +38,18 @@ class PrometheusError(AssertionError):
 class PrometheusServer:
     """`prometheus` scraping `targets` (job `job`) every `scrape_interval`, rules evaluated as often."""
 
-    def __init__(self, workdir: Path, targets: list[str], rule_files: list[Path] = (), job: str = "inspectd",
-                 scrape_interval: str = "1s", evaluation_interval: str = "1s", labels: dict | None = None,
-                 jobs: list[dict] = (), config_file: Path | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        targets: list[str],
+        rule_files: list[Path] = (),
+        job: str = "inspectd",
+        scrape_interval: str = "1s",
+        evaluation_interval: str = "1s",
+        labels: dict | None = None,
+        jobs: list[dict] = (),
+        config_file: Path | None = None,
+    ):
         """`jobs`: more scrape configs, as Prometheus takes them (e.g. HTTPS with basic auth). `config_file`:
         run this config instead (e.g. the shipped one); the other arguments are then unused."""
         if PROMETHEUS is None:
@@ -51,12 +60,16 @@ class PrometheusServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = self.workdir / "prometheus.yml"
         config = {
-            "global": {"scrape_interval": scrape_interval, "evaluation_interval": evaluation_interval,
-                       "scrape_timeout": scrape_interval},
+            "global": {
+                "scrape_interval": scrape_interval,
+                "evaluation_interval": evaluation_interval,
+                "scrape_timeout": scrape_interval,
+            },
             "rule_files": [str(Path(p).resolve()) for p in rule_files],
-            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": list(targets),
-                                                                      "labels": dict(labels or {})}]},
-                               *jobs],
+            "scrape_configs": [
+                {"job_name": job, "static_configs": [{"targets": list(targets), "labels": dict(labels or {})}]},
+                *jobs,
+            ],
         }
         if config_file is not None:
             self.config_path = Path(config_file)
@@ -70,10 +83,18 @@ class PrometheusServer:
     def start(self) -> PrometheusServer:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={self.config_path}", f"--storage.tsdb.path={self.workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1h",
-             "--log.level=warn"],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=self.workdir)
+            [
+                PROMETHEUS,
+                f"--config.file={self.config_path}",
+                f"--storage.tsdb.path={self.workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--storage.tsdb.retention.time=1h",
+                "--log.level=warn",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+        )
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> None:

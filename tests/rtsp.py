@@ -35,8 +35,18 @@ from pathlib import Path
 import numpy as np
 from support import free_port, wait_until  # re-exported: tests import them from here too
 
-__all__ = ["RtspServer", "COUNTER_LEVELS", "counter_frame", "counter_match", "counter_received", "free_port",
-           "read_frames", "synthetic_frame", "h264_encoder", "wait_until"]
+__all__ = [
+    "RtspServer",
+    "COUNTER_LEVELS",
+    "counter_frame",
+    "counter_match",
+    "counter_received",
+    "free_port",
+    "read_frames",
+    "synthetic_frame",
+    "h264_encoder",
+    "wait_until",
+]
 
 MOUNT = "/cam"
 MODES = ("testsrc", "synthetic", "counter")
@@ -112,8 +122,9 @@ def h264_encoder(slices: int = 1) -> str:
         # threads=1: one slice per frame unless asked for more, as most IP cameras send. A keyframe
         # every 5 frames: a client joining the shared stream waits at most that long for a picture.
         threads = "threads=4 sliced-threads=true" if slices == 0 else "threads=1"
-        return (f"x264enc tune=zerolatency speed-preset=ultrafast key-int-max=5 bframes=0 {threads}"
-                + (f" option-string=slices={slices}" if slices > 1 else ""))
+        return f"x264enc tune=zerolatency speed-preset=ultrafast key-int-max=5 bframes=0 {threads}" + (
+            f" option-string=slices={slices}" if slices > 1 else ""
+        )
     if slices != 1:
         raise RuntimeError("slices > 1 needs x264enc (gstreamer1.0-plugins-ugly)")
     if Gst.ElementFactory.find("openh264enc"):
@@ -124,9 +135,19 @@ def h264_encoder(slices: int = 1) -> str:
 class RtspServer:
     """Starts/stops the server process; ``url`` stays the same across ``restart()``."""
 
-    def __init__(self, mode: str = "testsrc", width: int = 160, height: int = 120, fps: int = 10,
-                 seed: int = 0, port: int | None = None, slices: int = 1, tcp_only: bool = False,
-                 alt_size: tuple[int, int] | None = None, auth: tuple[str, str] | None = None):
+    def __init__(
+        self,
+        mode: str = "testsrc",
+        width: int = 160,
+        height: int = 120,
+        fps: int = 10,
+        seed: int = 0,
+        port: int | None = None,
+        slices: int = 1,
+        tcp_only: bool = False,
+        alt_size: tuple[int, int] | None = None,
+        auth: tuple[str, str] | None = None,
+    ):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
         if alt_size is not None and mode == "testsrc":
@@ -167,16 +188,30 @@ class RtspServer:
         """Start the server process; return once its port accepts connections."""
         if self.running:
             return self
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--port", str(self.port), "--mode", self.mode,
-               "--width", str(self.width), "--height", str(self.height), "--fps", str(self.fps),
-               "--seed", str(self.seed), "--slices", str(self.slices)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--port",
+            str(self.port),
+            "--mode",
+            self.mode,
+            "--width",
+            str(self.width),
+            "--height",
+            str(self.height),
+            "--fps",
+            str(self.fps),
+            "--seed",
+            str(self.seed),
+            "--slices",
+            str(self.slices),
+        ]
         cmd += ["--tcp-only"] if self.tcp_only else []
         cmd += ["--alt-size", f"{self.alt_size[0]}x{self.alt_size[1]}"] if self.alt_size else []
         cmd += ["--auth", f"{self.auth[0]}\n{self.auth[1]}"] if self.auth else []
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))}
         self.size = (self.width, self.height)
-        self._proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE)
+        self._proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self._wait_listening(timeout)
         return self
 
@@ -244,8 +279,10 @@ def _launch_line(args: argparse.Namespace) -> str:
     else:
         src = f"appsrc name=src is-live=true format=time caps=video/x-raw,format=GRAY8,{caps}"
     # config-interval=-1: SPS/PPS with every IDR, so a client joining (or re-joining) decodes at once.
-    return (f"( {src} ! videoconvert ! video/x-raw,format=I420 ! {h264_encoder(args.slices)} ! "
-            f"rtph264pay name=pay0 pt=96 config-interval=-1 )")
+    return (
+        f"( {src} ! videoconvert ! video/x-raw,format=I420 ! {h264_encoder(args.slices)} ! "
+        f"rtph264pay name=pay0 pt=96 config-interval=-1 )"
+    )
 
 
 def _frames(args: argparse.Namespace, width: int, height: int) -> list[bytes]:
@@ -271,8 +308,9 @@ def _feed_appsrc(media, args: argparse.Namespace, state: dict) -> None:
     def need_data(src, _length):
         size = sizes[state["alt"]]
         if size != sent["size"]:
-            src.set_property("caps", Gst.Caps.from_string(
-                f"video/x-raw,format=GRAY8,width={size[0]},height={size[1]},framerate={args.fps}/1"))
+            src.set_property(
+                "caps", Gst.Caps.from_string(f"video/x-raw,format=GRAY8,width={size[0]},height={size[1]},framerate={args.fps}/1")
+            )
             sent["size"] = size
         buf = Gst.Buffer.new_wrapped(frames[size][sent["n"] % len(frames[size])])
         buf.pts = buf.dts = sent["n"] * duration
@@ -324,6 +362,7 @@ def serve(args: argparse.Namespace) -> None:
     def toggle_size():
         state["alt"] = 1 - state["alt"] if args.alt_size else 0
         return GLib.SOURCE_CONTINUE
+
     server.get_mount_points().add_factory(MOUNT, factory)
     if server.attach(None) == 0:
         sys.exit(f"cannot listen on 127.0.0.1:{args.port}")

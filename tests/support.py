@@ -121,8 +121,11 @@ class MetricsText:
         from prometheus_client.parser import text_string_to_metric_families
 
         self.text = text
-        self.samples = [MetricSample(s.name, dict(s.labels), float(s.value))
-                        for family in text_string_to_metric_families(text) for s in family.samples]
+        self.samples = [
+            MetricSample(s.name, dict(s.labels), float(s.value))
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        ]
 
     def find(self, name: str, **labels: str) -> list[MetricSample]:
         """Samples named `name` whose labels include `labels` (as strings)."""
@@ -155,8 +158,13 @@ def metric_value(metrics_url: str, name: str, **labels: str) -> float | None:
 # ------------------------------------------------------------------------------------------ events
 
 
-def collect_events(sub: Subscriber, until: int | Callable[[list[Event]], bool], kinds: Iterable[str] = ("defect",),
-                   timeout: float = 30.0, message: Message = "") -> list[Event]:
+def collect_events(
+    sub: Subscriber,
+    until: int | Callable[[list[Event]], bool],
+    kinds: Iterable[str] = ("defect",),
+    timeout: float = 30.0,
+    message: Message = "",
+) -> list[Event]:
     """Receive events of `kinds` ("defect", "status", ...) until `until` holds, and return them.
 
     `until` is a count (that many events) or a predicate on the list collected so far. Fails after
@@ -173,8 +181,10 @@ def collect_events(sub: Subscriber, until: int | Callable[[list[Event]], bool], 
             got = [f"{ev.topic}#{ev.header.get('seq')}" for ev in events][-20:]
             want = f"{until} event(s)" if isinstance(until, int) else getattr(until, "__doc__", None) or "the condition"
             extra = _say(message)
-            raise AssertionError(f"timed out after {timeout} s collecting {'/'.join(sorted(kinds))} events until "
-                                 f"{want}; got {len(events)}: {got}" + (f"\n{extra}" if extra else ""))
+            raise AssertionError(
+                f"timed out after {timeout} s collecting {'/'.join(sorted(kinds))} events until "
+                f"{want}; got {len(events)}: {got}" + (f"\n{extra}" if extra else "")
+            )
         ev = sub.recv(timeout_s=min(left, 0.5))
         if ev is not None and ev.kind.value in kinds:
             events.append(ev)
@@ -227,12 +237,12 @@ class NotifySocket:
 
     def wait_for(self, prefix: str, timeout: float, since: float = 0.0) -> float:
         """The receive time of the first message starting with `prefix` received at or after `since`."""
+
         def seen() -> float | None:
             self.pump()
             return next((t for t, line in self.messages if t >= since and line.startswith(prefix)), None)
 
-        wait_until(lambda: seen() is not None, timeout,
-                   lambda: f"{prefix!r} on NOTIFY_SOCKET; got {self.lines()[-10:]}")
+        wait_until(lambda: seen() is not None, timeout, lambda: f"{prefix!r} on NOTIFY_SOCKET; got {self.lines()[-10:]}")
         return seen()
 
     def count(self, prefix: str, since: float = 0.0) -> int:
@@ -247,9 +257,17 @@ class NotifySocket:
 TEST_MODEL = {"name": "tiny", "sha256": "ab" * 32}
 
 
-def make_inspection(camera: str = "cam1", seq: int = 1, defect: bool = True, attach_frame: bool = False,
-                    size: tuple[int, int] = (64, 48), color: tuple[int, int, int] | None = None,
-                    archive_frame: str = "", ok_every: int = 0, captured_at: float | None = None) -> Inspection:
+def make_inspection(
+    camera: str = "cam1",
+    seq: int = 1,
+    defect: bool = True,
+    attach_frame: bool = False,
+    size: tuple[int, int] = (64, 48),
+    color: tuple[int, int, int] | None = None,
+    archive_frame: str = "",
+    ok_every: int = 0,
+    captured_at: float | None = None,
+) -> Inspection:
     """A real post-processed inspection: one hot square in the CAM -> one region, a mask PNG, maybe a JPEG.
 
     The frame is noise, or one RGB `color`; `archive_frame` ("jpeg"/"png") as with the archive on."""
@@ -264,8 +282,13 @@ def make_inspection(camera: str = "cam1", seq: int = 1, defect: bool = True, att
     frame = Frame(camera, seq, time.time() - 0.05 if captured_at is None else captured_at, time.monotonic(), image)
     logits = np.full((h // 8, w // 8), -6.0, np.float32)
     logits[2:4, 3:5] = 6.0
-    opts = InspectOptions(threshold=0.5, attach_frame=attach_frame, results=True,  # mask: probability >= 0.5
-                          archive_frame=archive_frame, archive_ok_every=ok_every)
+    opts = InspectOptions(
+        threshold=0.5,
+        attach_frame=attach_frame,
+        results=True,  # mask: probability >= 0.5
+        archive_frame=archive_frame,
+        archive_ok_every=ok_every,
+    )
     return inspect(frame, 0.9 if defect else 0.1, logits, opts)
 
 
@@ -281,8 +304,13 @@ class CameraHarness:
         self.registry = CollectorRegistry()
         self.frames: list = []
         self.states: list = []
-        self.worker = CameraWorker(cfg, self.frames.append, Metrics(self.registry),
-                                   on_state=lambda cam, st, detail: self.states.append((st, detail)), **worker_kw)
+        self.worker = CameraWorker(
+            cfg,
+            self.frames.append,
+            Metrics(self.registry),
+            on_state=lambda cam, st, detail: self.states.append((st, detail)),
+            **worker_kw,
+        )
         self.cam = cfg.id
 
     def metric(self, name: str, **labels) -> float:
@@ -311,8 +339,29 @@ def unshare_unavailable() -> str | None:
 def self_signed_cert(folder: Path, name: str = "metrics") -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1/localhost (its own CA) and its key (mode 0600), by openssl."""
     cert, key = folder / f"{name}.crt", folder / f"{name}.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=inspectd-test",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=inspectd-test",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )
     os.chmod(key, 0o600)
     return cert, key

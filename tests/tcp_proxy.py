@@ -225,14 +225,14 @@ class TcpProxy:
         if unit[1] % 2 or len(unit) < 4 + RTP_HEADER + 2:
             return
         rtp = unit[4:]
-        payload = rtp[_rtp_header_length(rtp):]
+        payload = rtp[_rtp_header_length(rtp) :]
         if not payload:
             return
         kind = payload[0] & 0x1F
         if kind == 24:  # STAP-A: 16-bit size + NAL, repeated
             types, i = [], 1
             while i + 2 < len(payload):
-                size = struct.unpack("!H", payload[i:i + 2])[0]
+                size = struct.unpack("!H", payload[i : i + 2])[0]
                 types.append(payload[i + 2] & 0x1F)
                 i += 2 + size
         elif kind == 28:  # FU-A: a slice starts in the fragment with the S bit
@@ -294,7 +294,7 @@ def _rtp_header_length(rtp: bytes | bytearray) -> int:
         return len(rtp)
     length = RTP_HEADER + 4 * (rtp[0] & 0x0F)
     if rtp[0] & 0x10 and len(rtp) >= length + 4:
-        length += 4 + 4 * struct.unpack("!H", rtp[length + 2:length + 4])[0]
+        length += 4 + 4 * struct.unpack("!H", rtp[length + 2 : length + 4])[0]
     return length
 
 

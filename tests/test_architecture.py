@@ -83,9 +83,15 @@ def test_a_cycle_is_found(tmp_path):
 
 
 RUNTIME_PACKAGES = ("inspectd.sources", "inspectd.pipeline", "inspectd.outputs", "inspectd.service")
-TRAINING_ONLY = ("inspectd.toolkit.train", "inspectd.toolkit.augment", "inspectd.toolkit.evaluate",
-                 "inspectd.toolkit.plots", "inspectd.toolkit.scoring", "inspectd.toolkit.dataset",
-                 "inspectd.toolkit.pipeline")
+TRAINING_ONLY = (
+    "inspectd.toolkit.train",
+    "inspectd.toolkit.augment",
+    "inspectd.toolkit.evaluate",
+    "inspectd.toolkit.plots",
+    "inspectd.toolkit.scoring",
+    "inspectd.toolkit.dataset",
+    "inspectd.toolkit.pipeline",
+)
 
 
 def test_runtime_path_does_not_reach_the_training_code():
@@ -104,8 +110,17 @@ def test_runtime_path_does_not_reach_the_training_code():
 # Bottom to top. A unit (a top-level module, or a subpackage with everything in it) may import the units of
 # the layers below its own; within a layer only the foundation's modules import each other (acyclically).
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("inspectd", "inspectd.errors", "inspectd.threads", "inspectd.frames", "inspectd.imageio", "inspectd.tfload",
-     "inspectd.security", "inspectd.synth", "inspectd.drawing"),  # foundation: no knowledge of the daemon
+    (
+        "inspectd",
+        "inspectd.errors",
+        "inspectd.threads",
+        "inspectd.frames",
+        "inspectd.imageio",
+        "inspectd.tfload",
+        "inspectd.security",
+        "inspectd.synth",
+        "inspectd.drawing",
+    ),  # foundation: no knowledge of the daemon
     ("inspectd.model",),  # the deployable model: file, metadata, mask rule, conversion
     ("inspectd.config",),  # configuration: one model per section, each setting declared once
     ("inspectd.metrics",),  # metric definitions
@@ -177,7 +192,8 @@ def test_the_rules_can_fail():
     graph["inspectd.sources.camera"] = graph["inspectd.sources.camera"] | {"inspectd.pipeline.core"}  # sideways
     assert violations(graph) == [
         "inspectd.config.model -> inspectd.service.daemon (inspectd.config in layer 2, inspectd.service in layer 7)",
-        "inspectd.sources.camera -> inspectd.pipeline.core (inspectd.sources in layer 4, inspectd.pipeline in layer 4)"]
+        "inspectd.sources.camera -> inspectd.pipeline.core (inspectd.sources in layer 4, inspectd.pipeline in layer 4)",
+    ]
     assert set(cycles(graph, key=unit_of)) >= {"inspectd.config", "inspectd.service"}
     graph = import_graph()
     graph["inspectd.outputs.archive"] = graph["inspectd.outputs.archive"] | {"inspectd.outputs.replay"}
@@ -196,9 +212,16 @@ def test_the_daemon_never_imports_the_training_toolkit():
             seen.add(module)
             todo += graph.get(module, ())
     assert sorted(m for m in seen if m.startswith("inspectd.toolkit")) == []
-    loaded = subprocess.run([sys.executable, "-c", "import sys, inspectd.service.daemon; "
-                             "print(sorted(m for m in sys.modules if m.startswith('inspectd.toolkit')))"],
-                            capture_output=True, text=True, check=True).stdout.strip()
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, inspectd.service.daemon; print(sorted(m for m in sys.modules if m.startswith('inspectd.toolkit')))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert loaded == "[]"
 
 
@@ -216,7 +239,19 @@ def test_the_consumer_library_takes_only_the_wire_protocol_from_the_daemon():
     """client.py (and so `inspectd watch`) reaches no daemon module: of outputs/ only wire.py, where the
     protocol constants live, and nothing of service/, pipeline/, sources/ or config/."""
     reached = _reached(import_graph(), "inspectd.client")
-    daemon_side = sorted(m for m in reached if m.startswith(("inspectd.outputs.", "inspectd.service", "inspectd.pipeline",
-                                                             "inspectd.sources", "inspectd.config", "inspectd.model"))
-                         and m != "inspectd.outputs.wire")
+    daemon_side = sorted(
+        m
+        for m in reached
+        if m.startswith(
+            (
+                "inspectd.outputs.",
+                "inspectd.service",
+                "inspectd.pipeline",
+                "inspectd.sources",
+                "inspectd.config",
+                "inspectd.model",
+            )
+        )
+        and m != "inspectd.outputs.wire"
+    )
     assert daemon_side == [] and "inspectd.outputs.wire" in reached

@@ -29,8 +29,9 @@ from inspectd.outputs.archive import (
 
 def _entry(camera="cam1", seq=1, at=None, payload=b"x" * 100) -> ArchiveEntry:
     header = json.dumps({"camera": camera, "frame_seq": seq}).encode()
-    return ArchiveEntry(camera, time.time() if at is None else at, seq,
-                        (("header.json", header), ("mask.png", payload), ("frame.jpg", payload)))
+    return ArchiveEntry(
+        camera, time.time() if at is None else at, seq, (("header.json", header), ("mask.png", payload), ("frame.jpg", payload))
+    )
 
 
 @given(st.text(min_size=0, max_size=100))

@@ -83,8 +83,7 @@ def test_export_again_adds_only_what_is_new(archive, tmp_path):
 def test_export_filters_by_camera_and_time(archive, tmp_path):
     one = export_archive(ExportOptions(archive, tmp_path / "a", cameras=("line2",)), progress=lambda *_: None)
     assert (one.defect, one.ok) == (1, 1)
-    late = export_archive(ExportOptions(archive, tmp_path / "b", since=T0 + 120, until=T0 + 240),
-                          progress=lambda *_: None)
+    late = export_archive(ExportOptions(archive, tmp_path / "b", since=T0 + 120, until=T0 + 240), progress=lambda *_: None)
     assert late.matched == 2  # line1-top at +120 and +180; +240 is excluded
     assert parse_since("2026-11-26T16:00:00Z") == T0 and parse_since("2026-11-26") == T0 - 16 * 3600
     assert parse_since("2h", now=T0) == T0 - 7200 and parse_since("7d", now=T0) == T0 - 7 * 86400
@@ -102,7 +101,8 @@ def test_export_command_exit_codes(archive, tmp_path):
     assert ok.returncode == 0 and "exported 1 defect and 1 ok frames" in ok.stdout, ok.stderr
     missing = run_cli("archive", "export", tmp_path / "nowhere", "--out", tmp_path / "x")
     assert missing.returncode == 66 and missing.stderr.strip() == (
-        f"inspectd archive export: error: {tmp_path / 'nowhere'}: no such archive folder")
+        f"inspectd archive export: error: {tmp_path / 'nowhere'}: no such archive folder"
+    )
     bad = run_cli("archive", "export", archive, "--out", tmp_path / "x", "--since", "yesterday")
     assert bad.returncode == 2 and "not a time" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -110,8 +110,13 @@ def test_export_command_exit_codes(archive, tmp_path):
 # ------------------------------------------------------------------------------------------ publisher -> archive
 def test_the_publisher_archives_what_it_sends_numbered_and_what_it_drops_unnumbered(tmp_path):
     archive = Archive(tmp_path / "a").start()
-    pub = Publisher(PublishConfig(endpoint="tcp://127.0.0.1:0", send_hwm=1, heartbeat_s=60),
-                    Metrics(CollectorRegistry()), uuid.uuid4().hex, MODEL, outcome=archive.on_outcome)
+    pub = Publisher(
+        PublishConfig(endpoint="tcp://127.0.0.1:0", send_hwm=1, heartbeat_s=60),
+        Metrics(CollectorRegistry()),
+        uuid.uuid4().hex,
+        MODEL,
+        outcome=archive.on_outcome,
+    )
     first, second = (make_inspection("cam", seq, archive_frame="png") for seq in (1, 2))
     pub.publish_inspection(first, MODEL)  # queued (the publisher thread is not started yet)
     pub.publish_inspection(second, MODEL)  # the hand-off queue holds 1: dropped, still archived

@@ -8,8 +8,14 @@ from inspectd.errors import UnavailableError, UsageError
 from inspectd.toolkit.backbones import BACKBONES, build_features, check_input_size
 
 # Channel counts of F at the cut (docs/model.md) and of the full networks.
-CHANNELS = {("efficientnetv2b0", 16): 672, ("convnext_tiny", 16): 384, ("mobilenetv3large", 16): 672,
-            ("efficientnetv2b0", 32): 1280, ("convnext_tiny", 32): 768, ("mobilenetv3large", 32): 960}
+CHANNELS = {
+    ("efficientnetv2b0", 16): 672,
+    ("convnext_tiny", 16): 384,
+    ("mobilenetv3large", 16): 672,
+    ("efficientnetv2b0", 32): 1280,
+    ("convnext_tiny", 32): 768,
+    ("mobilenetv3large", 32): 960,
+}
 
 
 @pytest.mark.parametrize("name,stride", sorted(CHANNELS))

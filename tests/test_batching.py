@@ -91,7 +91,7 @@ def test_round_robin_no_starvation():
     counts = Counter(flat)
     assert max(counts.values()) - min(counts.values()) <= 1, counts
     for i in range(len(flat) - 5):  # any window of 5 consecutive picks covers all cameras
-        assert set(flat[i:i + 5]) == set("abcde"), flat[i:i + 5]
+        assert set(flat[i : i + 5]) == set("abcde"), flat[i : i + 5]
 
 
 def test_waits_at_most_max_wait_for_more_frames():
@@ -186,6 +186,7 @@ def test_fair_under_overload(cameras, limit):
 
 def test_the_simulation_sees_a_lost_frame(monkeypatch):
     """The accounting check can fail: with the old take() (pop all, then cut) the residual is not 0."""
+
     def old_take(self, order, limit):
         with self._cond:
             return [self._slots.pop(cam) for cam in order if cam in self._slots][:limit]

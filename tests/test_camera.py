@@ -203,11 +203,16 @@ def test_stop_interrupts_a_long_backoff(tmp_path):
     assert h.metric("camera_reconnects_total") == 0
 
 
-@pytest.mark.parametrize("cfg", [
-    synthetic("fps=0.05&width=32&height=24"),
-    CameraConfig(id="g", pipeline="videotestsrc is-live=true ! video/x-raw,width=32,height=24,framerate=1/20",
-                 stall_timeout_s=60),
-], ids=["synthetic", "gstreamer"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        synthetic("fps=0.05&width=32&height=24"),
+        CameraConfig(
+            id="g", pipeline="videotestsrc is-live=true ! video/x-raw,width=32,height=24,framerate=1/20", stall_timeout_s=60
+        ),
+    ],
+    ids=["synthetic", "gstreamer"],
+)
 def test_stop_is_prompt(cfg):
     """A camera sending a frame every 20 s: stop() does not wait for the next frame."""
     h = Harness(cfg)
@@ -258,8 +263,10 @@ def test_unexpected_errors_are_logged_with_the_camera_and_never_escape(caplog):
         calls.append(1)
         raise RuntimeError("boom")
 
-    with caplog.at_level(logging.INFO, logger="inspectd.sources"), \
-            Harness(CameraConfig(id="bug", url="rtsp://x/y", **FAST), source_factory=factory) as h:
+    with (
+        caplog.at_level(logging.INFO, logger="inspectd.sources"),
+        Harness(CameraConfig(id="bug", url="rtsp://x/y", **FAST), source_factory=factory) as h,
+    ):
         wait_until(lambda: len(calls) >= 3, 5)
         assert h.worker.state is CameraState.DOWN
     records = [r for r in caplog.records if r.name == "inspectd.sources"]

@@ -65,8 +65,7 @@ class Harness(CameraHarness):
 
     def __init__(self, source: FakeSource, **cfg):
         self.source = source
-        cfg = {"id": "roi", "url": "rtsp://x/y", "reconnect_initial_s": 0.05, "reconnect_max_s": 0.3,
-               "stall_timeout_s": 5, **cfg}
+        cfg = {"id": "roi", "url": "rtsp://x/y", "reconnect_initial_s": 0.05, "reconnect_max_s": 0.3, "stall_timeout_s": 5, **cfg}
         super().__init__(CameraConfig(**cfg), source_factory=lambda c: source)
 
     def accounted(self) -> bool:

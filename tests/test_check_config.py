@@ -59,25 +59,39 @@ def test_publish_port_out_of_range_is_refused(tmp_path):
     _one_line_error(run, 78, "publish.endpoint", "99999", "1-65535")
 
 
-@pytest.mark.parametrize("endpoint,needle", [
-    ("tcp://127.0.0.1", "tcp://HOST:PORT"),
-    ("tcp://127.0.0.1:-1", "not a TCP port"),
-    ("tcp://127.0.0.1:", "not a TCP port"),
-    ("tcp://:5556", "tcp://HOST:PORT"),
-    ("tcp://not a host!!:5556", "not an IP address or a host name"),
-    ("tcp://[::1]:5556", "IPv6"),
-    ("udp://127.0.0.1:5556", "tcp://HOST:PORT or ipc://PATH"),
-    ("ipc://", "ipc path"),
-    ("ipc:///" + "x" * 200, "ipc path"),
-])
+@pytest.mark.parametrize(
+    "endpoint,needle",
+    [
+        ("tcp://127.0.0.1", "tcp://HOST:PORT"),
+        ("tcp://127.0.0.1:-1", "not a TCP port"),
+        ("tcp://127.0.0.1:", "not a TCP port"),
+        ("tcp://:5556", "tcp://HOST:PORT"),
+        ("tcp://not a host!!:5556", "not an IP address or a host name"),
+        ("tcp://[::1]:5556", "IPv6"),
+        ("udp://127.0.0.1:5556", "tcp://HOST:PORT or ipc://PATH"),
+        ("ipc://", "ipc path"),
+        ("ipc:///" + "x" * 200, "ipc path"),
+    ],
+)
 def test_bad_endpoints_name_the_key(tmp_path, endpoint, needle):
     with pytest.raises(ConfigError) as exc:
         load_settings(_write(tmp_path, f'[publish]\nendpoint = "{endpoint}"\n' + CAMERA))
     assert "publish.endpoint" in str(exc.value) and needle in str(exc.value)
 
 
-@pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:5556", "tcp://*:5556", "tcp://127.0.0.1:0", "tcp://127.0.0.1:*",
-                                      "tcp://localhost:5556", "tcp://lo:5556", "ipc:///run/inspectd/events", "ipc://@x"])
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "tcp://127.0.0.1:5556",
+        "tcp://*:5556",
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:*",
+        "tcp://localhost:5556",
+        "tcp://lo:5556",
+        "ipc:///run/inspectd/events",
+        "ipc://@x",
+    ],
+)
 def test_good_endpoints_pass(tmp_path, endpoint):
     assert load_settings(_write(tmp_path, f'[publish]\nendpoint = "{endpoint}"\n' + CAMERA)).publish.endpoint == endpoint
 
@@ -90,8 +104,18 @@ def test_metrics_host_that_is_not_a_host_is_refused(tmp_path):
     _one_line_error(run, 78, "metrics.host", "not a host!!")
 
 
-@pytest.mark.parametrize("host,ok", [("127.0.0.1", True), ("0.0.0.0", True), ("::1", True), ("localhost", True),
-                                     ("", False), ("no-such-host.invalid", False), ("a b", False)])
+@pytest.mark.parametrize(
+    "host,ok",
+    [
+        ("127.0.0.1", True),
+        ("0.0.0.0", True),
+        ("::1", True),
+        ("localhost", True),
+        ("", False),
+        ("no-such-host.invalid", False),
+        ("a b", False),
+    ],
+)
 def test_metrics_host_is_an_address_or_a_name_that_resolves(tmp_path, host, ok):
     path = _write(tmp_path, f'[metrics]\nhost = "{host}"\n' + CAMERA)
     if ok:
@@ -107,8 +131,7 @@ def test_metrics_port_in_use_fails_run_naming_the_key(tmp_path):
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        config = _write(tmp_path, f'[metrics]\nport = {port}\n[publish]\nendpoint = "tcp://127.0.0.1:{free_port()}"\n'
-                        + CAMERA)
+        config = _write(tmp_path, f'[metrics]\nport = {port}\n[publish]\nendpoint = "tcp://127.0.0.1:{free_port()}"\n' + CAMERA)
         run = run_cli("run", "--config", config, "--log-level", "error", timeout=120)
     _one_line_error(run, 78, "metrics.port", f"127.0.0.1:{port}", "in use")
 
@@ -171,8 +194,12 @@ def test_every_inspectd_variable_in_the_repository_is_config_or_known():
 
     The docs are not scanned: they show misspelled variables on purpose."""
     known = set(config_env_names()) | NON_CONFIG_ENV
-    files = [p for d in ("inspectd", "scripts", "deploy", "benchmarks") for p in (ROOT / d).rglob("*")
-             if p.is_file() and p.suffix in (".py", ".sh", ".service", ".toml", ".yml", "")]
+    files = [
+        p
+        for d in ("inspectd", "scripts", "deploy", "benchmarks")
+        for p in (ROOT / d).rglob("*")
+        if p.is_file() and p.suffix in (".py", ".sh", ".service", ".toml", ".yml", "")
+    ]
     files += [ROOT / "config.example.toml"]
     found = {m for p in files for m in re.findall(r"\bINSPECTD_[A-Z0-9_]*[A-Z0-9]\b", p.read_text(errors="replace"))}
     assert {"INSPECTD_DEBUG", "INSPECTD_MODEL__THRESHOLD"} <= found  # the scan sees both kinds
@@ -209,10 +236,16 @@ def test_check_config_loads_the_model_and_says_what_it_is():
     run = run_cli("check-config", "--config", ROOT / "config.example.toml", timeout=300)
     assert run.returncode == 0, run.stderr
     assert '"line1-top"' in run.stdout
-    model = run.stdout[run.stdout.index("# model builtin:demo"):]
-    for needle in ("loaded in Keras safe mode", "name demo", "backbone efficientnet_lite0", "input 160x128",
-                   "outputs score [B], cam_logits [B, 8, 10], pooling gap",
-                   "thresholds score 0.5, mask rule minmax:0.85", "sha256 "):
+    model = run.stdout[run.stdout.index("# model builtin:demo") :]
+    for needle in (
+        "loaded in Keras safe mode",
+        "name demo",
+        "backbone efficientnet_lite0",
+        "input 160x128",
+        "outputs score [B], cam_logits [B, 8, 10], pooling gap",
+        "thresholds score 0.5, mask rule minmax:0.85",
+        "sha256 ",
+    ):
         assert needle in model, model
 
 
@@ -257,32 +290,63 @@ def test_no_model_skips_loading(tmp_path):
 
 # Every key with a strategy for values it accepts; each drawn value is one of those most of the time, else
 # anything (SCALARS), and junk keys turn up now and then: documents are often valid, often one error away.
-SCALARS = st.one_of(st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
-                    st.text(max_size=12), st.lists(st.integers(-20, 400), max_size=5))
+SCALARS = st.one_of(
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.text(max_size=12),
+    st.lists(st.integers(-20, 400), max_size=5),
+)
 NUM, BOOL = st.floats(0.01, 100), st.booleans()
 SECTIONS = {
-    "model": {"path": st.sampled_from(["missing.keras", ""]), "threshold": st.floats(0, 1),
-              "mask_threshold": st.floats(0, 1), "device": st.sampled_from(["auto", "cpu", "gpu:0"]),
-              "mask_rule": st.sampled_from(["relative:2", "quantile:0.99", "minmax", "probability:0.7", "bogus:1"]),
-              "precision": st.sampled_from(["float32", "mixed_float16"]), "xla": BOOL},
+    "model": {
+        "path": st.sampled_from(["missing.keras", ""]),
+        "threshold": st.floats(0, 1),
+        "mask_threshold": st.floats(0, 1),
+        "device": st.sampled_from(["auto", "cpu", "gpu:0"]),
+        "mask_rule": st.sampled_from(["relative:2", "quantile:0.99", "minmax", "probability:0.7", "bogus:1"]),
+        "precision": st.sampled_from(["float32", "mixed_float16"]),
+        "xla": BOOL,
+    },
     "batching": {"max_batch": st.one_of(st.just("auto"), st.integers(1, 256)), "max_wait_ms": st.floats(0, 1000)},
-    "postprocess": {"mask_resolution": st.sampled_from(["frame", "cam"]), "workers": st.integers(1, 32),
-                    "min_region_px": st.integers(1, 99), "jpeg_quality": st.integers(10, 100)},
-    "publish": {"endpoint": st.sampled_from(["tcp://127.0.0.1:5556", "tcp://*:0", "tcp://localhost:*", "ipc:///tmp/e",
-                                             "ipc://@inspectd"]),
-                "send_hwm": st.integers(1, 100_000), "heartbeat_s": NUM, "results": BOOL, "attach_frame": BOOL},
+    "postprocess": {
+        "mask_resolution": st.sampled_from(["frame", "cam"]),
+        "workers": st.integers(1, 32),
+        "min_region_px": st.integers(1, 99),
+        "jpeg_quality": st.integers(10, 100),
+    },
+    "publish": {
+        "endpoint": st.sampled_from(
+            ["tcp://127.0.0.1:5556", "tcp://*:0", "tcp://localhost:*", "ipc:///tmp/e", "ipc://@inspectd"]
+        ),
+        "send_hwm": st.integers(1, 100_000),
+        "heartbeat_s": NUM,
+        "results": BOOL,
+        "attach_frame": BOOL,
+    },
     "metrics": {"host": st.sampled_from(["127.0.0.1", "::1", "localhost", "0.0.0.0"]), "port": st.integers(0, 65535)},
-    "archive": {"dir": st.sampled_from(["", "archive", "/tmp/inspectd-archive"]), "max_bytes": st.integers(0, 2**40),
-                "max_age_s": st.floats(0, 1e6), "frame_format": st.sampled_from(["jpeg", "png"]),
-                "ok_every": st.integers(0, 100), "queue_size": st.integers(1, 100_000)},
+    "archive": {
+        "dir": st.sampled_from(["", "archive", "/tmp/inspectd-archive"]),
+        "max_bytes": st.integers(0, 2**40),
+        "max_age_s": st.floats(0, 1e6),
+        "frame_format": st.sampled_from(["jpeg", "png"]),
+        "ok_every": st.integers(0, 100),
+        "queue_size": st.integers(1, 100_000),
+    },
     "daemon": {"shutdown_timeout_s": NUM, "warmup": BOOL, "stuck_after_s": NUM},
 }
-CAMERA_KEYS = {"url": st.sampled_from(["synthetic://", "rtsp://u:p@h/s", "x.mp4", "dir:///tmp"]),
-               "backend": st.sampled_from(["auto", "opencv", "gstreamer"]), "fps_limit": st.floats(0, 60), "loop": BOOL,
-               "roi": st.tuples(st.integers(0, 400), st.integers(0, 400), st.integers(1, 400), st.integers(1, 400)).map(list),
-               "resize": st.tuples(st.integers(16, 640), st.integers(16, 480)).map(list),
-               "reconnect_initial_s": st.floats(0.01, 1), "reconnect_max_s": st.floats(1, 60),
-               "stall_timeout_s": NUM, "open_timeout_s": NUM}
+CAMERA_KEYS = {
+    "url": st.sampled_from(["synthetic://", "rtsp://u:p@h/s", "x.mp4", "dir:///tmp"]),
+    "backend": st.sampled_from(["auto", "opencv", "gstreamer"]),
+    "fps_limit": st.floats(0, 60),
+    "loop": BOOL,
+    "roi": st.tuples(st.integers(0, 400), st.integers(0, 400), st.integers(1, 400), st.integers(1, 400)).map(list),
+    "resize": st.tuples(st.integers(16, 640), st.integers(16, 480)).map(list),
+    "reconnect_initial_s": st.floats(0.01, 1),
+    "reconnect_max_s": st.floats(1, 60),
+    "stall_timeout_s": NUM,
+    "open_timeout_s": NUM,
+}
 JUNK_KEYS = st.text(string.ascii_lowercase + "_", min_size=1, max_size=8)
 RARELY = st.sampled_from([False] * 9 + [True])  # (hypothesis leans to small integers: integers(0, 9) == 0 is no 10 %)
 
@@ -342,17 +406,46 @@ def render_toml(doc: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-ENV_NAMES = st.one_of(st.sampled_from(config_env_names()),
-                      st.sampled_from(["INSPECTD_MODLE__PATH", "INSPECTD_MODEL__TRESHOLD", "INSPECTD_CAMERAS__0__ID",
-                                       "INSPECTD_MODEL__THRESHOLD__X", "INSPECTD_", "INSPECTD_DEBUGG"]),
-                      JUNK_KEYS.map(lambda k: "INSPECTD_" + k.upper()))
-ENV_VALUES = st.one_of(st.sampled_from(["notjson", "", "{", "[]", "{}", "null", "2", "0.5", "auto", "true",
-                                        '[{"id": "b", "url": "synthetic://"}]', '{"threshold": 3}', '{"port": -1}']),
-                       st.text(string.printable, max_size=12))
+ENV_NAMES = st.one_of(
+    st.sampled_from(config_env_names()),
+    st.sampled_from(
+        [
+            "INSPECTD_MODLE__PATH",
+            "INSPECTD_MODEL__TRESHOLD",
+            "INSPECTD_CAMERAS__0__ID",
+            "INSPECTD_MODEL__THRESHOLD__X",
+            "INSPECTD_",
+            "INSPECTD_DEBUGG",
+        ]
+    ),
+    JUNK_KEYS.map(lambda k: "INSPECTD_" + k.upper()),
+)
+ENV_VALUES = st.one_of(
+    st.sampled_from(
+        [
+            "notjson",
+            "",
+            "{",
+            "[]",
+            "{}",
+            "null",
+            "2",
+            "0.5",
+            "auto",
+            "true",
+            '[{"id": "b", "url": "synthetic://"}]',
+            '{"threshold": 3}',
+            '{"port": -1}',
+        ]
+    ),
+    st.text(string.printable, max_size=12),
+)
 ENVS = st.sampled_from([False, False, True]).flatmap(
-    lambda some: st.dictionaries(ENV_NAMES, ENV_VALUES, min_size=1, max_size=2) if some else st.just({}))
+    lambda some: st.dictionaries(ENV_NAMES, ENV_VALUES, min_size=1, max_size=2) if some else st.just({})
+)
 DOCUMENT_TEXT = st.sampled_from([False] * 4 + [True]).flatmap(
-    lambda junk: st.binary(max_size=64) if junk else documents().map(render_toml).map(str.encode))
+    lambda junk: st.binary(max_size=64) if junk else documents().map(render_toml).map(str.encode)
+)
 
 
 # For the second call, with the model: paths that fail without TensorFlow (66, 65, 65).
@@ -403,6 +496,12 @@ def test_the_renderer_writes_toml_that_parses():
     """The property test's renderer itself: what it writes parses back to what it was given."""
     import tomllib
 
-    doc = {"model": {"threshold": 0.5, "path": 'a"b\n'}, "cameras": [{"id": "a", "roi": [1, 2]}], "junk": True,
-           "x": [1, 2], "y": [], "z": float("inf")}
+    doc = {
+        "model": {"threshold": 0.5, "path": 'a"b\n'},
+        "cameras": [{"id": "a", "roi": [1, 2]}],
+        "junk": True,
+        "x": [1, 2],
+        "y": [],
+        "z": float("inf"),
+    }
     assert tomllib.loads(render_toml(doc)) == doc

@@ -42,8 +42,9 @@ def tiny_dataset(tmp_path, synth_train) -> Path:
 
 def test_train_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
-    _one_line_error(run_cli("train", tmp_path / "empty", "--out", tmp_path / "m.keras", "--weights", "none"),
-                    65, "no class folders", "ok/")
+    _one_line_error(
+        run_cli("train", tmp_path / "empty", "--out", tmp_path / "m.keras", "--weights", "none"), 65, "no class folders", "ok/"
+    )
 
 
 def test_train_missing_folder(tmp_path):
@@ -52,21 +53,40 @@ def test_train_missing_folder(tmp_path):
 
 def test_train_one_class_missing(tiny_dataset, tmp_path):
     shutil.rmtree(tiny_dataset / "defect")
-    _one_line_error(run_cli("train", tiny_dataset, "--out", tmp_path / "m.keras", "--weights", "none"),
-                    65, "'defect' has no images")
+    _one_line_error(
+        run_cli("train", tiny_dataset, "--out", tmp_path / "m.keras", "--weights", "none"), 65, "'defect' has no images"
+    )
 
 
 def test_train_unreadable_image(tiny_dataset, tmp_path):
     (tiny_dataset / "ok" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    _one_line_error(run_cli("train", tiny_dataset, "--out", tmp_path / "m.keras", "--weights", "none",
-                            "--input-size", "64x64", "--val", tiny_dataset),
-                    65, "broken.png", "not a readable image")
+    _one_line_error(
+        run_cli(
+            "train",
+            tiny_dataset,
+            "--out",
+            tmp_path / "m.keras",
+            "--weights",
+            "none",
+            "--input-size",
+            "64x64",
+            "--val",
+            tiny_dataset,
+        ),
+        65,
+        "broken.png",
+        "not a readable image",
+    )
     assert not (tmp_path / "m.keras").exists()
 
 
 def test_train_bad_input_size(tiny_dataset, tmp_path):
-    _one_line_error(run_cli("train", tiny_dataset, "--out", tmp_path / "m.keras", "--input-size", "100x100"),
-                    2, "100x100", "multiples of the output stride 16")
+    _one_line_error(
+        run_cli("train", tiny_dataset, "--out", tmp_path / "m.keras", "--input-size", "100x100"),
+        2,
+        "100x100",
+        "multiples of the output stride 16",
+    )
 
 
 def test_train_stride_8_needs_an_atrous_backbone_said_before_the_data_check(tiny_dataset, tmp_path):

@@ -89,8 +89,14 @@ def test_decode_event_from_crafted_messages():
     assert np.array_equal(ev.mask, cv2.imdecode(np.frombuffer(insp.mask_png, np.uint8), cv2.IMREAD_GRAYSCALE))
     bgr = cv2.imdecode(np.frombuffer(insp.frame_jpeg, np.uint8), cv2.IMREAD_COLOR)
     assert np.array_equal(ev.frame, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-    red = decode_event(encode_message("defect.cam1", "run", 4, *inspection_body(
-        make_inspection(attach_frame=True, color=(200, 30, 30)), MODEL, with_frame=True)))
+    red = decode_event(
+        encode_message(
+            "defect.cam1",
+            "run",
+            4,
+            *inspection_body(make_inspection(attach_frame=True, color=(200, 30, 30)), MODEL, with_frame=True),
+        )
+    )
     assert np.abs(red.frame.reshape(-1, 3).mean(axis=0) - (200, 30, 30)).max() < 5  # RGB, not BGR
     assert ev.raw == {"mask": insp.mask_png, "regions": insp.regions_png, "frame": insp.frame_jpeg}
     # The decoded regions mask is the header's regions: as many 255 pixels as their areas, each inside its box
@@ -98,7 +104,7 @@ def test_decode_event_from_crafted_messages():
     assert int((ev.regions_mask == 255).sum()) == sum(r["area_px"] for r in ev.header["regions"]) > 0
     for r in ev.header["regions"]:
         x, y, w, h = r["bbox"]
-        assert int((ev.regions_mask[y:y + h, x:x + w] == 255).sum()) >= r["area_px"]
+        assert int((ev.regions_mask[y : y + h, x : x + w] == 255).sum()) >= r["area_px"]
     lazy = decode_event(encode_message("defect.cam1", "run", 3, body, attachments), decode=False)
     assert lazy.mask is None and lazy.frame is None and lazy.regions_mask is None and lazy.raw["mask"] == insp.mask_png
     with pytest.raises(WireFormatError):
@@ -165,11 +171,14 @@ def test_a_stuck_subscriber_loses_its_own_events_only_and_sees_the_gap(start_pub
     """ZeroMQ drops per subscriber: a live one gets every event; the stuck one sees the loss as a seq gap."""
     pub = start_publisher(send_hwm=20)
     insp = make_inspection()
-    bulky = type(insp)(insp.frame, insp.score, insp.threshold, True, insp.regions, insp.mask_png + bytes(200_000),
-                       insp.mask_size)  # 200 kB each, so ZeroMQ's and the kernel's buffers overflow
+    bulky = type(insp)(
+        insp.frame, insp.score, insp.threshold, True, insp.regions, insp.mask_png + bytes(200_000), insp.mask_size
+    )  # 200 kB each, so ZeroMQ's and the kernel's buffers overflow
     n = 150
-    with Subscriber(pub.endpoint, ["defect.", "heartbeat"], rcvhwm=1, decode=False) as stuck, \
-            Subscriber(pub.endpoint, ["defect.", "heartbeat"], decode=False) as live:
+    with (
+        Subscriber(pub.endpoint, ["defect.", "heartbeat"], rcvhwm=1, decode=False) as stuck,
+        Subscriber(pub.endpoint, ["defect.", "heartbeat"], decode=False) as live,
+    ):
         wait_connected(stuck)
         wait_connected(live)
         received: list[int] = []
@@ -180,8 +189,9 @@ def test_a_stuck_subscriber_loses_its_own_events_only_and_sees_the_gap(start_pub
 
         burst_end = time.time()
         stuck_seqs = []  # drain its backlog: FIFO, so it ends with the first heartbeat sent after the burst
-        while (ev := stuck.recv(timeout_s=5.0)).kind is not EventKind.HEARTBEAT or \
-                parse_rfc3339(ev.header["published_at"]) < burst_end:
+        while (ev := stuck.recv(timeout_s=5.0)).kind is not EventKind.HEARTBEAT or parse_rfc3339(
+            ev.header["published_at"]
+        ) < burst_end:
             stuck_seqs += [ev.header["seq"]] if ev.kind is EventKind.DEFECT else []
         pub.publish_inspection(insp, MODEL)  # one more, after the stuck one caught up: the loss shows as a gap
         last = next_of(stuck, EventKind.DEFECT)
@@ -227,9 +237,15 @@ class Watch:
         argv = argv or [sys.executable, "-m", "inspectd", "watch", *args]
         # SIGINT as at a terminal: a suite started in the background by a shell without job control
         # inherits SIGINT ignored, and a child would then (rightly) ignore Ctrl-C.
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         self.lines: dict[str, queue.Queue[str]] = {"stdout": queue.Queue(), "stderr": queue.Queue()}
         self.seen: dict[str, list[str]] = {"stdout": [], "stderr": []}
         self.readers = [threading.Thread(target=self._read, args=(name,), daemon=True) for name in self.lines]
@@ -292,12 +308,21 @@ def test_watch_prints_events_and_saves_masks_and_overlays(start_publisher, watch
     assert rc == 0, err
     events = [line for line in out if "connected" not in line]
     assert len(events) == 3, out
-    assert re.search(r"defect\.cam1  camera cam1  frame 1  DEFECT score 0\.900 \(threshold 0\.50\)  regions 1  "
-                     r"largest \d+x\d+ at \d+,\d+$", events[0]), events[0]
+    assert re.search(
+        r"defect\.cam1  camera cam1  frame 1  DEFECT score 0\.900 \(threshold 0\.50\)  regions 1  "
+        r"largest \d+x\d+ at \d+,\d+$",
+        events[0],
+    ), events[0]
     assert "frame 2" in events[1] and events[2].endswith("status.cam1  camera cam1  down  (stream ended)")
     out_dir = tmp_path / "out"
-    assert sorted(p.name for p in out_dir.iterdir()) == ["cam1_1_frame.jpg", "cam1_1_mask.png", "cam1_1_overlay.png",
-                                                         "cam1_1_regions.png", "cam1_2_mask.png", "cam1_2_regions.png"]
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "cam1_1_frame.jpg",
+        "cam1_1_mask.png",
+        "cam1_1_overlay.png",
+        "cam1_1_regions.png",
+        "cam1_2_mask.png",
+        "cam1_2_regions.png",
+    ]
     assert (out_dir / "cam1_2_regions.png").read_bytes() == insps[1].regions_png
     assert (out_dir / "cam1_1_mask.png").read_bytes() == insps[0].mask_png
     assert (out_dir / "cam1_1_frame.jpg").read_bytes() == insps[0].frame_jpeg
@@ -370,8 +395,9 @@ def test_watch_timeout_and_bad_endpoint(watch):
 
 def test_watch_replay_and_state_errors(watch, tmp_path):
     rc, out, err = watch("tcp://127.0.0.1:9", "--replay", "tcp://127.0.0.1:8", "--replay", "tcp://127.0.0.1:7").finish()
-    assert rc == 2 and err == ["inspectd watch: error: 2 --replay endpoint(s) for 1 ENDPOINT(s): give one per "
-                               "ENDPOINT, in the same order"]
+    assert rc == 2 and err == [
+        "inspectd watch: error: 2 --replay endpoint(s) for 1 ENDPOINT(s): give one per ENDPOINT, in the same order"
+    ]
     state = tmp_path / "state.json"
     for bad in ("{not json", '{"run": {"defect.a": "7"}}', "[1]"):
         state.write_text(bad)
@@ -400,8 +426,9 @@ def doc_example() -> str:
 
 def test_documented_consumer_example_runs(start_publisher, watch, tmp_path):
     code = doc_example()
-    imported = {alias.name for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Import | ast.ImportFrom)
-                for alias in node.names}
+    imported = {
+        alias.name for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Import | ast.ImportFrom) for alias in node.names
+    }
     assert imported == {"json", "sys", "cv2", "numpy", "zmq"}  # a consumer needs nothing of ours
     (tmp_path / "consumer.py").write_text(code)
     pub = start_publisher()
@@ -415,4 +442,3 @@ def test_documented_consumer_example_runs(start_publisher, watch, tmp_path):
     saved = cv2.imread(str(tmp_path / "line1-top_7_mask.png"), cv2.IMREAD_GRAYSCALE)
     assert np.array_equal(saved, cv2.imdecode(np.frombuffer(insp.mask_png, np.uint8), cv2.IMREAD_GRAYSCALE))
     assert not any("lost" in line for line in w.seen["stdout"])
-

@@ -41,18 +41,21 @@ def test_relative_paths_are_relative_to_the_file(tmp_path):
     assert s.cameras[0].url == str(tmp_path / "clips/a.mp4")
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("[model]\nthreshhold = 0.5\n", "model.threshhold: unknown key; did you mean model.threshold?"),
-    ("[model]\nthreshold = 1.5\n", "model.threshold: Input should be less than or equal to 1 (got 1.5)"),
-    ('[[cameras]]\nid = "Top Cam"\nurl = "x.mp4"\n', "cameras.0.id"),
-    ('[[cameras]]\nid = "a"\n', "set exactly one of url or pipeline"),
-    ('[[cameras]]\nid = "a"\nurl = "x"\n[[cameras]]\nid = "a"\nurl = "y"\n', "repeated: a"),
-    ('[batching]\nmax_batch = 0\n', "batching.max_batch"),
-    ('[publish]\nendpoint = "udp://x"\n', "publish.endpoint"),
-    ('[archive]\nframe_format = "gif"\n', "archive.frame_format"),
-    ('[archive]\nok_every = -1\n', "archive.ok_every"),
-    ("[model\n", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("[model]\nthreshhold = 0.5\n", "model.threshhold: unknown key; did you mean model.threshold?"),
+        ("[model]\nthreshold = 1.5\n", "model.threshold: Input should be less than or equal to 1 (got 1.5)"),
+        ('[[cameras]]\nid = "Top Cam"\nurl = "x.mp4"\n', "cameras.0.id"),
+        ('[[cameras]]\nid = "a"\n', "set exactly one of url or pipeline"),
+        ('[[cameras]]\nid = "a"\nurl = "x"\n[[cameras]]\nid = "a"\nurl = "y"\n', "repeated: a"),
+        ("[batching]\nmax_batch = 0\n", "batching.max_batch"),
+        ('[publish]\nendpoint = "udp://x"\n', "publish.endpoint"),
+        ('[archive]\nframe_format = "gif"\n', "archive.frame_format"),
+        ("[archive]\nok_every = -1\n", "archive.ok_every"),
+        ("[model\n", "not valid TOML"),
+    ],
+)
 def test_errors_name_the_key(tmp_path, text, needle):
     with pytest.raises(ConfigError, match=None) as exc:
         load_settings(_write(tmp_path, text + CAMERA))

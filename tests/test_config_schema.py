@@ -26,8 +26,13 @@ def _sections() -> dict[str, type[BaseModel]]:
 
 
 def test_every_key_outside_cameras_declares_how_a_reload_treats_it():
-    undeclared = [f"{section}.{key}" for section, model in _sections().items() if section != "cameras"
-                  for key, field in model.model_fields.items() if reload_of(field) is None]
+    undeclared = [
+        f"{section}.{key}"
+        for section, model in _sections().items()
+        if section != "cameras"
+        for key, field in model.model_fields.items()
+        if reload_of(field) is None
+    ]
     assert undeclared == []
     table = reload_table()
     assert table["model.cache_dir"] is Reload.ENGINE and table["postprocess.jpeg_quality"] is Reload.CONTEXT
@@ -47,8 +52,11 @@ def test_every_path_key_resolves_against_the_config_file(tmp_path):
     """Whatever a field's section, a `PathText` value that is relative becomes relative to the file; others stay."""
     paths = {section: [k for k, f in model.model_fields.items() if is_path_field(f)] for section, model in _sections().items()}
     assert "cache_dir" in paths["model"] and "collect_dir" in paths["ui"] and paths["cameras"] == ["url"]
-    data = {section: ([{k: "rel/x" for k in keys}] if section == "cameras" else {k: "rel/x" for k in keys})
-            for section, keys in paths.items() if keys}
+    data = {
+        section: ([{k: "rel/x" for k in keys}] if section == "cameras" else {k: "rel/x" for k in keys})
+        for section, keys in paths.items()
+        if keys
+    }
     data["publish"]["endpoint"] = "rel/x"  # not a path: left alone
     out = resolve_paths(data, Settings, tmp_path)
     assert out["cameras"][0]["url"] == str(tmp_path / "rel" / "x")
@@ -62,8 +70,9 @@ def test_every_path_key_resolves_against_the_config_file(tmp_path):
 
 def test_the_reference_in_docs_is_the_schema():
     """docs/configuration.md is written from the schema: `python -m inspectd.config.reference > docs/configuration.md`."""
-    assert (ROOT / "docs" / "configuration.md").read_text() == markdown(), \
+    assert (ROOT / "docs" / "configuration.md").read_text() == markdown(), (
         "docs/configuration.md is stale: run python -m inspectd.config.reference > docs/configuration.md"
+    )
 
 
 def _example_keys() -> dict[str, tuple[bool, str]]:
@@ -106,11 +115,11 @@ def test_the_example_config_names_every_key_with_its_default():
 def test_the_example_check_can_fail(monkeypatch):
     """The two checks above see a key the example lacks and a default it misstates."""
     real = _example_keys()
-    monkeypatch.setattr(sys.modules[__name__], "_example_keys",
-                        lambda: {k: v for k, v in real.items() if k != "postprocess.jpeg_quality"})
+    monkeypatch.setattr(
+        sys.modules[__name__], "_example_keys", lambda: {k: v for k, v in real.items() if k != "postprocess.jpeg_quality"}
+    )
     with pytest.raises(AssertionError):
         test_the_example_config_names_every_key_with_its_default()
-    monkeypatch.setattr(sys.modules[__name__], "_example_keys",
-                        lambda: {**real, "postprocess.jpeg_quality": (True, "90")})
+    monkeypatch.setattr(sys.modules[__name__], "_example_keys", lambda: {**real, "postprocess.jpeg_quality": (True, "90")})
     with pytest.raises(AssertionError):
         test_the_example_config_names_every_key_with_its_default()

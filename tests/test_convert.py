@@ -20,8 +20,12 @@ def keras2(tmp_path_factory) -> Path:
     """Made by tests/fixtures/make_keras2_classifier.py with tf-keras (the Keras 2 API)."""
     pytest.importorskip("tf_keras")
     out = tmp_path_factory.mktemp("keras2")
-    subprocess.run([sys.executable, str(ROOT / "tests/fixtures/make_keras2_classifier.py"), str(out)],
-                   check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, str(ROOT / "tests/fixtures/make_keras2_classifier.py"), str(out)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     return out
 
 
@@ -52,8 +56,9 @@ def test_lambda_refused(tf, keras2):
 
 
 def test_cli_convert_and_thresholds(keras2, tmp_path):
-    r = run_cli("convert", keras2 / "reference.hdf5", "--out", tmp_path / "c.keras", "--threshold", "0.7",
-                "--mask-threshold", "0.6")
+    r = run_cli(
+        "convert", keras2 / "reference.hdf5", "--out", tmp_path / "c.keras", "--threshold", "0.7", "--mask-threshold", "0.6"
+    )
     assert r.returncode == 0, r.stderr
     meta = load_model(tmp_path / "c.keras").meta
     assert meta["thresholds"] == {"score": 0.7, "mask": 0.6}

@@ -17,13 +17,15 @@ pytestmark = pytest.mark.slow
 def _from_cameras(n: int, cameras: set[str]):
     def done(events) -> bool:
         return len(events) >= n and {ev.camera for ev in events} >= cameras
+
     done.__doc__ = f"{n} events, from each of {sorted(cameras)}"
     return done
 
 
 def test_two_synthetic_cameras_publish_defects_and_metrics(tmp_path):
-    cams = (camera_toml("cam-a", "synthetic://?fps=8&width=320&height=240&defect_rate=0.5&seed=1")
-            + camera_toml("cam-b", "synthetic://?fps=8&width=320&height=240&defect_rate=0.5&seed=2"))
+    cams = camera_toml("cam-a", "synthetic://?fps=8&width=320&height=240&defect_rate=0.5&seed=1") + camera_toml(
+        "cam-b", "synthetic://?fps=8&width=320&height=240&defect_rate=0.5&seed=2"
+    )
     config, urls = daemon_config(tmp_path, cams, publish={"results": True})
     with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
         daemon.wait_ready(urls["metrics"])
@@ -58,16 +60,21 @@ def test_two_synthetic_cameras_publish_defects_and_metrics(tmp_path):
 
 def test_dead_camera_does_not_stop_the_others(tmp_path):
     dead = f"rtsp://127.0.0.1:{free_port()}/nothing"
-    cams = (camera_toml("live", "synthetic://?fps=8&width=160&height=128&defect_rate=1&seed=3")
-            + camera_toml("dead", dead, reconnect_initial_s=0.2, reconnect_max_s=1, open_timeout_s=1))
+    cams = camera_toml("live", "synthetic://?fps=8&width=160&height=128&defect_rate=1&seed=3") + camera_toml(
+        "dead", dead, reconnect_initial_s=0.2, reconnect_max_s=1, open_timeout_s=1
+    )
     config, urls = daemon_config(tmp_path, cams)
     with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
         daemon.wait_ready(urls["metrics"])
         with Subscriber(urls["events"], topics=["defect.live"]) as sub:
             collect_events(sub, 3, "defect", timeout=60, message=daemon.log)
             # The dead camera keeps retrying (refused at once, then the backoff) ...
-            wait_until(lambda: scrape(urls["metrics"]).value("inspectd_camera_reconnects_total", camera="dead") >= 2,
-                       30, lambda: f"the dead camera to retry twice:\n{daemon.log()}", interval=0.1)
+            wait_until(
+                lambda: scrape(urls["metrics"]).value("inspectd_camera_reconnects_total", camera="dead") >= 2,
+                30,
+                lambda: f"the dead camera to retry twice:\n{daemon.log()}",
+                interval=0.1,
+            )
             # ... while the live one goes on publishing.
             collect_events(sub, 3, "defect", timeout=30, message=daemon.log)
         m = scrape(urls["metrics"])

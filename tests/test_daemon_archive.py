@@ -37,21 +37,28 @@ def _check_entry(header: dict, files: dict[str, bytes]) -> None:
 def test_every_defect_event_is_archived_as_published_with_sampled_ok_frames(tmp_path):
     root = tmp_path / "archive"
     ui = free_port()
-    config, urls = daemon_config(tmp_path, camera_toml("cam-1", CAMERA),
-                                 archive={"dir": str(root), "frame_format": "png", "ok_every": 4},
-                                 ui={"enabled": True, "port": ui})
+    config, urls = daemon_config(
+        tmp_path,
+        camera_toml("cam-1", CAMERA),
+        archive={"dir": str(root), "frame_format": "png", "ok_every": 4},
+        ui={"enabled": True, "port": ui},
+    )
     with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
         daemon.wait_ready(urls["metrics"])
         with Subscriber(urls["events"], topics=["defect."]) as sub:
             received = collect_events(sub, 5, "defect", timeout=60, message=daemon.log)
-        wait_until(lambda: (scrape(urls["metrics"]).value("inspectd_archive_written_total") or 0) >= 10, 60,
-                   "10 archive entries written")
+        wait_until(
+            lambda: (scrape(urls["metrics"]).value("inspectd_archive_written_total") or 0) >= 10, 60, "10 archive entries written"
+        )
         m = scrape(urls["metrics"])
         assert m.value("inspectd_archive_dropped_total", reason="disk_full") == 0  # every reason exported from 0
         assert m.value("inspectd_archive_bytes") > 0 and m.value("inspectd_archive_entries") > 0
         # The live view lists recent defects from the archive (ids are entry folders), never its ok samples.
-        wait_until(lambda: json.loads(http_get(f"http://127.0.0.1:{ui}/api/defects?limit=5")[1])["defects"], 30,
-                   "defects listed by the live view")
+        wait_until(
+            lambda: json.loads(http_get(f"http://127.0.0.1:{ui}/api/defects?limit=5")[1])["defects"],
+            30,
+            "defects listed by the live view",
+        )
         status, body = http_get(f"http://127.0.0.1:{ui}/api/defects?limit=5")
         listed = json.loads(body)["defects"]
         assert status == 200 and listed and all(d["id"].startswith("cam-1/") for d in listed), listed
@@ -90,12 +97,17 @@ def test_a_full_disk_costs_archive_entries_not_events(tmp_path):
     root.mkdir()
     copy.mkdir()
     # The tmpfs exists only in the daemon's mount namespace: copy what it held out once the daemon exits.
-    script = (f"mount -t tmpfs -o size=256k tmpfs {shlex.quote(str(root))} || exit 97; "
-              '"$@" & pid=$!; trap \'kill -TERM $pid\' TERM INT; wait $pid; wait $pid; rc=$?; '
-              f"cp -a {shlex.quote(str(root))}/. {shlex.quote(str(copy))}/; exit $rc")
+    script = (
+        f"mount -t tmpfs -o size=256k tmpfs {shlex.quote(str(root))} || exit 97; "
+        "\"$@\" & pid=$!; trap 'kill -TERM $pid' TERM INT; wait $pid; wait $pid; rc=$?; "
+        f"cp -a {shlex.quote(str(root))}/. {shlex.quote(str(copy))}/; exit $rc"
+    )
     prefix = ("unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh")
-    config, urls = daemon_config(tmp_path, camera_toml("cam-1", CAMERA.replace("defect_rate=0.5", "defect_rate=1")),
-                                 archive={"dir": str(root), "frame_format": "png"})
+    config, urls = daemon_config(
+        tmp_path,
+        camera_toml("cam-1", CAMERA.replace("defect_rate=0.5", "defect_rate=1")),
+        archive={"dir": str(root), "frame_format": "png"},
+    )
     with DaemonProcess(config, tmp_path / "daemon.log", prefix=prefix) as daemon:
         daemon.wait_ready(urls["metrics"])
 
@@ -127,11 +139,15 @@ def test_sigterm_while_frames_are_in_flight_publishes_and_archives_every_inferre
     config, urls = daemon_config(tmp_path, camera_toml("cam-1", camera), archive={"dir": str(root), "ok_every": 1})
     with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
         daemon.wait_ready(urls["metrics"])
-        wait_until(lambda: (scrape(urls["metrics"]).value("inspectd_archive_written_total") or 0) >= 10, 60,
-                   "10 entries archived")
+        wait_until(
+            lambda: (scrape(urls["metrics"]).value("inspectd_archive_written_total") or 0) >= 10, 60, "10 entries archived"
+        )
         assert daemon.terminate() == 0, daemon.log()
-    account = re.search(r"frames cam-1: captured \d+ = inferred (\d+) \+ dropped \d+ \([^)]*\) \+ in flight 0; "
-                        r"residual 0", daemon.log())
+    account = re.search(
+        r"frames cam-1: captured \d+ = inferred (\d+) \+ dropped \d+ \([^)]*\) \+ in flight 0; "
+        r"residual 0",
+        daemon.log(),
+    )
     assert account, daemon.log()
     kept = _archive(root)
     assert len(kept) == int(account.group(1)), (len(kept), account.group(0))

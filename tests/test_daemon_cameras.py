@@ -39,13 +39,15 @@ def _run(tmp_path, camera: str, topic: str, truth: np.ndarray, n: int = 3):
 @pytest.mark.parametrize("backend", ["opencv", "gstreamer"])
 def test_rtsp_camera_events_fall_on_defects(tmp_path, backend):
     with RtspServer(mode="synthetic", width=W, height=H, fps=10, seed=0) as server:
-        cam = camera_toml("rtsp1", server.url, backend=backend, stall_timeout_s=2, open_timeout_s=2,
-                          reconnect_initial_s=0.2, reconnect_max_s=1)
+        cam = camera_toml(
+            "rtsp1", server.url, backend=backend, stall_timeout_s=2, open_timeout_s=2, reconnect_initial_s=0.2, reconnect_max_s=1
+        )
         daemon, sub, urls = _run(tmp_path, cam, "rtsp1", server.mask)
         with daemon, sub:
             server.stop(kill=True)  # the camera dies mid-stream
-            collect_events(sub, lambda evs: any(ev.header["state"] == "down" for ev in evs), "status", timeout=30,
-                           message=daemon.log)
+            collect_events(
+                sub, lambda evs: any(ev.header["state"] == "down" for ev in evs), "status", timeout=30, message=daemon.log
+            )
             assert scrape(urls["metrics"]).value("inspectd_camera_up", camera="rtsp1") == 0.0
             assert daemon.terminate() == 0
 

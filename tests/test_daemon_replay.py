@@ -23,8 +23,12 @@ class Watch:
     def __init__(self, tmp_path, name: str, *args: str):
         self.out = tmp_path / f"{name}.jsonl"
         self.err = tmp_path / f"{name}.err"
-        self.proc = subprocess.Popen([sys.executable, "-m", "inspectd", "watch", *args, "--json"], cwd=ROOT,
-                                     stdout=open(self.out, "w"), stderr=open(self.err, "w"))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "inspectd", "watch", *args, "--json"],
+            cwd=ROOT,
+            stdout=open(self.out, "w"),
+            stderr=open(self.err, "w"),
+        )
 
     def seqs(self) -> list[int]:
         return [json.loads(line)["seq"] for line in self.out.read_text().splitlines() if line.strip()]
@@ -54,8 +58,11 @@ def test_a_consumer_restarted_mid_burst_ends_with_every_seq_once(tmp_path):
         wait_until(lambda: published() >= stopped_at + 10, 60, "10 defects published while the consumer is away")
         second = Watch(tmp_path, "second", *args)
         target = published() + 3
-        wait_until(lambda: second.seqs() and second.seqs()[-1] >= target, 60,
-                   lambda: f"the second consumer at seq {target}: {second.seqs()[-5:]} {second.err.read_text()}")
+        wait_until(
+            lambda: second.seqs() and second.seqs()[-1] >= target,
+            60,
+            lambda: f"the second consumer at seq {target}: {second.seqs()[-5:]} {second.err.read_text()}",
+        )
         assert second.stop() == 0
         assert daemon.terminate() == 0, daemon.log()
     a, b = first.seqs(), second.seqs()

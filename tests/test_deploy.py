@@ -30,11 +30,11 @@ MAX_EXPOSURE = 2.5
 ENTRY_POINT = "opt/inspectd/venv/bin/inspectd"
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
-needs_systemd_analyze = pytest.mark.skipif(SYSTEMD_ANALYZE is None,
-                                           reason="systemd-analyze is missing (Debian package systemd)")
+needs_systemd_analyze = pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is missing (Debian package systemd)")
 
 
 # ---- the unit ----------------------------------------------------------------------------------------
+
 
 def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
     """Sections -> key -> every value (systemd keys may repeat: DeviceAllow=, Environment=)."""
@@ -75,8 +75,7 @@ def verify(root: Path, unit: str = "inspectd.service") -> list[str]:
 
     verify exits 0 even for unknown keys or unparsable values (it only prints them), so every line
     naming the unit or its file counts; lines about the host's own units do not."""
-    proc = subprocess.run([SYSTEMD_ANALYZE, "verify", f"--root={root}", unit],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([SYSTEMD_ANALYZE, "verify", f"--root={root}", unit], capture_output=True, text=True, timeout=60)
     lines = (proc.stdout + proc.stderr).splitlines()
     complaints = [line for line in lines if "inspectd" in line]
     if proc.returncode != 0:
@@ -107,9 +106,11 @@ def test_the_unit_keeps_the_contract_with_the_daemon():
 
 
 # The bridges' units: (file in deploy/, the unit name verified: a template needs an instance).
-BRIDGE_UNITS = (("inspectd-bridge@.service", "inspectd-bridge@mqtt.service"),
-                ("inspectd-bridge@.service", "inspectd-bridge@opcua.service"),
-                ("inspectd-proxy.service", "inspectd-proxy.service"))
+BRIDGE_UNITS = (
+    ("inspectd-bridge@.service", "inspectd-bridge@mqtt.service"),
+    ("inspectd-bridge@.service", "inspectd-bridge@opcua.service"),
+    ("inspectd-proxy.service", "inspectd-proxy.service"),
+)
 
 
 @needs_systemd_analyze
@@ -134,7 +135,8 @@ def test_verify_does_see_mistakes(tmp_path, file, name):
     text = (ROOT / "deploy" / file).read_text()
     assert "RestartSec=" in text
     (root / "etc" / "systemd" / "system" / file).write_text(
-        re.sub(r"RestartSec=\d+", "RestartSec=ten", text).replace("[Install]", "Bogus=1\n[Install]"))
+        re.sub(r"RestartSec=\d+", "RestartSec=ten", text).replace("[Install]", "Bogus=1\n[Install]")
+    )
     complaints = "\n".join(verify(root, name))
     assert "RestartSec" in complaints or "ten" in complaints
     assert "Bogus" in complaints
@@ -152,8 +154,12 @@ def test_bridge_units_run_the_bridges_as_the_service_user(file, command):
 @needs_systemd_analyze
 @pytest.mark.parametrize("file", ["inspectd.service", "inspectd-bridge@.service", "inspectd-proxy.service"])
 def test_the_unit_exposure_score_is_low(file):
-    proc = subprocess.run([SYSTEMD_ANALYZE, "security", "--offline=true", "--no-pager", str(ROOT / "deploy" / file)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [SYSTEMD_ANALYZE, "security", "--offline=true", "--no-pager", str(ROOT / "deploy" / file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     out = proc.stdout + proc.stderr
     match = re.search(r"Overall exposure level for inspectd[-a-z@]*\.service:\s*([0-9.]+)", out)
     assert match, out
@@ -171,8 +177,13 @@ def test_install_sh_passes_shellcheck():
 def test_install_sh_help_and_bad_options():
     proc = subprocess.run([str(INSTALL), "--help"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0 and "--gstreamer" in proc.stdout and "DESTDIR" in proc.stdout
-    proc = subprocess.run([str(INSTALL), "--frobnicate"], capture_output=True, text=True, timeout=30,
-                          env={**os.environ, "DESTDIR": "/nonexistent-should-not-be-created"})
+    proc = subprocess.run(
+        [str(INSTALL), "--frobnicate"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "DESTDIR": "/nonexistent-should-not-be-created"},
+    )
     assert proc.returncode != 0 and "unknown option: --frobnicate" in proc.stderr
     assert not os.path.exists("/nonexistent-should-not-be-created")
 
@@ -193,24 +204,33 @@ def wheel(tmp_path_factory) -> Path:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, src / name)
     out = tmp_path_factory.mktemp("wheel")
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                           "--no-index", "-w", str(out), str(src)],
-                          capture_output=True, text=True, timeout=120, env=_offline_env())
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(out), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_offline_env(),
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (whl,) = out.glob("inspectd-*.whl")
     return whl
 
 
 def _offline_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PIP_", "INSPECTD_")) and k not in ("DESTDIR", "PYTHONPATH")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "INSPECTD_")) and k not in ("DESTDIR", "PYTHONPATH")}
     env.update(PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1", TF_CPP_MIN_LOG_LEVEL="3")
     env.update(extra)
     return env
 
 
-def install(wheel: Path, *args: str, destdir: Path | None, python: str | None = sys.executable,
-            check: bool = True, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def install(
+    wheel: Path,
+    *args: str,
+    destdir: Path | None,
+    python: str | None = sys.executable,
+    check: bool = True,
+    prefix: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess:
     env = _offline_env(INSPECTD_PIP_ARGS="--no-index --no-deps", PYTHONPATH=SITE_PACKAGES)
     if destdir is not None:
         env["DESTDIR"] = str(destdir)
@@ -239,8 +259,9 @@ def manifest(root: Path) -> dict[str, tuple]:
 
 
 def run_installed(dest: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*args], capture_output=True, text=True, timeout=120, cwd=dest,
-                          env=_offline_env(PYTHONPATH=SITE_PACKAGES))
+    return subprocess.run(
+        [*args], capture_output=True, text=True, timeout=120, cwd=dest, env=_offline_env(PYTHONPATH=SITE_PACKAGES)
+    )
 
 
 def mode(path: Path) -> int:
@@ -297,8 +318,9 @@ def test_install_into_destdir_is_idempotent_and_keeps_the_config(wheel, tmp_path
     assert sorted(p.name for p in (opt / "releases").iterdir()) == sorted([release2[9:], release3[9:]])
 
     # Rollback swaps current and previous; the entry point still runs.
-    proc = subprocess.run([str(INSTALL), "--rollback"], capture_output=True, text=True, timeout=60,
-                          env=_offline_env(DESTDIR=str(dest)))
+    proc = subprocess.run(
+        [str(INSTALL), "--rollback"], capture_output=True, text=True, timeout=60, env=_offline_env(DESTDIR=str(dest))
+    )
     assert proc.returncode == 0, proc.stderr
     assert os.readlink(opt / "venv") == release2 and os.readlink(opt / "venv.previous") == release3
     assert run_installed(dest, str(entry), "--version").returncode == 0
@@ -330,9 +352,13 @@ def test_real_install_in_a_private_mount_namespace(wheel, tmp_path):
     why = unshare_unavailable()
     if why:
         pytest.skip(why)
-    if not os.access("/usr/bin/python3", os.X_OK) or subprocess.run(
+    if (
+        not os.access("/usr/bin/python3", os.X_OK)
+        or subprocess.run(
             ["/usr/bin/python3", "-c", f"import sys; sys.exit(sys.version_info[:2] != {sys.version_info[:2]})"]
-    ).returncode != 0:
+        ).returncode
+        != 0
+    ):
         pytest.skip("/usr/bin/python3 is not this Python's version (the venv borrows this venv's packages)")
     if subprocess.run(["/usr/bin/python3", "-c", "import venv, ensurepip"], capture_output=True).returncode != 0:
         pytest.skip("/usr/bin/python3 has no venv/ensurepip: install.sh would apt-get python3-venv onto this machine")
@@ -342,8 +368,10 @@ def test_real_install_in_a_private_mount_namespace(wheel, tmp_path):
     upper, work, opt, varlog = (tmp_path / n for n in ("etc-upper", "etc-work", "opt", "varlog"))
     for d in (upper, work, opt, varlog):
         d.mkdir()
-    script = (f"set -e; mount -t overlay overlay -o lowerdir=/etc,upperdir={upper},workdir={work} /etc; "
-              f"mount --bind {opt} /opt; mount --bind {varlog} /var/log; exec \"$@\"")
+    script = (
+        f"set -e; mount -t overlay overlay -o lowerdir=/etc,upperdir={upper},workdir={work} /etc; "
+        f'mount --bind {opt} /opt; mount --bind {varlog} /var/log; exec "$@"'
+    )
 
     def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
         prefix = ("unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh")

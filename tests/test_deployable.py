@@ -72,8 +72,14 @@ def test_sequential_classifier(tf, batch):
 
     from inspectd.toolkit.backbones import build_features
 
-    seq = keras.Sequential([keras.Input((SIZE[1], SIZE[0], 3)), build_features("mobilenetv3large", 32, SIZE, "none"),
-                            keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1, activation="sigmoid")])
+    seq = keras.Sequential(
+        [
+            keras.Input((SIZE[1], SIZE[0], 3)),
+            build_features("mobilenetv3large", 32, SIZE, "none"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(1, activation="sigmoid"),
+        ]
+    )
     out = build_deployable(seq)(batch)
     np.testing.assert_allclose(out["score"].numpy(), seq(batch).numpy()[:, 0], rtol=1e-5, atol=1e-6)
     assert out["cam_logits"].shape == (4, 2, 3)
@@ -116,8 +122,12 @@ def test_safe_mode_refuses_code(tf, tmp_path):
     path = tmp_path / "evil.keras"
     keras.Model(x, y).save(path)
     with zipfile.ZipFile(path, "a") as z:
-        z.writestr("inspectd.json", json.dumps({"format": "inspectd.model/1", "input": {"width": 32, "height": 32},
-                                                "thresholds": {"score": 0.5, "mask": 0.5}}))
+        z.writestr(
+            "inspectd.json",
+            json.dumps(
+                {"format": "inspectd.model/1", "input": {"width": 32, "height": 32}, "thresholds": {"score": 0.5, "mask": 0.5}}
+            ),
+        )
     with pytest.raises(ModelFileError, match="cannot load the model safely"):
         load_model(path)
 
@@ -143,19 +153,22 @@ def test_files_that_are_not_ours(tf, tmp_path):
         read_metadata(future)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda m: m.pop("thresholds"), "'thresholds' missing"),
-    (lambda m: m["input"].update(width="wide"), "input size wide"),
-    (lambda m: m["thresholds"].update(mask=1.5), r"thresholds.mask 1.5 is not a number in \[0, 1\]"),
-    (lambda m: m["input"].update(width=True), "input size True"),
-    (lambda m: m.update(pooling="gap"), "pooling is str, not an object"),
-    (lambda m: m.update(input="96x96"), "input is str, not an object"),
-    (lambda m: m.update(mask_rule=["minmax", 0.5]), "mask_rule is list, not an object"),
-    (lambda m: m.update(pooling={"kind": "median", "param": None}), "pooling 'median'"),
-    (lambda m: m.update(pooling={"kind": "topk", "param": 3}), "pooling 'topk:3.0'"),
-    (lambda m: m.update(mask_rule={"kind": "minmax", "param": 7}), "minmax: parameter 7.0 outside"),
-    (lambda m: m.update(mask_rule={"kind": "otsu", "param": 0.5}), "mask rule 'otsu'"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m.pop("thresholds"), "'thresholds' missing"),
+        (lambda m: m["input"].update(width="wide"), "input size wide"),
+        (lambda m: m["thresholds"].update(mask=1.5), r"thresholds.mask 1.5 is not a number in \[0, 1\]"),
+        (lambda m: m["input"].update(width=True), "input size True"),
+        (lambda m: m.update(pooling="gap"), "pooling is str, not an object"),
+        (lambda m: m.update(input="96x96"), "input is str, not an object"),
+        (lambda m: m.update(mask_rule=["minmax", 0.5]), "mask_rule is list, not an object"),
+        (lambda m: m.update(pooling={"kind": "median", "param": None}), "pooling 'median'"),
+        (lambda m: m.update(pooling={"kind": "topk", "param": 3}), "pooling 'topk:3.0'"),
+        (lambda m: m.update(mask_rule={"kind": "minmax", "param": 7}), "minmax: parameter 7.0 outside"),
+        (lambda m: m.update(mask_rule={"kind": "otsu", "param": 0.5}), "mask rule 'otsu'"),
+    ],
+)
 def test_bad_metadata_is_one_clear_error(classifier, tmp_path, edit, message):
     """Metadata is read before TensorFlow: a wrong field is a ModelFileError (exit 65) naming it."""
     path = tmp_path / "m.keras"

@@ -31,26 +31,33 @@ def _run(scores, rules=RULES, times=None):
         belongs.append(step.episode)
         if step.ended:
             e = step.ended
-            ended.append((e.number, e.first.frame.seq, e.last.frame.seq, e.frames, e.defect_frames, e.best.frame.seq,
-                          e.end_reason, i + 1))
+            ended.append(
+                (e.number, e.first.frame.seq, e.last.frame.seq, e.frames, e.defect_frames, e.best.frame.seq, e.end_reason, i + 1)
+            )
     return belongs, ended, tracker
 
 
-@pytest.mark.parametrize("scores,belongs,ended", [
-    # nothing defective: no episode
-    ([0.1, 0.45, 0.2], [None, None, None], []),
-    # one frame, then two below the exit threshold: ends at the second ("frames")
-    ([0.9, 0.1, 0.1, 0.1], [1, None, None, None], [(1, 1, 1, 1, 1, 1, "frames", 3)]),
-    # hysteresis: 0.45 is below the threshold but above the exit: the episode goes on
-    ([0.6, 0.45, 0.8, 0.45, 0.3, 0.2], [1, 1, 1, 1, None, None], [(1, 1, 4, 4, 2, 3, "frames", 6)]),
-    # one frame below the exit then back: still one episode (end_frames 2)
-    ([0.7, 0.2, 0.9, 0.1, 0.1], [1, None, 1, None, None], [(1, 1, 3, 2, 2, 3, "frames", 5)]),
-    # two episodes
-    ([0.9, 0.1, 0.1, 0.8, 0.1, 0.1], [1, None, None, 2, None, None],
-     [(1, 1, 1, 1, 1, 1, "frames", 3), (2, 4, 4, 1, 1, 4, "frames", 6)]),
-    # a score between exit and threshold never starts one
-    ([0.45, 0.45, 0.9], [None, None, 1], []),
-])
+@pytest.mark.parametrize(
+    "scores,belongs,ended",
+    [
+        # nothing defective: no episode
+        ([0.1, 0.45, 0.2], [None, None, None], []),
+        # one frame, then two below the exit threshold: ends at the second ("frames")
+        ([0.9, 0.1, 0.1, 0.1], [1, None, None, None], [(1, 1, 1, 1, 1, 1, "frames", 3)]),
+        # hysteresis: 0.45 is below the threshold but above the exit: the episode goes on
+        ([0.6, 0.45, 0.8, 0.45, 0.3, 0.2], [1, 1, 1, 1, None, None], [(1, 1, 4, 4, 2, 3, "frames", 6)]),
+        # one frame below the exit then back: still one episode (end_frames 2)
+        ([0.7, 0.2, 0.9, 0.1, 0.1], [1, None, 1, None, None], [(1, 1, 3, 2, 2, 3, "frames", 5)]),
+        # two episodes
+        (
+            [0.9, 0.1, 0.1, 0.8, 0.1, 0.1],
+            [1, None, None, 2, None, None],
+            [(1, 1, 1, 1, 1, 1, "frames", 3), (2, 4, 4, 1, 1, 4, "frames", 6)],
+        ),
+        # a score between exit and threshold never starts one
+        ([0.45, 0.45, 0.9], [None, None, 1], []),
+    ],
+)
 def test_episode_table(scores, belongs, ended):
     got_belongs, got_ended, _ = _run(scores)
     assert got_belongs == belongs
@@ -90,7 +97,7 @@ def test_dwell_keeps_a_part_in_view_for_d_frames():
     src = SyntheticSource(CameraConfig(id="c", url="synthetic://?dwell=3&seed=5&defect_rate=0.5"))
     frames = [src.sample(i) for i in range(9)]
     for block in range(3):
-        a, b, c = frames[3 * block: 3 * block + 3]
+        a, b, c = frames[3 * block : 3 * block + 3]
         assert np.array_equal(a.image, b.image) and np.array_equal(b.image, c.image) and a.defect == c.defect
     assert not np.array_equal(frames[2].image, frames[3].image)
 
@@ -102,13 +109,17 @@ CAMERA = "synthetic://?fps=10&width=160&height=128&defect_rate=0.5&seed=11&dwell
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["frames", "episode"])
 def test_the_daemon_reports_episodes(tmp_path, mode):
-    config, urls = daemon_config(tmp_path, camera_toml("cam-1", CAMERA),
-                                 episodes={"mode": mode, "end_frames": 2, "end_s": 2.0})
+    config, urls = daemon_config(tmp_path, camera_toml("cam-1", CAMERA), episodes={"mode": mode, "end_frames": 2, "end_s": 2.0})
     with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
         daemon.wait_ready(urls["metrics"])
         with Subscriber(urls["events"], ["defect.", "episode."]) as sub:
-            events = collect_events(sub, lambda evs: sum(e.topic.startswith("episode.") for e in evs) >= 3,
-                                    ("defect", "episode"), timeout=90, message=daemon.log)
+            events = collect_events(
+                sub,
+                lambda evs: sum(e.topic.startswith("episode.") for e in evs) >= 3,
+                ("defect", "episode"),
+                timeout=90,
+                message=daemon.log,
+            )
         assert daemon.terminate() == 0, daemon.log()
     episodes = [e for e in events if e.topic == "episode.cam-1"]
     defects = [e for e in events if e.topic == "defect.cam-1"]

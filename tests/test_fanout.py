@@ -47,16 +47,20 @@ def test_every_listener_hears_sent_dropped_and_kept_even_beside_a_broken_one(cap
     assert outputs.names == ["broken", "heard"]
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    pub = Publisher(PublishConfig(endpoint="tcp://127.0.0.1:0", send_hwm=1, heartbeat_s=60), metrics,
-                    uuid.uuid4().hex, MODEL, outcome=outputs)
+    pub = Publisher(
+        PublishConfig(endpoint="tcp://127.0.0.1:0", send_hwm=1, heartbeat_s=60), metrics, uuid.uuid4().hex, MODEL, outcome=outputs
+    )
     with caplog.at_level(logging.ERROR, logger="inspectd.outputs.fanout"):
         pub.publish_inspection(make_inspection("cam", 1, archive_frame="png"), MODEL)  # queued: not started yet
         pub.publish_inspection(make_inspection("cam", 2, archive_frame="png"), MODEL)  # the queue holds 1: dropped
         pub.start()
         try:
             pub.publish_inspection(make_inspection("cam", 8, defect=False, archive_frame="png", ok_every=4), MODEL)
-            wait_until(lambda: len(heard.of(Fate.SENT, "defect.")) == 1 and heard.of(Fate.KEPT), 10,
-                       lambda: f"the defect sent and the ok frame kept, heard {[(o.fate, o.topic) for o in heard.outcomes]}")
+            wait_until(
+                lambda: len(heard.of(Fate.SENT, "defect.")) == 1 and heard.of(Fate.KEPT),
+                10,
+                lambda: f"the defect sent and the ok frame kept, heard {[(o.fate, o.topic) for o in heard.outcomes]}",
+            )
             pub.publish_inspection(make_inspection("cam", 3, archive_frame="png"), MODEL)
             wait_until(lambda: len(heard.of(Fate.SENT, "defect.")) == 2, 10, "the publisher still sending")
         finally:
@@ -92,5 +96,8 @@ def test_a_listener_that_recovers_is_logged_again_on_its_next_failure(caplog):
         for _ in range(4):
             outputs(outcome)
     said = [r.getMessage() for r in caplog.records]
-    assert said == ["output flaky failed on a message; the other outputs go on", "output flaky works again",
-                    "output flaky failed on a message; the other outputs go on"]
+    assert said == [
+        "output flaky failed on a message; the other outputs go on",
+        "output flaky works again",
+        "output flaky failed on a message; the other outputs go on",
+    ]

@@ -20,8 +20,7 @@ def _message(seq: int, topic: str = TOPIC, run: str = RUN) -> list[bytes]:
 
 
 def _heartbeat(last_seq: dict[str, int], run: str = RUN) -> list[bytes]:
-    return encode_message("heartbeat", run, 1, {"fps": 1.0, "cameras": {}, "uptime_s": 1.0, "model": {},
-                                                "last_seq": last_seq})
+    return encode_message("heartbeat", run, 1, {"fps": 1.0, "cameras": {}, "uptime_s": 1.0, "model": {}, "last_seq": last_seq})
 
 
 class Daemon:

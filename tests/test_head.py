@@ -40,8 +40,7 @@ def _model(pooling: str):
 
     keras.utils.set_random_seed(0)  # the probe's weights, hence its logits, are the same on every run
     image = keras.Input((SIZE[1], SIZE[0], 3))
-    fmap = keras.layers.Conv2D(8, 16, strides=16, padding="same", activation="relu")(
-        keras.layers.Rescaling(1 / 255.0)(image))
+    fmap = keras.layers.Conv2D(8, 16, strides=16, padding="same", activation="relu")(keras.layers.Rescaling(1 / 255.0)(image))
     cam, score = cam_head(fmap, parse_pooling(pooling))
     return keras.Model(image, deployable_outputs(cam, score))
 
@@ -52,8 +51,9 @@ def test_pooling_is_exact_and_survives_save_and_safe_load(tf, tmp_path, pooling)
     from inspectd.model.deployable import load_model, save_model
 
     model = _model(pooling)
-    model.get_layer("cam").set_weights([np.random.default_rng(0).normal(0, 8, (1, 1, 8, 1)).astype("float32"),
-                                        np.array([-1.0], "float32")])
+    model.get_layer("cam").set_weights(
+        [np.random.default_rng(0).normal(0, 8, (1, 1, 8, 1)).astype("float32"), np.array([-1.0], "float32")]
+    )
     batch = np.random.default_rng(1).uniform(0, 255, (4, SIZE[1], SIZE[0], 3)).astype("float32")
     path = save_model(model, tmp_path / "m.keras", {"name": "m", "pooling": parse_pooling(pooling).as_meta()})
     loaded = load_model(path)

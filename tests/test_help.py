@@ -10,8 +10,22 @@ from conftest import run_cli
 
 from inspectd.cli import build_parser
 
-COMMANDS = ("run", "check-config", "watch", "bench", "archive", "keys", "proxy", "bridge", "train", "convert", "export",
-            "infer", "evaluate", "synth")
+COMMANDS = (
+    "run",
+    "check-config",
+    "watch",
+    "bench",
+    "archive",
+    "keys",
+    "proxy",
+    "bridge",
+    "train",
+    "convert",
+    "export",
+    "infer",
+    "evaluate",
+    "synth",
+)
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:

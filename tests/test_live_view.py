@@ -198,11 +198,17 @@ def test_live_regions_skip_components_smaller_than_min_region_px():
 
 
 def _defect_message(camera: str, seq: int, frame_seq: int, captured_at: float, mask: np.ndarray) -> list[bytes]:
-    body = {"camera": camera, "frame_seq": frame_seq, "captured_at": "2026-11-27T10:00:00.000000Z", "score": 0.9,
-            "threshold": 0.5, "is_defect": True, "regions": [{"bbox": [10, 10, 20, 20], "area_px": 400, "peak": 1.0,
-                                                              "mean": 0.9}],
-            "frame": {"width": 160, "height": 120},
-            "attachments": [{"kind": "mask", "encoding": "png", "width": 160, "height": 120}]}
+    body = {
+        "camera": camera,
+        "frame_seq": frame_seq,
+        "captured_at": "2026-11-27T10:00:00.000000Z",
+        "score": 0.9,
+        "threshold": 0.5,
+        "is_defect": True,
+        "regions": [{"bbox": [10, 10, 20, 20], "area_px": 400, "peak": 1.0, "mean": 0.9}],
+        "frame": {"width": 160, "height": 120},
+        "attachments": [{"kind": "mask", "encoding": "png", "width": 160, "height": 120}],
+    }
     from inspectd.outputs.wire import rfc3339
 
     body["captured_at"] = rfc3339(captured_at)
@@ -230,8 +236,7 @@ def test_the_memory_ring_keeps_the_newest_within_its_limits():
 
 def test_an_unsent_defect_is_listed_with_seq_null():
     ring = MemoryDefects()
-    header = unsent_header("defect.cam-a", "run1", {"camera": "cam-a", "frame_seq": 7, "captured_at": "x",
-                                                    "attachments": []})
+    header = unsent_header("defect.cam-a", "run1", {"camera": "cam-a", "frame_seq": 7, "captured_at": "x", "attachments": []})
     ring.add(header, [], None)
     (record,) = ring.recent()
     assert record.summary()["seq"] is None and record.summary()["frame_seq"] == 7
@@ -244,10 +249,14 @@ def test_the_archive_lists_its_newest_defects_not_its_ok_samples(tmp_path):
         now = time.time()
         for i in range(6):
             parts = _defect_message("cam-a" if i < 4 else "cam/b", i + 1, i + 1, now + i, mask)
-            archive.submit(message_entry(parts[1], parts[2:], (("frame.jpg", cv2.imencode(".jpg", _frame("x", 1).image)[1]
-                                                                 .tobytes()),)))
-        ok = unsent_header("result.cam-a", "run1", {"camera": "cam-a", "frame_seq": 99, "captured_at":
-                                                    "2099-01-01T00:00:00.000000Z", "attachments": []})
+            archive.submit(
+                message_entry(parts[1], parts[2:], (("frame.jpg", cv2.imencode(".jpg", _frame("x", 1).image)[1].tobytes()),))
+            )
+        ok = unsent_header(
+            "result.cam-a",
+            "run1",
+            {"camera": "cam-a", "frame_seq": 99, "captured_at": "2099-01-01T00:00:00.000000Z", "attachments": []},
+        )
         archive.submit(message_entry(ok, []))  # the newest entry of all, an ok sample: never listed
         wait_until(lambda: len(archive.index) == 7, 10, "entries written")
     finally:
@@ -292,8 +301,11 @@ class View:
         self.server.start()
 
     def state(self) -> dict:
-        return {"cameras": [{"id": c, "state": "up", "detail": "", "inspected": 10, "dropped": 1, "reconnects": 0}
-                            for c in self.cameras]}
+        return {
+            "cameras": [
+                {"id": c, "state": "up", "detail": "", "inspected": 10, "dropped": 1, "reconnects": 0} for c in self.cameras
+            ]
+        }
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
         conn = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=10)
@@ -397,9 +409,20 @@ def test_a_foreign_host_name_is_refused_without_auth(view):
     assert view.request("GET", "/api/state", headers={"Host": "[::1]:8080"})[0] == 200
 
 
-@pytest.mark.parametrize("host, ok", [("127.0.0.1:8080", True), ("localhost", True), ("127.1.2.3", True),
-                                      ("[::1]:80", True), ("LOCALHOST:1", True), ("evil.example", False),
-                                      ("10.0.0.5:8080", False), ("", False), ("127.0.0.1.evil.example", False)])
+@pytest.mark.parametrize(
+    "host, ok",
+    [
+        ("127.0.0.1:8080", True),
+        ("localhost", True),
+        ("127.1.2.3", True),
+        ("[::1]:80", True),
+        ("LOCALHOST:1", True),
+        ("evil.example", False),
+        ("10.0.0.5:8080", False),
+        ("", False),
+        ("127.0.0.1.evil.example", False),
+    ],
+)
 def test_loopback_host_header(host, ok):
     assert _loopback_host(host) is ok
 
@@ -463,12 +486,15 @@ def test_collection_saves_the_frame_on_screen(view, live):
     assert [p.name for p in (view.collect_dir / "ok").iterdir()] == [saved.name]  # no temporary left
 
 
-@pytest.mark.parametrize("camera, label, header, status", [
-    ("cam-a", "ok", False, 403),       # no custom header: a form or a page of another site
-    ("cam-a", "maybe", True, 400),
-    ("nope", "ok", True, 404),
-    ("../../etc", "defect", True, 404),
-])
+@pytest.mark.parametrize(
+    "camera, label, header, status",
+    [
+        ("cam-a", "ok", False, 403),  # no custom header: a form or a page of another site
+        ("cam-a", "maybe", True, 400),
+        ("nope", "ok", True, 404),
+        ("../../etc", "defect", True, 404),
+    ],
+)
 def test_collection_refuses(view, live, camera, label, header, status):
     live.offer(_frame("cam-a", 1), 0.2, _logits(False), OPTS)
     assert _collect(view, camera, label, header)[0] == status
@@ -504,8 +530,7 @@ def test_ui_section_loads_from_toml_with_relative_collect_dir(tmp_path):
     from inspectd.config import load_settings
 
     path = tmp_path / "c.toml"
-    path.write_text('[ui]\nenabled = true\ncollect_dir = "dataset"\nmax_fps = 2\n[[cameras]]\nid = "a"\n'
-                    'url = "synthetic://"\n')
+    path.write_text('[ui]\nenabled = true\ncollect_dir = "dataset"\nmax_fps = 2\n[[cameras]]\nid = "a"\nurl = "synthetic://"\n')
     settings = load_settings(path)
     assert settings.ui.collect_dir == str(tmp_path / "dataset") and settings.ui.max_fps == 2
     path.write_text('[ui]\nenabled = true\nhost = "0.0.0.0"\n[[cameras]]\nid = "a"\nurl = "synthetic://"\n')

@@ -32,11 +32,13 @@ CHROMEDRIVER = shutil.which("chromedriver")
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ui")
-    cams = "".join(camera_toml(c, f"synthetic://?fps=8&width=320&height=240&defect_rate=0.4&seed={i + 1}")
-                   for i, c in enumerate(CAMERAS))
+    cams = "".join(
+        camera_toml(c, f"synthetic://?fps=8&width=320&height=240&defect_rate=0.4&seed={i + 1}") for i, c in enumerate(CAMERAS)
+    )
     port = free_port()
-    config, urls = daemon_config(tmp, cams, ui={"enabled": True, "port": port, "max_fps": 4,
-                                                "collect_dir": str(tmp / "collected")})
+    config, urls = daemon_config(
+        tmp, cams, ui={"enabled": True, "port": port, "max_fps": 4, "collect_dir": str(tmp / "collected")}
+    )
     with DaemonProcess(config, tmp / "daemon.log") as proc:
         proc.wait_ready(urls["metrics"])
         proc.url, proc.collect_dir = f"http://127.0.0.1:{port}/", tmp / "collected"
@@ -83,14 +85,18 @@ def _recent_cameras(driver) -> list[str]:
 
 
 def _a_thumbnail_loaded(driver) -> bool:
-    return bool(driver.execute_script(
-        f"return {_RECENT}.some((li) => {{ const i = li.querySelector('img'); return i.complete && i.naturalWidth > 0; }})"))
+    return bool(
+        driver.execute_script(
+            f"return {_RECENT}.some((li) => {{ const i = li.querySelector('img'); return i.complete && i.naturalWidth > 0; }})"
+        )
+    )
 
 
 def _open_first_recent(driver) -> str | None:
     """Click the newest entry; its camera, or None when the list is empty."""
-    return driver.execute_script("const li = document.querySelector('#recent li'); if (!li) return null; "
-                                 "li.click(); return li.dataset.camera;")
+    return driver.execute_script(
+        "const li = document.querySelector('#recent li'); if (!li) return null; li.click(); return li.dataset.camera;"
+    )
 
 
 def test_the_page_shows_every_camera_live_with_recent_defects(daemon, browser, tmp_path):
@@ -102,8 +108,11 @@ def test_the_page_shows_every_camera_live_with_recent_defects(daemon, browser, t
     assert sorted(t.get_attribute("data-camera") for t in tiles) == sorted(CAMERAS)
     for tile in tiles:
         wait_until(lambda t=tile: t.find_element(By.CSS_SELECTOR, ".state").text == "up", 30, "the camera up")
-        wait_until(lambda t=tile: _rate(t.find_element(By.CSS_SELECTOR, ".fps").text) > 0, 30,
-                   lambda t=tile: f"frames/s inspected shown, got {t.text!r}")
+        wait_until(
+            lambda t=tile: _rate(t.find_element(By.CSS_SELECTOR, ".fps").text) > 0,
+            30,
+            lambda t=tile: f"frames/s inspected shown, got {t.text!r}",
+        )
     live = tiles[0].find_element(By.CSS_SELECTOR, "img.live")
     wait_until(lambda: _loaded(browser, live), 30, "the live picture")
     first = live.screenshot_as_png
@@ -124,8 +133,7 @@ def test_the_page_shows_every_camera_live_with_recent_defects(daemon, browser, t
     assert camera in CAMERAS
     dialog = browser.find_element(By.ID, "detail")
     wait_until(lambda: dialog.get_attribute("open") is not None, 10, "the detail view open")
-    wait_until(lambda: '"schema": "inspectd.event/1"' in browser.find_element(By.ID, "detail-header").text, 10,
-               "the header JSON")
+    wait_until(lambda: '"schema": "inspectd.event/1"' in browser.find_element(By.ID, "detail-header").text, 10, "the header JSON")
     header = json.loads(browser.find_element(By.ID, "detail-header").text)
     assert header["camera"] == camera and header["is_defect"] is True and header["topic"] == f"defect.{camera}"
     for image_id in ("detail-overlay", "detail-frame", "detail-mask"):
@@ -143,30 +151,58 @@ def test_the_collection_buttons_save_frames_train_reads(daemon, browser, tmp_pat
     from selenium.webdriver.common.by import By
 
     browser.get(daemon.url)
-    wait_until(lambda: len(browser.find_elements(By.CSS_SELECTOR, "article.tile button[data-label]")) == 4, 30,
-               "the collection buttons")
+    wait_until(
+        lambda: len(browser.find_elements(By.CSS_SELECTOR, "article.tile button[data-label]")) == 4, 30, "the collection buttons"
+    )
     for tile in browser.find_elements(By.CSS_SELECTOR, "article.tile"):
         for label in ("ok", "defect"):
             before = tile.find_element(By.CSS_SELECTOR, ".collect .muted").text
             tile.find_element(By.CSS_SELECTOR, f"button[data-label='{label}']").click()
-            wait_until(lambda t=tile, b=before: t.find_element(By.CSS_SELECTOR, ".collect .muted").text not in
-                       (b, "saving…"), 10, "the save to answer")
+            wait_until(
+                lambda t=tile, b=before: t.find_element(By.CSS_SELECTOR, ".collect .muted").text not in (b, "saving…"),
+                10,
+                "the save to answer",
+            )
             assert tile.find_element(By.CSS_SELECTOR, ".collect .muted").text.startswith(f"saved {label}/")
     # Two more frames of each class over HTTP, new frames each time, then train on what was collected.
     for label in ("ok", "defect", "ok", "defect"):
         count = len(list((daemon.collect_dir / label).glob("*.png")))
-        request = urllib.request.Request(daemon.url + "api/collect", method="POST",
-                                         data=json.dumps({"camera": CAMERAS[0], "label": label}).encode(),
-                                         headers={"Content-Type": "application/json", "X-Inspectd-Collect": "1"})
-        wait_until(lambda r=request, n=count, lb=label: urllib.request.urlopen(r, timeout=5).status == 200 and
-                   len(list((daemon.collect_dir / lb).glob("*.png"))) > n, 10, "a new frame saved")
+        request = urllib.request.Request(
+            daemon.url + "api/collect",
+            method="POST",
+            data=json.dumps({"camera": CAMERAS[0], "label": label}).encode(),
+            headers={"Content-Type": "application/json", "X-Inspectd-Collect": "1"},
+        )
+        wait_until(
+            lambda r=request, n=count, lb=label: (
+                urllib.request.urlopen(r, timeout=5).status == 200 and len(list((daemon.collect_dir / lb).glob("*.png"))) > n
+            ),
+            10,
+            "a new frame saved",
+        )
     saved = {label: sorted((daemon.collect_dir / label).glob("*.png")) for label in ("ok", "defect")}
     assert [len(v) for v in saved.values()] == [4, 4], saved
     for path in saved["ok"] + saved["defect"]:
         assert cv2.imread(str(path)).shape == (240, 320, 3)
     assert not [p for p in daemon.collect_dir.rglob("*") if p.is_file() and p.suffix != ".png"]
-    run = run_cli("train", daemon.collect_dir, "--out", tmp_path / "m.keras", "--weights", "none", "--epochs", "1",
-                  "--backbone", "efficientnetv2b0", "--input-size", "64x64", "--batch-size", "4", "--val-fraction", "0.25")
+    run = run_cli(
+        "train",
+        daemon.collect_dir,
+        "--out",
+        tmp_path / "m.keras",
+        "--weights",
+        "none",
+        "--epochs",
+        "1",
+        "--backbone",
+        "efficientnetv2b0",
+        "--input-size",
+        "64x64",
+        "--batch-size",
+        "4",
+        "--val-fraction",
+        "0.25",
+    )
     assert run.returncode == 0, run.stderr
     assert "checking 8 images" in run.stderr and "train 6 images: 3 ok, 3 defect" in run.stderr, run.stderr
     assert (tmp_path / "m.keras").stat().st_size > 0
@@ -190,7 +226,7 @@ def test_a_stream_of_the_daemon_is_mjpeg(daemon):
             data += response.read1(65536)
             while b"\xff\xd9" in data:  # a JPEG ends (0xFFD9 never occurs inside one's entropy-coded data)
                 end = data.index(b"\xff\xd9") + 2
-                pictures.append(data[data.index(b"\xff\xd8"):end])
+                pictures.append(data[data.index(b"\xff\xd8") : end])
                 data = data[end:]
     drawn = [p for p in pictures if p != waiting]
     assert drawn, "only placeholders"
@@ -207,10 +243,15 @@ def test_a_start_that_fails_after_the_view_is_bound_still_exits(tmp_path):
 
     from daemon_util import ROOT
 
-    config, _ = daemon_config(tmp_path, camera_toml("cam-1", "synthetic://?fps=5"), model=str(tmp_path / "none.keras"),
-                              ui={"enabled": True, "port": free_port()})
-    run = subprocess.run([sys.executable, "-m", "inspectd", "run", "--config", str(config)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    config, _ = daemon_config(
+        tmp_path,
+        camera_toml("cam-1", "synthetic://?fps=5"),
+        model=str(tmp_path / "none.keras"),
+        ui={"enabled": True, "port": free_port()},
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "inspectd", "run", "--config", str(config)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 66, run.stderr
     assert "none.keras" in run.stderr
 

@@ -14,10 +14,9 @@ from inspectd.toolkit.localize import RULE_GRIDS, Sample, mean_defect_iou, pick_
 
 # A 4 x 5 CAM: background logits around 1 (a confidently defective GAP map sits high everywhere),
 # one hot cell at (1, 3).
-CAM = np.array([[1.0, 1.2, 0.8, 1.1, 0.9],
-                [1.0, 0.9, 1.3, 7.0, 1.0],
-                [0.7, 1.1, 1.0, 1.2, 0.8],
-                [1.0, 0.9, 1.0, 1.1, 1.0]], np.float32)
+CAM = np.array(
+    [[1.0, 1.2, 0.8, 1.1, 0.9], [1.0, 0.9, 1.3, 7.0, 1.0], [0.7, 1.1, 1.0, 1.2, 0.8], [1.0, 0.9, 1.0, 1.1, 1.0]], np.float32
+)
 
 
 def _sigmoid(x: float) -> float:
@@ -86,7 +85,7 @@ def test_pick_mask_rule_finds_the_parameter_that_fits_the_defects():
         r, c = rng.integers(1, 7, 2)
         cam[r, c] += 5.0
         truth = np.zeros((80, 80), bool)
-        truth[r * 10:(r + 1) * 10, c * 10:(c + 1) * 10] = True
+        truth[r * 10 : (r + 1) * 10, c * 10 : (c + 1) * 10] = True
         samples.append(Sample(cam, 0.95, truth))
     samples.append(Sample(rng.normal(0, 0.3, (8, 8)).astype(np.float32) - 3, 0.05, np.zeros((80, 80), bool)))
     rule, curve = pick_mask_rule(samples, "relative", 0.5)

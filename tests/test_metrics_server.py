@@ -104,8 +104,9 @@ def _fetch(url: str, cafile: Path | None = None, auth: tuple[str, str] | None = 
 def secured(tmp_path):
     """A metrics server on HTTPS with one user (prom / s3cret); yields (base URL, CA file)."""
     cert, key = self_signed_cert(tmp_path)
-    cfg = MetricsConfig(tls_cert_file=str(cert), tls_key_file=str(key),
-                        basic_auth_users={"prom": hash_password("s3cret", rounds=10)})
+    cfg = MetricsConfig(
+        tls_cert_file=str(cert), tls_key_file=str(key), basic_auth_users={"prom": hash_password("s3cret", rounds=10)}
+    )
     metrics = Metrics(CollectorRegistry())
     metrics.frames_captured.labels(camera="a").inc()
     server = MetricsServer(metrics.registry, "127.0.0.1", 0, _ok, _ok, web=web_security(cfg))

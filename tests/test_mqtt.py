@@ -34,12 +34,22 @@ USERS = {"bridge": "bridge-pw", "reader": "reader-pw"}
 def _bridges_toml(tmp_path: Path, events: str, replay: str, port: int, **mqtt) -> Path:
     (tmp_path / "mqtt.password").write_text(USERS["bridge"] + "\n")
     os.chmod(tmp_path / "mqtt.password", 0o600)
-    settings = {"host": "127.0.0.1", "port": port, "client_id": "bridge-test", "username": "bridge",
-                "password_file": "mqtt.password", "line": "line3", "state_file": "state/positions.json",
-                "keepalive_s": 5, **mqtt}
+    settings = {
+        "host": "127.0.0.1",
+        "port": port,
+        "client_id": "bridge-test",
+        "username": "bridge",
+        "password_file": "mqtt.password",
+        "line": "line3",
+        "state_file": "state/positions.json",
+        "keepalive_s": 5,
+        **mqtt,
+    }
     path = tmp_path / "bridges.toml"
-    path.write_text(f'[[daemons]]\nendpoint = "{events}"\nreplay = "{replay}"\nline = "line3"\n\n[mqtt]\n'
-                    + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))
+    path.write_text(
+        f'[[daemons]]\nendpoint = "{events}"\nreplay = "{replay}"\nline = "line3"\n\n[mqtt]\n'
+        + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
+    )
     return path
 
 
@@ -47,8 +57,12 @@ class Bridge:
     def __init__(self, config: Path, log: Path):
         self.log_path = log
         self._log = open(log, "a")
-        self.proc = subprocess.Popen([sys.executable, "-m", "inspectd", "bridge", "mqtt", "--config", str(config)],
-                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "inspectd", "bridge", "mqtt", "--config", str(config)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:
@@ -69,8 +83,7 @@ def _defects(recorder: Recorder) -> list[dict]:
 def test_broker_and_bridge_restarts_lose_no_defect_event(tmp_path):
     cams = camera_toml("cam-a", "synthetic://?fps=5&width=160&height=128&defect_rate=1&seed=4")
     replay = f"tcp://127.0.0.1:{free_port()}"
-    config, urls = daemon_config(tmp_path, cams, replay={"endpoint": replay},
-                                 archive={"dir": str(tmp_path / "archive")})
+    config, urls = daemon_config(tmp_path, cams, replay={"endpoint": replay}, archive={"dir": str(tmp_path / "archive")})
     with Mosquitto(tmp_path / "broker", USERS) as broker:
         broker.wait_ready()
         bridges = _bridges_toml(tmp_path, urls["events"], replay, broker.port)
@@ -85,22 +98,25 @@ def test_broker_and_bridge_restarts_lose_no_defect_event(tmp_path):
                     bridge.stop(signal.SIGKILL)
 
 
-def _restarts(rec: Recorder, broker: Mosquitto, bridges_started: list, daemon: DaemonProcess, urls: dict,
-              bridges: Path, tmp_path: Path) -> None:
+def _restarts(
+    rec: Recorder, broker: Mosquitto, bridges_started: list, daemon: DaemonProcess, urls: dict, bridges: Path, tmp_path: Path
+) -> None:
     bridge = bridges_started[0]
     try:
         daemon.wait_ready(urls["metrics"])
         wait_until(lambda: len(_defects(rec)) >= 8, 60, lambda: f"8 defects over MQTT:\n{bridge_log(tmp_path)}")
         broker.restart()  # mid-stream: the bridge and the recorder reconnect to a broker that kept the session
         n = len(_defects(rec))
-        wait_until(lambda: len(_defects(rec)) >= n + 8, 60, lambda: f"8 more after the broker restart:\n"
-                   f"{bridge_log(tmp_path)}\n{broker.log()}")
+        wait_until(
+            lambda: len(_defects(rec)) >= n + 8,
+            60,
+            lambda: f"8 more after the broker restart:\n{bridge_log(tmp_path)}\n{broker.log()}",
+        )
         assert bridge.stop() == 0  # a bridge outage: what it missed comes from the daemon's replay
         n = len(_defects(rec))
         bridge = Bridge(bridges, tmp_path / "bridge.log")
         bridges_started.append(bridge)
-        wait_until(lambda: len(_defects(rec)) >= n + 8, 60, lambda: f"8 more after the bridge restart:\n"
-                   f"{bridge_log(tmp_path)}")
+        wait_until(lambda: len(_defects(rec)) >= n + 8, 60, lambda: f"8 more after the bridge restart:\n{bridge_log(tmp_path)}")
     finally:
         assert daemon.terminate() == 0
     index = RetentionIndex.scan(tmp_path / "archive")
@@ -113,15 +129,21 @@ def _restarts(rec: Recorder, broker: Mosquitto, bridges_started: list, daemon: D
     def missing() -> set[int]:
         return truth - {h["seq"] for h in _defects(rec)}
 
-    wait_until(lambda: not missing(), 60, lambda: f"every archived defect over MQTT; missing {sorted(missing())}"
-               f"\n{bridge_log(tmp_path)}")
+    wait_until(
+        lambda: not missing(), 60, lambda: f"every archived defect over MQTT; missing {sorted(missing())}\n{bridge_log(tmp_path)}"
+    )
     got = Counter(h["seq"] for h in _defects(rec))
     duplicates = sum(c - 1 for c in got.values())
-    print(f"MQTT: {len(truth)} defect events published by the daemon, {len(got)} distinct received, "
-          f"{duplicates} duplicate(s) (QoS 1 at least once), 0 missing")
+    print(
+        f"MQTT: {len(truth)} defect events published by the daemon, {len(got)} distinct received, "
+        f"{duplicates} duplicate(s) (QoS 1 at least once), 0 missing"
+    )
     assert set(got) == truth  # nothing invented either
-    masks = {t.split("/")[5] for t, _, _ in rec.snapshot()
-             if t.startswith(f"inspectd/line3/cam-a/defect/{run}/") and t.endswith("/mask")}
+    masks = {
+        t.split("/")[5]
+        for t, _, _ in rec.snapshot()
+        if t.startswith(f"inspectd/line3/cam-a/defect/{run}/") and t.endswith("/mask")
+    }
     assert masks == {str(seq) for seq in truth}  # every header's mask, on .../defect/RUN/SEQ/mask
     status = [json.loads(p) for t, p, _ in rec.snapshot() if t == "inspectd/line3/cam-a/status"]
     assert status and status[0]["state"] in ("up", "connecting")
@@ -149,9 +171,12 @@ def test_topics_and_payloads_of_a_defect_event(tmp_path):
     body, attachments = inspection_body(insp, {"name": "m", "sha256": "0" * 64}, with_frame=True)
     event = decode_event(encode_message("defect.top", "run1", 7, body, attachments), decode=False)
     separate = topics_for(event, "line3", MqttConfig())
-    assert [m.topic for m in separate] == ["inspectd/line3/top/defect", "inspectd/line3/top/defect/run1/7/mask",
-                                           "inspectd/line3/top/defect/run1/7/frame",
-                                           "inspectd/line3/top/defect/run1/7/regions"]
+    assert [m.topic for m in separate] == [
+        "inspectd/line3/top/defect",
+        "inspectd/line3/top/defect/run1/7/mask",
+        "inspectd/line3/top/defect/run1/7/frame",
+        "inspectd/line3/top/defect/run1/7/regions",
+    ]
     header = json.loads(separate[0].payload)
     assert (header["line"], header["run_id"], header["seq"], header["camera"]) == ("line3", "run1", 7, "top")
     assert separate[1].payload[:8] == b"\x89PNG\r\n\x1a\n"
@@ -200,8 +225,13 @@ def test_the_documented_mqtt_consumer_runs_as_written(tmp_path, start_publisher)
         (tmp_path / "consumer.py").write_text(code)
         bridge = Bridge(_bridges_toml(tmp_path, pub.endpoint, "", broker.port).resolve(), tmp_path / "bridge.log")
         out = open(tmp_path / "consumer.out", "w")
-        consumer = subprocess.Popen([sys.executable, str(tmp_path / "consumer.py")], cwd=tmp_path, stdout=out,
-                                    stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        consumer = subprocess.Popen(
+            [sys.executable, str(tmp_path / "consumer.py")],
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         try:
             insp = make_inspection(camera="top", seq=7)
             sent = 0
@@ -215,8 +245,12 @@ def test_the_documented_mqtt_consumer_runs_as_written(tmp_path, start_publisher)
                 pub.publish_inspection(insp, {"name": "m", "sha256": "0" * 64})
                 return "line3 top" in printed()
 
-            wait_until(published_and_printed, 30, lambda: f"the consumer's first line:\n{printed()}\n{bridge_log(tmp_path)}",
-                       interval=0.3)
+            wait_until(
+                published_and_printed,
+                30,
+                lambda: f"the consumer's first line:\n{printed()}\n{bridge_log(tmp_path)}",
+                interval=0.3,
+            )
             line = next(x for x in printed().splitlines() if x.startswith("line3 top"))
             words = line.split()
             assert words[:3] == ["line3", "top", pub.run_id[:8]] and words[3].isdigit() and "0.9" in line, line

@@ -72,11 +72,19 @@ class Monitor:
                 m = scrape(self.url)
             except (OSError, AssertionError):
                 continue
-            per = {name: {c: m.value(f"inspectd_{name}", camera=c) or 0.0 for c in self.CAMERAS}
-                   for name in ("camera_up", "frames_captured_total", "frames_inferred_total",
-                                "camera_reconnects_total")}
-            self.samples.append(Sample(time.monotonic(), per["camera_up"], per["frames_captured_total"],
-                                       per["frames_inferred_total"], per["camera_reconnects_total"]))
+            per = {
+                name: {c: m.value(f"inspectd_{name}", camera=c) or 0.0 for c in self.CAMERAS}
+                for name in ("camera_up", "frames_captured_total", "frames_inferred_total", "camera_reconnects_total")
+            }
+            self.samples.append(
+                Sample(
+                    time.monotonic(),
+                    per["camera_up"],
+                    per["frames_captured_total"],
+                    per["frames_inferred_total"],
+                    per["camera_reconnects_total"],
+                )
+            )
 
     def since(self, t0: float) -> list[Sample]:
         return [s for s in list(self.samples) if s.t >= t0]
@@ -110,6 +118,7 @@ def outage_end(samples: list[Sample], camera: str) -> float | None:
 def flowing_again(monitor: Monitor, camera: str, t0: float, settle: float = 2.0, timeout: float = 20.0) -> float:
     """Wait until `camera` is up and has captured frames for `settle` s after its outage; returns the
     seconds from t0 until the outage ended (0 if frames never stopped)."""
+
     def settled() -> bool:
         samples = monitor.since(t0)
         if len(samples) < 2 or samples[-1].up[camera] != 1:
@@ -153,8 +162,11 @@ def line(tmp_path_factory):
     server = RtspServer(mode="synthetic", width=W, height=H, fps=FPS, tcp_only=True, alt_size=ALT).start()
     proxy, late_proxy = TcpProxy(server.port).start(), TcpProxy(server.port).start()
     late_proxy.blackhole(True)  # the camera that never answers at start-up
-    cameras = (camera_toml("cam", proxy.url(), **TIMING) + camera_toml("late", late_proxy.url(), **TIMING)
-               + camera_toml("steady", f"synthetic://?fps={FPS}&seed=2", **TIMING))
+    cameras = (
+        camera_toml("cam", proxy.url(), **TIMING)
+        + camera_toml("late", late_proxy.url(), **TIMING)
+        + camera_toml("steady", f"synthetic://?fps={FPS}&seed=2", **TIMING)
+    )
     config, urls = daemon_config(tmp, cameras)
     daemon = DaemonProcess(config, tmp / "daemon.log")
     sub = monitor = None
@@ -176,12 +188,14 @@ def line(tmp_path_factory):
 
 def _cam_stable(line: Line, camera: str = "cam") -> None:
     """Until `camera` has streamed without a gap for longer than STABLE_AFTER_S (its backoff is reset)."""
+
     def stable() -> bool:
         samples = line.monitor.samples[:]
         if len(samples) < 2 or samples[-1].up[camera] != 1:
             return False
         end = outage_end(samples, camera) or samples[0].t
         return samples[-1].t - end > STABLE_AFTER_S + 0.5
+
     wait_until(stable, 30, lambda: f"camera {camera} streaming steadily:\n{line.daemon.log()}", interval=0.1)
 
 
@@ -194,8 +208,9 @@ def _check_rates_and_accounts(line: Line, t0: float, t1: float) -> None:
     for camera in Monitor.CAMERAS:
         captured = m.value("inspectd_frames_captured_total", camera=camera) or 0
         inferred = m.value("inspectd_frames_inferred_total", camera=camera) or 0
-        dropped = sum(s.value for s in m.samples
-                      if s.name == "inspectd_frames_dropped_total" and s.labels.get("camera") == camera)
+        dropped = sum(
+            s.value for s in m.samples if s.name == "inspectd_frames_dropped_total" and s.labels.get("camera") == camera
+        )
         assert -RENDER_SKEW <= captured - inferred - dropped <= IN_FLIGHT, (camera, captured, inferred, dropped)
 
 
@@ -225,8 +240,10 @@ def _fault(line: Line, inject, name: str, expect_down: bool) -> list:
     states = [ev.header["state"] for ev in events if ev.header["topic"] == "status.cam"]
     t1 = time.monotonic()
     after = line.monitor.at(t1)
-    print(f"\n{name}: frames again {outage:.2f} s after the fault; status {states}; "
-          f"reconnects +{after.reconnects['cam'] - before.reconnects['cam']:.0f}")
+    print(
+        f"\n{name}: frames again {outage:.2f} s after the fault; status {states}; "
+        f"reconnects +{after.reconnects['cam'] - before.reconnects['cam']:.0f}"
+    )
     assert outage <= BOUND, f"{name}: frames again only {outage:.2f} s after the fault (bound {BOUND} s)"
     if expect_down or states:
         _check_outage_told(line, before, after, states)
@@ -235,8 +252,9 @@ def _fault(line: Line, inject, name: str, expect_down: bool) -> list:
     _check_rates_and_accounts(line, t0, t1)
     line.proxy.check()
     # What comes now is the camera's picture, whole, at its current size: the masks fall on its defects.
-    fresh = collect_events(line.sub, lambda evs: sum(ev.topic == "defect.cam" for ev in evs) >= 2, "defect",
-                           timeout=10, message=line.daemon.log)
+    fresh = collect_events(
+        line.sub, lambda evs: sum(ev.topic == "defect.cam" for ev in evs) >= 2, "defect", timeout=10, message=line.daemon.log
+    )
     assert_on_defect([ev for ev in fresh if ev.topic == "defect.cam"][-2:], line.server.mask)
     return events + fresh
 
@@ -280,8 +298,9 @@ def test_camera_that_never_answers_at_startup(line):
     """`late` has been accepted and ignored since the daemon started: down, retrying, harmless; then it answers."""
     # Retrying all along: every attempt (the first, then each reconnect) is a connection the proxy
     # accepted and never answered, and the log says what the daemon saw.
-    wait_until(lambda: line.monitor.samples and line.monitor.samples[-1].reconnects["late"] >= 2, 20,
-               "late to have retried twice")
+    wait_until(
+        lambda: line.monitor.samples and line.monitor.samples[-1].reconnects["late"] >= 2, 20, "late to have retried twice"
+    )
     now = line.monitor.samples[-1]
     assert now.up["late"] == 0 and now.captured["late"] == 0
     assert line.late_proxy.accepted >= now.reconnects["late"] + 1

@@ -47,16 +47,24 @@ def test_daemon_ready_status_watchdog_stops_on_hang_and_stopping(tmp_path, notif
     freeze = tmp_path / "freeze"
     cams = camera_toml("cam-a", "synthetic://?fps=10&width=160&height=128&defect_rate=0.5&seed=1")
     config, urls = daemon_config(tmp_path, cams, daemon={"stuck_after_s": 1.5})
-    env = {"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "1000000",  # ping every 0.5 s
-           "INSPECTD_TEST_FREEZE_INFERENCE": str(freeze)}
+    env = {
+        "NOTIFY_SOCKET": str(notify_socket.path),
+        "WATCHDOG_USEC": "1000000",  # ping every 0.5 s
+        "INSPECTD_TEST_FREEZE_INFERENCE": str(freeze),
+    }
     with DaemonProcess(config, tmp_path / "daemon.log", env=env) as daemon:
         t_ready = notify_socket.wait_for("READY=1", timeout=120)
-        wait_until(lambda: notify_socket.pump() or notify_socket.count("WATCHDOG=1", since=t_ready) >= 4, 10,
-                   lambda: f"4 watchdog pings after READY=1 (one every 0.5 s): {notify_socket.lines()}\n{daemon.log()}")
+        wait_until(
+            lambda: notify_socket.pump() or notify_socket.count("WATCHDOG=1", since=t_ready) >= 4,
+            10,
+            lambda: f"4 watchdog pings after READY=1 (one every 0.5 s): {notify_socket.lines()}\n{daemon.log()}",
+        )
         # STATUS= every 5 s: until one says the camera is up.
-        wait_until(lambda: notify_socket.pump() or any(m.startswith("STATUS=") and "1/1 cameras up" in m
-                                                       for m in notify_socket.lines()), 15,
-                   lambda: f"STATUS=... 1/1 cameras up: {notify_socket.lines()}")
+        wait_until(
+            lambda: notify_socket.pump() or any(m.startswith("STATUS=") and "1/1 cameras up" in m for m in notify_socket.lines()),
+            15,
+            lambda: f"STATUS=... 1/1 cameras up: {notify_socket.lines()}",
+        )
         status = next(m for m in notify_socket.lines() if m.startswith("STATUS=") and "1/1 cameras up" in m)
         assert "frames/s" in status
 

@@ -32,8 +32,12 @@ MODEL = {"name": "test", "sha256": "0" * 64}
 
 @pytest.fixture()
 def publisher():
-    pub = Publisher(PublishConfig(endpoint="tcp://127.0.0.1:0", heartbeat_s=0.2), Metrics(CollectorRegistry()),
-                    run_id="run-opcua", model=MODEL)
+    pub = Publisher(
+        PublishConfig(endpoint="tcp://127.0.0.1:0", heartbeat_s=0.2),
+        Metrics(CollectorRegistry()),
+        run_id="run-opcua",
+        model=MODEL,
+    )
     pub.start()
     yield pub
     pub.stop()
@@ -43,12 +47,18 @@ class BridgeProcess:
     def __init__(self, tmp_path: Path, events: str, opcua: dict):
         self.url = f"opc.tcp://127.0.0.1:{free_port()}/inspectd"
         config = tmp_path / "bridges.toml"
-        config.write_text(f'[[daemons]]\nendpoint = "{events}"\nline = "line3"\n\n[opcua]\nendpoint = "{self.url}"\n'
-                          + "".join(f"{k} = {json.dumps(v)}\n" for k, v in opcua.items()))
+        config.write_text(
+            f'[[daemons]]\nendpoint = "{events}"\nline = "line3"\n\n[opcua]\nendpoint = "{self.url}"\n'
+            + "".join(f"{k} = {json.dumps(v)}\n" for k, v in opcua.items())
+        )
         self.log_path = tmp_path / "opcua.log"
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "inspectd", "bridge", "opcua", "--config", str(config)],
-                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "inspectd", "bridge", "opcua", "--config", str(config)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
 
     def log(self) -> str:
         if not self._log.closed:
@@ -155,8 +165,9 @@ async def _verdicts(bridge: BridgeProcess, pub: Publisher) -> None:
         with pytest.raises((BadUserAccessDenied, BadNotWritable)):  # read-only to clients
             await (await _node(client, "IsDefect")).write_value(True)
         # An older frame arriving late (or the same frame's other event) changes nothing.
-        pub.publish_inspection(make_inspection(camera="top", seq=frame - 5, defect=True, captured_at=time.time() - 60),
-                               MODEL, results=True)
+        pub.publish_inspection(
+            make_inspection(camera="top", seq=frame - 5, defect=True, captured_at=time.time() - 60), MODEL, results=True
+        )
         frame += 1
         pub.publish_inspection(make_inspection(camera="top", seq=frame, defect=False), MODEL, results=True)
         while (await asyncio.wait_for(changes.get(), 10))[1] != frame:
@@ -164,8 +175,9 @@ async def _verdicts(bridge: BridgeProcess, pub: Publisher) -> None:
         assert await (await _node(client, "IsDefect")).read_value() is False
         assert await (await _node(client, "Inspected")).read_value() == inspected + 1
         # The camera restarted (a reload): frame_seq starts again at 1, later in time: written.
-        pub.publish_inspection(make_inspection(camera="top", seq=1, defect=True, captured_at=time.time() + 1), MODEL,
-                               results=True)
+        pub.publish_inspection(
+            make_inspection(camera="top", seq=1, defect=True, captured_at=time.time() + 1), MODEL, results=True
+        )
         while (await asyncio.wait_for(changes.get(), 10))[1] != 1:
             pass
         assert await (await _node(client, "IsDefect")).read_value() is True
@@ -187,9 +199,11 @@ async def _verdicts(bridge: BridgeProcess, pub: Publisher) -> None:
     finally:
         await admin.disconnect()
     ms = sorted(x * 1000 for x in latencies)
-    print(f"OPC UA: event -> variable change seen by a subscribed client (10 ms publishing interval), "
-          f"{len(ms)} verdicts: median {statistics.median(ms):.1f} ms, p95 {ms[int(0.95 * len(ms)) - 1]:.1f} ms, "
-          f"max {ms[-1]:.1f} ms")
+    print(
+        f"OPC UA: event -> variable change seen by a subscribed client (10 ms publishing interval), "
+        f"{len(ms)} verdicts: median {statistics.median(ms):.1f} ms, p95 {ms[int(0.95 * len(ms)) - 1]:.1f} ms, "
+        f"max {ms[-1]:.1f} ms"
+    )
     assert ms[-1] < 5000
 
 
@@ -214,13 +228,25 @@ def test_basic256sha256_sign_and_encrypt_admits_only_trusted_clients(tmp_path, p
     server_cert, server_key = _certificate(tmp_path / "server", "bridge", "urn:inspectd:bridge", server=True)
     plc_cert, plc_key = _certificate(tmp_path / "trusted", "plc", "urn:test:plc", server=False)
     odd_cert, odd_key = _certificate(tmp_path / "other", "stranger", "urn:test:stranger", server=False)
-    bridge = BridgeProcess(tmp_path, publisher.endpoint, {
-        "security": "sign_and_encrypt", "certificate": str(server_cert), "private_key": str(server_key),
-        "trusted_clients": str(tmp_path / "trusted")})
+    bridge = BridgeProcess(
+        tmp_path,
+        publisher.endpoint,
+        {
+            "security": "sign_and_encrypt",
+            "certificate": str(server_cert),
+            "private_key": str(server_key),
+            "trusted_clients": str(tmp_path / "trusted"),
+        },
+    )
 
     def secure(cert: Path, key: Path) -> dict:
-        return {"policy": SecurityPolicyBasic256Sha256, "certificate": str(cert), "private_key": str(key),
-                "server_certificate": str(server_cert), "mode": ua.MessageSecurityMode.SignAndEncrypt}
+        return {
+            "policy": SecurityPolicyBasic256Sha256,
+            "certificate": str(cert),
+            "private_key": str(key),
+            "server_certificate": str(server_cert),
+            "mode": ua.MessageSecurityMode.SignAndEncrypt,
+        }
 
     async def check() -> None:
         client = await _connect(bridge.url, application_uri="urn:test:plc", **secure(plc_cert, plc_key))
@@ -257,8 +283,11 @@ def test_basic256sha256_sign_and_encrypt_admits_only_trusted_clients(tmp_path, p
 def test_a_private_key_others_can_read_is_refused(tmp_path, publisher):
     server_cert, server_key = _certificate(tmp_path / "server", "bridge", "urn:inspectd:bridge", server=True)
     server_key.chmod(0o644)
-    bridge = BridgeProcess(tmp_path, publisher.endpoint, {
-        "security": "sign_and_encrypt", "certificate": str(server_cert), "private_key": str(server_key)})
+    bridge = BridgeProcess(
+        tmp_path,
+        publisher.endpoint,
+        {"security": "sign_and_encrypt", "certificate": str(server_cert), "private_key": str(server_key)},
+    )
     assert bridge.proc.wait(60) == 78
     assert "opcua.private_key" in bridge.log() and "chmod 600" in bridge.log()
     bridge.stop()
@@ -274,6 +303,7 @@ def test_the_documented_opcua_client_runs_as_written(tmp_path, publisher):
     code = code.replace("opc.tcp://linepc3:4840/inspectd", bridge.url)
     assert bridge.url in code
     try:
+
         async def first_verdict() -> None:
             client = await _connect(bridge.url)
             try:

@@ -30,11 +30,18 @@ def test_every_frame_accounted_for_5_cameras_batch_2(tf):
     from inspectd.service.daemon import Daemon
 
     rates = {"a": 60, "b": 35, "c": 20, "d": 8, "e": 3}
-    cams = [CameraConfig(id=cam, url=f"synthetic://?fps={fps}&width=96&height=64&defect_rate=0.3&seed={i}",
-                         fps_limit=25 if cam == "a" else 0)
-            for i, (cam, fps) in enumerate(rates.items())]
-    settings = Settings(batching=BatchingConfig(max_batch=2, max_wait_ms=5), cameras=cams,
-                        publish=PublishConfig(endpoint="tcp://127.0.0.1:0"), metrics=MetricsConfig(port=0))
+    cams = [
+        CameraConfig(
+            id=cam, url=f"synthetic://?fps={fps}&width=96&height=64&defect_rate=0.3&seed={i}", fps_limit=25 if cam == "a" else 0
+        )
+        for i, (cam, fps) in enumerate(rates.items())
+    ]
+    settings = Settings(
+        batching=BatchingConfig(max_batch=2, max_wait_ms=5),
+        cameras=cams,
+        publish=PublishConfig(endpoint="tcp://127.0.0.1:0"),
+        metrics=MetricsConfig(port=0),
+    )
     daemon = Daemon(settings)
     try:
         daemon.startup()
@@ -81,8 +88,7 @@ def test_swap_never_mixes_contexts(tf):
         deployable = dataclasses.replace(demo, meta={**demo.meta, "name": name})
         engine = InferenceEngine(deployable, buckets)
         engine.warmup()
-        contexts.append(InferenceContext(engine, InspectOptions(threshold=threshold),
-                                         deployable, max_wait_s=0.002))
+        contexts.append(InferenceContext(engine, InspectOptions(threshold=threshold), deployable, max_wait_s=0.002))
     expected = {"small": 0.11, "large": 0.99}
     registry = CollectorRegistry()
     sink = _Sink()

@@ -65,8 +65,9 @@ def test_regions_attachment_reproduces_the_regions_where_the_probability_png_can
     frame = Frame("cam1", 1, time.time(), time.monotonic(), np.zeros((96, 128, 3), np.uint8))
 
     def run(min_region_px):
-        return inspect(frame, 0.99, logits, InspectOptions(threshold=0.5, mask_rule=MaskRule("minmax", 0.9),
-                                                           min_region_px=min_region_px))
+        return inspect(
+            frame, 0.99, logits, InspectOptions(threshold=0.5, mask_rule=MaskRule("minmax", 0.9), min_region_px=min_region_px)
+        )
 
     both = run(1)
     assert len(both.regions) == 2  # the speck is a region when nothing is filtered...
@@ -77,8 +78,7 @@ def test_regions_attachment_reproduces_the_regions_where_the_probability_png_can
     regions_png = cv2.imdecode(np.frombuffer(insp.regions_png, np.uint8), cv2.IMREAD_GRAYSCALE)
     assert regions_png.shape == (96, 128) and set(np.unique(regions_png)) == {0, 255}
     assert len(insp.regions) == 1
-    assert find_regions(regions_png.astype(np.float32), 128) == [
-        type(r)(r.bbox, r.area_px, 255.0, 255.0) for r in insp.regions]
+    assert find_regions(regions_png.astype(np.float32), 128) == [type(r)(r.bbox, r.area_px, 255.0, 255.0) for r in insp.regions]
     x, y, w, h = insp.regions[0].bbox
     assert 24 <= x and x + w <= 64 and 16 <= y and y + h <= 48  # around cells 4..6 x 3..4 (8 px each)
 

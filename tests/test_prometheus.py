@@ -36,18 +36,34 @@ pytestmark = pytest.mark.slow
 LIVE_CAMERAS = ("cam-a", "cam-b")
 DEAD_CAMERA = "dead"
 EXPECTED_ALERTS = {
-    "InspectdDown", "InspectdCameraDown", "InspectdInferenceFpsLow", "InspectdDroppedFrameRatioHigh",
-    "InspectdStaleFrameRatioHigh", "InspectdEndToEndLatencyHigh", "InspectdEventsDropped", "InspectdRestarted",
-    "InspectdReloadFailed", "InspectdArchiveLosingEntries", "InspectdClientKeyRefused",
+    "InspectdDown",
+    "InspectdCameraDown",
+    "InspectdInferenceFpsLow",
+    "InspectdDroppedFrameRatioHigh",
+    "InspectdStaleFrameRatioHigh",
+    "InspectdEndToEndLatencyHigh",
+    "InspectdEventsDropped",
+    "InspectdRestarted",
+    "InspectdReloadFailed",
+    "InspectdArchiveLosingEntries",
+    "InspectdClientKeyRefused",
 }
 # Alerts without `for:` that a healthy daemon must never fire.
-QUIET_WHEN_HEALTHY = {"InspectdEventsDropped", "InspectdRestarted", "InspectdReloadFailed", "InspectdArchiveLosingEntries",
-                      "InspectdClientKeyRefused"}
+QUIET_WHEN_HEALTHY = {
+    "InspectdEventsDropped",
+    "InspectdRestarted",
+    "InspectdReloadFailed",
+    "InspectdArchiveLosingEntries",
+    "InspectdClientKeyRefused",
+}
 
 
 # ------------------------------------------------------------------------------------------ promtool
-@pytest.mark.parametrize("args", [("check", "config", PROMETHEUS_YML), ("check", "rules", ALERTS_YML),
-                                  ("test", "rules", ALERTS_TEST_YML)], ids=["check-config", "check-rules", "test-rules"])
+@pytest.mark.parametrize(
+    "args",
+    [("check", "config", PROMETHEUS_YML), ("check", "rules", ALERTS_YML), ("test", "rules", ALERTS_TEST_YML)],
+    ids=["check-config", "check-rules", "test-rules"],
+)
 def test_promtool(args):
     if PROMTOOL is None:
         pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
@@ -87,8 +103,12 @@ def _panels(dashboard: dict) -> list[dict]:
 
 def _panel_exprs(dashboard: dict) -> list[tuple[str, str]]:
     """(where, expr) of every panel target."""
-    return [(f"panel {p['id']} {p['title']!r} {t['refId']}", t["expr"])
-            for p in _panels(dashboard) for t in p.get("targets", []) if not t.get("hide")]
+    return [
+        (f"panel {p['id']} {p['title']!r} {t['refId']}", t["expr"])
+        for p in _panels(dashboard)
+        for t in p.get("targets", [])
+        if not t.get("hide")
+    ]
 
 
 def _annotation_exprs(dashboard: dict) -> list[tuple[str, str]]:
@@ -104,11 +124,13 @@ def _grafana_regex(values: list[str]) -> str:
 
 def render(expr: str, variables: dict[str, str]) -> str:
     """Substitute Grafana's $var / ${var} like Grafana does; an unknown variable is an error."""
+
     def sub(m):
         name = m.group(1) or m.group(2)
         if name not in variables:
             raise KeyError(f"unknown variable ${name} in {expr}")
         return variables[name]
+
     return re.sub(r"\$\{(\w+)\}|\$(\w+)", sub, expr)
 
 
@@ -118,9 +140,11 @@ def test_dashboard_structure():
     variables = {v["name"]: v for v in d["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
     assert [v["name"] for v in d["templating"]["list"]] == ["datasource", "line", "instance", "camera"]  # the order
-    for name, query in (("line", "label_values(inspectd_build_info, line)"),  # each depends on the ones before
-                        ("instance", 'label_values(inspectd_build_info{line=~"$line"}, instance)'),
-                        ("camera", 'label_values(inspectd_camera_up{instance=~"$instance"}, camera)')):
+    for name, query in (
+        ("line", "label_values(inspectd_build_info, line)"),  # each depends on the ones before
+        ("instance", 'label_values(inspectd_build_info{line=~"$line"}, instance)'),
+        ("camera", 'label_values(inspectd_camera_up{instance=~"$instance"}, camera)'),
+    ):
         v = variables[name]
         assert v["type"] == "query" and v["multi"] and v["includeAll"], name
         stored = v["query"]["query"] if isinstance(v["query"], dict) else v["query"]  # Grafana 10 writes an object
@@ -147,12 +171,26 @@ def test_dashboard_structure():
             assert re.search(r'instance=~"\$instance"', t["expr"]), f"{where}: not filtered by $instance"
     # The panels the operator needs (docs/monitoring.md lists them).
     text = json.dumps(d)
-    for metric in ("inspectd_frames_inferred_total", "inspectd_frames_captured_total", "inspectd_frames_dropped_total",
-                   "inspectd_defects_total", "inspectd_score_bucket", "inspectd_inference_seconds_bucket",
-                   "inspectd_end_to_end_seconds_bucket", "inspectd_batch_size_bucket", "inspectd_batch_size_sum",
-                   "inspectd_camera_up", "inspectd_camera_reconnects_total", "inspectd_events_published_total",
-                   "inspectd_events_dropped_total", "process_cpu_seconds_total", "process_resident_memory_bytes",
-                   "inspectd_model_info", "inspectd_build_info", "inspectd_reload_failures_total"):
+    for metric in (
+        "inspectd_frames_inferred_total",
+        "inspectd_frames_captured_total",
+        "inspectd_frames_dropped_total",
+        "inspectd_defects_total",
+        "inspectd_score_bucket",
+        "inspectd_inference_seconds_bucket",
+        "inspectd_end_to_end_seconds_bucket",
+        "inspectd_batch_size_bucket",
+        "inspectd_batch_size_sum",
+        "inspectd_camera_up",
+        "inspectd_camera_reconnects_total",
+        "inspectd_events_published_total",
+        "inspectd_events_dropped_total",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "inspectd_model_info",
+        "inspectd_build_info",
+        "inspectd_reload_failures_total",
+    ):
         assert metric in text, f"no panel uses {metric}"
     types = {p["type"] for p in panels}
     assert {"timeseries", "stat", "heatmap", "state-timeline", "table", "bargauge"} <= types
@@ -172,10 +210,13 @@ def stack(tmp_path_factory, request) -> Stack:
     if PROMETHEUS is None:
         pytest.skip("prometheus is not installed (Debian: apt-get install prometheus)")
     tmp = tmp_path_factory.mktemp("prometheus")
-    cams = "".join(camera_toml(c, f"synthetic://?fps=8&width=320&height=240&defect_rate=0.5&seed={i + 1}")
-                   for i, c in enumerate(LIVE_CAMERAS))
-    cams += camera_toml(DEAD_CAMERA, f"rtsp://127.0.0.1:{free_port()}/x", reconnect_initial_s=0.2, reconnect_max_s=1,
-                        open_timeout_s=1)
+    cams = "".join(
+        camera_toml(c, f"synthetic://?fps=8&width=320&height=240&defect_rate=0.5&seed={i + 1}")
+        for i, c in enumerate(LIVE_CAMERAS)
+    )
+    cams += camera_toml(
+        DEAD_CAMERA, f"rtsp://127.0.0.1:{free_port()}/x", reconnect_initial_s=0.2, reconnect_max_s=1, open_timeout_s=1
+    )
     config, urls = daemon_config(tmp, cams, publish={"results": True}, archive={"dir": str(tmp / "archive")})
     instance = urls["metrics"].removeprefix("http://")
     daemon = DaemonProcess(config, tmp / "daemon.log")
@@ -193,14 +234,26 @@ def stack(tmp_path_factory, request) -> Stack:
         seen["scrapes"] = prom.query('count_over_time(inspectd_camera_up{job="inspectd", camera="dead"}[30s])')
         return all(seen[k] and float(seen[k][0]["value"][1]) >= n for k, n in (("inferred", 2), ("scrapes", 6)))
 
-    wait_until(has_data, 60, lambda: f"both cameras inspected and 6 scrapes in Prometheus ({seen})\n"
-                                     f"prometheus:\n{prom.log()}\ndaemon:\n{daemon.log()}", interval=0.5)
+    wait_until(
+        has_data,
+        60,
+        lambda: (
+            f"both cameras inspected and 6 scrapes in Prometheus ({seen})\nprometheus:\n{prom.log()}\ndaemon:\n{daemon.log()}"
+        ),
+        interval=0.5,
+    )
     return Stack(prom, daemon, instance)
 
 
 def _variables(stack: Stack, cameras, rate_interval: str) -> dict[str, str]:
-    return {"instance": _grafana_regex([stack.instance]), "camera": _grafana_regex(list(cameras)),
-            "__rate_interval": rate_interval, "__range": "5m", "__interval": "1s", "datasource": "prometheus"}
+    return {
+        "instance": _grafana_regex([stack.instance]),
+        "camera": _grafana_regex(list(cameras)),
+        "__rate_interval": rate_interval,
+        "__range": "5m",
+        "__interval": "1s",
+        "datasource": "prometheus",
+    }
 
 
 def _finite(result: list[dict]) -> bool:
@@ -277,8 +330,11 @@ def test_file_sd_with_a_line_label_feeds_the_dashboard_variables_for_two_daemons
             for daemon, instance, _ in daemons.values():
                 daemon.wait_ready(f"http://{instance}")
             # The shipped scrape interval is 15 s: the first scrape of each target comes within it.
-            wait_until(lambda: _variable_values(prom, "line", {}) == {"line1", "line2"}, 60,
-                       lambda: f"both lines in Prometheus: {prom.targets()}")
+            wait_until(
+                lambda: _variable_values(prom, "line", {}) == {"line1", "line2"},
+                60,
+                lambda: f"both lines in Prometheus: {prom.targets()}",
+            )
             for line, (_, instance, camera) in daemons.items():
                 chosen = {"line": line, "instance": _grafana_regex([instance])}
                 assert _variable_values(prom, "instance", chosen) == {instance}
@@ -300,9 +356,15 @@ def test_alert_rules_load_and_evaluate(stack):
         except PrometheusError as e:
             pytest.fail(f"{rule['name']}: {e}")
     # The dead camera's alert is on its way (pending: for 1m), computed from the live series.
-    wait_until(lambda: any(a["labels"]["alertname"] == "InspectdCameraDown" and a["labels"].get("camera") == DEAD_CAMERA
-                           for a in stack.prom.alerts()), 20,
-               lambda: f"InspectdCameraDown pending for camera {DEAD_CAMERA!r}: {stack.prom.alerts()}", interval=0.5)
+    wait_until(
+        lambda: any(
+            a["labels"]["alertname"] == "InspectdCameraDown" and a["labels"].get("camera") == DEAD_CAMERA
+            for a in stack.prom.alerts()
+        ),
+        20,
+        lambda: f"InspectdCameraDown pending for camera {DEAD_CAMERA!r}: {stack.prom.alerts()}",
+        interval=0.5,
+    )
     for rule in stack.prom.rules():
         assert rule["health"] == "ok", rule
         for a in rule.get("alerts", []):
@@ -341,12 +403,12 @@ def test_prometheus_scrapes_over_https_with_basic_auth_and_nothing_else_gets_in(
     from inspectd.service.web import web_security
 
     cert, key = self_signed_cert(tmp_path)
-    cfg = MetricsConfig(tls_cert_file=str(cert), tls_key_file=str(key),
-                        basic_auth_users={"prometheus": hash_password("scrape-me", rounds=10)})
+    cfg = MetricsConfig(
+        tls_cert_file=str(cert), tls_key_file=str(key), basic_auth_users={"prometheus": hash_password("scrape-me", rounds=10)}
+    )
     metrics = Metrics(CollectorRegistry())
     metrics.frames_captured.labels(camera="tls-cam").inc(7)
-    server = MetricsServer(metrics.registry, "127.0.0.1", 0, lambda: (True, "ok"), lambda: (True, "ok"),
-                           web=web_security(cfg))
+    server = MetricsServer(metrics.registry, "127.0.0.1", 0, lambda: (True, "ok"), lambda: (True, "ok"), web=web_security(cfg))
     server.start()
     target = f"127.0.0.1:{server.port}"
 
@@ -354,27 +416,36 @@ def test_prometheus_scrapes_over_https_with_basic_auth_and_nothing_else_gets_in(
         return {"job_name": name, "static_configs": [{"targets": [target]}], **options}
 
     tls = {"scheme": "https", "tls_config": {"ca_file": str(cert)}}
-    jobs = [job("secured", **tls, basic_auth={"username": "prometheus", "password": "scrape-me"}),
-            job("wrong-password", **tls, basic_auth={"username": "prometheus", "password": "guess"}),
-            job("plain-http", basic_auth={"username": "prometheus", "password": "scrape-me"}),
-            job("unknown-ca", scheme="https", basic_auth={"username": "prometheus", "password": "scrape-me"})]
+    jobs = [
+        job("secured", **tls, basic_auth={"username": "prometheus", "password": "scrape-me"}),
+        job("wrong-password", **tls, basic_auth={"username": "prometheus", "password": "guess"}),
+        job("plain-http", basic_auth={"username": "prometheus", "password": "scrape-me"}),
+        job("unknown-ca", scheme="https", basic_auth={"username": "prometheus", "password": "scrape-me"}),
+    ]
     try:
         with PrometheusServer(tmp_path / "prom", targets=[], jobs=jobs) as prom:
             prom.wait_ready()
 
             def health() -> dict[str, tuple[str, str]]:
-                return {t["labels"]["job"]: (t["health"], t["lastError"]) for t in prom.targets()
-                        if t["labels"]["job"] != "inspectd"}
+                return {
+                    t["labels"]["job"]: (t["health"], t["lastError"]) for t in prom.targets() if t["labels"]["job"] != "inspectd"
+                }
 
-            wait_until(lambda: all(h != "unknown" for h, _ in health().values()) and len(health()) == 4, 30,
-                       lambda: f"every job scraped once: {health()}")
+            wait_until(
+                lambda: all(h != "unknown" for h, _ in health().values()) and len(health()) == 4,
+                30,
+                lambda: f"every job scraped once: {health()}",
+            )
             found = health()
             assert found["secured"] == ("up", ""), found
             assert found["wrong-password"][0] == "down" and "401" in found["wrong-password"][1], found
             assert found["plain-http"][0] == "down", found
             assert found["unknown-ca"][0] == "down" and "certificate" in found["unknown-ca"][1], found
-            wait_until(lambda: prom.query('inspectd_frames_captured_total{camera="tls-cam",job="secured"}'), 30,
-                       "the secured job's samples in Prometheus")
+            wait_until(
+                lambda: prom.query('inspectd_frames_captured_total{camera="tls-cam",job="secured"}'),
+                30,
+                "the secured job's samples in Prometheus",
+            )
             assert float(prom.query('inspectd_frames_captured_total{job="secured"}')[0]["value"][1]) == 7
     finally:
         server.stop()

@@ -61,10 +61,17 @@ def _bridges_toml(tmp_path: Path, daemons: list[str], keyring: Path | None, prox
 
 
 def test_three_publishers_through_the_proxy_with_curve_on_both_sides(tmp_path, keyring):
-    pubs = [Publisher(PublishConfig(endpoint="tcp://127.0.0.1:0", heartbeat_s=0.2), Metrics(CollectorRegistry()),
-                      run_id=f"run{i}", model=MODEL, stats=lambda i=i: {"cameras": {f"line{i}-top": "up"}},
-                      keys=ServerKeys.load(keyring / f"daemon{i}.key_secret", keyring / "daemon-clients"))
-            for i in range(3)]  # heartbeats name their daemon's camera, as a daemon's do
+    pubs = [
+        Publisher(
+            PublishConfig(endpoint="tcp://127.0.0.1:0", heartbeat_s=0.2),
+            Metrics(CollectorRegistry()),
+            run_id=f"run{i}",
+            model=MODEL,
+            stats=lambda i=i: {"cameras": {f"line{i}-top": "up"}},
+            keys=ServerKeys.load(keyring / f"daemon{i}.key_secret", keyring / "daemon-clients"),
+        )
+        for i in range(3)
+    ]  # heartbeats name their daemon's camera, as a daemon's do
     for pub in pubs:
         pub.start()
     proxy = Proxy(load_bridge_settings(_bridges_toml(tmp_path, [p.endpoint for p in pubs], keyring, free_port())))
@@ -116,8 +123,10 @@ def _collect(sub: Subscriber, into: list, heartbeats: list | None = None) -> int
 
 def test_plain_and_curve_daemons_cannot_share_a_proxy(tmp_path, keyring):
     path = tmp_path / "bridges.toml"
-    path.write_text(f'[[daemons]]\nendpoint = "tcp://127.0.0.1:1"\nserver_key = "{keyring}/daemon0.key"\n'
-                    f'[[daemons]]\nendpoint = "tcp://127.0.0.1:2"\n[client]\nkey = "{keyring}/bridge.key_secret"\n')
+    path.write_text(
+        f'[[daemons]]\nendpoint = "tcp://127.0.0.1:1"\nserver_key = "{keyring}/daemon0.key"\n'
+        f'[[daemons]]\nendpoint = "tcp://127.0.0.1:2"\n[client]\nkey = "{keyring}/bridge.key_secret"\n'
+    )
     with pytest.raises(ConfigError, match="every \\[\\[daemons\\]\\] has a server_key"):
         Proxy(load_bridge_settings(path)).start()
 
@@ -151,9 +160,14 @@ def test_three_daemons_and_one_proxy_process_every_defect_event_no_gap(tmp_path,
             folder = tmp_path / f"d{i}"
             folder.mkdir()
             cams = camera_toml(f"line{i}-top", f"synthetic://?fps=4&width=160&height=128&defect_rate=1&seed={i}")
-            config, urls = daemon_config(folder, cams, publish={
-                "curve_secret_key": str(keyring / f"daemon{i}.key_secret"),
-                "curve_clients": str(keyring / "daemon-clients")})
+            config, urls = daemon_config(
+                folder,
+                cams,
+                publish={
+                    "curve_secret_key": str(keyring / f"daemon{i}.key_secret"),
+                    "curve_clients": str(keyring / "daemon-clients"),
+                },
+            )
             daemons.append((DaemonProcess(config, folder / "daemon.log"), urls))
             endpoints.append(urls["events"])
         for daemon, urls in daemons:
@@ -161,17 +175,26 @@ def test_three_daemons_and_one_proxy_process_every_defect_event_no_gap(tmp_path,
         proxy_port = free_port()
         config = _bridges_toml(tmp_path, endpoints, keyring, proxy_port)
         log = open(tmp_path / "proxy.log", "w")
-        proxy = subprocess.Popen([sys.executable, "-m", "inspectd", "proxy", "--config", str(config)],
-                                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        proxy = subprocess.Popen(
+            [sys.executable, "-m", "inspectd", "proxy", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+        )
         try:
             consumer = ClientKeys.load(keyring / "consumer.key_secret", keyring / "proxy.key")
             got: list = []
             beats: list = []
             with Subscriber(f"tcp://127.0.0.1:{proxy_port}", ["defect.", "heartbeat"], curve=consumer) as sub:
-                wait_until(lambda: min(Counter(ev.camera for ev in got).get(f"line{i}-top", 0) for i in range(3)) >= 12
-                           if _collect(sub, got, beats) else False, 90,
-                           lambda: f"12 defect events per line through the proxy: {Counter(ev.camera for ev in got)}, "
-                                   f"proxy log:\n{(tmp_path / 'proxy.log').read_text()}")
+                wait_until(
+                    lambda: (
+                        min(Counter(ev.camera for ev in got).get(f"line{i}-top", 0) for i in range(3)) >= 12
+                        if _collect(sub, got, beats)
+                        else False
+                    ),
+                    90,
+                    lambda: (
+                        f"12 defect events per line through the proxy: {Counter(ev.camera for ev in got)}, "
+                        f"proxy log:\n{(tmp_path / 'proxy.log').read_text()}"
+                    ),
+                )
             for i in range(3):
                 mine = [ev.header["seq"] for ev in got if ev.camera == f"line{i}-top"]
                 assert mine == list(range(mine[0], mine[0] + len(mine))), (i, mine)  # consecutive: no gap

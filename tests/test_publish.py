@@ -86,13 +86,25 @@ def test_encode_decode_round_trip_and_malformed_messages():
     parts = encode_message("status.cam1", "r1", 7, status_body("cam1", CameraState.DOWN, "timeout"), published_at=1.0)
     topic, header, attachments = decode_message(parts)
     assert (topic, attachments) == ("status.cam1", [])
-    assert header == {"schema": SCHEMA, "run_id": "r1", "topic": "status.cam1", "seq": 7,
-                      "published_at": "1970-01-01T00:00:01.000000Z", "camera": "cam1", "state": "down",
-                      "detail": "timeout", "attachments": []}
+    assert header == {
+        "schema": SCHEMA,
+        "run_id": "r1",
+        "topic": "status.cam1",
+        "seq": 7,
+        "published_at": "1970-01-01T00:00:01.000000Z",
+        "camera": "cam1",
+        "state": "down",
+        "detail": "timeout",
+        "attachments": [],
+    }
     good_header = parts[1]
-    for bad in ([b"defect.cam1"], [b"defect.cam1", b"{not json"], [b"defect.cam1", b"[1]"],
-                [b"defect.cam1", good_header.replace(b"inspectd.event/1", b"inspectd.event/2")],
-                [b"defect.cam1", good_header, b"an attachment the header does not name"]):
+    for bad in (
+        [b"defect.cam1"],
+        [b"defect.cam1", b"{not json"],
+        [b"defect.cam1", b"[1]"],
+        [b"defect.cam1", good_header.replace(b"inspectd.event/1", b"inspectd.event/2")],
+        [b"defect.cam1", good_header, b"an attachment the header does not name"],
+    ):
         with pytest.raises(WireFormatError):
             decode_message(bad)
 
@@ -109,8 +121,25 @@ def test_defect_event_header_and_attachments(start_publisher):
         [(topic, h, attachments)] = receive_data(sub, 1)
 
     assert topic == "defect.cam1"
-    assert set(h) == {"schema", "run_id", "topic", "seq", "published_at", "camera", "frame_seq", "captured_at", "score",
-                      "threshold", "mask_threshold", "is_defect", "model", "regions", "frame", "episode", "attachments"}
+    assert set(h) == {
+        "schema",
+        "run_id",
+        "topic",
+        "seq",
+        "published_at",
+        "camera",
+        "frame_seq",
+        "captured_at",
+        "score",
+        "threshold",
+        "mask_threshold",
+        "is_defect",
+        "model",
+        "regions",
+        "frame",
+        "episode",
+        "attachments",
+    }
     assert (h["schema"], h["run_id"], h["topic"], h["seq"]) == (SCHEMA, pub.run_id, "defect.cam1", 1)
     assert (h["camera"], h["frame_seq"], h["is_defect"], h["model"]) == ("cam1", 1, True, MODEL)
     assert isinstance(h["score"], float) and h["score"] == pytest.approx(0.9)
@@ -124,9 +153,11 @@ def test_defect_event_header_and_attachments(start_publisher):
     region = h["regions"][0]
     assert all(isinstance(v, int) for v in region["bbox"]) and isinstance(region["area_px"], int)
     # regions last: added within the schema, so positional consumers of "mask, frame" keep working
-    assert h["attachments"] == [{"kind": "mask", "encoding": "png", "width": 64, "height": 48},
-                                {"kind": "frame", "encoding": "jpeg", "width": 64, "height": 48},
-                                {"kind": "regions", "encoding": "png", "width": 64, "height": 48}]
+    assert h["attachments"] == [
+        {"kind": "mask", "encoding": "png", "width": 64, "height": 48},
+        {"kind": "frame", "encoding": "jpeg", "width": 64, "height": 48},
+        {"kind": "regions", "encoding": "png", "width": 64, "height": 48},
+    ]
     assert attachments == [insp.mask_png, insp.frame_jpeg, insp.regions_png]
     mask = cv2.imdecode(np.frombuffer(attachments[0], np.uint8), cv2.IMREAD_GRAYSCALE)
     assert mask.shape == (48, 64) and mask.max() > 200 and mask.min() < 10
@@ -161,8 +192,7 @@ def test_results_topic_on_and_off(start_publisher, results):
         pub.publish_inspection(make_inspection(seq=1, defect=False), MODEL, results=results)
         pub.publish_inspection(make_inspection(seq=2, defect=True), MODEL, results=results)
         pub.publish_status("cam1", CameraState.UP)  # a marker: nothing else may arrive before it
-        expected = ["result.cam1", "defect.cam1", "result.cam1", "status.cam1"] if results else \
-            ["defect.cam1", "status.cam1"]
+        expected = ["result.cam1", "defect.cam1", "result.cam1", "status.cam1"] if results else ["defect.cam1", "status.cam1"]
         received = receive_data(sub, len(expected))
     assert [t for t, _, _ in received] == expected
     if results:
@@ -177,13 +207,19 @@ def test_status_event(start_publisher):
         pub.publish_status("line1-top", CameraState.DOWN, "no frame for 5.0 s")
         [(topic, h, attachments)] = receive_data(sub, 1)
     assert topic == "status.line1-top" and attachments == []
-    assert (h["camera"], h["state"], h["detail"], h["seq"], h["attachments"]) == \
-        ("line1-top", "down", "no frame for 5.0 s", 1, [])
+    assert (h["camera"], h["state"], h["detail"], h["seq"], h["attachments"]) == (
+        "line1-top",
+        "down",
+        "no frame for 5.0 s",
+        1,
+        [],
+    )
 
 
 def test_heartbeat_period_and_fields(start_publisher):
-    pub = start_publisher(heartbeat_s=0.1, stats=lambda: {"fps": np.float32(7.5), "cameras": {"cam1": "up"},
-                                                          "last_defect": "none"})
+    pub = start_publisher(
+        heartbeat_s=0.1, stats=lambda: {"fps": np.float32(7.5), "cameras": {"cam1": "up"}, "last_defect": "none"}
+    )
     with subscribed(pub.endpoint) as sub:
         beats = [receive(sub)[1] for _ in range(8)]
     # The publisher's own timestamps: the period it keeps, whatever the test thread's scheduling.
@@ -194,8 +230,7 @@ def test_heartbeat_period_and_fields(start_publisher):
     assert period >= 0.095 and period < 0.5, period
     assert [h["seq"] for h in beats] == list(range(beats[0]["seq"], beats[0]["seq"] + 8))
     h = beats[-1]
-    assert (h["topic"], h["fps"], h["cameras"], h["model"], h["last_defect"]) == \
-        ("heartbeat", 7.5, {"cam1": "up"}, MODEL, "none")
+    assert (h["topic"], h["fps"], h["cameras"], h["model"], h["last_defect"]) == ("heartbeat", 7.5, {"cam1": "up"}, MODEL, "none")
     assert isinstance(h["uptime_s"], float) and h["uptime_s"] >= times[-1] - times[0]
 
 
@@ -285,6 +320,7 @@ def test_a_stuck_subscriber_does_not_hold_up_the_publisher(start_publisher):
     big = Inspection(insp.frame, insp.score, insp.threshold, True, insp.regions, b"\x89PNG" + bytes(100_000), (64, 48))
     n = 1000
     with subscribed(pub.endpoint, "defect.", rcvhwm=1):  # connected, then never read
+
         def publish_all():
             for _ in range(n):
                 pub.publish_inspection(big, MODEL)
@@ -292,8 +328,11 @@ def test_a_stuck_subscriber_does_not_hold_up_the_publisher(start_publisher):
         finishes_within(publish_all, 60, f"{n} publish_inspection calls with a stuck subscriber")
         burst_end = time.monotonic()
         # The publisher thread is not stuck behind the subscriber: it empties its queue and keeps looping.
-        wait_until(lambda: sample(pub, "events_published", "defect.cam1") + sample(pub, "events_dropped", "defect.cam1")
-                   == n, 30, f"all {n} messages published or dropped")
+        wait_until(
+            lambda: sample(pub, "events_published", "defect.cam1") + sample(pub, "events_dropped", "defect.cam1") == n,
+            30,
+            f"all {n} messages published or dropped",
+        )
         wait_until(lambda: pub.last_progress_mono > burst_end, 5, "the publisher thread to make progress after the burst")
         pub.stop(timeout=1.0)
     published, dropped = sample(pub, "events_published", "defect.cam1"), sample(pub, "events_dropped", "defect.cam1")
@@ -312,8 +351,7 @@ def test_stop_returns_promptly_with_unsent_messages(start_publisher, caplog):
         time.sleep(0.3)  # stop(timeout=0.1) set its deadline as it began: it has passed now
         held.release.set()
 
-    with caplog.at_level(logging.INFO, logger="inspectd.outputs.publish"), \
-            subscribed(pub.endpoint, "defect.", rcvhwm=1):
+    with caplog.at_level(logging.INFO, logger="inspectd.outputs.publish"), subscribed(pub.endpoint, "defect.", rcvhwm=1):
         held.hold()
         for _ in range(1000):
             pub.publish_inspection(insp, MODEL)
@@ -339,8 +377,14 @@ def test_the_live_views_ring_gets_every_defect_event_as_sent_or_dropped():
 
     ring = MemoryDefects()
     held = HeldUp(hold_s=30)
-    pub = Publisher(PublishConfig(endpoint="tcp://127.0.0.1:0", heartbeat_s=0.05, send_hwm=2),
-                    Metrics(CollectorRegistry()), "run1", MODEL, held, outcome=ring.on_outcome)
+    pub = Publisher(
+        PublishConfig(endpoint="tcp://127.0.0.1:0", heartbeat_s=0.05, send_hwm=2),
+        Metrics(CollectorRegistry()),
+        "run1",
+        MODEL,
+        held,
+        outcome=ring.on_outcome,
+    )
     pub.start()
     try:
         insp, ok = make_inspection(), make_inspection(defect=False)

@@ -41,16 +41,17 @@ def _models(events) -> set[str]:
 def test_model_swap_keeps_events_flowing(tmp_path, second_model):
     config, urls = daemon_config(tmp_path, CAM_A)
     notify = NotifySocket(tmp_path / "n.sock")
-    with DaemonProcess(config, tmp_path / "d.log", env={"NOTIFY_SOCKET": str(notify.path)}) as daemon, \
-            Subscriber(urls["events"], topics=["defect."]) as sub:
+    with (
+        DaemonProcess(config, tmp_path / "d.log", env={"NOTIFY_SOCKET": str(notify.path)}) as daemon,
+        Subscriber(urls["events"], topics=["defect."]) as sub,
+    ):
         daemon.wait_ready(urls["metrics"])
         before = collect_events(sub, 3, timeout=60, message=daemon.log)
         assert _models(before) == {"demo"}
         [info] = scrape(urls["metrics"]).find("inspectd_model_info")
         assert info.labels["runtime"] == "onnxruntime" and info.labels["device"] == "/CPU:0"  # auto, on a CPU
         # A new model file and another runtime in one reload (the new model is converted on the reload thread).
-        config.write_text(config.read_text().replace('path = "builtin:demo"',
-                                                     f'path = "{second_model}"\nruntime = "openvino"'))
+        config.write_text(config.read_text().replace('path = "builtin:demo"', f'path = "{second_model}"\nruntime = "openvino"'))
         daemon.proc.send_signal(signal.SIGHUP)
         events = collect_events(sub, lambda evs: "demo-b" in _models(evs), timeout=60, message=daemon.log)
         after = [ev for ev in events if ev.header["model"]["name"] == "demo-b"]
@@ -60,11 +61,18 @@ def test_model_swap_keeps_events_flowing(tmp_path, second_model):
         assert all(ev.gap == 0 and not ev.restarted for ev in before + events)  # same run, no loss
         assert after[0].header["run_id"] == before[0].header["run_id"]
         [info] = scrape(urls["metrics"]).find("inspectd_model_info")
-        assert {"backbone": "efficientnet_lite0", "input": "160x128", "name": "demo-b",
-                "runtime": "openvino"}.items() <= info.labels.items(), info
+        assert {
+            "backbone": "efficientnet_lite0",
+            "input": "160x128",
+            "name": "demo-b",
+            "runtime": "openvino",
+        }.items() <= info.labels.items(), info
         # systemd saw RELOADING=1, then READY=1 again once the new model was serving.
-        wait_until(lambda: notify.pump() or "READY=1" in notify.lines()[_index(notify.lines(), "RELOADING=1") + 1:], 10,
-                   lambda: f"READY=1 after RELOADING=1 on NOTIFY_SOCKET: {notify.lines()}")
+        wait_until(
+            lambda: notify.pump() or "READY=1" in notify.lines()[_index(notify.lines(), "RELOADING=1") + 1 :],
+            10,
+            lambda: f"READY=1 after RELOADING=1 on NOTIFY_SOCKET: {notify.lines()}",
+        )
         assert _failures(urls) == 0
         assert daemon.terminate() == 0
     notify.close()
@@ -87,8 +95,12 @@ def test_invalid_config_or_model_is_kept_out(tmp_path):
         wait_until(lambda: _failures(urls) == 2, 60, lambda: f"reload_failures_total == 2:\n{daemon.log()}", interval=0.2)
         rejected_at = time.time()
         # Events keep coming, published after both rejections, from the old model.
-        events = collect_events(sub, lambda evs: sum(parse_rfc3339(ev.header["published_at"]) > rejected_at
-                                                     for ev in evs) >= 3, timeout=30, message=daemon.log)
+        events = collect_events(
+            sub,
+            lambda evs: sum(parse_rfc3339(ev.header["published_at"]) > rejected_at for ev in evs) >= 3,
+            timeout=30,
+            message=daemon.log,
+        )
         assert _models(events) == {"demo"}  # still the old model
         log = daemon.log()
         assert log.count("reload rejected, keeping the running config and model") == 2
@@ -99,8 +111,7 @@ def test_invalid_config_or_model_is_kept_out(tmp_path):
 
 def test_camera_added_others_keep_streaming(tmp_path):
     config, urls = daemon_config(tmp_path, CAM_A)
-    with DaemonProcess(config, tmp_path / "d.log") as daemon, \
-            Subscriber(urls["events"], topics=["defect.", "status."]) as sub:
+    with DaemonProcess(config, tmp_path / "d.log") as daemon, Subscriber(urls["events"], topics=["defect.", "status."]) as sub:
         daemon.wait_ready(urls["metrics"])
         first = collect_events(sub, 1, timeout=60, message=daemon.log)
         config.write_text(config.read_text() + "\n" + CAM_B)
@@ -114,7 +125,10 @@ def test_camera_added_others_keep_streaming(tmp_path):
         events = collect_events(sub, both_streaming, timeout=60, message=daemon.log)
         a_seqs = [first[-1].header["frame_seq"]] + [ev.header["frame_seq"] for ev in events if ev.camera == "cam-a"]
         assert a_seqs == sorted(a_seqs) and len(a_seqs) > 1  # cam-a was not restarted (its counter goes on)
-        wait_until(lambda: scrape(urls["metrics"]).value("inspectd_camera_up", camera="cam-b") == 1.0, 10,
-                   "inspectd_camera_up{camera=\"cam-b\"} 1")
+        wait_until(
+            lambda: scrape(urls["metrics"]).value("inspectd_camera_up", camera="cam-b") == 1.0,
+            10,
+            'inspectd_camera_up{camera="cam-b"} 1',
+        )
         assert scrape(urls["metrics"]).value("inspectd_camera_up", camera="cam-a") == 1.0
         assert daemon.terminate() == 0

@@ -31,9 +31,13 @@ class Line:
         self.run_id = uuid.uuid4().hex
         self.archive = Archive(tmp_path / "archive").start() if archive else None  # indexes what earlier runs left
         self.ring = Ring(ring_messages, 10**9)
-        self.pub = Publisher(PublishConfig(endpoint="tcp://127.0.0.1:0", heartbeat_s=0.05), self.metrics, self.run_id,
-                             TEST_MODEL, outcome=Fanout({"replay ring": self.ring.on_outcome,
-                                                         **({"archive": self.archive.on_outcome} if archive else {})}))
+        self.pub = Publisher(
+            PublishConfig(endpoint="tcp://127.0.0.1:0", heartbeat_s=0.05),
+            self.metrics,
+            self.run_id,
+            TEST_MODEL,
+            outcome=Fanout({"replay ring": self.ring.on_outcome, **({"archive": self.archive.on_outcome} if archive else {})}),
+        )
         self.pub.start()
         cfg = ReplayConfig(endpoint="tcp://127.0.0.1:0", max_messages=max_messages)
         self.replay = ReplayServer(cfg, self.run_id, self.ring, self.archive, self.metrics, self.pub.last_seq).start()
@@ -86,8 +90,11 @@ def test_an_answer_is_what_was_published_in_order_then_an_end(line):
     client = ln.client()
     messages, end = client.fetch(ln.run_id, "defect.cam1", 0)
     assert _seqs(messages) == [1, 2, 3, 4, 5]
-    assert messages[0][1:] == [json.dumps(live.header, separators=(",", ":"), ensure_ascii=False).encode(),
-                               live.raw["mask"], live.raw["regions"]]  # byte for byte
+    assert messages[0][1:] == [
+        json.dumps(live.header, separators=(",", ":"), ensure_ascii=False).encode(),
+        live.raw["mask"],
+        live.raw["regions"],
+    ]  # byte for byte
     assert end["status"] == "complete" and end["last_seq"] == 5 and end["missing"] == []
     messages, end = client.fetch(ln.run_id, "defect.cam1", 3)
     assert _seqs(messages) == [4, 5] and end["status"] == "complete"
@@ -149,18 +156,21 @@ def test_another_run_is_answered_from_the_archive_or_said_unknown(line, tmp_path
     old.stop()
 
 
-@pytest.mark.parametrize("parts,reason", [
-    ([b"hello"], "a request is 2 parts"),
-    ([b"other/1", b"{}"], "a request is 2 parts"),
-    ([REQUEST_TAG, b"\xff\xfe"], "not UTF-8 JSON"),
-    ([REQUEST_TAG, b"[1, 2]"], "not a JSON object"),
-    ([REQUEST_TAG, b'{"run_id": "r", "topic": "defect.a", "after_seq": -1}'], "after_seq"),
-    ([REQUEST_TAG, b'{"run_id": "r", "topic": "defect.a", "after_seq": true}'], "after_seq"),
-    ([REQUEST_TAG, b'{"run_id": "", "topic": "defect.a", "after_seq": 0}'], "run_id"),
-    ([REQUEST_TAG, b'{"run_id": "r", "topic": "heartbeat", "after_seq": 0}'], "topic"),
-    ([REQUEST_TAG, b'{"run_id": "r", "topic": "d\\u00e9", "after_seq": 0}'], "topic"),
-    ([REQUEST_TAG, b"x" * 5000], "larger than 1024 bytes"),
-])
+@pytest.mark.parametrize(
+    "parts,reason",
+    [
+        ([b"hello"], "a request is 2 parts"),
+        ([b"other/1", b"{}"], "a request is 2 parts"),
+        ([REQUEST_TAG, b"\xff\xfe"], "not UTF-8 JSON"),
+        ([REQUEST_TAG, b"[1, 2]"], "not a JSON object"),
+        ([REQUEST_TAG, b'{"run_id": "r", "topic": "defect.a", "after_seq": -1}'], "after_seq"),
+        ([REQUEST_TAG, b'{"run_id": "r", "topic": "defect.a", "after_seq": true}'], "after_seq"),
+        ([REQUEST_TAG, b'{"run_id": "", "topic": "defect.a", "after_seq": 0}'], "run_id"),
+        ([REQUEST_TAG, b'{"run_id": "r", "topic": "heartbeat", "after_seq": 0}'], "topic"),
+        ([REQUEST_TAG, b'{"run_id": "r", "topic": "d\\u00e9", "after_seq": 0}'], "topic"),
+        ([REQUEST_TAG, b"x" * 5000], "larger than 1024 bytes"),
+    ],
+)
 def test_malformed_requests_get_an_error_and_are_counted(line, parts, reason):
     ln = line()
     sock = ln.ctx.socket(zmq.DEALER)
@@ -213,8 +223,7 @@ def test_a_resumed_consumer_gets_what_it_missed_exactly_once(line):
     """Defects 1-4 published while the consumer was away; it resumes from position 2."""
     ln = line()
     ln.defects(4)
-    with Subscriber(ln.pub.endpoint, ["defect."], replay=ln.replay.endpoint,
-                    positions={ln.run_id: {"defect.cam1": 2}}) as sub:
+    with Subscriber(ln.pub.endpoint, ["defect."], replay=ln.replay.endpoint, positions={ln.run_id: {"defect.cam1": 2}}) as sub:
         got = [sub.recv(5) for _ in range(2)]  # the next heartbeat says last_seq 4: 3 and 4 are fetched
         assert [e.header["seq"] for e in got] == [3, 4] and all(e.replayed and e.gap == 0 for e in got)
         ln.defects(2)
@@ -233,8 +242,7 @@ def test_a_new_consumer_starts_from_now_and_what_is_gone_is_a_gap(line):
     # A consumer that was at 1: 2 and 3 are in the ring (2 messages), 4..6 come; nothing is lost.
     # One at 0 with a ring of 2 after 6: 1..4 are gone for good and reported as its gap.
     ln.defects(3)
-    with Subscriber(ln.pub.endpoint, ["defect."], replay=ln.replay.endpoint,
-                    positions={ln.run_id: {"defect.cam1": 0}}) as sub:
+    with Subscriber(ln.pub.endpoint, ["defect."], replay=ln.replay.endpoint, positions={ln.run_id: {"defect.cam1": 0}}) as sub:
         got = [sub.recv(5) for _ in range(2)]
         assert [e.header["seq"] for e in got] == [5, 6] and got[0].gap == 4 and sub.gaps == {"defect.cam1": 4}
 
@@ -247,11 +255,11 @@ def test_after_a_daemon_restart_the_rest_of_the_earlier_run_comes_from_the_archi
     before.close()  # the daemon stops; the consumer had handed out seq 1 only
     after = line(archive=True)  # restarted on the same archive: a new run
     after.defects(1)
-    with Subscriber(after.pub.endpoint, ["defect."], replay=after.replay.endpoint,
-                    positions={old_run: {"defect.cam1": 1}}) as sub:
+    with Subscriber(
+        after.pub.endpoint, ["defect."], replay=after.replay.endpoint, positions={old_run: {"defect.cam1": 1}}
+    ) as sub:
         got = [sub.recv(5) for _ in range(2)]
-        assert [(e.header["run_id"], e.header["seq"], e.replayed) for e in got] == [
-            (old_run, 2, True), (old_run, 3, True)]
+        assert [(e.header["run_id"], e.header["seq"], e.replayed) for e in got] == [(old_run, 2, True), (old_run, 3, True)]
         after.defects(1)
         live = sub.recv(5)
         assert (live.header["run_id"], live.header["seq"]) == (after.run_id, 2)  # a new consumer of this run: from now
@@ -295,8 +303,7 @@ def test_a_topic_new_since_the_consumer_left_comes_from_its_first_seq(line):
     ln = line()
     ln.defects(2, camera="cam1")
     ln.defects(3, camera="cam2")
-    with Subscriber(ln.pub.endpoint, ["defect."], replay=ln.replay.endpoint,
-                    positions={ln.run_id: {"defect.cam1": 2}}) as sub:
+    with Subscriber(ln.pub.endpoint, ["defect."], replay=ln.replay.endpoint, positions={ln.run_id: {"defect.cam1": 2}}) as sub:
         got = [sub.recv(5) for _ in range(3)]
         assert [(e.topic, e.header["seq"]) for e in got] == [("defect.cam2", 1), ("defect.cam2", 2), ("defect.cam2", 3)]
         assert sub.gaps == {}

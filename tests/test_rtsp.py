@@ -37,8 +37,12 @@ class Worker:
         self.registry = CollectorRegistry()
         self.frames, self.states = [], []
         self.cam = cam_id
-        self.worker = CameraWorker(CameraConfig(id=cam_id, **{**FAST, **cfg}), self.frames.append,
-                                   Metrics(self.registry), on_state=lambda c, s, d: self.states.append((s, d)))
+        self.worker = CameraWorker(
+            CameraConfig(id=cam_id, **{**FAST, **cfg}),
+            self.frames.append,
+            Metrics(self.registry),
+            on_state=lambda c, s, d: self.states.append((s, d)),
+        )
         self.worker.start()
 
     def metric(self, name: str) -> float:
@@ -73,8 +77,12 @@ def test_gstreamer_reads_the_rtsp_camera(camera, cfg):
     if cfg == "url":
         c = CameraConfig(id="gst", url=camera.url, backend="gstreamer", **FAST)
     else:
-        c = CameraConfig(id="gst", pipeline=f"rtspsrc location={camera.url} latency=0 protocols=tcp ! "
-                         "rtph264depay ! avdec_h264 ! videoconvert ! appsink", **FAST)
+        c = CameraConfig(
+            id="gst",
+            pipeline=f"rtspsrc location={camera.url} latency=0 protocols=tcp ! "
+            "rtph264depay ! avdec_h264 ! videoconvert ! appsink",
+            **FAST,
+        )
     frames = read_frames(GstSource(c), 5)
     assert len(frames) == 5 and frames[0].shape == (120, 160, 3) and frames[0].dtype == np.uint8
 
@@ -91,8 +99,10 @@ def test_synthetic_mode_serves_the_known_defect_frame():
 
 def _read_multi_slice(backend: str, n: int) -> tuple[list[np.ndarray], list[int]]:
     """n frames of a 4-slice counter stream read with `backend`, and the slices the proxy saw per frame."""
-    with RtspServer(mode="counter", width=320, height=240, fps=FPS, slices=4, tcp_only=True) as server, \
-            TcpProxy(server.port) as proxy:
+    with (
+        RtspServer(mode="counter", width=320, height=240, fps=FPS, slices=4, tcp_only=True) as server,
+        TcpProxy(server.port) as proxy,
+    ):
         frames = read_frames(open_source(CameraConfig(id="slices", url=proxy.url(), backend=backend, **FAST)), n)
         proxy.check()
         return frames, proxy.slices_per_frame()
@@ -133,8 +143,9 @@ def test_credentials_with_reserved_characters(backend):
     in the URL, as they must be): the right ones play, wrong ones fail with the password redacted."""
     user, password = "op@line", "p@ss:w/rd %1"
     with RtspServer(mode="counter", fps=FPS, auth=(user, password)) as server:
-        frames = read_frames(open_source(CameraConfig(id="login", url=server.url_with(user, password),
-                                                      backend=backend, **FAST)), 3)
+        frames = read_frames(
+            open_source(CameraConfig(id="login", url=server.url_with(user, password), backend=backend, **FAST)), 3
+        )
         assert len(frames) == 3
         wrong = open_source(CameraConfig(id="login", url=server.url_with(user, "guess"), backend=backend, **FAST))
         with pytest.raises(SourceError) as failed:
@@ -157,8 +168,10 @@ def test_camera_loss_goes_down_and_recovers(backend):
         restarted = time.monotonic()
         to_up = wait_until(w.is_(CameraState.UP), 15)
         w.flowing()
-        print(f"\n{backend}: kill -> DOWN {to_down:.2f} s; restart -> UP {to_up:.2f} s; "
-              f"reconnects {w.metric('camera_reconnects_total'):.0f}; outage {restarted + to_up - killed:.1f} s")
+        print(
+            f"\n{backend}: kill -> DOWN {to_down:.2f} s; restart -> UP {to_up:.2f} s; "
+            f"reconnects {w.metric('camera_reconnects_total'):.0f}; outage {restarted + to_up - killed:.1f} s"
+        )
     finally:
         w.close()
         server.stop(kill=True)
@@ -179,8 +192,10 @@ def test_frozen_camera_is_detected_by_the_stall_watchdog(backend):
         server.thaw()
         to_up = wait_until(w.is_(CameraState.UP), 15)
         w.flowing()
-        print(f"\n{backend}: freeze -> DOWN {to_down:.2f} s; thaw -> UP {to_up:.2f} s; "
-              f"reconnects {w.metric('camera_reconnects_total'):.0f}")
+        print(
+            f"\n{backend}: freeze -> DOWN {to_down:.2f} s; thaw -> UP {to_up:.2f} s; "
+            f"reconnects {w.metric('camera_reconnects_total'):.0f}"
+        )
     finally:
         w.close()
         server.stop(kill=True)

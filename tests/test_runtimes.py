@@ -51,8 +51,11 @@ def _frames(n: int, h: int, w: int, seed: int) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("runtime", EXPORTED)
-@pytest.mark.parametrize("n,h,w", [(1, 128, 160), (4, 128, 160), (3, 240, 320), (2, 100, 130)],
-                         ids=["input-size", "batch-4", "downscaled-padded", "upscaled"])
+@pytest.mark.parametrize(
+    "n,h,w",
+    [(1, 128, 160), (4, 128, 160), (3, 240, 320), (2, 100, 130)],
+    ids=["input-size", "batch-4", "downscaled-padded", "upscaled"],
+)
 def test_exported_runtime_matches_tensorflow(engines, runtime, n, h, w):
     engines, _ = engines
     frames = _frames(n, h, w, seed=n * h)

@@ -44,20 +44,30 @@ def keys(tmp_path: Path) -> dict[str, Path]:
     generate_keys(tmp_path / "clients", "good")
     generate_keys(tmp_path, "stranger")
     (tmp_path / "clients" / "good.key_secret").rename(tmp_path / "good.key_secret")  # the allow-list holds public keys
-    return {"server_secret": tmp_path / "server.key_secret", "server_public": tmp_path / "server.key",
-            "clients": tmp_path / "clients", "good": tmp_path / "good.key_secret",
-            "stranger": tmp_path / "stranger.key_secret"}
+    return {
+        "server_secret": tmp_path / "server.key_secret",
+        "server_public": tmp_path / "server.key",
+        "clients": tmp_path / "clients",
+        "good": tmp_path / "good.key_secret",
+        "stranger": tmp_path / "stranger.key_secret",
+    }
 
 
 def _refused(metrics: Metrics, socket_name: str, reason: str) -> float:
-    return metrics.registry.get_sample_value("inspectd_handshakes_refused_total",
-                                             {"socket": socket_name, "reason": reason}) or 0.0
+    return (
+        metrics.registry.get_sample_value("inspectd_handshakes_refused_total", {"socket": socket_name, "reason": reason}) or 0.0
+    )
 
 
 def _publisher(keys: dict[str, Path] | None) -> Publisher:
     server_keys = ServerKeys.load(keys["server_secret"], keys["clients"]) if keys else None
-    pub = Publisher(PublishConfig(endpoint="tcp://127.0.0.1:0", heartbeat_s=0.1), Metrics(CollectorRegistry()),
-                    run_id="r1", model=MODEL, keys=server_keys)
+    pub = Publisher(
+        PublishConfig(endpoint="tcp://127.0.0.1:0", heartbeat_s=0.1),
+        Metrics(CollectorRegistry()),
+        run_id="r1",
+        model=MODEL,
+        keys=server_keys,
+    )
     pub.start()
     return pub
 
@@ -96,8 +106,11 @@ def test_an_allowed_key_receives_events_an_unknown_one_or_plain_text_nothing_and
             with pytest.raises(AccessError, match="we do not"):
                 plain_sub.recv(timeout_s=2.0)
         # The server sees a plain-text client as a protocol error, or without detail when the client hung up first.
-        wait_until(lambda: refused()["protocol"] + refused()["other"] > before["protocol"] + before["other"], 5,
-                   lambda: f"the plain-text client's refusal counted: {refused()}")
+        wait_until(
+            lambda: refused()["protocol"] + refused()["other"] > before["protocol"] + before["other"],
+            5,
+            lambda: f"the plain-text client's refusal counted: {refused()}",
+        )
     finally:
         pub.stop()
 
@@ -153,25 +166,36 @@ def test_replay_takes_the_same_keys(keys):
     metrics = Metrics(CollectorRegistry())
     ring = Ring(100, 1 << 20)
     ring.add("defect.cam1", 1, [b"defect.cam1", b"{}"])
-    server = ReplayServer(ReplayConfig(endpoint="tcp://127.0.0.1:0"), "r1", ring, None, metrics, lambda t: 1,
-                          ServerKeys.load(keys["server_secret"], keys["clients"])).start()
+    server = ReplayServer(
+        ReplayConfig(endpoint="tcp://127.0.0.1:0"),
+        "r1",
+        ring,
+        None,
+        metrics,
+        lambda t: 1,
+        ServerKeys.load(keys["server_secret"], keys["clients"]),
+    ).start()
     ctx = zmq.Context()
     try:
         good = ReplayClient(ctx, server.endpoint, 5.0, curve=ClientKeys.load(keys["good"], keys["server_public"]))
         messages, end = good.fetch("r1", "defect.cam1", 0)
         assert end["status"] == "complete" and [m[0] for m in messages] == [b"defect.cam1"]
         good.close()
-        stranger = ReplayClient(ctx, server.endpoint, 1.0,
-                                curve=ClientKeys.load(keys["stranger"], keys["server_public"]))
+        stranger = ReplayClient(ctx, server.endpoint, 1.0, curve=ClientKeys.load(keys["stranger"], keys["server_public"]))
         with pytest.raises(ReplayError, match="no answer"):
             stranger.fetch("r1", "defect.cam1", 0)
         plain = ReplayClient(ctx, server.endpoint, 1.0)
         with pytest.raises(ReplayError, match="no answer"):
             plain.fetch("r1", "defect.cam1", 0)
         # The plain client: a protocol error, or no detail when it hung up first (as on the events socket).
-        wait_until(lambda: _refused(metrics, "replay", "auth") >= 1 and
-                   _refused(metrics, "replay", "protocol") + _refused(metrics, "replay", "other") >= 1,
-                   5, "both refusals counted on the replay socket")
+        wait_until(
+            lambda: (
+                _refused(metrics, "replay", "auth") >= 1
+                and _refused(metrics, "replay", "protocol") + _refused(metrics, "replay", "other") >= 1
+            ),
+            5,
+            "both refusals counted on the replay socket",
+        )
     finally:
         server.stop()
         ctx.term()
@@ -220,8 +244,9 @@ def test_private_file_names_the_key_for_a_missing_file(tmp_path):
 
 def test_keys_cli_exit_codes(tmp_path):
     def cli(*argv: str, stdin: str = "") -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "inspectd", "keys", *argv], capture_output=True, text=True,
-                              input=stdin, cwd=ROOT, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "inspectd", "keys", *argv], capture_output=True, text=True, input=stdin, cwd=ROOT, timeout=60
+        )
 
     made = cli("generate", str(tmp_path), "--name", "line3")
     assert made.returncode == 0 and (tmp_path / "line3.key_secret").stat().st_mode & 0o777 == 0o600
@@ -245,12 +270,21 @@ def test_password_check_remembers_a_pass_but_never_a_wrong_password():
 # -- where a socket can be reached from ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("endpoint, loopback", [
-    ("tcp://127.0.0.1:5556", True), ("tcp://127.0.0.2:5556", True), ("tcp://localhost:5556", True),
-    ("tcp://lo:5556", True), ("ipc:///run/inspectd/events", True), ("tcp://[::1]:5556", True),
-    ("tcp://0.0.0.0:5556", False), ("tcp://*:5556", False), ("tcp://10.0.3.5:5556", False),
-    ("tcp://eth0:5556", False),
-])
+@pytest.mark.parametrize(
+    "endpoint, loopback",
+    [
+        ("tcp://127.0.0.1:5556", True),
+        ("tcp://127.0.0.2:5556", True),
+        ("tcp://localhost:5556", True),
+        ("tcp://lo:5556", True),
+        ("ipc:///run/inspectd/events", True),
+        ("tcp://[::1]:5556", True),
+        ("tcp://0.0.0.0:5556", False),
+        ("tcp://*:5556", False),
+        ("tcp://10.0.3.5:5556", False),
+        ("tcp://eth0:5556", False),
+    ],
+)
 def test_is_loopback_endpoint(endpoint, loopback):
     assert is_loopback_endpoint(endpoint) is loopback
 
@@ -318,33 +352,68 @@ def test_a_daemon_open_to_the_network_in_plain_text_warns_and_says_so_on_healthz
 @pytest.mark.slow
 def test_a_curve_daemon_serves_an_allowed_watch_and_refuses_a_stranger_with_exit_77(tmp_path, keys):
     port, replay_port = free_port(), free_port()
-    config, urls = daemon_config(tmp_path, _DEFECTS, publish={
-        "endpoint": f"tcp://0.0.0.0:{port}", "curve_secret_key": str(keys["server_secret"]),
-        "curve_clients": str(keys["clients"])}, replay={"endpoint": f"tcp://0.0.0.0:{replay_port}"})
+    config, urls = daemon_config(
+        tmp_path,
+        _DEFECTS,
+        publish={
+            "endpoint": f"tcp://0.0.0.0:{port}",
+            "curve_secret_key": str(keys["server_secret"]),
+            "curve_clients": str(keys["clients"]),
+        },
+        replay={"endpoint": f"tcp://0.0.0.0:{replay_port}"},
+    )
     endpoint = f"tcp://127.0.0.1:{port}"
     with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
         daemon.wait_ready(urls["metrics"])
         assert "open to the network" not in http_get(urls["metrics"] + "/healthz")[1]
-        ok = run_cli("watch", endpoint, "--replay", f"tcp://127.0.0.1:{replay_port}", "--json", "--count", "2",
-                     "--timeout", "30", "--client-key", keys["good"], "--server-key", keys["server_public"], timeout=60)
+        ok = run_cli(
+            "watch",
+            endpoint,
+            "--replay",
+            f"tcp://127.0.0.1:{replay_port}",
+            "--json",
+            "--count",
+            "2",
+            "--timeout",
+            "30",
+            "--client-key",
+            keys["good"],
+            "--server-key",
+            keys["server_public"],
+            timeout=60,
+        )
         headers = [json.loads(line) for line in ok.stdout.splitlines()]
         assert ok.returncode == 0 and [h["topic"] for h in headers] == ["defect.cam-a"] * 2, ok.stderr
-        refused = run_cli("watch", endpoint, "--timeout", "30", "--client-key", keys["stranger"],
-                          "--server-key", keys["server_public"], timeout=60)
+        refused = run_cli(
+            "watch",
+            endpoint,
+            "--timeout",
+            "30",
+            "--client-key",
+            keys["stranger"],
+            "--server-key",
+            keys["server_public"],
+            timeout=60,
+        )
         assert refused.returncode == ExitCode.NO_PERMISSION, refused.stderr
         assert refused.stderr.count("\n") == 1 and "refused our CURVE key" in refused.stderr, refused.stderr
         # Plain text against CURVE: refused for sure (77) when the client sees the mechanism mismatch; when the
         # daemon hangs up first, the client cannot tell that from a cut connection: a warning, then --timeout.
         plain = run_cli("watch", endpoint, "--timeout", "8", timeout=60)
         assert (plain.returncode == ExitCode.NO_PERMISSION and "we do not" in plain.stderr) or (
-            plain.returncode == 1 and "does the daemon use CURVE (--client-key/--server-key)?" in plain.stderr), plain
-        wait_until(lambda: (metric_value(urls["metrics"], "inspectd_handshakes_refused_total", socket="events",
-                                         reason="auth") or 0) >= 1, 10, "the refusal in the daemon's metrics")
+            plain.returncode == 1 and "does the daemon use CURVE (--client-key/--server-key)?" in plain.stderr
+        ), plain
+        wait_until(
+            lambda: (
+                (metric_value(urls["metrics"], "inspectd_handshakes_refused_total", socket="events", reason="auth") or 0) >= 1
+            ),
+            10,
+            "the refusal in the daemon's metrics",
+        )
 
 
 def test_check_config_loads_the_keys_as_run_would(keys, tmp_path):
-    config = _config(tmp_path, f'[publish]\ncurve_secret_key = "{keys["server_secret"]}"\n'
-                               f'curve_clients = "{keys["clients"]}"')
+    config = _config(tmp_path, f'[publish]\ncurve_secret_key = "{keys["server_secret"]}"\ncurve_clients = "{keys["clients"]}"')
     assert run_cli("check-config", "--config", config, "--no-model").returncode == 0
     os.chmod(keys["server_secret"], 0o640)
     bad = run_cli("check-config", "--config", config, "--no-model")
@@ -353,7 +422,7 @@ def test_check_config_loads_the_keys_as_run_would(keys, tmp_path):
 
 def test_the_allow_list_follows_keys_added_replaced_in_place_and_removed(keys, tmp_path):
     allow = ServerKeys.load(keys["server_secret"], keys["clients"]).allow
-    good = (keys["clients"] / "good.key")
+    good = keys["clients"] / "good.key"
     good_public, _ = zmq.auth.load_certificate(good)
     stranger_public, _ = zmq.auth.load_certificate(tmp_path / "stranger.key")
     assert allow.callback("*", good_public) and not allow.callback("*", stranger_public)

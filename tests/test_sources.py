@@ -66,21 +66,23 @@ def fake_clock(monkeypatch) -> FakeClock:
 # ----------------------------------------------------------------------------- helpers
 
 
-@pytest.mark.parametrize("url, expected", [
-    ("rtsp://user:pass@host/stream", "rtsp://user:***@host/stream"),
-    ("rtsps://admin:p@ss:w0rd@10.0.0.5:322/ch1?x=1", "rtsps://admin:***@10.0.0.5:322/ch1?x=1"),
-    ("rtsp://host/stream", "rtsp://host/stream"),
-    ("rtsp://user@host/stream", "rtsp://user@host/stream"),
-    ("open rtsp://a:b@h1/x failed; rtsp://c:d@h2/y", "open rtsp://a:***@h1/x failed; rtsp://c:***@h2/y"),
-    ("/videos/line1.avi", "/videos/line1.avi"),
-])
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("rtsp://user:pass@host/stream", "rtsp://user:***@host/stream"),
+        ("rtsps://admin:p@ss:w0rd@10.0.0.5:322/ch1?x=1", "rtsps://admin:***@10.0.0.5:322/ch1?x=1"),
+        ("rtsp://host/stream", "rtsp://host/stream"),
+        ("rtsp://user@host/stream", "rtsp://user@host/stream"),
+        ("open rtsp://a:b@h1/x failed; rtsp://c:d@h2/y", "open rtsp://a:***@h1/x failed; rtsp://c:***@h2/y"),
+        ("/videos/line1.avi", "/videos/line1.avi"),
+    ],
+)
 def test_redact(url, expected):
     assert redact(url) == expected
 
 
 def test_query_params_convert_and_reject_unknown():
-    assert query_params("synthetic://?fps=2.5&seed=3", {"fps": 1.0, "seed": 0, "x": True}) == {
-        "fps": 2.5, "seed": 3, "x": True}
+    assert query_params("synthetic://?fps=2.5&seed=3", {"fps": 1.0, "seed": 0, "x": True}) == {"fps": 2.5, "seed": 3, "x": True}
     with pytest.raises(SourceError, match="unknown parameter.*fsp.*allowed: fps"):
         query_params("dir:///x?fsp=2", {"fps": 5.0})
     with pytest.raises(SourceError, match="seed='x' is not a valid int"):
@@ -274,8 +276,9 @@ def test_video_file_through_gstreamer_loops(video):
 
 def test_pipeline_without_appsink_gets_one_and_odd_widths_are_unpadded():
     # 162 px * 3 bytes = 486: GStreamer pads RGB rows to 488; the frame must come out 162 wide.
-    src = GstSource(CameraConfig(id="g", pipeline="videotestsrc is-live=true pattern=white ! "
-                                 "video/x-raw,width=162,height=40,framerate=30/1"))
+    src = GstSource(
+        CameraConfig(id="g", pipeline="videotestsrc is-live=true pattern=white ! video/x-raw,width=162,height=40,framerate=30/1")
+    )
     src.open()
     try:
         frame = read_n(src, 2)[-1]
@@ -284,13 +287,17 @@ def test_pipeline_without_appsink_gets_one_and_odd_widths_are_unpadded():
     assert frame.shape == (40, 162, 3) and frame.dtype == np.uint8 and frame.min() == 255
 
 
-@pytest.mark.parametrize("fmt,width", [("BGRx", 30), ("BGR", 30), ("RGB", 30), ("RGB", 32), ("RGBA", 30), ("xRGB", 30),
-                                       ("ABGR", 30), ("GRAY8", 30)])
+@pytest.mark.parametrize(
+    "fmt,width", [("BGRx", 30), ("BGR", 30), ("RGB", 30), ("RGB", 32), ("RGBA", 30), ("xRGB", 30), ("ABGR", 30), ("GRAY8", 30)]
+)
 def test_pipeline_with_its_own_format_is_converted_to_rgb(fmt, width):
     # 30 px wide: 3-byte rows (90 bytes) are padded to 92, so the stride is not the width; 32: RGB unpadded,
     # the buffer's copy itself (read-only: nothing downstream writes into a frame).
-    src = GstSource(CameraConfig(id="g", pipeline="videotestsrc pattern=smpte ! "
-                                 f"video/x-raw,format={fmt},width={width},height=24 ! appsink name=mine"))
+    src = GstSource(
+        CameraConfig(
+            id="g", pipeline=f"videotestsrc pattern=smpte ! video/x-raw,format={fmt},width={width},height=24 ! appsink name=mine"
+        )
+    )
     src.open()
     try:
         frame = read_n(src, 1)[0]
@@ -304,8 +311,14 @@ def test_pipeline_with_its_own_format_is_converted_to_rgb(fmt, width):
         assert all(r == g == b for r, g, b in bars) and bars[0][0] > bars[-1][0]
     else:
         assert [tuple(v > 128 for v in bar) for bar in bars] == [
-            (True, True, True), (True, True, False), (False, True, True), (False, True, False),
-            (True, False, True), (True, False, False), (False, False, True)]
+            (True, True, True),
+            (True, True, False),
+            (False, True, True),
+            (False, True, False),
+            (True, False, True),
+            (True, False, False),
+            (False, False, True),
+        ]
 
 
 def test_pipeline_errors_are_source_errors():
@@ -321,9 +334,11 @@ def test_pipeline_errors_are_source_errors():
 
 
 def test_missing_pygobject_names_the_extra_and_packages():
-    code = ("import sys; sys.modules['gi'] = None\n"
-            "from inspectd.sources.gstreamer import import_gst\n"
-            "try:\n    import_gst()\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
+    code = (
+        "import sys; sys.modules['gi'] = None\n"
+        "from inspectd.sources.gstreamer import import_gst\n"
+        "try:\n    import_gst()\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
     assert out.startswith("SourceError") and "inspectd[gstreamer]" in out and "libgirepository1.0-dev" in out
 
@@ -331,19 +346,22 @@ def test_missing_pygobject_names_the_extra_and_packages():
 # ----------------------------------------------------------------------------- the kind table
 
 
-@pytest.mark.parametrize("cfg, kind, cls", [
-    # auto: GStreamer, whose RTSP elements the test command installs (apt) along with PyGObject (pip)
-    (dict(url="rtsp://h/s"), "stream", GstSource),
-    (dict(url="rtsp://h/s", backend="opencv"), "stream", OpenCVSource),
-    (dict(url="rtsps://h/s"), "stream", OpenCVSource),  # auto: FFmpeg accepts self-signed certificates
-    (dict(url="rtsps://u:p@h/s", backend="gstreamer"), "stream", GstSource),
-    (dict(url="/videos/a.mp4"), "file", OpenCVSource),
-    (dict(url="file:///videos/a.mp4", backend="gstreamer"), "file", GstSource),
-    (dict(url="v4l2:///dev/video0"), "device", OpenCVSource),
-    (dict(url="dir:///data/imgs?fps=2"), "folder", FolderSource),
-    (dict(url="synthetic://?fps=10"), "synthetic", SyntheticSource),
-    (dict(pipeline="videotestsrc ! appsink"), "pipeline", GstSource),
-])
+@pytest.mark.parametrize(
+    "cfg, kind, cls",
+    [
+        # auto: GStreamer, whose RTSP elements the test command installs (apt) along with PyGObject (pip)
+        (dict(url="rtsp://h/s"), "stream", GstSource),
+        (dict(url="rtsp://h/s", backend="opencv"), "stream", OpenCVSource),
+        (dict(url="rtsps://h/s"), "stream", OpenCVSource),  # auto: FFmpeg accepts self-signed certificates
+        (dict(url="rtsps://u:p@h/s", backend="gstreamer"), "stream", GstSource),
+        (dict(url="/videos/a.mp4"), "file", OpenCVSource),
+        (dict(url="file:///videos/a.mp4", backend="gstreamer"), "file", GstSource),
+        (dict(url="v4l2:///dev/video0"), "device", OpenCVSource),
+        (dict(url="dir:///data/imgs?fps=2"), "folder", FolderSource),
+        (dict(url="synthetic://?fps=10"), "synthetic", SyntheticSource),
+        (dict(pipeline="videotestsrc ! appsink"), "pipeline", GstSource),
+    ],
+)
 def test_open_source_table(cfg, kind, cls):
     c = CameraConfig(id="c", **cfg)
     assert source_kind(c) == kind
@@ -351,11 +369,13 @@ def test_open_source_table(cfg, kind, cls):
 
 
 def test_auto_reads_rtsp_with_opencv_when_gstreamer_is_missing():
-    code = ("import logging, sys; sys.modules['gi'] = None; logging.basicConfig(level=logging.INFO)\n"
-            "from inspectd.config import CameraConfig\n"
-            "from inspectd.sources import open_source\n"
-            "for _ in range(2):\n"
-            "    print(type(open_source(CameraConfig(id='c', url='rtsp://h/s'))).__name__)\n")
+    code = (
+        "import logging, sys; sys.modules['gi'] = None; logging.basicConfig(level=logging.INFO)\n"
+        "from inspectd.config import CameraConfig\n"
+        "from inspectd.sources import open_source\n"
+        "for _ in range(2):\n"
+        "    print(type(open_source(CameraConfig(id='c', url='rtsp://h/s'))).__name__)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["OpenCVSource", "OpenCVSource"], out.stderr
     said = [line for line in out.stderr.splitlines() if "read with OpenCV" in line]
@@ -377,8 +397,9 @@ def test_auto_reads_rtsp_with_opencv_when_an_element_is_missing(monkeypatch, cap
 
 def test_gstreamer_rtsp_pipeline_uses_tcp_and_the_open_timeout():
     launch, is_file = pipeline_for(CameraConfig(id="c", url="rtsp://u:p@h/s", open_timeout_s=2.5))
-    assert not is_file and launch.startswith('rtspsrc location="rtsp://u:p@h/s" latency=0 protocols=tcp '
-                                             "tcp-timeout=2500000 ! decodebin")
+    assert not is_file and launch.startswith(
+        'rtspsrc location="rtsp://u:p@h/s" latency=0 protocols=tcp tcp-timeout=2500000 ! decodebin'
+    )
 
 
 def test_open_source_plain_directory_is_a_folder(image_dir):
@@ -449,8 +470,9 @@ def test_a_frame_before_skip_before_is_skipped_without_conversion(kind, image_di
         src = OpenCVSource(cam(str(video)))
     else:
         counting(gstreamer, "_to_rgb")
-        src = GstSource(CameraConfig(id="g", pipeline="videotestsrc is-live=true ! video/x-raw,width=32,height=24,"
-                                     "framerate=50/1"))
+        src = GstSource(
+            CameraConfig(id="g", pipeline="videotestsrc is-live=true ! video/x-raw,width=32,height=24,framerate=50/1")
+        )
     src.open()
     try:
         if kind == "opencv file":
@@ -465,8 +487,7 @@ def test_a_frame_before_skip_before_is_skipped_without_conversion(kind, image_di
         src.close()
     assert isinstance(frame, np.ndarray) and frame.ndim == 3 and converted == 1
     if kind == "synthetic":  # frame 2: the two skipped ones were consumed
-        assert np.array_equal(frame[..., 0], SyntheticSource(cam("synthetic://?seed=3&width=32&height=24"))
-                              .sample(2).image)
+        assert np.array_equal(frame[..., 0], SyntheticSource(cam("synthetic://?seed=3&width=32&height=24")).sample(2).image)
     if kind == "opencv file":
         assert levels([frame]) == [3]
     if kind == "folder":  # a.png and b.png skipped, unread
@@ -476,7 +497,9 @@ def test_a_frame_before_skip_before_is_skipped_without_conversion(kind, image_di
 def test_tensorflow_imported_after_a_gstreamer_camera_does_not_crash():
     """GStreamer initialised before TensorFlow's import crashed the process (SIGSEGV): import_gst imports
     TensorFlow first. In a fresh interpreter, as a tool that opens a camera before loading a model would."""
-    code = ("from inspectd.sources.gstreamer import import_gst\nimport_gst()\n"
-            "import keras, tensorflow\nprint('alive', tensorflow.__version__)")
+    code = (
+        "from inspectd.sources.gstreamer import import_gst\nimport_gst()\n"
+        "import keras, tensorflow\nprint('alive', tensorflow.__version__)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "alive" in done.stdout, (done.returncode, done.stderr[-2000:])

@@ -117,8 +117,7 @@ def test_render_rejects_tiny_sizes() -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(width=st.integers(16, 128), height=st.integers(16, 128),
-       seed=st.integers(0, 2**32 - 1), defect=st.booleans())
+@given(width=st.integers(16, 128), height=st.integers(16, 128), seed=st.integers(0, 2**32 - 1), defect=st.booleans())
 def test_render_never_fails(width: int, height: int, seed: int, defect: bool) -> None:
     s = render(np.random.default_rng(seed), width, height, defect)
     assert s.image.shape == s.mask.shape == (height, width)
@@ -134,8 +133,7 @@ def test_render_never_fails(width: int, height: int, seed: int, defect: bool) ->
 def test_write_dataset_layout(tmp_path: Path) -> None:
     calls: list[tuple[int, int]] = []
     out = tmp_path / "data"
-    summary = write_dataset(out, 10, 40, 32, seed=5, defect_ratio=0.3,
-                            progress=lambda done, total: calls.append((done, total)))
+    summary = write_dataset(out, 10, 40, 32, seed=5, defect_ratio=0.3, progress=lambda done, total: calls.append((done, total)))
     assert summary == DatasetSummary(root=out, n_ok=7, n_defect=3, width=40, height=32, seed=5)
     assert calls == [(i, 10) for i in range(1, 11)]
     ok, defect, masks = _files(out, "ok"), _files(out, "defect"), _files(out, "masks")
@@ -151,7 +149,13 @@ def test_write_dataset_layout(tmp_path: Path) -> None:
     meta = json.loads((out / "synth.json").read_text())
     assert meta["complete"] is True
     assert {k: meta[k] for k in ("n", "n_ok", "n_defect", "width", "height", "seed")} == {
-        "n": 10, "n_ok": 7, "n_defect": 3, "width": 40, "height": 32, "seed": 5}
+        "n": 10,
+        "n_ok": 7,
+        "n_defect": 3,
+        "width": 40,
+        "height": 32,
+        "seed": 5,
+    }
     assert meta["defect_ratio"] == 0.3
     assert sorted(Path(s["file"]).name for s in meta["samples"]) == sorted(ok + defect)
 
@@ -220,17 +224,20 @@ def test_empty_existing_folder_is_fine(tmp_path: Path) -> None:
     assert write_dataset(tmp_path, 2, 16, 16).n_defect == 1
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"n": 1}, "at least 2"),
-    ({"n": 0}, "at least 2"),
-    ({"width": 15}, "width and height"),
-    ({"height": 4}, "width and height"),
-    ({"defect_ratio": 0.0}, "defect_ratio"),
-    ({"defect_ratio": 1.0}, "defect_ratio"),
-    ({"defect_ratio": -0.5}, "defect_ratio"),
-    ({"defect_ratio": math.nan}, "defect_ratio"),
-    ({"seed": -1}, "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"n": 1}, "at least 2"),
+        ({"n": 0}, "at least 2"),
+        ({"width": 15}, "width and height"),
+        ({"height": 4}, "width and height"),
+        ({"defect_ratio": 0.0}, "defect_ratio"),
+        ({"defect_ratio": 1.0}, "defect_ratio"),
+        ({"defect_ratio": -0.5}, "defect_ratio"),
+        ({"defect_ratio": math.nan}, "defect_ratio"),
+        ({"seed": -1}, "seed"),
+    ],
+)
 def test_bad_arguments(tmp_path: Path, kwargs: dict, match: str) -> None:
     args = {"n": 4, "width": 16, "height": 16, **kwargs}
     with pytest.raises(ValueError, match=match):

@@ -26,9 +26,14 @@ def test_a_tally_counts_by_labels_and_is_exported_as_a_counter():
     # What a scraper sees equals the state.
     assert registry.get_sample_value("inspectd_frames_captured_total", {"camera": "a"}) == 5
     assert registry.get_sample_value("inspectd_frames_dropped_total", {"camera": "b", "reason": "decode"}) == 0
-    assert [str(a) for a in accounts(m, {"a": 0})] == [str(a) for a in frame_accounts(registry, {"a": 0})] == [
-        "a: captured 5 = inferred 3 + dropped 2 (stale 2) + in flight 0; residual 0",
-        "b: captured 0 = inferred 0 + dropped 0 (none) + in flight 0; residual 0"]
+    assert (
+        [str(a) for a in accounts(m, {"a": 0})]
+        == [str(a) for a in frame_accounts(registry, {"a": 0})]
+        == [
+            "a: captured 5 = inferred 3 + dropped 2 (stale 2) + in flight 0; residual 0",
+            "b: captured 0 = inferred 0 + dropped 0 (none) + in flight 0; residual 0",
+        ]
+    )
 
 
 def test_a_tally_refuses_wrong_labels_and_a_decrease():

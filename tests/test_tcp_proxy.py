@@ -111,8 +111,8 @@ def test_corrupt_flips_rtp_payload_only(path):
     proxy.corrupt(1)
     upstream.conn.sendall(RTP + RTCP + RTP)
     got = recv_exactly(client, len(RTP + RTCP + RTP))
-    first, rtcp, second = got[:len(RTP)], got[len(RTP):len(RTP + RTCP)], got[len(RTP + RTCP):]
-    assert first[:4 + 12 + 2] == RTP[:18] and first[18:] != RTP[18:]  # framing, RTP header, NAL header kept
+    first, rtcp, second = got[: len(RTP)], got[len(RTP) : len(RTP + RTCP)], got[len(RTP + RTCP) :]
+    assert first[: 4 + 12 + 2] == RTP[:18] and first[18:] != RTP[18:]  # framing, RTP header, NAL header kept
     assert rtcp == RTCP and second == RTP and proxy.rtp_corrupted == 1
 
 
@@ -130,11 +130,14 @@ def test_blackhole_accepts_and_never_answers():
     upstream.close()
 
 
-@pytest.mark.parametrize("first, rest, length", [
-    (0x80, b"", 12),                                       # V=2, no CSRC, no extension
-    (0x82, b"", 20),                                       # 2 CSRCs
-    (0x90, struct.pack("!HH", 0xBEDE, 2) + bytes(8), 24),  # extension of 2 words
-])
+@pytest.mark.parametrize(
+    "first, rest, length",
+    [
+        (0x80, b"", 12),  # V=2, no CSRC, no extension
+        (0x82, b"", 20),  # 2 CSRCs
+        (0x90, struct.pack("!HH", 0xBEDE, 2) + bytes(8), 24),  # extension of 2 words
+    ],
+)
 def test_rtp_header_length(first, rest, length):
     header = bytes([first]) + bytes(11) + bytes(4 * (first & 0x0F)) + rest
     assert _rtp_header_length(header + b"payload") == length

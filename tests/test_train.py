@@ -92,8 +92,14 @@ def test_metadata_describes_training(trained):
     meta = read_metadata(trained.model_path)
     assert meta["format"] == "inspectd.model/1"
     assert meta["backbone"] == "efficientnetv2b0" and meta["stride"] == 16
-    assert meta["input"] == {"width": 96, "height": 96, "channels": 3, "channel_order": "RGB", "range": "0-255",
-                             "preprocessing": "inside the model: feed RGB 0..255 float"}
+    assert meta["input"] == {
+        "width": 96,
+        "height": 96,
+        "channels": 3,
+        "channel_order": "RGB",
+        "range": "0-255",
+        "preprocessing": "inside the model: feed RGB 0..255 float",
+    }
     assert meta["cam"] == {"height": 6, "width": 6}
     assert meta["thresholds"]["score"] == 0.5
     assert meta["pooling"] == {"kind": "gap", "param": None}

@@ -27,6 +27,7 @@ RUN = "c" * 32
 
 def png(width: int, height: int) -> bytes:
     """A valid 8-bit grey PNG of zeros, built by hand so that a large one costs no large array here."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -39,8 +40,13 @@ def png(width: int, height: int) -> bytes:
 
 def defect_body(width: int = 64, height: int = 48, **override) -> dict:
     body = {
-        "camera": "cam1", "frame_seq": 7, "captured_at": "2026-11-26T13:40:00.123456Z", "score": 0.9,
-        "threshold": 0.5, "is_defect": True, "model": {"name": "m", "sha256": "ab" * 32},
+        "camera": "cam1",
+        "frame_seq": 7,
+        "captured_at": "2026-11-26T13:40:00.123456Z",
+        "score": 0.9,
+        "threshold": 0.5,
+        "is_defect": True,
+        "model": {"name": "m", "sha256": "ab" * 32},
         "regions": [{"bbox": [1, 2, 3, 4], "area_px": 12, "peak": 0.9, "mean": 0.8}],
         "frame": {"width": width, "height": height},
         "attachments": [{"kind": "mask", "encoding": "png", "width": width, "height": height}],
@@ -62,13 +68,25 @@ def without(parts: list[bytes], *keys: str) -> list[bytes]:
 MALFORMED = {
     "status without camera": encode_message("status.cam1", RUN, 1, {"state": "up", "detail": ""}),
     "heartbeat without published_at": without(
-        encode_message("heartbeat", RUN, 2, {"fps": 1.0, "cameras": {}, "uptime_s": 1.0}), "published_at"),
-    "heartbeat with a list of cameras": encode_message("heartbeat", RUN, 3, {"fps": 1.0, "cameras": [1],
-                                                                               "uptime_s": 1.0}),
+        encode_message("heartbeat", RUN, 2, {"fps": 1.0, "cameras": {}, "uptime_s": 1.0}), "published_at"
+    ),
+    "heartbeat with a list of cameras": encode_message("heartbeat", RUN, 3, {"fps": 1.0, "cameras": [1], "uptime_s": 1.0}),
     "score as a string": defect(1, png(64, 48), score="high"),
-    "published_at not a time": [b"status.cam1", json.dumps({
-        "schema": SCHEMA, "run_id": RUN, "topic": "status.cam1", "seq": 2, "published_at": "yesterday",
-        "camera": "cam1", "state": "up", "attachments": []}).encode()],
+    "published_at not a time": [
+        b"status.cam1",
+        json.dumps(
+            {
+                "schema": SCHEMA,
+                "run_id": RUN,
+                "topic": "status.cam1",
+                "seq": 2,
+                "published_at": "yesterday",
+                "camera": "cam1",
+                "state": "up",
+                "attachments": [],
+            }
+        ).encode(),
+    ],
     "a region without bbox": defect(2, png(64, 48), regions=[{"area_px": 3, "peak": 1.0, "mean": 1.0}]),
     "an attachment entry that is a string": defect(3, png(64, 48), attachments=["mask"]),
     "a PNG larger than declared": defect(4, png(4000, 3000)),
@@ -112,8 +130,10 @@ def test_image_size_reads_png_and_jpeg_headers():
 
 def test_a_jpeg_frame_larger_than_declared_is_refused():
     big = cv2.imencode(".jpg", np.zeros((480, 640, 3), np.uint8))[1].tobytes()
-    attachments = [{"kind": "mask", "encoding": "png", "width": 64, "height": 48},
-                   {"kind": "frame", "encoding": "jpeg", "width": 64, "height": 48}]
+    attachments = [
+        {"kind": "mask", "encoding": "png", "width": 64, "height": 48},
+        {"kind": "frame", "encoding": "jpeg", "width": 64, "height": 48},
+    ]
     parts = encode_message("defect.cam1", RUN, 1, defect_body(attachments=attachments), [png(64, 48), big])
     with pytest.raises(WireFormatError, match="frame attachment is 640x480"):
         decode_event(parts)
@@ -180,8 +200,14 @@ def start_watch():
     started: list[subprocess.Popen] = []
 
     def start(*args: str) -> Lines:
-        proc = subprocess.Popen([sys.executable, "-m", "inspectd", "watch", *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "inspectd", "watch", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         started.append(proc)
         return Lines(proc)
 
@@ -237,14 +263,11 @@ def test_subscriber_reports_malformed_to_its_callback(pub_socket):
         deadline = time.monotonic() + 10
         while sub.recv(timeout_s=0.05) is None:  # slow joiner
             assert time.monotonic() < deadline, "subscriber never connected"
-            pub_socket.send_multipart(encode_message("heartbeat", RUN, 1, {"fps": None, "cameras": {},
-                                                                             "uptime_s": 0.0}))
+            pub_socket.send_multipart(encode_message("heartbeat", RUN, 1, {"fps": None, "cameras": {}, "uptime_s": 0.0}))
         pub_socket.send_multipart(MALFORMED["status without camera"])
         pub_socket.send_multipart(encode_message("status.cam1", RUN, 5, {"camera": "cam1", "state": "up"}))
         ev = sub.recv(timeout_s=5.0)
         while ev is not None and ev.topic == "heartbeat":
             ev = sub.recv(timeout_s=5.0)
     assert ev is not None and ev.topic == "status.cam1"
-    assert sub.malformed == 1 and reasons == [(endpoint, "topic 'status.cam1': header field 'camera' missing or not "
-                                                         "a valid str")]
-
+    assert sub.malformed == 1 and reasons == [(endpoint, "topic 'status.cam1': header field 'camera' missing or not a valid str")]

@@ -11,8 +11,16 @@ paths are relative to the file, and a file that group or others can write is ref
 
 from __future__ import annotations
 
-__all__ = ["DaemonSource", "ClientConfig", "ProxyConfig", "MqttConfig", "OpcUaConfig", "BridgeSettings",
-           "load_bridge_settings", "DEFAULT_BRIDGES_CONFIG"]
+__all__ = [
+    "DaemonSource",
+    "ClientConfig",
+    "ProxyConfig",
+    "MqttConfig",
+    "OpcUaConfig",
+    "BridgeSettings",
+    "load_bridge_settings",
+    "DEFAULT_BRIDGES_CONFIG",
+]
 
 import re
 import socket
@@ -50,8 +58,7 @@ def _connect_endpoint(value: str) -> str:
 class DaemonSource(Section):
     endpoint: str = Field(description="the daemon's [publish] endpoint, e.g. tcp://linepc3:5556")
     replay: str = Field("", description="its [replay] endpoint: gaps are filled from it (bridge mqtt); empty = none")
-    server_key: PathText = Field("", description="its CURVE public key file (server.key) when it uses CURVE; needs "
-                            "[client] key")
+    server_key: PathText = Field("", description="its CURVE public key file (server.key) when it uses CURVE; needs [client] key")
     line: str = Field("", description="the line it inspects (MQTT topics, OPC UA folders); default: [mqtt] line")
 
     @field_validator("endpoint", "replay")
@@ -66,15 +73,24 @@ class DaemonSource(Section):
 
 
 class ClientConfig(Section):
-    key: PathText = Field("", description="our CURVE secret key file (NAME.key_secret, mode 0600) for daemons with a "
-                     "server_key; its public half goes into each daemon's publish.curve_clients folder")
+    key: PathText = Field(
+        "",
+        description="our CURVE secret key file (NAME.key_secret, mode 0600) for daemons with a "
+        "server_key; its public half goes into each daemon's publish.curve_clients folder",
+    )
 
 
 class ProxyConfig(CurveServerConfig):
-    endpoint: str = Field("tcp://127.0.0.1:5560", description="where the proxy binds its XPUB socket: consumers "
-                          "subscribe here as to a daemon")
-    hwm: int = Field(10_000, ge=1, le=1_000_000, description="messages queued per consumer (and per daemon) before "
-                     "new ones are dropped (a seq gap on the consumer's side)")
+    endpoint: str = Field(
+        "tcp://127.0.0.1:5560", description="where the proxy binds its XPUB socket: consumers subscribe here as to a daemon"
+    )
+    hwm: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000,
+        description="messages queued per consumer (and per daemon) before "
+        "new ones are dropped (a seq gap on the consumer's side)",
+    )
 
     @field_validator("endpoint")
     @classmethod
@@ -85,25 +101,43 @@ class ProxyConfig(CurveServerConfig):
 class MqttConfig(Section):
     host: str = Field("127.0.0.1", description="the MQTT broker")
     port: int = Field(1883, ge=1, le=65535, description="1883, or 8883 with TLS")
-    client_id: str = Field("", description="MQTT client id: must be stable for the persistent session "
-                           "(default inspectd-<host name>)")
+    client_id: str = Field(
+        "", description="MQTT client id: must be stable for the persistent session (default inspectd-<host name>)"
+    )
     username: str = Field("", description="broker login; empty = anonymous")
     password_file: PathText = Field("", description="file holding the broker password (one line, mode 0600)")
     tls_ca_file: PathText = Field("", description="CA certificate (PEM) of the broker: TLS on when set")
     topic_prefix: str = Field("inspectd", description="topics are PREFIX/LINE/CAMERA/KIND (docs/integration.md)")
     line: str = Field("line", description="the LINE of daemons without their own [[daemons]] line")
-    qos: Literal[1, 2] = Field(1, description="QoS of events, 1 or 2 (0 could lose events: the bridge counts an event "
-                               "forwarded when the broker acknowledged it); status and bridge state: 1, retained")
+    qos: Literal[1, 2] = Field(
+        1,
+        description="QoS of events, 1 or 2 (0 could lose events: the bridge counts an event "
+        "forwarded when the broker acknowledged it); status and bridge state: 1, retained",
+    )
     frames: Literal["separate", "inline", "none"] = Field(
-        "separate", description="masks and attached frames: separate = binary messages on "
+        "separate",
+        description="masks and attached frames: separate = binary messages on "
         ".../defect/RUN/SEQ/mask, /frame, /regions; inline = base64 in the header's attachments_base64; none = "
-        "headers only")
-    state_file: PathText = Field("", description="where the bridge keeps what it has published (run, topic, seq) "
-                            "across its restarts; empty = in memory only (a restart then starts from the present)")
-    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive; the broker publishes the bridge's "
-                             "Last Will after 1.5x this without a word")
-    max_queued: int = Field(5_000, ge=10, le=10_000, description="events held while the broker is away; beyond, the "
-                            "bridge stops taking events until it is back (the daemon's replay fills the gap)")
+        "headers only",
+    )
+    state_file: PathText = Field(
+        "",
+        description="where the bridge keeps what it has published (run, topic, seq) "
+        "across its restarts; empty = in memory only (a restart then starts from the present)",
+    )
+    keepalive_s: int = Field(
+        30,
+        ge=5,
+        le=3600,
+        description="MQTT keepalive; the broker publishes the bridge's Last Will after 1.5x this without a word",
+    )
+    max_queued: int = Field(
+        5_000,
+        ge=10,
+        le=10_000,
+        description="events held while the broker is away; beyond, the "
+        "bridge stops taking events until it is back (the daemon's replay fills the gap)",
+    )
 
     @field_validator("topic_prefix")
     @classmethod
@@ -125,12 +159,17 @@ class OpcUaConfig(Section):
     endpoint: str = Field("opc.tcp://127.0.0.1:4840/inspectd", description="where the OPC UA server listens")
     namespace: str = Field("urn:inspectd", description="namespace URI of the inspectd nodes (docs/integration.md)")
     security: Literal["none", "sign_and_encrypt", "both"] = Field(
-        "none", description="none; sign_and_encrypt = Basic256Sha256 SignAndEncrypt only (needs certificate and "
-        "private_key); both = offer both")
+        "none",
+        description="none; sign_and_encrypt = Basic256Sha256 SignAndEncrypt only (needs certificate and "
+        "private_key); both = offer both",
+    )
     certificate: PathText = Field("", description="the server's certificate (PEM or DER) for Basic256Sha256")
     private_key: PathText = Field("", description="its private key (PEM, mode 0600)")
-    trusted_clients: PathText = Field("", description="folder of client certificates (DER/PEM) allowed to connect with "
-                                 "security; empty = any client that completes the handshake")
+    trusted_clients: PathText = Field(
+        "",
+        description="folder of client certificates (DER/PEM) allowed to connect with "
+        "security; empty = any client that completes the handshake",
+    )
 
     @field_validator("endpoint")
     @classmethod
@@ -147,8 +186,9 @@ class OpcUaConfig(Section):
 
 
 class BridgeSettings(Section):
-    daemons: list[DaemonSource] = Field(default_factory=list, validate_default=True,
-                                        description="one [[daemons]] table per daemon")
+    daemons: list[DaemonSource] = Field(
+        default_factory=list, validate_default=True, description="one [[daemons]] table per daemon"
+    )
     client: ClientConfig = ClientConfig()
     proxy: ProxyConfig = ProxyConfig()
     mqtt: MqttConfig = MqttConfig()
@@ -172,8 +212,10 @@ class BridgeSettings(Section):
 
     def client_keys(self) -> list[ClientKeys | None]:
         """Per daemon: our key pair and its public key, or None (plain text). ConfigError for a bad key file."""
-        return [ClientKeys.load(self.client.key, d.server_key, keys=("client.key", "daemons.server_key"))
-                if d.server_key else None for d in self.daemons]
+        return [
+            ClientKeys.load(self.client.key, d.server_key, keys=("client.key", "daemons.server_key")) if d.server_key else None
+            for d in self.daemons
+        ]
 
     def line_of(self, daemon: DaemonSource) -> str:
         return daemon.line or self.mqtt.line

@@ -116,12 +116,12 @@ class Positions:
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
-            raise DataError(f"mqtt.state_file {path}: unreadable ({exc}); move it away to start from the "
-                            "present") from None
-        if not (isinstance(data, dict) and all(isinstance(t, dict) and all(isinstance(s, int) for s in t.values())
-                                               for t in data.values())):
-            raise DataError(f"mqtt.state_file {path}: not {{run_id: {{topic: seq}}}}; move it away to start "
-                            "from the present")
+            raise DataError(f"mqtt.state_file {path}: unreadable ({exc}); move it away to start from the present") from None
+        if not (
+            isinstance(data, dict)
+            and all(isinstance(t, dict) and all(isinstance(s, int) for s in t.values()) for t in data.values())
+        ):
+            raise DataError(f"mqtt.state_file {path}: not {{run_id: {{topic: seq}}}}; move it away to start from the present")
         return data
 
     def advance(self, run_id: str, topic: str, seq: int) -> None:
@@ -244,20 +244,33 @@ class MqttBridge:
         client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
         client.loop_start()
         d = self.settings.daemons
-        self._sub = Subscriber([x.endpoint for x in d], _TOPICS, decode=False, replay=[x.replay or None for x in d],
-                               positions=self.positions.value or None, curve=self.settings.client_keys(),
-                               on_refused=_refused)
-        log.info("bridge mqtt: %d daemon(s) -> mqtt://%s:%d as %s, topics %s/<line>/<camera>/..., positions %s",
-                 len(d), self.cfg.host, self.cfg.port, self.client_id, self.cfg.topic_prefix,
-                 self.cfg.state_file or "in memory")
+        self._sub = Subscriber(
+            [x.endpoint for x in d],
+            _TOPICS,
+            decode=False,
+            replay=[x.replay or None for x in d],
+            positions=self.positions.value or None,
+            curve=self.settings.client_keys(),
+            on_refused=_refused,
+        )
+        log.info(
+            "bridge mqtt: %d daemon(s) -> mqtt://%s:%d as %s, topics %s/<line>/<camera>/..., positions %s",
+            len(d),
+            self.cfg.host,
+            self.cfg.port,
+            self.client_id,
+            self.cfg.topic_prefix,
+            self.cfg.state_file or "in memory",
+        )
 
     def step(self) -> None:
         """Commit what the broker acknowledged; take one event unless paho holds too much already."""
         self._acks.commit()
         self.positions.save()
         if self._connected.is_set() and self._acks.oldest_s() > _ACK_TIMEOUT_S:
-            raise RuntimeError(f"the broker has not acknowledged an event for {_ACK_TIMEOUT_S:.0f} s while "
-                               "connected; restarting the bridge")
+            raise RuntimeError(
+                f"the broker has not acknowledged an event for {_ACK_TIMEOUT_S:.0f} s while connected; restarting the bridge"
+            )
         if self._acks.pending >= self.cfg.max_queued:
             self._stop.wait(0.05)  # backpressure: ZeroMQ queues, then drops for us; replay refills later
             return
@@ -296,8 +309,9 @@ class MqttBridge:
         self._acks.commit()
         self.positions.save(force=True)
         if self._acks.pending:
-            log.warning("stopping with %d event(s) not acknowledged by the broker: sent again at the next start",
-                        self._acks.pending)
+            log.warning(
+                "stopping with %d event(s) not acknowledged by the broker: sent again at the next start", self._acks.pending
+            )
         if self._connected.is_set():
             self._client.publish(self.state_topic, _state("offline"), qos=1, retain=True).wait_for_publish(2)
         self._client.disconnect()
@@ -308,8 +322,9 @@ class MqttBridge:
     def _mqtt_client(self) -> mqtt.Client:
         import paho.mqtt.client as mqtt
 
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False,
-                             protocol=mqtt.MQTTv311)
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False, protocol=mqtt.MQTTv311
+        )
         if self.cfg.username:
             password = None
             if self.cfg.password_file:
@@ -322,8 +337,7 @@ class MqttBridge:
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"mqtt.tls_ca_file {self.cfg.tls_ca_file!r}: {exc}") from None
         if self.cfg.username and not self.cfg.tls_ca_file and not is_loopback_endpoint(f"tcp://{self.cfg.host}:1"):
-            log.warning("mqtt: the broker password goes to %s in plain text: set mqtt.tls_ca_file (port 8883)",
-                        self.cfg.host)
+            log.warning("mqtt: the broker password goes to %s in plain text: set mqtt.tls_ca_file (port 8883)", self.cfg.host)
         client.will_set(self.state_topic, _state("offline"), qos=1, retain=True)
         client.max_inflight_messages_set(100)
         client.max_queued_messages_set(0)  # unbounded in paho: the bridge bounds it (max_queued) by not reading
@@ -343,8 +357,7 @@ class MqttBridge:
 
     def _on_disconnect(self, _client, _userdata, _flags, reason_code, _properties) -> None:
         if self._connected.is_set():
-            log.warning("lost the broker %s:%d (%s); paho reconnects, events wait", self.cfg.host, self.cfg.port,
-                        reason_code)
+            log.warning("lost the broker %s:%d (%s); paho reconnects, events wait", self.cfg.host, self.cfg.port, reason_code)
         self._connected.clear()
 
 

@@ -48,10 +48,18 @@ log = logging.getLogger("inspectd.bridges.opcua")
 
 _TOPICS = ["result.", "defect.", "status.", "episode."]
 # name -> (OPC UA type name, initial value)
-NODE_VARIABLES = {"IsDefect": ("Boolean", False), "Score": ("Double", 0.0), "CapturedAt": ("DateTime", None),
-                  "EpisodeId": ("Int64", 0), "RunId": ("String", ""), "FrameSeq": ("Int64", 0),
-                  "State": ("String", "unknown"), "Inspected": ("Int64", 0), "Defects": ("Int64", 0),
-                  "Episodes": ("Int64", 0)}
+NODE_VARIABLES = {
+    "IsDefect": ("Boolean", False),
+    "Score": ("Double", 0.0),
+    "CapturedAt": ("DateTime", None),
+    "EpisodeId": ("Int64", 0),
+    "RunId": ("String", ""),
+    "FrameSeq": ("Int64", 0),
+    "State": ("String", "unknown"),
+    "Inspected": ("Int64", 0),
+    "Defects": ("Int64", 0),
+    "Episodes": ("Int64", 0),
+}
 
 
 def _refused(endpoint: str, why: str) -> None:
@@ -100,8 +108,14 @@ class OpcUaBridge:
         events: asyncio.Queue[Event | BaseException] = asyncio.Queue()
         server = await self._server()
         async with server:
-            log.info("bridge opcua: %d daemon(s) -> %s (namespace %s, index %d, security %s)",
-                     len(self.settings.daemons), self.cfg.endpoint, self.cfg.namespace, self._ns, self.cfg.security)
+            log.info(
+                "bridge opcua: %d daemon(s) -> %s (namespace %s, index %d, security %s)",
+                len(self.settings.daemons),
+                self.cfg.endpoint,
+                self.cfg.namespace,
+                self._ns,
+                self.cfg.security,
+            )
             reader = threading.Thread(target=self._read, args=(loop, events), name="opcua-reader", daemon=True)
             reader.start()
             try:
@@ -127,8 +141,14 @@ class OpcUaBridge:
     def _read(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> None:
         d = self.settings.daemons
         try:
-            with Subscriber([x.endpoint for x in d], _TOPICS, decode=False, replay=[x.replay or None for x in d],
-                            curve=self.settings.client_keys(), on_refused=_refused) as sub:
+            with Subscriber(
+                [x.endpoint for x in d],
+                _TOPICS,
+                decode=False,
+                replay=[x.replay or None for x in d],
+                curve=self.settings.client_keys(),
+                on_refused=_refused,
+            ) as sub:
                 while not self._stop.is_set():
                     event = sub.recv(timeout_s=0.2)
                     if event is not None and event.kind is not EventKind.HEARTBEAT:
@@ -146,15 +166,18 @@ class OpcUaBridge:
         server.set_server_name("inspectd")
         server.allow_remote_admin(False)  # asyncua's default lets a client named "admin" write anything
         await server.set_application_uri(f"{self.cfg.namespace}:bridge")
-        policies = {"none": [ua.SecurityPolicyType.NoSecurity],
-                    "sign_and_encrypt": [ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt],
-                    "both": [ua.SecurityPolicyType.NoSecurity, ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt]}
+        policies = {
+            "none": [ua.SecurityPolicyType.NoSecurity],
+            "sign_and_encrypt": [ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt],
+            "both": [ua.SecurityPolicyType.NoSecurity, ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt],
+        }
         server.set_security_policy(policies[self.cfg.security])
         if self.cfg.security != "none":
             await self._load_certificates(server)
         self._ns = await server.register_namespace(self.cfg.namespace)
-        self._root = await server.nodes.objects.add_folder(ua.NodeId("inspectd", self._ns),
-                                                           ua.QualifiedName("inspectd", self._ns))
+        self._root = await server.nodes.objects.add_folder(
+            ua.NodeId("inspectd", self._ns), ua.QualifiedName("inspectd", self._ns)
+        )
         self._ua = ua
         return server
 
@@ -177,10 +200,15 @@ class OpcUaBridge:
             try:
                 await store.load()
             except (OSError, ValueError) as exc:
-                raise ConfigError(f"opcua.trusted_clients {str(folder)!r}: a file there is not a certificate "
-                                  f"(DER or PEM; keys do not belong there): {exc}") from None
-            server.set_certificate_validator(CertificateValidator(
-                CertificateValidatorOptions.TRUSTED_VALIDATION | CertificateValidatorOptions.PEER_CLIENT, store))
+                raise ConfigError(
+                    f"opcua.trusted_clients {str(folder)!r}: a file there is not a certificate "
+                    f"(DER or PEM; keys do not belong there): {exc}"
+                ) from None
+            server.set_certificate_validator(
+                CertificateValidator(
+                    CertificateValidatorOptions.TRUSTED_VALIDATION | CertificateValidatorOptions.PEER_CLIENT, store
+                )
+            )
 
     async def _camera(self, line: str, camera: str | None) -> _Camera:
         key = (line, camera)
@@ -216,17 +244,26 @@ class OpcUaBridge:
             camera.defects += bool(h["is_defect"])
             captured = datetime.fromtimestamp(parse_rfc3339(h["captured_at"]), timezone.utc)
             episode = h.get("episode")
-            await self._write(camera, {
-                "IsDefect": bool(h["is_defect"]), "Score": float(h["score"]), "CapturedAt": captured,
-                "EpisodeId": int(episode) if isinstance(episode, int) else 0,
-                "RunId": h["run_id"], "Inspected": camera.inspected, "Defects": camera.defects,
-                "FrameSeq": int(h["frame_seq"]),  # last: a new FrameSeq means this verdict's values are all in
-            }, captured)
+            await self._write(
+                camera,
+                {
+                    "IsDefect": bool(h["is_defect"]),
+                    "Score": float(h["score"]),
+                    "CapturedAt": captured,
+                    "EpisodeId": int(episode) if isinstance(episode, int) else 0,
+                    "RunId": h["run_id"],
+                    "Inspected": camera.inspected,
+                    "Defects": camera.defects,
+                    "FrameSeq": int(h["frame_seq"]),  # last: a new FrameSeq means this verdict's values are all in
+                },
+                captured,
+            )
             self.written += 1
 
     async def _write(self, camera: _Camera, values: dict, source_time: datetime | None) -> None:
         ua = self._ua
         for name, value in values.items():
             variant = ua.Variant(value, getattr(ua.VariantType, NODE_VARIABLES[name][0]))
-            await camera.nodes[name].write_value(ua.DataValue(variant, SourceTimestamp=source_time,
-                                                               ServerTimestamp=datetime.now(timezone.utc)))
+            await camera.nodes[name].write_value(
+                ua.DataValue(variant, SourceTimestamp=source_time, ServerTimestamp=datetime.now(timezone.utc))
+            )

@@ -36,10 +36,16 @@ from inspectd.security import ServerKeys, is_loopback_endpoint
 
 log = logging.getLogger("inspectd.bridges.proxy")
 
-_BECAUSE = {"auth": "refused our key (add our public key to its publish.curve_clients)",
-            "protocol": "handshake failed (CURVE on one side only?)", "other": "handshake failed (the wrong server_key?)"}
-_WATCHED: dict[int, str] = {zmq.EVENT_CONNECTED: "connected", zmq.EVENT_DISCONNECTED: "disconnected",
-                            **{event: _BECAUSE[reason] for event, reason in HANDSHAKE_FAILED.items()}}
+_BECAUSE = {
+    "auth": "refused our key (add our public key to its publish.curve_clients)",
+    "protocol": "handshake failed (CURVE on one side only?)",
+    "other": "handshake failed (the wrong server_key?)",
+}
+_WATCHED: dict[int, str] = {
+    zmq.EVENT_CONNECTED: "connected",
+    zmq.EVENT_DISCONNECTED: "disconnected",
+    **{event: _BECAUSE[reason] for event, reason in HANDSHAKE_FAILED.items()},
+}
 
 
 class Proxy:
@@ -70,15 +76,22 @@ class Proxy:
 
     def start(self) -> None:
         cfg = self.settings.proxy
-        keys = ServerKeys.load(cfg.curve_secret_key, cfg.curve_clients, key="proxy.curve_secret_key") \
-            if cfg.curve_secret_key else None
+        keys = (
+            ServerKeys.load(cfg.curve_secret_key, cfg.curve_clients, key="proxy.curve_secret_key")
+            if cfg.curve_secret_key
+            else None
+        )
         upstream = self._upstream = self._connect_upstream()
-        self._backend = ServerSocket(zmq.XPUB, cfg.endpoint, "proxy.endpoint", {zmq.SNDHWM: cfg.hwm, zmq.LINGER: 0},
-                                     keys, self._consumer_refused)
+        self._backend = ServerSocket(
+            zmq.XPUB, cfg.endpoint, "proxy.endpoint", {zmq.SNDHWM: cfg.hwm, zmq.LINGER: 0}, keys, self._consumer_refused
+        )
         self.endpoint = self._backend.endpoint
         if keys is None and not is_loopback_endpoint(self.endpoint):
-            log.warning("proxy on %s in plain text, open to the network: set proxy.curve_secret_key and "
-                        "proxy.curve_clients (docs/security.md)", self.endpoint)
+            log.warning(
+                "proxy on %s in plain text, open to the network: set proxy.curve_secret_key and "
+                "proxy.curve_clients (docs/security.md)",
+                self.endpoint,
+            )
         self._control = self._ctx.socket(zmq.PAIR)
         self._control.bind(f"inproc://proxy-control-{id(self)}")
         steer = self._ctx.socket(zmq.PAIR)
@@ -86,8 +99,7 @@ class Proxy:
         self._steer = steer
         self._spawn(self._proxy, "proxy", upstream, self._backend.sock, steer)
         self._spawn(self._watch, "proxy-monitor", upstream)
-        log.info("proxy: %d daemon(s) -> %s (%s)", len(self.settings.daemons), self.endpoint,
-                 "CURVE" if keys else "plain text")
+        log.info("proxy: %d daemon(s) -> %s (%s)", len(self.settings.daemons), self.endpoint, "CURVE" if keys else "plain text")
 
     def _connect_upstream(self) -> zmq.Socket:
         """One XSUB socket connected to every daemon. libzmq copies the socket's CURVE options into each
@@ -125,8 +137,12 @@ class Proxy:
 
     def _consumer_refused(self, reason: str) -> None:
         # "other" is also what a port scan or a TCP health check looks like: kept out of WARNING.
-        self._log_once(logging.WARNING if reason != "other" else logging.INFO, ("consumer", reason),
-                       "refused a consumer at the handshake (%s; docs/security.md)", reason)
+        self._log_once(
+            logging.WARNING if reason != "other" else logging.INFO,
+            ("consumer", reason),
+            "refused a consumer at the handshake (%s; docs/security.md)",
+            reason,
+        )
 
     def _log_once(self, level: int, key: tuple, message: str, *args) -> None:
         """Log at most once a minute per `key` (a refused peer retries; a daemon away reconnects every 5 s)."""
@@ -151,8 +167,7 @@ class Proxy:
                 what = _WATCHED.get(event["event"])
                 if what is not None:
                     endpoint = event["endpoint"].decode("utf-8", "replace")
-                    level = logging.INFO if event["event"] in (zmq.EVENT_CONNECTED, zmq.EVENT_DISCONNECTED) \
-                        else logging.ERROR
+                    level = logging.INFO if event["event"] in (zmq.EVENT_CONNECTED, zmq.EVENT_DISCONNECTED) else logging.ERROR
                     self._log_once(level, (endpoint, what), "daemon %s: %s", endpoint, what)
         except Exception:  # without it the proxy would go on blind: stop it (exit 1), systemd restarts it
             log.exception("proxy monitor failed")

@@ -24,7 +24,28 @@ from inspectd.config.outputs import (
 from inspectd.config.pipeline import BatchingConfig, EpisodesConfig, PostprocessConfig
 from inspectd.config.settings import DEFAULT_CONFIG, NON_CONFIG_ENV, Settings, config_env_names, load_settings, reload_table
 
-__all__ = ["Reload", "Section", "setting", "CameraConfig", "DaemonConfig", "load_toml_model", "ModelConfig",
-           "ArchiveConfig", "CurveServerConfig", "MetricsConfig", "PublishConfig", "ReplayConfig", "UiConfig",
-           "WebServerConfig", "BatchingConfig", "EpisodesConfig", "PostprocessConfig", "DEFAULT_CONFIG",
-           "NON_CONFIG_ENV", "Settings", "config_env_names", "load_settings", "reload_table"]
+__all__ = [
+    "Reload",
+    "Section",
+    "setting",
+    "CameraConfig",
+    "DaemonConfig",
+    "load_toml_model",
+    "ModelConfig",
+    "ArchiveConfig",
+    "CurveServerConfig",
+    "MetricsConfig",
+    "PublishConfig",
+    "ReplayConfig",
+    "UiConfig",
+    "WebServerConfig",
+    "BatchingConfig",
+    "EpisodesConfig",
+    "PostprocessConfig",
+    "DEFAULT_CONFIG",
+    "NON_CONFIG_ENV",
+    "Settings",
+    "config_env_names",
+    "load_settings",
+    "reload_table",
+]

@@ -8,8 +8,22 @@ config.example.toml are all derived from these declarations.
 
 from __future__ import annotations
 
-__all__ = ["Section", "Reload", "setting", "PathText", "Text", "Endpoint", "OptionalEndpoint", "check_endpoint",
-           "check_host", "is_path_field", "reload_of", "together", "no_nul", "repeated"]
+__all__ = [
+    "Section",
+    "Reload",
+    "setting",
+    "PathText",
+    "Text",
+    "Endpoint",
+    "OptionalEndpoint",
+    "check_endpoint",
+    "check_host",
+    "is_path_field",
+    "reload_of",
+    "together",
+    "no_nul",
+    "repeated",
+]
 
 import enum
 import ipaddress
@@ -21,8 +35,10 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.fields import FieldInfo
 
-_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
 _IPC_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes on Linux, with the terminating NUL
 
 
@@ -100,8 +116,9 @@ def check_host(host: str) -> str:
     except ValueError:
         pass
     if not _HOSTNAME.fullmatch(host):
-        raise ValueError("not an IP address or a host name (e.g. 127.0.0.1, 0.0.0.0 for every interface, "
-                         "or a name of this machine)")
+        raise ValueError(
+            "not an IP address or a host name (e.g. 127.0.0.1, 0.0.0.0 for every interface, or a name of this machine)"
+        )
     try:
         socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
@@ -127,8 +144,10 @@ def _check_tcp_endpoint(rest: str) -> None:
     if host == "*":
         return
     if host.startswith("[") or ":" in host:
-        raise ValueError("IPv6 addresses are not enabled on the publisher socket; use an IPv4 address, "
-                         "* (every interface) or an interface name")
+        raise ValueError(
+            "IPv6 addresses are not enabled on the publisher socket; use an IPv4 address, "
+            "* (every interface) or an interface name"
+        )
     if host in _interfaces():
         return
     check_host(host)

@@ -13,23 +13,29 @@ from inspectd.config.base import PathText, Section, Text
 
 class CameraConfig(Section):
     id: str = Field(pattern=r"^[a-z0-9_-]{1,64}$", description="[a-z0-9_-]+; used in topics, labels, paths")
-    url: PathText | None = Field(None, description="rtsp(s)://, a video file, v4l2:///dev/videoN, dir:///images, "
-                                 "synthetic://?fps=10")
+    url: PathText | None = Field(
+        None, description="rtsp(s)://, a video file, v4l2:///dev/videoN, dir:///images, synthetic://?fps=10"
+    )
     pipeline: Text | None = Field(None, description="a GStreamer pipeline ending in appsink (instead of url)")
     backend: Literal["auto", "opencv", "gstreamer"] = Field("auto", description="auto | opencv | gstreamer")
     fps_limit: float = Field(0, ge=0, description="0 = as fast as the camera")
     loop: bool = Field(True, description="files and folders start again at the end")
     roi: tuple[int, int, int, int] | None = Field(
-        None, description="crop [x, y, w, h] in camera pixels before inference; x, y >= 0, w, h > 0 "
-        "(checked against the frame at the first frame)")
+        None,
+        description="crop [x, y, w, h] in camera pixels before inference; x, y >= 0, w, h > 0 "
+        "(checked against the frame at the first frame)",
+    )
     resize: tuple[Annotated[int, Field(ge=16)], Annotated[int, Field(ge=16)]] | None = Field(
-        None, description="resize [w, h] (after roi) on the capture thread, e.g. to the model input; "
-        "event coordinates are then in resized pixels")
+        None,
+        description="resize [w, h] (after roi) on the capture thread, e.g. to the model input; "
+        "event coordinates are then in resized pixels",
+    )
     reconnect_initial_s: float = Field(0.5, gt=0, description="first reconnect delay; doubles up to reconnect_max_s")
     reconnect_max_s: float = Field(10, gt=0, description="longest reconnect delay (plus up to 20 % jitter)")
     stall_timeout_s: float = Field(5, gt=0, description="no frame for this long forces a reconnect")
-    open_timeout_s: float = Field(5, gt=0, description="OpenCV/FFmpeg: open and read timeout (GStreamer reads "
-                                  "never block; stall_timeout_s bounds them)")
+    open_timeout_s: float = Field(
+        5, gt=0, description="OpenCV/FFmpeg: open and read timeout (GStreamer reads never block; stall_timeout_s bounds them)"
+    )
 
     @field_validator("roi")
     @classmethod

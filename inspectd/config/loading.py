@@ -5,8 +5,18 @@ Shared by the daemon's config (`inspectd.config.settings`) and the bridges' (`in
 
 from __future__ import annotations
 
-__all__ = ["ENV_PREFIX", "read_toml", "resolve_paths", "format_errors", "load_toml_model", "closest", "env_path",
-           "env_names", "origin", "section_model"]
+__all__ = [
+    "ENV_PREFIX",
+    "read_toml",
+    "resolve_paths",
+    "format_errors",
+    "load_toml_model",
+    "closest",
+    "env_path",
+    "env_names",
+    "origin",
+    "section_model",
+]
 
 import difflib
 import json
@@ -42,8 +52,10 @@ def read_toml(path: Path) -> dict:
         raise ConfigError(f"{path}: is a folder, not a config file") from None
     except UnicodeDecodeError as exc:
         line = exc.object.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on line {line}, offset "
-                          f"{exc.start}); save the config as UTF-8") from None
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on line {line}, offset "
+            f"{exc.start}); save the config as UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     except RecursionError:
@@ -87,11 +99,11 @@ def resolve_paths(data: Any, model: type[BaseModel], base: Path) -> Any:
 
 def env_path(name: str) -> tuple[str, ...]:
     """INSPECTD_MODEL__THRESHOLD -> ("model", "threshold"), as pydantic-settings splits it."""
-    return tuple(name[len(ENV_PREFIX):].lower().split("__"))
+    return tuple(name[len(ENV_PREFIX) :].lower().split("__"))
 
 
 def closest(word: str, candidates: list[str], prefix: str = "") -> str:
-    """"; did you mean PREFIX+CANDIDATE?" for the closest candidate, or "" if none is close."""
+    """ "; did you mean PREFIX+CANDIDATE?" for the closest candidate, or "" if none is close."""
     close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
     return f"; did you mean {prefix}{close[0]}?" if close else ""
 
@@ -118,9 +130,8 @@ def _sets(name: str, value: str, loc: tuple) -> bool:
         node = json.loads(value)
     except ValueError:
         return False
-    for part in loc[len(path):]:
-        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) \
-                and 0 <= part < len(node):
+    for part in loc[len(path) :]:
+        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             node = node[part]
         else:
             return False

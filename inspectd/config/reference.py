@@ -44,8 +44,12 @@ def _default(field: FieldInfo) -> str:
     return "(none)" if value is None else f"`{json.dumps(value)}`"
 
 
-_BOUNDS = ((annotated_types.Ge, "ge", ">="), (annotated_types.Gt, "gt", ">"), (annotated_types.Le, "le", "<="),
-           (annotated_types.Lt, "lt", "<"))
+_BOUNDS = (
+    (annotated_types.Ge, "ge", ">="),
+    (annotated_types.Gt, "gt", ">"),
+    (annotated_types.Le, "le", "<="),
+    (annotated_types.Lt, "lt", "<"),
+)
 
 
 def _allowed(field: FieldInfo) -> str:
@@ -55,8 +59,12 @@ def _allowed(field: FieldInfo) -> str:
         if typing.get_origin(arg) is typing.Annotated:
             metadata += [m for info in typing.get_args(arg)[1:] if isinstance(info, FieldInfo) for m in info.metadata]
     bounds = [f"{sign} {getattr(m, attr)}" for m in metadata for kind, attr, sign in _BOUNDS if isinstance(m, kind)]
-    choices = [a for arg in (field.annotation, *typing.get_args(field.annotation))
-               if typing.get_origin(arg) is typing.Literal for a in typing.get_args(arg)]
+    choices = [
+        a
+        for arg in (field.annotation, *typing.get_args(field.annotation))
+        if typing.get_origin(arg) is typing.Literal
+        for a in typing.get_args(arg)
+    ]
     return ", ".join(bounds + ([" \\| ".join(json.dumps(c) for c in choices)] if choices else []))
 
 

@@ -35,13 +35,15 @@ log = logging.getLogger("inspectd.config")
 
 DEFAULT_CONFIG = Path("/etc/inspectd/config.toml")
 # INSPECTD_* variables that are not configuration: read by inspectd itself, its tests or its scripts.
-NON_CONFIG_ENV = frozenset({
-    "INSPECTD_DEBUG",  # cli.py: tracebacks instead of one-line internal errors
-    "INSPECTD_TEST_FREEZE_INFERENCE",  # pipeline/core.py: test hook that blocks inference
-    "INSPECTD_VENV",  # scripts/*.sh: the virtual environment
-    "INSPECTD_APT_PACKAGES",  # scripts/bootstrap.sh
-    "INSPECTD_PIP_ARGS",  # deploy/install.sh
-})
+NON_CONFIG_ENV = frozenset(
+    {
+        "INSPECTD_DEBUG",  # cli.py: tracebacks instead of one-line internal errors
+        "INSPECTD_TEST_FREEZE_INFERENCE",  # pipeline/core.py: test hook that blocks inference
+        "INSPECTD_VENV",  # scripts/*.sh: the virtual environment
+        "INSPECTD_APT_PACKAGES",  # scripts/bootstrap.sh
+        "INSPECTD_PIP_ARGS",  # deploy/install.sh
+    }
+)
 
 
 class Settings(BaseSettings):
@@ -55,8 +57,9 @@ class Settings(BaseSettings):
 
     model: ModelConfig = ModelConfig()
     batching: BatchingConfig = BatchingConfig()
-    cameras: list[CameraConfig] = Field(default_factory=list, description="one [[cameras]] table per camera; "
-                                        "load_settings requires at least one")
+    cameras: list[CameraConfig] = Field(
+        default_factory=list, description="one [[cameras]] table per camera; load_settings requires at least one"
+    )
     postprocess: PostprocessConfig = PostprocessConfig()
     publish: PublishConfig = PublishConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -75,8 +78,9 @@ class Settings(BaseSettings):
         return cameras
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
-                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Environment over the file (handed in as init kwargs by load_settings).
         return env_settings, init_settings
 
@@ -100,16 +104,17 @@ def config_env_names() -> list[str]:
 
 def _config_env() -> dict[str, str]:
     """The INSPECTD_* configuration variables that are set, by upper-case name (they match case-insensitively)."""
-    return {k.upper(): v for k, v in os.environ.items()
-            if k.upper().startswith(ENV_PREFIX) and k.upper() not in NON_CONFIG_ENV}
+    return {k.upper(): v for k, v in os.environ.items() if k.upper().startswith(ENV_PREFIX) and k.upper() not in NON_CONFIG_ENV}
 
 
 def _warn_unknown_env(env: dict[str, str]) -> None:
     """A variable whose section does not exist is ignored by pydantic-settings: say so, with the closest name."""
     for name in sorted(env):
         if env_path(name)[0] not in Settings.model_fields:
-            hint = closest(name, config_env_names() + sorted(NON_CONFIG_ENV)) or \
-                "; configuration variables are INSPECTD_<SECTION>__<KEY>"
+            hint = (
+                closest(name, config_env_names() + sorted(NON_CONFIG_ENV))
+                or "; configuration variables are INSPECTD_<SECTION>__<KEY>"
+            )
             log.warning("%s is not an inspectd variable and is ignored%s", name, hint)
 
 
@@ -122,8 +127,11 @@ def _check_env_json(env: dict[str, str]) -> None:
         try:
             json.loads(env[name])
         except ValueError as exc:
-            want = ('a JSON list of camera tables, e.g. [{"id": "cam1", "url": "rtsp://..."}]' if section == "cameras"
-                    else f"a JSON object of [{section}] keys (or set one key as {name}__KEY)")
+            want = (
+                'a JSON list of camera tables, e.g. [{"id": "cam1", "url": "rtsp://..."}]'
+                if section == "cameras"
+                else f"a JSON object of [{section}] keys (or set one key as {name}__KEY)"
+            )
             raise ConfigError(f"{name}: not valid JSON ({getattr(exc, 'msg', exc)}); expected {want}") from None
 
 
@@ -150,8 +158,9 @@ def load_settings(path: Path | None) -> Settings:
         check_config_file(path, holds_secrets=_holds_passwords(data))
     if not settings.cameras:
         source = origin(("cameras",), env)
-        raise ConfigError((f"{source}: " if source else prefix) +
-                          "cameras: no [[cameras]] configured; the daemon needs at least one camera")
+        raise ConfigError(
+            (f"{source}: " if source else prefix) + "cameras: no [[cameras]] configured; the daemon needs at least one camera"
+        )
     return settings
 
 

@@ -152,8 +152,7 @@ def find_head(classifier) -> Head:
         pool = _producer(pool.input)
     if not isinstance(pool, keras.layers.GlobalAveragePooling2D):
         raise ModelFileError(
-            f"the Dense head is fed by {type(pool).__name__} {pool.name!r}; a CAM needs "
-            "GlobalAveragePooling2D directly before it"
+            f"the Dense head is fed by {type(pool).__name__} {pool.name!r}; a CAM needs GlobalAveragePooling2D directly before it"
         )
     return Head(pool.input, weight.astype(np.float32), bias)
 
@@ -166,8 +165,7 @@ def build_deployable(classifier, input_range: str = "0-255"):
     shape = tuple(classifier.inputs[0].shape[1:])
     if len(shape) != 3 or None in shape or shape[2] != 3:
         raise ModelFileError(
-            f"classifier input shape {shape}: expected a fixed (height, width, 3) input; "
-            "rebuild it with a fixed input_shape"
+            f"classifier input shape {shape}: expected a fixed (height, width, 3) input; rebuild it with a fixed input_shape"
         )
     features = keras.Model(classifier.inputs, head.features, name="features")
     image = keras.Input(shape, name="image")
@@ -214,8 +212,14 @@ def save_model(model, path: Path, meta: dict) -> Path:
         "thresholds": {"score": 0.5, "mask": 0.5},
         **meta,
         # Derived from the model itself, so the metadata cannot disagree with the graph.
-        "input": {"width": int(w), "height": int(h), "channels": 3, "channel_order": "RGB",
-                  "range": "0-255", "preprocessing": "inside the model: feed RGB 0..255 float"},
+        "input": {
+            "width": int(w),
+            "height": int(h),
+            "channels": 3,
+            "channel_order": "RGB",
+            "range": "0-255",
+            "preprocessing": "inside the model: feed RGB 0..255 float",
+        },
         "stride": int(h // cam_h),
         "cam": {"height": int(cam_h), "width": int(cam_w)},
     }
@@ -234,8 +238,10 @@ def read_metadata(path: Path) -> dict:
     """The metadata alone, without TensorFlow (cheap: for `inspectd` tools and the daemon)."""
     path = Path(path)
     if path.is_dir():
-        raise ModelFileError(f"{path}: is a folder, not a model file (a SavedModel folder? turn it into a "
-                             "deployable model with `inspectd convert`)")
+        raise ModelFileError(
+            f"{path}: is a folder, not a model file (a SavedModel folder? turn it into a "
+            "deployable model with `inspectd convert`)"
+        )
     if not path.exists():
         raise NoInputError(f"{path}: no such model file")
     if not path.is_file():
@@ -264,6 +270,7 @@ def read_metadata(path: Path) -> dict:
 def _check_metadata(path: Path, meta: dict) -> None:
     """The fields every tool reads, checked once when the file is read: a wrong value is one
     ModelFileError naming it, not a KeyError deep inside the daemon or a mask rule out of range."""
+
     def section(key: str) -> dict:
         value = meta[key]
         if not isinstance(value, dict):

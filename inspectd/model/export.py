@@ -68,8 +68,7 @@ def _saved_model(deployable: Deployable, folder: Path) -> Path:
 
 
 def _to_onnx(saved: Path, out: Path) -> None:
-    cmd = [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(saved), "--opset", str(ONNX_OPSET),
-           "--output", str(out)]
+    cmd = [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(saved), "--opset", str(ONNX_OPSET), "--output", str(out)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=CONVERT_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -87,9 +86,14 @@ def _to_openvino(saved: Path, out: Path) -> None:
 
 
 def _stamp(deployable: Deployable, fmt: str) -> dict:
-    return {"source": str(deployable.path), "sha256": deployable.sha256, "name": deployable.name, "format": fmt,
-            "converter": converter_version(fmt), "input": {"width": deployable.input_size[0],
-                                                          "height": deployable.input_size[1]}}
+    return {
+        "source": str(deployable.path),
+        "sha256": deployable.sha256,
+        "name": deployable.name,
+        "format": fmt,
+        "converter": converter_version(fmt),
+        "input": {"width": deployable.input_size[0], "height": deployable.input_size[1]},
+    }
 
 
 def export(deployable: Deployable, fmt: str, out_dir: Path) -> Path:
@@ -129,8 +133,10 @@ def cached_export(deployable: Deployable, fmt: str, cache_dir: Path | None = Non
         _sweep(entry.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     except OSError as exc:
-        raise ConfigError(f"model.cache_dir {str(root)!r}: cannot use it ({exc.strerror or exc}); "
-                          "set [model] cache_dir or run `inspectd export` where it is writable") from None
+        raise ConfigError(
+            f"model.cache_dir {str(root)!r}: cannot use it ({exc.strerror or exc}); "
+            "set [model] cache_dir or run `inspectd export` where it is writable"
+        ) from None
     log.info("converting model %s to %s (once per model; cached in %s)", deployable.name, fmt, root)
     try:
         _convert_into(deployable, fmt, tmp, entry, root)

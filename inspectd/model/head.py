@@ -141,8 +141,10 @@ def deployable_outputs(cam, score) -> dict:
     import keras
 
     h, w = int(cam.shape[1]), int(cam.shape[2])
-    return {"score": keras.layers.Reshape((), name="score")(score),
-            "cam_logits": keras.layers.Reshape((h, w), name="cam_logits")(cam)}
+    return {
+        "score": keras.layers.Reshape((), name="score")(score),
+        "cam_logits": keras.layers.Reshape((h, w), name="cam_logits")(cam),
+    }
 
 
 def pool_numpy(cam_logits: np.ndarray, pooling: Pooling) -> float:
@@ -153,7 +155,7 @@ def pool_numpy(cam_logits: np.ndarray, pooling: Pooling) -> float:
     if pooling.kind == "max":
         return float(x.max())
     if pooling.kind == "topk":
-        return float(np.sort(x)[-_topk_count(_param(pooling), x.size):].mean())
+        return float(np.sort(x)[-_topk_count(_param(pooling), x.size) :].mean())
     r = float(_param(pooling))
     m = x.max()
     return float(m + np.log(np.mean(np.exp(r * (x - m)))) / r)

@@ -17,9 +17,25 @@ process when. Temporaries left by a crash are removed at start (`clean_temporari
 
 from __future__ import annotations
 
-__all__ = ["ArchiveEntry", "Archive", "RetentionIndex", "safe_component", "entry_dir", "entry_time", "write_entry",
-           "clean_temporaries", "entries", "enforce_retention", "TEMP_PREFIX", "DROP_REASONS", "HEADER_FILE", "file_name",
-           "message_entry", "read_entry", "entry_message"]
+__all__ = [
+    "ArchiveEntry",
+    "Archive",
+    "RetentionIndex",
+    "safe_component",
+    "entry_dir",
+    "entry_time",
+    "write_entry",
+    "clean_temporaries",
+    "entries",
+    "enforce_retention",
+    "TEMP_PREFIX",
+    "DROP_REASONS",
+    "HEADER_FILE",
+    "file_name",
+    "message_entry",
+    "read_entry",
+    "entry_message",
+]
 
 import bisect
 import errno
@@ -198,8 +214,7 @@ class RetentionIndex:
                 continue
         return index
 
-    def add(self, when: float, path: Path, size: int, published: tuple[str, str, int] | None = None,
-            topic: str = "") -> None:
+    def add(self, when: float, path: Path, size: int, published: tuple[str, str, int] | None = None, topic: str = "") -> None:
         with self._lock:
             heapq.heappush(self._heap, (when, str(path), size, published))
             self.total_bytes += size
@@ -220,7 +235,7 @@ class RetentionIndex:
         with self._lock:
             seqs, paths = self._published.get((run_id, topic), ([], {}))
             start = bisect.bisect_right(seqs, after_seq)
-            found = [(seq, paths[seq]) for seq in seqs[start:start + limit]]
+            found = [(seq, paths[seq]) for seq in seqs[start : start + limit]]
         return [(seq, Path(path)) for seq, path in found]
 
     def newest_defects(self, limit: int, folder: str | None = None) -> list[tuple[float, Path]]:
@@ -275,8 +290,13 @@ def enforce_retention(root: Path, max_bytes: int, max_age_s: float, now: float |
 
 
 # OSError errno (None for some: then "error") -> the drop reason counted in inspectd_archive_dropped_total{reason}
-_REASONS: dict[int | None, str] = {errno.ENOSPC: "disk_full", errno.EDQUOT: "disk_full", errno.EROFS: "read_only",
-                                   errno.EACCES: "permission", errno.EPERM: "permission"}
+_REASONS: dict[int | None, str] = {
+    errno.ENOSPC: "disk_full",
+    errno.EDQUOT: "disk_full",
+    errno.EROFS: "read_only",
+    errno.EACCES: "permission",
+    errno.EPERM: "permission",
+}
 DROP_REASONS = ("queue_full", "disk_full", "read_only", "permission", "error")
 
 
@@ -288,9 +308,16 @@ class Archive:
     same thread every `retention_every_s`, whether or not entries arrive.
     """
 
-    def __init__(self, root: Path, queue_size: int = 256, max_bytes: int = 0, max_age_s: float = 0.0,
-                 retention_every_s: float = 10.0, on_drop: Callable[[str], None] | None = None,
-                 on_written: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        root: Path,
+        queue_size: int = 256,
+        max_bytes: int = 0,
+        max_age_s: float = 0.0,
+        retention_every_s: float = 10.0,
+        on_drop: Callable[[str], None] | None = None,
+        on_written: Callable[[], None] | None = None,
+    ):
         self.root = Path(root)
         self.on_written = on_written or (lambda: None)
         self.max_bytes, self.max_age_s, self.retention_every_s = max_bytes, max_age_s, retention_every_s
@@ -335,6 +362,7 @@ class Archive:
     def wait_written(self, run_id: str, topic: str, upto_seq: int, timeout: float) -> bool:
         """Wait until no published entry of (run_id, topic) up to `upto_seq` is still queued (replay asks this
         before it calls a seq gone); False on timeout."""
+
         def clear() -> bool:
             return not any(k[0] == run_id and k[1] == topic and k[2] <= upto_seq for k in self._pending)
 
@@ -367,7 +395,7 @@ class Archive:
         return self._thread.is_alive()
 
     def losing(self, within_s: float = 60.0) -> str | None:
-        """"archive: N entries lost (reasons), the latest R s ago" while losses are recent, else None."""
+        """ "archive: N entries lost (reasons), the latest R s ago" while losses are recent, else None."""
         last = self.last_drop
         if last is None or time.monotonic() - last[0] > within_s:
             return None
@@ -427,8 +455,7 @@ def file_name(kind: str, encoding: str) -> str:
     return f"{kind}.{'jpg' if encoding == 'jpeg' else encoding}"
 
 
-def message_entry(header_json: bytes, attachments: Sequence[bytes] = (),
-                  extra: Sequence[tuple[str, bytes]] = ()) -> ArchiveEntry:
+def message_entry(header_json: bytes, attachments: Sequence[bytes] = (), extra: Sequence[tuple[str, bytes]] = ()) -> ArchiveEntry:
     """An entry from a message as it was sent: the header JSON byte for byte (so a replay sends exactly
     what was published), each attachment as `file_name(kind, encoding)`, then archive-only files
     (`extra`: the frame in the archive's format when it is not attached, or in another format)."""
@@ -438,8 +465,14 @@ def message_entry(header_json: bytes, attachments: Sequence[bytes] = (),
         files[file_name(spec["kind"], spec["encoding"])] = bytes(data)
     for name, data in extra:
         files.setdefault(name, data)
-    return ArchiveEntry(header["camera"], parse_rfc3339(header["captured_at"]), int(header["frame_seq"]),
-                        tuple(files.items()), _published_key(header), str(header.get("topic", "")))
+    return ArchiveEntry(
+        header["camera"],
+        parse_rfc3339(header["captured_at"]),
+        int(header["frame_seq"]),
+        tuple(files.items()),
+        _published_key(header),
+        str(header.get("topic", "")),
+    )
 
 
 def entry_message(path: Path) -> list[bytes]:

@@ -87,10 +87,8 @@ def _frame(files: dict[str, bytes]) -> tuple[str, bytes] | None:
 
 
 def _manifest_line(header: dict, image: Path, entry: Path, out: Path) -> str:
-    keep = ("camera", "captured_at", "frame_seq", "score", "threshold", "is_defect", "model", "run_id", "topic",
-            "seq", "regions")
-    record = {"image": image.relative_to(out).as_posix(), **{k: header.get(k) for k in keep},
-              "archive_entry": str(entry)}
+    keep = ("camera", "captured_at", "frame_seq", "score", "threshold", "is_defect", "model", "run_id", "topic", "seq", "regions")
+    record = {"image": image.relative_to(out).as_posix(), **{k: header.get(k) for k in keep}, "archive_entry": str(entry)}
     return json.dumps(record, separators=(",", ":")) + "\n"
 
 

@@ -106,8 +106,14 @@ def render(seen: Seen, width: int) -> bytes:
     # convertScaleAbs takes |x|: clip first, so that a very negative logit is blue, not red.
     index = cv2.convertScaleAbs(np.clip(logits, -_LOGIT_SPAN, _LOGIT_SPAN), alpha=127.5 / _LOGIT_SPAN, beta=127.5)
     mask, boxes = _regions(logits, seen, (w / seen.frame.width) ** 2) if seen.is_defect else (None, [])
-    picture = draw(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), index, _SIGMOID_JET, mask=mask, boxes=boxes,
-                   verdict=(seen.score, seen.options.threshold))
+    picture = draw(
+        cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
+        index,
+        _SIGMOID_JET,
+        mask=mask,
+        boxes=boxes,
+        verdict=(seen.score, seen.options.threshold),
+    )
     return encode_jpeg(picture, _JPEG_QUALITY, rgb=False)
 
 
@@ -131,8 +137,9 @@ def placeholder(text: str, width: int = 320, height: int = 240) -> bytes:
     """A grey picture saying `text` (a camera with no frame yet)."""
     image = np.full((height, width, 3), 64, np.uint8)
     (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.6, 1)
-    cv2.putText(image, text, ((width - tw) // 2, (height + th) // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.6,
-                (220, 220, 220), 1, cv2.LINE_AA)
+    cv2.putText(
+        image, text, ((width - tw) // 2, (height + th) // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (220, 220, 220), 1, cv2.LINE_AA
+    )
     return encode_jpeg(image, _JPEG_QUALITY)
 
 

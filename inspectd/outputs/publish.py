@@ -81,8 +81,16 @@ class Publisher:
     consumer never costs the others their events; that loss shows as a seq gap on its side.
     """
 
-    def __init__(self, cfg: PublishConfig, metrics: Metrics, run_id: str, model: dict,
-                 stats: Callable[[], dict] = dict, keys: ServerKeys | None = None, outcome: Listener = _ignore):
+    def __init__(
+        self,
+        cfg: PublishConfig,
+        metrics: Metrics,
+        run_id: str,
+        model: dict,
+        stats: Callable[[], dict] = dict,
+        keys: ServerKeys | None = None,
+        outcome: Listener = _ignore,
+    ):
         """`model` is named in heartbeats until `stats()` returns a "model" of its own (the daemon's current one).
 
         `outcome` is told what became of every message, on the thread that decided it (`Fanout`: the
@@ -113,13 +121,23 @@ class Publisher:
         """Bind now (ConfigError naming the endpoint if that fails), then start the sending thread."""
         if self._thread is not None:
             raise RuntimeError("Publisher.start() called twice")
-        self._server = ServerSocket(zmq.PUB, self.cfg.endpoint, "publish.endpoint",
-                                    {zmq.SNDHWM: self.cfg.send_hwm, zmq.LINGER: 0}, self._keys,
-                                    self.metrics.refused("events", HANDSHAKE_REASONS))
+        self._server = ServerSocket(
+            zmq.PUB,
+            self.cfg.endpoint,
+            "publish.endpoint",
+            {zmq.SNDHWM: self.cfg.send_hwm, zmq.LINGER: 0},
+            self._keys,
+            self.metrics.refused("events", HANDSHAKE_REASONS),
+        )
         self._socket, self._endpoint = self._server.sock, self._server.endpoint
         self._started_mono = time.monotonic()
-        log.info("publishing %s on %s (%s, run_id %s)", SCHEMA, self._endpoint,
-                 "CURVE" if self._server.curve else "plain text", self.run_id)
+        log.info(
+            "publishing %s on %s (%s, run_id %s)",
+            SCHEMA,
+            self._endpoint,
+            "CURVE" if self._server.curve else "plain text",
+            self.run_id,
+        )
         # The socket moves to the new thread here; Thread.start() is the memory barrier ZeroMQ asks for.
         self._thread = threading.Thread(target=self._loop, name="publish", daemon=True)
         self._thread.start()
@@ -166,8 +184,9 @@ class Publisher:
         camera = insp.frame.camera
         kept = (insp.archive_encoding, insp.archive_frame) if insp.archive_frame else None
         if insp.is_defect and defect_event:
-            self._enqueue(f"defect.{camera}", *inspection_body(insp, model, with_frame=True), kept_frame=kept,
-                          image=insp.frame.image)
+            self._enqueue(
+                f"defect.{camera}", *inspection_body(insp, model, with_frame=True), kept_frame=kept, image=insp.frame.image
+            )
         elif kept is not None and not insp.is_defect:  # an ok frame sampled for retraining: archived, never published
             self._unsent(Fate.KEPT, _Pending(f"result.{camera}", *inspection_body(insp, model, with_frame=False), kept))
         if results:
@@ -177,8 +196,9 @@ class Publisher:
         """status.<camera>: the camera's state changed (up, down, ...)."""
         self._enqueue(f"status.{camera}", status_body(camera, state, detail), [])
 
-    def _enqueue(self, topic: str, body: dict, attachments: list[bytes],
-                 kept_frame: tuple[str, bytes] | None = None, image=None) -> None:
+    def _enqueue(
+        self, topic: str, body: dict, attachments: list[bytes], kept_frame: tuple[str, bytes] | None = None, image=None
+    ) -> None:
         item = _Pending(topic, body, attachments, kept_frame, image)
         if self._closing.is_set():
             self._dropped(item)
@@ -260,6 +280,11 @@ class Publisher:
                 log.exception("heartbeat stats failed; sending heartbeats without them")
             self._stats_failing = True
             stats = {}
-        return {"fps": stats.pop("fps", None), "cameras": stats.pop("cameras", {}),
-                "uptime_s": round(time.monotonic() - self._started_mono, 3), "model": self._model,
-                "last_seq": {t: n for t, n in self._seq.items() if t != HEARTBEAT_TOPIC}, **stats}
+        return {
+            "fps": stats.pop("fps", None),
+            "cameras": stats.pop("cameras", {}),
+            "uptime_s": round(time.monotonic() - self._started_mono, 3),
+            "model": self._model,
+            "last_seq": {t: n for t, n in self._seq.items() if t != HEARTBEAT_TOPIC},
+            **stats,
+        }

@@ -47,9 +47,16 @@ class DefectRecord:
     def summary(self) -> dict:
         """What the page lists: camera, time, score, regions, episode, seq."""
         h = self.header
-        return {"id": self.id, "camera": self.camera, "captured_at": h.get("captured_at"), "score": h.get("score"),
-                "frame_seq": h.get("frame_seq"), "seq": h.get("seq"), "episode": h.get("episode"),
-                "regions": len(h.get("regions") or ())}
+        return {
+            "id": self.id,
+            "camera": self.camera,
+            "captured_at": h.get("captured_at"),
+            "score": h.get("score"),
+            "frame_seq": h.get("frame_seq"),
+            "seq": h.get("seq"),
+            "episode": h.get("episode"),
+            "regions": len(h.get("regions") or ()),
+        }
 
 
 class DefectLog(Protocol):
@@ -78,8 +85,10 @@ class MemoryDefects:
     def add(self, header_json: bytes, attachments: Sequence[bytes] = (), image: np.ndarray | None = None) -> None:
         """A defect event as sent: its header JSON, its attachments in header order, the frame (by reference)."""
         header = json.loads(header_json)
-        files = {file_name(spec["kind"], spec["encoding"]): bytes(data)
-                 for spec, data in zip(header.get("attachments", []), attachments)}
+        files = {
+            file_name(spec["kind"], spec["encoding"]): bytes(data)
+            for spec, data in zip(header.get("attachments", []), attachments)
+        }
         size = len(header_json) + sum(len(d) for d in files.values()) + (image.nbytes if image is not None else 0)
         with self._lock:
             self._count += 1

@@ -103,8 +103,16 @@ def parse_request(data: bytes) -> tuple[str, str, int]:
 class ReplayServer:
     """The ROUTER socket and its thread; see the module doc for the protocol."""
 
-    def __init__(self, cfg: ReplayConfig, run_id: str, ring: Ring, archive: Archive | None,
-                 metrics: Metrics, last_seq: Callable[[str], int], keys: ServerKeys | None = None):
+    def __init__(
+        self,
+        cfg: ReplayConfig,
+        run_id: str,
+        ring: Ring,
+        archive: Archive | None,
+        metrics: Metrics,
+        last_seq: Callable[[str], int],
+        keys: ServerKeys | None = None,
+    ):
         """`last_seq(topic)`: the highest seq the publisher has sent on topic in this run (0: none).
         `keys`: a CURVE server, as the publisher (docs/security.md)."""
         self.cfg, self.run_id, self.ring, self.archive, self.metrics = cfg, run_id, ring, archive, metrics
@@ -119,9 +127,14 @@ class ReplayServer:
 
     def start(self) -> ReplayServer:
         # ROUTER_MANDATORY: a full or vanished peer raises instead of a silent drop.
-        self._server = ServerSocket(zmq.ROUTER, self.cfg.endpoint, "replay.endpoint", {
-            zmq.MAXMSGSIZE: _MAX_MESSAGE_BYTES, zmq.ROUTER_MANDATORY: 1, zmq.SNDHWM: 1000, zmq.LINGER: 0},
-            self._keys, self.metrics.refused("replay", HANDSHAKE_REASONS))
+        self._server = ServerSocket(
+            zmq.ROUTER,
+            self.cfg.endpoint,
+            "replay.endpoint",
+            {zmq.MAXMSGSIZE: _MAX_MESSAGE_BYTES, zmq.ROUTER_MANDATORY: 1, zmq.SNDHWM: 1000, zmq.LINGER: 0},
+            self._keys,
+            self.metrics.refused("replay", HANDSHAKE_REASONS),
+        )
         self._socket, self.endpoint = self._server.sock, self._server.endpoint
         for status in STATUSES:
             self.metrics.replay_requests.labels(status=status)
@@ -174,8 +187,11 @@ class ReplayServer:
         elif self.archive is not None and self.archive.index.knows(run_id, topic):
             self._from_archive(identity, request, self.archive)
         else:
-            reason = ("another run (the daemon restarted) and not in the archive" if self.archive is not None
-                      else "another run (the daemon restarted); no archive to answer from")
+            reason = (
+                "another run (the daemon restarted) and not in the archive"
+                if self.archive is not None
+                else "another run (the daemon restarted); no archive to answer from"
+            )
             self._end(identity, "unknown_run", request, reason=reason, current_run_id=self.run_id)
 
     def _from_this_run(self, identity: bytes, request: dict) -> None:
@@ -194,15 +210,22 @@ class ReplayServer:
 
     def _from_archive(self, identity: bytes, request: dict, archive: Archive) -> None:
         """Another run: what the archive holds (its last seq is not known: the end says what was sent)."""
-        found = dict(archive.index.published(request["run_id"], request["topic"], request["after_seq"],
-                                                  self.cfg.max_messages))
+        found = dict(archive.index.published(request["run_id"], request["topic"], request["after_seq"], self.cfg.max_messages))
         horizon = max(found) if len(found) >= self.cfg.max_messages else None
-        self._answer_from(identity, request, sorted(found), found, None, horizon,
-                          reason="another run: from the archive; its events after last_seq, if any, were not archived",
-                          current_run_id=self.run_id)
+        self._answer_from(
+            identity,
+            request,
+            sorted(found),
+            found,
+            None,
+            horizon,
+            reason="another run: from the archive; its events after last_seq, if any, were not archived",
+            current_run_id=self.run_id,
+        )
 
-    def _answer_from(self, identity: bytes, request: dict, seqs: list[int], archived: dict, last: int | None,
-                     horizon: int | None, **end_fields) -> None:
+    def _answer_from(
+        self, identity: bytes, request: dict, seqs: list[int], archived: dict, last: int | None, horizon: int | None, **end_fields
+    ) -> None:
         """Send `seqs` (from the ring, else the archive) in order within the limits, then the end message.
         `last`: the highest seq that exists (None: unknown, an earlier run); `horizon`: the last seq that
         was looked up in the archive (None: all were)."""
@@ -229,8 +252,15 @@ class ReplayServer:
                 return
             prev = seq
         if horizon is not None and (last is None or prev < last):
-            self._end(identity, "partial", request, last_seq=prev, missing=missing,
-                      reason="answer limit reached: ask again from last_seq", **end_fields)
+            self._end(
+                identity,
+                "partial",
+                request,
+                last_seq=prev,
+                missing=missing,
+                reason="answer limit reached: ask again from last_seq",
+                **end_fields,
+            )
             return
         if last is not None and last > prev:
             missing.append([prev + 1, last])

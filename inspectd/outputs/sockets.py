@@ -29,12 +29,20 @@ from inspectd.outputs.wire import HANDSHAKE_FAILED, zmq_reason
 if TYPE_CHECKING:
     from inspectd.security import ServerKeys
 
+
 class ServerSocket:
     """A context, a socket of `kind` with `options` bound to `endpoint`, and (with keys) its CURVE
     authenticator and handshake monitor. ConfigError naming the config `key` if it cannot bind."""
 
-    def __init__(self, kind: int, endpoint: str, key: str, options: dict[int, int], keys: ServerKeys | None = None,
-                 refused: Callable[[str], None] = lambda reason: None):
+    def __init__(
+        self,
+        kind: int,
+        endpoint: str,
+        key: str,
+        options: dict[int, int],
+        keys: ServerKeys | None = None,
+        refused: Callable[[str], None] = lambda reason: None,
+    ):
         self.ctx = zmq.Context()
         self._auth = None
         self._monitor: zmq.Socket | None = None

@@ -56,18 +56,26 @@ from inspectd.pipeline.postprocess import overlay
 log = logging.getLogger("inspectd.outputs.ui")
 
 STATIC = Path(__file__).resolve().parents[1] / "assets" / "ui"
-_STATIC_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
-                 "/static/live.js": ("live.js", "text/javascript; charset=utf-8"),
-                 "/static/live.css": ("live.css", "text/css; charset=utf-8")}
+_STATIC_FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/static/live.js": ("live.js", "text/javascript; charset=utf-8"),
+    "/static/live.css": ("live.css", "text/css; charset=utf-8"),
+}
 MAX_STREAMS = 16  # MJPEG connections at once: each holds a thread
 BOUNDARY = "inspectd-frame"
 COLLECT_HEADER = "HTTP_X_INSPECTD_COLLECT"  # X-Inspectd-Collect: 1
 LABELS = ("ok", "defect")
 _DRAWN_BYTES = 32_000_000  # drawings of recent defects kept (a page lists the same ones every poll)
-_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
-        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-_SECURITY_HEADERS = [("Content-Security-Policy", _CSP), ("X-Content-Type-Options", "nosniff"),
-                     ("Referrer-Policy", "no-referrer"), ("Cross-Origin-Resource-Policy", "same-origin")]
+_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+_SECURITY_HEADERS = [
+    ("Content-Security-Policy", _CSP),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cross-Origin-Resource-Policy", "same-origin"),
+]
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 _CONTENT_TYPES = {".jpg": "image/jpeg", ".png": "image/png"}
 
@@ -139,13 +147,22 @@ def defect_overlay(record: DefectRecord) -> np.ndarray:
         size = (int(frame_info.get("width") or 320), int(frame_info.get("height") or 240))
         image = np.zeros((size[1], size[0], 3), np.uint8)
     height, width = image.shape[:2]
-    prob = np.zeros((height, width), np.float32) if mask is None else \
-        cv2.resize(mask, (width, height), interpolation=cv2.INTER_LINEAR).astype(np.float32) / 255.0
+    prob = (
+        np.zeros((height, width), np.float32)
+        if mask is None
+        else cv2.resize(mask, (width, height), interpolation=cv2.INTER_LINEAR).astype(np.float32) / 255.0
+    )
     kept = _decode(record.files.get("regions.png", b""), cv2.IMREAD_GRAYSCALE)
     if kept is not None and kept.shape != (height, width):
         kept = cv2.resize(kept, (width, height), interpolation=cv2.INTER_NEAREST)
-    return overlay(image, prob, float(h.get("score") or 0.0), float(h.get("threshold") or 0.0),
-                   mask=kept, regions=tuple(h.get("regions") or ()))
+    return overlay(
+        image,
+        prob,
+        float(h.get("score") or 0.0),
+        float(h.get("threshold") or 0.0),
+        mask=kept,
+        regions=tuple(h.get("regions") or ()),
+    )
 
 
 def defect_thumbnail(record: DefectRecord, width: int = 240) -> np.ndarray:
@@ -155,19 +172,27 @@ def defect_thumbnail(record: DefectRecord, width: int = 240) -> np.ndarray:
     h = record.header
     image = _frame_of(record)
     info = h.get("frame") or {}
-    full_w, full_h = (image.shape[1], image.shape[0]) if image is not None else \
-        (int(info.get("width") or 320), int(info.get("height") or 240))
+    full_w, full_h = (
+        (image.shape[1], image.shape[0]) if image is not None else (int(info.get("width") or 320), int(info.get("height") or 240))
+    )
     w = min(width, full_w)
     size = (w, max(1, round(full_h * w / full_w)))
-    picture = np.zeros((size[1], size[0], 3), np.uint8) if image is None else \
-        cv2.cvtColor(cv2.resize(image, size, interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2BGR)
+    picture = (
+        np.zeros((size[1], size[0], 3), np.uint8)
+        if image is None
+        else cv2.cvtColor(cv2.resize(image, size, interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2BGR)
+    )
     mask = _decode(record.files.get("mask.png", b""), cv2.IMREAD_GRAYSCALE)
     kept = _decode(record.files.get("regions.png", b""), cv2.IMREAD_GRAYSCALE)
     scale = size[0] / full_w
     boxes = [tuple(round(v * scale) for v in region["bbox"]) for region in h.get("regions") or ()]
-    picture = draw(picture, None if mask is None else cv2.resize(mask, size, interpolation=cv2.INTER_LINEAR),
-                   mask=None if kept is None else cv2.resize(kept, size, interpolation=cv2.INTER_NEAREST),
-                   boxes=boxes, legend=False)
+    picture = draw(
+        picture,
+        None if mask is None else cv2.resize(mask, size, interpolation=cv2.INTER_LINEAR),
+        mask=None if kept is None else cv2.resize(kept, size, interpolation=cv2.INTER_NEAREST),
+        boxes=boxes,
+        legend=False,
+    )
     return cv2.cvtColor(picture, cv2.COLOR_BGR2RGB)
 
 
@@ -215,8 +240,16 @@ class UiApp:
     `state()` returns {"cameras": [{"id", "state", "detail", "inspected", "dropped", "reconnects"}...], ...}
     (the daemon's view: counters are totals); the rest is added here."""
 
-    def __init__(self, live: LiveView, recent: DefectLog, state: State, collect_dir: Path | None = None,
-                 auth: bool = False, recent_limit: int = 50, host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        live: LiveView,
+        recent: DefectLog,
+        state: State,
+        collect_dir: Path | None = None,
+        auth: bool = False,
+        recent_limit: int = 50,
+        host: str = "127.0.0.1",
+    ):
         """`host`: the configured bind address; a Host header naming it is accepted too (a name of this PC that
         resolves to loopback)."""
         self.live, self.recent, self.state = live, recent, state
@@ -234,8 +267,11 @@ class UiApp:
     def __call__(self, environ, start_response):
         try:
             if not self.auth and not _loopback_host(environ.get("HTTP_HOST", ""), self.host):
-                raise HttpError("403 Forbidden", "this address is not allowed: open the view as http://localhost:PORT/ "
-                                "or http://127.0.0.1:PORT/ (an SSH tunnel for a remote PC)")
+                raise HttpError(
+                    "403 Forbidden",
+                    "this address is not allowed: open the view as http://localhost:PORT/ "
+                    "or http://127.0.0.1:PORT/ (an SSH tunnel for a remote PC)",
+                )
             method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "/")
             query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
             if path == "/api/collect":
@@ -249,20 +285,35 @@ class UiApp:
             return self._respond(start_response, *self._get(path, query), head=method == "HEAD")
         except HttpError as exc:
             extra = [("Allow", exc.allow)] if exc.allow else []
-            return self._respond(start_response, exc.status, "text/plain; charset=utf-8", f"{exc}\n".encode(),
-                                 extra=extra)
+            return self._respond(start_response, exc.status, "text/plain; charset=utf-8", f"{exc}\n".encode(), extra=extra)
         except Exception:
             log.exception("live view: request failed")
-            return self._respond(start_response, "500 Internal Server Error", "text/plain; charset=utf-8",
-                                 b"internal error (see the daemon's log)\n")
+            return self._respond(
+                start_response,
+                "500 Internal Server Error",
+                "text/plain; charset=utf-8",
+                b"internal error (see the daemon's log)\n",
+            )
 
     @staticmethod
-    def _respond(start_response, status: str, content_type: str, body: bytes, cache: bool = False, head: bool = False,
-                 extra: list | None = None):
+    def _respond(
+        start_response,
+        status: str,
+        content_type: str,
+        body: bytes,
+        cache: bool = False,
+        head: bool = False,
+        extra: list | None = None,
+    ):
         """`cache`: the answer never changes for this URL (a defect's files: ids are never reused); `head`: the
         headers only."""
-        headers = [("Content-Type", content_type), ("Content-Length", str(len(body))),
-                   ("Cache-Control", "private, max-age=3600" if cache else "no-store"), *_SECURITY_HEADERS, *(extra or [])]
+        headers = [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "private, max-age=3600" if cache else "no-store"),
+            *_SECURITY_HEADERS,
+            *(extra or []),
+        ]
         start_response(status, headers)
         return [] if head else [body]
 
@@ -295,9 +346,17 @@ class UiApp:
         for c in cameras:
             c["fps"], c["dropped_fps"] = (round(v, 2) for v in rates.get(c["id"], (0.0, 0.0)))
             seen = self.live.latest(c["id"])
-            c["last"] = None if seen is None else {
-                "frame_seq": seen.frame.seq, "score": round(seen.score, 4), "is_defect": seen.is_defect,
-                "threshold": seen.options.threshold, "age_s": round(max(0.0, time.time() - seen.frame.captured_at), 2)}
+            c["last"] = (
+                None
+                if seen is None
+                else {
+                    "frame_seq": seen.frame.seq,
+                    "score": round(seen.score, 4),
+                    "is_defect": seen.is_defect,
+                    "threshold": seen.options.threshold,
+                    "age_s": round(max(0.0, time.time() - seen.frame.captured_at), 2),
+                }
+            )
         return {**state, "collect": self.collect_dir is not None, "max_fps": self.live.max_fps}
 
     def _record(self, query: dict[str, str]) -> DefectRecord:
@@ -350,21 +409,34 @@ class UiApp:
     def _stream(self, start_response, camera: str, head: bool = False):
         self._camera(camera)
         if head:  # the headers a GET would get, without opening a stream
-            start_response("200 OK", [("Content-Type", f"multipart/x-mixed-replace; boundary={BOUNDARY}"),
-                                      ("Cache-Control", "no-store"), *_SECURITY_HEADERS])
+            start_response(
+                "200 OK",
+                [
+                    ("Content-Type", f"multipart/x-mixed-replace; boundary={BOUNDARY}"),
+                    ("Cache-Control", "no-store"),
+                    *_SECURITY_HEADERS,
+                ],
+            )
             return []
         if not self._streams.acquire(blocking=False):
             raise HttpError("503 Service Unavailable", f"{MAX_STREAMS} live streams open already")
-        start_response("200 OK", [("Content-Type", f"multipart/x-mixed-replace; boundary={BOUNDARY}"),
-                                  ("Cache-Control", "no-store"), *_SECURITY_HEADERS])
+        start_response(
+            "200 OK",
+            [
+                ("Content-Type", f"multipart/x-mixed-replace; boundary={BOUNDARY}"),
+                ("Cache-Control", "no-store"),
+                *_SECURITY_HEADERS,
+            ],
+        )
         return _Stream(self._parts(camera), self._streams.release)
 
     def _parts(self, camera: str) -> Generator[bytes, None, None]:
         pictures = self.live.stream(camera)
         try:
             for jpeg in pictures:
-                yield (f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n".encode()
-                       + jpeg + b"\r\n")
+                yield (
+                    f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n".encode() + jpeg + b"\r\n"
+                )
         finally:  # the viewer went away (the write failed), or the daemon stops: stop watching now
             pictures.close()
 
@@ -391,8 +463,10 @@ class UiApp:
         except OSError as exc:
             log.error("live view: cannot save a frame into %s: %s", self.collect_dir, exc)
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-            raise HttpError("507 Insufficient Storage" if full else "500 Internal Server Error",
-                            f"cannot save the frame into [ui] collect_dir: {exc.strerror or exc}") from None
+            raise HttpError(
+                "507 Insufficient Storage" if full else "500 Internal Server Error",
+                f"cannot save the frame into [ui] collect_dir: {exc.strerror or exc}",
+            ) from None
         self.collected += 1
         log.info("live view: saved camera %s frame %d as %s: %s", camera, seen.frame.seq, label, path)
         return "200 OK", "application/json", _json({"saved": f"{label}/{path.name}", "frame_seq": seen.frame.seq})

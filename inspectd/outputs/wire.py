@@ -47,8 +47,11 @@ REQUEST_TAG = b"inspectd.replay/1"
 END_TOPIC = "replay.end"
 
 # A failed security handshake, as ZeroMQ's socket monitor reports it -> its reason, on both ends.
-HANDSHAKE_FAILED: dict[int, str] = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth", zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
-                                    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "other"}
+HANDSHAKE_FAILED: dict[int, str] = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "other",
+}
 HANDSHAKE_REASONS = tuple(HANDSHAKE_FAILED.values())
 
 
@@ -127,9 +130,13 @@ def episode_body(ep, model: dict) -> tuple[dict, list[bytes]]:
         "defect_frames": int(ep.defect_frames),
         "peak_score": float(best.score),
         "end_reason": ep.end_reason,
-        "best": {"frame_seq": int(best.frame.seq), "captured_at": rfc3339(best.frame.captured_at),
-                 "score": float(best.score), "regions": [_region(r) for r in best.regions],
-                 "bbox": _region(best.regions[0])["bbox"] if best.regions else None},
+        "best": {
+            "frame_seq": int(best.frame.seq),
+            "captured_at": rfc3339(best.frame.captured_at),
+            "score": float(best.score),
+            "regions": [_region(r) for r in best.regions],
+            "bbox": _region(best.regions[0])["bbox"] if best.regions else None,
+        },
         "model": {"name": str(model.get("name", "")), "sha256": str(model.get("sha256", ""))},
         "frame": {"width": best.frame.width, "height": best.frame.height},
         "attachments": best_body["attachments"],
@@ -156,8 +163,9 @@ def _json_default(value):
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-def encode_message(topic: str, run_id: str, seq: int, body: dict, attachments: Sequence[bytes] = (),
-                   published_at: float | None = None) -> list[bytes]:
+def encode_message(
+    topic: str, run_id: str, seq: int, body: dict, attachments: Sequence[bytes] = (), published_at: float | None = None
+) -> list[bytes]:
     """-> the multipart message [topic, header JSON, *attachments] with the envelope fields first."""
     header = {
         "schema": SCHEMA,
@@ -200,6 +208,8 @@ def decode_message(parts: list[bytes]) -> tuple[str, dict, list[bytes]]:
     attachments = [bytes(p) for p in parts[2:]]
     declared = header.get("attachments", [])
     if not isinstance(declared, list) or len(declared) != len(attachments):
-        raise WireFormatError(f"topic {topic!r}: header names {len(declared) if isinstance(declared, list) else '?'} "
-                              f"attachments, message has {len(attachments)}")
+        raise WireFormatError(
+            f"topic {topic!r}: header names {len(declared) if isinstance(declared, list) else '?'} "
+            f"attachments, message has {len(attachments)}"
+        )
     return topic, header, attachments

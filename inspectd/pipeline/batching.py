@@ -62,8 +62,10 @@ class FrameBoard:
     def wait(self, min_frames: int, timeout: float) -> bool:
         """Wait until at least `min_frames` slots hold a frame (or timeout, or close); True if they do."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._closed or len(self._slots) >= min_frames,
-                                       timeout=max(0.0, timeout)) and not self._closed
+            return (
+                self._cond.wait_for(lambda: self._closed or len(self._slots) >= min_frames, timeout=max(0.0, timeout))
+                and not self._closed
+            )
 
     def wake(self) -> None:
         """Wake a waiting batcher (used at shutdown)."""

@@ -49,10 +49,16 @@ def inspect_options(s: Settings, deployable: Deployable) -> InspectOptions:
     return InspectOptions(
         threshold=deployable.threshold if s.model.threshold is None else s.model.threshold,
         mask_rule=mask_rule(s, deployable),
-        mask_resolution=s.postprocess.mask_resolution, min_region_px=s.postprocess.min_region_px,
-        attach_frame=s.publish.attach_frame, jpeg_quality=s.postprocess.jpeg_quality, results=s.publish.results,
-        archive_frame=s.archive.frame_format if s.archive.dir else "", archive_ok_every=s.archive.ok_every,
-        episode_rules=episode_rules(s, deployable), episode_mode=s.episodes.mode)
+        mask_resolution=s.postprocess.mask_resolution,
+        min_region_px=s.postprocess.min_region_px,
+        attach_frame=s.publish.attach_frame,
+        jpeg_quality=s.postprocess.jpeg_quality,
+        results=s.publish.results,
+        archive_frame=s.archive.frame_format if s.archive.dir else "",
+        archive_ok_every=s.archive.ok_every,
+        episode_rules=episode_rules(s, deployable),
+        episode_mode=s.episodes.mode,
+    )
 
 
 def episode_rules(s: Settings, deployable: Deployable) -> EpisodeRules:
@@ -80,8 +86,15 @@ def resolve_max_batch(s: Settings) -> int:
 
 def build_context(s: Settings, deployable: Deployable) -> InferenceContext:
     """Engine for the model and batching settings, warmed up (every batch size run once) when asked."""
-    engine = InferenceEngine(deployable, buckets_for(resolve_max_batch(s)), s.model.device, s.model.xla,
-                             s.model.precision, s.model.runtime, Path(s.model.cache_dir) if s.model.cache_dir else None)
+    engine = InferenceEngine(
+        deployable,
+        buckets_for(resolve_max_batch(s)),
+        s.model.device,
+        s.model.xla,
+        s.model.precision,
+        s.model.runtime,
+        Path(s.model.cache_dir) if s.model.cache_dir else None,
+    )
     log.info("model %s runs with %s on %s (%s)", deployable.name, engine.runtime, engine.device, engine.runtime_reason)
     if s.daemon.warmup:
         t0 = time.monotonic()

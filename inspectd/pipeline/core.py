@@ -50,8 +50,7 @@ FREEZE_ENV = "INSPECTD_TEST_FREEZE_INFERENCE"
 class InspectionSink(Protocol):
     """Where inspections go (the ZeroMQ publisher, which also feeds the archive): must never block."""
 
-    def publish_inspection(self, insp: Inspection, model: dict, results: bool = False,
-                           defect_event: bool = True) -> None: ...
+    def publish_inspection(self, insp: Inspection, model: dict, results: bool = False, defect_event: bool = True) -> None: ...
 
     def publish_episode(self, episode: Episode, model: dict, best_event: bool) -> None: ...
 
@@ -62,8 +61,9 @@ Observer = Callable[[Frame, float, np.ndarray, InspectOptions], None]
 class Pipeline:
     """Owns the frame board, the batcher, the inference thread, the post-processing pool and the hand-off."""
 
-    def __init__(self, context: InferenceContext, metrics: Metrics, sink: InspectionSink, workers: int,
-                 observer: Observer | None = None):
+    def __init__(
+        self, context: InferenceContext, metrics: Metrics, sink: InspectionSink, workers: int, observer: Observer | None = None
+    ):
         """`observer(frame, score, cam_logits, options)`: each inferred frame, on the inference thread, before its
         post-processing (the live view keeps a reference; it must return at once)."""
         self.metrics = metrics
@@ -227,8 +227,7 @@ class Pipeline:
             step = self._trackers[camera].observe(insp, opts.episodes, opts.episode_mode)
             self._publish_episode(step.ended, context)
             insp = step.inspection
-            self._sink.publish_inspection(insp, context.model, results=opts.results,
-                                          defect_event=step.mode == "frames")
+            self._sink.publish_inspection(insp, context.model, results=opts.results, defect_event=step.mode == "frames")
             frame = insp.frame
             if insp.is_defect:
                 self.metrics.defects.labels(camera=frame.camera).inc()

@@ -81,7 +81,6 @@ def select_device(device: str) -> str:
         return "/CPU:0"
     index = 0 if device == "auto" else int(device.split(":")[1])
     if index >= len(gpus):
-
         raise ConfigError(f"model.device: {device!r} but TensorFlow sees {len(gpus)} GPU(s)")
     return f"/GPU:{index}"
 
@@ -98,8 +97,16 @@ class InferenceEngine:
     `traces()` lets tests prove nothing is retraced afterwards.
     """
 
-    def __init__(self, deployable: Deployable, buckets: tuple[int, ...], device: str = "auto", xla: bool = False,
-                 precision: str = "float32", runtime: str = "tensorflow", cache_dir: Path | None = None):
+    def __init__(
+        self,
+        deployable: Deployable,
+        buckets: tuple[int, ...],
+        device: str = "auto",
+        xla: bool = False,
+        precision: str = "float32",
+        runtime: str = "tensorflow",
+        cache_dir: Path | None = None,
+    ):
         import tensorflow as tf
 
         self.deployable = deployable
@@ -127,8 +134,9 @@ class InferenceEngine:
 
             self._run = run
         else:
-            self._run = tf.function(lambda batch: preprocess(batch, (h, w)),
-                                    input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+            self._run = tf.function(
+                lambda batch: preprocess(batch, (h, w)), input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)]
+            )
 
     def _open_exported(self, cache_dir: Path | None, fallback: bool):
         """The ONNX Runtime / OpenVINO session on the cached export, checked on one frame; None (TensorFlow) if
@@ -148,8 +156,9 @@ class InferenceEngine:
             if not fallback:
                 if isinstance(exc, InspectdError):
                     raise
-                raise ModelFileError(f"model.runtime {self.runtime}: cannot run the converted model: "
-                                     f"{type(exc).__name__}: {exc}") from None
+                raise ModelFileError(
+                    f"model.runtime {self.runtime}: cannot run the converted model: {type(exc).__name__}: {exc}"
+                ) from None
             log.warning("runtime auto: %s failed (%s); using tensorflow", self.runtime, exc)
             self.runtime, self.runtime_reason = "tensorflow", f"auto: {self.runtime} failed: {exc}"
             return None
@@ -225,7 +234,7 @@ class Predictor:
         """Predict any number of HxWx3 RGB uint8 images (the last batch is zero-padded)."""
         out: list[Prediction] = []
         for start in range(0, len(images), self.batch_size):
-            scores, cams = self._engine.infer(list(images[start:start + self.batch_size]))
+            scores, cams = self._engine.infer(list(images[start : start + self.batch_size]))
             out += [Prediction(float(score), cam) for score, cam in zip(scores, cams)]
         return out
 

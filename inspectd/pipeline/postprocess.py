@@ -4,9 +4,19 @@ only (daemon path)."""
 from __future__ import annotations
 
 __all__ = [
-    "Region", "MaskRule", "MASK_RULES", "InspectOptions", "Located", "probability", "upsample", "find_regions",
-    "label_regions", "locate", "to_mask_u8",
-    "overlay", "inspect",
+    "Region",
+    "MaskRule",
+    "MASK_RULES",
+    "InspectOptions",
+    "Located",
+    "probability",
+    "upsample",
+    "find_regions",
+    "label_regions",
+    "locate",
+    "to_mask_u8",
+    "overlay",
+    "inspect",
 ]
 
 from dataclasses import asdict, dataclass
@@ -47,8 +57,9 @@ def find_regions(prob: np.ndarray, threshold: float, min_area_px: int = 1, above
     return label_regions(prob, threshold, min_area_px, above)[0]
 
 
-def label_regions(prob: np.ndarray, threshold: float, min_area_px: int = 1,
-                  above: np.ndarray | None = None) -> tuple[list[Region], np.ndarray]:
+def label_regions(
+    prob: np.ndarray, threshold: float, min_area_px: int = 1, above: np.ndarray | None = None
+) -> tuple[list[Region], np.ndarray]:
     """`find_regions`, plus the uint8 0/255 mask of exactly the regions kept (smaller ones removed)."""
     binary = (prob >= threshold if above is None else above).astype(np.uint8)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
@@ -73,8 +84,7 @@ class Located:
     kept: np.ndarray | None = None  # uint8 0/255: exactly the regions (None when judged ok)
 
 
-def locate(cam_logits: np.ndarray, width: int, height: int, rule: MaskRule, is_defect: bool,
-           min_region_px: int = 1) -> Located:
+def locate(cam_logits: np.ndarray, width: int, height: int, rule: MaskRule, is_defect: bool, min_region_px: int = 1) -> Located:
     """The daemon's and `infer`'s one path from a CAM to regions at image size.
 
     The logits are upsampled, then turned into probabilities: a bilinear map of logits thresholded
@@ -95,13 +105,15 @@ def to_mask_u8(prob: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(prob * 255.0), 0, 255).astype(np.uint8)
 
 
-def overlay(image_rgb: np.ndarray, prob: np.ndarray, score: float, threshold: float,
-            mask: np.ndarray | None = None, regions: tuple = ()) -> np.ndarray:
+def overlay(
+    image_rgb: np.ndarray, prob: np.ndarray, score: float, threshold: float, mask: np.ndarray | None = None, regions: tuple = ()
+) -> np.ndarray:
     """RGB image + jet map of the probability map (at image size), the mask's contours, the regions' boxes,
     a colour legend, score and verdict (`inspectd.drawing.draw`, as the live view draws)."""
     boxes = [tuple(r.bbox if hasattr(r, "bbox") else r["bbox"]) for r in regions]
-    picture = draw(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), to_mask_u8(prob), mask=mask, boxes=boxes,
-                   verdict=(score, threshold))
+    picture = draw(
+        cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), to_mask_u8(prob), mask=mask, boxes=boxes, verdict=(score, threshold)
+    )
     return cv2.cvtColor(picture, cv2.COLOR_BGR2RGB)
 
 
@@ -142,19 +154,39 @@ def inspect(frame, score: float, cam_logits: np.ndarray, opts: InspectOptions):
     jpeg, kept, encoding = _frame_outputs(frame, is_defect, opts)
     if not (is_defect or opts.results):
         size = (frame.width, frame.height) if opts.mask_resolution == "frame" else cam_logits.shape[::-1]
-        return Inspection(frame=frame, score=float(score), threshold=opts.threshold, is_defect=False, regions=(),
-                          mask_png=b"", mask_size=size, frame_jpeg=jpeg,
-                          mask_threshold=logit_to_probability(opts.mask_rule.logit_threshold(cam_logits)),
-                          regions_png=b"", archive_frame=kept, archive_encoding=encoding)
+        return Inspection(
+            frame=frame,
+            score=float(score),
+            threshold=opts.threshold,
+            is_defect=False,
+            regions=(),
+            mask_png=b"",
+            mask_size=size,
+            frame_jpeg=jpeg,
+            mask_threshold=logit_to_probability(opts.mask_rule.logit_threshold(cam_logits)),
+            regions_png=b"",
+            archive_frame=kept,
+            archive_encoding=encoding,
+        )
     found = locate(cam_logits, frame.width, frame.height, opts.mask_rule, is_defect, opts.min_region_px)
     # Exactly the published regions, losslessly: the 8-bit probability PNG cannot reproduce them where
     # the map saturates (a per-image threshold above 254.5/255) or where rounding crosses the threshold.
     regions_png = encode_png(found.kept) if found.kept is not None else b""
     mask = found.prob if opts.mask_resolution == "frame" else probability(cam_logits)
-    return Inspection(frame=frame, score=float(score), threshold=opts.threshold, is_defect=is_defect,
-                      regions=found.regions, mask_png=encode_png(to_mask_u8(mask)), mask_size=(mask.shape[1], mask.shape[0]),
-                      frame_jpeg=jpeg, mask_threshold=found.mask_threshold, regions_png=regions_png, archive_frame=kept,
-                      archive_encoding=encoding)
+    return Inspection(
+        frame=frame,
+        score=float(score),
+        threshold=opts.threshold,
+        is_defect=is_defect,
+        regions=found.regions,
+        mask_png=encode_png(to_mask_u8(mask)),
+        mask_size=(mask.shape[1], mask.shape[0]),
+        frame_jpeg=jpeg,
+        mask_threshold=found.mask_threshold,
+        regions_png=regions_png,
+        archive_frame=kept,
+        archive_encoding=encoding,
+    )
 
 
 def _frame_outputs(frame, is_defect: bool, opts: InspectOptions) -> tuple[bytes, bytes, str]:
@@ -164,8 +196,7 @@ def _frame_outputs(frame, is_defect: bool, opts: InspectOptions) -> tuple[bytes,
     if not (attach or archive):
         return b"", b"", ""
     bgr = cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR)  # converted once for both encodings
-    jpeg = encode_jpeg(bgr, opts.jpeg_quality, rgb=False) if attach or (
-        archive and opts.archive_frame == "jpeg") else b""
+    jpeg = encode_jpeg(bgr, opts.jpeg_quality, rgb=False) if attach or (archive and opts.archive_frame == "jpeg") else b""
     kept = b""  # the frame for the archive: the attached JPEG itself when the formats agree, else encoded once
     if archive:
         kept = jpeg if opts.archive_frame == "jpeg" else encode_png(bgr, rgb=False)

@@ -52,8 +52,10 @@ def resolve_runtime(requested: str, tf_device: str, precision: str = "float32", 
         if tf_device.startswith("/GPU") and requested == "openvino":
             raise ConfigError("model.runtime openvino runs on the CPU here; set model.device cpu, or runtime tensorflow")
         if not installed(requested):
-            raise UnavailableError(f"model.runtime {requested}: the {_PACKAGE[requested]} package is not installed: "
-                                   f"pip install 'inspectd[{_EXTRA[requested]}]'")
+            raise UnavailableError(
+                f"model.runtime {requested}: the {_PACKAGE[requested]} package is not installed: "
+                f"pip install 'inspectd[{_EXTRA[requested]}]'"
+            )
     return requested, "configured"
 
 
@@ -65,15 +67,18 @@ def _onnxruntime(path: Path, tf_device: str) -> Session:
         if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu >= 1.21: CUDA/cuDNN from the nvidia-* pip packages
             ort.preload_dlls()  # (which tensorflow[and-cuda] installs), no LD_LIBRARY_PATH needed
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise UnavailableError("model.runtime onnxruntime on a GPU needs the onnxruntime-gpu package "
-                                   "(CUDAExecutionProvider is not available)")
+            raise UnavailableError(
+                "model.runtime onnxruntime on a GPU needs the onnxruntime-gpu package (CUDAExecutionProvider is not available)"
+            )
         providers = [("CUDAExecutionProvider", {"device_id": int(tf_device.rsplit(":", 1)[1])}), "CPUExecutionProvider"]
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: its warnings about unused initializers are noise here
     session = ort.InferenceSession(str(path), options, providers=providers)
     if tf_device.startswith("/GPU") and "CUDAExecutionProvider" not in session.get_providers():
-        raise UnavailableError("model.runtime onnxruntime: the CUDA provider did not load (ONNX Runtime would run "
-                               "on the CPU); check the CUDA libraries, or set model.device cpu")
+        raise UnavailableError(
+            "model.runtime onnxruntime: the CUDA provider did not load (ONNX Runtime would run "
+            "on the CPU); check the CUDA libraries, or set model.device cpu"
+        )
     feed = session.get_inputs()[0].name
     names = [o.name for o in session.get_outputs()]
 
@@ -93,8 +98,9 @@ def compile_openvino(path: Path):
     # pinned, EfficientNetV2B0 752x480, docs/performance.md). Precision pinned to float32: the CPU plugin's
     # default is bfloat16 on CPUs that have it (AVX-512 BF16, AMX), which moves scores by up to 5e-3 and
     # would make the daemon's outputs depend on the CPU it happens to run on.
-    return ov.Core().compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False,
-                                                      "INFERENCE_PRECISION_HINT": "f32"})
+    return ov.Core().compile_model(
+        str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False, "INFERENCE_PRECISION_HINT": "f32"}
+    )
 
 
 def _openvino(path: Path, tf_device: str) -> Session:

@@ -43,17 +43,26 @@ def check_model(cfg: ModelConfig) -> list[str]:
     missing = sorted({"score", "cam_logits"} - set(outputs))
     if missing:
         raise ModelFileError(f"{path}: the model has no output {', '.join(missing)}; not an inspectd deployable model")
-    shapes = ", ".join(f"{name} [{', '.join('B' if d is None else str(d) for d in outputs[name].shape)}]"
-                       for name in ("score", "cam_logits"))
+    shapes = ", ".join(
+        f"{name} [{', '.join('B' if d is None else str(d) for d in outputs[name].shape)}]" for name in ("score", "cam_logits")
+    )
     width, height = model.input_size
     thresholds = ", ".join(
         f"{what} {own}" if mine is None else f"{what} {mine} ({key}; the model's {own})"
-        for what, key, mine, own in (("score", "model.threshold", cfg.threshold, model.threshold),
-                                     ("mask rule", "model.mask_rule", cfg.mask_rule or (
-                                         None if cfg.mask_threshold is None else f"probability:{cfg.mask_threshold:g}"),
-                                      model.mask_rule)))
-    return [f"model {cfg.path}: {path} (loaded in Keras safe mode)",
-            f"  name {model.name}, backbone {model.meta.get('backbone', 'unknown')}, input {width}x{height} RGB 0..255",
-            f"  outputs {shapes}, pooling {model.pooling}",
-            f"  thresholds {thresholds}",
-            f"  sha256 {model.sha256[:16]}"]
+        for what, key, mine, own in (
+            ("score", "model.threshold", cfg.threshold, model.threshold),
+            (
+                "mask rule",
+                "model.mask_rule",
+                cfg.mask_rule or (None if cfg.mask_threshold is None else f"probability:{cfg.mask_threshold:g}"),
+                model.mask_rule,
+            ),
+        )
+    )
+    return [
+        f"model {cfg.path}: {path} (loaded in Keras safe mode)",
+        f"  name {model.name}, backbone {model.meta.get('backbone', 'unknown')}, input {width}x{height} RGB 0..255",
+        f"  outputs {shapes}, pooling {model.pooling}",
+        f"  thresholds {thresholds}",
+        f"  sha256 {model.sha256[:16]}",
+    ]

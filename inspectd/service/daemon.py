@@ -111,8 +111,9 @@ class Daemon:
     def startup(self) -> None:
         s = self.settings
         keys = self._server_keys()
-        self.metrics_server = MetricsServer(self.registry, s.metrics.host, s.metrics.port, self.healthz, self.readyz,
-                                            web=web_security(s.metrics))
+        self.metrics_server = MetricsServer(
+            self.registry, s.metrics.host, s.metrics.port, self.healthz, self.readyz, web=web_security(s.metrics)
+        )
         self.metrics_server.start()
         self._stack.callback(self.metrics_server.stop)
         self.ui_server = self._bind_ui()
@@ -124,20 +125,32 @@ class Daemon:
         ring = Ring(s.replay.ring_messages, s.replay.ring_bytes) if s.replay.endpoint else None
         if ring is not None:
             outputs.listen("replay ring", ring.on_outcome)
-        self.publisher = Publisher(s.publish, self.metrics, self.run_id,
-                                   {"name": deployable.name, "sha256": deployable.sha256}, stats=self.stats,
-                                   keys=keys, outcome=outputs)
+        self.publisher = Publisher(
+            s.publish,
+            self.metrics,
+            self.run_id,
+            {"name": deployable.name, "sha256": deployable.sha256},
+            stats=self.stats,
+            keys=keys,
+            outcome=outputs,
+        )
         self.publisher.start()
         self._stack.callback(self.publisher.stop, s.daemon.shutdown_timeout_s)
         if ring is not None:
-            self.replay = ReplayServer(s.replay, self.run_id, ring, self.archive,
-                                       self.metrics, self.publisher.last_seq, keys).start()
+            self.replay = ReplayServer(
+                s.replay, self.run_id, ring, self.archive, self.metrics, self.publisher.last_seq, keys
+            ).start()
             self._stack.callback(self.replay.stop)
         self._warn_exposed(keys, self.publisher)
         context = build_context(s, deployable)
         self._set_model_info(context)
-        self.pipeline = Pipeline(context, self.metrics, self.publisher, s.postprocess.workers,
-                                 observer=self.live.offer if self.live is not None else None)
+        self.pipeline = Pipeline(
+            context,
+            self.metrics,
+            self.publisher,
+            s.postprocess.workers,
+            observer=self.live.offer if self.live is not None else None,
+        )
         self.pipeline.start()
         self._stack.callback(self._log_frame_accounts)
         self._stack.callback(self.pipeline.stop, s.daemon.shutdown_timeout_s)
@@ -147,10 +160,18 @@ class Daemon:
         self.ready = True
         self.notifier.ready()
         engine = self.pipeline.context.engine
-        log.info("ready: %d camera(s), model %s, batches %s on %s with %s, events on %s, replay %s, metrics on :%d, "
-                 "live view %s", len(self.cameras), deployable.name, engine.buckets, engine.device, engine.runtime,
-                 self.publisher.endpoint, f"on {self.replay.endpoint}" if self.replay else "off",
-                 self.metrics_server.port, self.ui_url() or "off")
+        log.info(
+            "ready: %d camera(s), model %s, batches %s on %s with %s, events on %s, replay %s, metrics on :%d, live view %s",
+            len(self.cameras),
+            deployable.name,
+            engine.buckets,
+            engine.device,
+            engine.runtime,
+            self.publisher.endpoint,
+            f"on {self.replay.endpoint}" if self.replay else "off",
+            self.metrics_server.port,
+            self.ui_url() or "off",
+        )
 
     def main_loop(self) -> None:
         """Supervise: fps, systemd STATUS and watchdog pings (only while progressing), reloads."""
@@ -195,8 +216,10 @@ class Daemon:
 
     def status_line(self) -> str:
         up = sum(1 for st in self.camera_states.values() if st == CameraState.UP)
-        return (f"{up}/{len(self.camera_states)} cameras up, {self._fps:.1f} frames/s inspected, "
-                f"last defect: {self.pipeline.last_defect if self.pipeline else 'none'}")
+        return (
+            f"{up}/{len(self.camera_states)} cameras up, {self._fps:.1f} frames/s inspected, "
+            f"last defect: {self.pipeline.last_defect if self.pipeline else 'none'}"
+        )
 
     # -- model and cameras ------------------------------------------------------------------
     def _server_keys(self) -> ServerKeys | None:
@@ -210,15 +233,20 @@ class Daemon:
         m = self.settings.metrics
         bound = [("events", publisher.endpoint)] + ([("replay", self.replay.endpoint)] if self.replay else [])
         if keys is None:
-            self._exposed += [f"{name} on {endpoint} in plain text, open to the network: set publish.curve_secret_key "
-                              "and publish.curve_clients (docs/security.md)"
-                              for name, endpoint in bound if not is_loopback_endpoint(endpoint)]
+            self._exposed += [
+                f"{name} on {endpoint} in plain text, open to the network: set publish.curve_secret_key "
+                "and publish.curve_clients (docs/security.md)"
+                for name, endpoint in bound
+                if not is_loopback_endpoint(endpoint)
+            ]
         for name, web, what in (("metrics", m, "metrics"), ("ui", self.settings.ui, "the live view")):
             if isinstance(web, UiConfig) and not web.enabled:  # name == "ui"
                 continue
             if web.basic_auth_users and not web.tls_cert_file and not is_loopback_endpoint(f"tcp://{web.host}:{web.port}"):
-                self._exposed.append(f"passwords to {what} on {web.host}:{web.port} go over plain HTTP: set "
-                                     f"{name}.tls_cert_file and {name}.tls_key_file (docs/security.md)")
+                self._exposed.append(
+                    f"passwords to {what} on {web.host}:{web.port} go over plain HTTP: set "
+                    f"{name}.tls_cert_file and {name}.tls_key_file (docs/security.md)"
+                )
         for note in self._exposed:
             log.warning("%s", note)
 
@@ -232,11 +260,18 @@ class Daemon:
 
         self.live = LiveView(cfg.max_fps, cfg.width, saturated=lambda: self.saturated)
         web = web_security(cfg, "ui")
-        self._ui_app = UiApp(self.live, MemoryDefects(), self.ui_state,
-                             collect_dir=Path(cfg.collect_dir) if cfg.collect_dir else None,
-                             auth=web is not None and web.users is not None, recent_limit=cfg.recent, host=cfg.host)
-        server = WebServer(self._ui_app, cfg.host, cfg.port, web, section="ui", what="the live view", name="ui-http",
-                           send_buffer=_UI_SEND_BUFFER)
+        self._ui_app = UiApp(
+            self.live,
+            MemoryDefects(),
+            self.ui_state,
+            collect_dir=Path(cfg.collect_dir) if cfg.collect_dir else None,
+            auth=web is not None and web.users is not None,
+            recent_limit=cfg.recent,
+            host=cfg.host,
+        )
+        server = WebServer(
+            self._ui_app, cfg.host, cfg.port, web, section="ui", what="the live view", name="ui-http", send_buffer=_UI_SEND_BUFFER
+        )
         self._stack.callback(server.stop)
         return server
 
@@ -254,9 +289,12 @@ class Daemon:
         live.start()
         self._stack.callback(live.stop)
         server.start()
-        log.info("live view on %s (recent defects from %s%s)", self.ui_url(),
-                 "the archive" if self.archive is not None else "memory",
-                 f", frame collection into {cfg.collect_dir}" if cfg.collect_dir else "")
+        log.info(
+            "live view on %s (recent defects from %s%s)",
+            self.ui_url(),
+            "the archive" if self.archive is not None else "memory",
+            f", frame collection into {cfg.collect_dir}" if cfg.collect_dir else "",
+        )
 
     def ui_url(self) -> str | None:
         if self.ui_server is None:
@@ -272,12 +310,27 @@ class Daemon:
         cameras = []
         for camera, state in list(self.camera_states.items()):
             account = by_camera.get(camera) or FrameAccount(camera)
-            cameras.append({"id": camera, "state": state.value, "detail": self.camera_details.get(camera, ""),
-                            "captured": account.captured, "inspected": account.inferred,
-                            "dropped": sum(account.dropped.values()), "reconnects": int(reconnects.get(camera, 0))})
+            cameras.append(
+                {
+                    "id": camera,
+                    "state": state.value,
+                    "detail": self.camera_details.get(camera, ""),
+                    "captured": account.captured,
+                    "inspected": account.inferred,
+                    "dropped": sum(account.dropped.values()),
+                    "reconnects": int(reconnects.get(camera, 0)),
+                }
+            )
         model = self.pipeline.context.model if self.pipeline is not None else {}
-        return {"cameras": cameras, "model": model, "run_id": self.run_id, "version": __version__,
-                "fps": round(self._fps, 2), "ready": self.ready, "saturated": self.saturated}
+        return {
+            "cameras": cameras,
+            "model": model,
+            "run_id": self.run_id,
+            "version": __version__,
+            "fps": round(self._fps, 2),
+            "ready": self.ready,
+            "saturated": self.saturated,
+        }
 
     def _load_model(self) -> Deployable:
 
@@ -286,16 +339,21 @@ class Daemon:
 
     def _set_model_info(self, context: InferenceContext) -> None:
         d, engine = context.deployable, context.engine
-        self.metrics.set_model(d.name, d.sha256, d.meta.get("backbone", "unknown"), d.input_size, engine.runtime,
-                               engine.device)
+        self.metrics.set_model(d.name, d.sha256, d.meta.get("backbone", "unknown"), d.input_size, engine.runtime, engine.device)
 
     def _start_archive(self, outputs: Fanout) -> Archive | None:
         """The archive's writer (None when `[archive] dir` is empty), listening to the publisher; stopped after it."""
         cfg = self.settings.archive
         if not cfg.dir:
             return None
-        archive = Archive(Path(cfg.dir), cfg.queue_size, cfg.max_bytes, cfg.max_age_s,
-                          on_drop=self.metrics.archive_drop, on_written=self.metrics.archive_written.inc)
+        archive = Archive(
+            Path(cfg.dir),
+            cfg.queue_size,
+            cfg.max_bytes,
+            cfg.max_age_s,
+            on_drop=self.metrics.archive_drop,
+            on_written=self.metrics.archive_written.inc,
+        )
         try:
             archive.start()
         except OSError as exc:
@@ -303,9 +361,14 @@ class Daemon:
         self._stack.callback(archive.stop, self.settings.daemon.shutdown_timeout_s)
         self.metrics.watch_archive(archive, DROP_REASONS)
         outputs.listen("archive", archive.on_outcome)
-        log.info("archive in %s: %d entries, %.1f MB (limits: %s, %s)", cfg.dir, len(archive.index),
-                 archive.index.total_bytes / 1e6, f"{cfg.max_bytes / 1e9:g} GB" if cfg.max_bytes else "no size limit",
-                 f"{cfg.max_age_s / 86400:g} days" if cfg.max_age_s else "no age limit")
+        log.info(
+            "archive in %s: %d entries, %.1f MB (limits: %s, %s)",
+            cfg.dir,
+            len(archive.index),
+            archive.index.total_bytes / 1e6,
+            f"{cfg.max_bytes / 1e9:g} GB" if cfg.max_bytes else "no size limit",
+            f"{cfg.max_age_s / 86400:g} days" if cfg.max_age_s else "no age limit",
+        )
         return archive
 
     def start_camera(self, cfg: CameraConfig) -> None:
@@ -422,8 +485,11 @@ class Daemon:
     def stats(self) -> dict:
         """Heartbeat and STATUS summary: inspected fps, camera states, last defect, the model in use."""
         states = list(self.camera_states.items())  # one atomic copy: reloads add and remove cameras
-        out = {"fps": round(self._fps, 2), "cameras": {c: s.value for c, s in states},
-               "last_defect": self.pipeline.last_defect if self.pipeline else "none"}
+        out = {
+            "fps": round(self._fps, 2),
+            "cameras": {c: s.value for c, s in states},
+            "last_defect": self.pipeline.last_defect if self.pipeline else "none",
+        }
         if self.pipeline is not None:
             out["model"] = self.pipeline.context.model
         return out

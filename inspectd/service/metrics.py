@@ -20,8 +20,9 @@ class MetricsServer(WebServer):
     address of this machine, unresolvable) with the address, if it cannot.
     """
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int, healthz: Check, readyz: Check,
-                 web: WebSecurity | None = None):
+    def __init__(
+        self, registry: CollectorRegistry, host: str, port: int, healthz: Check, readyz: Check, web: WebSecurity | None = None
+    ):
         """`web`: HTTPS and/or basic auth on every path (web_security); None = plain HTTP, no auth."""
         metrics_app = make_wsgi_app(registry)
         checks = {"/healthz": healthz, "/readyz": readyz}

@@ -11,8 +11,17 @@ A failure anywhere before applying keeps everything as it runs.
 
 from __future__ import annotations
 
-__all__ = ["ReloadPlan", "PreparedReload", "plan_reload", "prepare_reload", "changed_keys", "ENGINE_KEYS",
-           "CONTEXT_KEYS", "LIVE_KEYS", "RESTART_KEYS"]
+__all__ = [
+    "ReloadPlan",
+    "PreparedReload",
+    "plan_reload",
+    "prepare_reload",
+    "changed_keys",
+    "ENGINE_KEYS",
+    "CONTEXT_KEYS",
+    "LIVE_KEYS",
+    "RESTART_KEYS",
+]
 
 import logging
 from dataclasses import dataclass, replace
@@ -30,7 +39,8 @@ log = logging.getLogger("inspectd.service.reload")
 _TABLE = reload_table()
 ENGINE_KEYS, CONTEXT_KEYS, LIVE_KEYS, RESTART_KEYS = (
     tuple(key for key, how in _TABLE.items() if how is kind)
-    for kind in (Reload.ENGINE, Reload.CONTEXT, Reload.LIVE, Reload.RESTART))
+    for kind in (Reload.ENGINE, Reload.CONTEXT, Reload.LIVE, Reload.RESTART)
+)
 _APPLIED_KEYS = ENGINE_KEYS + CONTEXT_KEYS + LIVE_KEYS
 
 
@@ -69,8 +79,11 @@ class ReloadPlan:
         lines = []
         if self.applied:
             lines.append("applied: " + ", ".join(self.applied))
-        cams = [("added", [c.id for c in self.start_cameras]), ("removed", list(self.stop_cameras)),
-                ("restarted", [c.id for c in self.restart_cameras])]
+        cams = [
+            ("added", [c.id for c in self.start_cameras]),
+            ("removed", list(self.stop_cameras)),
+            ("restarted", [c.id for c in self.restart_cameras]),
+        ]
         if any(ids for _, ids in cams):
             lines.append("cameras " + "; ".join(f"{what} {', '.join(ids)}" for what, ids in cams if ids))
         if self.needs_restart:
@@ -127,8 +140,11 @@ def prepare_reload(config_path: Path, old: Settings, running: InferenceContext) 
     if plan.load_model:
         context = build_context(plan.effective, load_model(model_path))
     elif plan.swap_context:
-        context = replace(running, options=inspect_options(plan.effective, running.deployable),
-                          max_wait_s=plan.effective.batching.max_wait_ms / 1000.0)
+        context = replace(
+            running,
+            options=inspect_options(plan.effective, running.deployable),
+            max_wait_s=plan.effective.batching.max_wait_ms / 1000.0,
+        )
     else:
         context = None
     return PreparedReload(plan, context)

@@ -30,8 +30,10 @@ from inspectd.threads import name_this_thread
 
 log = logging.getLogger("inspectd.service.web")
 
-UNAUTHORIZED_HEADERS = [("Content-Type", "text/plain; charset=utf-8"),
-                        ("WWW-Authenticate", 'Basic realm="inspectd", charset="UTF-8"')]
+UNAUTHORIZED_HEADERS = [
+    ("Content-Type", "text/plain; charset=utf-8"),
+    ("WWW-Authenticate", 'Basic realm="inspectd", charset="UTF-8"'),
+]
 
 
 class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
@@ -139,8 +141,10 @@ def web_security(cfg, section: str = "metrics") -> WebSecurity | None:
         except FileNotFoundError:
             raise ConfigError(f"{section}.tls_cert_file {cfg.tls_cert_file!r}: no such file") from None
         except (ssl.SSLError, OSError) as exc:
-            raise ConfigError(f"{section}.tls_cert_file / tls_key_file: cannot load the certificate and key: "
-                              f"{getattr(exc, 'reason', None) or exc}") from None
+            raise ConfigError(
+                f"{section}.tls_cert_file / tls_key_file: cannot load the certificate and key: "
+                f"{getattr(exc, 'reason', None) or exc}"
+            ) from None
     users = PasswordCheck(cfg.basic_auth_users) if cfg.basic_auth_users else None
     return WebSecurity(tls, users) if tls is not None or users is not None else None
 
@@ -167,8 +171,17 @@ class WebServer:
     address of this machine, unresolvable) with the address, if it cannot.
     """
 
-    def __init__(self, app: App, host: str, port: int, web: WebSecurity | None = None, section: str = "metrics",
-                 what: str = "/metrics", name: str = "metrics-http", send_buffer: int = 0):
+    def __init__(
+        self,
+        app: App,
+        host: str,
+        port: int,
+        web: WebSecurity | None = None,
+        section: str = "metrics",
+        what: str = "/metrics",
+        name: str = "metrics-http",
+        send_buffer: int = 0,
+    ):
         """`send_buffer`: SO_SNDBUF of each connection (0: the kernel's autotuning), to keep streams current."""
         users = web.users if web is not None else None
 
@@ -185,8 +198,7 @@ class WebServer:
         self._server.send_buffer = send_buffer
         self._server.thread_name = f"{section}-req"
         if web is not None and web.tls is not None:
-            self._server.socket = web.tls.wrap_socket(self._server.socket, server_side=True,
-                                                      do_handshake_on_connect=False)
+            self._server.socket = web.tls.wrap_socket(self._server.socket, server_side=True, do_handshake_on_connect=False)
         self.scheme = "https" if web is not None and web.tls is not None else "http"
         self._thread = threading.Thread(target=self._server.serve_forever, name=name, daemon=True)
 

@@ -11,8 +11,15 @@ own thread (reconnect with backoff, stall watchdog, states, metrics). See docs/c
 from __future__ import annotations
 
 __all__ = [
-    "open_source", "source_kind", "CameraWorker", "Source", "SourceError", "EndOfStream", "DecodeError",
-    "redact", "backoff_delay",
+    "open_source",
+    "source_kind",
+    "CameraWorker",
+    "Source",
+    "SourceError",
+    "EndOfStream",
+    "DecodeError",
+    "redact",
+    "backoff_delay",
 ]
 
 from inspectd.sources.base import DecodeError, EndOfStream, Source, SourceError, redact

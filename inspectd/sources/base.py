@@ -10,8 +10,18 @@ retrieve, GStreamer sample to array): the worker counts it captured and dropped 
 
 from __future__ import annotations
 
-__all__ = ["SourceError", "EndOfStream", "DecodeError", "Source", "Skipped", "SKIPPED", "Pacer", "redact", "query_params",
-           "frame_period"]
+__all__ = [
+    "SourceError",
+    "EndOfStream",
+    "DecodeError",
+    "Source",
+    "Skipped",
+    "SKIPPED",
+    "Pacer",
+    "redact",
+    "query_params",
+    "frame_period",
+]
 
 import re
 import time

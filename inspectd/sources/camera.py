@@ -16,8 +16,17 @@ short and non-blocking).
 
 from __future__ import annotations
 
-__all__ = ["CameraWorker", "RoiError", "backoff_delay", "crop_roi", "roi_box", "resize_frame", "RateLimiter",
-           "READ_SLICE_S", "STABLE_AFTER_S"]
+__all__ = [
+    "CameraWorker",
+    "RoiError",
+    "backoff_delay",
+    "crop_roi",
+    "roi_box",
+    "resize_frame",
+    "RateLimiter",
+    "READ_SLICE_S",
+    "STABLE_AFTER_S",
+]
 
 import logging
 import random
@@ -51,8 +60,9 @@ _ALLOWED = {
 }
 
 
-def backoff_delay(attempt: int, initial: float, maximum: float, jitter: float = JITTER,
-                  rand: Callable[[], float] = random.random) -> float:
+def backoff_delay(
+    attempt: int, initial: float, maximum: float, jitter: float = JITTER, rand: Callable[[], float] = random.random
+) -> float:
     """Delay before reconnect attempt `attempt` (0-based): initial * 2**attempt capped at maximum, plus jitter.
 
     The result lies in [base, base * (1 + jitter)]; `rand` returns a float in [0, 1).
@@ -127,9 +137,14 @@ class CameraWorker:
     >>> w.stop(); w.join(2.0)            # True once the thread has ended
     """
 
-    def __init__(self, cfg: CameraConfig, sink: Callable[[Frame], None], metrics: Metrics,
-                 on_state: Callable[[str, CameraState, str], None] = lambda cam, state, detail: None,
-                 source_factory: Callable[[CameraConfig], Source] | None = None):
+    def __init__(
+        self,
+        cfg: CameraConfig,
+        sink: Callable[[Frame], None],
+        metrics: Metrics,
+        on_state: Callable[[str, CameraState, str], None] = lambda cam, state, detail: None,
+        source_factory: Callable[[CameraConfig], Source] | None = None,
+    ):
         if source_factory is None:
             source_factory = open_source
         self.cfg = cfg
@@ -207,8 +222,11 @@ class CameraWorker:
         """Wait before the next attempt: reconnect_max_s for a bad roi, else the backoff (reset by a stable session)."""
         if isinstance(error, RoiError):
             return self.cfg.reconnect_max_s
-        if self._streaming_since is not None and self.last_frame_mono is not None \
-                and self.last_frame_mono - self._streaming_since >= STABLE_AFTER_S:
+        if (
+            self._streaming_since is not None
+            and self.last_frame_mono is not None
+            and self.last_frame_mono - self._streaming_since >= STABLE_AFTER_S
+        ):
             self._attempt = 0
         delay = backoff_delay(self._attempt, self.cfg.reconnect_initial_s, self.cfg.reconnect_max_s)
         self._attempt += 1
@@ -304,8 +322,17 @@ class CameraWorker:
         if self._roi_frame != (width, height):
             self._roi_frame = (width, height)
             if (x1 - x0, y1 - y0) != tuple(self.cfg.roi[2:]):
-                log.warning("camera %s: roi %s extends past the %dx%d frame; cropping [%d, %d, %d, %d]", self.cfg.id,
-                            list(self.cfg.roi), width, height, x0, y0, x1 - x0, y1 - y0)
+                log.warning(
+                    "camera %s: roi %s extends past the %dx%d frame; cropping [%d, %d, %d, %d]",
+                    self.cfg.id,
+                    list(self.cfg.roi),
+                    width,
+                    height,
+                    x0,
+                    y0,
+                    x1 - x0,
+                    y1 - y0,
+                )
 
     def _report_down(self, error: Exception, delay: float) -> None:
         detail = redact(str(error) or type(error).__name__)
@@ -313,8 +340,13 @@ class CameraWorker:
             # A configuration problem: one ERROR (per frame size) while it lasts, not one per retry.
             self._transition(CameraState.DOWN, detail)
             first, self._roi_reported = detail != self._roi_reported, detail
-            log.log(logging.ERROR if first else logging.DEBUG, "camera %s: %s: fix this camera's roi in the config; "
-                    "the camera stays down (checked again every %.1f s)", self.cfg.id, detail, delay)
+            log.log(
+                logging.ERROR if first else logging.DEBUG,
+                "camera %s: %s: fix this camera's roi in the config; the camera stays down (checked again every %.1f s)",
+                self.cfg.id,
+                detail,
+                delay,
+            )
             return
         if isinstance(error, EndOfStream):
             self._transition(CameraState.DOWN, detail)
@@ -322,8 +354,7 @@ class CameraWorker:
             return
         first = self._transition(CameraState.DOWN, detail)
         # The first failure of an outage is a warning; the retries of a camera known to be down are not.
-        log.log(logging.WARNING if first else logging.INFO, "camera %s: %s; reconnecting in %.1f s",
-                self.cfg.id, detail, delay)
+        log.log(logging.WARNING if first else logging.INFO, "camera %s: %s; reconnecting in %.1f s", self.cfg.id, detail, delay)
 
     def _wait(self, seconds: float) -> bool:
         """Sleep `seconds` unless stopped (returns False then); keeps the heartbeat going meanwhile."""

@@ -39,14 +39,24 @@ SINK_NAME = "inspectd_sink"
 # RGB first so negotiation picks it whenever upstream can; the others are accepted (and converted
 # here) so that a pipeline forcing, say, BGRx before its appsink still works.
 _FORMATS = {  # format -> (bytes per pixel, index of R, G, B within the pixel)
-    "RGB": (3, (0, 1, 2)), "BGR": (3, (2, 1, 0)), "RGBx": (4, (0, 1, 2)), "BGRx": (4, (2, 1, 0)),
-    "RGBA": (4, (0, 1, 2)), "BGRA": (4, (2, 1, 0)), "xRGB": (4, (1, 2, 3)), "xBGR": (4, (3, 2, 1)),
-    "ARGB": (4, (1, 2, 3)), "ABGR": (4, (3, 2, 1)), "GRAY8": (1, (0, 0, 0)),
+    "RGB": (3, (0, 1, 2)),
+    "BGR": (3, (2, 1, 0)),
+    "RGBx": (4, (0, 1, 2)),
+    "BGRx": (4, (2, 1, 0)),
+    "RGBA": (4, (0, 1, 2)),
+    "BGRA": (4, (2, 1, 0)),
+    "xRGB": (4, (1, 2, 3)),
+    "xBGR": (4, (3, 2, 1)),
+    "ARGB": (4, (1, 2, 3)),
+    "ABGR": (4, (3, 2, 1)),
+    "GRAY8": (1, (0, 0, 0)),
 }
 _SINK_CAPS = f"video/x-raw,format=(string){{{','.join(_FORMATS)}}}"
-_INSTALL_HINT = ("GStreamer pipelines need PyGObject: pip install 'inspectd[gstreamer]' (Debian: apt install "
-                 "libgirepository1.0-dev libcairo2-dev gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 "
-                 "gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav)")
+_INSTALL_HINT = (
+    "GStreamer pipelines need PyGObject: pip install 'inspectd[gstreamer]' (Debian: apt install "
+    "libgirepository1.0-dev libcairo2-dev gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 "
+    "gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav)"
+)
 _HAS_APPSINK = re.compile(r"(^|!)\s*appsink\b")
 _init_lock = threading.Lock()
 _gst = None
@@ -87,8 +97,11 @@ def _tensorflow_first() -> None:
 
 
 # What `backend = "auto"` needs before it reads rtsp:// through GStreamer, and the Debian package of each.
-RTSP_ELEMENTS = {"rtspsrc": "gstreamer1.0-plugins-good", "decodebin": "gstreamer1.0-plugins-base",
-                 "avdec_h264": "gstreamer1.0-libav"}  # libav decodes H.265 too
+RTSP_ELEMENTS = {
+    "rtspsrc": "gstreamer1.0-plugins-good",
+    "decodebin": "gstreamer1.0-plugins-base",
+    "avdec_h264": "gstreamer1.0-libav",
+}  # libav decodes H.265 too
 
 
 def rtsp_missing() -> str | None:
@@ -114,8 +127,10 @@ def pipeline_for(cfg: CameraConfig) -> tuple[str, bool]:
     parts = urlsplit(url)
     if parts.scheme in ("rtsp", "rtsps"):
         timeout_us = max(1, round(cfg.open_timeout_s * 1e6))
-        return (f"rtspsrc location={_quote(url)} latency=0 protocols=tcp tcp-timeout={timeout_us} ! decodebin ! "
-                "videoconvert ! appsink"), False
+        return (
+            f"rtspsrc location={_quote(url)} latency=0 protocols=tcp tcp-timeout={timeout_us} ! decodebin ! "
+            "videoconvert ! appsink"
+        ), False
     if parts.scheme == "v4l2":
         return f"v4l2src device={_quote(unquote(parts.netloc + parts.path))} ! videoconvert ! appsink", False
     path = unquote(parts.netloc + parts.path) if parts.scheme == "file" else url

@@ -122,9 +122,12 @@ class OpenCVSource:
         repeated, self._last_pts = pts >= 0 and pts == self._last_pts, pts
         if repeated and not self._warned_slices:
             self._warned_slices = True
-            log.warning("camera %s: frames with the same timestamp: the camera sends several H.264 slices per "
-                        "frame, which OpenCV returns as torn frames; use backend = \"gstreamer\" (the gstreamer "
-                        "extra) or set the camera to one slice per frame", self.camera)
+            log.warning(
+                "camera %s: frames with the same timestamp: the camera sends several H.264 slices per "
+                'frame, which OpenCV returns as torn frames; use backend = "gstreamer" (the gstreamer '
+                "extra) or set the camera to one slice per frame",
+                self.camera,
+            )
 
     def _rewind(self, cap: cv2.VideoCapture) -> bool:
         """End of file: play `cap` again from the start (seek; reopen if the container cannot seek); grabbed."""

@@ -29,20 +29,34 @@ from inspectd.sources.synthetic import SyntheticSource
 
 # URL scheme -> kind of input. A plain path is a video file, or a folder of images if it is one.
 _KIND_BY_SCHEME = {
-    "rtsp": "stream", "rtsps": "stream", "file": "file", "": "file", "v4l2": "device",
-    "dir": "folder", "synthetic": "synthetic",
+    "rtsp": "stream",
+    "rtsps": "stream",
+    "file": "file",
+    "": "file",
+    "v4l2": "device",
+    "dir": "folder",
+    "synthetic": "synthetic",
 }
 log = logging.getLogger("inspectd.sources")
 # Backend "auto" resolves to the first backend of each kind (for rtsp://: see auto_backend).
 _BACKENDS = {
-    "stream": ("opencv", "gstreamer"), "file": ("opencv", "gstreamer"), "device": ("opencv", "gstreamer"),
-    "pipeline": ("gstreamer",), "folder": ("builtin",), "synthetic": ("builtin",),
+    "stream": ("opencv", "gstreamer"),
+    "file": ("opencv", "gstreamer"),
+    "device": ("opencv", "gstreamer"),
+    "pipeline": ("gstreamer",),
+    "folder": ("builtin",),
+    "synthetic": ("builtin",),
 }
 _FACTORIES: dict[tuple[str, str], Callable[[CameraConfig], Source]] = {
-    ("stream", "opencv"): OpenCVSource, ("file", "opencv"): OpenCVSource, ("device", "opencv"): OpenCVSource,
-    ("stream", "gstreamer"): GstSource, ("file", "gstreamer"): GstSource, ("device", "gstreamer"): GstSource,
+    ("stream", "opencv"): OpenCVSource,
+    ("file", "opencv"): OpenCVSource,
+    ("device", "opencv"): OpenCVSource,
+    ("stream", "gstreamer"): GstSource,
+    ("file", "gstreamer"): GstSource,
+    ("device", "gstreamer"): GstSource,
     ("pipeline", "gstreamer"): GstSource,
-    ("folder", "builtin"): FolderSource, ("synthetic", "builtin"): SyntheticSource,
+    ("folder", "builtin"): FolderSource,
+    ("synthetic", "builtin"): SyntheticSource,
 }
 
 
@@ -53,8 +67,10 @@ def source_kind(cfg: CameraConfig) -> str:
     url = cfg.url or ""
     scheme = urlsplit(url).scheme.lower()
     if scheme not in _KIND_BY_SCHEME:
-        raise SourceError(f"{redact(url)}: unsupported URL scheme {scheme!r}; expected rtsp://, rtsps://, a video "
-                          "file, v4l2:///dev/videoN, dir:///path or synthetic://")
+        raise SourceError(
+            f"{redact(url)}: unsupported URL scheme {scheme!r}; expected rtsp://, rtsps://, a video "
+            "file, v4l2:///dev/videoN, dir:///path or synthetic://"
+        )
     kind = _KIND_BY_SCHEME[scheme]
     return "folder" if kind == "file" and scheme == "" and Path(url).is_dir() else kind
 
@@ -72,7 +88,7 @@ def _decide_stream_backend() -> str:
     missing = rtsp_missing()
     if missing is None:
         return "gstreamer"
-    log.info("rtsp:// cameras with backend = \"auto\" are read with OpenCV (FFmpeg): %s", missing)
+    log.info('rtsp:// cameras with backend = "auto" are read with OpenCV (FFmpeg): %s', missing)
     return "opencv"
 
 
@@ -90,6 +106,5 @@ def open_source(cfg: CameraConfig) -> Source:
     backend = auto_backend(cfg, kind) if cfg.backend == "auto" or backends == ("builtin",) else cfg.backend
     factory = _FACTORIES.get((kind, backend))
     if factory is None:
-        raise SourceError(f"camera {cfg.id!r}: backend {cfg.backend!r} cannot read a {kind} "
-                          f"(use {' or '.join(backends)})")
+        raise SourceError(f"camera {cfg.id!r}: backend {cfg.backend!r} cannot read a {kind} (use {' or '.join(backends)})")
     return factory(cfg)

@@ -61,8 +61,12 @@ def _shift_scale_rotate(image, spec: AugmentSpec):
     b2 = cy - b0 * (cx + tx) - b1 * (cy + ty)
     transform = tf.stack([a0, a1, a2, b0, b1, b2, 0.0, 0.0])[None, :]
     out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=image[None], transforms=transform, output_shape=tf.shape(image)[:2],
-        fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT",
+        images=image[None],
+        transforms=transform,
+        output_shape=tf.shape(image)[:2],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="REFLECT",
     )
     return out[0]
 

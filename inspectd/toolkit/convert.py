@@ -127,8 +127,7 @@ def convert(
     model = build_deployable(classifier, input_range)
     meta = {
         "name": Path(out).stem,
-        "source": {"kind": "convert", "classifier": Path(classifier_path).name,
-                   "classifier_input_range": input_range},
+        "source": {"kind": "convert", "classifier": Path(classifier_path).name, "classifier_input_range": input_range},
         "backbone": _guess_backbone(classifier),
         "thresholds": {"score": threshold, "mask": mask_threshold},
         "training": None,

@@ -59,8 +59,7 @@ def _class_dirs(root: Path) -> dict[int, Path]:
             continue
         if label in found:
             raise DataError(
-                f"{root}: both {found[label].name}/ and {child.name}/ hold class "
-                f"{LABEL_NAMES[label]!r}; keep one of them"
+                f"{root}: both {found[label].name}/ and {child.name}/ hold class {LABEL_NAMES[label]!r}; keep one of them"
             )
         found[label] = child
     return found
@@ -96,8 +95,7 @@ def scan(root: Path, require_both: bool = True) -> Dataset:
         raise DataError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the class folders")
     if require_both and missing:
         raise DataError(
-            f"{root}: class {missing[0]!r} has no images ({ds.describe()}); "
-            "a binary classifier needs both ok and defect examples"
+            f"{root}: class {missing[0]!r} has no images ({ds.describe()}); a binary classifier needs both ok and defect examples"
         )
     return ds
 

@@ -44,8 +44,15 @@ _WEIGHTS_FILE = "models/efficientnet-lite0-57934424.pth"
 _WEIGHTS_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 
 # (repeats, kernel, stride, expand ratio, output channels) of the 7 stages; input 32 channels.
-STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
-          (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
+STAGES = (
+    (1, 3, 1, 1, 16),
+    (2, 3, 2, 6, 24),
+    (2, 5, 2, 6, 40),
+    (3, 3, 2, 6, 80),
+    (3, 5, 1, 6, 112),
+    (4, 5, 2, 6, 192),
+    (1, 3, 1, 6, 320),
+)
 # The last stride-16 tensor: block 6a's 1x1 expansion (672 channels), before its stride-2
 # depthwise convolution. The same cut, by the same name, as for EfficientNetV2B0.
 CUT16 = "block6a_expand_activation"
@@ -57,15 +64,21 @@ def _blocks():
     out, index, channels = [], 0, 32
     for stage, (repeats, kernel, stride, expand, filters) in enumerate(STAGES):
         for r in range(repeats):
-            out.append((f"block{stage + 1}{'abcdefgh'[r]}_", index, kernel, stride if r == 0 else 1,
-                        expand, channels, filters))
+            out.append((f"block{stage + 1}{'abcdefgh'[r]}_", index, kernel, stride if r == 0 else 1, expand, channels, filters))
             index, channels = index + 1, filters
     return out
 
 
-def EfficientNetLite0(include_top: bool = False, weights: str | None = "imagenet", input_shape=None,
-                      classes: int = 1000, drop_connect_rate: float = 0.2, dropout_rate: float = 0.2,
-                      name: str = "efficientnet_lite0", output_stride: int = 32):
+def EfficientNetLite0(
+    include_top: bool = False,
+    weights: str | None = "imagenet",
+    input_shape=None,
+    classes: int = 1000,
+    drop_connect_rate: float = 0.2,
+    dropout_rate: float = 0.2,
+    name: str = "efficientnet_lite0",
+    output_stride: int = 32,
+):
     """Keras model: RGB 0..255 [B, H, W, 3] -> features [B, H/s, W/s, 1280], s = output_stride (or 1000 logits with the top).
 
     Called like a `keras.applications` factory. weights: None (random), "imagenet" (from the
@@ -106,8 +119,9 @@ def EfficientNetLite0(include_top: bool = False, weights: str | None = "imagenet
         if stride > 1 and reached * stride > output_stride:
             stride, dilation = 1, dilation * stride  # this block keeps its rate; the next ones dilate
         reached *= stride
-        x = layers.DepthwiseConv2D(kernel, strides=stride, dilation_rate=atrous, padding="same", use_bias=False,
-                                   name=prefix + "dwconv")(x)
+        x = layers.DepthwiseConv2D(
+            kernel, strides=stride, dilation_rate=atrous, padding="same", use_bias=False, name=prefix + "dwconv"
+        )(x)
         x = layers.BatchNormalization(**_BN, name=prefix + "bn")(x)
         x = layers.ReLU(6.0, name=prefix + "activation")(x)
         x = layers.Conv2D(cout, 1, padding="same", use_bias=False, name=prefix + "project_conv")(x)
@@ -195,6 +209,5 @@ def _set_weights(model, state: dict, include_top: bool) -> None:
         layer = model.get_layer(name)
         expected = [tuple(w.shape) for w in layer.get_weights()]
         if expected != [v.shape for v in values]:
-            raise DataError(f"EfficientNet-Lite0 checkpoint: {name} has shapes {[v.shape for v in values]}, "
-                            f"the model {expected}")
+            raise DataError(f"EfficientNet-Lite0 checkpoint: {name} has shapes {[v.shape for v in values]}, the model {expected}")
         layer.set_weights(values)

@@ -58,16 +58,24 @@ def _pixel_report(samples: list[Sample], rule: MaskRule, threshold: float) -> tu
     pairs = [iou_dice(m, s.truth) for m, s in zip(published, samples) if s.truth.any()]
     regions = region_metrics(published, truths)
     out: dict = {
-        "n_defect_images": len(defect), "n_pixels": int(sum(t.size for t in truths)),
-        "published": {"mask_rule": str(rule), "iou": float(np.mean([p[0] for p in pairs])),
-                      "dice": float(np.mean([p[1] for p in pairs])), **{k: _num(v) for k, v in regions.items()}},
-        "peak_in_defect": float(np.mean([_peak_hit(lg, s.truth, _cell_px(s)) for lg, s in zip(logits, samples)
-                                         if s.truth.any()])),
+        "n_defect_images": len(defect),
+        "n_pixels": int(sum(t.size for t in truths)),
+        "published": {
+            "mask_rule": str(rule),
+            "iou": float(np.mean([p[0] for p in pairs])),
+            "dice": float(np.mean([p[1] for p in pairs])),
+            **{k: _num(v) for k, v in regions.items()},
+        },
+        "peak_in_defect": float(
+            np.mean([_peak_hit(lg, s.truth, _cell_px(s)) for lg, s in zip(logits, samples) if s.truth.any()])
+        ),
     }
     gated_out = min(float(lg.min()) for lg in logits) - 1.0  # below every real logit: judged ok, ranked last
-    maps = {"calibrated": logits,  # sigmoid is monotonic: the logits rank pixels as the probabilities do
-            "gated": [lg if s.score >= threshold else np.full_like(lg, gated_out) for lg, s in zip(logits, samples)],
-            "minmax": [upsample(minmax_map(s.cam_logits, s.score, threshold), *s.truth.shape[::-1]) for s in samples]}
+    maps = {
+        "calibrated": logits,  # sigmoid is monotonic: the logits rank pixels as the probabilities do
+        "gated": [lg if s.score >= threshold else np.full_like(lg, gated_out) for lg, s in zip(logits, samples)],
+        "minmax": [upsample(minmax_map(s.cam_logits, s.score, threshold), *s.truth.shape[::-1]) for s in samples],
+    }
     truth_flat = np.concatenate([t.ravel() for t in truths])
     rocs = {}
     for name, images in maps.items():
@@ -75,14 +83,20 @@ def _pixel_report(samples: list[Sample], rule: MaskRule, threshold: float) -> tu
         grid = THRESHOLDS if name == "minmax" else np.log(THRESHOLDS / (1 - THRESHOLDS))
         ious = np.array([[iou_dice(m >= t, s.truth) for t in grid] for m, s in zip(images, samples) if s.truth.any()])
         best = int(np.argmax(ious[:, :, 0].mean(axis=0)))
-        out[name] = {"roc_auc": float(metrics.roc_auc_score(truth_flat, flat)), "aupro": aupro(images, truths),
-                     "iou": float(ious[:, best, 0].mean()), "dice": float(ious[:, best, 1].mean()),
-                     "threshold": float(THRESHOLDS[best])}
+        out[name] = {
+            "roc_auc": float(metrics.roc_auc_score(truth_flat, flat)),
+            "aupro": aupro(images, truths),
+            "iou": float(ious[:, best, 0].mean()),
+            "dice": float(ious[:, best, 1].mean()),
+            "threshold": float(THRESHOLDS[best]),
+        }
         rocs[name] = metrics.roc_curve(truth_flat, flat)[:2]
-    ungated = [iou_dice(lg >= rule.logit_threshold(s.cam_logits), s.truth) for lg, s in zip(logits, samples)
-               if s.truth.any()]
-    out["calibrated"]["at_model_threshold"] = {"mask_rule": str(rule), "iou": float(np.mean([p[0] for p in ungated])),
-                                               "dice": float(np.mean([p[1] for p in ungated]))}
+    ungated = [iou_dice(lg >= rule.logit_threshold(s.cam_logits), s.truth) for lg, s in zip(logits, samples) if s.truth.any()]
+    out["calibrated"]["at_model_threshold"] = {
+        "mask_rule": str(rule),
+        "iou": float(np.mean([p[0] for p in ungated])),
+        "dice": float(np.mean([p[1] for p in ungated])),
+    }
     out["oracle_rules"] = {}
     for kind in RULE_GRIDS:
         best_rule, curve = pick_mask_rule(samples, kind, threshold, dict(enumerate(logits)))
@@ -108,7 +122,7 @@ def _peak_hit(prob: np.ndarray, truth: np.ndarray, cell_px: int) -> bool:
     """
     y, x = np.unravel_index(int(np.argmax(prob)), prob.shape)
     y0, x0 = max(0, y - cell_px), max(0, x - cell_px)
-    return bool(truth[y0:y + cell_px + 1, x0:x + cell_px + 1].any())
+    return bool(truth[y0 : y + cell_px + 1, x0 : x + cell_px + 1].any())
 
 
 def truth_mask(item, shape) -> np.ndarray:
@@ -144,9 +158,19 @@ def evaluate(opts: EvalOptions) -> dict:
             print(f"inspectd evaluate: {n}/{len(data.items)} images", file=sys.stderr, flush=True)
     labels_a, scores_a = np.array(labels), np.array(scores)
     image_report = image_metrics(labels_a, scores_a, thr)
-    report = {"model": {"path": str(opts.model), "name": model.name, "sha256": model.sha256,
-                        "pooling": str(model.pooling), "mask_rule": str(model.mask_rule)},
-              "dataset": str(opts.dataset), "n_images": len(labels), "counts": data.counts(), "image": image_report}
+    report = {
+        "model": {
+            "path": str(opts.model),
+            "name": model.name,
+            "sha256": model.sha256,
+            "pooling": str(model.pooling),
+            "mask_rule": str(model.mask_rule),
+        },
+        "dataset": str(opts.dataset),
+        "n_images": len(labels),
+        "counts": data.counts(),
+        "image": image_report,
+    }
     rocs: dict = {}
     if any(s.truth.any() for s in samples):
         print("inspectd evaluate: pixel metrics (AUPRO, regions, mask rules)", file=sys.stderr, flush=True)
@@ -172,12 +196,17 @@ def _write_report(out: Path, report: dict, labels: np.ndarray, scores: np.ndarra
 def format_table(report: dict) -> str:
     """A human-readable summary for stdout."""
     im = report["image"]
-    lines = [f"model {report['model']['name']}  dataset {report['dataset']}  images {report['n_images']} {report['counts']}",
-             "", "image level           ROC-AUC    AP   thr   acc  prec   rec    F1"]
+    lines = [
+        f"model {report['model']['name']}  dataset {report['dataset']}  images {report['n_images']} {report['counts']}",
+        "",
+        "image level           ROC-AUC    AP   thr   acc  prec   rec    F1",
+    ]
     rows = [("at model threshold", im)] + ([("at best-F1 threshold", im["best_f1"])] if im.get("best_f1") else [])
     for label, m in rows:
-        lines.append(f"{label:<20}  {im['roc_auc']:7.3f} {im['average_precision']:5.3f} {m['threshold']:5.2f} "
-                     f"{m['accuracy']:5.3f} {m['precision']:5.3f} {m['recall']:5.3f} {m['f1']:5.3f}")
+        lines.append(
+            f"{label:<20}  {im['roc_auc']:7.3f} {im['average_precision']:5.3f} {m['threshold']:5.2f} "
+            f"{m['accuracy']:5.3f} {m['precision']:5.3f} {m['recall']:5.3f} {m['f1']:5.3f}"
+        )
     if "pixel" in report:
         px = report["pixel"]
         pub = px["published"]
@@ -185,16 +214,22 @@ def format_table(report: dict) -> str:
         def f(v):
             return "  n/a" if v is None else f"{v:5.3f}"
 
-        lines += ["", f"what the daemon publishes (mask rule {pub['mask_rule']}, regions on images judged defective; "
-                  f"{px['n_defect_images']} defect images with masks)",
-                  f"  mean IoU {f(pub['iou'])}  Dice {f(pub['dice'])}  region recall {f(pub['region_recall'])}  "
-                  f"region precision {f(pub['region_precision'])}  ok images with a region {f(pub['false_region_rate'])}",
-                  f"  map peak on the defect (+- one CAM cell): {100 * px['peak_in_defect']:.1f} % of defect images",
-                  "", "maps (threshold-free)                  ROC-AUC  AUPRO | oracle: IoU  Dice at the best threshold"]
+        lines += [
+            "",
+            f"what the daemon publishes (mask rule {pub['mask_rule']}, regions on images judged defective; "
+            f"{px['n_defect_images']} defect images with masks)",
+            f"  mean IoU {f(pub['iou'])}  Dice {f(pub['dice'])}  region recall {f(pub['region_recall'])}  "
+            f"region precision {f(pub['region_precision'])}  ok images with a region {f(pub['false_region_rate'])}",
+            f"  map peak on the defect (+- one CAM cell): {100 * px['peak_in_defect']:.1f} % of defect images",
+            "",
+            "maps (threshold-free)                  ROC-AUC  AUPRO | oracle: IoU  Dice at the best threshold",
+        ]
         for name in MAPS:
             m = px[name]
-            lines.append(f"{name + ' map':<38} {m['roc_auc']:7.3f} {m['aupro']:6.3f} |        {m['iou']:5.3f} "
-                         f"{m['dice']:5.3f} at {m['threshold']:5.3f}")
+            lines.append(
+                f"{name + ' map':<38} {m['roc_auc']:7.3f} {m['aupro']:6.3f} |        {m['iou']:5.3f} "
+                f"{m['dice']:5.3f} at {m['threshold']:5.3f}"
+            )
         rules = ", ".join(f"{k}:{v['param']:g} -> {v['iou']:.3f}" for k, v in px["oracle_rules"].items())
         lines.append(f"oracle mask rules (parameter tuned on this data, indicative only): {rules}")
     return "\n".join(lines)

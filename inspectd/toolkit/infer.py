@@ -69,8 +69,9 @@ def _expand(inputs: tuple[Path, ...]) -> list[_Input]:
         else:
             raise NoInputError(f"{path}: no such file or folder")
     if not files:
-        raise DataError(f"no images or videos in {', '.join(map(str, inputs))} "
-                        "(nor in class folders ok/ defect/, 0/ 1/, good/ bad/)")
+        raise DataError(
+            f"no images or videos in {', '.join(map(str, inputs))} (nor in class folders ok/ defect/, 0/ 1/, good/ bad/)"
+        )
     return files
 
 
@@ -131,9 +132,16 @@ def _record(key: _Key, image: np.ndarray, pred, out: Path, thr: float, rule: Mas
         write_png(out / f"{key.name}_regions.png", found.kept, rgb=False)
     else:  # judged ok: no regions file, not one left from an earlier run into the same folder
         (out / f"{key.name}_regions.png").unlink(missing_ok=True)
-    record = {"input": str(key.input), "name": key.name, "score": round(pred.score, 6), "threshold": thr,
-              "is_defect": bool(pred.score >= thr), "mask_threshold": found.mask_threshold, "mask_rule": str(rule),
-              "regions": [r.as_dict() for r in found.regions]}
+    record = {
+        "input": str(key.input),
+        "name": key.name,
+        "score": round(pred.score, 6),
+        "threshold": thr,
+        "is_defect": bool(pred.score >= thr),
+        "mask_threshold": found.mask_threshold,
+        "mask_rule": str(rule),
+        "regions": [r.as_dict() for r in found.regions],
+    }
     if key.frame is not None:
         record["frame"] = key.frame
     if key.label is not None:
@@ -152,9 +160,12 @@ def _warn_scale(key: _Key, image: np.ndarray, model_size: tuple[int, int], warne
     kind = "larger" if w * h > model_size[0] * model_size[1] else "smaller"
     if factor >= SCALE_WARNING and kind not in warned:
         warned.add(kind)
-        print(f"inspectd infer: warning: {key.name} is {w}x{h}, {factor:.0f}x {kind} than the model's input "
-              f"{model_size[0]}x{model_size[1]}; images are resized to it, so small defects may vanish (or noise "
-              "grow); crop or resize the images, or train a model at their size (said once)", file=sys.stderr)
+        print(
+            f"inspectd infer: warning: {key.name} is {w}x{h}, {factor:.0f}x {kind} than the model's input "
+            f"{model_size[0]}x{model_size[1]}; images are resized to it, so small defects may vanish (or noise "
+            "grow); crop or resize the images, or train a model at their size (said once)",
+            file=sys.stderr,
+        )
 
 
 def _mask_rule(opts: InferOptions, model) -> MaskRule:
@@ -196,4 +207,3 @@ def infer(opts: InferOptions) -> tuple[int, int]:
 def raise_if_skipped(skipped: int) -> None:
     if skipped:
         raise DataError(f"{skipped} input(s) could not be read (see results.jsonl); the others were written")
-

@@ -65,8 +65,9 @@ def mean_defect_iou(samples: list[Sample], rule: MaskRule, threshold: float, cac
     return float(np.mean(ious)) if ious else float("nan")
 
 
-def pick_mask_rule(samples: list[Sample], kind: str, threshold: float,
-                   cache: dict | None = None) -> tuple[MaskRule, dict[float, float]]:
+def pick_mask_rule(
+    samples: list[Sample], kind: str, threshold: float, cache: dict | None = None
+) -> tuple[MaskRule, dict[float, float]]:
     """The parameter of rule `kind` with the best mean defect IoU on `samples`; also the whole curve.
 
     `cache` ({sample index: logit map}) lets callers that already upsampled the maps share them."""

@@ -60,8 +60,9 @@ def _to_float(image, label):
     return tf.cast(image, tf.float32), label
 
 
-def train_pipeline(ds: Dataset, size, batch_size: int, balance: bool, seed: int,
-                   spec: AugmentSpec | None = AugmentSpec()) -> tf.data.Dataset:
+def train_pipeline(
+    ds: Dataset, size, batch_size: int, balance: bool, seed: int, spec: AugmentSpec | None = AugmentSpec()
+) -> tf.data.Dataset:
     """Endless shuffled (optionally class-balanced) augmented batches."""
     if balance:
         parts = [_source(ds.subset(np.flatnonzero(ds.labels == c)), size) for c in (0, 1)]

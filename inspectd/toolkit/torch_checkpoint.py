@@ -40,9 +40,15 @@ _LEGACY_PROTOCOL = 1001
 
 # torch.<Name>Storage -> little-endian numpy dtype (the byte order is checked separately).
 _STORAGE_DTYPES = {
-    "DoubleStorage": "<f8", "FloatStorage": "<f4", "HalfStorage": "<f2",
-    "LongStorage": "<i8", "IntStorage": "<i4", "ShortStorage": "<i2",
-    "CharStorage": "i1", "ByteStorage": "u1", "BoolStorage": "?",
+    "DoubleStorage": "<f8",
+    "FloatStorage": "<f4",
+    "HalfStorage": "<f2",
+    "LongStorage": "<i8",
+    "IntStorage": "<i4",
+    "ShortStorage": "<i2",
+    "CharStorage": "i1",
+    "ByteStorage": "u1",
+    "BoolStorage": "?",
 }
 
 
@@ -90,7 +96,7 @@ class _TensorRef:
             raise ModelFileError(f"storage {self.storage.key}: tensor reaches element {last} of {data.size}")
         item = data.dtype.itemsize
         view = np.lib.stride_tricks.as_strided(
-            data[self.offset:], self.shape, tuple(s * item for s in self.strides), writeable=False
+            data[self.offset :], self.shape, tuple(s * item for s in self.strides), writeable=False
         )
         return np.array(view, order="C")  # a C-contiguous copy that owns its memory
 

@@ -71,8 +71,10 @@ def _classifier(opts: TrainOptions, size):
     features = build_features(opts.backbone, opts.stride, size, opts.weights)
     image = keras.Input((size[1], size[0], 3), name="image")
     cam, score = cam_head(features(image), parse_pooling(opts.pooling))
-    return (keras.Model(image, score, name=f"classifier_{opts.backbone}"),
-            keras.Model(image, deployable_outputs(cam, score), name="inspectd_cam"))
+    return (
+        keras.Model(image, score, name=f"classifier_{opts.backbone}"),
+        keras.Model(image, deployable_outputs(cam, score), name="inspectd_cam"),
+    )
 
 
 class _BestWeights:
@@ -158,8 +160,12 @@ def _fit(opts: TrainOptions, train_ds, val_ds, size, balance: bool):
     model.compile(
         optimizer=keras.optimizers.Adam(WarmupHoldCosine(opts.lr, steps * opts.epochs)),
         loss=keras.losses.BinaryFocalCrossentropy(),
-        metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.Precision(name="precision"),
-                 keras.metrics.Recall(name="recall"), keras.metrics.AUC(name="auc")],
+        metrics=[
+            keras.metrics.BinaryAccuracy(name="accuracy"),
+            keras.metrics.Precision(name="precision"),
+            keras.metrics.Recall(name="recall"),
+            keras.metrics.AUC(name="auc"),
+        ],
     )
     best = _BestWeights()
     spec = AugmentSpec() if opts.augment else None
@@ -168,8 +174,12 @@ def _fit(opts: TrainOptions, train_ds, val_ds, size, balance: bool):
     # Keras warns that shuffle=True is ignored for tf.data input; ours is shuffled in the pipeline.
     warnings.filterwarnings("ignore", message=r".*`shuffle=True` was passed.*")
     history = model.fit(
-        train_data, steps_per_epoch=steps, epochs=opts.epochs, verbose=verbose,
-        validation_data=eval_pipeline(val_ds, size, opts.batch_size), callbacks=[best.callback],
+        train_data,
+        steps_per_epoch=steps,
+        epochs=opts.epochs,
+        verbose=verbose,
+        validation_data=eval_pipeline(val_ds, size, opts.batch_size),
+        callbacks=[best.callback],
     )
     model.set_weights(best.weights)
     return model, deployable, history.history, best.best_epoch
@@ -200,13 +210,19 @@ def _pick_mask_rule(opts: TrainOptions, deployable, val_ds, size):
     meta = {"input": {"width": size[0], "height": size[1]}}
     predictor = Predictor(Deployable(deployable, meta, Path("."), ""), opts.batch_size)
     images = [read_rgb(it.path) for it in items]
-    samples = [Sample(p.cam_logits, p.score, truth_mask(it, im.shape[:2]))
-               for it, im, p in zip(items, images, predictor.predict(images))]
+    samples = [
+        Sample(p.cam_logits, p.score, truth_mask(it, im.shape[:2])) for it, im, p in zip(items, images, predictor.predict(images))
+    ]
     best, curve = pick_mask_rule(samples, rule.kind, 0.5)
-    _log(f"mask rule {best} (mean defect IoU {curve[best.param]:.3f} on {sum(s.truth.any() for s in samples)} "
-         "validation images with masks)")
-    return best, {"how": "best mean defect IoU on the validation masks", "iou": curve[best.param],
-                  "curve": {f"{k:g}": round(v, 4) for k, v in curve.items()}}
+    _log(
+        f"mask rule {best} (mean defect IoU {curve[best.param]:.3f} on {sum(s.truth.any() for s in samples)} "
+        "validation images with masks)"
+    )
+    return best, {
+        "how": "best mean defect IoU on the validation masks",
+        "iou": curve[best.param],
+        "curve": {f"{k:g}": round(v, 4) for k, v in curve.items()},
+    }
 
 
 def train(opts: TrainOptions) -> TrainResult:
@@ -222,8 +238,10 @@ def train(opts: TrainOptions) -> TrainResult:
         raise UsageError(f"--out {out}: the model file name must end in .keras")
     keras.utils.set_random_seed(opts.seed)
     train_ds, val_ds, size = _prepare(opts)
-    _log(f"train {train_ds.describe()}; val {val_ds.describe()}; input {size[0]}x{size[1]}, "
-         f"{opts.backbone} stride {opts.stride}, weights {opts.weights}")
+    _log(
+        f"train {train_ds.describe()}; val {val_ds.describe()}; input {size[0]}x{size[1]}, "
+        f"{opts.backbone} stride {opts.stride}, weights {opts.weights}"
+    )
     balance = _balance(opts, train_ds)
     model, deployable, history, best_epoch = _fit(opts, train_ds, val_ds, size, balance)
     val = image_metrics(val_ds.labels, _val_scores(model, val_ds, size, opts.batch_size))
@@ -235,8 +253,11 @@ def train(opts: TrainOptions) -> TrainResult:
         "pooling": parse_pooling(opts.pooling).as_meta(),
         "training": {
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items() if k not in ("out", "verbose")},
-            "input_size": list(size), "best_epoch": best_epoch, "balanced_sampling": balance,
-            "train_counts": train_ds.counts(), "val_counts": val_ds.counts(),
+            "input_size": list(size),
+            "best_epoch": best_epoch,
+            "balanced_sampling": balance,
+            "train_counts": train_ds.counts(),
+            "val_counts": val_ds.counts(),
         },
         "metrics": {"val": val},
     }
