@@ -14,8 +14,9 @@ export INSPECTD_APT_PACKAGES="gcc python3-dev pkg-config libgirepository1.0-dev 
 "$root/scripts/bootstrap.sh" dev
 venv="${INSPECTD_VENV:-$root/.venv}"
 cd "$root"
-# Lint and type-check first (pyproject's [tool.ruff] and [tool.mypy]): a finding fails the run before the
+# Lint, format check and type-check first (pyproject's [tool.ruff] and [tool.mypy]): a finding fails the run before the
 # 15-minute suite starts.
 "$venv/bin/ruff" check inspectd tests benchmarks
+"$venv/bin/ruff" format --check inspectd tests benchmarks
 "$venv/bin/mypy" inspectd
 exec "$venv/bin/python" -m pytest "$@"
