@@ -78,6 +78,9 @@ class ReplayConfig(Section):
     ring_bytes: int = setting(64_000_000, reload=R, ge=1_000, description="bytes kept in memory for replay")
     max_messages: int = setting(1000, reload=R, ge=1, le=100_000, description="messages in one answer (then `partial`)")
     max_bytes: int = setting(64_000_000, reload=R, ge=1_000, description="bytes in one answer (then `partial`)")
+    answer_timeout_s: float = setting(
+        10.0, reload=R, ge=0.1, le=300, description="an answer the consumer does not take within this is abandoned"
+    )
 
 
 class ArchiveConfig(Section):

@@ -43,7 +43,6 @@ log = logging.getLogger("inspectd.outputs.replay")
 STATUSES = ("complete", "partial", "unknown_run", "error")
 MAX_REQUEST_BYTES = 1024  # a request is about 100 bytes: larger ones get an `error` answer
 _MAX_MESSAGE_BYTES = 65536  # larger messages are never read into memory: ZeroMQ disconnects their sender
-_ANSWER_TIMEOUT_S = 10.0  # an answer the consumer does not take within this is abandoned (one per answer)
 _ARCHIVE_WAIT_S = 2.0  # how long a seq that is still being written to the archive is waited for
 _TICK_MS = 100
 
@@ -231,7 +230,7 @@ class ReplayServer:
         was looked up in the archive (None: all were)."""
         topic, prev = request["topic"], request["after_seq"]
         budget = _Budget(self.cfg.max_messages, self.cfg.max_bytes)
-        deadline = time.monotonic() + _ANSWER_TIMEOUT_S
+        deadline = time.monotonic() + self.cfg.answer_timeout_s
         missing: list[list[int]] = []
         for seq in seqs:
             if last is not None and seq > last:
@@ -275,7 +274,7 @@ class ReplayServer:
 
     def _send(self, identity: bytes, message: list[bytes], deadline: float | None = None) -> bool:
         """False when the consumer does not take it before the answer's deadline (the answer is abandoned)."""
-        deadline = time.monotonic() + _ANSWER_TIMEOUT_S if deadline is None else deadline
+        deadline = time.monotonic() + self.cfg.answer_timeout_s if deadline is None else deadline
         while True:
             try:
                 cast(zmq.Socket, self._socket).send_multipart([identity, *message], zmq.NOBLOCK)  # made by start()
