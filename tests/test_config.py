@@ -35,6 +35,8 @@ def test_env_overrides_file(tmp_path, monkeypatch):
 
 
 def test_relative_paths_are_relative_to_the_file(tmp_path):
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "a.mp4").touch()  # a file source must exist (check-config refuses a missing one)
     path = _write(tmp_path, '[model]\npath = "models/m.keras"\n[[cameras]]\nid = "a"\nurl = "clips/a.mp4"\n')
     s = load_settings(path)
     assert s.model.path == str(tmp_path / "models/m.keras")

@@ -83,6 +83,21 @@ def test_dead_camera_does_not_stop_the_others(tmp_path):
         assert daemon.terminate() == 0
 
 
+def test_a_daemon_whose_cameras_deliver_nothing_is_healthy_but_not_ready(tmp_path):
+    """Ready means inspecting: with its only camera unreachable the daemon is up and healthy (its loops run;
+    systemd must not restart it) and /readyz says what it waits for."""
+    dead = f"rtsp://127.0.0.1:{free_port()}/nothing"
+    config, urls = daemon_config(
+        tmp_path, camera_toml("dead", dead, reconnect_initial_s=0.2, reconnect_max_s=1, open_timeout_s=1)
+    )
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.wait_log("ready: 1 camera(s)", timeout=120)
+        wait_until(lambda: http_get(urls["metrics"] + "/healthz")[0] == 200, 30, lambda: daemon.log())
+        status, body = http_get(urls["metrics"] + "/readyz")
+        assert status == 503 and "waiting for a first frame" in body and "dead:" in body, body
+        assert daemon.terminate() == 0
+
+
 class _StuckWorker:
     """A capture thread stuck in its backend (an OpenCV read on a frozen stream): join() times out."""
 

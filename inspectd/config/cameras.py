@@ -18,7 +18,7 @@ class CameraConfig(Section):
     )
     pipeline: Text | None = Field(None, description="a GStreamer pipeline ending in appsink (instead of url)")
     backend: Literal["auto", "opencv", "gstreamer"] = Field("auto", description="auto | opencv | gstreamer")
-    fps_limit: float = Field(0, ge=0, description="0 = as fast as the camera")
+    fps_limit: float = Field(0, ge=0, le=1000, description="0 = as fast as the camera")
     loop: bool = Field(True, description="files and folders start again at the end")
     roi: tuple[int, int, int, int] | None = Field(
         None,
@@ -30,11 +30,14 @@ class CameraConfig(Section):
         description="resize [w, h] (after roi) on the capture thread, e.g. to the model input; "
         "event coordinates are then in resized pixels",
     )
-    reconnect_initial_s: float = Field(0.5, gt=0, description="first reconnect delay; doubles up to reconnect_max_s")
-    reconnect_max_s: float = Field(10, gt=0, description="longest reconnect delay (plus up to 20 % jitter)")
-    stall_timeout_s: float = Field(5, gt=0, description="no frame for this long forces a reconnect")
+    reconnect_initial_s: float = Field(0.5, ge=0.01, le=3600, description="first reconnect delay; doubles up to reconnect_max_s")
+    reconnect_max_s: float = Field(10, ge=0.01, le=3600, description="longest reconnect delay (plus up to 20 % jitter)")
+    stall_timeout_s: float = Field(5, ge=0.1, le=3600, description="no frame for this long forces a reconnect")
     open_timeout_s: float = Field(
-        5, gt=0, description="OpenCV/FFmpeg: open and read timeout (GStreamer reads never block; stall_timeout_s bounds them)"
+        5,
+        ge=0.1,
+        le=3600,
+        description="OpenCV/FFmpeg: open and read timeout (GStreamer reads never block; stall_timeout_s bounds them)",
     )
 
     @field_validator("roi")
@@ -48,6 +51,8 @@ class CameraConfig(Section):
     def _one_source(self) -> CameraConfig:
         if (self.url is None) == (self.pipeline is None):
             raise ValueError(f"camera {self.id!r}: set exactly one of url or pipeline")
+        if (self.url is not None and not self.url.strip()) or (self.pipeline is not None and not self.pipeline.strip()):
+            raise ValueError(f"camera {self.id!r}: {'url' if self.url is not None else 'pipeline'} is empty")
         if self.reconnect_max_s < self.reconnect_initial_s:
             raise ValueError(f"camera {self.id!r}: reconnect_max_s must be >= reconnect_initial_s")
         return self

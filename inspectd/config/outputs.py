@@ -62,7 +62,7 @@ class PublishConfig(CurveServerConfig):
         "SNDHWM) and in the hand-off to the publisher thread before new ones are dropped; bounds "
         "memory, see docs/daemon.md",
     )
-    heartbeat_s: float = setting(1, reload=R, gt=0, description="heartbeat period")
+    heartbeat_s: float = setting(1, reload=R, ge=0.01, le=3600, description="heartbeat period")
     results: bool = setting(False, reload=C, description="also publish result.<camera> for every inspected frame")
     attach_frame: bool = setting(False, reload=C, description="attach a JPEG of the frame to defect events")
 
@@ -75,9 +75,9 @@ class ReplayConfig(Section):
         "service (docs/wire-format.md#replay), e.g. tcp://127.0.0.1:5557; empty = off",
     )
     ring_messages: int = setting(1000, reload=R, ge=1, le=1_000_000, description="messages kept in memory for replay")
-    ring_bytes: int = setting(64_000_000, reload=R, ge=1_000, description="bytes kept in memory for replay")
+    ring_bytes: int = setting(64_000_000, reload=R, ge=1_000, le=16_000_000_000, description="bytes kept in memory for replay")
     max_messages: int = setting(1000, reload=R, ge=1, le=100_000, description="messages in one answer (then `partial`)")
-    max_bytes: int = setting(64_000_000, reload=R, ge=1_000, description="bytes in one answer (then `partial`)")
+    max_bytes: int = setting(64_000_000, reload=R, ge=1_000, le=4_000_000_000, description="bytes in one answer (then `partial`)")
     answer_timeout_s: float = setting(
         10.0, reload=R, ge=0.1, le=300, description="an answer the consumer does not take within this is abandoned"
     )
@@ -88,9 +88,11 @@ class ArchiveConfig(Section):
         "", reload=R, description="folder of the durable copy of every defect event (docs/archive.md); empty = off"
     )
     max_bytes: int = setting(
-        10_000_000_000, reload=R, ge=0, description="the oldest entries go beyond this many bytes; 0 = no limit"
+        10_000_000_000, reload=R, ge=0, le=10**16, description="the oldest entries go beyond this many bytes; 0 = no limit"
     )
-    max_age_s: float = setting(30 * 86400, reload=R, ge=0, description="entries older than this go; 0 = kept forever")
+    max_age_s: float = setting(
+        30 * 86400, reload=R, ge=0, le=100 * 365 * 86400, description="entries older than this go; 0 = kept forever"
+    )
     frame_format: Literal["jpeg", "png"] = setting(
         "jpeg", reload=C, description="the frame kept with each entry; png is lossless (for retraining), about 10x larger"
     )
@@ -98,6 +100,7 @@ class ArchiveConfig(Section):
         0,
         reload=C,
         ge=0,
+        le=1_000_000_000,
         description="also keep ok frames whose frame_seq is a multiple of this (negatives for retraining); 0 = defects only",
     )
     queue_size: int = setting(
@@ -179,6 +182,7 @@ class UiConfig(WebServerConfig):
         64_000_000,
         reload=R,
         ge=1_000_000,
+        le=16_000_000_000,
         description="memory for the recent defects' frames when the archive is off (the oldest go first)",
     )
     collect_dir: PathText = setting(

@@ -23,7 +23,7 @@ class BatchingConfig(Section):
 class PostprocessConfig(Section):
     mask_resolution: Literal["frame", "cam"] = setting("frame", reload=C, description="mask PNG at frame size or at CAM size")
     workers: int = setting(2, reload=R, ge=1, le=32, description="post-processing threads")
-    min_region_px: int = setting(1, reload=C, ge=1, description="smaller connected components are ignored")
+    min_region_px: int = setting(1, reload=C, ge=1, le=100_000_000, description="smaller connected components are ignored")
     jpeg_quality: int = setting(85, reload=C, ge=10, le=100, description="for attach_frame")
 
 
@@ -44,4 +44,6 @@ class EpisodesConfig(Section):
         description="an episode goes on while scores stay at or above this (default: 0.8 x the image threshold)",
     )
     end_frames: int = setting(3, reload=C, ge=1, le=10_000, description="consecutive frames below exit_threshold that end it")
-    end_s: float = setting(1.0, reload=C, gt=0, description="seconds since its last frame at or above exit_threshold that end it")
+    end_s: float = setting(
+        1.0, reload=C, gt=0, le=86400, description="seconds since its last frame at or above exit_threshold that end it"
+    )

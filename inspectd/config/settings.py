@@ -14,17 +14,30 @@ import json
 import logging
 import os
 import re
+import types
+import typing
 from pathlib import Path
 from typing import cast
+from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
 from inspectd.config.base import Reload, reload_of, repeated
 from inspectd.config.cameras import CameraConfig
 from inspectd.config.daemon import DaemonConfig
-from inspectd.config.loading import ENV_PREFIX, closest, env_names, env_path, format_errors, origin, read_toml, resolve_paths
+from inspectd.config.loading import (
+    ENV_PREFIX,
+    closest,
+    env_names,
+    env_path,
+    format_errors,
+    origin,
+    read_toml,
+    resolve_paths,
+    section_model,
+)
 from inspectd.config.model import ModelConfig
 from inspectd.config.outputs import ArchiveConfig, MetricsConfig, PublishConfig, ReplayConfig, UiConfig
 from inspectd.config.pipeline import BatchingConfig, EpisodesConfig, PostprocessConfig
@@ -77,12 +90,39 @@ class Settings(BaseSettings):
             raise ValueError(f"camera ids must be unique; repeated: {', '.join(dupes)}")
         return cameras
 
+    @model_validator(mode="after")
+    def _no_shared_ports(self) -> Settings:
+        """Two sockets of the daemon on one port: caught here, not as a bind failure after the model loaded."""
+        if self.ui.enabled and self.ui.port and self.ui.port == self.metrics.port and _same_host(self.ui.host, self.metrics.host):
+            raise ValueError(f"ui.port {self.ui.port} is metrics.port too: the live view and /metrics need a port each")
+        if self.replay.endpoint and _same_endpoint(self.replay.endpoint, self.publish.endpoint):
+            raise ValueError(
+                f"replay.endpoint {self.replay.endpoint!r} is publish.endpoint too: the replay service needs a port of its own"
+            )
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Environment over the file (handed in as init kwargs by load_settings).
         return env_settings, init_settings
+
+
+_ANY_HOST = {"0.0.0.0", "::", "*", ""}
+
+
+def _same_host(a: str, b: str) -> bool:
+    """Whether two bind hosts can clash: the same, or one of them every interface."""
+    return a == b or a in _ANY_HOST or b in _ANY_HOST
+
+
+def _same_endpoint(a: str, b: str) -> bool:
+    """Whether two ZeroMQ bind endpoints name one address (a port 0 or * is any free one: never the same)."""
+    if a.startswith("ipc://") or b.startswith("ipc://"):
+        return a == b
+    (host_a, _, port_a), (host_b, _, port_b) = a[6:].rpartition(":"), b[6:].rpartition(":")
+    return port_a == port_b and port_a not in ("0", "*") and _same_host(host_a, host_b)
 
 
 def reload_table() -> dict[str, Reload]:
@@ -119,20 +159,50 @@ def _warn_unknown_env(env: dict[str, str]) -> None:
 
 
 def _check_env_json(env: dict[str, str]) -> None:
-    """INSPECTD_<SECTION> and INSPECTD_CAMERAS hold JSON: a ConfigError naming the variable if they do not."""
-    for section in Settings.model_fields:
-        name = f"{ENV_PREFIX}{section.upper()}"
-        if name not in env:
+    """The variables that hold JSON (INSPECTD_<SECTION>, INSPECTD_CAMERAS, and INSPECTD_<SECTION>__<KEY> of a
+    table or list key, e.g. INSPECTD_UI__BASIC_AUTH_USERS): a ConfigError naming the variable if one does not
+    hold JSON of the right shape (pydantic-settings would name the section, or silently ignore `null`)."""
+    for name, value in sorted(env.items()):
+        path = env_path(name)
+        section = Settings.model_fields.get(path[0])
+        if section is None or len(path) > 2:
             continue
-        try:
-            json.loads(env[name])
-        except ValueError as exc:
+        if len(path) == 1:
+            kind: type = list if path[0] == "cameras" else dict
             want = (
                 'a JSON list of camera tables, e.g. [{"id": "cam1", "url": "rtsp://..."}]'
-                if section == "cameras"
-                else f"a JSON object of [{section}] keys (or set one key as {name}__KEY)"
+                if kind is list
+                else f"a JSON object of [{path[0]}] keys (or set one key as {name}__KEY)"
             )
-            raise ConfigError(f"{name}: not valid JSON ({getattr(exc, 'msg', exc)}); expected {want}") from None
+        else:
+            model = section_model(section.annotation)
+            field = model.model_fields.get(path[1]) if model is not None else None
+            origin = _container(field.annotation) if field is not None else None
+            if origin is None:
+                continue  # a plain value: pydantic reports it under this name
+            kind = dict if origin is dict else list
+            want = f"a JSON {'object' if kind is dict else 'list'}"
+        _parse_json(name, value, kind, want)
+
+
+def _container(annotation: object) -> type | None:
+    """dict, list or tuple when a field holds one (Optional too: pydantic-settings reads it as JSON), else None."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        found = {_container(arg) for arg in typing.get_args(annotation)} - {None}
+        return found.pop() if len(found) == 1 else None
+    return origin if origin in (dict, list, tuple) else None
+
+
+def _parse_json(name: str, value: str, kind: type, want: str) -> None:
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: not valid JSON ({getattr(exc, 'msg', exc)}); expected {want}") from None
+    except RecursionError:  # a value nested thousands deep: nothing the config can hold
+        raise ConfigError(f"{name}: JSON nested too deeply; expected {want}") from None
+    if not isinstance(parsed, kind):
+        raise ConfigError(f"{name}: {type(parsed).__name__ if parsed is not None else 'null'} given; expected {want}")
 
 
 def load_settings(path: Path | None) -> Settings:
@@ -161,7 +231,29 @@ def load_settings(path: Path | None) -> Settings:
         raise ConfigError(
             (f"{source}: " if source else prefix) + "cameras: no [[cameras]] configured; the daemon needs at least one camera"
         )
+    problems = _missing_paths(settings)
+    if problems:
+        raise ConfigError(prefix + "; ".join(problems))
     return settings
+
+
+def _missing_paths(settings: Settings) -> list[str]:
+    """Files and folders the config names that are not there (or are the wrong kind): a daemon started on
+    them would report ready while its camera retries "no such file" forever, or fail at the first defect."""
+    problems = []
+    for cam in settings.cameras:
+        scheme, sep, rest = (cam.url or "").partition("://")
+        if cam.url is None or (sep and scheme not in ("file", "dir")):
+            continue  # a stream, device or pipeline: it may come up later, and the daemon retries
+        parts = urlsplit(cam.url)  # as the sources read them: dir:///srv/x?fps=2, file:///v.mp4, /v.mp4
+        path = Path(unquote(parts.netloc + parts.path)) if sep else Path(cam.url)
+        if scheme == "dir" and not path.is_dir():
+            problems.append(f"cameras[{cam.id}].url: {cam.url!r}: no such folder")
+        elif scheme != "dir" and not path.exists():
+            problems.append(f"cameras[{cam.id}].url: {cam.url!r}: no such file or folder")
+    if settings.archive.dir and Path(settings.archive.dir).exists() and not Path(settings.archive.dir).is_dir():
+        problems.append(f"archive.dir: {settings.archive.dir!r} is a file, not a folder")
+    return problems
 
 
 _PASSWORD_IN_URL = re.compile(r"://[^/@\s]*:[^/@\s]*@")  # scheme://user:password@host

@@ -6,10 +6,12 @@ which only validates values.
 
 from __future__ import annotations
 
-__all__ = ["check_model", "check_security"]
+__all__ = ["check_model", "check_security", "check_dependencies"]
+
+import importlib.util
 
 from inspectd.config import ModelConfig, Settings
-from inspectd.errors import ModelFileError, NoInputError
+from inspectd.errors import ModelFileError, NoInputError, missing_extra
 from inspectd.model.deployable import load_model, read_metadata, resolve_model_path
 from inspectd.security import ServerKeys
 from inspectd.service.web import web_security
@@ -24,6 +26,20 @@ def check_security(settings: Settings) -> None:
     web_security(settings.metrics, "metrics")
     if settings.ui.enabled:
         web_security(settings.ui, "ui")
+
+
+def check_dependencies(settings: Settings) -> None:
+    """The optional packages the configuration asks for by name are installed (UnavailableError, exit 69, naming
+    the extra): `[model] runtime` onnxruntime or openvino, a camera with a GStreamer `pipeline` or backend.
+    Found without importing them (importlib.util.find_spec): a check costs no start-up time."""
+    wanted = {"onnxruntime": ("onnxruntime", "onnx", "tf2onnx"), "openvino": ("openvino",)}.get(settings.model.runtime, ())
+    if any(cam.pipeline is not None or cam.backend == "gstreamer" for cam in settings.cameras):
+        wanted += ("gi",)
+    for module in wanted:
+        if importlib.util.find_spec(module) is None:
+            missing = missing_extra(ModuleNotFoundError(name=module))
+            assert missing is not None, module  # every module above is an extra's
+            raise missing
 
 
 def check_model(cfg: ModelConfig) -> list[str]:

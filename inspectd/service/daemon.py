@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, cast
 
 from prometheus_client import CollectorRegistry
 
-from inspectd import __version__
+from inspectd import __version__, hangup
 from inspectd.config import CameraConfig, Settings, UiConfig
 from inspectd.errors import ConfigError
 from inspectd.frames import CameraState
@@ -539,15 +539,23 @@ class Daemon:
         return (not problems, "; ".join((problems or ["pipeline progressing"]) + self.notes()))
 
     def readyz(self) -> tuple[bool, str]:
+        """Ready: the model is warm, the publisher bound, and a camera has delivered a frame (a daemon whose
+        every camera is unreachable inspects nothing: not ready, though healthy)."""
         bound = self.publisher is not None and self.publisher.bound
-        return (self.ready and bound, "model warm, publisher bound" if self.ready and bound else "starting")
+        if not (self.ready and bound):
+            return False, "starting" if not self.should_exit.is_set() else "stopping"
+        if not self.metrics.frames_captured.total():
+            down = ", ".join(f"{c}: {self.camera_details.get(c) or s.value}" for c, s in sorted(self.camera_states.items()))
+            return False, f"model warm, publisher bound; waiting for a first frame from any camera ({down})"
+        return True, "model warm, publisher bound, frames arriving"
 
 
 @contextlib.contextmanager
 def _signals(daemon: Daemon) -> Iterator[None]:
     """SIGTERM/SIGINT ask for a clean stop; a second SIGINT forces exit; SIGHUP asks for a reload.
 
-    Handlers only set flags; the main loop acts on them. Old handlers are restored."""
+    Handlers only set flags; the main loop acts on them. Old handlers are restored: for `inspectd run`,
+    SIGHUP's is `inspectd.hangup`'s, which records it, so a HUP at the end of a clean stop is harmless."""
 
     def stop(signum, _frame):
         if signum == signal.SIGINT and daemon.should_exit.is_set():
@@ -561,6 +569,8 @@ def _signals(daemon: Daemon) -> Iterator[None]:
 
     old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     old[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)
+    if hangup.take():  # held since the process started (inspectd.hangup): the config may have changed since
+        daemon.reload_requested.set()
     try:
         yield
     finally:
