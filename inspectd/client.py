@@ -208,15 +208,31 @@ class GapFiller:
 
     `positions` ({run_id: {topic: seq}}, what was handed out: a restarted consumer passes it back),
     `gaps` ({topic: messages lost for good}), `replayed` and `replay_failures` are the counts a consumer
-    reads. The baseline: a consumer that starts without positions does not want the past, so a run's
-    first heartbeat (its `last_seq`) sets where each topic starts; after that, and for resumed runs,
-    every topic counts from its first message. At most 16 runs are remembered, the oldest go first.
+    reads. Where a run starts for us, decided at the first message of a run met for the first time:
+    - a run that began while this consumer was running (the daemon's `uptime_s` in the run's first
+      heartbeat is below our own age: monotonic durations, no clock skew) is followed from seq 1, so the
+      events published before our subscription took hold come through replay;
+    - so is every new run of a resumed consumer (`positions` given): it began after they were saved;
+    - a run that was already going when a fresh consumer started (a late joiner) starts at the present:
+      its first heartbeat's `last_seq`, or the first event received.
+    The events of a run that arrive before its first heartbeat wait for it (at most `[publish]
+    heartbeat_s`, and at most MAX_HELD of them). At most MAX_RUNS runs are remembered, the oldest go first.
     """
 
     MAX_RUNS = 16
+    MAX_HELD = 1000
 
-    def __init__(self, topics: Iterable[str], positions: dict[str, dict[str, int]] | None = None):
+    def __init__(
+        self,
+        topics: Iterable[str],
+        positions: dict[str, dict[str, int]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.topics = list(topics)
+        self._clock = clock
+        self._started = clock()
+        self._resumed = bool(positions)
+        self._held: dict[str, list[Event]] = {}  # run -> its events received before its first heartbeat
         self.positions: dict[str, dict[str, int]] = {r: dict(t) for r, t in (positions or {}).items()}
         self.gaps: dict[str, int] = {}
         self.replayed = 0  # events delivered through replay
@@ -236,28 +252,62 @@ class GapFiller:
     def received(self, endpoint: str, event: Event, fetch: Fetch, decode: Decode) -> list[Event]:
         """The events to hand out for one message received on `endpoint`: the missed ones first (fetched),
         then it, unless it was handed out already (fetched by an earlier fill)."""
-        run, topic, seq = event.header["run_id"], event.topic, event.header["seq"]
+        run = event.header["run_id"]
         out: list[Event] = []
         if self._run_of.get(endpoint) != run:
             out += self._finish_old_runs(endpoint, run, fetch, decode)
             self._run_of[endpoint] = run
+        if run not in self.settled:
+            heartbeat = event.kind is EventKind.HEARTBEAT
+            if not (heartbeat or self._resumed):
+                held = self._held.setdefault(run, [])
+                if len(held) < self.MAX_HELD:  # the restart it may show is flagged on what is handed out first
+                    held.append(dataclasses.replace(event, restarted=False))
+                    return out
+            out += self._settle(run, event, fetch, decode)
+        return out + self._settled(run, event, fetch, decode)
+
+    def _settle(self, run: str, first: Event, fetch: Fetch, decode: Decode) -> list[Event]:
+        """Where each topic of `run` starts for us (see the class), then the events held for it."""
+        uptime = first.header.get("uptime_s") if first.kind is EventKind.HEARTBEAT else None
+        began_while_running = isinstance(uptime, (int, float)) and uptime <= self._clock() - self._started
+        from_start = self._resumed or began_while_running
+        held = self._held.pop(run, [])
+        first_held: dict[str, int] = {}
+        for e in held:
+            first_held[e.topic] = min(first_held.get(e.topic, e.header["seq"]), e.header["seq"])
+        last_seq = first.header.get("last_seq") if first.kind is EventKind.HEARTBEAT else None
+        last_seq = last_seq if isinstance(last_seq, dict) else {}
         through = self._through.setdefault(run, {})
-        settled = run in self.settled
+        for t in {**last_seq, **first_held}:
+            last = first_held[t] - 1 if t in first_held else last_seq[t]
+            if not self.wanted(t) or t == "heartbeat" or t in through or not isinstance(last, int):
+                continue
+            start = 0 if from_start else last
+            through[t] = start
+            self.positions.setdefault(run, {}).setdefault(t, start)
+        self.settled.add(run)
+        out: list[Event] = []
+        for e in held:
+            out += self._settled(run, e, fetch, decode)
+        return out
+
+    def _settled(self, run: str, event: Event, fetch: Fetch, decode: Decode) -> list[Event]:
+        """The message of a run whose start is known: the missed ones first, then it (unless handed out)."""
+        topic, seq = event.topic, event.header["seq"]
+        through = self._through.setdefault(run, {})
+        out: list[Event] = []
         if event.kind is EventKind.HEARTBEAT:
             for t, last in (event.header.get("last_seq") or {}).items():
                 if not self.wanted(t) or not isinstance(last, int) or t == "heartbeat":
                     continue
-                if t not in through and not settled:  # a consumer that starts now does not want the past
-                    through[t] = last
-                    self.positions.setdefault(run, {}).setdefault(t, last)
-                elif last > through.setdefault(t, 0):  # lost during a silence, or a topic new since the baseline
+                if last > through.setdefault(t, 0):  # lost during a silence, or a topic new since the start
                     out += self._fetch(run, t, through[t], fetch, decode)[0]
-            self.settled.add(run)
             return out + ([event] if self.wanted("heartbeat") else [])
-        have = through.get(topic, 0 if settled else None)  # settled: a topic new to us counts from seq 1
-        if have is not None and seq > have + 1:
+        have = through.get(topic, 0)  # a topic new to us counts from seq 1
+        if seq > have + 1:
             out += self._fetch(run, topic, have, fetch, decode)[0]
-        if have is not None and through.get(topic, have) >= seq:
+        if through.get(topic, have) >= seq:
             return out  # handed out already, through replay
         through[topic] = seq
         return out + [event]

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-__all__ = ["CameraState", "DropReason", "Frame", "Batch", "Inspection"]
+__all__ = ["CameraState", "DropReason", "Frame", "Batch", "Inspection", "PROBABILITY_DECIMALS", "published_probability"]
+
 
 import enum
 from dataclasses import dataclass
 
 import numpy as np
+
+# Probabilities are published (events, results.jsonl) to 6 decimals: finer than any threshold a person sets or
+# the 8-bit mask shows (1/255), and never 0.9999999999988829 for a threshold the mask rule put at logit 27.
+PROBABILITY_DECIMALS = 6
+
+
+def published_probability(value: float) -> float:
+    """A probability (score, threshold, mask threshold, a region's peak or mean) as it is published."""
+    return round(float(value), PROBABILITY_DECIMALS)
 
 
 class CameraState(str, enum.Enum):

@@ -15,7 +15,31 @@ out="$root/demo-out/events"
 mkdir -p "$out"
 
 # The demo attaches frames to defect events so the watcher can draw overlays.
-INSPECTD_PUBLISH__ATTACH_FRAME=true "$venv/bin/inspectd" run --config "$root/config.example.toml" &
+export INSPECTD_PUBLISH__ATTACH_FRAME=true
+config="$root/config.example.toml"
+# The addresses as the daemon will use them: the config file with every INSPECTD_* override applied.
+if ! addresses="$("$venv/bin/python" - "$config" <<'PY'
+import sys
+from pathlib import Path
+
+from inspectd.config import load_settings
+from inspectd.errors import InspectdError
+
+try:
+    s = load_settings(Path(sys.argv[1]))
+except InspectdError as exc:
+    sys.exit(f"demo: {exc}")
+local = lambda host: "127.0.0.1" if host in ("0.0.0.0", "::", "*") else (f"[{host}]" if ":" in host else host)
+endpoint = s.publish.endpoint.replace("tcp://*:", "tcp://127.0.0.1:").replace("tcp://0.0.0.0:", "tcp://127.0.0.1:")
+ui = f"http://{local(s.ui.host)}:{s.ui.port}/" if s.ui.enabled else ""
+print(f"http://{local(s.metrics.host)}:{s.metrics.port}", endpoint, ui or "-")
+PY
+)"; then
+    exit 1
+fi
+read -r metrics events ui <<<"$addresses"
+
+"$venv/bin/inspectd" run --config "$config" &
 daemon=$!
 stop() {
     trap - INT TERM EXIT
@@ -27,21 +51,21 @@ stop() {
 }
 trap stop INT TERM EXIT
 
-# Wait for the daemon to report ready (model warm, publisher bound).
+# Wait for the daemon to report ready (model warm, publisher bound, frames arriving).
 for _ in $(seq 1 240); do
-    "$venv/bin/python" - <<'PY' 2>/dev/null && break
-import urllib.request; urllib.request.urlopen("http://127.0.0.1:9108/readyz", timeout=1)
-PY
+    "$venv/bin/python" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)' \
+        "$metrics/readyz" 2>/dev/null && break
     kill -0 "$daemon" 2>/dev/null || { echo "demo: the daemon exited; see its messages above" >&2; exit 1; }
     sleep 0.5
 done
-echo "demo: daemon ready; live view at http://127.0.0.1:8080/ (open it in a browser); metrics at" \
-     "http://127.0.0.1:9108/metrics; events on tcp://127.0.0.1:5556 (Ctrl-C stops)"
+echo "demo: daemon ready; live view at ${ui/#-/off} (open it in a browser); metrics at $metrics/metrics;" \
+     "events on $events (Ctrl-C stops)"
 
+watch=("$venv/bin/inspectd" watch --save "$out" "$events")
 if [[ "$seconds" -gt 0 ]]; then
-    timeout --signal=TERM "$seconds" "$venv/bin/inspectd" watch --save "$out" &
+    timeout --signal=TERM "$seconds" "${watch[@]}" &
 else
-    "$venv/bin/inspectd" watch --save "$out" &
+    "${watch[@]}" &
 fi
 watcher=$!
 wait "$watcher" || true

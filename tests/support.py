@@ -10,6 +10,7 @@ a real Prometheus server in prometheus_util.py. All of them take these helpers f
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -88,6 +89,55 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class LateRelay:
+    """127.0.0.1:port -> 127.0.0.1:upstream_port, listening only from `open()` on: a client that connects
+    earlier is refused and retries (ZeroMQ every 100 ms), so whatever the upstream sends before `open()`
+    never reaches it, deterministically. Bytes are copied both ways, two threads per connection; a plain
+    relay has no faults to inject (for those, tcp_proxy.TcpProxy, which speaks RTSP)."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port, self.port = upstream_port, free_port()  # reserved now, bound at open()
+        self._listener: socket.socket | None = None
+        self._sockets: list[socket.socket] = []
+
+    def open(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # closed
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self._sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        for sock in [*([self._listener] if self._listener else []), *self._sockets]:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def __enter__(self) -> LateRelay:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:

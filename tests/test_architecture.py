@@ -114,6 +114,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "inspectd",
         "inspectd.errors",
         "inspectd.threads",
+        "inspectd.losses",
+        "inspectd.hangup",
         "inspectd.frames",
         "inspectd.imageio",
         "inspectd.tfload",

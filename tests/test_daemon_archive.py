@@ -117,6 +117,12 @@ def test_a_full_disk_costs_archive_entries_not_events(tmp_path):
         wait_until(lambda: disk_full() > 0, 60, lambda: f"a disk_full drop:\n{daemon.log()}")
         status, detail = http_get(urls["metrics"] + "/healthz")
         assert status == 200 and "archive losing entries" in detail and "disk_full" in detail, detail
+        # Said in the journal too, not only in a metric: the first loss at once, then a line every 10 s at most.
+        wait_until(
+            lambda: re.search(r"WARNING .*archive .*: lost \d+ entries.*\(disk_full \d+", daemon.log()),
+            10,
+            lambda: f"the loss logged:\n{daemon.log()}",
+        )
         m = scrape(urls["metrics"])
         assert m.value("inspectd_archive_errors_total") >= disk_full()
         with Subscriber(urls["events"], topics=["defect."]) as sub:  # events still flow, after the disk filled

@@ -19,8 +19,19 @@ def _message(seq: int, topic: str = TOPIC, run: str = RUN) -> list[bytes]:
     return encode_message(topic, run, seq, status_body("cam1", "up", f"message {seq}"))
 
 
-def _heartbeat(last_seq: dict[str, int], run: str = RUN) -> list[bytes]:
-    return encode_message("heartbeat", run, 1, {"fps": 1.0, "cameras": {}, "uptime_s": 1.0, "model": {}, "last_seq": last_seq})
+def _heartbeat(last_seq: dict[str, int], run: str = RUN, uptime_s: float = 1.0) -> list[bytes]:
+    body = {"fps": 1.0, "cameras": {}, "uptime_s": uptime_s, "model": {}, "last_seq": last_seq}
+    return encode_message("heartbeat", run, 1, body)
+
+
+class Clock:
+    """The consumer's monotonic clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 class Daemon:
@@ -48,6 +59,7 @@ def _decode(parts: list[bytes]) -> Event:
 
 
 def _deliver(filler: GapFiller, daemon: Daemon, parts: list[bytes]) -> list[Event]:
+    """What the consumer hands out for one message received."""
     return [filler.handed_out(e) for e in filler.received("tcp://d:5556", decode_event(parts), daemon.fetch, _decode)]
 
 
@@ -99,3 +111,45 @@ def test_an_earlier_run_is_finished_from_the_archive_once_the_daemon_restarted()
     got = [filler.handed_out(e) for e in filler.received("tcp://d:5556", decode_event(first), old.fetch, _decode)]
     assert [(e.header["run_id"], e.header["seq"]) for e in got] == [(RUN, 3), (RUN, 4), (new_run, 1)]
     assert old.asked == [(RUN, TOPIC, 2)]
+
+
+def test_a_run_that_began_while_the_consumer_ran_is_followed_from_seq_1():
+    """The daemon started 5 s after the consumer, and its first 3 events went out before the subscription
+    took hold (a slow joiner): they come through replay, in order, before the first one received."""
+    clock, daemon = Clock(), Daemon(sent=4)
+    filler = GapFiller(["status."], clock=clock)
+    clock.now += 10.0
+    assert _deliver(filler, daemon, daemon.messages[4]) == []  # held until the run's first heartbeat
+    got = _deliver(filler, daemon, _heartbeat({TOPIC: 4}, uptime_s=5.0))
+    assert _seqs(got) == [(1, True, 0), (2, True, 0), (3, True, 0), (4, True, 0)]
+    assert filler.positions == {RUN: {TOPIC: 4}} and filler.gaps == {}
+
+
+def test_a_late_joiner_starts_at_the_first_event_it_received():
+    """The run was going before the consumer started (uptime 60 s > its age of 10 s): no history, but the
+    events received before the first heartbeat are handed out, in order, once it comes."""
+    clock, daemon = Clock(), Daemon(sent=5)
+    filler = GapFiller(["status."], clock=clock)
+    clock.now += 10.0
+    assert _deliver(filler, daemon, daemon.messages[3]) + _deliver(filler, daemon, daemon.messages[4]) == []
+    got = _deliver(filler, daemon, _heartbeat({TOPIC: 4}, uptime_s=60.0))
+    assert _seqs(got) == [(3, False, 0), (4, False, 0)] and daemon.asked == []
+    assert _seqs(_deliver(filler, daemon, daemon.messages[5])) == [(5, False, 0)]
+
+
+def test_a_resumed_consumer_follows_a_new_run_from_seq_1_at_once():
+    """Positions saved, the daemon restarted while the consumer was down: the new run began after them."""
+    daemon = Daemon(sent=3)
+    new_run = RUN
+    filler = GapFiller(["status."], positions={uuid.uuid4().hex: {TOPIC: 7}})
+    got = _deliver(filler, daemon, daemon.messages[3])
+    assert [e.header["run_id"] for e in got] == [new_run] * 3 and _seqs(got) == [(1, True, 0), (2, True, 0), (3, True, 0)]
+
+
+def test_what_replay_cannot_give_of_a_run_followed_from_seq_1_is_a_gap():
+    clock, daemon = Clock(), Daemon(sent=4, down=True)
+    filler = GapFiller(["status."], clock=clock)
+    clock.now += 10.0
+    _deliver(filler, daemon, daemon.messages[4])
+    got = _deliver(filler, daemon, _heartbeat({TOPIC: 4}, uptime_s=5.0))
+    assert _seqs(got) == [(4, False, 3)] and filler.gaps == {TOPIC: 3} and filler.replay_failures == 1

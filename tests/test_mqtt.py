@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from daemon_util import DaemonProcess, camera_toml, daemon_config
 from mqtt_util import Mosquitto, Recorder
-from support import ROOT, free_port, wait_until
+from support import ROOT, LateRelay, free_port, metric_value, wait_until
 
 from inspectd.bridges.config import MqttConfig
 from inspectd.bridges.mqtt import Positions, topics_for
@@ -81,17 +81,28 @@ def _defects(recorder: Recorder) -> list[dict]:
 
 
 def test_broker_and_bridge_restarts_lose_no_defect_event(tmp_path):
+    """The bridge starts first; its connection to the daemon's events is let through (LateRelay) only once
+    the daemon has published 2 defects: a run that began while the bridge ran is followed from seq 1, so
+    those come through replay. (A bridge that took the run's first message as its baseline lost them:
+    "missing [1]" on a slow CI machine, and "missing [1, 2]" here every time.)"""
     cams = camera_toml("cam-a", "synthetic://?fps=5&width=160&height=128&defect_rate=1&seed=4")
     replay = f"tcp://127.0.0.1:{free_port()}"
     config, urls = daemon_config(tmp_path, cams, replay={"endpoint": replay}, archive={"dir": str(tmp_path / "archive")})
-    with Mosquitto(tmp_path / "broker", USERS) as broker:
+    with Mosquitto(tmp_path / "broker", USERS) as broker, LateRelay(int(urls["events"].rsplit(":", 1)[1])) as relay:
         broker.wait_ready()
-        bridges = _bridges_toml(tmp_path, urls["events"], replay, broker.port)
+        bridges = _bridges_toml(tmp_path, f"tcp://127.0.0.1:{relay.port}", replay, broker.port)
         with Recorder(broker.port, "reader", USERS["reader"], "inspectd/#") as rec:
             wait_until(lambda: rec.client.is_connected(), 10, "the recorder connected")
             bridges_started = [Bridge(bridges, tmp_path / "bridge.log")]
             daemon = DaemonProcess(config, tmp_path / "daemon.log")
             try:
+                daemon.wait_ready(urls["metrics"])
+                wait_until(
+                    lambda: (metric_value(urls["metrics"], "inspectd_events_published_total", topic="defect.cam-a") or 0) >= 2,
+                    60,
+                    "2 defects published before the bridge is let through",
+                )
+                relay.open()
                 _restarts(rec, broker, bridges_started, daemon, urls, bridges, tmp_path)
             finally:
                 for bridge in bridges_started:
@@ -264,3 +275,29 @@ def test_the_documented_mqtt_consumer_runs_as_written(tmp_path, start_publisher)
             consumer.wait()
             out.close()
             bridge.stop()
+
+
+def test_a_bridge_started_while_a_camera_is_up_retains_its_status_and_stops_quietly(tmp_path, start_publisher):
+    """No status event is ever published here (the camera was up before the bridge started): the state comes
+    from the daemon's heartbeats, retained, so a consumer that connects later reads it at once. A clean stop
+    logs no "lost the broker" warning."""
+    pub = start_publisher(stats=lambda: {"cameras": {"top": "up"}})
+    with Mosquitto(tmp_path / "broker", USERS) as broker:
+        broker.wait_ready()
+        bridge = Bridge(_bridges_toml(tmp_path, pub.endpoint, "", broker.port).resolve(), tmp_path / "bridge.log")
+        try:
+            with Recorder(broker.port, "reader", USERS["reader"], "inspectd/line3/+/status", client_id="early") as rec:
+
+                def states() -> list[dict]:
+                    return [json.loads(p) for t, p, _ in rec.snapshot() if t == "inspectd/line3/top/status"]
+
+                wait_until(lambda: states(), 30, lambda: f"a status for 'top':\n{bridge_log(tmp_path)}")
+                assert states()[0]["state"] == "up" and states()[0]["run_id"] == pub.run_id
+            # One publication, not one per heartbeat (20 heartbeats a second here).
+            with Recorder(broker.port, "reader", USERS["reader"], "inspectd/line3/+/status", client_id="late") as late:
+                wait_until(lambda: late.snapshot(), 10, "the retained status for a consumer connecting later")
+                assert [(json.loads(p)["state"], retained) for _, p, retained in late.snapshot()] == [("up", True)]
+        finally:
+            assert bridge.stop() == 0
+    log = bridge_log(tmp_path)
+    assert "WARNING" not in log and "lost the broker" not in log, log

@@ -401,3 +401,15 @@ def test_the_live_views_ring_gets_every_defect_event_as_sent_or_dropped():
     assert [r.header["seq"] for r in records] == [2, 1, None]
     assert all(r.image is insp.frame.image and r.header["topic"] == "defect.cam1" for r in records)
     assert records[0].files["mask.png"] == insp.mask_png
+
+
+def test_probabilities_are_published_to_six_decimals():
+    """A mask rule that puts the threshold at logit 27 gave `mask_threshold: 0.9999999999988829` on the wire."""
+    import dataclasses
+
+    from inspectd.outputs.wire import inspection_body
+
+    insp = dataclasses.replace(make_inspection(), score=0.123456789, mask_threshold=0.9999999999988829, threshold=0.5)
+    body, _ = inspection_body(insp, MODEL, with_frame=False)
+    assert (body["score"], body["mask_threshold"], body["threshold"]) == (0.123457, 1.0, 0.5)
+    assert all(len(repr(r[k]).split(".")[-1]) <= 6 for r in body["regions"] for k in ("peak", "mean"))

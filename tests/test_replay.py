@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import zmq
 from prometheus_client import CollectorRegistry
-from support import TEST_MODEL, make_inspection, wait_until
+from support import TEST_MODEL, LateRelay, free_port, make_inspection, wait_until
 
 from inspectd.client import ReplayClient, ReplayError, Subscriber
 from inspectd.config import PublishConfig, ReplayConfig
@@ -26,20 +26,28 @@ from inspectd.outputs.wire import END_TOPIC, REQUEST_TAG, encode_message, inspec
 class Line:
     """A publisher with a ring, its replay endpoint, and optionally an archive; all stopped at the end."""
 
-    def __init__(self, tmp_path: Path, ring_messages: int = 1000, max_messages: int = 1000, archive: bool = False):
+    def __init__(
+        self,
+        tmp_path: Path,
+        ring_messages: int = 1000,
+        max_messages: int = 1000,
+        archive: bool = False,
+        publish: str = "tcp://127.0.0.1:0",
+        replay: str = "tcp://127.0.0.1:0",
+    ):
         self.metrics = Metrics(CollectorRegistry())
         self.run_id = uuid.uuid4().hex
         self.archive = Archive(tmp_path / "archive").start() if archive else None  # indexes what earlier runs left
         self.ring = Ring(ring_messages, 10**9)
         self.pub = Publisher(
-            PublishConfig(endpoint="tcp://127.0.0.1:0", heartbeat_s=0.05),
+            PublishConfig(endpoint=publish, heartbeat_s=0.05),
             self.metrics,
             self.run_id,
             TEST_MODEL,
             outcome=Fanout({"replay ring": self.ring.on_outcome, **({"archive": self.archive.on_outcome} if archive else {})}),
         )
         self.pub.start()
-        cfg = ReplayConfig(endpoint="tcp://127.0.0.1:0", max_messages=max_messages)
+        cfg = ReplayConfig(endpoint=replay, max_messages=max_messages)
         self.replay = ReplayServer(cfg, self.run_id, self.ring, self.archive, self.metrics, self.pub.last_seq).start()
         self.ctx = zmq.Context()
 
@@ -231,6 +239,27 @@ def test_a_resumed_consumer_gets_what_it_missed_exactly_once(line):
         assert [e.header["seq"] for e in live] == [5, 6] and not any(e.replayed for e in live)
         assert sub.recv(0.3) is None  # nothing twice
         assert sub.positions[ln.run_id]["defect.cam1"] == 6 and sub.replayed == 2 and sub.gaps == {}
+
+
+def test_a_run_that_began_after_the_consumer_loses_nothing_sent_before_its_subscription_took_hold(line):
+    """The consumer runs first; the daemon starts and publishes 3 defects before the consumer's connection is
+    let through (LateRelay): what a slow joiner misses of a run that began while it ran comes through replay,
+    from seq 1, exactly once and in order. (It used to take the run's first heartbeat as its baseline and
+    lose 1-3, every time.)"""
+    publish, replay = free_port(), free_port()
+    with (
+        LateRelay(publish) as relay,
+        Subscriber(f"tcp://127.0.0.1:{relay.port}", ["defect."], replay=f"tcp://127.0.0.1:{replay}") as sub,
+    ):
+        ln = line(publish=f"tcp://127.0.0.1:{publish}", replay=f"tcp://127.0.0.1:{replay}")
+        ln.defects(3)  # no subscriber connected: ZeroMQ drops them for us
+        relay.open()
+        got = [sub.recv(5) for _ in range(3)]
+        assert [(e.header["seq"], e.replayed) for e in got if e] == [(1, True), (2, True), (3, True)]
+        ln.defects(1)
+        live = sub.recv(5)
+        assert live is not None and live.header["seq"] == 4 and not live.replayed
+        assert sub.recv(0.3) is None and sub.gaps == {} and sub.positions[ln.run_id] == {"defect.cam1": 4}
 
 
 def test_a_new_consumer_starts_from_now_and_what_is_gone_is_a_gap(line):

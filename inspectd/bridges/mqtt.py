@@ -32,6 +32,7 @@ import base64
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 import time
@@ -52,7 +53,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("inspectd.bridges.mqtt")
 
-_TOPICS = ["defect.", "episode.", "status."]
+_TOPICS = ["defect.", "episode.", "status.", "heartbeat"]  # heartbeats: the camera states (_statuses_from)
+_CAMERA_ID = re.compile(r"[a-z0-9_-]{1,64}")  # as the daemon's config allows: safe in an MQTT topic
 _SAVE_EVERY_S = 0.5  # positions are written at most this often (and at stop)
 _STOP_FLUSH_S = 5.0  # at stop, how long acknowledgements of what was handed to paho are waited for
 # An event the broker has not acknowledged this long while connected (a message it keeps refusing, e.g. over
@@ -226,6 +228,8 @@ class MqttBridge:
         self._connected = threading.Event()
         self._line = {d.endpoint: settings.line_of(d) for d in settings.daemons}
         self.forwarded = 0
+        self._statuses: dict[tuple[str, str], str] = {}  # (line, camera) -> the state last published, retained
+        self._stopping = False
         self._client: mqtt.Client | None = None
         self._sub: Subscriber | None = None
 
@@ -275,13 +279,46 @@ class MqttBridge:
             self._stop.wait(0.05)  # backpressure: ZeroMQ queues, then drops for us; replay refills later
             return
         event = cast(Subscriber, self._sub).recv(timeout_s=0.1)  # made by start()
-        if event is not None and event.kind is not EventKind.HEARTBEAT:
+        if event is None:
+            return
+        if event.kind is EventKind.HEARTBEAT:
+            self._statuses_from(event)
+        else:
             self.forward(event)
 
+    def _statuses_from(self, beat: Event) -> None:
+        """Each camera's state from its daemon's heartbeat, retained on .../status when the broker does not hold
+        it yet: a daemon publishes status.<camera> only on a change, so a bridge started while a camera is up
+        would otherwise never say so. Not counted in positions: a retained state is idempotent."""
+        cameras = beat.header.get("cameras")
+        if not isinstance(cameras, dict):
+            return
+        line = self._line.get(beat.endpoint, self.cfg.line)
+        client = cast("mqtt.Client", self._client)  # made by start()
+        for camera, state in cameras.items():
+            if not isinstance(camera, str) or not _CAMERA_ID.fullmatch(camera) or not isinstance(state, str):
+                continue
+            if self._statuses.get((line, camera)) == state:
+                continue
+            header = {
+                "camera": camera,
+                "state": state,
+                "detail": "",
+                "line": line,
+                "run_id": beat.header["run_id"],
+                "published_at": beat.header.get("published_at"),
+                "from": "heartbeat",
+            }
+            client.publish(f"{self.cfg.topic_prefix}/{line}/{camera}/status", _json(header), qos=1, retain=True)
+            self._statuses[(line, camera)] = state
+
     def forward(self, event: Event) -> None:
-        outgoing = topics_for(event, self._line.get(event.endpoint, self.cfg.line), self.cfg)
+        line = self._line.get(event.endpoint, self.cfg.line)
+        outgoing = topics_for(event, line, self.cfg)
         if not outgoing:
             return
+        if event.kind is EventKind.STATUS:  # the state the broker now holds (a heartbeat corrects a replayed one)
+            self._statuses[(line, str(event.camera))] = str(event.header.get("state"))
         client = cast("mqtt.Client", self._client)  # made by start()
         mids = set()
         for msg in outgoing:
@@ -314,6 +351,7 @@ class MqttBridge:
             )
         if self._connected.is_set():
             self._client.publish(self.state_topic, _state("offline"), qos=1, retain=True).wait_for_publish(2)
+        self._stopping = True  # the disconnect that follows is ours, not a lost broker
         self._client.disconnect()
         self._client.loop_stop()
         log.info("bridge mqtt stopped: %d event(s) forwarded", self.forwarded)
@@ -356,7 +394,9 @@ class MqttBridge:
         client.publish(self.state_topic, _state("online"), qos=1, retain=True)
 
     def _on_disconnect(self, _client, _userdata, _flags, reason_code, _properties) -> None:
-        if self._connected.is_set():
+        if self._stopping:
+            log.info("disconnected from the broker %s:%d", self.cfg.host, self.cfg.port)
+        elif self._connected.is_set():
             log.warning("lost the broker %s:%d (%s); paho reconnects, events wait", self.cfg.host, self.cfg.port, reason_code)
         self._connected.clear()
 

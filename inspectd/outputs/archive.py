@@ -42,6 +42,7 @@ import errno
 import hashlib
 import heapq
 import json
+import logging
 import os
 import queue
 import re
@@ -55,8 +56,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
+from inspectd.losses import LossLog
 from inspectd.outputs.fanout import Outcome
 from inspectd.outputs.wire import parse_rfc3339
+
+log = logging.getLogger("inspectd.outputs.archive")
 
 TEMP_PREFIX = ".tmp-"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -322,6 +326,7 @@ class Archive:
         self.on_written = on_written or (lambda: None)
         self.max_bytes, self.max_age_s, self.retention_every_s = max_bytes, max_age_s, retention_every_s
         self.on_drop = on_drop or (lambda reason: None)
+        self.losses = LossLog(log, f"archive {self.root}", "entries")  # every loss in the journal, rate-limited
         self.dropped: Counter[str] = Counter()
         self.written = 0
         self.last_drop: tuple[float, str] | None = None  # (time.monotonic(), reason) of the latest loss
@@ -389,6 +394,7 @@ class Archive:
             lost = self._queue.qsize()
             for _ in range(lost):
                 self._drop("error")
+        self.losses.flush()
 
     @property
     def alive(self) -> bool:
@@ -406,6 +412,7 @@ class Archive:
         self.dropped[reason] += 1
         self.last_drop = (time.monotonic(), reason)
         self.on_drop(reason)
+        self.losses.lost(reason)
 
     def _run(self) -> None:
         next_retention = time.monotonic()
@@ -416,9 +423,11 @@ class Archive:
             except queue.Empty:
                 item = False  # nothing to write: a retention tick
             if item is None:
+                self.losses.flush()
                 return
             if item is not False:
                 self._write(item)
+            self.losses.flush(due_only=True)  # losses that came after the last line, once it is old enough
             if time.monotonic() >= next_retention:
                 self._retention()
                 next_retention = time.monotonic() + self.retention_every_s

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, cast
 import zmq
 
 from inspectd.frames import CameraState, Inspection
+from inspectd.losses import LossLog
 from inspectd.outputs.fanout import Fate, Listener, Outcome
 from inspectd.outputs.sockets import ServerSocket
 from inspectd.outputs.wire import (
@@ -99,6 +100,7 @@ class Publisher:
         With `keys`, the socket is a CURVE server (docs/security.md)."""
         self.cfg = cfg
         self._outcome = outcome
+        self.losses = LossLog(log, f"publisher {cfg.endpoint}", "events")
         self.metrics = metrics
         self.run_id = run_id
         self.last_progress_mono = time.monotonic()
@@ -151,6 +153,7 @@ class Publisher:
         self._thread.join(timeout + _MAX_LINGER_S + 1.0)
         if self._thread.is_alive():
             log.error("publisher thread did not stop within %.1f s", timeout)
+        self.losses.flush()  # events offered while it closed
 
     @property
     def bound(self) -> bool:
@@ -201,16 +204,18 @@ class Publisher:
     ) -> None:
         item = _Pending(topic, body, attachments, kept_frame, image)
         if self._closing.is_set():
-            self._dropped(item)
+            self._dropped(item, "stopping")
             return
         try:
             self._queue.put_nowait(item)
         except queue.Full:
-            self._dropped(item)
+            self._dropped(item, "queue_full")
 
-    def _dropped(self, item: _Pending) -> None:
-        """Not published (counted); the listeners still hear of it (the archive keeps what the line saw)."""
+    def _dropped(self, item: _Pending, why: str) -> None:
+        """Not published (counted, and logged rate-limited); the listeners still hear of it (the archive keeps
+        what the line saw)."""
         self.metrics.events_dropped.labels(topic=item.topic).inc()
+        self.losses.lost(f"{item.topic.split('.', 1)[0]} {why}")
         self._unsent(Fate.DROPPED, item)
 
     def _unsent(self, fate: Fate, item: _Pending) -> None:
@@ -229,6 +234,7 @@ class Publisher:
                 self._send(_Pending(HEARTBEAT_TOPIC, self._heartbeat_body(), []))
                 # Keep the period; after a long stall start afresh rather than sending a burst.
                 next_heartbeat = max(next_heartbeat + self.cfg.heartbeat_s, now)
+            self.losses.flush(due_only=True)
             try:
                 item = self._queue.get(timeout=max(0.0, min(next_heartbeat - now, _TICK_S)))
             except queue.Empty:
@@ -247,7 +253,8 @@ class Publisher:
             if time.monotonic() < self._deadline:
                 self._send(item)
             else:
-                self._dropped(item)
+                self._dropped(item, "stop_timeout")
+        self.losses.flush()
         linger_s = min(max(0.0, self._deadline - time.monotonic()), _MAX_LINGER_S)
         self._server.close(linger_ms=int(linger_s * 1000))
         log.info("publisher on %s closed", self._endpoint)
@@ -259,11 +266,11 @@ class Publisher:
             parts = encode_message(item.topic, self.run_id, seq, item.body, item.attachments)
             cast(zmq.Socket, self._socket).send_multipart(parts, flags=zmq.NOBLOCK, copy=False)  # made by start()
         except zmq.Again:
-            self._dropped(item)
+            self._dropped(item, "socket_full")
             return
         except Exception:  # an unencodable stats value, a closed socket: drop, count, keep publishing
             log.exception("cannot publish on %s", item.topic)
-            self._dropped(item)
+            self._dropped(item, "error")
             return
         self.metrics.events_published.labels(topic=item.topic).inc()
         self._outcome(Outcome(Fate.SENT, tuple(parts), seq, item.kept_frame, item.image))

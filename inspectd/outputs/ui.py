@@ -448,8 +448,15 @@ class UiApp:
             raise HttpError("403 Forbidden", "collection needs the header X-Inspectd-Collect: 1 (the page sends it)")
         try:
             length = int(environ.get("CONTENT_LENGTH") or 0)
-            request = json.loads(environ["wsgi.input"].read(min(length, 4096)) if 0 < length <= 4096 else b"")
+            body = environ["wsgi.input"].read(length) if 0 < length <= 4096 else b""
+            if len(body) < length:
+                raise HttpError("400 Bad Request", f"the body ended after {len(body)} of its {length} bytes")
+            request = json.loads(body)
             camera, label = str(request["camera"]), str(request["label"])
+        except OSError:  # the client sent less than its Content-Length and waits: the read timed out
+            raise HttpError(
+                "400 Bad Request", f"the body did not arrive ({environ.get('CONTENT_LENGTH')} bytes announced)"
+            ) from None
         except (ValueError, KeyError, TypeError, RecursionError):
             raise HttpError("400 Bad Request", 'expected JSON {"camera": ID, "label": "ok" | "defect"}') from None
         if label not in LABELS:

@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 
 import zmq
 
-from inspectd.frames import CameraState, Inspection
+from inspectd.frames import CameraState, Inspection, published_probability
 
 SCHEMA = "inspectd.event/1"
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5556"
@@ -100,9 +100,9 @@ def inspection_body(insp: Inspection, model: dict, with_frame: bool) -> tuple[di
         "camera": frame.camera,
         "frame_seq": int(frame.seq),
         "captured_at": rfc3339(frame.captured_at),
-        "score": float(insp.score),
-        "threshold": float(insp.threshold),
-        "mask_threshold": float(insp.mask_threshold),
+        "score": published_probability(insp.score),
+        "threshold": published_probability(insp.threshold),
+        "mask_threshold": published_probability(insp.mask_threshold),
         "is_defect": bool(insp.is_defect),
         "model": {"name": str(model.get("name", "")), "sha256": str(model.get("sha256", ""))},
         "regions": [_region(r) for r in insp.regions],
@@ -128,12 +128,12 @@ def episode_body(ep, model: dict) -> tuple[dict, list[bytes]]:
         "last_frame_seq": int(ep.last.frame.seq),
         "frames": int(ep.frames),
         "defect_frames": int(ep.defect_frames),
-        "peak_score": float(best.score),
+        "peak_score": published_probability(best.score),
         "end_reason": ep.end_reason,
         "best": {
             "frame_seq": int(best.frame.seq),
             "captured_at": rfc3339(best.frame.captured_at),
-            "score": float(best.score),
+            "score": published_probability(best.score),
             "regions": [_region(r) for r in best.regions],
             "bbox": _region(best.regions[0])["bbox"] if best.regions else None,
         },
@@ -146,7 +146,12 @@ def episode_body(ep, model: dict) -> tuple[dict, list[bytes]]:
 
 def _region(region) -> dict:
     x, y, w, h = (int(v) for v in region.bbox)
-    return {"bbox": [x, y, w, h], "area_px": int(region.area_px), "peak": float(region.peak), "mean": float(region.mean)}
+    return {
+        "bbox": [x, y, w, h],
+        "area_px": int(region.area_px),
+        "peak": published_probability(region.peak),
+        "mean": published_probability(region.mean),
+    }
 
 
 def status_body(camera: str, state: CameraState | str, detail: str = "") -> dict:

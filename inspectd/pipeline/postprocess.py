@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from inspectd.drawing import draw
-from inspectd.frames import Inspection
+from inspectd.frames import Inspection, published_probability
 from inspectd.imageio import encode_jpeg, encode_png
 from inspectd.model.masks import MASK_RULES, MaskRule, logit_to_probability
 from inspectd.pipeline.episodes import EpisodeRules
@@ -39,7 +39,12 @@ class Region:
     mean: float
 
     def as_dict(self) -> dict:
-        return asdict(self) | {"bbox": list(self.bbox)}
+        """As published (results.jsonl): peak and mean to PROBABILITY_DECIMALS."""
+        return asdict(self) | {
+            "bbox": list(self.bbox),
+            "peak": published_probability(self.peak),
+            "mean": published_probability(self.mean),
+        }
 
 
 def probability(cam_logits: np.ndarray) -> np.ndarray:

@@ -91,6 +91,9 @@ class _ServerHandler(ServerHandler):
             log.error("HTTP: request failed", exc_info=exc_info)
 
 
+_BODY_TIMEOUT_S = 2.0  # a POST body (the live view's collect request) arrives within this once its headers have
+
+
 class _QuietHandler(WSGIRequestHandler):
     timeout = 10  # a client that stalls mid-request (or mid-handshake, or stops reading a stream) frees its thread
 
@@ -103,6 +106,8 @@ class _QuietHandler(WSGIRequestHandler):
             return
         if not self.parse_request():
             return
+        if self.command == "POST":  # a body of a few hundred bytes: one that does not come frees its thread soon
+            self.connection.settimeout(_BODY_TIMEOUT_S)
         handler = _ServerHandler(self.rfile, self.wfile, self.get_stderr(), self.get_environ(), multithread=True)
         handler.request_handler = self
         handler.run(self.server.get_app())

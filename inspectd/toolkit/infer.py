@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from inspectd.errors import DataError, NoInputError, UsageError
+from inspectd.frames import published_probability
 from inspectd.imageio import IMAGE_SUFFIXES, VIDEO_SUFFIXES, read_rgb, to_rgb, write_png
 from inspectd.model.deployable import load_model, resolve_model_path
 from inspectd.pipeline.engine import Predictor
@@ -135,10 +136,10 @@ def _record(key: _Key, image: np.ndarray, pred, out: Path, thr: float, rule: Mas
     record = {
         "input": str(key.input),
         "name": key.name,
-        "score": round(pred.score, 6),
-        "threshold": thr,
+        "score": published_probability(pred.score),
+        "threshold": published_probability(thr),
         "is_defect": bool(pred.score >= thr),
-        "mask_threshold": found.mask_threshold,
+        "mask_threshold": published_probability(found.mask_threshold),
         "mask_rule": str(rule),
         "regions": [r.as_dict() for r in found.regions],
     }
