@@ -10,7 +10,10 @@ def run() -> int:
     hangup.hold()
     from inspectd.cli import main  # after the hold: importing it takes the time a HUP must not end
 
-    return main()
+    try:
+        return main()
+    finally:
+        hangup.ignore_to_exit()
 
 
 if __name__ == "__main__":

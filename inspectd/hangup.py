@@ -15,7 +15,7 @@ to record is ours.
 
 from __future__ import annotations
 
-__all__ = ["hold", "release", "take", "SERVICES"]
+__all__ = ["hold", "release", "take", "ignore_to_exit", "SERVICES"]
 
 import os
 import signal
@@ -45,6 +45,13 @@ def take() -> int:
     with _lock:
         count, _received = _received, 0
     return count
+
+
+def ignore_to_exit() -> None:
+    """SIGHUP ignored from now to the process's end: CPython puts back the default action of every handler
+    it installed when the interpreter shuts down (a HUP during that teardown, which takes a moment with
+    TensorFlow loaded, would end the process with 129), but leaves an ignored signal ignored."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def release() -> None:

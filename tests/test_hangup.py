@@ -49,12 +49,12 @@ def test_a_sighup_storm_from_start_to_exit_never_ends_the_daemon(tmp_path):
         sent = _storm(pid, stop)
         try:
             daemon.wait_ready(urls["metrics"])
-            wait_until(lambda: len(sent) >= 10, 10, "SIGHUPs sent while it runs")
+            daemon.wait_log("reload: nothing changed", timeout=60)  # the HUPs are reloads, while it runs too
             rc = daemon.terminate()  # the storm goes on through the whole shutdown
         finally:
             stop.set()
         assert rc == 0, daemon.log()
-        assert len(sent) >= 10 and "reload" in daemon.log().lower()
+        assert len(sent) >= 10
 
 
 def test_a_command_that_is_not_a_service_still_ends_on_sighup():

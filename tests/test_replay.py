@@ -290,8 +290,12 @@ def test_after_a_daemon_restart_the_rest_of_the_earlier_run_comes_from_the_archi
         got = [sub.recv(5) for _ in range(2)]
         assert [(e.header["run_id"], e.header["seq"], e.replayed) for e in got] == [(old_run, 2, True), (old_run, 3, True)]
         after.defects(1)
-        live = sub.recv(5)
-        assert (live.header["run_id"], live.header["seq"]) == (after.run_id, 2)  # a new consumer of this run: from now
+        # The new run began after the saved positions: followed from seq 1 (through replay), then live.
+        rest = [sub.recv(5) for _ in range(2)]
+        assert [(e.header["run_id"], e.header["seq"], e.replayed) for e in rest] == [
+            (after.run_id, 1, True),
+            (after.run_id, 2, False),
+        ]
         assert sub.positions[old_run] == {"defect.cam1": 3}
 
 

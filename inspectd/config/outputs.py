@@ -78,6 +78,14 @@ class ReplayConfig(Section):
     ring_bytes: int = setting(64_000_000, reload=R, ge=1_000, le=16_000_000_000, description="bytes kept in memory for replay")
     max_messages: int = setting(1000, reload=R, ge=1, le=100_000, description="messages in one answer (then `partial`)")
     max_bytes: int = setting(64_000_000, reload=R, ge=1_000, le=4_000_000_000, description="bytes in one answer (then `partial`)")
+    peer_queue: int = setting(
+        16,
+        reload=R,
+        ge=1,
+        le=10_000,
+        description="messages queued for one consumer at most (ZeroMQ SNDHWM): the memory a consumer that stops "
+        "reading can hold is this many messages",
+    )
     answer_timeout_s: float = setting(
         10.0, reload=R, ge=0.1, le=300, description="an answer the consumer does not take within this is abandoned"
     )

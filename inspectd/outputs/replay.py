@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, cast
 
 import zmq
@@ -45,6 +45,10 @@ MAX_REQUEST_BYTES = 1024  # a request is about 100 bytes: larger ones get an `er
 _MAX_MESSAGE_BYTES = 65536  # larger messages are never read into memory: ZeroMQ disconnects their sender
 _ARCHIVE_WAIT_S = 2.0  # how long a seq that is still being written to the archive is waited for
 _TICK_MS = 100
+_BLOCKED_POLL_MS = 5  # every answer waits for its consumer: look again this soon
+_REQUESTS_PER_ROUND = 16  # requests taken before the answers in progress get their turn
+_BURST = 8  # messages an answer may send per round before the next answer's turn
+_MAX_ANSWERS = 1024  # answers in progress at once (one per consumer); more: "busy"
 
 
 class Ring:
@@ -120,6 +124,7 @@ class ReplayServer:
         self._server: ServerSocket | None = None
         self._socket: zmq.Socket | None = None
         self._stop = threading.Event()
+        self._answers: dict[bytes, _Answer] = {}  # in progress, by consumer; insertion order: round robin
         self._thread = threading.Thread(target=self._loop, name="replay", daemon=True)
         self.endpoint = cfg.endpoint
         self.last_progress_mono = time.monotonic()
@@ -130,7 +135,7 @@ class ReplayServer:
             zmq.ROUTER,
             self.cfg.endpoint,
             "replay.endpoint",
-            {zmq.MAXMSGSIZE: _MAX_MESSAGE_BYTES, zmq.ROUTER_MANDATORY: 1, zmq.SNDHWM: 1000, zmq.LINGER: 0},
+            {zmq.MAXMSGSIZE: _MAX_MESSAGE_BYTES, zmq.ROUTER_MANDATORY: 1, zmq.SNDHWM: self.cfg.peer_queue, zmq.LINGER: 0},
             self._keys,
             self.metrics.refused("replay", HANDSHAKE_REASONS),
         )
@@ -152,48 +157,89 @@ class ReplayServer:
 
     # -- the replay thread ---------------------------------------------------------------------
     def _loop(self) -> None:
+        """Requests in, answers out, interleaved: every answer in progress gets a few messages per round,
+        as many as its consumer's queue takes, so a consumer that stops reading (or a flood of them) never
+        delays another's answer. Memory per consumer: at most `peer_queue` messages queued at ZeroMQ."""
         server, sock = cast(ServerSocket, self._server), cast(zmq.Socket, self._socket)  # start() made them first
         try:
             while not self._stop.is_set():
                 self.last_progress_mono = time.monotonic()
                 server.check_handshakes()
-                if not sock.poll(_TICK_MS, zmq.POLLIN):
-                    continue
-                parts = sock.recv_multipart(zmq.NOBLOCK)
-                try:
-                    self._answer(parts)
-                except Exception:  # one bad answer must not end the endpoint
-                    log.exception("replay: answering a request failed")
+                blocked = bool(self._answers) and all(a.blocked for a in self._answers.values())
+                wait_ms = _TICK_MS if not self._answers else (_BLOCKED_POLL_MS if blocked else 0)
+                for _ in range(_REQUESTS_PER_ROUND):
+                    if not sock.poll(wait_ms, zmq.POLLIN):
+                        break
+                    wait_ms = 0
+                    self._request(sock.recv_multipart(zmq.NOBLOCK))
+                self._round()
         finally:
             server.close(linger_ms=0)
 
-    def _answer(self, parts: list[bytes]) -> None:
-        identity, body = parts[0], parts[1:]
+    def _request(self, parts: list[bytes]) -> None:
+        identity = parts[0]
+        old = self._answers.pop(identity, None)
+        if old is not None:  # a consumer asks one thing at a time: a new request replaces what it no longer waits for
+            self.metrics.replay_abandoned.inc()
+        if len(self._answers) >= _MAX_ANSWERS:
+            self._start(identity, self._refusal("error", reason=f"busy: {_MAX_ANSWERS} answers in progress; ask again"))
+            return
+        try:
+            messages = self._answer(parts)
+        except Exception:  # one bad request must not end the endpoint
+            log.exception("replay: answering a request failed")
+            return
+        self._start(identity, messages)
+
+    def _start(self, identity: bytes, messages: Iterator[list[bytes]]) -> None:
+        self._answers[identity] = _Answer(identity, messages, time.monotonic() + self.cfg.answer_timeout_s)
+
+    def _round(self) -> None:
+        """Each answer in progress: up to _BURST messages, while its consumer's queue takes them."""
+        sock = cast(zmq.Socket, self._socket)
+        now = time.monotonic()
+        for identity, answer in list(self._answers.items()):
+            try:
+                done = answer.send(sock, _BURST, now + self.cfg.answer_timeout_s)
+            except zmq.ZMQError:  # EHOSTUNREACH: the consumer is gone
+                done, answer.abandoned = True, True
+            except Exception:  # reading an archive entry failed in an unexpected way: this answer ends
+                log.exception("replay: answering a request failed")
+                done, answer.abandoned = True, True
+            if not done and answer.blocked and now > answer.deadline:
+                done, answer.abandoned = True, True  # it stopped reading: its queue stays full
+            if done:
+                del self._answers[identity]
+                if answer.abandoned:
+                    self.metrics.replay_abandoned.inc()
+
+    def _answer(self, parts: list[bytes]) -> Iterator[list[bytes]]:
+        """The messages answering one request, the end message last (generated as they are sent)."""
+        body = parts[1:]
         if sum(len(p) for p in body) > MAX_REQUEST_BYTES:
-            self._end(identity, "error", reason=f"request larger than {MAX_REQUEST_BYTES} bytes")
-            return
+            return self._refusal("error", reason=f"request larger than {MAX_REQUEST_BYTES} bytes")
         if len(body) != 2 or body[0] != REQUEST_TAG:
-            self._end(identity, "error", reason=f"a request is 2 parts: {REQUEST_TAG.decode()!r} and a JSON object")
-            return
+            return self._refusal("error", reason=f"a request is 2 parts: {REQUEST_TAG.decode()!r} and a JSON object")
         try:
             run_id, topic, after = parse_request(body[1])
         except ValueError as exc:
-            self._end(identity, "error", reason=str(exc))
-            return
+            return self._refusal("error", reason=str(exc))
         request = {"run_id": run_id, "topic": topic, "after_seq": after}
         if run_id == self.run_id:
-            self._from_this_run(identity, request)
-        elif self.archive is not None and self.archive.index.knows(run_id, topic):
-            self._from_archive(identity, request, self.archive)
-        else:
-            reason = (
-                "another run (the daemon restarted) and not in the archive"
-                if self.archive is not None
-                else "another run (the daemon restarted); no archive to answer from"
-            )
-            self._end(identity, "unknown_run", request, reason=reason, current_run_id=self.run_id)
+            return self._from_this_run(request)
+        if self.archive is not None and self.archive.index.knows(run_id, topic):
+            return self._from_archive(request, self.archive)
+        reason = (
+            "another run (the daemon restarted) and not in the archive"
+            if self.archive is not None
+            else "another run (the daemon restarted); no archive to answer from"
+        )
+        return self._refusal("unknown_run", request, reason=reason, current_run_id=self.run_id)
 
-    def _from_this_run(self, identity: bytes, request: dict) -> None:
+    def _refusal(self, status: str, request: dict | None = None, **fields) -> Iterator[list[bytes]]:
+        yield self._end(status, request, **fields)
+
+    def _from_this_run(self, request: dict) -> Iterator[list[bytes]]:
         """The ring, then the archive; bounded work: at most max_messages archive entries are looked at,
         and gaps are ranges, never lists of seqs."""
         topic, after = request["topic"], request["after_seq"]
@@ -205,14 +251,13 @@ class ReplayServer:
             archived = dict(self.archive.index.published(self.run_id, topic, after, self.cfg.max_messages))
         horizon = max(archived) if len(archived) >= self.cfg.max_messages else None  # archive seqs beyond: not looked at
         seqs = sorted(set(self.ring.seqs(topic, after)) | set(archived))
-        self._answer_from(identity, request, seqs, archived, last, horizon)
+        return self._answer_from(request, seqs, archived, last, horizon)
 
-    def _from_archive(self, identity: bytes, request: dict, archive: Archive) -> None:
+    def _from_archive(self, request: dict, archive: Archive) -> Iterator[list[bytes]]:
         """Another run: what the archive holds (its last seq is not known: the end says what was sent)."""
         found = dict(archive.index.published(request["run_id"], request["topic"], request["after_seq"], self.cfg.max_messages))
         horizon = max(found) if len(found) >= self.cfg.max_messages else None
-        self._answer_from(
-            identity,
+        return self._answer_from(
             request,
             sorted(found),
             found,
@@ -223,14 +268,13 @@ class ReplayServer:
         )
 
     def _answer_from(
-        self, identity: bytes, request: dict, seqs: list[int], archived: dict, last: int | None, horizon: int | None, **end_fields
-    ) -> None:
-        """Send `seqs` (from the ring, else the archive) in order within the limits, then the end message.
+        self, request: dict, seqs: list[int], archived: dict, last: int | None, horizon: int | None, **end_fields
+    ) -> Iterator[list[bytes]]:
+        """`seqs` (from the ring, else the archive) in order within the limits, then the end message.
         `last`: the highest seq that exists (None: unknown, an earlier run); `horizon`: the last seq that
         was looked up in the archive (None: all were)."""
         topic, prev = request["topic"], request["after_seq"]
         budget = _Budget(self.cfg.max_messages, self.cfg.max_bytes)
-        deadline = time.monotonic() + self.cfg.answer_timeout_s
         missing: list[list[int]] = []
         for seq in seqs:
             if last is not None and seq > last:
@@ -247,24 +291,16 @@ class ReplayServer:
                 break
             if seq > prev + 1:
                 missing.append([prev + 1, seq - 1])
-            if not self._send(identity, message, deadline):
-                return
+            yield message
             prev = seq
         if horizon is not None and (last is None or prev < last):
-            self._end(
-                identity,
-                "partial",
-                request,
-                last_seq=prev,
-                missing=missing,
-                reason="answer limit reached: ask again from last_seq",
-                **end_fields,
-            )
+            reason = "answer limit reached: ask again from last_seq"
+            yield self._end("partial", request, last_seq=prev, missing=missing, reason=reason, **end_fields)
             return
         if last is not None and last > prev:
             missing.append([prev + 1, last])
             prev = last
-        self._end(identity, "complete", request, last_seq=prev, missing=missing, **end_fields)
+        yield self._end("complete", request, last_seq=prev, missing=missing, **end_fields)
 
     def _read(self, path) -> list[bytes] | None:
         try:
@@ -272,28 +308,40 @@ class ReplayServer:
         except (OSError, ValueError, KeyError, TypeError, AttributeError):  # removed meanwhile, or damaged
             return None
 
-    def _send(self, identity: bytes, message: list[bytes], deadline: float | None = None) -> bool:
-        """False when the consumer does not take it before the answer's deadline (the answer is abandoned)."""
-        deadline = time.monotonic() + self.cfg.answer_timeout_s if deadline is None else deadline
-        while True:
-            try:
-                cast(zmq.Socket, self._socket).send_multipart([identity, *message], zmq.NOBLOCK)  # made by start()
-                return True
-            except zmq.Again:  # the consumer's queue is full: wait for it a while
-                if time.monotonic() > deadline or self._stop.is_set():
-                    break
-                self._stop.wait(0.01)
-            except zmq.ZMQError:  # EHOSTUNREACH: the consumer is gone
-                break
-        self.metrics.replay_abandoned.inc()
-        return False
-
-    def _end(self, identity: bytes, status: str, request: dict | None = None, **fields) -> None:
+    def _end(self, status: str, request: dict | None = None, **fields) -> list[bytes]:
+        """The end message (counted when it is made: the answer's status is decided then)."""
         end = {"schema": REPLAY_SCHEMA, "status": status, **(request or {}), **fields}
         self.metrics.replay_requests.labels(status=status).inc()
         if status in ("error", "unknown_run"):
             log.debug("replay: %s: %s", status, fields.get("reason"))
-        self._send(identity, [END_TOPIC.encode("ascii"), json.dumps(end, separators=(",", ":")).encode("utf-8")])
+        return [END_TOPIC.encode("ascii"), json.dumps(end, separators=(",", ":")).encode("utf-8")]
+
+
+class _Answer:
+    """One answer in progress: its messages (a generator), the one its consumer's queue did not take yet, and
+    the time by which the consumer must take the next (it is abandoned after that)."""
+
+    __slots__ = ("identity", "messages", "pending", "deadline", "blocked", "abandoned")
+
+    def __init__(self, identity: bytes, messages: Iterator[list[bytes]], deadline: float):
+        self.identity, self.messages, self.deadline = identity, messages, deadline
+        self.pending: list[bytes] | None = None
+        self.blocked = self.abandoned = False
+
+    def send(self, sock: zmq.Socket, burst: int, next_deadline: float) -> bool:
+        """Up to `burst` messages, without blocking; True when the answer is complete."""
+        for _ in range(burst):
+            if self.pending is None:
+                self.pending = next(self.messages, None)
+                if self.pending is None:
+                    return True
+            try:
+                sock.send_multipart([self.identity, *self.pending], zmq.NOBLOCK)
+            except zmq.Again:  # its queue is full: try again next round
+                self.blocked = True
+                return False
+            self.pending, self.blocked, self.deadline = None, False, next_deadline
+        return False
 
 
 class _Budget:
