@@ -41,7 +41,14 @@ def _cmd_run(args) -> int:
     check_dependencies(settings)
     # systemd's watchdog kills with SIGABRT: the journal then shows every thread's stack.
     faulthandler.enable()
-    return Daemon(settings, config_path=path).run()
+    code = Daemon(settings, config_path=path).run()
+    # Everything is stopped, flushed and closed ("stopped" is logged): leave now. The interpreter's own
+    # teardown with TensorFlow and OpenVINO loaded can hang on their native threads (seen once in CI after a
+    # reload to OpenVINO: "stopped", then no exit for 30 s), and a stopped service must end.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _cmd_check_config(args) -> int:

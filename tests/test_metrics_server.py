@@ -145,3 +145,52 @@ def test_a_tls_key_others_can_read_is_refused(tmp_path):
     os.chmod(key, 0o600)
     with pytest.raises(ConfigError, match="cannot load the certificate and key"):
         web_security(MetricsConfig(tls_cert_file=str(key), tls_key_file=str(key)))
+
+
+def test_half_open_connections_cost_no_threads_and_lock_no_one_out(monkeypatch):
+    """Slowloris against /metrics: 2000 connections that send half a request and go silent (404 such held 430
+    threads). They wait in the gate, on one thread, while /metrics answers; each is dropped when its headers
+    have not come within HEADER_TIMEOUT_S (shortened here). Measured against cheroot and waitress in
+    docs/performance.md (benchmarks/http_abuse.py)."""
+    import resource
+    import threading
+    import time
+
+    from support import wait_until
+
+    import inspectd.service.web as web
+
+    monkeypatch.setattr(web, "HEADER_TIMEOUT_S", 3.0)
+    count = min(2000, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 3)
+    server = MetricsServer(CollectorRegistry(), "127.0.0.1", 0, _ok, _ok)
+    server.start()
+    held: list[socket.socket] = []
+    threads_before = threading.active_count()
+    try:
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never the blank line
+            held.append(sock)
+        for _ in range(5):
+            start = time.monotonic()
+            status, _ = http_get(f"http://127.0.0.1:{server.port}/metrics", timeout=5)
+            assert status == 200 and time.monotonic() - start < 2.5
+        assert threading.active_count() - threads_before <= 8, threading.active_count()  # the gate, not one each
+
+        def dropped() -> int:  # the server closed them: a read returns b"" (EOF)
+            closed = 0
+            for sock in held:
+                sock.settimeout(0.001)
+                try:
+                    closed += sock.recv(1) == b""
+                except (TimeoutError, BlockingIOError):
+                    pass
+                except OSError:
+                    closed += 1
+            return closed
+
+        wait_until(lambda: dropped() == count, 30, lambda: f"every half-open connection dropped, {dropped()} of {count}")
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()

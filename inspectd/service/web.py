@@ -3,10 +3,14 @@
     server = WebServer(app, "127.0.0.1", 9108, web=web_security(settings.metrics, "metrics"), section="metrics")
     server.start(); ...; server.stop()
 
-Why the standard library's wsgiref with a thread per connection: prometheus_client serves its WSGI app
-on it already, the daemon's HTTP traffic is a scrape every few seconds and a handful of people looking
-at the live view (never hundreds), and a long-lived MJPEG response is simply a generator on its own
-thread. No new dependency reaches the line PC, and TLS and auth are written once, here, for both.
+Why the standard library's wsgiref: prometheus_client serves its WSGI app on it already, the daemon's
+HTTP traffic is a scrape every few seconds and a handful of people looking at the live view, and a
+long-lived MJPEG response is simply a generator on its own thread. No new dependency reaches the line
+PC, and TLS and auth are written once, here, for both. In front of it, a gate (`_Gate`): a connection
+gets a thread only once its request line and headers are in (within HEADER_TIMEOUT_S), so connections
+that never finish their request (slowloris) cost a buffer, not a thread; at most MAX_PENDING wait and
+MAX_THREADS requests run (then 503). Measured against cheroot and waitress under 2000 such
+connections: docs/performance.md#http-under-abuse.
 """
 
 from __future__ import annotations
@@ -14,12 +18,16 @@ from __future__ import annotations
 __all__ = ["WebServer", "WebSecurity", "web_security", "authorized", "UNAUTHORIZED_HEADERS"]
 
 import base64
+import contextlib
 import errno
+import io
 import logging
+import selectors
 import socket
 import socketserver
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer, make_server
@@ -36,14 +44,178 @@ UNAUTHORIZED_HEADERS = [
 ]
 
 
+# A request's line and headers arrive within this, whole, before a thread is given to it (slowloris).
+HEADER_TIMEOUT_S = 10.0
+# Connections still sending their headers, at most: beyond it the oldest is closed (a flood of half-open
+# connections costs a buffer each, never a thread, and cannot lock out a client that sends its request).
+MAX_PENDING = 4096
+# Request threads at once (requests being answered, live-view streams included): beyond it, 503.
+MAX_THREADS = 128
+_MAX_HEADER_BYTES = 65536 + 16384  # the request line wsgiref accepts, and room for the headers
+
+
+class _Gate:
+    """Connections wait here, on one thread and a selector, until their request line and headers are in;
+    only then does a request thread take them (with what was read). Hand-written because the standard
+    library's servers give each connection a thread at accept, cheroot gives one as soon as a byte arrives
+    and then waits on the rest, and waitress has no TLS (docs/performance.md#http-under-abuse)."""
+
+    def __init__(self, server: _ThreadingWSGIServer):
+        self.server = server
+        self._selector = selectors.DefaultSelector()
+        self._pending: dict[socket.socket, tuple[float, bytearray]] = {}  # insertion order: oldest first
+        self._admit: list[tuple[socket.socket, object]] = []
+        self._shaken: set[socket.socket] = set()  # TLS connections whose handshake is done
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"{server.thread_name}-gate", daemon=True)
+        self._thread.start()
+
+    def admit(self, sock: socket.socket, address) -> None:
+        """From the accepting thread: a new connection, to be read without blocking."""
+        with self._lock:
+            self._admit.append((sock, address))
+        self._wake_w.send(b"x")
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        addresses: dict[socket.socket, object] = {}
+        while not self._closed:
+            for key, _ in self._selector.select(timeout=1.0):
+                sock = key.fileobj
+                if sock is self._wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        self._wake_r.recv(4096)
+                    continue
+                assert isinstance(sock, socket.socket)
+                if self._read(sock):
+                    self._hand_over(sock, addresses.pop(sock, None))
+            with self._lock:
+                new, self._admit = self._admit, []
+            for sock, address in new:
+                addresses[sock] = address
+                if self._add(sock):  # the request came with the connection
+                    self._hand_over(sock, addresses.pop(sock, None))
+            self._expire(addresses)
+        for sock in list(self._pending):
+            self._drop(sock)
+
+    def _add(self, sock: socket.socket) -> bool:
+        """Start reading a new connection; True if its headers are whole already."""
+        while len(self._pending) >= MAX_PENDING:
+            self._drop(next(iter(self._pending)))  # the oldest: a client sending its request gets in
+        sock.setblocking(False)
+        self._pending[sock] = (time.monotonic() + HEADER_TIMEOUT_S, bytearray())
+        self._selector.register(sock, selectors.EVENT_READ)
+        return self._read(sock)  # a TLS handshake to start, or data already there
+
+    def _read(self, sock: socket.socket) -> bool:
+        """Read what is there; True once the headers are whole (then it is no longer pending)."""
+        if sock not in self._pending:
+            return False
+        buffer = self._pending[sock][1]
+        try:
+            if isinstance(sock, ssl.SSLSocket) and sock not in self._shaken:
+                sock.do_handshake()
+                self._shaken.add(sock)
+            while True:
+                chunk = sock.recv(16384)
+                if not chunk:
+                    self._drop(sock)  # the client went away
+                    return False
+                buffer += chunk
+                if b"\r\n\r\n" in buffer or len(buffer) > _MAX_HEADER_BYTES:
+                    return True
+                if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                    return False
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+            return False
+        except OSError:  # a failed handshake, a reset: not worth more than a debug line
+            log.debug("HTTP: a connection failed before its request", exc_info=True)
+            self._drop(sock)
+            return False
+
+    def _hand_over(self, sock: socket.socket, address) -> None:
+        _, buffer = self._pending.pop(sock)
+        self._shaken.discard(sock)
+        self._selector.unregister(sock)
+        sock.setblocking(True)
+        sock.settimeout(_QuietHandler.timeout)
+        if not self.server.take_thread():
+            with contextlib.suppress(OSError):
+                sock.sendall(
+                    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
+                    b"busy: too many requests at once; try again\n"
+                )
+            self.server.shutdown_request(sock)
+            return
+        self.server.prefixes[sock] = bytes(buffer)
+        socketserver.ThreadingMixIn.process_request(self.server, sock, address)
+
+    def _expire(self, addresses: dict) -> None:
+        now = time.monotonic()
+        for sock, (deadline, _) in list(self._pending.items()):
+            if now < deadline:
+                break  # insertion order: the rest are younger
+            self._drop(sock)
+            addresses.pop(sock, None)
+
+    def _drop(self, sock: socket.socket) -> None:
+        self._pending.pop(sock, None)
+        self._shaken.discard(sock)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(sock)
+        with contextlib.suppress(OSError):
+            sock.close()
+
+
 class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True
+    request_queue_size = 1024  # the listen backlog: accepting costs a gate entry, not a thread
     thread_name = "http"  # the OS-level name of its request threads (WebServer sets it: metrics-req, ui-req)
     send_buffer = 0  # SO_SNDBUF of each connection (WebServer sets it; 0: the kernel's autotuning)
+    gate: _Gate | None = None
+
+    def server_activate(self):
+        super().server_activate()
+        self.prefixes: dict[socket.socket, bytes] = {}  # what the gate read of each request, for its handler
+        self._threads_lock = threading.Lock()
+        self._busy = 0
+
+    def process_request(self, request, client_address):
+        """Not a thread yet: the gate reads the request's headers first (made at the first connection, after
+        WebServer has set the thread name)."""
+        if self.gate is None:
+            self.gate = _Gate(self)
+        self.gate.admit(request, client_address)
+
+    def take_thread(self) -> bool:
+        with self._threads_lock:
+            if self._busy >= MAX_THREADS:
+                return False
+            self._busy += 1
+            return True
 
     def process_request_thread(self, request, client_address):
         name_this_thread(self.thread_name)
-        super().process_request_thread(request, client_address)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._threads_lock:
+                self._busy -= 1
+
+    def server_close(self):
+        if self.gate is not None:
+            self.gate.close()
+        super().server_close()
 
     def handle_error(self, request, client_address):
         """A client that fails the TLS handshake, or goes away mid-request: not worth a traceback on stderr."""
@@ -94,6 +266,24 @@ class _ServerHandler(ServerHandler):
 _BODY_TIMEOUT_S = 2.0  # a POST body (the live view's collect request) arrives within this once its headers have
 
 
+class _Prefixed(io.RawIOBase):
+    """A connection's bytes, the ones the gate read first."""
+
+    def __init__(self, prefix: bytes, sock: socket.socket):
+        self._prefix, self._sock = memoryview(prefix), sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self._prefix:
+            n = min(len(b), len(self._prefix))
+            b[:n] = self._prefix[:n]
+            self._prefix = self._prefix[n:]
+            return n
+        return self._sock.recv_into(b)
+
+
 class _QuietHandler(WSGIRequestHandler):
     timeout = 10  # a client that stalls mid-request (or mid-handshake, or stops reading a stream) frees its thread
 
@@ -114,8 +304,8 @@ class _QuietHandler(WSGIRequestHandler):
 
     def setup(self):
         super().setup()
-        if isinstance(self.request, ssl.SSLSocket):
-            self.request.do_handshake()  # here, on the request's thread: a slow client cannot stall accept()
+        prefix = self.server.prefixes.pop(self.request, b"")  # the line and headers the gate read
+        self.rfile = io.BufferedReader(_Prefixed(prefix, self.connection))
         send_buffer = getattr(self.server, "send_buffer", 0)
         if send_buffer:  # a stream cannot fall more than this many bytes behind what is drawn
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
