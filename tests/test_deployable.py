@@ -48,7 +48,7 @@ def test_cam_identity(classifier, batch):
     cam = out["cam_logits"].numpy()
     assert cam.shape == (4, SIZE[1] // 16, SIZE[0] // 16)
     head = find_head(classifier)
-    pooled = keras.Model(classifier.inputs, classifier.layers[-3].output)(batch).numpy()
+    pooled = keras.Model(classifier.input, classifier.layers[-3].output)(batch).numpy()  # one input, as it is called
     logit = pooled @ head.weight + head.bias
     assert np.std(logit) > 0.05, "the probe must exercise varied logits"
     np.testing.assert_allclose(cam.mean(axis=(1, 2)), logit, rtol=1e-4, atol=1e-4)
