@@ -84,9 +84,36 @@ def finishes_within(fn: Callable[[], Any], timeout: float, message: Message = ""
 # ------------------------------------------------------------------------------------------ network
 
 
+_GIVEN: set[int] = set()
+
+
+def _ephemeral_ports() -> range:
+    try:
+        low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
+    """A TCP port on 127.0.0.1 that nothing listens on right now, below the kernel's ephemeral range: a port
+    handed out for a server that binds later must not be taken meanwhile as the source port of some
+    client's connection (a bridge retrying its connect while its daemon starts: "Address already in use")."""
+    import random
+
+    ephemeral = _ephemeral_ports()
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        if port in ephemeral or port in _GIVEN:  # not twice in one process: two servers of one test bind later
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            _GIVEN.add(port)
+            return port
+    with socket.socket() as s:  # an unusual port range: what the kernel gives
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
