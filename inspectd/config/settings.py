@@ -242,7 +242,7 @@ def _missing_paths(settings: Settings) -> list[str]:
     them would report ready while its camera retries "no such file" forever, or fail at the first defect."""
     problems = []
     for cam in settings.cameras:
-        scheme, sep, rest = (cam.url or "").partition("://")
+        scheme, sep, _ = (cam.url or "").partition("://")
         if cam.url is None or (sep and scheme not in ("file", "dir")):
             continue  # a stream, device or pipeline: it may come up later, and the daemon retries
         parts = urlsplit(cam.url)  # as the sources read them: dir:///srv/x?fps=2, file:///v.mp4, /v.mp4

@@ -172,26 +172,21 @@ def encode_message(
     topic: str, run_id: str, seq: int, body: dict, attachments: Sequence[bytes] = (), published_at: float | None = None
 ) -> list[bytes]:
     """-> the multipart message [topic, header JSON, *attachments] with the envelope fields first."""
-    header = {
-        "schema": SCHEMA,
-        "run_id": run_id,
-        "topic": topic,
-        "seq": int(seq),
-        "published_at": rfc3339(time.time() if published_at is None else published_at),
-        **body,
-    }
-    header.setdefault("attachments", [])  # in every header, so consumers can always zip it with parts 2..
-    data = json.dumps(header, separators=(",", ":"), ensure_ascii=False, default=_json_default)
-    return [topic.encode("ascii"), data.encode("utf-8"), *attachments]
+    stamp = rfc3339(time.time() if published_at is None else published_at)
+    return [topic.encode("ascii"), _header_json(topic, run_id, int(seq), stamp, body), *attachments]
 
 
 def unsent_header(topic: str, run_id: str, body: dict) -> bytes:
     """The header of a message that was never published (an ok frame sampled for the archive, or an event
     the publisher dropped): the wire header with `seq` and `published_at` null."""
-    header = {"schema": SCHEMA, "run_id": run_id, "topic": topic, "seq": None, "published_at": None, **body}
-    header.setdefault("attachments", [])
-    data = json.dumps(header, separators=(",", ":"), ensure_ascii=False, default=_json_default)
-    return data.encode("utf-8")
+    return _header_json(topic, run_id, None, None, body)
+
+
+def _header_json(topic: str, run_id: str, seq: int | None, published_at: str | None, body: dict) -> bytes:
+    """The header as JSON bytes: the envelope fields first, then `body`."""
+    header = {"schema": SCHEMA, "run_id": run_id, "topic": topic, "seq": seq, "published_at": published_at, **body}
+    header.setdefault("attachments", [])  # in every header, so consumers can always zip it with parts 2..
+    return json.dumps(header, separators=(",", ":"), ensure_ascii=False, default=_json_default).encode("utf-8")
 
 
 def decode_message(parts: list[bytes]) -> tuple[str, dict, list[bytes]]:
