@@ -54,6 +54,15 @@ MAX_THREADS = 128
 _MAX_HEADER_BYTES = 65536 + 16384  # the request line wsgiref accepts, and room for the headers
 
 
+class _Waiting:
+    """A connection in the gate: by when its headers must be in, what has arrived, its TLS handshake."""
+
+    __slots__ = ("deadline", "address", "buffer", "shaken")
+
+    def __init__(self, deadline: float, address: object):
+        self.deadline, self.address, self.buffer, self.shaken = deadline, address, bytearray(), False
+
+
 class _Gate:
     """Connections wait here, on one thread and a selector, until their request line and headers are in;
     only then does a request thread take them (with what was read). Hand-written because the standard
@@ -63,9 +72,8 @@ class _Gate:
     def __init__(self, server: _ThreadingWSGIServer):
         self.server = server
         self._selector = selectors.DefaultSelector()
-        self._pending: dict[socket.socket, tuple[float, bytearray]] = {}  # insertion order: oldest first
+        self._pending: dict[socket.socket, _Waiting] = {}  # insertion order: oldest first
         self._admit: list[tuple[socket.socket, object]] = []
-        self._shaken: set[socket.socket] = set()  # TLS connections whose handshake is done
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -87,7 +95,6 @@ class _Gate:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        addresses: dict[socket.socket, object] = {}
         while not self._closed:
             for key, _ in self._selector.select(timeout=1.0):
                 sock = key.fileobj
@@ -97,35 +104,35 @@ class _Gate:
                     continue
                 assert isinstance(sock, socket.socket)
                 if self._read(sock):
-                    self._hand_over(sock, addresses.pop(sock, None))
+                    self._hand_over(sock)
             with self._lock:
                 new, self._admit = self._admit, []
             for sock, address in new:
-                addresses[sock] = address
-                if self._add(sock):  # the request came with the connection
-                    self._hand_over(sock, addresses.pop(sock, None))
-            self._expire(addresses)
+                if self._add(sock, address):  # the request came with the connection
+                    self._hand_over(sock)
+            self._expire()
         for sock in list(self._pending):
             self._drop(sock)
 
-    def _add(self, sock: socket.socket) -> bool:
+    def _add(self, sock: socket.socket, address) -> bool:
         """Start reading a new connection; True if its headers are whole already."""
         while len(self._pending) >= MAX_PENDING:
             self._drop(next(iter(self._pending)))  # the oldest: a client sending its request gets in
         sock.setblocking(False)
-        self._pending[sock] = (time.monotonic() + HEADER_TIMEOUT_S, bytearray())
+        self._pending[sock] = _Waiting(time.monotonic() + HEADER_TIMEOUT_S, address)
         self._selector.register(sock, selectors.EVENT_READ)
         return self._read(sock)  # a TLS handshake to start, or data already there
 
     def _read(self, sock: socket.socket) -> bool:
         """Read what is there; True once the headers are whole (then it is no longer pending)."""
-        if sock not in self._pending:
+        waiting = self._pending.get(sock)
+        if waiting is None:
             return False
-        buffer = self._pending[sock][1]
+        buffer = waiting.buffer
         try:
-            if isinstance(sock, ssl.SSLSocket) and sock not in self._shaken:
+            if isinstance(sock, ssl.SSLSocket) and not waiting.shaken:
                 sock.do_handshake()
-                self._shaken.add(sock)
+                waiting.shaken = True
             while True:
                 chunk = sock.recv(16384)
                 if not chunk:
@@ -143,9 +150,8 @@ class _Gate:
             self._drop(sock)
             return False
 
-    def _hand_over(self, sock: socket.socket, address) -> None:
-        _, buffer = self._pending.pop(sock)
-        self._shaken.discard(sock)
+    def _hand_over(self, sock: socket.socket) -> None:
+        waiting = self._pending.pop(sock)
         self._selector.unregister(sock)
         sock.setblocking(True)
         sock.settimeout(_QuietHandler.timeout)
@@ -157,20 +163,18 @@ class _Gate:
                 )
             self.server.shutdown_request(sock)
             return
-        self.server.prefixes[sock] = bytes(buffer)
-        socketserver.ThreadingMixIn.process_request(self.server, sock, address)
+        self.server.prefixes[sock] = bytes(waiting.buffer)
+        socketserver.ThreadingMixIn.process_request(self.server, sock, waiting.address)
 
-    def _expire(self, addresses: dict) -> None:
+    def _expire(self) -> None:
         now = time.monotonic()
-        for sock, (deadline, _) in list(self._pending.items()):
-            if now < deadline:
+        for sock, waiting in list(self._pending.items()):
+            if now < waiting.deadline:
                 break  # insertion order: the rest are younger
             self._drop(sock)
-            addresses.pop(sock, None)
 
     def _drop(self, sock: socket.socket) -> None:
         self._pending.pop(sock, None)
-        self._shaken.discard(sock)
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(sock)
         with contextlib.suppress(OSError):
