@@ -182,11 +182,11 @@ if ! "$python" -c 'import venv, ensurepip' >/dev/null 2>&1; then
     apt_needed+=(python3-venv)
 fi
 if [[ " ${extras[*]} " == *" gstreamer "* ]]; then
-    # PyGObject is built by pip against these; the gir/plugins packages are GStreamer itself
-    # (the RTSP server of scripts/test.sh is for the tests only).
+    # PyGObject is built by pip against these; the gir/plugins packages are GStreamer itself, and Aravis for
+    # genicam:// cameras (arv-tool-0.8 lists them) (the RTSP server of scripts/test.sh is for the tests only).
     for pkg in gcc python3-dev pkg-config libgirepository1.0-dev libcairo2-dev gir1.2-gstreamer-1.0 \
         gir1.2-gst-plugins-base-1.0 gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
-        gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav; do
+        gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav gir1.2-aravis-0.8 aravis-tools-cli; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || apt_needed+=("$pkg")
     done
 fi

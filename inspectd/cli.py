@@ -108,6 +108,27 @@ def _cmd_archive_export(args) -> int:
     return 0
 
 
+def _cmd_part(args) -> int:
+    from inspectd.errors import ConfigError, NoInputError
+    from inspectd.outputs.partlog import describe_part, find_parts
+
+    root = args.archive
+    if root is None:
+        settings, path = _settings(args)
+        if not settings.archive.dir:
+            raise ConfigError(f"{path}: [archive] dir is empty: the part log lives in the archive (or give --archive DIR)")
+        root = Path(settings.archive.dir)
+    if not root.is_dir():
+        raise NoInputError(f"{root}: no such folder (the archive, [archive] dir)")
+    lines = list(find_parts(root, args.part_id, args.camera))
+    if not lines:
+        where = f" of camera {args.camera}" if args.camera else ""
+        raise NoInputError(f"part {args.part_id!r}{where}: not in the part log under {root}")
+    for line in lines:
+        print(json.dumps(line) if args.json else describe_part(line))
+    return 0
+
+
 def _bridge_settings(args):
     from inspectd.bridges.config import DEFAULT_BRIDGES_CONFIG, load_bridge_settings
 
@@ -479,6 +500,26 @@ def _add_archive(sub) -> None:
     e.set_defaults(func=_cmd_archive_export)
 
 
+def _add_part(sub) -> None:
+    p = sub.add_parser(
+        "part",
+        help="what happened to a part (part mode): its verdict, why, when, from the part log",
+        description="Every line the part log holds about PART_ID (docs/parts.md): verdict, action, reason, score, "
+        "timings. Exit 0 when found, 66 when not.",
+    )
+    p.add_argument("part_id", metavar="PART_ID", help="the part's id (a file name, a camera frame id, a trigger's id)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="the daemon config whose [archive] dir to read (default /etc/inspectd/config.toml)",
+    )
+    p.add_argument("--archive", type=Path, metavar="DIR", help="the archive folder instead of --config")
+    p.add_argument("--camera", metavar="ID", help="only this camera's parts")
+    p.add_argument("--json", action="store_true", help="one JSON object per line, as logged")
+    p.set_defaults(func=_cmd_part)
+
+
 def _bridge_options(p) -> None:
     p.add_argument(
         "--config",
@@ -565,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_watch,
         _add_bench,
         _add_archive,
+        _add_part,
         _add_keys,
         _add_proxy,
         _add_bridge,

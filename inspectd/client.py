@@ -102,6 +102,7 @@ class EventKind(str, enum.Enum):
     RESULT = "result"
     STATUS = "status"
     EPISODE = "episode"
+    PART = "part"  # part mode: one part's one verdict (docs/parts.md)
     HEARTBEAT = "heartbeat"
 
 
@@ -409,6 +410,18 @@ _FIELDS = {
         "best": "object",
         "model": "object",
         "frame": "size",
+    },
+    EventKind.PART: {
+        "camera": "str",
+        "part_id": "str",
+        "verdict": "str",
+        "action": "str",
+        "reason": "str",
+        "frame_seq": "int",
+        "captured_at": "time",
+        "decided_at": "time",
+        "latency_ms": "number",
+        "model": "object",
     },
     EventKind.HEARTBEAT: {"uptime_s": "number", "cameras": "object"},
 }

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-__all__ = ["CameraState", "DropReason", "Frame", "Batch", "Inspection", "PROBABILITY_DECIMALS", "published_probability"]
+__all__ = [
+    "CameraState",
+    "DropReason",
+    "Frame",
+    "Batch",
+    "Inspection",
+    "PartTag",
+    "Verdict",
+    "PartResult",
+    "lost_frame",
+    "PROBABILITY_DECIMALS",
+    "published_probability",
+]
 
 
 import enum
@@ -47,6 +59,19 @@ class DropReason(str, enum.Enum):
     ROI = "roi"  # the camera's roi lies outside the frame
     ERROR = "error"  # an unexpected failure: its batch's model call, or its crop/resize on the capture thread
     SHUTDOWN = "shutdown"  # still waiting when its camera was stopped (shutdown, reload)
+    QUEUE_FULL = "queue_full"  # part mode: the camera's part queue was full when the part arrived
+    DEADLINE = "deadline"  # part mode: its deadline passed while it waited for the model
+    INCOMPLETE = "incomplete"  # a GenICam image arrived incomplete (lost packets), or with no free buffer
+    CAMERA = "camera"  # the camera never sent the image of a trigger (triggered GenICam cameras)
+
+
+@dataclass(frozen=True)
+class PartTag:
+    """What makes a frame a part (a camera in part mode, docs/parts.md): its id and its deadline."""
+
+    part_id: str
+    deadline_mono: float  # monotonic time by which its verdict must be out: captured + deadline_ms
+    trigger_at: float | None = None  # wall clock of the trigger that asked for it (None: no trigger)
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,6 +83,7 @@ class Frame:
     captured_at: float  # wall clock, time.time()
     captured_mono: float  # time.monotonic(), for latency measurements
     image: np.ndarray
+    part: PartTag | None = None  # set on cameras in part mode: every such frame gets exactly one verdict
 
     @property
     def width(self) -> int:
@@ -68,9 +94,14 @@ class Frame:
         return int(self.image.shape[0])
 
 
+def lost_frame(camera: str, seq: int, part: PartTag, captured_at: float, captured_mono: float) -> Frame:
+    """A part whose image never became a frame (undecodable, roi outside it): a Frame with a 0x0 image."""
+    return Frame(camera, seq, captured_at, captured_mono, np.zeros((0, 0, 3), np.uint8), part)
+
+
 @dataclass(frozen=True, eq=False)
 class Batch:
-    """Frames inferred together (at most one per camera), in round-robin order."""
+    """Frames inferred together (one per camera per round: several only from a part queue), in round-robin order."""
 
     frames: tuple[Frame, ...]
 
@@ -92,3 +123,33 @@ class Inspection:
     archive_frame: bytes = b""  # the frame for the archive (every defect, sampled ok frames), when it is on
     archive_encoding: str = ""  # "jpeg" or "png" (the archive's frame_format)
     episode: int | None = None  # the camera's defect episode this frame belongs to (set in frame order)
+
+
+class Verdict(str, enum.Enum):
+    """A part's one verdict (part mode): the model's, or NOT_INSPECTED when it could not have one in time."""
+
+    DEFECT = "defect"
+    OK = "ok"
+    NOT_INSPECTED = "not_inspected"
+
+
+@dataclass(frozen=True, eq=False)
+class PartResult:
+    """One part's verdict, as published on `part.<camera>` and written to the part log.
+
+    `action` is what the line does with the part: `reject` for a defect, `accept` for an ok part, and the
+    camera's `not_inspected` setting (fail-safe `reject` by default) for a part without a verdict in time.
+    """
+
+    camera: str
+    part_id: str
+    frame_seq: int
+    verdict: Verdict
+    action: str  # "accept" | "reject"
+    reason: str  # why not_inspected ("" otherwise)
+    captured_at: float  # wall clock
+    decided_at: float  # wall clock
+    latency_s: float  # capture to verdict, on the monotonic clock
+    trigger_at: float | None = None
+    score: float | None = None  # None: the model never ran on it
+    threshold: float | None = None

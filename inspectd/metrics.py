@@ -139,11 +139,29 @@ class Metrics:
             ["camera", "end"],
             **r,
         )
+        self.parts = Tally(
+            "parts", "Parts (part mode) given their one verdict, by verdict (defect, ok, not_inspected)", ["camera", "verdict"]
+        )
+        self.parts_not_inspected = Tally(
+            "parts_not_inspected",
+            "Parts without the model's verdict by their deadline, by reason "
+            "(deadline, late, queue_full, decode, roi, error, shutdown)",
+            ["camera", "reason"],
+        )
         self.camera_up = Gauge("camera_up", "1 while the camera delivers frames, else 0", ["camera"], **r)
         self.camera_reconnects = Tally("camera_reconnects", "Reconnection attempts", ["camera"])
         registry.register(
             TallyExport(
-                NS, (self.frames_captured, self.frames_dropped, self.frames_inferred, self.defects, self.camera_reconnects)
+                NS,
+                (
+                    self.frames_captured,
+                    self.frames_dropped,
+                    self.frames_inferred,
+                    self.defects,
+                    self.camera_reconnects,
+                    self.parts,
+                    self.parts_not_inspected,
+                ),
             )
         )
         self.batch_size = Histogram("batch_size", "Real (unpadded) frames per inference batch", buckets=BATCH_BUCKETS, **r)
@@ -152,6 +170,9 @@ class Metrics:
         )
         self.end_to_end_seconds = Histogram(
             "end_to_end_seconds", "Capture to publish, per frame", ["camera"], buckets=LATENCY_BUCKETS, **r
+        )
+        self.part_latency_seconds = Histogram(
+            "part_latency_seconds", "Part mode: capture to verdict, per part", ["camera"], buckets=LATENCY_BUCKETS, **r
         )
         self.score = Histogram("score", "Defect score per inferred frame", ["camera"], buckets=SCORE_BUCKETS, **r)
         self.events_published = Counter("events_published", "ZeroMQ messages sent", ["topic"], **r)

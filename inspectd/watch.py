@@ -322,6 +322,13 @@ def describe(event: Event) -> str:
             f"({h['end_reason']}): {h['frames']} frames ({h['defect_frames']} defective) over {h['duration_s']:.2f} s, "
             f"peak {h['peak_score']:.3f} at frame {best['frame_seq']}{where}"
         )
+    if event.kind is EventKind.PART:
+        why = f" ({h['reason']})" if h["reason"] else ""
+        score = "" if h.get("score") is None else f"  score {h['score']:.3f}"
+        return (
+            f"{_local_time(h['decided_at'])}  {event.topic}  camera {h['camera']}  part {h['part_id']}  "
+            f"{h['verdict'].upper()}{why} -> {h['action']}{score}  {h['latency_ms']:.0f} ms after capture"
+        )
     if event.kind is EventKind.STATUS:
         detail = f"  ({h['detail']})" if h.get("detail") else ""
         return f"{_local_time(h['published_at'])}  {event.topic}  camera {h['camera']}  {h['state']}{detail}"

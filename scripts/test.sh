@@ -6,11 +6,13 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # pip builds against libgirepository1.0-dev and libcairo2-dev); prometheus (server + promtool),
 # systemd (systemd-analyze), shellcheck and util-linux (flock, unshare) for the deployment tests;
 # mosquitto (the MQTT broker the bridge is tested against) and openssl (test certificates); chromium and
-# chromium-driver (the live view's browser test: Selenium drives Debian's driver, nothing is downloaded).
+# chromium-driver (the live view's browser test: Selenium drives Debian's driver, nothing is downloaded); Aravis
+# (genicam:// cameras, through PyGObject) and its fake GigE Vision camera for the GenICam tests.
 export INSPECTD_APT_PACKAGES="gcc python3-dev pkg-config libgirepository1.0-dev libcairo2-dev gir1.2-gstreamer-1.0 \
  gir1.2-gst-plugins-base-1.0 gir1.2-gst-rtsp-server-1.0 gstreamer1.0-tools gstreamer1.0-plugins-base \
  gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav \
- prometheus systemd shellcheck util-linux mosquitto openssl chromium chromium-driver"
+ prometheus systemd shellcheck util-linux mosquitto openssl chromium chromium-driver \
+ gir1.2-aravis-0.8 aravis-tools aravis-tools-cli"
 "$root/scripts/bootstrap.sh" dev
 venv="${INSPECTD_VENV:-$root/.venv}"
 cd "$root"

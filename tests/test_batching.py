@@ -189,7 +189,7 @@ def test_the_simulation_sees_a_lost_frame(monkeypatch):
 
     def old_take(self, order, limit):
         with self._cond:
-            return [self._slots.pop(cam) for cam in order if cam in self._slots][:limit]
+            return [self._slots.pop(cam)[0] for cam in order if cam in self._slots][:limit]
 
     monkeypatch.setattr(FrameBoard, "take", old_take)
     captured, inferred, drops, in_flight = simulate({"a": 50.0, "b": 40.0, "c": 30.0}, limit=1, batch_s=0.04, seconds=10)

@@ -16,6 +16,7 @@ COMMANDS = (
     "watch",
     "bench",
     "archive",
+    "part",
     "keys",
     "proxy",
     "bridge",

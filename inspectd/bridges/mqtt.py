@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("inspectd.bridges.mqtt")
 
-_TOPICS = ["defect.", "episode.", "status.", "heartbeat"]  # heartbeats: the camera states (_statuses_from)
+_TOPICS = ["defect.", "episode.", "part.", "status.", "heartbeat"]  # heartbeats: the camera states (_statuses_from)
 _CAMERA_ID = re.compile(r"[a-z0-9_-]{1,64}")  # as the daemon's config allows: safe in an MQTT topic
 _SAVE_EVERY_S = 0.5  # positions are written at most this often (and at stop)
 _STOP_FLUSH_S = 5.0  # at stop, how long acknowledgements of what was handed to paho are waited for
@@ -82,6 +82,8 @@ def topics_for(event: Event, line: str, cfg: MqttConfig) -> list[Outgoing]:
         return [Outgoing(f"{base}/status", _json(header), retain=True)]
     if event.kind is EventKind.EPISODE:
         return [Outgoing(f"{base}/episode", _json(header))]
+    if event.kind is EventKind.PART:
+        return [Outgoing(f"{base}/part", _json(header))]
     if event.kind is not EventKind.DEFECT:
         return []
     if cfg.frames == "inline":

@@ -14,7 +14,8 @@ from inspectd.config.base import PathText, Section, Text
 class CameraConfig(Section):
     id: str = Field(pattern=r"^[a-z0-9_-]{1,64}$", description="[a-z0-9_-]+; used in topics, labels, paths")
     url: PathText | None = Field(
-        None, description="rtsp(s)://, a video file, v4l2:///dev/videoN, dir:///images, synthetic://?fps=10"
+        None,
+        description="rtsp(s)://, a video file, v4l2:///dev/videoN, dir:///images, genicam://DEVICE, synthetic://?fps=10",
     )
     pipeline: Text | None = Field(None, description="a GStreamer pipeline ending in appsink (instead of url)")
     backend: Literal["auto", "opencv", "gstreamer"] = Field("auto", description="auto | opencv | gstreamer")
@@ -39,6 +40,18 @@ class CameraConfig(Section):
         le=3600,
         description="OpenCV/FFmpeg: open and read timeout (GStreamer reads never block; stall_timeout_s bounds them)",
     )
+    mode: Literal["stream", "parts"] = Field(
+        "stream",
+        description="stream: a frame may replace the one waiting (`stale`); parts: every frame is a part that gets "
+        "exactly one verdict (docs/parts.md)",
+    )
+    part_queue: int = Field(8, ge=1, le=10_000, description="parts: parts waiting for the model at most (more: not_inspected)")
+    deadline_ms: float = Field(
+        1000, ge=1, le=600_000, description="parts: a part without a verdict this long after its capture is not_inspected"
+    )
+    not_inspected: Literal["reject", "accept"] = Field(
+        "reject", description="parts: what the line does with a not_inspected part (reject: fail-safe)"
+    )
 
     @field_validator("roi")
     @classmethod
@@ -55,4 +68,10 @@ class CameraConfig(Section):
             raise ValueError(f"camera {self.id!r}: {'url' if self.url is not None else 'pipeline'} is empty")
         if self.reconnect_max_s < self.reconnect_initial_s:
             raise ValueError(f"camera {self.id!r}: reconnect_max_s must be >= reconnect_initial_s")
+        if self.mode == "parts" and self.fps_limit:
+            raise ValueError(f'camera {self.id!r}: fps_limit must be 0 in mode = "parts" (every frame is a part)')
+        if self.mode == "stream":
+            set_here = sorted(k for k in ("part_queue", "deadline_ms", "not_inspected") if k in self.model_fields_set)
+            if set_here:
+                raise ValueError(f'camera {self.id!r}: {", ".join(set_here)} apply to mode = "parts" only')
         return self

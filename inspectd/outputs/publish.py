@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import zmq
 
-from inspectd.frames import CameraState, Inspection
+from inspectd.frames import CameraState, Inspection, PartResult
 from inspectd.losses import LossLog
 from inspectd.outputs.fanout import Fate, Listener, Outcome
 from inspectd.outputs.sockets import ServerSocket
@@ -38,6 +38,7 @@ from inspectd.outputs.wire import (
     encode_message,
     episode_body,
     inspection_body,
+    part_body,
     status_body,
     unsent_header,
 )
@@ -194,6 +195,10 @@ class Publisher:
             self._unsent(Fate.KEPT, _Pending(f"result.{camera}", *inspection_body(insp, model, with_frame=False), kept))
         if results:
             self._enqueue(f"result.{camera}", *inspection_body(insp, model, with_frame=False))
+
+    def publish_part(self, result: PartResult, model: dict) -> None:
+        """part.<camera>: a part's one verdict (part mode, docs/parts.md)."""
+        self._enqueue(f"part.{result.camera}", part_body(result, model), [])
 
     def publish_status(self, camera: str, state: CameraState, detail: str = "") -> None:
         """status.<camera>: the camera's state changed (up, down, ...)."""

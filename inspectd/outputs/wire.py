@@ -23,6 +23,7 @@ __all__ = [
     "inspection_body",
     "status_body",
     "episode_body",
+    "part_body",
     "encode_message",
     "unsent_header",
     "decode_message",
@@ -35,7 +36,7 @@ from datetime import datetime, timezone
 
 import zmq
 
-from inspectd.frames import CameraState, Inspection, published_probability
+from inspectd.frames import CameraState, Inspection, PartResult, published_probability
 
 SCHEMA = "inspectd.event/1"
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5556"
@@ -110,6 +111,8 @@ def inspection_body(insp: Inspection, model: dict, with_frame: bool) -> tuple[di
         "episode": insp.episode,
         "attachments": attachments,
     }
+    if frame.part is not None:  # part mode: the part this frame is (its verdict goes out on part.<camera>)
+        body["part_id"] = frame.part.part_id
     return body, parts
 
 
@@ -142,6 +145,25 @@ def episode_body(ep, model: dict) -> tuple[dict, list[bytes]]:
         "attachments": best_body["attachments"],
     }
     return body, parts
+
+
+def part_body(result: PartResult, model: dict) -> dict:
+    """The fields of a `part.<camera>` header (docs/parts.md): one part's one verdict, no attachments."""
+    return {
+        "camera": result.camera,
+        "part_id": result.part_id,
+        "verdict": result.verdict.value,
+        "action": result.action,
+        "reason": result.reason,
+        "score": None if result.score is None else published_probability(result.score),
+        "threshold": None if result.threshold is None else published_probability(result.threshold),
+        "frame_seq": int(result.frame_seq),
+        "trigger_at": None if result.trigger_at is None else rfc3339(result.trigger_at),
+        "captured_at": rfc3339(result.captured_at),
+        "decided_at": rfc3339(result.decided_at),
+        "latency_ms": round(result.latency_s * 1000.0, 3),
+        "model": {"name": str(model.get("name", "")), "sha256": str(model.get("sha256", ""))},
+    }
 
 
 def _region(region) -> dict:

@@ -1,11 +1,13 @@
-"""Latest-frame slots per camera and the cross-camera batcher.
+"""Latest-frame slots (stream mode) and part queues (part mode) per camera, and the cross-camera batcher.
 
-Each camera owns one slot: a new frame replaces the old one, and a frame replaced before it was
-inferred is dropped as `stale` (counted). The batcher takes up to the batch limit of frames, at
-most one per camera, in round-robin order so no camera starves, waiting at most `max_wait_ms`
-after the first frame. Latency therefore never grows with load: when inference is slower than
-the cameras, frames are dropped, never queued. Frames left waiting never vanish: the board hands
-every frame it drops to `on_drop(frame, reason)`.
+A camera in stream mode owns one slot: a new frame replaces the old one, and a frame replaced before
+it was inferred is dropped as `stale` (counted). Latency therefore never grows with load: when
+inference is slower than the cameras, frames are dropped, never queued. A camera in part mode
+queues its parts (bounded: `part_queue`), because each needs a verdict; its deadline, not the
+queue, bounds their latency (`inspectd.pipeline.parts`). The batcher takes up to the batch limit,
+one frame per camera per round in round-robin order so no camera starves, waiting at most
+`max_wait_ms` after the first frame. Frames left waiting never vanish: the board hands every frame
+it drops to `on_drop(frame, reason)`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ __all__ = ["FrameBoard", "Batcher", "buckets_for"]
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from inspectd.frames import Batch, DropReason, Frame
@@ -30,8 +33,11 @@ def buckets_for(max_batch: int) -> tuple[int, ...]:
 
 
 class FrameBoard:
-    """One slot per camera and one condition the batcher waits on. Every frame that leaves it unrun
-    is handed to `on_drop(frame, reason)`, so no frame disappears uncounted.
+    """Per camera, the frames waiting for the model, and one condition the batcher waits on. A camera in
+    stream mode has one slot (a new frame replaces the waiting one: `stale`); a frame that is a part
+    (part mode) joins its camera's queue of at most `part_queue` parts, or is refused (`queue_full`).
+    Every frame that leaves the board unrun is handed to `on_drop(frame, reason)`, so no frame
+    disappears uncounted.
 
     >>> board = FrameBoard(on_drop=lambda frame, reason: ...)
     >>> board.put(frame)           # from a capture thread; never blocks for long
@@ -40,27 +46,39 @@ class FrameBoard:
     """
 
     def __init__(self, on_drop: Callable[[Frame, DropReason], None] = lambda frame, reason: None):
-        self._slots: dict[str, Frame] = {}
+        self._slots: dict[str, deque[Frame]] = {}  # cameras with a frame waiting (never an empty deque)
+        self._part_queue: dict[str, int] = {}
         self._cond = threading.Condition()
         self._on_drop = on_drop
         self._closed = False
 
+    def set_part_queue(self, camera: str, size: int) -> None:
+        """How many parts of `camera` may wait at most (part mode; default 8)."""
+        with self._cond:
+            self._part_queue[camera] = size
+
     def put(self, frame: Frame) -> None:
-        """Replace the camera's waiting frame (the old one is dropped as `stale`)."""
-        old: Frame | None
+        """A camera's new frame: replaces the waiting one (stream: `stale`), or queues behind it (a part)."""
+        old: Frame | None = None
         with self._cond:
             closed = self._closed
+            waiting = self._slots.get(frame.camera)
             if closed:
-                old = frame  # a capture thread that outlived shutdown
+                old, reason = frame, DropReason.SHUTDOWN  # a capture thread that outlived shutdown
+            elif frame.part is not None and waiting is not None and len(waiting) >= self._part_queue.get(frame.camera, 8):
+                old, reason = frame, DropReason.QUEUE_FULL  # the new part is refused: those waiting are nearer their verdict
             else:
-                old = self._slots.get(frame.camera)
-                self._slots[frame.camera] = frame
+                if waiting is None:
+                    waiting = self._slots[frame.camera] = deque()
+                elif frame.part is None:
+                    old, reason = waiting.popleft(), DropReason.STALE
+                waiting.append(frame)
                 self._cond.notify()
         if old is not None:
-            self._on_drop(old, DropReason.SHUTDOWN if closed else DropReason.STALE)
+            self._on_drop(old, reason)
 
     def wait(self, min_frames: int, timeout: float) -> bool:
-        """Wait until at least `min_frames` slots hold a frame (or timeout, or close); True if they do."""
+        """Wait until at least `min_frames` cameras have a frame waiting (or timeout, or close); True if they do."""
         with self._cond:
             return (
                 self._cond.wait_for(lambda: self._closed or len(self._slots) >= min_frames, timeout=max(0.0, timeout))
@@ -73,35 +91,64 @@ class FrameBoard:
             self._cond.notify_all()
 
     def take(self, order: list[str], limit: int) -> list[Frame]:
-        """Remove and return up to `limit` frames, visiting cameras in `order`; the others stay waiting."""
+        """Remove and return up to `limit` frames, one per camera in `order` per round (a camera with several
+        parts waiting gives one more in each further round); the others stay waiting."""
+        taken: list[Frame] = []
         with self._cond:
-            chosen = [cam for cam in order if cam in self._slots][:limit]
-            return [self._slots.pop(cam) for cam in chosen]
+            cameras = [cam for cam in order if cam in self._slots]
+            while cameras and len(taken) < limit:
+                for cam in list(cameras):
+                    if len(taken) == limit:
+                        break
+                    waiting = self._slots[cam]
+                    taken.append(waiting.popleft())
+                    if not waiting:
+                        del self._slots[cam]
+                        cameras.remove(cam)
+        return taken
 
     def cameras(self) -> list[str]:
         """Cameras with a frame waiting."""
         with self._cond:
             return list(self._slots)
 
-    def drop(self, camera: str, reason: DropReason = DropReason.SHUTDOWN) -> None:
-        """Drop a camera's waiting frame (camera stopped or removed)."""
+    def waiting(self) -> dict[str, int]:
+        """Frames waiting, per camera."""
         with self._cond:
-            frame = self._slots.pop(camera, None)
-        if frame is not None:
+            return {cam: len(frames) for cam, frames in self._slots.items()}
+
+    def discard(self, frame: Frame) -> bool:
+        """Take `frame` off the board if it waits here (a part whose deadline passed), without `on_drop`: the
+        caller accounts for it. False if it does not (taken for the model, or never queued)."""
+        with self._cond:
+            waiting = self._slots.get(frame.camera)
+            if waiting is None or not any(f is frame for f in waiting):
+                return False
+            waiting.remove(frame)
+            if not waiting:
+                del self._slots[frame.camera]
+            return True
+
+    def drop(self, camera: str, reason: DropReason = DropReason.SHUTDOWN) -> None:
+        """Drop a camera's waiting frames (camera stopped or removed)."""
+        with self._cond:
+            frames = self._slots.pop(camera, deque())
+        for frame in frames:
             self._on_drop(frame, reason)
 
     def close(self) -> None:
         """Drop every waiting frame as `shutdown`; later puts are dropped the same way."""
         with self._cond:
             self._closed = True
-            frames, self._slots = list(self._slots.values()), {}
+            frames = [f for waiting in self._slots.values() for f in waiting]
+            self._slots = {}
             self._cond.notify_all()
         for frame in frames:
             self._on_drop(frame, DropReason.SHUTDOWN)
 
 
 class Batcher:
-    """Forms batches from the board: at most one frame per camera, cameras in round-robin order.
+    """Forms batches from the board: one frame per camera per round, cameras in round-robin order.
 
     Not a thread: the pipeline's inference thread calls `next_batch(limit, max_wait_s)` with the
     settings of the inference context it will run the batch with, so a batch always fits its engine.
@@ -122,7 +169,7 @@ class Batcher:
         """Cameras just served go to the back of the queue (round robin); cameras passed over keep their place."""
         served = {f.camera for f in taken}
         with self._lock:
-            self._rr = [c for c in self._rr if c not in served] + [f.camera for f in taken]
+            self._rr = [c for c in self._rr if c not in served] + list(dict.fromkeys(f.camera for f in taken))
 
     def forget(self, camera: str) -> None:
         """A removed camera leaves the round-robin order."""

@@ -13,7 +13,9 @@ capture order (a frame whose post-processing finished early waits for the ones b
 the camera's defect-episode tracker, to the publisher, which never blocks.
 Every captured frame ends inferred or dropped with a reason (DropReason): `in_flight()` counts the
 rest, so captured = inferred + dropped + in flight holds for every camera at any quiet moment and
-with in flight = 0 after `stop()`.
+with in flight = 0 after `stop()`. A camera in part mode (docs/parts.md) adds a second promise, kept by
+`parts` (a PartLedger) and its `deadlines` thread: every part gets exactly one verdict, the model's or
+not_inspected, by its deadline; captured = parts decided + parts open.
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ from typing import Protocol
 
 import numpy as np
 
-from inspectd.frames import Batch, DropReason, Frame, Inspection
+from inspectd.frames import Batch, DropReason, Frame, Inspection, PartResult, Verdict
 from inspectd.metrics import Metrics
 from inspectd.pipeline.batching import Batcher, FrameBoard
 from inspectd.pipeline.context import InferenceContext
 from inspectd.pipeline.episodes import Episode, EpisodeTracker
+from inspectd.pipeline.parts import PartLedger
 from inspectd.pipeline.postprocess import InspectOptions, inspect
 from inspectd.threads import name_this_thread
 
@@ -56,17 +59,42 @@ class InspectionSink(Protocol):
 
 
 Observer = Callable[[Frame, float, np.ndarray, InspectOptions], None]
+PartSink = Callable[[PartResult, dict], None]  # a part's verdict and the model ({"name", "sha256"}): must never block
+
+# A part's frame dropped for this reason ends not_inspected for this one (DEADLINE: the ledger decided already).
+_PART_REASON = {
+    DropReason.QUEUE_FULL: "queue_full",
+    DropReason.SHUTDOWN: "shutdown",
+    DropReason.ERROR: "error",
+    DropReason.DECODE: "decode",
+    DropReason.ROI: "roi",
+    DropReason.INCOMPLETE: "incomplete",
+    DropReason.CAMERA: "camera",
+}
+_DEADLINE_TICK_S = 0.2  # the deadline thread wakes at least this often (stop requests)
 
 
 class Pipeline:
     """Owns the frame board, the batcher, the inference thread, the post-processing pool and the hand-off."""
 
     def __init__(
-        self, context: InferenceContext, metrics: Metrics, sink: InspectionSink, workers: int, observer: Observer | None = None
+        self,
+        context: InferenceContext,
+        metrics: Metrics,
+        sink: InspectionSink,
+        workers: int,
+        observer: Observer | None = None,
+        parts: PartSink | None = None,
+        late: Callable[[Inspection, PartResult], None] = lambda insp, result: None,
     ):
         """`observer(frame, score, cam_logits, options)`: each inferred frame, on the inference thread, before its
-        post-processing (the live view keeps a reference; it must return at once)."""
+        post-processing (the live view keeps a reference; it must return at once). `parts(result, model)`: every
+        part's one verdict (part mode), in order per camera; `late(inspection, result)`: the model's verdict on a
+        part that was already not_inspected (it is never published as a verdict)."""
         self.metrics = metrics
+        self._parts_sink = parts if parts is not None else (lambda result, model: None)
+        self.parts = PartLedger(decided=self._part_decided, where=self._part_expired, late=late)
+        self._deadlines = threading.Thread(target=self._watch_deadlines, name="deadlines", daemon=True)
         self._observer = observer
         self.board = FrameBoard(on_drop=self._count_drop)
         self.batcher = Batcher(self.board)
@@ -81,7 +109,7 @@ class Pipeline:
         self._running: Batch | None = None  # the batch inside the model call (in flight)
         self._freeze_file = os.environ.get(FREEZE_ENV)
         # Per camera, the post-processing jobs in capture order: delivered from the front when done.
-        self._order: dict[str, deque[tuple[Future, InferenceContext]]] = defaultdict(deque)
+        self._order: dict[str, deque[tuple[Future, Frame, InferenceContext]]] = defaultdict(deque)
         self._trackers: dict[str, EpisodeTracker] = {}
         self._episode_counts: dict[str, int] = {}  # per camera for the whole run: numbers never repeat
         self._deliver_lock = threading.Lock()  # one delivery at a time: trackers and order queues
@@ -92,9 +120,11 @@ class Pipeline:
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
+        self._deadlines.start()
 
     def stop(self, timeout: float) -> None:
-        """Drop what still waits (`shutdown`), finish the batch in flight, then post-processing."""
+        """Drop what still waits (`shutdown`), finish the batch in flight, then post-processing; a part still
+        without a verdict then (its batch outlived the timeout) is not_inspected (`shutdown`)."""
         self._stop.set()
         self.board.close()  # also wakes the inference thread if it waits for frames
         self._thread.join(timeout)
@@ -104,6 +134,9 @@ class Pipeline:
         with self._deliver_lock:  # every frame delivered: cut the episodes still open
             for tracker in self._trackers.values():
                 self._publish_episode(tracker.close("shutdown"), self._context)
+        self.parts.wake()
+        self._deadlines.join(timeout)
+        self.parts.close("shutdown")
 
     @property
     def alive(self) -> bool:
@@ -111,8 +144,21 @@ class Pipeline:
 
     # -- what the daemon calls -----------------------------------------------------------------
     def put(self, frame: Frame) -> None:
-        """A camera's new frame (from its capture thread); replaces the one waiting, never blocks."""
+        """A camera's new frame (from its capture thread): replaces the one waiting, or queues behind it if it is
+        a part (part mode); never blocks."""
+        if frame.part is not None:
+            self.parts.admit(frame)
         self.board.put(frame)
+
+    def lost(self, frame: Frame, reason: DropReason) -> None:
+        """A part whose image never became a frame (`inspectd.pipeline.parts.lost_frame`): not_inspected now. The
+        capture thread counted it captured and dropped."""
+        self.parts.fail(frame, _PART_REASON.get(reason, "error"))
+
+    def set_part_mode(self, camera: str, part_queue: int, not_inspected: str) -> None:
+        """A camera in part mode: its queue's size and what the line does with its not_inspected parts."""
+        self.board.set_part_queue(camera, part_queue)
+        self.parts.configure(camera, not_inspected)
 
     @property
     def context(self) -> InferenceContext:
@@ -153,7 +199,7 @@ class Pipeline:
         Exact once stopped (then empty); a live snapshot may miss a frame that is being handed from
         the board to the model call."""
         running = self._running
-        counts = Counter(self.board.cameras())
+        counts = Counter(self.board.waiting())
         counts.update(f.camera for f in (running.frames if running is not None else ()))
         return dict(counts)
 
@@ -189,7 +235,7 @@ class Pipeline:
                 log.error("camera %s frame %d inferred after shutdown; not published", frame.camera, frame.seq)
                 continue
             with self._deliver_lock:
-                self._order[frame.camera].append((future, context))
+                self._order[frame.camera].append((future, frame, context))
             future.add_done_callback(functools.partial(self._drain_done, frame.camera))
 
     def _infer(self, batch: Batch, context: InferenceContext):
@@ -217,9 +263,16 @@ class Pipeline:
             while pending and pending[0][0].done():
                 self._deliver(*pending.popleft())
 
-    def _deliver(self, future: Future, context: InferenceContext) -> None:
+    def _deliver(self, future: Future, frame: Frame, context: InferenceContext) -> None:
         try:
-            insp: Inspection = future.result()
+            try:
+                insp: Inspection = future.result()
+            except Exception:
+                if frame.part is not None:
+                    self.parts.fail(frame, "error")
+                raise
+            if frame.part is not None:
+                self.parts.verdict(insp)  # first: the line waits for it
             opts = context.options
             camera = insp.frame.camera
             if camera not in self._trackers:
@@ -228,7 +281,6 @@ class Pipeline:
             self._publish_episode(step.ended, context)
             insp = step.inspection
             self._sink.publish_inspection(insp, context.model, results=opts.results, defect_event=step.mode == "frames")
-            frame = insp.frame
             if insp.is_defect:
                 self.metrics.defects.labels(camera=frame.camera).inc()
                 self.last_defect = f"{frame.camera} #{frame.seq} score {insp.score:.2f}"
@@ -245,3 +297,32 @@ class Pipeline:
 
     def _count_drop(self, frame: Frame, reason: DropReason) -> None:
         self.metrics.frames_dropped.labels(camera=frame.camera, reason=reason.value).inc()
+        if frame.part is not None:
+            self.parts.fail(frame, _PART_REASON.get(reason, "error"))
+
+    # -- parts (part mode) -----------------------------------------------------------------------
+    def _watch_deadlines(self) -> None:
+        """The deadline thread: a part whose deadline passes gets not_inspected then, wherever it is."""
+        name_this_thread("deadlines")
+        while not self._stop.is_set():
+            self.parts.wait(_DEADLINE_TICK_S)
+            self.parts.expire(time.monotonic())
+
+    def _part_expired(self, frame: Frame) -> str:
+        """A part's deadline passed (under the ledger's lock): off the board if it waits there."""
+        if not self.board.discard(frame):
+            return "late"  # in the model call or in post-processing: its verdict will come too late
+        self.metrics.frames_dropped.labels(camera=frame.camera, reason=DropReason.DEADLINE.value).inc()
+        return "deadline"
+
+    def _part_decided(self, result: PartResult) -> None:
+        """Every part's one verdict (under the ledger's lock, in order): counted, then handed on."""
+        m = self.metrics
+        m.parts.labels(camera=result.camera, verdict=result.verdict.value).inc()
+        if result.verdict is Verdict.NOT_INSPECTED:
+            m.parts_not_inspected.labels(camera=result.camera, reason=result.reason).inc()
+        m.part_latency_seconds.labels(camera=result.camera).observe(result.latency_s)
+        try:
+            self._parts_sink(result, self._context.model)
+        except Exception:
+            log.exception("camera %s: handing on part %s's verdict failed", result.camera, result.part_id)

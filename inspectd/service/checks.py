@@ -30,10 +30,14 @@ def check_security(settings: Settings) -> None:
 
 def check_dependencies(settings: Settings) -> None:
     """The optional packages the configuration asks for by name are installed (UnavailableError, exit 69, naming
-    the extra): `[model] runtime` onnxruntime or openvino, a camera with a GStreamer `pipeline` or backend.
+    the extra): `[model] runtime` onnxruntime or openvino, a camera with a GStreamer `pipeline` or backend, or a
+    genicam:// camera (Aravis, through PyGObject).
     Found without importing them (importlib.util.find_spec): a check costs no start-up time."""
     wanted = {"onnxruntime": ("onnxruntime", "onnx", "tf2onnx"), "openvino": ("openvino",)}.get(settings.model.runtime, ())
-    if any(cam.pipeline is not None or cam.backend == "gstreamer" for cam in settings.cameras):
+    if any(
+        cam.pipeline is not None or cam.backend == "gstreamer" or (cam.url or "").lower().startswith("genicam:")
+        for cam in settings.cameras
+    ):
         wanted += ("gi",)
     for module in wanted:
         if importlib.util.find_spec(module) is None:

@@ -31,12 +31,13 @@ from prometheus_client import CollectorRegistry
 from inspectd import __version__, hangup
 from inspectd.config import CameraConfig, Settings, UiConfig
 from inspectd.errors import ConfigError
-from inspectd.frames import CameraState
+from inspectd.frames import CameraState, PartResult
 from inspectd.metrics import FrameAccount, Metrics, accounts
 from inspectd.model.deployable import Deployable, load_model, resolve_model_path
 from inspectd.outputs.archive import DROP_REASONS, Archive
 from inspectd.outputs.fanout import Fanout
 from inspectd.outputs.live import LiveView
+from inspectd.outputs.partlog import PartLog
 from inspectd.outputs.publish import Publisher
 from inspectd.outputs.recent import ArchiveDefects, MemoryDefects
 from inspectd.outputs.replay import ReplayServer, Ring
@@ -85,6 +86,7 @@ class Daemon:
         self.metrics_server: MetricsServer | None = None
         self.publisher: Publisher | None = None
         self.archive: Archive | None = None
+        self.partlog: PartLog | None = None  # with the archive: every part's verdict (part mode)
         self.replay: ReplayServer | None = None
         self.pipeline: Pipeline | None = None
         self.live: LiveView | None = None
@@ -120,6 +122,9 @@ class Daemon:
         deployable = self._load_model()
         outputs = Fanout()  # the outputs beside ZeroMQ: each hears what became of every message published
         self.archive = self._start_archive(outputs)
+        if self.archive is not None:
+            self.partlog = PartLog(Path(s.archive.dir), self.run_id, s.archive.max_age_s)
+            self._stack.callback(self.partlog.close)
         if self.ui_server is not None:
             self._start_ui(outputs)
         ring = Ring(s.replay.ring_messages, s.replay.ring_bytes) if s.replay.endpoint else None
@@ -150,6 +155,8 @@ class Daemon:
             self.publisher,
             s.postprocess.workers,
             observer=self.live.offer if self.live is not None else None,
+            parts=self._publish_part,
+            late=self.partlog.late if self.partlog is not None else (lambda insp, result: None),
         )
         self.pipeline.start()
         self._stack.callback(self._log_frame_accounts)
@@ -371,8 +378,18 @@ class Daemon:
         )
         return archive
 
+    def _publish_part(self, result: PartResult, model: dict) -> None:
+        """A part's verdict: into the part log first (what a consumer saw is always there), then out."""
+        if self.partlog is not None:
+            self.partlog.record(result, model)
+        if self.publisher is not None:
+            self.publisher.publish_part(result, model)
+
     def start_camera(self, cfg: CameraConfig) -> None:
-        worker = CameraWorker(cfg, self._pipeline.put, self.metrics, on_state=self._on_camera_state)
+        pipeline = self._pipeline
+        if cfg.mode == "parts":
+            pipeline.set_part_mode(cfg.id, cfg.part_queue, cfg.not_inspected)
+        worker = CameraWorker(cfg, pipeline.put, self.metrics, on_state=self._on_camera_state, lost=pipeline.lost)
         self.camera_states[cfg.id] = CameraState.STARTING
         if self.live is not None:
             self.live.add(cfg.id)

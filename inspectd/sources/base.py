@@ -6,6 +6,10 @@ thread-safe. `read` returns the next frame as HxWx3 RGB uint8, or None when none
 arrives before `skip_before` (monotonic seconds: the camera's `fps_limit` would drop it) comes back as
 SKIPPED, without the work of making it a picture (rendering, reading an image file, OpenCV's
 retrieve, GStreamer sample to array): the worker counts it captured and dropped (`fps_limit`).
+
+A source whose frames have ids of their own has a `part_id` attribute, the id of the frame last
+read (folder: the file name; GenICam: the camera's frame id and timestamp): in part mode it
+becomes the part's id (else its capture number).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 
+from inspectd.frames import DropReason
+
 
 class SourceError(Exception):
     """Opening or reading failed; the worker logs it (one line, credentials redacted) and reconnects."""
@@ -44,11 +50,14 @@ class DecodeError(SourceError):
     """One frame could not be decoded (e.g. a corrupt image in a folder); the worker drops it and goes on.
 
     `repeated`: the same failure was reported before; the worker counts the drop but does not log it again.
+    `reason`: the drop reason it is counted under (`decode`; a GenICam camera's lost images: `incomplete`,
+    `camera`).
     """
 
-    def __init__(self, message: str, repeated: bool = False):
+    def __init__(self, message: str, repeated: bool = False, reason: DropReason = DropReason.DECODE):
         super().__init__(message)
         self.repeated = repeated
+        self.reason = reason
 
 
 class Skipped:

@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 
 from inspectd.config import CameraConfig
-from inspectd.frames import CameraState, DropReason, Frame
+from inspectd.frames import CameraState, DropReason, Frame, PartTag, lost_frame
 from inspectd.metrics import Metrics
 from inspectd.sources.base import DecodeError, EndOfStream, Skipped, Source, SourceError, frame_period, redact
 from inspectd.sources.registry import open_source
@@ -144,11 +144,14 @@ class CameraWorker:
         metrics: Metrics,
         on_state: Callable[[str, CameraState, str], None] = lambda cam, state, detail: None,
         source_factory: Callable[[CameraConfig], Source] | None = None,
+        lost: Callable[[Frame, DropReason], None] = lambda frame, reason: None,
     ):
+        """In part mode (cfg.mode "parts") every frame carries a PartTag; a part whose image never becomes a
+        frame (undecodable, roi outside it, its crop failed) goes to `lost` as a Frame with a 0x0 image."""
         if source_factory is None:
             source_factory = open_source
         self.cfg = cfg
-        self._sink, self._on_state, self._factory = sink, on_state, source_factory
+        self._sink, self._on_state, self._factory, self._lost = sink, on_state, source_factory, lost
         self._source: Source | None = None
         self._stop = threading.Event()
         self._lock = threading.RLock()
@@ -165,7 +168,7 @@ class CameraWorker:
         cam = cfg.id
         self._m_captured = metrics.frames_captured.labels(camera=cam)
         self._m_fps_drop = metrics.frames_dropped.labels(camera=cam, reason=DropReason.FPS_LIMIT.value)
-        self._m_decode_drop = metrics.frames_dropped.labels(camera=cam, reason=DropReason.DECODE.value)
+        self._m_drops = metrics.frames_dropped
         self._m_roi_drop = metrics.frames_dropped.labels(camera=cam, reason=DropReason.ROI.value)
         self._m_error_drop = metrics.frames_dropped.labels(camera=cam, reason=DropReason.ERROR.value)
         self._m_up = metrics.camera_up.labels(camera=cam)
@@ -247,7 +250,21 @@ class CameraWorker:
             log.exception("camera %s: unexpected error", self.cfg.id)
             return exc
         finally:
+            self._abandoned()
             self._close()
+
+    def _abandoned(self) -> None:
+        """Triggers the session fired whose images will never come (a triggered camera that failed): each a
+        frame captured and dropped (`camera`), in part mode a not_inspected part."""
+        abandon = getattr(self._source, "abandon", None)
+        for trigger_at, trigger_mono in abandon() if abandon is not None else ():
+            self._seq += 1
+            self._m_captured.inc()
+            self._m_drops.labels(camera=self.cfg.id, reason=DropReason.CAMERA.value).inc()
+            # Its time is the trigger's: the verdict's latency says how long the line waited for it.
+            tag = self._part_tag(trigger_mono, part_id=str(self._seq), trigger_at=trigger_at)
+            if tag is not None:
+                self._lost(lost_frame(self.cfg.id, self._seq, tag, trigger_at, trigger_mono), DropReason.CAMERA)
 
     def _stream(self, source: Source) -> None:
         """Read `source` (open) until stop(); raise SourceError on a read failure or a stall."""
@@ -265,7 +282,8 @@ class CameraWorker:
                 heard = True
                 self._seq += 1
                 self._m_captured.inc()
-                self._m_decode_drop.inc()
+                self._m_drops.labels(camera=self.cfg.id, reason=exc.reason.value).inc()
+                self._part_lost(time.monotonic(), exc.reason)
                 if not exc.repeated:  # a bad file of a looping folder is logged once, counted every pass
                     log.warning("camera %s: frame dropped: %s", self.cfg.id, redact(str(exc)))
                 image = None
@@ -286,7 +304,11 @@ class CameraWorker:
         self._seq += 1
         self._m_captured.inc()
         self.last_frame_mono = now
-        self._check_roi(image)  # before UP: a roi outside the frame holds the camera DOWN
+        try:
+            self._check_roi(image)  # before UP: a roi outside the frame holds the camera DOWN
+        except RoiError:
+            self._part_lost(now, DropReason.ROI, wall)
+            raise
         if self._streaming_since is None:
             self._streaming_since = now
         if self._state is not CameraState.UP and self._transition(CameraState.UP, "receiving frames"):
@@ -299,8 +321,24 @@ class CameraWorker:
             image = resize_frame(crop_roi(image, self.cfg.roi), self.cfg.resize)
         except Exception:  # counted before the session ends, so the frame is not lost uncounted
             self._m_error_drop.inc()
+            self._part_lost(now, DropReason.ERROR, wall)
             raise
-        self._sink(Frame(self.cfg.id, self._seq, wall, now, image))
+        self._sink(Frame(self.cfg.id, self._seq, wall, now, image, self._part_tag(now)))
+
+    def _part_tag(self, now: float, part_id: str | None = None, trigger_at: float | None = None) -> PartTag | None:
+        """Part mode: the frame just read is a part; its id is the source's (a file name, a camera's frame id)
+        or else its capture number."""
+        if self.cfg.mode != "parts":
+            return None
+        part_id = part_id or getattr(self._source, "part_id", None) or str(self._seq)
+        trigger_at = trigger_at if trigger_at is not None else getattr(self._source, "trigger_at", None)
+        return PartTag(str(part_id), now + self.cfg.deadline_ms / 1000.0, trigger_at)
+
+    def _part_lost(self, now: float, reason: DropReason, wall: float | None = None) -> None:
+        """Part mode: the part just read has no image to inspect: it ends not_inspected (`reason`)."""
+        tag = self._part_tag(now)
+        if tag is not None:
+            self._lost(lost_frame(self.cfg.id, self._seq, tag, time.time() if wall is None else wall, now), reason)
 
     def _on_skipped(self, now: float) -> None:
         """A frame the source did not convert because fps_limit drops it: captured, and dropped as such."""

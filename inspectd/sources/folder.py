@@ -46,6 +46,7 @@ class FolderSource:
         self._files: list[Path] = []
         self._next = 0
         self._failed: dict[Path, tuple[int, int]] = {}  # unreadable file -> (mtime_ns, size) when it failed
+        self.part_id: str | None = None  # the name of the file last read: a part's id in part mode
 
     def _list(self) -> list[Path]:
         try:
@@ -73,6 +74,7 @@ class FolderSource:
             return None
         path = self._files[self._next]
         self._next += 1
+        self.part_id = path.name
         return SKIPPED if time.monotonic() < skip_before else self._decode(path)  # skipped: not read from disk
 
     def _relist(self) -> None:

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from inspectd.config import CameraConfig
 from inspectd.sources.base import Source, SourceError, redact
 from inspectd.sources.folder import FolderSource
+from inspectd.sources.genicam import GenicamSource
 from inspectd.sources.gstreamer import GstSource, rtsp_missing
 from inspectd.sources.opencv import OpenCVSource
 from inspectd.sources.synthetic import SyntheticSource
@@ -36,6 +37,7 @@ _KIND_BY_SCHEME = {
     "v4l2": "device",
     "dir": "folder",
     "synthetic": "synthetic",
+    "genicam": "genicam",
 }
 log = logging.getLogger("inspectd.sources")
 # Backend "auto" resolves to the first backend of each kind (for rtsp://: see auto_backend).
@@ -46,6 +48,7 @@ _BACKENDS = {
     "pipeline": ("gstreamer",),
     "folder": ("builtin",),
     "synthetic": ("builtin",),
+    "genicam": ("builtin",),
 }
 _FACTORIES: dict[tuple[str, str], Callable[[CameraConfig], Source]] = {
     ("stream", "opencv"): OpenCVSource,
@@ -57,11 +60,12 @@ _FACTORIES: dict[tuple[str, str], Callable[[CameraConfig], Source]] = {
     ("pipeline", "gstreamer"): GstSource,
     ("folder", "builtin"): FolderSource,
     ("synthetic", "builtin"): SyntheticSource,
+    ("genicam", "builtin"): GenicamSource,
 }
 
 
 def source_kind(cfg: CameraConfig) -> str:
-    """stream | file | device | folder | synthetic | pipeline; SourceError for an unknown URL scheme."""
+    """stream | file | device | folder | synthetic | genicam | pipeline; SourceError for an unknown URL scheme."""
     if cfg.pipeline is not None:
         return "pipeline"
     url = cfg.url or ""
@@ -69,7 +73,7 @@ def source_kind(cfg: CameraConfig) -> str:
     if scheme not in _KIND_BY_SCHEME:
         raise SourceError(
             f"{redact(url)}: unsupported URL scheme {scheme!r}; expected rtsp://, rtsps://, a video "
-            "file, v4l2:///dev/videoN, dir:///path or synthetic://"
+            "file, v4l2:///dev/videoN, dir:///path, genicam://DEVICE or synthetic://"
         )
     kind = _KIND_BY_SCHEME[scheme]
     return "folder" if kind == "file" and scheme == "" and Path(url).is_dir() else kind
