@@ -41,6 +41,7 @@ __all__ = [
     "SeqTracker",
     "Subscriber",
     "ReplayClient",
+    "TriggerClient",
     "ReplayError",
     "AccessError",
     "decode_event",
@@ -70,6 +71,7 @@ from inspectd.outputs.wire import (
     END_TOPIC,
     HANDSHAKE_FAILED,
     REQUEST_TAG,
+    TRIGGER_TAG,
     WireFormatError,
     decode_message,
     parse_rfc3339,
@@ -663,6 +665,68 @@ class ReplayClient:
             raise
 
     def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+
+class TriggerClient:
+    """One DEALER socket to a daemon's trigger endpoint (`inspectd.trigger/1`, docs/parts.md): ask for parts.
+
+    >>> with TriggerClient("tcp://linepc:5558") as triggers:
+    ...     answer = triggers.ask("gate", "A-1043")   # {"status": "accepted", "trigger_at": ..., "deadline_ms": ...}
+
+    An answer not received within `timeout_s` comes back as `{"status": "unanswered", "reason": ...}` (the
+    daemon is down, or the network): the caller decides (a PLC handshake ends the part not_inspected). The
+    socket is then made anew, so a late answer is never taken for the next request's."""
+
+    def __init__(self, endpoint: str, timeout_s: float = 1.0, curve: ClientKeys | None = None):
+        self.endpoint, self.timeout_s, self.curve = endpoint, timeout_s, curve
+        self._ctx = zmq.Context()
+        self._sock: zmq.Socket | None = None
+
+    def __enter__(self) -> TriggerClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+        self._ctx.term()
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            self._sock = self._ctx.socket(zmq.DEALER)
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_MAX_MS)
+            if self.curve is not None:
+                self.curve.apply(self._sock)
+            try:
+                self._sock.connect(self.endpoint)
+            except zmq.ZMQError as exc:
+                self.close()
+                raise UsageError(f"trigger endpoint {self.endpoint!r}: {zmq_reason(exc)}") from None
+        return self._sock
+
+    def ask(self, camera: str, part_id: str) -> dict:
+        """Ask the daemon for part `part_id` on `camera`; the daemon's answer (a dict with `status`)."""
+        sock = self._socket()
+        try:
+            sock.send_multipart([TRIGGER_TAG, json.dumps({"camera": camera, "part_id": part_id}).encode()], zmq.NOBLOCK)
+            deadline = time.monotonic() + self.timeout_s
+            while sock.poll(max(0, int((deadline - time.monotonic()) * 1000)), zmq.POLLIN):
+                parts = sock.recv_multipart()
+                answer = json.loads(parts[1]) if len(parts) == 2 and parts[0] == TRIGGER_TAG else None
+                ours = (camera, part_id), (None, None)  # an error answer names no part
+                if isinstance(answer, dict) and (answer.get("camera"), answer.get("part_id")) in ours:
+                    return answer
+        except (zmq.ZMQError, ValueError) as exc:
+            self.close()
+            return {"status": "unanswered", "camera": camera, "part_id": part_id, "reason": f"{self.endpoint}: {exc}"}
+        self.close()
+        reason = f"{self.endpoint}: no answer within {self.timeout_s:g} s"
+        return {"status": "unanswered", "camera": camera, "part_id": part_id, "reason": reason}
+
+    def close(self) -> None:
+        """Close the socket (the next `ask` opens a new one); leaving the `with` block also ends the context."""
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None

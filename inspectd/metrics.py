@@ -196,6 +196,13 @@ class Metrics:
             ["status"],
             **r,
         )
+        self.triggers = Counter(
+            "triggers",
+            "Trigger requests answered (part mode): accepted, refused (no such camera, not in part mode, busy), "
+            "error (malformed)",
+            ["status"],
+            **r,
+        )
         self.replay_abandoned = Counter(
             "replay_abandoned", "Replay answers abandoned: the consumer stopped reading or went away", **r
         )

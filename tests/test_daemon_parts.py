@@ -89,3 +89,47 @@ def _all_lines(root: Path):
     for path in sorted(root.glob("parts-*.jsonl")):
         for text in path.read_text().splitlines():
             yield json.loads(text)
+
+
+def test_the_trigger_endpoint_names_the_next_part_and_refuses_clearly(tmp_path):
+    """A camera that cannot be fired (a folder) takes the id of a trigger for its next frame; requests for a
+    camera not in part mode, an unknown camera or malformed ones get one-line answers; a REQ client works."""
+    import json
+
+    import zmq
+
+    from inspectd.client import TriggerClient
+    from inspectd.outputs.wire import TRIGGER_TAG
+
+    parts_folder(tmp_path / "parts", 4)
+    trigger = f"tcp://127.0.0.1:{free_port()}"
+    cameras = camera_toml("gate", f"dir://{tmp_path / 'parts'}?fps=2", mode="parts", deadline_ms=4000) + camera_toml(
+        "web", "synthetic://?fps=2&width=64&height=48"
+    )
+    config, urls = daemon_config(tmp_path, cameras, trigger={"endpoint": trigger})
+    with Subscriber(urls["events"], ["part.gate"]) as sub, TriggerClient(trigger, timeout_s=5) as triggers:
+        with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+            daemon.wait_ready(urls["metrics"])
+            answer = triggers.ask("gate", "A-1043")
+            assert answer["status"] == "accepted" and answer["deadline_ms"] == 4000, answer
+            tagged = collect_events(sub, lambda evs: any(e.header["part_id"] == "A-1043" for e in evs), kinds=("part",))
+            (part,) = [e.header for e in tagged if e.header["part_id"] == "A-1043"]
+            assert part["trigger_at"] == answer["trigger_at"] and part["verdict"] in ("ok", "defect")
+            assert triggers.ask("web", "B-1")["reason"] == 'camera web is not in part mode (mode = "parts")'
+            assert triggers.ask("nope", "B-2") == {
+                "schema": "inspectd.trigger/1",
+                "status": "refused",
+                "camera": "nope",
+                "part_id": "B-2",
+                "reason": "no camera 'nope' runs here",
+            }
+            ctx = zmq.Context()
+            req = ctx.socket(zmq.REQ)
+            req.connect(trigger)
+            req.send_multipart([TRIGGER_TAG, b'{"camera": "gate"}'])
+            assert req.poll(5000), "no answer to a REQ client"
+            tag, body = req.recv_multipart()
+            assert tag == TRIGGER_TAG and json.loads(body)["reason"] == "part_id: 1-128 printable characters expected"
+            req.close(linger=0)
+            ctx.term()
+            assert daemon.terminate() == 0, daemon.log()

@@ -190,3 +190,28 @@ def test_triggered_parts_from_a_genicam_camera_and_a_camera_that_stops_mid_run(f
     assert seqs == list(range(1, len(seqs) + 1)), seqs  # every verdict once, none missing, in order
     assert captured is not None and captured >= len(parts)
     assert "residual 0" in daemon.log() and "residual -" not in daemon.log()
+
+
+def test_each_trigger_request_fires_the_camera_once_for_that_part(fake_camera, tmp_path):
+    """Through the trigger endpoint, each {camera, part_id} fires one software trigger: one image, one verdict
+    carrying that part id and the request's time; nothing is captured between requests."""
+    from inspectd.client import TriggerClient
+
+    trigger = f"tcp://127.0.0.1:{free_port()}"
+    url = f"genicam://{DEVICE}?trigger=software&pixel_format=Mono8&region=0,0,320,240"
+    config, urls = daemon_config(tmp_path, camera_toml("line", url, mode="parts"), trigger={"endpoint": trigger})
+    with Subscriber(urls["events"], ["part."]) as sub, TriggerClient(trigger, timeout_s=5) as triggers:
+        with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+            # A camera triggered only from outside is UP (and the daemon ready) once open, before its first image.
+            daemon.wait_ready(urls["metrics"])
+            verdicts = []
+            for i in range(5):
+                answer = triggers.ask("line", f"P-{i}")
+                assert answer["status"] == "accepted", answer
+                (event,) = collect_events(sub, 1, kinds=("part",), timeout=30, message=daemon.log)
+                verdicts.append(event.header)
+            captured = metric_value(urls["metrics"], "inspectd_frames_captured_total", camera="line")
+            assert daemon.terminate() == 0, daemon.log()
+    assert [h["part_id"] for h in verdicts] == [f"P-{i}" for i in range(5)]
+    assert all(h["verdict"] in ("ok", "defect") and h["trigger_at"] for h in verdicts), verdicts
+    assert captured == 5  # one image per trigger, none between

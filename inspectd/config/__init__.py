@@ -18,6 +18,7 @@ from inspectd.config.outputs import (
     MetricsConfig,
     PublishConfig,
     ReplayConfig,
+    TriggerConfig,
     UiConfig,
     WebServerConfig,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "MetricsConfig",
     "PublishConfig",
     "ReplayConfig",
+    "TriggerConfig",
     "UiConfig",
     "WebServerConfig",
     "BatchingConfig",

@@ -91,6 +91,19 @@ class ReplayConfig(Section):
     )
 
 
+class TriggerConfig(Section):
+    endpoint: OptionalEndpoint = setting(
+        "",
+        reload=R,
+        description="ZeroMQ ROUTER bind endpoint of the trigger service (docs/parts.md#the-trigger-endpoint): "
+        "{camera, part_id} software-triggers a part-mode camera or names its next frame; e.g. tcp://127.0.0.1:5558; "
+        "empty = off. CURVE as [publish]",
+    )
+    max_pending: int = setting(
+        64, reload=R, ge=1, le=10_000, description="triggers waiting for one camera at most; more are refused (busy)"
+    )
+
+
 class ArchiveConfig(Section):
     dir: PathText = setting(
         "", reload=R, description="folder of the durable copy of every defect event (docs/archive.md); empty = off"

@@ -39,7 +39,7 @@ from inspectd.config.loading import (
     section_model,
 )
 from inspectd.config.model import ModelConfig
-from inspectd.config.outputs import ArchiveConfig, MetricsConfig, PublishConfig, ReplayConfig, UiConfig
+from inspectd.config.outputs import ArchiveConfig, MetricsConfig, PublishConfig, ReplayConfig, TriggerConfig, UiConfig
 from inspectd.config.pipeline import BatchingConfig, EpisodesConfig, PostprocessConfig
 from inspectd.errors import ConfigError
 from inspectd.security import check_config_file
@@ -78,6 +78,7 @@ class Settings(BaseSettings):
     metrics: MetricsConfig = MetricsConfig()
     episodes: EpisodesConfig = EpisodesConfig()
     replay: ReplayConfig = ReplayConfig()
+    trigger: TriggerConfig = TriggerConfig()
     archive: ArchiveConfig = ArchiveConfig()
     ui: UiConfig = UiConfig()
     daemon: DaemonConfig = DaemonConfig()
@@ -99,6 +100,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"replay.endpoint {self.replay.endpoint!r} is publish.endpoint too: the replay service needs a port of its own"
             )
+        for other in ("publish", "replay"):
+            theirs = getattr(self, other).endpoint
+            if self.trigger.endpoint and theirs and _same_endpoint(self.trigger.endpoint, theirs):
+                raise ValueError(
+                    f"trigger.endpoint {self.trigger.endpoint!r} is {other}.endpoint too: "
+                    "the trigger service needs a port of its own"
+                )
         return self
 
     @classmethod

@@ -12,6 +12,8 @@ __all__ = [
     "REPLAY_SCHEMA",
     "REQUEST_TAG",
     "END_TOPIC",
+    "TRIGGER_SCHEMA",
+    "TRIGGER_TAG",
     "HANDSHAKE_FAILED",
     "HANDSHAKE_REASONS",
     "zmq_reason",
@@ -46,6 +48,10 @@ HEARTBEAT_TOPIC = "heartbeat"
 REPLAY_SCHEMA = "inspectd.replay/1"
 REQUEST_TAG = b"inspectd.replay/1"
 END_TOPIC = "replay.end"
+
+# The trigger endpoint (docs/parts.md#the-trigger-endpoint): a request and its answer are each [TRIGGER_TAG, JSON].
+TRIGGER_SCHEMA = "inspectd.trigger/1"
+TRIGGER_TAG = b"inspectd.trigger/1"
 
 # A failed security handshake, as ZeroMQ's socket monitor reports it -> its reason, on both ends.
 HANDSHAKE_FAILED: dict[int, str] = {

@@ -47,6 +47,7 @@ from inspectd.security import ServerKeys, is_loopback_endpoint
 from inspectd.service.metrics import MetricsServer
 from inspectd.service.notify import Notifier
 from inspectd.service.reload import PreparedReload, prepare_reload
+from inspectd.service.trigger import TriggerServer
 from inspectd.service.web import WebServer, web_security
 from inspectd.sources.camera import CameraWorker
 from inspectd.tfload import import_tensorflow
@@ -88,6 +89,7 @@ class Daemon:
         self.archive: Archive | None = None
         self.partlog: PartLog | None = None  # with the archive: every part's verdict (part mode)
         self.replay: ReplayServer | None = None
+        self.trigger: TriggerServer | None = None
         self.pipeline: Pipeline | None = None
         self.live: LiveView | None = None
         self.ui_server: WebServer | None = None
@@ -162,6 +164,9 @@ class Daemon:
         self._stack.callback(self._log_frame_accounts)
         self._stack.callback(self.pipeline.stop, s.daemon.shutdown_timeout_s)
         self._stack.callback(self._stop_all_cameras)
+        if s.trigger.endpoint:  # before the cameras it asks for: a port in use fails at once
+            self.trigger = TriggerServer(s.trigger, self.cameras.get, self.metrics, keys).start()
+            self._stack.callback(self.trigger.stop)
         for cam in s.cameras:
             self.start_camera(cam)
         self.ready = True
@@ -235,10 +240,12 @@ class Daemon:
         return ServerKeys.load(cfg.curve_secret_key, cfg.curve_clients) if cfg.curve_secret_key else None
 
     def _warn_exposed(self, keys: ServerKeys | None, publisher: Publisher) -> None:
-        """Plain text that other machines can reach (events, replay; passwords to /metrics): a warning now, and
+        """Plain text that other machines can reach (events, replay, triggers; passwords to /metrics): a warning now, and
         a note on /healthz for as long as it runs."""
         m = self.settings.metrics
         bound = [("events", publisher.endpoint)] + ([("replay", self.replay.endpoint)] if self.replay else [])
+        if self.settings.trigger.endpoint:  # bound after the pipeline: its configured address says where
+            bound.append(("triggers", self.settings.trigger.endpoint))
         if keys is None:
             self._exposed += [
                 f"{name} on {endpoint} in plain text, open to the network: set publish.curve_secret_key "
@@ -389,7 +396,14 @@ class Daemon:
         pipeline = self._pipeline
         if cfg.mode == "parts":
             pipeline.set_part_mode(cfg.id, cfg.part_queue, cfg.not_inspected)
-        worker = CameraWorker(cfg, pipeline.put, self.metrics, on_state=self._on_camera_state, lost=pipeline.lost)
+        worker = CameraWorker(
+            cfg,
+            pipeline.put,
+            self.metrics,
+            on_state=self._on_camera_state,
+            lost=pipeline.lost,
+            max_triggers=self.settings.trigger.max_pending,
+        )
         self.camera_states[cfg.id] = CameraState.STARTING
         if self.live is not None:
             self.live.add(cfg.id)
@@ -549,6 +563,8 @@ class Daemon:
                 out.append("archive writer stopped: defect events are not being archived")
         if self.replay is not None and not self.replay.alive and not self.should_exit.is_set():
             out.append("replay endpoint stopped: consumers cannot fill gaps")
+        if self.trigger is not None and not self.trigger.alive and not self.should_exit.is_set():
+            out.append("trigger endpoint stopped: parts cannot be asked for")
         return out
 
     def healthz(self) -> tuple[bool, str]:
@@ -556,15 +572,15 @@ class Daemon:
         return (not problems, "; ".join((problems or ["pipeline progressing"]) + self.notes()))
 
     def readyz(self) -> tuple[bool, str]:
-        """Ready: the model is warm, the publisher bound, and a camera has delivered a frame (a daemon whose
-        every camera is unreachable inspects nothing: not ready, though healthy)."""
+        """Ready: the model is warm, the publisher bound, and a camera has delivered a frame or is up waiting for
+        triggers (a daemon whose every camera is unreachable inspects nothing: not ready, though healthy)."""
         bound = self.publisher is not None and self.publisher.bound
         if not (self.ready and bound):
             return False, "starting" if not self.should_exit.is_set() else "stopping"
-        if not self.metrics.frames_captured.total():
+        if not self.metrics.frames_captured.total() and CameraState.UP not in self.camera_states.values():
             down = ", ".join(f"{c}: {self.camera_details.get(c) or s.value}" for c, s in sorted(self.camera_states.items()))
             return False, f"model warm, publisher bound; waiting for a first frame from any camera ({down})"
-        return True, "model warm, publisher bound, frames arriving"
+        return True, "model warm, publisher bound, a camera up"
 
 
 @contextlib.contextmanager

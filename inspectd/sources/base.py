@@ -9,7 +9,9 @@ retrieve, GStreamer sample to array): the worker counts it captured and dropped 
 
 A source whose frames have ids of their own has a `part_id` attribute, the id of the frame last
 read (folder: the file name; GenICam: the camera's frame id and timestamp): in part mode it
-becomes the part's id (else its capture number).
+becomes the part's id (else its capture number). A source that can trigger its camera has
+`fire(trigger)`: the worker calls it for each part asked for through the trigger endpoint; a
+fired trigger the camera never answers comes back from `abandon()` when the session ends.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ __all__ = [
     "Source",
     "Skipped",
     "SKIPPED",
+    "Trigger",
     "Pacer",
     "redact",
     "query_params",
@@ -30,6 +33,7 @@ __all__ = [
 import re
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Protocol, TypeVar, cast, runtime_checkable
 from urllib.parse import parse_qsl, urlsplit
 
@@ -58,6 +62,16 @@ class DecodeError(SourceError):
         super().__init__(message)
         self.repeated = repeated
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """A part asked for: when (wall clock and monotonic), and the id it was asked for with (None: the source's own
+    id for its image). Fired by a source that can trigger its camera (`fire`), else the name of its next frame."""
+
+    at: float
+    mono: float
+    part_id: str | None = None
 
 
 class Skipped:

@@ -9,7 +9,8 @@ the thread: every failure is logged (logger "inspectd.sources", with the camera 
 redacted) and reported as a state change.
 
 States (CameraState): STARTING -> UP | DOWN; UP -> DOWN; DOWN -> UP; any -> STOPPED. UP means "a
-frame (that the roi fits) arrived since the last (re)connect"; every transition sets `inspectd_camera_up` and calls
+frame (that the roi fits) arrived since the last (re)connect" (for a camera triggered from outside, which
+sends nothing until asked: "open and acquiring"); every transition sets `inspectd_camera_up` and calls
 `on_state(camera, state, detail)` (under the worker's lock, so callbacks arrive in order: keep them
 short and non-blocking).
 """
@@ -32,6 +33,7 @@ import logging
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 import cv2
@@ -40,7 +42,7 @@ import numpy as np
 from inspectd.config import CameraConfig
 from inspectd.frames import CameraState, DropReason, Frame, PartTag, lost_frame
 from inspectd.metrics import Metrics
-from inspectd.sources.base import DecodeError, EndOfStream, Skipped, Source, SourceError, frame_period, redact
+from inspectd.sources.base import DecodeError, EndOfStream, Skipped, Source, SourceError, Trigger, frame_period, redact
 from inspectd.sources.registry import open_source
 
 log = logging.getLogger("inspectd.sources")
@@ -145,6 +147,7 @@ class CameraWorker:
         on_state: Callable[[str, CameraState, str], None] = lambda cam, state, detail: None,
         source_factory: Callable[[CameraConfig], Source] | None = None,
         lost: Callable[[Frame, DropReason], None] = lambda frame, reason: None,
+        max_triggers: int = 64,
     ):
         """In part mode (cfg.mode "parts") every frame carries a PartTag; a part whose image never becomes a
         frame (undecodable, roi outside it, its crop failed) goes to `lost` as a Frame with a 0x0 image."""
@@ -163,6 +166,12 @@ class CameraWorker:
         self._roi_frame: tuple[int, int] | None = None  # the frame size the roi was last checked against
         self._roi_reported: str | None = None  # the roi error last logged as an ERROR (until the camera is UP)
         self._limiter = RateLimiter(cfg.fps_limit)
+        # Parts asked for from outside (`trigger`, any thread) until this thread fires them (a source with `fire`)
+        # or names its next frames with them (any other source).
+        self._asked: deque[Trigger] = deque()
+        self._asked_lock = threading.Lock()
+        self._max_triggers = max_triggers
+        self._tags: deque[Trigger] = deque()
         self.last_frame_mono: float | None = None
         self.heartbeat_mono: float = time.monotonic()
         cam = cfg.id
@@ -182,6 +191,17 @@ class CameraWorker:
     def source(self) -> Source | None:
         """The camera's Source once built (tests read e.g. SyntheticSource.last_mask through it)."""
         return self._source
+
+    def trigger(self, part_id: str, at: float | None = None) -> str | None:
+        """A part asked for at wall time `at` (now; the trigger endpoint, any thread): fired at the camera, or the
+        name of its next frame. None when accepted, else why not (one line)."""
+        if self.cfg.mode != "parts":
+            return f'camera {self.cfg.id} is not in part mode (mode = "parts")'
+        with self._asked_lock:
+            if len(self._asked) >= self._max_triggers:
+                return f"camera {self.cfg.id}: {self._max_triggers} triggers already waiting (busy)"
+            self._asked.append(Trigger(time.time() if at is None else at, time.monotonic(), part_id))
+        return None
 
     # ----------------------------------------------------------------------------- lifecycle
 
@@ -242,6 +262,9 @@ class CameraWorker:
             if self._source is None:
                 self._source = self._factory(self.cfg)
             self._source.open()
+            if getattr(self._source, "waits_for_triggers", False) and self._transition(CameraState.UP, "waiting for triggers"):
+                # A camera triggered from outside sends nothing until asked: open and acquiring is UP.
+                log.info("camera %s: up (waiting for triggers)", self.cfg.id)
             self._stream(self._source)
             return None
         except SourceError as exc:
@@ -257,14 +280,35 @@ class CameraWorker:
         """Triggers the session fired whose images will never come (a triggered camera that failed): each a
         frame captured and dropped (`camera`), in part mode a not_inspected part."""
         abandon = getattr(self._source, "abandon", None)
-        for trigger_at, trigger_mono in abandon() if abandon is not None else ():
+        fired = abandon() if abandon is not None else []
+        with self._asked_lock:
+            asked, self._asked = list(self._asked), deque()
+        tags, self._tags = list(self._tags), deque()
+        for trigger in [*fired, *tags, *asked]:
             self._seq += 1
             self._m_captured.inc()
             self._m_drops.labels(camera=self.cfg.id, reason=DropReason.CAMERA.value).inc()
             # Its time is the trigger's: the verdict's latency says how long the line waited for it.
-            tag = self._part_tag(trigger_mono, part_id=str(self._seq), trigger_at=trigger_at)
+            tag = self._part_tag(trigger.mono, part_id=trigger.part_id or str(self._seq), trigger_at=trigger.at)
             if tag is not None:
-                self._lost(lost_frame(self.cfg.id, self._seq, tag, trigger_at, trigger_mono), DropReason.CAMERA)
+                self._lost(lost_frame(self.cfg.id, self._seq, tag, trigger.at, trigger.mono), DropReason.CAMERA)
+
+    def _serve_triggers(self, source: Source) -> None:
+        """Parts asked for since the last read: fired at the camera (SourceError if it refuses: the session
+        ends and `_abandoned` hands them on), or kept to name the next frames."""
+        with self._asked_lock:
+            asked, self._asked = list(self._asked), deque()
+        fire = getattr(source, "fire", None)
+        for i, trigger in enumerate(asked):
+            if fire is None:
+                self._tags.append(trigger)
+                continue
+            try:
+                fire(trigger)
+            except SourceError:
+                with self._asked_lock:  # the ones not fired yet: lost with the session
+                    self._asked.extendleft(reversed(asked[i + 1 :]))
+                raise
 
     def _stream(self, source: Source) -> None:
         """Read `source` (open) until stop(); raise SourceError on a read failure or a stall."""
@@ -273,6 +317,7 @@ class CameraWorker:
         heard = False  # anything read this session, a frame or an undecodable one
         while not self._stop.is_set():
             self.heartbeat_mono = time.monotonic()
+            self._serve_triggers(source)
             try:
                 # Frames over fps_limit are skipped unconverted only while UP: the first frame of a session
                 # is always looked at (state, roi), whatever the limiter's grid from the session before.
@@ -330,6 +375,9 @@ class CameraWorker:
         or else its capture number."""
         if self.cfg.mode != "parts":
             return None
+        if part_id is None and self._tags:  # a source that cannot fire: its next frame is the part asked for
+            tag = self._tags.popleft()
+            part_id, trigger_at = tag.part_id, tag.at
         part_id = part_id or getattr(self._source, "part_id", None) or str(self._seq)
         trigger_at = trigger_at if trigger_at is not None else getattr(self._source, "trigger_at", None)
         return PartTag(str(part_id), now + self.cfg.deadline_ms / 1000.0, trigger_at)
@@ -395,11 +443,13 @@ class CameraWorker:
         log.log(logging.WARNING if first else logging.INFO, "camera %s: %s; reconnecting in %.1f s", self.cfg.id, detail, delay)
 
     def _wait(self, seconds: float) -> bool:
-        """Sleep `seconds` unless stopped (returns False then); keeps the heartbeat going meanwhile."""
+        """Sleep `seconds` unless stopped (returns False then); keeps the heartbeat going meanwhile. Parts asked
+        for meanwhile cannot be had: the camera is down (`camera`)."""
         deadline = time.monotonic() + seconds
         while True:
             now = time.monotonic()
             self.heartbeat_mono = now
+            self._abandoned()
             if now >= deadline:
                 return True
             if self._stop.wait(min(WAIT_SLICE_S, deadline - now)):

@@ -40,7 +40,7 @@ import numpy as np
 
 from inspectd.config import CameraConfig
 from inspectd.frames import DropReason
-from inspectd.sources.base import SKIPPED, DecodeError, Pacer, Skipped, SourceError, query_params
+from inspectd.sources.base import SKIPPED, DecodeError, Pacer, Skipped, SourceError, Trigger, query_params
 
 log = logging.getLogger("inspectd.sources")
 
@@ -80,6 +80,7 @@ _DEBAYER = {
     "BayerGB8": cv2.COLOR_BayerGR2RGB,
 }
 FORMATS = ("Mono8", "Mono16", "RGB8", "BGR8", *_DEBAYER)
+_TRIGGER_POLL_S = 0.01
 _NO_TIMER = 1e9  # period_s of a camera triggered from outside: silence between parts is not a stall
 
 _aravis_lock = threading.Lock()
@@ -171,12 +172,16 @@ class GenicamSource:
         self._stream: Any = None
         self._format = ""
         self._control_lost = threading.Event()
-        self._triggers: deque[float] = deque()  # wall times of software triggers not answered yet (oldest first)
-        self._trigger_monos: deque[float] = deque()
-        self._lost: deque[tuple[DropReason, str, float | None]] = deque()  # lost images (and their triggers), one per read
+        self._triggers: deque[Trigger] = deque()  # software triggers not answered yet, oldest first
+        self._lost: deque[tuple[DropReason, str, Trigger | None]] = deque()  # lost images (and their triggers), one per read
         self._underruns = 0
         self.part_id: str | None = None  # the last image's camera frame id and timestamp
         self.trigger_at: float | None = None  # the last image's software trigger (wall clock), if any
+
+    @property
+    def waits_for_triggers(self) -> bool:
+        """Triggered from outside only (a hardware line, the trigger endpoint): open is UP, silence is no stall."""
+        return self.trigger != "off" and self._timer is None
 
     @property
     def period_s(self) -> float:
@@ -263,43 +268,45 @@ class GenicamSource:
             except Exception:  # the camera is gone: nothing to stop
                 pass
 
-    def abandon(self) -> list[tuple[float, float]]:
-        """Software triggers that will never get their image (the session ended): (wall, monotonic) times of
-        each, oldest first."""
-        left = list(zip(self._triggers, self._trigger_monos))
+    def abandon(self) -> list[Trigger]:
+        """Software triggers that will never get their image (the session ended), oldest first."""
+        left = list(self._triggers)
         self._triggers.clear()
-        self._trigger_monos.clear()
         return left
 
     # -- reading -------------------------------------------------------------------------------
-    def fire(self) -> float:
-        """Fire one software trigger now; its wall time (the part's trigger_at). A trigger the camera refuses
-        is still a part asked for: it stays pending (SourceError; `abandon` then hands it to the worker)."""
+    def fire(self, trigger: Trigger | None = None) -> Trigger:
+        """Fire one software trigger now (for `trigger`, a part asked for from outside, or one of the timer's).
+        A trigger the camera refuses is still a part asked for: it stays pending (SourceError; `abandon` then
+        hands it to the worker)."""
         if self._camera is None:
             raise SourceError("genicam: not open")
-        now = time.time()
-        self._triggers.append(now)
-        self._trigger_monos.append(time.monotonic())
+        trigger = trigger or Trigger(time.time(), time.monotonic())
+        self._triggers.append(trigger)
         try:
             self._camera.software_trigger()
         except Exception as exc:
             raise SourceError(f"genicam://{self.device or ''}: software trigger failed: {_message(exc)}") from None
-        return now
+        return trigger
 
     def read(self, timeout_s: float, skip_before: float = float("-inf")) -> np.ndarray | Skipped | None:
         if self._control_lost.is_set():
             raise SourceError("control lost: the camera stopped answering its heartbeat")
         self._check_losses()
         if self._lost:
-            reason, message, self.trigger_at = self._lost.popleft()
-            self.part_id = None  # no image, no frame id: the part is known by its capture number
+            reason, message, trigger = self._lost.popleft()
+            # No image, no frame id: the part is known by its trigger's id, or else its capture number.
+            self.part_id = trigger.part_id if trigger is not None else None
+            self.trigger_at = trigger.at if trigger is not None else None
             raise DecodeError(message, reason=reason)
         if self._timer is not None and self._timer.wait(0.0):
             self.fire()
         stream = self._stream
         if stream is None:
             raise SourceError("genicam: not open")
-        buffer = stream.timeout_pop_buffer(max(1, int(min(timeout_s, 0.05 if self._timer else timeout_s) * 1e6)))
+        # Triggered by software: short waits, so a trigger asked for meanwhile is fired within _TRIGGER_POLL_S.
+        wait_s = min(timeout_s, _TRIGGER_POLL_S) if self.trigger == "software" else timeout_s
+        buffer = stream.timeout_pop_buffer(max(1, int(wait_s * 1e6)))
         if buffer is None:
             return None
         try:
@@ -309,11 +316,10 @@ class GenicamSource:
 
     def _image(self, buffer, skip_before: float) -> np.ndarray | Skipped:
         Aravis = import_aravis()
-        self.trigger_at = self._triggers.popleft() if self._triggers else None
-        if self._trigger_monos:
-            self._trigger_monos.popleft()
+        trigger = self._triggers.popleft() if self._triggers else None
+        self.trigger_at = trigger.at if trigger is not None else None
         status = buffer.get_status()
-        self.part_id = f"{buffer.get_frame_id()}@{buffer.get_timestamp()}"
+        self.part_id = (trigger.part_id if trigger is not None else None) or f"{buffer.get_frame_id()}@{buffer.get_timestamp()}"
         if status != Aravis.BufferStatus.SUCCESS:
             name = getattr(status, "value_nick", str(status))
             raise DecodeError(f"incomplete image {self.part_id}: {name}", reason=DropReason.INCOMPLETE)
@@ -327,13 +333,11 @@ class GenicamSource:
         if stream is not None:
             underruns = _statistics(import_aravis(), stream)[2]
             for _ in range(underruns - self._underruns):
-                self._trigger_monos.popleft() if self._trigger_monos else None
                 trigger = self._triggers.popleft() if self._triggers else None
                 self._lost.append((DropReason.INCOMPLETE, "an image arrived while no buffer was free (underrun)", trigger))
             self._underruns = underruns
         limit = time.monotonic() - self._stall_s
-        while self._trigger_monos and self._trigger_monos[0] < limit:
-            self._trigger_monos.popleft()
+        while self._triggers and self._triggers[0].mono < limit:
             trigger = self._triggers.popleft()
             self._lost.append((DropReason.CAMERA, f"no image {self._stall_s:g} s after a software trigger", trigger))
 
