@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import ROOT, TEST_MODEL, NotifySocket
+from support import ROOT, TEST_MODEL, NotifySocket, wait_until
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Converted models (runtime onnxruntime/openvino) go to one cache per test session, shared by every daemon
@@ -137,3 +138,37 @@ def notify_socket(tmp_path):
     sock = NotifySocket(tmp_path / "notify.sock")
     yield sock
     sock.close()
+
+
+# -- a GigE Vision camera: Aravis' own fake one (Debian's aravis-tools) -------------------------------------------
+
+FAKE = "arv-fake-gv-camera-0.8"
+SERIAL = "INSPECTD1"
+DEVICE = f"Aravis-Fake-{SERIAL}"  # the id Aravis gives the fake camera (arv-tool-0.8 lists it)
+
+
+@pytest.fixture
+def fake_camera():
+    """Aravis' fake GigE Vision camera on 127.0.0.1 (real GVCP/GVSP over UDP), found by discovery as DEVICE."""
+    assert shutil.which(FAKE), f"{FAKE} is missing: apt-get install aravis-tools (scripts/test.sh does)"
+    proc = subprocess.Popen([FAKE, "-i", "127.0.0.1", "-s", SERIAL], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        from inspectd.sources.genicam import import_aravis
+
+        aravis = import_aravis()
+
+        def listed() -> bool:
+            aravis.update_device_list()
+            return any(aravis.get_device_id(i) == DEVICE for i in range(aravis.get_n_devices()))
+
+        wait_until(listed, 20, f"the fake camera {DEVICE} to answer discovery")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -60,11 +60,25 @@ class DaemonSource(Section):
     replay: str = Field("", description="its [replay] endpoint: gaps are filled from it (bridge mqtt); empty = none")
     server_key: PathText = Field("", description="its CURVE public key file (server.key) when it uses CURVE; needs [client] key")
     line: str = Field("", description="the line it inspects (MQTT topics, OPC UA folders); default: [mqtt] line")
+    trigger: str = Field("", description="its [trigger] endpoint: the OPC UA part handshake asks for parts there; empty = none")
+    parts: list[str] = Field(
+        default_factory=list,
+        description="its cameras in part mode whose part handshake the OPC UA bridge serves (docs/parts.md); needs trigger",
+    )
 
-    @field_validator("endpoint", "replay")
+    @field_validator("endpoint", "replay", "trigger")
     @classmethod
     def _endpoints(cls, value: str, info: ValidationInfo) -> str:
         return _connect_endpoint(value) if value or info.field_name == "endpoint" else value
+
+    @model_validator(mode="after")
+    def _parts_need_trigger(self) -> DaemonSource:
+        if self.parts and not self.trigger:
+            raise ValueError(f"daemon {self.endpoint}: parts {self.parts} need its trigger endpoint (trigger = ...)")
+        bad = [c for c in self.parts if not re.fullmatch(r"[a-z0-9_-]{1,64}", c)]
+        if bad:
+            raise ValueError(f"parts: {bad} are not camera ids ([a-z0-9_-], 1-64 characters)")
+        return self
 
     @field_validator("line")
     @classmethod
@@ -169,6 +183,13 @@ class OpcUaConfig(Section):
         "",
         description="folder of client certificates (DER/PEM) allowed to connect with "
         "security; empty = any client that completes the handshake",
+    )
+    deadline_margin_ms: float = Field(
+        250,
+        ge=0,
+        le=60_000,
+        description="part handshake: no verdict this long after the daemon's own deadline_ms (from the trigger) "
+        "ends the part not_inspected (Reject TRUE) on the bridge's side",
     )
 
     @field_validator("endpoint")

@@ -17,6 +17,18 @@ namespace` (default `urn:inspectd`), with string node ids a PLC can be configure
       .../Defects      Int64     defect verdicts seen since the bridge started
       .../Episodes     Int64     episodes ended since the bridge started
 
+A camera in part mode listed in its daemon's `parts` (and the daemon's `trigger` endpoint) also gets
+the part handshake (docs/parts.md#the-plc-handshake-over-opc-ua), a PLC asking for each part:
+
+      .../PartId        String    written by the PLC: the part's id
+      .../Trigger       Boolean   set by the PLC: inspect part PartId (a rising edge); reset after Done
+      .../Verdict       String    defect, ok or not_inspected
+      .../Reject        Boolean   what the line does with the part
+      .../Reason        String    why not_inspected
+      .../PartScore     Double    the model's score (0 when it never ran)
+      .../ResultPartId  String    the PartId this verdict is for
+      .../Done          Boolean   the verdict is in (written last); reset when the PLC resets Trigger
+
 e.g. `ns=2;s=inspectd/line3/top/IsDefect` (the namespace index is whatever the server gives
 `urn:inspectd`: a client resolves it by URI). A verdict for every frame needs the daemon's
 `[publish] results = true` (result.<camera>); without it only defect events arrive and IsDefect
@@ -29,7 +41,7 @@ is the same before and after reading the others.
 
 from __future__ import annotations
 
-__all__ = ["OpcUaBridge", "NODE_VARIABLES"]
+__all__ = ["OpcUaBridge", "NODE_VARIABLES", "HANDSHAKE_VARIABLES"]
 
 import asyncio
 import logging
@@ -39,14 +51,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from inspectd.bridges.config import BridgeSettings
-from inspectd.client import Event, EventKind, Subscriber
+from inspectd.client import Event, EventKind, Subscriber, TriggerClient
 from inspectd.errors import ConfigError
 from inspectd.outputs.wire import parse_rfc3339
 from inspectd.security import private_file
 
 log = logging.getLogger("inspectd.bridges.opcua")
 
-_TOPICS = ["result.", "defect.", "status.", "episode."]
+_TOPICS = ["result.", "defect.", "status.", "episode.", "part."]
 # name -> (OPC UA type name, initial value)
 NODE_VARIABLES = {
     "IsDefect": ("Boolean", False),
@@ -60,6 +72,18 @@ NODE_VARIABLES = {
     "Defects": ("Int64", 0),
     "Episodes": ("Int64", 0),
 }
+# The part handshake of a camera in part mode: name -> (type, initial value, written by the PLC)
+HANDSHAKE_VARIABLES = {
+    "PartId": ("String", "", True),
+    "Trigger": ("Boolean", False, True),
+    "Verdict": ("String", "", False),
+    "Reject": ("Boolean", False, False),
+    "Reason": ("String", "", False),
+    "PartScore": ("Double", 0.0, False),
+    "ResultPartId": ("String", "", False),
+    "Done": ("Boolean", False, False),
+}
+_TYPES = {**{k: v[0] for k, v in NODE_VARIABLES.items()}, **{k: v[0] for k, v in HANDSHAKE_VARIABLES.items()}}
 
 
 def _refused(endpoint: str, why: str) -> None:
@@ -83,12 +107,24 @@ class _Camera:
         self.last: tuple[float, int] = (float("-inf"), -1)  # (captured_at, frame_seq) of the last verdict written
 
 
+class _Handshake:
+    """One part-mode camera's handshake with its PLC: at most one part in flight."""
+
+    def __init__(self, camera: str, camera_nodes: _Camera, triggers: TriggerClient):
+        self.camera, self.nodes, self.triggers = camera, camera_nodes.nodes, triggers
+        self.pending: str | None = None  # the PartId asked for, until its verdict is written
+        self.busy = False  # from Trigger's rising edge until the PLC resets it
+        self.timer: asyncio.TimerHandle | None = None
+
+
 class OpcUaBridge:
     def __init__(self, settings: BridgeSettings):
         self.settings = settings
         self.cfg = settings.opcua
         self._line = {d.endpoint: settings.line_of(d) for d in settings.daemons}
         self._cameras: dict[tuple[str, str | None], _Camera] = {}  # (line, camera); camera None: an event naming none
+        self._handshakes: dict[tuple[str, str], _Handshake] = {}  # (line, camera) of the part cameras
+        self._by_trigger_node: dict = {}  # the Trigger node's id -> its handshake
         self._stop = threading.Event()
         self.endpoint = self.cfg.endpoint
         self.written = 0
@@ -108,6 +144,7 @@ class OpcUaBridge:
         events: asyncio.Queue[Event | BaseException] = asyncio.Queue()
         server = await self._server()
         async with server:
+            await self._start_handshakes(server)
             log.info(
                 "bridge opcua: %d daemon(s) -> %s (namespace %s, index %d, security %s)",
                 len(self.settings.daemons),
@@ -134,6 +171,8 @@ class OpcUaBridge:
             finally:
                 self._stop.set()
                 reader.join(5)
+                for handshake in self._handshakes.values():
+                    handshake.triggers.close()
         log.info("bridge opcua stopped: %d verdict(s) written", self.written)
         return 0
 
@@ -224,10 +263,112 @@ class OpcUaBridge:
             log.info("camera %s of %s: nodes %s/*", camera, line, base)
         return self._cameras[key]
 
+    # -- the part handshake -----------------------------------------------------------------------------------------
+    async def _start_handshakes(self, server) -> None:
+        """The handshake nodes of every part camera named in the config, and a subscription to their Trigger."""
+        ua = self._ua
+        keys = self.settings.client_keys()
+        triggers = []
+        for daemon, curve in zip(self.settings.daemons, keys):
+            for camera_id in daemon.parts:
+                line = self.settings.line_of(daemon)
+                camera = await self._camera(line, camera_id)
+                obj_base = f"inspectd/{line}/{camera_id}"
+                parent = server.get_node(ua.NodeId(obj_base, self._ns))
+                for name, (type_name, initial, writable) in HANDSHAKE_VARIABLES.items():
+                    variant = ua.Variant(initial, getattr(ua.VariantType, type_name))
+                    node = await parent.add_variable(
+                        ua.NodeId(f"{obj_base}/{name}", self._ns), ua.QualifiedName(name, self._ns), variant
+                    )
+                    if writable:
+                        await node.set_writable()
+                    camera.nodes[name] = node
+                handshake = _Handshake(camera_id, camera, TriggerClient(daemon.trigger, timeout_s=1.0, curve=curve))
+                self._handshakes[(line, camera_id)] = handshake
+                self._by_trigger_node[camera.nodes["Trigger"].nodeid] = handshake
+                triggers.append(camera.nodes["Trigger"])
+                log.info("camera %s of %s: part handshake on %s/{PartId,Trigger,...,Done}", camera_id, line, obj_base)
+        if triggers:
+            subscription = await server.create_subscription(10, self)  # publishing interval 10 ms
+            await subscription.subscribe_data_change(triggers)
+
+    async def datachange_notification(self, node, value, data) -> None:
+        """A Trigger changed (asyncua's subscription): rising -> ask for the part; falling -> Done resets."""
+        handshake = self._by_trigger_node.get(node.nodeid)
+        if handshake is None:
+            return
+        if value and not handshake.busy:
+            handshake.busy = True
+            part_id = str(await handshake.nodes["PartId"].read_value() or "")
+            await self._ask(handshake, part_id)
+        elif not value and handshake.busy:
+            handshake.busy = False
+            if handshake.timer is not None:
+                handshake.timer.cancel()
+            handshake.pending = None
+            await self._write_handshake(handshake, {"Done": False})
+
+    async def _ask(self, handshake: _Handshake, part_id: str) -> None:
+        await self._write_handshake(handshake, {"Done": False})
+        if not part_id:
+            await self._finish(handshake, part_id, "not_inspected", True, "PartId is empty: write it before Trigger", 0.0)
+            return
+        handshake.pending = part_id  # before asking: the verdict may overtake the answer
+        answer = await asyncio.to_thread(handshake.triggers.ask, handshake.camera, part_id)
+        if answer.get("status") != "accepted":
+            reason = f"trigger {answer.get('status')}: {answer.get('reason', '')}"
+            log.warning("camera %s: part %s: %s", handshake.camera, part_id, reason)
+            await self._finish(handshake, part_id, "not_inspected", True, reason, 0.0)
+            return
+        wait_s = (float(answer.get("deadline_ms", 0)) + self.cfg.deadline_margin_ms) / 1000.0
+        loop = asyncio.get_running_loop()
+        handshake.timer = loop.call_later(wait_s, lambda: asyncio.ensure_future(self._deadline(handshake, part_id, wait_s)))
+
+    async def _deadline(self, handshake: _Handshake, part_id: str, wait_s: float) -> None:
+        """No verdict from the daemon in time (it is down, the network): the part ends not_inspected here."""
+        reason = f"deadline: no verdict from the daemon within {wait_s * 1000:.0f} ms of the trigger"
+        await self._finish(handshake, part_id, "not_inspected", True, reason, 0.0)
+
+    async def _part(self, handshake: _Handshake, header: dict) -> None:
+        await self._finish(
+            handshake,
+            header["part_id"],
+            header["verdict"],
+            header["action"] == "reject",
+            header["reason"],
+            float(header["score"] or 0.0),
+        )
+
+    async def _finish(self, handshake: _Handshake, part_id: str, verdict: str, reject: bool, reason: str, score: float) -> None:
+        """The part's verdict into the handshake's variables, Done last; once per part (the first wins)."""
+        if handshake.pending != part_id and part_id:
+            return
+        handshake.pending = None
+        if handshake.timer is not None:
+            handshake.timer.cancel()
+            handshake.timer = None
+        await self._write_handshake(
+            handshake,
+            {"Verdict": verdict, "Reject": reject, "Reason": reason, "PartScore": score, "ResultPartId": part_id, "Done": True},
+        )
+
+    async def _write_handshake(self, handshake: _Handshake, values: dict) -> None:
+        ua = self._ua
+        now = datetime.now(timezone.utc)
+        for name, value in values.items():
+            variant = ua.Variant(value, getattr(ua.VariantType, _TYPES[name]))
+            await handshake.nodes[name].write_value(ua.DataValue(variant, SourceTimestamp=now, ServerTimestamp=now))
+
     async def apply(self, event: Event) -> None:
         """Write what one event says into its camera's variables."""
-        camera = await self._camera(self._line.get(event.endpoint, self.settings.mqtt.line), event.camera)
+        line = self._line.get(event.endpoint, self.settings.mqtt.line)
+        camera = await self._camera(line, event.camera)
         h = event.header
+        if event.kind is EventKind.PART:
+            handshake = self._handshakes.get((line, str(event.camera)))
+            if handshake is not None and handshake.pending == h["part_id"]:
+                await self._part(handshake, h)
+            return
         if event.kind is EventKind.STATUS:
             await self._write(camera, {"State": h["state"]}, None)
         elif event.kind is EventKind.EPISODE:
@@ -263,7 +404,7 @@ class OpcUaBridge:
     async def _write(self, camera: _Camera, values: dict, source_time: datetime | None) -> None:
         ua = self._ua
         for name, value in values.items():
-            variant = ua.Variant(value, getattr(ua.VariantType, NODE_VARIABLES[name][0]))
+            variant = ua.Variant(value, getattr(ua.VariantType, _TYPES[name]))
             await camera.nodes[name].write_value(
                 ua.DataValue(variant, SourceTimestamp=source_time, ServerTimestamp=datetime.now(timezone.utc))
             )
