@@ -133,3 +133,22 @@ def test_the_trigger_endpoint_names_the_next_part_and_refuses_clearly(tmp_path):
             req.close(linger=0)
             ctx.term()
             assert daemon.terminate() == 0, daemon.log()
+
+
+def test_every_frame_of_a_video_file_is_a_part(tmp_path):
+    """A video file in part mode (loop = false): each of its frames gets one verdict, numbered by capture."""
+    video = tmp_path / "parts.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (128, 96))
+    rng = np.random.default_rng(1)
+    for _ in range(8):
+        writer.write(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8))
+    writer.release()
+    replay = f"tcp://127.0.0.1:{free_port()}"
+    cameras = camera_toml("film", str(video), loop=False, mode="parts", deadline_ms=5000)
+    config, urls = daemon_config(tmp_path, cameras, replay={"endpoint": replay})
+    with Subscriber(urls["events"], ["part."], replay=replay) as sub:
+        with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+            events = collect_events(sub, 8, kinds=("part",), timeout=120, message=daemon.log)
+            assert daemon.terminate() == 0, daemon.log()
+    assert [e.header["part_id"] for e in events] == [str(i) for i in range(1, 9)]
+    assert all(e.header["verdict"] in ("ok", "defect") for e in events)

@@ -76,6 +76,13 @@ def test_bad_settings_and_a_missing_camera_are_one_line_errors(fake_camera):
         source(f"genicam://{DEVICE}?pixel_format=Mono12").open()
     with pytest.raises(SourceError, match="trigger 'Line7' is not one of the camera's"):
         source(f"genicam://{DEVICE}?trigger=Line7").open()
+    wired = source(f"genicam://{DEVICE}?trigger=Line0&pixel_format=Mono8")  # a hardware input the fake camera has
+    wired.open()
+    try:  # waiting for an edge that never comes here: UP (no stall), no image, no error
+        assert wired.waits_for_triggers and wired.read(0.3) is None
+        assert wired._camera.get_trigger_source() == "Line0"
+    finally:
+        wired.close()
     with pytest.raises(SourceError, match="cannot open the camera"):
         source("genicam://Aravis-Fake-NOSUCH").open()
     with pytest.raises(SourceError, match="unknown parameter"):

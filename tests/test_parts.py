@@ -215,3 +215,33 @@ def test_part_settings_belong_to_part_mode():
         CameraConfig(id="a", url="synthetic://", mode="parts", fps_limit=5)
     cfg = CameraConfig(id="a", url="synthetic://", mode="parts", deadline_ms=200, part_queue=2, not_inspected="accept")
     assert (cfg.deadline_ms, cfg.part_queue, cfg.not_inspected) == (200, 2, "accept")
+
+
+def test_a_part_the_model_cannot_finish_in_time_is_not_started():
+    """Batches lose the parts whose deadline passes before the model's recent time per batch is over: those end
+    not_inspected (`deadline`) at once, counted as frames dropped; the others are run."""
+    from inspectd.frames import Batch
+    from inspectd.pipeline.core import Pipeline
+
+    results: list[PartResult] = []
+
+    class Sink:
+        def publish_inspection(self, insp, model, results=False, defect_event=True): ...
+
+        def publish_episode(self, episode, model, best_event): ...
+
+    class Context:
+        model = {"name": "m", "sha256": "0"}
+
+    registry = CollectorRegistry()
+    pipeline = Pipeline(Context(), Metrics(registry), Sink(), workers=1, parts=lambda r, model: results.append(r))  # type: ignore[arg-type]
+    now = time.monotonic()
+    soon, later = part("a", 1, now - 0.95, deadline_s=1.0), part("a", 2, now, deadline_s=1.0)  # 50 ms and 1 s left
+    for frame in (soon, later):
+        pipeline.parts.admit(frame)
+    assert pipeline._without_hopeless_parts(Batch((soon, later))).frames == (soon, later)  # no model time yet: all run
+    pipeline._model_s = 0.2
+    assert pipeline._without_hopeless_parts(Batch((soon, later))).frames == (later,)
+    assert [(r.part_id, r.reason) for r in results] == [("a-1", "deadline")]
+    assert pipeline.metrics.frames_dropped.total(reason="deadline") == 1
+    assert pipeline._without_hopeless_parts(Batch((soon,))) is None  # nothing left to run

@@ -47,6 +47,7 @@ EXPECTED_ALERTS = {
     "InspectdReloadFailed",
     "InspectdArchiveLosingEntries",
     "InspectdClientKeyRefused",
+    "InspectdPartsNotInspected",
 }
 # Alerts without `for:` that a healthy daemon must never fire.
 QUIET_WHEN_HEALTHY = {
@@ -55,6 +56,7 @@ QUIET_WHEN_HEALTHY = {
     "InspectdReloadFailed",
     "InspectdArchiveLosingEntries",
     "InspectdClientKeyRefused",
+    "InspectdPartsNotInspected",
 }
 
 

@@ -271,3 +271,20 @@ def test_subscriber_reports_malformed_to_its_callback(pub_socket):
             ev = sub.recv(timeout_s=5.0)
     assert ev is not None and ev.topic == "status.cam1"
     assert sub.malformed == 1 and reasons == [(endpoint, "topic 'status.cam1': header field 'camera' missing or not a valid str")]
+
+
+def test_a_part_verdict_decodes_and_watch_describes_it():
+    """part.<camera> (part mode): its header is checked like the other kinds, and watch prints one line for it."""
+    from inspectd.frames import PartResult, Verdict
+    from inspectd.outputs.wire import part_body
+    from inspectd.watch import describe
+
+    result = PartResult("gate", "A-1043", 42, Verdict.NOT_INSPECTED, "reject", "deadline", 1.7e9, 1.7e9 + 1.0, 1.0001)
+    parts = encode_message("part.gate", RUN, 7, part_body(result, {"name": "demo", "sha256": "ab"}))
+    event = decode_event([bytes(p) for p in parts])
+    line = describe(event)
+    assert "part A-1043" in line and "NOT_INSPECTED (deadline) -> reject" in line and "1000 ms after capture" in line
+    header = json.loads(parts[1])
+    del header["verdict"]
+    with pytest.raises(WireFormatError, match="'verdict' missing"):
+        decode_event([parts[0], json.dumps(header).encode()])

@@ -178,6 +178,8 @@ class CameraWorker:
         self._m_captured = metrics.frames_captured.labels(camera=cam)
         self._m_fps_drop = metrics.frames_dropped.labels(camera=cam, reason=DropReason.FPS_LIMIT.value)
         self._m_drops = metrics.frames_dropped
+        # Exported from 0 (the dashboard divides by captured + decode drops): by reason as they happen otherwise.
+        metrics.frames_dropped.labels(camera=cam, reason=DropReason.DECODE.value)
         self._m_roi_drop = metrics.frames_dropped.labels(camera=cam, reason=DropReason.ROI.value)
         self._m_error_drop = metrics.frames_dropped.labels(camera=cam, reason=DropReason.ERROR.value)
         self._m_up = metrics.camera_up.labels(camera=cam)
@@ -277,21 +279,22 @@ class CameraWorker:
             self._close()
 
     def _abandoned(self) -> None:
-        """Triggers the session fired whose images will never come (a triggered camera that failed): each a
-        frame captured and dropped (`camera`), in part mode a not_inspected part."""
+        """Triggers the session fired whose images will never come (a triggered camera that failed or stopped):
+        each a frame captured and dropped (`camera`; `shutdown` when stopping), in part mode a not_inspected part."""
         abandon = getattr(self._source, "abandon", None)
         fired = abandon() if abandon is not None else []
         with self._asked_lock:
             asked, self._asked = list(self._asked), deque()
         tags, self._tags = list(self._tags), deque()
+        reason = DropReason.SHUTDOWN if self._stop.is_set() else DropReason.CAMERA
         for trigger in [*fired, *tags, *asked]:
             self._seq += 1
             self._m_captured.inc()
-            self._m_drops.labels(camera=self.cfg.id, reason=DropReason.CAMERA.value).inc()
+            self._m_drops.labels(camera=self.cfg.id, reason=reason.value).inc()
             # Its time is the trigger's: the verdict's latency says how long the line waited for it.
             tag = self._part_tag(trigger.mono, part_id=trigger.part_id or str(self._seq), trigger_at=trigger.at)
             if tag is not None:
-                self._lost(lost_frame(self.cfg.id, self._seq, tag, trigger.at, trigger.mono), DropReason.CAMERA)
+                self._lost(lost_frame(self.cfg.id, self._seq, tag, trigger.at, trigger.mono), reason)
 
     def _serve_triggers(self, source: Source) -> None:
         """Parts asked for since the last read: fired at the camera (SourceError if it refuses: the session
