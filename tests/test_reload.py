@@ -132,3 +132,28 @@ def test_camera_added_others_keep_streaming(tmp_path):
         )
         assert scrape(urls["metrics"]).value("inspectd_camera_up", camera="cam-a") == 1.0
         assert daemon.terminate() == 0
+
+
+def test_a_camera_threshold_of_its_own_and_its_reload_without_a_camera_restart(tmp_path):
+    """Two cameras seeing the same frames: one with threshold 0 of its own (every frame a defect), one with
+    the model's. A reload that gives the second camera threshold 0 too applies at once (the context swaps) and
+    restarts no camera."""
+    url = "synthetic://?fps=10&width=96&height=64&defect_rate=0&seed=3"
+    cameras = camera_toml("strict", url, threshold=0.0) + camera_toml("plain", url)
+    config, urls = daemon_config(tmp_path, cameras)
+    with DaemonProcess(config, tmp_path / "d.log") as daemon, Subscriber(urls["events"], topics=["defect."]) as sub:
+        daemon.wait_ready(urls["metrics"])
+        before = collect_events(sub, lambda evs: sum(ev.camera == "strict" for ev in evs) >= 5, timeout=60, message=daemon.log)
+        model_threshold = {ev.header["threshold"] for ev in before if ev.camera == "plain"}
+        assert {ev.header["threshold"] for ev in before if ev.camera == "strict"} == {0.0}
+        assert all(t > 0 for t in model_threshold), model_threshold  # plain: the model's (few events on clean frames)
+        plain = f'id = "plain"\nurl = "{url}"'
+        config.write_text(config.read_text().replace(plain, plain + "\nthreshold = 0.0"))
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_log("applied: cameras.plain.threshold", timeout=60)
+        after = collect_events(
+            sub, lambda evs: sum(ev.camera == "plain" and ev.header["threshold"] == 0.0 for ev in evs) >= 3, timeout=60
+        )
+        assert {ev.header["threshold"] for ev in after if ev.camera == "strict"} == {0.0}
+        assert "cameras restarted" not in daemon.log() and daemon.log().count("camera plain: up") == 1
+        assert daemon.terminate() == 0, daemon.log()

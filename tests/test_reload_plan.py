@@ -78,6 +78,26 @@ CASES = [
     ("camera added", Settings(cameras=[CAM_A, CAM_B]), SHA, False, False, (), (), ((), ("cam-b",), ())),
     ("camera removed", Settings(cameras=[]), SHA, False, False, (), (), (("cam-a",), (), ())),
     ("camera changed", Settings(cameras=[{**CAM_A, "fps_limit": 5}]), SHA, False, False, (), (), ((), (), ("cam-a",))),
+    (
+        "a camera's threshold and mask rule: the context swaps, the camera keeps running",
+        Settings(cameras=[{**CAM_A, "threshold": 0.9, "mask_rule": "relative:0.5"}]),
+        SHA,
+        False,
+        True,
+        ("cameras.cam-a.threshold", "cameras.cam-a.mask_rule"),
+        (),
+        ((), (), ()),
+    ),
+    (
+        "a camera's min_region_px with its url: restarted, and the context swaps",
+        Settings(cameras=[{**CAM_A, "url": "synthetic://?seed=9", "min_region_px": 50}]),
+        SHA,
+        False,
+        True,
+        ("cameras.cam-a.min_region_px",),
+        (),
+        ((), (), ("cam-a",)),
+    ),
 ]
 
 

@@ -6,11 +6,12 @@ options, so a reload can never pair a new engine with old options or an old batc
 
 from __future__ import annotations
 
-__all__ = ["InferenceContext", "build_context", "inspect_options", "resolve_max_batch"]
+__all__ = ["InferenceContext", "build_context", "inspect_options", "camera_options", "resolve_max_batch", "CAMERA_OPTION_KEYS"]
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from inspectd.config import Settings
@@ -33,6 +34,11 @@ class InferenceContext:
     options: InspectOptions
     deployable: Deployable
     max_wait_s: float = 0.01  # [batching] max_wait_ms: how long a batch waits for more frames after the first
+    per_camera: Mapping[str, InspectOptions] = field(default_factory=dict)  # cameras with overrides of their own
+
+    def options_for(self, camera: str) -> InspectOptions:
+        """The options a camera's frames are inspected with: its own overrides, else the daemon's."""
+        return self.per_camera.get(camera, self.options)
 
     @property
     def max_batch(self) -> int:
@@ -61,9 +67,31 @@ def inspect_options(s: Settings, deployable: Deployable) -> InspectOptions:
     )
 
 
-def episode_rules(s: Settings, deployable: Deployable) -> EpisodeRules:
-    """[episodes], the exit threshold defaulting to 0.8 x the image threshold in force."""
-    threshold = deployable.threshold if s.model.threshold is None else s.model.threshold
+# A camera's keys that override the daemon's options (a reload swaps the context, the camera keeps running).
+CAMERA_OPTION_KEYS = ("threshold", "mask_rule", "min_region_px")
+
+
+def camera_options(s: Settings, deployable: Deployable, base: InspectOptions) -> dict[str, InspectOptions]:
+    """The options of each camera with overrides of its own ([[cameras]] threshold, mask_rule, min_region_px)."""
+    out = {}
+    for cam in s.cameras:
+        if all(getattr(cam, key) is None for key in CAMERA_OPTION_KEYS):
+            continue
+        threshold = base.threshold if cam.threshold is None else cam.threshold
+        out[cam.id] = replace(
+            base,
+            threshold=threshold,
+            mask_rule=base.mask_rule if cam.mask_rule is None else MaskRule.parse(cam.mask_rule),
+            min_region_px=base.min_region_px if cam.min_region_px is None else cam.min_region_px,
+            episode_rules=episode_rules(s, deployable, threshold),
+        )
+    return out
+
+
+def episode_rules(s: Settings, deployable: Deployable, threshold: float | None = None) -> EpisodeRules:
+    """[episodes], the exit threshold defaulting to 0.8 x the image threshold in force (`threshold`: a camera's)."""
+    if threshold is None:
+        threshold = deployable.threshold if s.model.threshold is None else s.model.threshold
     exit_threshold = 0.8 * threshold if s.episodes.exit_threshold is None else s.episodes.exit_threshold
     return EpisodeRules(min(exit_threshold, threshold), s.episodes.end_frames, s.episodes.end_s)
 
@@ -100,4 +128,5 @@ def build_context(s: Settings, deployable: Deployable) -> InferenceContext:
         t0 = time.monotonic()
         engine.warmup()
         log.info("warm-up of batch sizes %s took %.1f s", engine.buckets, time.monotonic() - t0)
-    return InferenceContext(engine, inspect_options(s, deployable), deployable, s.batching.max_wait_ms / 1000.0)
+    options = inspect_options(s, deployable)
+    return InferenceContext(engine, options, deployable, s.batching.max_wait_ms / 1000.0, camera_options(s, deployable, options))

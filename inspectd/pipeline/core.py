@@ -196,7 +196,7 @@ class Pipeline:
         with self._deliver_lock:
             for camera, tracker in self._trackers.items():
                 if not busy.get(camera) and not self._order.get(camera):
-                    self._publish_episode(tracker.expire(now, context.options.episodes), context)
+                    self._publish_episode(tracker.expire(now, context.options_for(camera).episodes), context)
 
     def in_flight(self) -> dict[str, int]:
         """Frames per camera neither inferred nor dropped yet: waiting on the board or inside the model call.
@@ -249,10 +249,10 @@ class Pipeline:
             self._running, self.busy_since = None, None
         for frame, score, cam in zip(batch.frames, scores, cams):
             if self._observer is not None:
-                self._observer(frame, float(score), cam, context.options)
+                self._observer(frame, float(score), cam, context.options_for(frame.camera))
             self._handoff.acquire()
             try:
-                future = self._pool.submit(inspect, frame, float(score), cam, context.options)
+                future = self._pool.submit(inspect, frame, float(score), cam, context.options_for(frame.camera))
             except RuntimeError:  # the pool was shut down: a batch that outlived stop()'s timeout
                 self._handoff.release()
                 log.error("camera %s frame %d inferred after shutdown; not published", frame.camera, frame.seq)
@@ -299,7 +299,7 @@ class Pipeline:
                 raise
             if frame.part is not None:
                 self.parts.verdict(insp)  # first: the line waits for it
-            opts = context.options
+            opts = context.options_for(frame.camera)
             camera = insp.frame.camera
             if camera not in self._trackers:
                 self._trackers[camera] = EpisodeTracker(camera, self._episode_counts.get(camera, 0))

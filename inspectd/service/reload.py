@@ -29,7 +29,7 @@ from pathlib import Path
 
 from inspectd.config import CameraConfig, Reload, Settings, load_settings, reload_table
 from inspectd.model.deployable import file_sha256, load_model, resolve_model_path
-from inspectd.pipeline.context import InferenceContext, build_context, inspect_options
+from inspectd.pipeline.context import CAMERA_OPTION_KEYS, InferenceContext, build_context, camera_options, inspect_options
 
 log = logging.getLogger("inspectd.service.reload")
 
@@ -109,16 +109,26 @@ def plan_reload(old: Settings, new: Settings, running_sha256: str, new_sha256: s
             name = key.split(".", 1)[1]
             updated = getattr(effective, section).model_copy(update={name: getattr(getattr(new, section), name)})
             effective = effective.model_copy(update={section: updated})
+    both = [cid for cid in after if cid in before]
+    # A camera whose only changes are its option overrides keeps running: the context carries them.
+    overrides = [
+        f"cameras.{cid}.{k}" for cid in both for k in CAMERA_OPTION_KEYS if getattr(before[cid], k) != getattr(after[cid], k)
+    ]
     return ReloadPlan(
         effective=effective,
         load_model=engine,
-        swap_context=engine or any(k in CONTEXT_KEYS for k in keys),
-        applied=tuple(applied),
+        swap_context=engine or any(k in CONTEXT_KEYS for k in keys) or bool(overrides),
+        applied=tuple(applied + overrides),
         needs_restart=tuple(restart),
         stop_cameras=tuple(cid for cid in before if cid not in after),
         start_cameras=tuple(c for cid, c in after.items() if cid not in before),
-        restart_cameras=tuple(c for cid, c in after.items() if cid in before and before[cid] != c),
+        restart_cameras=tuple(after[cid] for cid in both if _without_options(before[cid]) != _without_options(after[cid])),
     )
+
+
+def _without_options(cam: CameraConfig) -> dict:
+    """A camera's config but its option overrides: what a change of restarts the camera."""
+    return cam.model_dump(exclude=set(CAMERA_OPTION_KEYS))
 
 
 @dataclass(frozen=True)
@@ -140,10 +150,12 @@ def prepare_reload(config_path: Path, old: Settings, running: InferenceContext) 
     if plan.load_model:
         context = build_context(plan.effective, load_model(model_path))
     elif plan.swap_context:
+        options = inspect_options(plan.effective, running.deployable)
         context = replace(
             running,
-            options=inspect_options(plan.effective, running.deployable),
+            options=options,
             max_wait_s=plan.effective.batching.max_wait_ms / 1000.0,
+            per_camera=camera_options(plan.effective, running.deployable, options),
         )
     else:
         context = None
