@@ -606,6 +606,25 @@ class ReplayError(Exception):
     """The replay endpoint did not answer in time, or answered with an error."""
 
 
+def _dealer(
+    ctx: zmq.Context, endpoint: str, curve: ClientKeys | None, what: str, options: dict[int, int] | None = None
+) -> zmq.Socket:
+    """A DEALER socket connected to a daemon's `what` endpoint (replay, trigger); UsageError for a bad endpoint."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_MAX_MS)
+    for option, value in (options or {}).items():
+        sock.setsockopt(option, value)
+    if curve is not None:
+        curve.apply(sock)
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        raise UsageError(f"{what} endpoint {endpoint!r}: {zmq_reason(exc)}") from None
+    return sock
+
+
 class ReplayClient:
     """One DEALER socket to a daemon's replay endpoint (`inspectd.replay/1`); one request at a time.
 
@@ -627,17 +646,8 @@ class ReplayClient:
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
-            self._sock = self.ctx.socket(zmq.DEALER)
-            self._sock.setsockopt(zmq.LINGER, 0)
-            self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_MAX_MS)
-            if self.curve is not None:
-                self.curve.apply(self._sock)
-            self._sock.setsockopt(zmq.RCVHWM, 0)  # an answer is bounded by the daemon; never drop part of it
-            try:
-                self._sock.connect(self.endpoint)
-            except zmq.ZMQError as exc:
-                self.close()
-                raise UsageError(f"replay endpoint {self.endpoint!r}: {zmq_reason(exc)}") from None
+            # RCVHWM 0: an answer is bounded by the daemon; never drop part of it.
+            self._sock = _dealer(self.ctx, self.endpoint, self.curve, "replay", {zmq.RCVHWM: 0})
         return self._sock
 
     def fetch(self, run_id: str, topic: str, after_seq: int) -> tuple[list[list[bytes]], dict]:
@@ -694,16 +704,7 @@ class TriggerClient:
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
-            self._sock = self._ctx.socket(zmq.DEALER)
-            self._sock.setsockopt(zmq.LINGER, 0)
-            self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_MAX_MS)
-            if self.curve is not None:
-                self.curve.apply(self._sock)
-            try:
-                self._sock.connect(self.endpoint)
-            except zmq.ZMQError as exc:
-                self.close()
-                raise UsageError(f"trigger endpoint {self.endpoint!r}: {zmq_reason(exc)}") from None
+            self._sock = _dealer(self._ctx, self.endpoint, self.curve, "trigger")
         return self._sock
 
     def ask(self, camera: str, part_id: str) -> dict:

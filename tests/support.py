@@ -239,6 +239,17 @@ def metric_value(metrics_url: str, name: str, **labels: str) -> float | None:
 # ------------------------------------------------------------------------------------------ events
 
 
+def read_n(src, n: int, timeout: float = 5.0) -> list[np.ndarray]:
+    """n frames from an open camera source (None results are waited through)."""
+    out, deadline = [], time.monotonic() + timeout
+    while len(out) < n:
+        assert time.monotonic() < deadline, f"only {len(out)} of {n} frames within {timeout} s"
+        img = src.read(0.2)
+        if img is not None:
+            out.append(img)
+    return out
+
+
 def collect_events(
     sub: Subscriber,
     until: int | Callable[[list[Event]], bool],

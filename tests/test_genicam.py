@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import DEVICE  # the fake camera's id (its fixture, fake_camera, is in conftest.py)
 from daemon_util import DaemonProcess, camera_toml, daemon_config, free_port
-from support import collect_events, metric_value
+from support import collect_events, metric_value, read_n
 
 from inspectd.client import Subscriber
 from inspectd.config import CameraConfig
@@ -30,24 +30,13 @@ def source(url: str, **extra):
     return GenicamSource(CameraConfig(id="g", url=url, **extra))
 
 
-def read_images(src, count: int, timeout: float = 20.0) -> list[np.ndarray]:
-    images: list[np.ndarray] = []
-    deadline = time.monotonic() + timeout
-    while len(images) < count:
-        assert time.monotonic() < deadline, f"{len(images)} of {count} images within {timeout} s"
-        image = src.read(0.2)
-        if image is not None:
-            images.append(image)
-    return images
-
-
 def test_free_running_and_software_triggered_images_with_the_camera_settings(fake_camera):
     """Region, pixel format and exposure go to the camera; free running delivers frames, a software trigger
     exactly one image, with the camera's frame id and timestamp as its part id."""
     src = source(f"genicam://{DEVICE}?pixel_format=Mono8&region=0,0,320,200&exposure_us=2000&frame_rate=20")
     src.open()
     try:
-        images = read_images(src, 3)
+        images = read_n(src, 3, timeout=20)
         assert all(im.shape == (200, 320, 3) and im.dtype == np.uint8 for im in images)
         assert src._camera.get_exposure_time() == pytest.approx(2000)
         assert src.period_s == 0.0  # free running: silence is a stall
@@ -60,7 +49,7 @@ def test_free_running_and_software_triggered_images_with_the_camera_settings(fak
         ids = []
         for _ in range(3):
             fired = src.fire()
-            (image,) = read_images(src, 1, timeout=5)
+            (image,) = read_n(src, 1)
             assert image.shape == (120, 160, 3)
             assert src.trigger_at == fired.at
             ids.append(src.part_id)
@@ -98,7 +87,7 @@ def test_a_trigger_the_camera_never_answers_is_a_lost_frame(fake_camera):
     src.open()
     try:
         src.fire()
-        read_images(src, 1, timeout=5)
+        read_n(src, 1)
         fake_camera.send_signal(signal.SIGSTOP)
         before = time.time()
         try:

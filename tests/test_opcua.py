@@ -44,11 +44,15 @@ def publisher():
 
 
 class BridgeProcess:
-    def __init__(self, tmp_path: Path, events: str, opcua: dict):
+    """`inspectd bridge opcua` on one daemon (line3); `daemon`: more of its [[daemons]] keys (trigger, parts)."""
+
+    def __init__(self, tmp_path: Path, events: str, opcua: dict, daemon: dict | None = None):
         self.url = f"opc.tcp://127.0.0.1:{free_port()}/inspectd"
         config = tmp_path / "bridges.toml"
         config.write_text(
-            f'[[daemons]]\nendpoint = "{events}"\nline = "line3"\n\n[opcua]\nendpoint = "{self.url}"\n'
+            f'[[daemons]]\nendpoint = "{events}"\nline = "line3"\n'
+            + "".join(f"{k} = {json.dumps(v)}\n" for k, v in (daemon or {}).items())
+            + f'\n[opcua]\nendpoint = "{self.url}"\n'
             + "".join(f"{k} = {json.dumps(v)}\n" for k, v in opcua.items())
         )
         self.log_path = tmp_path / "opcua.log"

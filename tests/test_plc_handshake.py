@@ -10,41 +10,17 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 from conftest import DEVICE
 from daemon_util import DaemonProcess, camera_toml, daemon_config, free_port
-from support import ROOT
 from test_opcua import BridgeProcess, _connect
 
 pytestmark = pytest.mark.slow
 
 DEADLINE_MS = 1500
 MARGIN_MS = 250
-
-
-class PartBridge(BridgeProcess):
-    """The OPC UA bridge with one daemon whose camera `line` runs the part handshake (its own config; the
-    parent's log and stop)."""
-
-    def __init__(self, tmp_path, events: str, trigger: str):
-        self.url = f"opc.tcp://127.0.0.1:{free_port()}/inspectd"
-        config = tmp_path / "bridges.toml"
-        config.write_text(
-            f'[[daemons]]\nendpoint = "{events}"\nline = "line3"\ntrigger = "{trigger}"\nparts = ["line"]\n\n'
-            f'[opcua]\nendpoint = "{self.url}"\ndeadline_margin_ms = {MARGIN_MS}\n'
-        )
-        self.log_path = tmp_path / "opcua.log"
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "inspectd", "bridge", "opcua", "--config", str(config)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
 
 
 class Plc:
@@ -88,7 +64,9 @@ def test_a_plc_asks_for_each_part_and_gets_its_verdict_or_not_inspected_at_the_d
     config, urls = daemon_config(tmp_path, cameras, trigger={"endpoint": trigger})
     with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
         daemon.wait_ready(urls["metrics"])
-        bridge = PartBridge(tmp_path, urls["events"], trigger)
+        bridge = BridgeProcess(
+            tmp_path, urls["events"], {"deadline_margin_ms": MARGIN_MS}, daemon={"trigger": trigger, "parts": ["line"]}
+        )
         try:
             results = asyncio.run(_plc(bridge, daemon, fake_camera))
         finally:
@@ -106,7 +84,7 @@ def test_a_plc_asks_for_each_part_and_gets_its_verdict_or_not_inspected_at_the_d
     assert dead["Verdict"] == "not_inspected" and dead["Reason"].startswith("trigger unanswered"), dead
 
 
-async def _plc(bridge: PartBridge, daemon: DaemonProcess, camera):
+async def _plc(bridge: BridgeProcess, daemon: DaemonProcess, camera):
     client = await _connect(bridge.url)
     try:
         plc = Plc(client, await client.get_namespace_index("urn:inspectd"))

@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from support import read_n
 
 from inspectd.config import CameraConfig
 from inspectd.imageio import write_png
@@ -24,17 +25,6 @@ from inspectd.sources.synthetic import SyntheticSource
 
 def cam(url: str | None = None, **kw) -> CameraConfig:
     return CameraConfig(id="cam", url=url, **kw)
-
-
-def read_n(src, n: int, timeout: float = 5.0) -> list[np.ndarray]:
-    """n frames from an open source (None results are waited through)."""
-    out, deadline = [], time.monotonic() + timeout
-    while len(out) < n:
-        assert time.monotonic() < deadline, f"only {len(out)} of {n} frames within {timeout} s"
-        img = src.read(0.2)
-        if img is not None:
-            out.append(img)
-    return out
 
 
 class FakeClock:

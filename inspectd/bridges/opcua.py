@@ -111,7 +111,8 @@ class _Handshake:
     """One part-mode camera's handshake with its PLC: at most one part in flight."""
 
     def __init__(self, camera: str, camera_nodes: _Camera, triggers: TriggerClient):
-        self.camera, self.nodes, self.triggers = camera, camera_nodes.nodes, triggers
+        self.camera, self.variables, self.triggers = camera, camera_nodes, triggers
+        self.nodes = camera_nodes.nodes
         self.pending: str | None = None  # the PartId asked for, until its verdict is written
         self.busy = False  # from Trigger's rising edge until the PLC resets it
         self.timer: asyncio.TimerHandle | None = None
@@ -353,11 +354,8 @@ class OpcUaBridge:
         )
 
     async def _write_handshake(self, handshake: _Handshake, values: dict) -> None:
-        ua = self._ua
-        now = datetime.now(timezone.utc)
-        for name, value in values.items():
-            variant = ua.Variant(value, getattr(ua.VariantType, _TYPES[name]))
-            await handshake.nodes[name].write_value(ua.DataValue(variant, SourceTimestamp=now, ServerTimestamp=now))
+        """The handshake's variables, stamped with the time they are written (there is no capture time to give)."""
+        await self._write(handshake.variables, values, datetime.now(timezone.utc))
 
     async def apply(self, event: Event) -> None:
         """Write what one event says into its camera's variables."""

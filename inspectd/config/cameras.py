@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from inspectd.config.base import PathText, Section, Text
-from inspectd.model.masks import MaskRule
+from inspectd.config.model import MaskRuleText
 
 
 class CameraConfig(Section):
@@ -56,19 +56,12 @@ class CameraConfig(Section):
     threshold: float | None = Field(
         None, ge=0, le=1, description="this camera's image-level threshold on the score (default: [model] threshold)"
     )
-    mask_rule: str | None = Field(
+    mask_rule: MaskRuleText | None = Field(
         None, description="this camera's mask rule, probability:P | relative:D | quantile:Q | minmax:M (default: [model]'s)"
     )
     min_region_px: int | None = Field(
         None, ge=1, le=100_000_000, description="this camera's smallest region (default: [postprocess] min_region_px)"
     )
-
-    @field_validator("mask_rule")
-    @classmethod
-    def _mask_rule(cls, value: str | None) -> str | None:
-        if value is not None:
-            MaskRule.parse(value)
-        return value
 
     @field_validator("roi")
     @classmethod

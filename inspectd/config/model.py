@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
-__all__ = ["ModelConfig"]
+__all__ = ["ModelConfig", "MaskRuleText"]
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import AfterValidator, model_validator
 
 from inspectd.config.base import PathText, Reload, Section, setting
 from inspectd.model.deployable import BUILTIN_DEMO_MODEL
 from inspectd.model.masks import MaskRule
 
 E, C = Reload.ENGINE, Reload.CONTEXT
+
+
+def _mask_rule(value: str) -> str:
+    MaskRule.parse(value)  # ValueError naming what is wrong
+    return value
+
+
+MaskRuleText = Annotated[str, AfterValidator(_mask_rule)]  # probability:P | relative:D | quantile:Q | minmax:M
 
 
 class ModelConfig(Section):
@@ -31,7 +39,7 @@ class ModelConfig(Section):
         "sigmoid(cam_logits), i.e. mask_rule probability:VALUE (default: the "
         "model's rule)",
     )
-    mask_rule: str | None = setting(
+    mask_rule: MaskRuleText | None = setting(
         None,
         reload=C,
         description="how the map becomes a mask: probability:P | "
@@ -55,13 +63,6 @@ class ModelConfig(Section):
     cache_dir: PathText = setting(
         "", reload=E, description="where converted models are kept (default: systemd's CacheDirectory, else ~/.cache/inspectd)"
     )
-
-    @field_validator("mask_rule")
-    @classmethod
-    def _mask_rule(cls, value: str | None) -> str | None:
-        if value is not None:
-            MaskRule.parse(value)
-        return value
 
     @model_validator(mode="after")
     def _one_mask_setting(self) -> ModelConfig:

@@ -29,7 +29,15 @@ import zmq
 from inspectd.outputs.archive import entry_message
 from inspectd.outputs.fanout import Fate, Outcome
 from inspectd.outputs.sockets import ServerSocket
-from inspectd.outputs.wire import END_TOPIC, HANDSHAKE_REASONS, HEARTBEAT_TOPIC, REPLAY_SCHEMA, REQUEST_TAG
+from inspectd.outputs.wire import (
+    END_TOPIC,
+    HANDSHAKE_REASONS,
+    HEARTBEAT_TOPIC,
+    REPLAY_SCHEMA,
+    REQUEST_TAG,
+    json_object,
+    request_body,
+)
 
 if TYPE_CHECKING:
     from inspectd.config import ReplayConfig
@@ -87,12 +95,7 @@ class Ring:
 
 def parse_request(data: bytes) -> tuple[str, str, int]:
     """The JSON of a request -> (run_id, topic, after_seq); ValueError naming what is wrong."""
-    try:
-        req = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError("the request is not UTF-8 JSON") from None
-    if not isinstance(req, dict):
-        raise ValueError("the request is not a JSON object")
+    req = json_object(data)
     run_id, topic, after = req.get("run_id"), req.get("topic"), req.get("after_seq")
     if not isinstance(run_id, str) or not 0 < len(run_id) <= 64:
         raise ValueError("run_id: a string of 1-64 characters expected")
@@ -215,13 +218,8 @@ class ReplayServer:
 
     def _answer(self, parts: list[bytes]) -> Iterator[list[bytes]]:
         """The messages answering one request, the end message last (generated as they are sent)."""
-        body = parts[1:]
-        if sum(len(p) for p in body) > MAX_REQUEST_BYTES:
-            return self._refusal("error", reason=f"request larger than {MAX_REQUEST_BYTES} bytes")
-        if len(body) != 2 or body[0] != REQUEST_TAG:
-            return self._refusal("error", reason=f"a request is 2 parts: {REQUEST_TAG.decode()!r} and a JSON object")
         try:
-            run_id, topic, after = parse_request(body[1])
+            run_id, topic, after = parse_request(request_body(parts[1:], REQUEST_TAG, MAX_REQUEST_BYTES))
         except ValueError as exc:
             return self._refusal("error", reason=str(exc))
         request = {"run_id": run_id, "topic": topic, "after_seq": after}

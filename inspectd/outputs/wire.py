@@ -17,6 +17,8 @@ __all__ = [
     "HANDSHAKE_FAILED",
     "HANDSHAKE_REASONS",
     "zmq_reason",
+    "request_body",
+    "json_object",
     "DEFAULT_ENDPOINT",
     "HEARTBEAT_TOPIC",
     "WireFormatError",
@@ -60,6 +62,27 @@ HANDSHAKE_FAILED: dict[int, str] = {
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "other",
 }
 HANDSHAKE_REASONS = tuple(HANDSHAKE_FAILED.values())
+
+
+def request_body(body: Sequence[bytes], tag: bytes, max_bytes: int) -> bytes:
+    """The JSON part of a request `[tag, JSON]` to a ROUTER endpoint (replay, trigger); ValueError naming what is
+    wrong with its envelope. Requests are untrusted: the size is checked before anything is parsed."""
+    if sum(len(p) for p in body) > max_bytes:
+        raise ValueError(f"request larger than {max_bytes} bytes")
+    if len(body) != 2 or body[0] != tag:
+        raise ValueError(f"a request is 2 parts: {tag.decode()!r} and a JSON object")
+    return bytes(body[1])
+
+
+def json_object(data: bytes) -> dict:
+    """A request's JSON object; ValueError if it is not UTF-8 JSON or not an object."""
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError("the request is not UTF-8 JSON") from None
+    if not isinstance(obj, dict):
+        raise ValueError("the request is not a JSON object")
+    return obj
 
 
 def zmq_reason(exc: zmq.ZMQError) -> str:

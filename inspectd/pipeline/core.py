@@ -61,17 +61,13 @@ class InspectionSink(Protocol):
 Observer = Callable[[Frame, float, np.ndarray, InspectOptions], None]
 PartSink = Callable[[PartResult, dict], None]  # a part's verdict and the model ({"name", "sha256"}): must never block
 
-# A part's frame dropped for this reason ends not_inspected for this one (DEADLINE: the ledger decided already).
-_PART_REASON = {
-    DropReason.QUEUE_FULL: "queue_full",
-    DropReason.SHUTDOWN: "shutdown",
-    DropReason.ERROR: "error",
-    DropReason.DECODE: "decode",
-    DropReason.ROI: "roi",
-    DropReason.INCOMPLETE: "incomplete",
-    DropReason.CAMERA: "camera",
-}
 _DEADLINE_TICK_S = 0.2  # the deadline thread wakes at least this often (stop requests)
+
+
+def _part_reason(reason: DropReason) -> str:
+    """A part whose frame is dropped for `reason` ends not_inspected for the same reason (the names are shared);
+    a reason parts cannot have (stale, fps_limit) would be a bug: `error`."""
+    return reason.value if reason.value in REASONS else "error"
 
 
 class Pipeline:
@@ -152,9 +148,9 @@ class Pipeline:
         self.board.put(frame)
 
     def lost(self, frame: Frame, reason: DropReason) -> None:
-        """A part whose image never became a frame (`inspectd.pipeline.parts.lost_frame`): not_inspected now. The
+        """A part whose image never became a frame (`inspectd.frames.lost_frame`): not_inspected now. The
         capture thread counted it captured and dropped."""
-        self.parts.fail(frame, _PART_REASON.get(reason, "error"))
+        self.parts.fail(frame, _part_reason(reason))
 
     def set_part_mode(self, camera: str, part_queue: int, not_inspected: str) -> None:
         """A camera in part mode: its queue's size and what the line does with its not_inspected parts."""
@@ -324,7 +320,7 @@ class Pipeline:
     def _count_drop(self, frame: Frame, reason: DropReason) -> None:
         self.metrics.frames_dropped.labels(camera=frame.camera, reason=reason.value).inc()
         if frame.part is not None:
-            self.parts.fail(frame, _PART_REASON.get(reason, "error"))
+            self.parts.fail(frame, _part_reason(reason))
 
     # -- parts (part mode) -----------------------------------------------------------------------
     def _watch_deadlines(self) -> None:

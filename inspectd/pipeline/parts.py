@@ -22,7 +22,6 @@ import heapq
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from inspectd.frames import Frame, Inspection, PartResult, PartTag, Verdict
 
@@ -40,11 +39,6 @@ REASONS = (
 )
 
 
-@dataclass
-class _Open:
-    action: str  # what the line does with it if it ends not_inspected
-
-
 class PartLedger:
     """The parts between capture and verdict, and the one place their verdicts are decided and released."""
 
@@ -59,7 +53,8 @@ class PartLedger:
         """`where(frame)`: called for a part whose deadline passed, under the ledger's lock; it takes the part off
         the board if it still waits there and says why it expired ("deadline" if it waited, else "late")."""
         self._decided, self._where, self._late, self._clock, self._wall = decided, where, late, clock, wall
-        self._open: dict[Frame, _Open] = {}  # undecided parts (a Frame is its own key: by identity)
+        # Undecided parts (a Frame is its own key: by identity) -> what the line does with it if not_inspected.
+        self._open: dict[Frame, str] = {}
         # Per camera, every part not yet released, in capture order, with its result once decided: a result goes
         # out only when every earlier part's has (deadlines follow capture order, so this never holds one past
         # its own deadline).
@@ -91,8 +86,7 @@ class PartLedger:
         with self._cond:
             now = self._clock()
             self._expire_locked(now)
-            entry = self._open.pop(frame, None)
-            if entry is None:
+            if self._open.pop(frame, None) is None:
                 earlier = self._outcome.pop(frame, None)
                 if earlier is not None:
                     self._late(insp, earlier)
@@ -109,9 +103,9 @@ class PartLedger:
             self._expire_locked(now)
             if frame.image.size == 0 and frame not in self._open:
                 self._enter(frame)
-            entry = self._open.pop(frame, None)
-            if entry is not None:
-                self._decide(frame, Verdict.NOT_INSPECTED, entry.action, reason, now)
+            action = self._open.pop(frame, None)
+            if action is not None:
+                self._decide(frame, Verdict.NOT_INSPECTED, action, reason, now)
 
     # -- the deadline thread's side -------------------------------------------------------------
     def wait(self, timeout: float) -> None:
@@ -135,9 +129,9 @@ class PartLedger:
         """Every part still open: not_inspected (`reason`), in deadline order (the pipeline has stopped)."""
         with self._cond:
             for _, _, frame in sorted(self._due, key=lambda item: item[:2]):
-                entry = self._open.pop(frame, None)
-                if entry is not None:
-                    self._decide(frame, Verdict.NOT_INSPECTED, entry.action, reason, self._clock())
+                action = self._open.pop(frame, None)
+                if action is not None:
+                    self._decide(frame, Verdict.NOT_INSPECTED, action, reason, self._clock())
             self._due = []
 
     def open_parts(self) -> dict[str, int]:
@@ -147,16 +141,16 @@ class PartLedger:
 
     # -- under the lock ------------------------------------------------------------------------
     def _enter(self, frame: Frame) -> None:
-        self._open[frame] = _Open(self._actions.get(frame.camera, "reject"))
+        self._open[frame] = self._actions.get(frame.camera, "reject")
         self._queue.setdefault(frame.camera, {})[frame] = None
 
     def _expire_locked(self, now: float) -> int:
         count = 0
         while self._due and self._due[0][0] <= now:
             _, _, frame = heapq.heappop(self._due)
-            entry = self._open.pop(frame, None)
-            if entry is not None:
-                self._decide(frame, Verdict.NOT_INSPECTED, entry.action, self._where(frame), now)
+            action = self._open.pop(frame, None)
+            if action is not None:
+                self._decide(frame, Verdict.NOT_INSPECTED, action, self._where(frame), now)
                 count += 1
         return count
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 import zmq
 
 from inspectd.outputs.sockets import ServerSocket
-from inspectd.outputs.wire import HANDSHAKE_REASONS, TRIGGER_SCHEMA, TRIGGER_TAG, rfc3339
+from inspectd.outputs.wire import HANDSHAKE_REASONS, TRIGGER_SCHEMA, TRIGGER_TAG, json_object, request_body, rfc3339
 
 if TYPE_CHECKING:
     from inspectd.config import CameraConfig, TriggerConfig
@@ -50,12 +50,7 @@ class Triggerable(Protocol):
 
 def parse_trigger(data: bytes) -> tuple[str, str]:
     """The JSON of a request -> (camera, part_id); ValueError naming what is wrong."""
-    try:
-        req = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError("the request is not UTF-8 JSON") from None
-    if not isinstance(req, dict):
-        raise ValueError("the request is not a JSON object")
+    req = json_object(data)
     camera, part_id = req.get("camera"), req.get("part_id")
     if not isinstance(camera, str) or not 0 < len(camera) <= 64:
         raise ValueError("camera: a camera id of 1-64 characters expected")
@@ -126,12 +121,8 @@ class TriggerServer:
             server.close(linger_ms=0)
 
     def _answer(self, body: list[bytes]) -> dict:
-        if sum(len(p) for p in body) > MAX_REQUEST_BYTES:
-            return self._reply("error", reason=f"request larger than {MAX_REQUEST_BYTES} bytes")
-        if len(body) != 2 or body[0] != TRIGGER_TAG:
-            return self._reply("error", reason=f"a request is 2 parts: {TRIGGER_TAG.decode()!r} and a JSON object")
         try:
-            camera_id, part_id = parse_trigger(body[1])
+            camera_id, part_id = parse_trigger(request_body(body, TRIGGER_TAG, MAX_REQUEST_BYTES))
         except ValueError as exc:
             return self._reply("error", reason=str(exc))
         request = {"camera": camera_id, "part_id": part_id}

@@ -299,6 +299,8 @@ class CameraWorker:
     def _serve_triggers(self, source: Source) -> None:
         """Parts asked for since the last read: fired at the camera (SourceError if it refuses: the session
         ends and `_abandoned` hands them on), or kept to name the next frames."""
+        if not self._asked:  # every read: skip the lock when nothing was asked (a trigger now is seen next read)
+            return
         with self._asked_lock:
             asked, self._asked = list(self._asked), deque()
         fire = getattr(source, "fire", None)
