@@ -118,7 +118,7 @@ def test_triggered_parts_from_a_genicam_camera_and_a_camera_that_stops_mid_run(f
     replay = f"tcp://127.0.0.1:{free_port()}"
     url = f"genicam://{DEVICE}?trigger=software&trigger_fps=10&pixel_format=Mono8&region=0,0,320,240"
     cameras = camera_toml(
-        "line", url, mode="parts", deadline_ms=3000, stall_timeout_s=1, reconnect_initial_s=0.2, reconnect_max_s=1
+        "line", url, mode="parts", deadline_ms=10000, stall_timeout_s=1, reconnect_initial_s=0.2, reconnect_max_s=1
     )
     config, urls = daemon_config(tmp_path, cameras, replay={"endpoint": replay}, archive={"dir": str(tmp_path / "archive")})
     with Subscriber(urls["events"], ["part.", "status."], replay=replay) as sub:
@@ -164,7 +164,10 @@ def test_each_trigger_request_fires_the_camera_once_for_that_part(fake_camera, t
 
     trigger = f"tcp://127.0.0.1:{free_port()}"
     url = f"genicam://{DEVICE}?trigger=software&pixel_format=Mono8&region=0,0,320,240"
-    config, urls = daemon_config(tmp_path, camera_toml("line", url, mode="parts"), trigger={"endpoint": trigger})
+    # A deadline far beyond the model's time: on a loaded CI machine a slow inference must not turn a part into
+    # not_inspected, which is not what this test is about.
+    cameras = camera_toml("line", url, mode="parts", deadline_ms=10000)
+    config, urls = daemon_config(tmp_path, cameras, trigger={"endpoint": trigger})
     with Subscriber(urls["events"], ["part."]) as sub, TriggerClient(trigger, timeout_s=5) as triggers:
         with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
             # A camera triggered only from outside is UP (and the daemon ready) once open, before its first image.
@@ -178,5 +181,6 @@ def test_each_trigger_request_fires_the_camera_once_for_that_part(fake_camera, t
             captured = metric_value(urls["metrics"], "inspectd_frames_captured_total", camera="line")
             assert daemon.terminate() == 0, daemon.log()
     assert [h["part_id"] for h in verdicts] == [f"P-{i}" for i in range(5)]
-    assert all(h["verdict"] in ("ok", "defect") and h["trigger_at"] for h in verdicts), verdicts
+    got = [(h["verdict"], h["reason"], h["trigger_at"]) for h in verdicts]
+    assert all(verdict in ("ok", "defect") and trigger_at for verdict, _, trigger_at in got), got
     assert captured == 5  # one image per trigger, none between
