@@ -293,8 +293,12 @@ def run_pipeline(args, urls: list[str], label: str, servers: tuple[int, ...] = (
     inferred = _sum(m1, "inspectd_frames_inferred_total") - _sum(m0, "inspectd_frames_inferred_total")
     captured = _sum(m1, "inspectd_frames_captured_total") - _sum(m0, "inspectd_frames_captured_total")
     dropped = _sum(m1, "inspectd_frames_dropped_total") - _sum(m0, "inspectd_frames_dropped_total")
-    batches = m1.value("inspectd_inference_seconds_count") - m0.value("inspectd_inference_seconds_count")
-    infer_s = m1.value("inspectd_inference_seconds_sum") - m0.value("inspectd_inference_seconds_sum")
+    batches = m1.value("inspectd_inference_seconds_count", model="default") - m0.value(
+        "inspectd_inference_seconds_count", model="default"
+    )
+    infer_s = m1.value("inspectd_inference_seconds_sum", model="default") - m0.value(
+        "inspectd_inference_seconds_sum", model="default"
+    )
     residuals = [int(r) for r in re.findall(r"residual (-?\d+)", text)]
     runtime = re.search(r"with (\w+), events on", text)
     return {

@@ -60,10 +60,12 @@ def _cmd_check_config(args) -> int:
     check_dependencies(settings)
     print(f"# effective configuration from {path} (after INSPECTD_* environment overrides)")
     print(json.dumps(settings.model_dump(mode="json"), indent=2))
-    if getattr(args, "no_model", False):
-        print(f"# model {settings.model.path}: not loaded (--no-model)")
-        return 0
-    print("\n".join(f"# {line}" for line in check_model(settings.model)))
+    keys = {entry.id: f"models.{entry.id}" if settings.models else "model" for entry in settings.model_entries}
+    for entry in settings.model_entries:
+        if getattr(args, "no_model", False):
+            print(f"# {keys[entry.id]} {entry.path}: not loaded (--no-model)")
+        else:
+            print("\n".join(f"# {line}" for line in check_model(entry, keys[entry.id])))
     return 0
 
 
@@ -126,6 +128,36 @@ def _cmd_part(args) -> int:
         raise NoInputError(f"part {args.part_id!r}{where}: not in the part log under {root}")
     for line in lines:
         print(json.dumps(line) if args.json else describe_part(line))
+    return 0
+
+
+def _cmd_shadow(args) -> int:
+    from inspectd.service.shadows import format_reports, promote, shadow_reports
+
+    if args.verb == "report":
+        settings, _ = _settings(args)
+        reports = shadow_reports(settings)
+        if args.json:
+            print(
+                json.dumps(
+                    [{"model": r.model, "shadow": r.shadow, "folder": str(r.folder), **(r.summary or {})} for r in reports]
+                )
+            )
+        else:
+            print(format_reports(reports), end="")
+        return 0
+    _, config = _settings(args)  # the config must be valid as it is; the default path as `run` takes it
+    done = promote(config, args.model, dry_run=args.dry_run)
+    if args.dry_run:
+        print(done.text, end="")
+        print(f"# dry run: {config} unchanged", file=sys.stderr)
+        return 0
+    print(
+        f"promoted: model {done.model} now runs {done.new_path} (was {done.old_path}), the shadow {done.shadow} is "
+        f"removed from {config}; the previous config is {done.backup}.\n"
+        "Apply it: systemctl reload inspectd (SIGHUP): the new model is loaded and warmed up beside the running one, "
+        "then swapped in at once."
+    )
     return 0
 
 
@@ -520,6 +552,26 @@ def _add_part(sub) -> None:
     p.set_defaults(func=_cmd_part)
 
 
+def _add_shadow(sub) -> None:
+    p = sub.add_parser(
+        "shadow",
+        help="a shadow model (docs/models.md): what it measured against production; promote it",
+        description="A [[models]] table with shadow_of runs on its model's frames without publishing; the daemon "
+        "measures how the two agree. report: those measurements (exit 0; 66 when a model file is missing). "
+        "promote MODEL: rewrite the config so that MODEL runs its shadow's file (then reload the daemon).",
+    )
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+    r = verbs.add_parser("report", help="each shadow's agreement with its model: verdicts, scores, regions, disagreements")
+    r.add_argument("--config", type=Path, metavar="FILE", help="the daemon's config (default /etc/inspectd/config.toml)")
+    r.add_argument("--json", action="store_true", help="the summaries as JSON")
+    r.set_defaults(func=_cmd_shadow)
+    m = verbs.add_parser("promote", help="MODEL runs its shadow's file from the next reload; the shadow's table goes")
+    m.add_argument("model", metavar="MODEL", help="the id of the production model whose shadow to promote")
+    m.add_argument("--config", type=Path, metavar="FILE", help="the daemon's config (default /etc/inspectd/config.toml)")
+    m.add_argument("--dry-run", action="store_true", help="print the new config, change nothing")
+    m.set_defaults(func=_cmd_shadow)
+
+
 def _bridge_options(p) -> None:
     p.add_argument(
         "--config",
@@ -607,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_bench,
         _add_archive,
         _add_part,
+        _add_shadow,
         _add_keys,
         _add_proxy,
         _add_bridge,

@@ -164,9 +164,11 @@ class Metrics:
                 ),
             )
         )
-        self.batch_size = Histogram("batch_size", "Real (unpadded) frames per inference batch", buckets=BATCH_BUCKETS, **r)
+        self.batch_size = Histogram(
+            "batch_size", "Real (unpadded) frames per inference batch, per model", ["model"], buckets=BATCH_BUCKETS, **r
+        )
         self.inference_seconds = Histogram(
-            "inference_seconds", "Model call per batch (preprocess + forward)", buckets=LATENCY_BUCKETS, **r
+            "inference_seconds", "Model call per batch (preprocess + forward), per model", ["model"], buckets=LATENCY_BUCKETS, **r
         )
         self.end_to_end_seconds = Histogram(
             "end_to_end_seconds", "Capture to publish, per frame", ["camera"], buckets=LATENCY_BUCKETS, **r
@@ -217,8 +219,41 @@ class Metrics:
         self.reload_failures = Counter("reload_failures", "Reloads (SIGHUP) rejected; the old config/model kept", **r)
         self.model_info = Gauge(
             "model_info",
-            "The loaded model (value 1) and the runtime running it",
-            ["name", "sha256", "backbone", "input", "runtime", "device"],
+            "The loaded models (value 1 each; model = its id in the config, shadow_of = the model a shadow follows, "
+            "else empty) and the runtime running each",
+            ["model", "shadow_of", "name", "sha256", "backbone", "input", "runtime", "device"],
+            **r,
+        )
+        shadow = ["model", "shadow"]  # a shadow model (docs/models.md#a-shadow-model): the model it follows, its id
+        self.shadow_frames = Counter(
+            "shadow_frames",
+            "Frames a shadow model also ran, by the two verdicts (production, shadow_verdict: defect or ok)",
+            [*shadow, "production", "shadow_verdict"],
+            **r,
+        )
+        self.shadow_skipped = Counter(
+            "shadow_skipped",
+            "Frames sampled for a shadow model it did not run: busy (its queue full), yield (production frames waiting)",
+            [*shadow, "reason"],
+            **r,
+        )
+        self.shadow_region_iou = Histogram(
+            "shadow_region_iou",
+            "IoU of the production and shadow models' regions, on frames both call defective",
+            shadow,
+            buckets=tuple(round(0.1 * i, 1) for i in range(1, 11)),
+            **r,
+        )
+        self.shadow_agreement = Gauge(
+            "shadow_agreement", "Share of the frames compared on which both verdicts agree (since the model files)", shadow, **r
+        )
+        self.shadow_score_correlation = Gauge(
+            "shadow_score_correlation", "Pearson correlation of the two models' scores (since the model files)", shadow, **r
+        )
+        self.camera_info = Gauge(
+            "camera_info",
+            "The cameras (value 1 each): the model (id) their frames go to, and their mode",
+            ["camera", "model", "mode"],
             **r,
         )
         self.build = Info("build", "inspectd build", **r)
@@ -247,12 +282,32 @@ class Metrics:
         if reason != "queue_full":
             self.archive_errors.inc()
 
-    def set_model(self, name: str, sha256: str, backbone: str, input_size: tuple[int, int], runtime: str, device: str) -> None:
-        """Export the loaded model, its runtime and device as the only `model_info` series."""
+    def set_models(self, runs: Iterable, shadow_of: Mapping[str, str] | None = None) -> None:
+        """Export the loaded models (`inspectd.pipeline.context.ModelRun`s), each with its runtime and device, as the
+        only `model_info` series; `shadow_of`: {shadow id: the model it follows}."""
+        shadow_of = shadow_of or {}
         self.model_info.clear()
-        self.model_info.labels(
-            name=name, sha256=sha256, backbone=backbone, input=f"{input_size[0]}x{input_size[1]}", runtime=runtime, device=device
-        ).set(1)
+        for run in runs:
+            d, engine = run.deployable, run.engine
+            w, h = d.input_size
+            self.model_info.labels(
+                model=run.id,
+                shadow_of=shadow_of.get(run.id, ""),
+                name=d.name,
+                sha256=d.sha256,
+                backbone=d.meta.get("backbone", "unknown"),
+                input=f"{w}x{h}",
+                runtime=engine.runtime,
+                device=engine.device,
+            ).set(1)
+            self.inference_seconds.labels(model=run.id)  # every model's series from the start
+            self.batch_size.labels(model=run.id)
+
+    def set_cameras(self, cameras: Mapping[str, tuple[str, str]]) -> None:
+        """Export {camera: (model id, mode)} as the only `camera_info` series."""
+        self.camera_info.clear()
+        for camera, (model, mode) in cameras.items():
+            self.camera_info.labels(camera=camera, model=model, mode=mode).set(1)
 
 
 @dataclass(frozen=True)

@@ -44,12 +44,16 @@ def camera_toml(cam_id: str, url: str, **extra) -> str:
     return "\n".join(lines) + "\n"
 
 
-def daemon_config(tmp_path: Path, cameras: str, model: str = "builtin:demo", **sections: dict) -> tuple[Path, dict]:
-    """Write a config with free ports; returns (path, {"metrics": url, "events": endpoint})."""
+def daemon_config(
+    tmp_path: Path, cameras: str, model: str = "builtin:demo", models: list[dict] | None = None, **sections: dict
+) -> tuple[Path, dict]:
+    """Write a config with free ports; returns (path, {"metrics": url, "events": endpoint}). `models`: [[models]]
+    tables (each a dict of keys) instead of [model] path = `model`."""
     metrics_port, events_port = free_port(), free_port()
     publish = {"endpoint": f"tcp://127.0.0.1:{events_port}", "heartbeat_s": 0.5, **sections.pop("publish", {})}
+    tables = "".join("[[models]]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in m.items()) + "\n" for m in models or [])
     parts = [
-        f'[model]\npath = "{model}"\n',
+        tables or f'[model]\npath = "{model}"\n',
         f'[metrics]\nhost = "127.0.0.1"\nport = {metrics_port}\n',
         "[publish]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in publish.items()),
     ]

@@ -14,7 +14,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from inspectd.frames import DropReason, Frame
+from inspectd.frames import Batch, DropReason, Frame
 from inspectd.pipeline.batching import Batcher, FrameBoard, buckets_for
 
 IMAGE = np.zeros((4, 4, 3), np.uint8)
@@ -22,6 +22,11 @@ IMAGE = np.zeros((4, 4, 3), np.uint8)
 
 def _frame(cam: str, seq: int) -> Frame:
     return Frame(cam, seq, time.time(), time.monotonic(), IMAGE)
+
+
+def next_batch(batcher: Batcher, limit: int, max_wait_s: float, **kwargs) -> Batch | None:
+    """A batch of the one model every camera uses."""
+    return batcher.next_batch("m", lambda camera: "m", limit, max_wait_s, **kwargs)
 
 
 class Drops:
@@ -86,7 +91,7 @@ def test_round_robin_no_starvation():
         for cam in "abcde":
             seq += 1
             board.put(_frame(cam, seq))
-        served.append([f.camera for f in batcher.next_batch(2, 0).frames])
+        served.append([f.camera for f in next_batch(batcher, 2, 0).frames])
     flat = [c for batch in served for c in batch]
     counts = Counter(flat)
     assert max(counts.values()) - min(counts.values()) <= 1, counts
@@ -99,10 +104,10 @@ def test_waits_at_most_max_wait_for_more_frames():
     batcher = Batcher(board)
     board.put(_frame("a", 1))
     board.put(_frame("b", 2))
-    assert len(batcher.next_batch(4, 0.05).frames) == 2  # the batcher now knows two cameras
+    assert len(next_batch(batcher, 4, 0.05).frames) == 2  # the batcher now knows two cameras
     board.put(_frame("a", 3))  # b is late: wait for it, but no longer than max_wait
     t0 = time.monotonic()
-    batch = batcher.next_batch(4, 0.05)
+    batch = next_batch(batcher, 4, 0.05)
     waited = time.monotonic() - t0
     assert [f.camera for f in batch.frames] == ["a"]
     assert waited >= 0.04  # it did wait for b (an upper bound would only measure the machine's load)
@@ -114,7 +119,7 @@ def test_does_not_wait_for_more_cameras_than_there_are():
     batcher = Batcher(board)
     board.put(_frame("a", 1))
     board.put(_frame("b", 2))
-    assert len(batcher.next_batch(8, 3600).frames) == 2
+    assert len(next_batch(batcher, 8, 3600).frames) == 2
 
 
 def test_full_batch_does_not_wait():
@@ -123,7 +128,7 @@ def test_full_batch_does_not_wait():
     board.put(_frame("a", 1))
     board.put(_frame("b", 2))
     board.put(_frame("c", 3))
-    assert len(batcher.next_batch(2, 3600).frames) == 2
+    assert len(next_batch(batcher, 2, 3600).frames) == 2
 
 
 # -- overload, in virtual time --------------------------------------------------------------------
@@ -148,7 +153,7 @@ def simulate(rates: dict[str, float], limit: int, batch_s: float, seconds: float
             captured[cam] += 1
             board.put(_frame(cam, captured[cam]))
             heapq.heappush(events, (when + 1.0 / rates[cam], cam))
-        batch = batcher.next_batch(limit, 0, idle_wait_s=0)
+        batch = next_batch(batcher, limit, 0, idle_wait_s=0)
         if batch is not None:
             assert len(batch.frames) <= limit and len({f.camera for f in batch.frames}) == len(batch.frames)
             inferred.update(f.camera for f in batch.frames)
@@ -195,3 +200,63 @@ def test_the_simulation_sees_a_lost_frame(monkeypatch):
     captured, inferred, drops, in_flight = simulate({"a": 50.0, "b": 40.0, "c": 30.0}, limit=1, batch_s=0.04, seconds=10)
     lost = sum(captured[c] - inferred[c] - drops.count(c) - in_flight[c] for c in captured)
     assert lost > 0
+
+
+# -- several models --------------------------------------------------------------------------------
+
+
+def test_a_batch_holds_only_its_models_cameras_within_its_limit():
+    """Cameras a1, a2 on model A (limit 2) and b1, b2, b3 on model B (limit 3), all always ready: each model's
+    thread asks for its own batches, and gets only its cameras, at most its limit, in round robin."""
+    board = FrameBoard()
+    batcher = Batcher(board)
+    model_of = {"a1": "A", "a2": "A", "b1": "B", "b2": "B", "b3": "B"}.__getitem__
+    served: dict[str, Counter] = {"A": Counter(), "B": Counter()}
+    for seq in range(1, 13):
+        for cam in ("a1", "a2", "b1", "b2", "b3"):
+            board.put(_frame(cam, seq))
+        for model, limit in (("A", 2), ("B", 2)):
+            batch = batcher.next_batch(model, model_of, limit, 0)
+            cameras = [f.camera for f in batch.frames]
+            assert {model_of(c) for c in cameras} == {model} and len(cameras) == limit, (model, cameras)
+            served[model].update(cameras)
+    assert served["A"] == Counter({"a1": 12, "a2": 12})
+    assert served["B"] == Counter({"b1": 8, "b2": 8, "b3": 8}), served["B"]  # 2 of 3 per round: even over 12 rounds
+
+
+def test_a_model_waits_for_its_own_frames_not_the_others():
+    board = FrameBoard()
+    batcher = Batcher(board)
+    model_of = {"a": "A", "b": "B"}.__getitem__
+    board.put(_frame("b", 1))
+    t0 = time.monotonic()
+    assert batcher.next_batch("A", model_of, 4, 0, idle_wait_s=0.05) is None  # B's frame is no batch for A
+    assert time.monotonic() - t0 >= 0.04  # A waited for a frame of its own
+    assert [f.camera for f in batcher.next_batch("B", model_of, 4, 0).frames] == ["b"]
+    board.put(_frame("a", 2))
+    assert [f.camera for f in batcher.next_batch("A", model_of, 4, 0).frames] == ["a"]
+
+
+def test_two_models_under_overload_lose_nothing():
+    """Virtual time: four cameras at 10 frames/s, two per model, each model's thread running a batch of up to 2
+    in 0.1 s in parallel (the models share nothing but the board): each model infers all of its frames it can,
+    and every frame is inferred, dropped (stale) or still waiting."""
+    model_of = {"a1": "A", "a2": "A", "b1": "B", "b2": "B"}.__getitem__
+    drops = Drops()
+    board = FrameBoard(on_drop=drops)
+    batcher = Batcher(board)
+    captured, inferred = Counter(), Counter()
+    t = 0.0
+    while t < 60:
+        for cam in ("a1", "a2", "b1", "b2"):
+            captured[cam] += 1
+            board.put(_frame(cam, captured[cam]))
+        for model in ("A", "B"):
+            batch = batcher.next_batch(model, model_of, 2, 0, idle_wait_s=0)
+            if batch is not None:
+                inferred.update(f.camera for f in batch.frames)
+        t += 0.1
+    assert set(inferred.values()) == {600}, inferred  # both models keep up: nothing stale
+    waiting = Counter(board.cameras())
+    for cam in captured:
+        assert captured[cam] == inferred[cam] + drops.count(cam) + waiting[cam], cam

@@ -47,8 +47,13 @@ def test_two_synthetic_cameras_publish_defects_and_metrics(tmp_path):
             assert m.value("inspectd_frames_inferred_total", camera=cam) > 0
             # Every defect event this subscriber got was counted (more may have been sent before it joined).
             assert m.value("inspectd_defects_total", camera=cam) >= sum(ev.camera == cam for ev in defects)
-        assert m.value("inspectd_inference_seconds_count") > 0
+        assert m.value("inspectd_inference_seconds_count", model="default") > 0  # [model]: the model "default"
         [info] = m.find("inspectd_model_info")
+        assert info.labels["model"] == "default"
+        assert {s.labels["camera"]: s.labels["model"] for s in m.find("inspectd_camera_info")} == {
+            "cam-a": "default",
+            "cam-b": "default",
+        }
         assert info.labels["backbone"] == "efficientnet_lite0" and info.labels["name"] == "demo"
         assert info.labels["runtime"] == "onnxruntime"  # runtime auto on a CPU, onnxruntime installed (dev extra)
         assert m.find("inspectd_build_info")

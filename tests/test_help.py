@@ -17,6 +17,7 @@ COMMANDS = (
     "bench",
     "archive",
     "part",
+    "shadow",
     "keys",
     "proxy",
     "bridge",

@@ -32,12 +32,15 @@ CHROMEDRIVER = shutil.which("chromedriver")
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ui")
-    cams = "".join(
-        camera_toml(c, f"synthetic://?fps=8&width=320&height=240&defect_rate=0.4&seed={i + 1}") for i, c in enumerate(CAMERAS)
-    )
     port = free_port()
+    # Two models (both the demo model, under ids of their own): each tile names its camera's.
+    models = [{"id": camera.removeprefix("line1-"), "path": "builtin:demo"} for camera in CAMERAS]
+    cams = "".join(
+        camera_toml(c, f"synthetic://?fps=8&width=320&height=240&defect_rate=0.4&seed={i + 1}", model=c.removeprefix("line1-"))
+        for i, c in enumerate(CAMERAS)
+    )
     config, urls = daemon_config(
-        tmp, cams, ui={"enabled": True, "port": port, "max_fps": 4, "collect_dir": str(tmp / "collected")}
+        tmp, cams, models=models, ui={"enabled": True, "port": port, "max_fps": 4, "collect_dir": str(tmp / "collected")}
     )
     with DaemonProcess(config, tmp / "daemon.log") as proc:
         proc.wait_ready(urls["metrics"])
@@ -113,6 +116,11 @@ def test_the_page_shows_every_camera_live_with_recent_defects(daemon, browser, t
             30,
             lambda t=tile: f"frames/s inspected shown, got {t.text!r}",
         )
+    for tile in tiles:  # the model each camera's frames go to, as [[cameras]] model says
+        model = tile.get_attribute("data-camera").removeprefix("line1-")
+        assert tile.find_element(By.CSS_SELECTOR, ".model").text == f"{model} (demo)", tile.text
+    summary = browser.find_element(By.ID, "summary").text
+    assert "models top, side" in summary or "models side, top" in summary, summary
     live = tiles[0].find_element(By.CSS_SELECTOR, "img.live")
     wait_until(lambda: _loaded(browser, live), 30, "the live picture")
     first = live.screenshot_as_png

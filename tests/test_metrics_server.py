@@ -32,7 +32,7 @@ def test_no_created_series_for_labelled_metrics():
     metrics.frames_captured.labels(camera="a").inc()
     metrics.frames_dropped.labels(camera="a", reason="stale").inc()
     metrics.end_to_end_seconds.labels(camera="a").observe(0.1)
-    metrics.inference_seconds.observe(0.1)
+    metrics.inference_seconds.labels(model="default").observe(0.1)
     text = generate_latest(metrics.registry).decode()
     assert "inspectd_frames_captured_total" in text and "inspectd_end_to_end_seconds_bucket" in text
     assert "_created" not in text

@@ -179,7 +179,7 @@ def test_topics_and_payloads_of_a_defect_event(tmp_path):
     from inspectd.outputs.wire import inspection_body
 
     insp = make_inspection(camera="top", attach_frame=True)
-    body, attachments = inspection_body(insp, {"name": "m", "sha256": "0" * 64}, with_frame=True)
+    body, attachments = inspection_body(insp, {"id": "top-model", "name": "m", "sha256": "0" * 64}, with_frame=True)
     event = decode_event(encode_message("defect.top", "run1", 7, body, attachments), decode=False)
     separate = topics_for(event, "line3", MqttConfig())
     assert [m.topic for m in separate] == [
@@ -190,6 +190,7 @@ def test_topics_and_payloads_of_a_defect_event(tmp_path):
     ]
     header = json.loads(separate[0].payload)
     assert (header["line"], header["run_id"], header["seq"], header["camera"]) == ("line3", "run1", 7, "top")
+    assert header["model"] == {"id": "top-model", "name": "m", "sha256": "0" * 64}  # the model of the verdict
     assert separate[1].payload[:8] == b"\x89PNG\r\n\x1a\n"
     inline = topics_for(event, "line3", MqttConfig(frames="inline", topic_prefix="plant/a"))
     assert [m.topic for m in inline] == ["plant/a/line3/top/defect"]

@@ -27,7 +27,7 @@ from inspectd.outputs.publish import Publisher
 
 pytestmark = pytest.mark.slow
 
-MODEL = {"name": "test", "sha256": "0" * 64}
+MODEL = {"id": "top-model", "name": "test", "sha256": "0" * 64}
 
 
 @pytest.fixture()
@@ -159,6 +159,8 @@ async def _verdicts(bridge: BridgeProcess, pub: Publisher) -> None:
         inspected = await (await _node(client, "Inspected")).read_value()
         assert inspected == frame and await (await _node(client, "Defects")).read_value() == defects
         assert await (await _node(client, "RunId")).read_value() == "run-opcua"
+        assert await (await _node(client, "Model")).read_value() == "top-model"  # the model of the verdict
+        assert await (await _node(client, "ModelSha256")).read_value() == "0" * 64
         from asyncua import ua
 
         camera = client.get_node(ua.NodeId("inspectd/line3/top", await client.get_namespace_index("urn:inspectd")))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, defaultdict
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -146,7 +147,7 @@ def test_under_overload_every_part_gets_exactly_one_verdict_in_order(tf):
     demo = load_model(resolve_model_path("builtin:demo"))
     engine = InferenceEngine(demo, (1, 2, 4))
     engine.warmup((96, 64))
-    context = InferenceContext(engine, InspectOptions(threshold=0.5), demo, max_wait_s=0.002)
+    context = InferenceContext.single(engine, InspectOptions(threshold=0.5), demo, max_wait_s=0.002)
     registry = CollectorRegistry()
     results: list[PartResult] = []
     lock = threading.Lock()
@@ -221,7 +222,7 @@ def test_a_part_the_model_cannot_finish_in_time_is_not_started():
     """Batches lose the parts whose deadline passes before the model's recent time per batch is over: those end
     not_inspected (`deadline`) at once, counted as frames dropped; the others are run."""
     from inspectd.frames import Batch
-    from inspectd.pipeline.core import Pipeline
+    from inspectd.pipeline.core import Pipeline, _Lane
 
     results: list[PartResult] = []
 
@@ -231,7 +232,8 @@ def test_a_part_the_model_cannot_finish_in_time_is_not_started():
         def publish_episode(self, episode, model, best_event): ...
 
     class Context:
-        model = {"name": "m", "sha256": "0"}
+        def run_for(self, camera):
+            return SimpleNamespace(model={"id": "m", "name": "m", "sha256": "0"})
 
     registry = CollectorRegistry()
     pipeline = Pipeline(Context(), Metrics(registry), Sink(), workers=1, parts=lambda r, model: results.append(r))  # type: ignore[arg-type]
@@ -239,9 +241,10 @@ def test_a_part_the_model_cannot_finish_in_time_is_not_started():
     soon, later = part("a", 1, now - 0.95, deadline_s=1.0), part("a", 2, now, deadline_s=1.0)  # 50 ms and 1 s left
     for frame in (soon, later):
         pipeline.parts.admit(frame)
-    assert pipeline._without_hopeless_parts(Batch((soon, later))).frames == (soon, later)  # no model time yet: all run
-    pipeline._model_s = 0.2
-    assert pipeline._without_hopeless_parts(Batch((soon, later))).frames == (later,)
+    lane = _Lane("m", lambda lane: None)
+    assert pipeline._without_hopeless_parts(Batch((soon, later)), lane).frames == (soon, later)  # no model time yet: all run
+    lane.model_s = 0.2
+    assert pipeline._without_hopeless_parts(Batch((soon, later)), lane).frames == (later,)
     assert [(r.part_id, r.reason) for r in results] == [("a-1", "deadline")]
     assert pipeline.metrics.frames_dropped.total(reason="deadline") == 1
-    assert pipeline._without_hopeless_parts(Batch((soon,))) is None  # nothing left to run
+    assert pipeline._without_hopeless_parts(Batch((soon,)), lane) is None  # nothing left to run

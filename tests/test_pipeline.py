@@ -88,7 +88,7 @@ def test_swap_never_mixes_contexts(tf):
         deployable = dataclasses.replace(demo, meta={**demo.meta, "name": name})
         engine = InferenceEngine(deployable, buckets)
         engine.warmup()
-        contexts.append(InferenceContext(engine, InspectOptions(threshold=threshold), deployable, max_wait_s=0.002))
+        contexts.append(InferenceContext.single(engine, InspectOptions(threshold=threshold), deployable, max_wait_s=0.002))
     expected = {"small": 0.11, "large": 0.99}
     registry = CollectorRegistry()
     sink = _Sink()

@@ -190,6 +190,7 @@ def test_dashboard_structure():
         "process_cpu_seconds_total",
         "process_resident_memory_bytes",
         "inspectd_model_info",
+        "inspectd_camera_info",
         "inspectd_build_info",
         "inspectd_reload_failures_total",
     ):

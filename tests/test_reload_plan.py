@@ -8,6 +8,7 @@ from inspectd.config import Settings
 from inspectd.service.reload import CONTEXT_KEYS, ENGINE_KEYS, LIVE_KEYS, RESTART_KEYS, changed_keys, plan_reload
 
 SHA = "a" * 64
+RUNNING = {"default": SHA}  # the model files' sha256 by model id, of the running daemon
 CAM_A = {"id": "cam-a", "url": "synthetic://?seed=1"}
 CAM_B = {"id": "cam-b", "url": "synthetic://?seed=2"}
 
@@ -16,20 +17,21 @@ def settings(**sections) -> Settings:
     return Settings(**{"cameras": [CAM_A], **sections})
 
 
-# (name, new settings, new model sha256, expected: load_model, swap_context, applied, needs_restart, cameras)
+# (name, new settings, new model sha256, expected: load_models, swap_context, applied, needs_restart, cameras)
+Y, N = ("default",), ()  # the one model of [model] loaded again, or not
 CASES = [
-    ("nothing", settings(), SHA, False, False, (), (), ((), (), ())),
-    ("model file rewritten in place", settings(), "b" * 64, True, True, ("model file (new contents)",), (), ((), (), ())),
-    ("model path", settings(model={"path": "/m/other.keras"}), "b" * 64, True, True, ("model.path",), (), ((), (), ())),
-    ("threshold only", settings(model={"threshold": 0.7}), SHA, False, True, ("model.threshold",), (), ((), (), ())),
-    ("precision", settings(model={"precision": "mixed_float16"}), SHA, True, True, ("model.precision",), (), ((), (), ())),
-    ("max_batch", settings(batching={"max_batch": 4}), SHA, True, True, ("batching.max_batch",), (), ((), (), ())),
-    ("max_wait_ms", settings(batching={"max_wait_ms": 50}), SHA, False, True, ("batching.max_wait_ms",), (), ((), (), ())),
+    ("nothing", settings(), SHA, N, False, (), (), ((), (), ())),
+    ("model file rewritten in place", settings(), "b" * 64, Y, True, ("model file (new contents)",), (), ((), (), ())),
+    ("model path", settings(model={"path": "/m/other.keras"}), "b" * 64, Y, True, ("model.path",), (), ((), (), ())),
+    ("threshold only", settings(model={"threshold": 0.7}), SHA, N, True, ("model.threshold",), (), ((), (), ())),
+    ("precision", settings(model={"precision": "mixed_float16"}), SHA, Y, True, ("model.precision",), (), ((), (), ())),
+    ("max_batch", settings(batching={"max_batch": 4}), SHA, Y, True, ("batching.max_batch",), (), ((), (), ())),
+    ("max_wait_ms", settings(batching={"max_wait_ms": 50}), SHA, N, True, ("batching.max_wait_ms",), (), ((), (), ())),
     (
         "results and attach_frame apply at once",
         settings(publish={"results": True, "attach_frame": True}),
         SHA,
-        False,
+        N,
         True,
         ("publish.results", "publish.attach_frame"),
         (),
@@ -39,7 +41,7 @@ CASES = [
         "endpoint needs a restart",
         settings(publish={"endpoint": "tcp://127.0.0.1:6000"}),
         SHA,
-        False,
+        N,
         False,
         (),
         ("publish.endpoint",),
@@ -49,7 +51,7 @@ CASES = [
         "stuck_after_s applies live, shutdown timeout waits",
         settings(daemon={"stuck_after_s": 60, "shutdown_timeout_s": 3}),
         SHA,
-        False,
+        N,
         False,
         ("daemon.stuck_after_s",),
         ("daemon.shutdown_timeout_s",),
@@ -59,7 +61,7 @@ CASES = [
         "metrics port and workers need a restart",
         settings(metrics={"port": 9200}, postprocess={"workers": 4}),
         SHA,
-        False,
+        N,
         False,
         (),
         ("postprocess.workers", "metrics.port"),
@@ -69,20 +71,20 @@ CASES = [
         "mask_resolution applies, workers wait",
         settings(postprocess={"workers": 4, "mask_resolution": "cam"}),
         SHA,
-        False,
+        N,
         True,
         ("postprocess.mask_resolution",),
         ("postprocess.workers",),
         ((), (), ()),
     ),
-    ("camera added", Settings(cameras=[CAM_A, CAM_B]), SHA, False, False, (), (), ((), ("cam-b",), ())),
-    ("camera removed", Settings(cameras=[]), SHA, False, False, (), (), (("cam-a",), (), ())),
-    ("camera changed", Settings(cameras=[{**CAM_A, "fps_limit": 5}]), SHA, False, False, (), (), ((), (), ("cam-a",))),
+    ("camera added", Settings(cameras=[CAM_A, CAM_B]), SHA, N, False, (), (), ((), ("cam-b",), ())),
+    ("camera removed", Settings(cameras=[]), SHA, N, False, (), (), (("cam-a",), (), ())),
+    ("camera changed", Settings(cameras=[{**CAM_A, "fps_limit": 5}]), SHA, N, False, (), (), ((), (), ("cam-a",))),
     (
         "a camera's threshold and mask rule: the context swaps, the camera keeps running",
         Settings(cameras=[{**CAM_A, "threshold": 0.9, "mask_rule": "relative:0.5"}]),
         SHA,
-        False,
+        N,
         True,
         ("cameras.cam-a.threshold", "cameras.cam-a.mask_rule"),
         (),
@@ -92,7 +94,7 @@ CASES = [
         "a camera's min_region_px with its url: restarted, and the context swaps",
         Settings(cameras=[{**CAM_A, "url": "synthetic://?seed=9", "min_region_px": 50}]),
         SHA,
-        False,
+        N,
         True,
         ("cameras.cam-a.min_region_px",),
         (),
@@ -103,8 +105,8 @@ CASES = [
 
 @pytest.mark.parametrize(("name", "new", "sha", "load", "swap", "applied", "restart", "cams"), CASES, ids=[c[0] for c in CASES])
 def test_plan(name, new, sha, load, swap, applied, restart, cams):
-    plan = plan_reload(settings(), new, SHA, sha)
-    assert (plan.load_model, plan.swap_context) == (load, swap)
+    plan = plan_reload(settings(), new, RUNNING, {"default": sha})
+    assert (plan.load_models, plan.swap_context) == (load, swap)
     assert plan.applied == applied
     assert plan.needs_restart == restart
     assert (plan.stop_cameras, tuple(c.id for c in plan.start_cameras), tuple(c.id for c in plan.restart_cameras)) == cams
@@ -117,7 +119,7 @@ def test_effective_settings_keep_what_needs_a_restart():
     new = settings(
         publish={"endpoint": "tcp://127.0.0.1:6000", "results": True}, model={"threshold": 0.8}, daemon={"stuck_after_s": 99}
     )
-    plan = plan_reload(old, new, SHA, SHA)
+    plan = plan_reload(old, new, RUNNING, RUNNING)
     eff = plan.effective
     assert eff.publish.endpoint == "tcp://127.0.0.1:5556"  # still bound to the old one
     assert eff.publish.results is True  # applied at once
@@ -128,13 +130,13 @@ def test_effective_settings_keep_what_needs_a_restart():
 
 def test_describe_says_what_applied_and_what_waits():
     new = Settings(cameras=[CAM_B], model={"threshold": 0.6}, metrics={"port": 9300})
-    lines = plan_reload(settings(), new, SHA, SHA).describe()
+    lines = plan_reload(settings(), new, RUNNING, RUNNING).describe()
     assert lines == [
         "applied: model.threshold",
         "cameras added cam-b; removed cam-a",
         "needs a restart to take effect (still running the old values): metrics.port",
     ]
-    assert plan_reload(settings(), settings(), SHA, SHA).describe() == ["nothing changed"]
+    assert plan_reload(settings(), settings(), RUNNING, RUNNING).describe() == ["nothing changed"]
 
 
 def test_every_key_is_classified_exactly_once():
@@ -143,10 +145,89 @@ def test_every_key_is_classified_exactly_once():
     every = [key for group in groups for key in group]
     assert len(every) == len(set(every)), "a key is in two groups"
     base = settings()
-    keys = {f"{section}.{key}" for section, values in base.model_dump(exclude={"cameras"}).items() for key in values}
+    keys = {f"{section}.{key}" for section, values in base.model_dump(exclude={"cameras", "models"}).items() for key in values}
     assert keys == set(every)
     # changed_keys sees a change of any of them (here: a key of each section with a simple type changed)
-    assert changed_keys(base, settings(daemon={"warmup": False}, archive={"max_age_s": 5})) == [
+    assert changed_keys(base, settings(daemon={"warmup": False}, archive={"max_age_s": 5}, model={"threshold": 0.1})) == [
         "archive.max_age_s",
         "daemon.warmup",
     ]
+
+
+# -- several models ---------------------------------------------------------------------------------
+
+TOP = {"id": "top", "path": "/m/top.keras"}
+SIDE = {"id": "side", "path": "/m/side.keras"}
+CAM_TOP = {"id": "cam-top", "url": "synthetic://?seed=1", "model": "top"}
+CAM_SIDE = {"id": "cam-side", "url": "synthetic://?seed=2", "model": "side"}
+HASHES = {"top": "1" * 64, "side": "2" * 64}
+
+
+def two(top=None, side=None, cameras=None, **sections) -> Settings:
+    return Settings(models=[{**TOP, **(top or {})}, {**SIDE, **(side or {})}], cameras=cameras or [CAM_TOP, CAM_SIDE], **sections)
+
+
+# (name, new settings, new hashes, expected: load_models, swap_context, applied, cameras restarted)
+MODEL_CASES = [
+    ("nothing", two(), HASHES, (), False, (), ()),
+    (
+        "one model's file rewritten",
+        two(),
+        {**HASHES, "side": "3" * 64},
+        ("side",),
+        True,
+        ("models.side file (new contents)",),
+        (),
+    ),
+    (
+        "one model's path",
+        two(side={"path": "/m/side2.keras"}),
+        {**HASHES, "side": "3" * 64},
+        ("side",),
+        True,
+        ("models.side.path",),
+        (),
+    ),
+    ("one model's threshold: no engine", two(top={"threshold": 0.3}), HASHES, (), True, ("models.top.threshold",), ()),
+    ("one model's runtime", two(top={"runtime": "openvino"}), HASHES, ("top",), True, ("models.top.runtime",), ()),
+    ("max_batch: every model", two(batching={"max_batch": 2}), HASHES, ("top", "side"), True, ("batching.max_batch",), ()),
+    (
+        "a model added, a camera moved to it: no camera restarts",
+        Settings(models=[TOP, SIDE, {"id": "new", "path": "/m/new.keras"}], cameras=[CAM_TOP, {**CAM_SIDE, "model": "new"}]),
+        {**HASHES, "new": "4" * 64},
+        ("new",),
+        True,
+        ("models.new (added)", "cameras.cam-side.model"),
+        (),
+    ),
+    (
+        "a model removed, its camera moved away",
+        Settings(models=[TOP], cameras=[CAM_TOP, {**CAM_SIDE, "model": "top"}]),
+        {"top": HASHES["top"]},
+        (),
+        True,
+        ("models.side (removed)", "cameras.cam-side.model"),
+        (),
+    ),
+    (
+        "the default model changes with the order",
+        Settings(models=[SIDE, TOP], cameras=[CAM_TOP, CAM_SIDE]),
+        HASHES,
+        (),
+        True,
+        ("models (order: the first is the default)",),
+        (),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "new", "hashes", "load", "swap", "applied", "restarted"), MODEL_CASES, ids=[c[0] for c in MODEL_CASES]
+)
+def test_plan_per_model(name, new, hashes, load, swap, applied, restarted):
+    """A change of one model loads that model alone; the others keep their engines, and no camera restarts."""
+    plan = plan_reload(two(), new, HASHES, hashes)
+    assert (plan.load_models, plan.swap_context) == (load, swap)
+    assert plan.applied == applied
+    assert tuple(c.id for c in plan.restart_cameras) == restarted
+    assert plan.needs_restart == () and plan.stop_cameras == () and plan.start_cameras == ()

@@ -11,6 +11,8 @@ namespace` (default `urn:inspectd`), with string node ids a PLC can be configure
       .../CapturedAt   DateTime  when the frame was captured (also each value's SourceTimestamp)
       .../EpisodeId    Int64     its defect episode (0: none)
       .../RunId        String    the daemon's run_id
+      .../Model        String    the model that gave the verdict: its id ([[models]]; "default" for [model])
+      .../ModelSha256  String    and its file's sha256
       .../FrameSeq     Int64     its frame_seq (a PLC matches it to the part it tracks), written last
       .../State        String    the camera's state (up, down, ...)
       .../Inspected    Int64     verdicts seen since the bridge started
@@ -66,6 +68,8 @@ NODE_VARIABLES = {
     "CapturedAt": ("DateTime", None),
     "EpisodeId": ("Int64", 0),
     "RunId": ("String", ""),
+    "Model": ("String", ""),
+    "ModelSha256": ("String", ""),
     "FrameSeq": ("Int64", 0),
     "State": ("String", "unknown"),
     "Inspected": ("Int64", 0),
@@ -383,6 +387,7 @@ class OpcUaBridge:
             camera.defects += bool(h["is_defect"])
             captured = datetime.fromtimestamp(parse_rfc3339(h["captured_at"]), timezone.utc)
             episode = h.get("episode")
+            model = h["model"] if isinstance(h.get("model"), dict) else {}
             await self._write(
                 camera,
                 {
@@ -391,6 +396,8 @@ class OpcUaBridge:
                     "CapturedAt": captured,
                     "EpisodeId": int(episode) if isinstance(episode, int) else 0,
                     "RunId": h["run_id"],
+                    "Model": str(model.get("id", "")),
+                    "ModelSha256": str(model.get("sha256", "")),
                     "Inspected": camera.inspected,
                     "Defects": camera.defects,
                     "FrameSeq": int(h["frame_seq"]),  # last: a new FrameSeq means this verdict's values are all in

@@ -11,7 +11,7 @@ from inspectd.config.base import Reload, Section, setting
 from inspectd.config.cameras import CameraConfig
 from inspectd.config.daemon import DaemonConfig
 from inspectd.config.loading import load_toml_model
-from inspectd.config.model import ModelConfig
+from inspectd.config.model import DEFAULT_MODEL_ID, ModelConfig, ModelEntry
 from inspectd.config.outputs import (
     ArchiveConfig,
     CurveServerConfig,
@@ -33,6 +33,8 @@ __all__ = [
     "DaemonConfig",
     "load_toml_model",
     "ModelConfig",
+    "ModelEntry",
+    "DEFAULT_MODEL_ID",
     "ArchiveConfig",
     "CurveServerConfig",
     "MetricsConfig",

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from inspectd.config.base import PathText, Section, Text
-from inspectd.config.model import MaskRuleText
+from inspectd.config.model import MODEL_ID, MaskRuleText
 
 
 class CameraConfig(Section):
@@ -53,11 +53,14 @@ class CameraConfig(Section):
     not_inspected: Literal["reject", "accept"] = Field(
         "reject", description="parts: what the line does with a not_inspected part (reject: fail-safe)"
     )
+    model: str | None = Field(
+        None, pattern=MODEL_ID, description="the id of the [[models]] table this camera's frames go to (default: the first)"
+    )
     threshold: float | None = Field(
-        None, ge=0, le=1, description="this camera's image-level threshold on the score (default: [model] threshold)"
+        None, ge=0, le=1, description="this camera's image-level threshold on the score (default: its model's threshold)"
     )
     mask_rule: MaskRuleText | None = Field(
-        None, description="this camera's mask rule, probability:P | relative:D | quantile:Q | minmax:M (default: [model]'s)"
+        None, description="this camera's mask rule, probability:P | relative:D | quantile:Q | minmax:M (default: its model's)"
     )
     min_region_px: int | None = Field(
         None, ge=1, le=100_000_000, description="this camera's smallest region (default: [postprocess] min_region_px)"

@@ -1,18 +1,24 @@
-"""[model]: which model runs, where, and the rules that turn its outputs into verdicts and masks."""
+"""[model] and [[models]]: which models run, where, and the rules that turn their outputs into verdicts and masks.
+
+`[model]` is the short form of one model (id "default"); `[[models]]` tables name several, each
+camera choosing its own (`[[cameras]] model`). `Settings.model_entries` gives the models either way.
+"""
 
 from __future__ import annotations
 
-__all__ = ["ModelConfig", "MaskRuleText"]
+__all__ = ["ModelConfig", "ModelEntry", "MaskRuleText", "MODEL_ID", "DEFAULT_MODEL_ID"]
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from inspectd.config.base import PathText, Reload, Section, setting
 from inspectd.model.deployable import BUILTIN_DEMO_MODEL
 from inspectd.model.masks import MaskRule
 
 E, C = Reload.ENGINE, Reload.CONTEXT
+MODEL_ID = r"^[a-z0-9_-]{1,64}$"
+DEFAULT_MODEL_ID = "default"  # the id of the one model of the short form, [model]
 
 
 def _mask_rule(value: str) -> str:
@@ -69,3 +75,19 @@ class ModelConfig(Section):
         if self.mask_rule is not None and self.mask_threshold is not None:
             raise ValueError("set model.mask_rule or model.mask_threshold (= mask_rule probability:VALUE), not both")
         return self
+
+
+class ModelEntry(ModelConfig):
+    """One [[models]] table: a model with an id of its own (and the keys of [model]), or a shadow of another."""
+
+    id: str = Field(pattern=MODEL_ID, description="[a-z0-9_-]+; what cameras name (`model`), in metric labels and events")
+    shadow_of: str | None = setting(
+        None,
+        reload=C,
+        pattern=MODEL_ID,
+        description="run as the shadow of this model: on (a sample of) its frames, never publishing, its agreement "
+        "measured (docs/models.md#a-shadow-model)",
+    )
+    sample: float = setting(
+        1.0, reload=C, gt=0, le=1, description="a shadow: the share of its model's inferred frames it also runs"
+    )

@@ -29,7 +29,9 @@ says how the file is read (environment overrides `INSPECTD_<SECTION>__<KEY>`, er
 ([daemon.md](daemon.md#reload-systemctl-reload-inspectd--sighup)): *engine* = the model is loaded
 again and a new engine warmed up beside the running one; *context* = new thresholds and output
 options for the next batch; *live* = read at each use; *restart* = applies at the next restart (the
-daemon keeps running the old value). A changed `[[cameras]]` table restarts that camera alone.
+daemon keeps running the old value). A changed `[[cameras]]` table restarts that camera alone (but
+for `model`, `threshold`, `mask_rule` and `min_region_px`: a new context, the camera keeps running);
+a changed `[[models]]` table gets that model a new engine or context, the other models keep theirs.
 **Path** keys: a relative path is relative to the config file.
 """
 
@@ -72,8 +74,8 @@ def _section(name: str, model: type[BaseModel], table: bool) -> list[str]:
     title = f"## `[[{name}]]`" if table else f"## `[{name}]`"
     lines = [title, "", "| key | default | allowed | reload | description |", "|---|---|---|---|---|"]
     for key, field in model.model_fields.items():
-        reload = None if table else reload_of(field)
-        how = "camera" if table else (reload.value if reload else "restart")
+        reload = reload_of(field)
+        how = reload.value if reload else ("camera" if name == "cameras" else "-" if key == "id" else "restart")
         kind = " (path)" if is_path_field(field) else ""
         text = (field.description or "").replace("|", "\\|")
         lines.append(f"| `{key}`{kind} | {_default(field)} | {_allowed(field)} | {how} | {text} |")
@@ -85,7 +87,7 @@ def markdown() -> str:
     out = [_HEAD]
     for name, field in Settings.model_fields.items():
         model = typing.cast(type[BaseModel], section_model(field.annotation))  # every key of Settings is a section
-        out += _section(name, model, table=name == "cameras")
+        out += _section(name, model, table=name in ("cameras", "models"))
     return "\n".join(out).rstrip() + "\n"
 
 

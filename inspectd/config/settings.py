@@ -1,4 +1,4 @@
-"""The whole daemon configuration: one model per TOML section, env overrides `INSPECTD_<SECTION>__<KEY>`.
+"""The whole daemon configuration: one pydantic model per TOML section, env overrides `INSPECTD_<SECTION>__<KEY>`.
 
 Unknown keys are errors; every error names the key (or the INSPECTD_* variable it came from), the
 bad value and what is allowed, in one line. Relative paths are relative to the config file.
@@ -38,7 +38,7 @@ from inspectd.config.loading import (
     resolve_paths,
     section_model,
 )
-from inspectd.config.model import ModelConfig
+from inspectd.config.model import DEFAULT_MODEL_ID, ModelConfig, ModelEntry
 from inspectd.config.outputs import ArchiveConfig, MetricsConfig, PublishConfig, ReplayConfig, TriggerConfig, UiConfig
 from inspectd.config.pipeline import BatchingConfig, EpisodesConfig, PostprocessConfig
 from inspectd.errors import ConfigError
@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True)
 
     model: ModelConfig = ModelConfig()
+    models: list[ModelEntry] = Field(
+        default_factory=list,
+        description="one [[models]] table per model when cameras use several; without any, [model] is the one model "
+        f"(id {DEFAULT_MODEL_ID!r})",
+    )
     batching: BatchingConfig = BatchingConfig()
     cameras: list[CameraConfig] = Field(
         default_factory=list, description="one [[cameras]] table per camera; load_settings requires at least one"
@@ -90,6 +95,63 @@ class Settings(BaseSettings):
         if dupes:
             raise ValueError(f"camera ids must be unique; repeated: {', '.join(dupes)}")
         return cameras
+
+    @field_validator("models")
+    @classmethod
+    def _unique_model_ids(cls, models: list[ModelEntry]) -> list[ModelEntry]:
+        dupes = repeated([m.id for m in models])
+        if dupes:
+            raise ValueError(f"model ids must be unique; repeated: {', '.join(dupes)}")
+        return models
+
+    @model_validator(mode="after")
+    def _cameras_name_models(self) -> Settings:
+        """[model] or [[models]], not both; a camera's `model` names one of them."""
+        if self.models and self.model != ModelConfig():
+            raise ValueError("set [model] (one model) or [[models]] tables (several), not both")
+        self._check_shadows()
+        ids = [m.id for m in self.production_models]
+        for cam in self.cameras:
+            if cam.model is not None and cam.model not in ids:
+                shadow = " (a shadow: cameras name its model)" if cam.model in self._shadow_ids() else ""
+                known = "the [[models]] ids are " if self.models else "[model] is the one model, id "
+                raise ValueError(f"cameras[{cam.id}].model: no model {cam.model!r}{shadow}; {known}{', '.join(ids)}")
+        return self
+
+    def _shadow_ids(self) -> set[str]:
+        return {m.id for m in self.models if m.shadow_of is not None}
+
+    def _check_shadows(self) -> None:
+        """A shadow follows a model that is not itself a shadow, one shadow per model; some model is not a shadow."""
+        production = {m.id for m in self.models if m.shadow_of is None}
+        if self.models and not production:
+            raise ValueError("models: every [[models]] table is a shadow (shadow_of); at least one model must not be")
+        followed = [m.shadow_of for m in self.models if m.shadow_of is not None]
+        for m in self.models:
+            if m.shadow_of is not None and m.shadow_of not in production:
+                what = "itself" if m.shadow_of == m.id else "a shadow" if m.shadow_of in self._shadow_ids() else "no model"
+                models = ", ".join(sorted(production))
+                raise ValueError(f"models[{m.id}].shadow_of: {m.shadow_of!r} is {what}; a shadow follows one of {models}")
+        dupes = repeated(followed)
+        if dupes:
+            raise ValueError(f"models: one shadow per model; {', '.join(dupes)} has several")
+
+    @property
+    def model_entries(self) -> tuple[ModelEntry, ...]:
+        """The models the daemon runs (shadows included), in config order: the [[models]] tables, or [model] with
+        id "default"."""
+        if self.models:
+            return tuple(self.models)
+        return (ModelEntry(id=DEFAULT_MODEL_ID, **self.model.model_dump()),)
+
+    @property
+    def production_models(self) -> tuple[ModelEntry, ...]:
+        """The models cameras' frames go to (every model but the shadows)."""
+        return tuple(m for m in self.model_entries if m.shadow_of is None)
+
+    def model_of(self, camera: CameraConfig) -> str:
+        """The id of the model a camera's frames go to: its `model`, else the first model (not a shadow)."""
+        return camera.model or self.production_models[0].id
 
     @model_validator(mode="after")
     def _no_shared_ports(self) -> Settings:
@@ -134,11 +196,11 @@ def _same_endpoint(a: str, b: str) -> bool:
 
 
 def reload_table() -> dict[str, Reload]:
-    """{"section.key": how a reload treats it} for every key outside [[cameras]], in config order, from the
+    """{"section.key": how a reload treats it} for every key outside [[cameras]] and [[models]], in config order, from the
     fields' declarations. A key declared without one needs a restart (the safe default)."""
     table = {}
     for section, field in Settings.model_fields.items():
-        if section == "cameras":
+        if section in ("cameras", "models"):  # tables: [[models]] keys are classified as [model]'s
             continue
         for key, info in cast(type[BaseModel], field.annotation).model_fields.items():  # a section's model
             table[f"{section}.{key}"] = reload_of(info) or Reload.RESTART
@@ -176,7 +238,7 @@ def _check_env_json(env: dict[str, str]) -> None:
         if section is None or len(path) > 2:
             continue
         if len(path) == 1:
-            kind: type = list if path[0] == "cameras" else dict
+            kind: type = list if path[0] in ("cameras", "models") else dict
             want = (
                 'a JSON list of camera tables, e.g. [{"id": "cam1", "url": "rtsp://..."}]'
                 if kind is list

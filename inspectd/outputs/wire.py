@@ -105,6 +105,14 @@ def parse_rfc3339(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
+def model_header(model: dict) -> dict:
+    """The `model` object of a header: {id, name, sha256} (id: the model's [[models]] id; absent before models had ids)."""
+    out = {"name": str(model.get("name", "")), "sha256": str(model.get("sha256", ""))}
+    if "id" in model:
+        out = {"id": str(model["id"]), **out}
+    return out
+
+
 def inspection_body(insp: Inspection, model: dict, with_frame: bool) -> tuple[dict, list[bytes]]:
     """The inspection fields of a defect/result header and its attachments (mask PNG, frame JPEG, regions PNG).
 
@@ -134,7 +142,7 @@ def inspection_body(insp: Inspection, model: dict, with_frame: bool) -> tuple[di
         "threshold": published_probability(insp.threshold),
         "mask_threshold": published_probability(insp.mask_threshold),
         "is_defect": bool(insp.is_defect),
-        "model": {"name": str(model.get("name", "")), "sha256": str(model.get("sha256", ""))},
+        "model": model_header(model),
         "regions": [_region(r) for r in insp.regions],
         "frame": {"width": frame.width, "height": frame.height},
         "episode": insp.episode,
@@ -169,7 +177,7 @@ def episode_body(ep, model: dict) -> tuple[dict, list[bytes]]:
             "regions": [_region(r) for r in best.regions],
             "bbox": _region(best.regions[0])["bbox"] if best.regions else None,
         },
-        "model": {"name": str(model.get("name", "")), "sha256": str(model.get("sha256", ""))},
+        "model": model_header(model),
         "frame": {"width": best.frame.width, "height": best.frame.height},
         "attachments": best_body["attachments"],
     }
@@ -191,7 +199,7 @@ def part_body(result: PartResult, model: dict) -> dict:
         "captured_at": rfc3339(result.captured_at),
         "decided_at": rfc3339(result.decided_at),
         "latency_ms": round(result.latency_s * 1000.0, 3),
-        "model": {"name": str(model.get("name", "")), "sha256": str(model.get("sha256", ""))},
+        "model": model_header(model),
     }
 
 

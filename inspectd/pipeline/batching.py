@@ -4,9 +4,10 @@ A camera in stream mode owns one slot: a new frame replaces the old one, and a f
 it was inferred is dropped as `stale` (counted). Latency therefore never grows with load: when
 inference is slower than the cameras, frames are dropped, never queued. A camera in part mode
 queues its parts (bounded: `part_queue`), because each needs a verdict; its deadline, not the
-queue, bounds their latency (`inspectd.pipeline.parts`). The batcher takes up to the batch limit,
-one frame per camera per round in round-robin order so no camera starves, waiting at most
-`max_wait_ms` after the first frame. Frames left waiting never vanish: the board hands every frame
+queue, bounds their latency (`inspectd.pipeline.parts`). The batcher forms a batch of one model's
+cameras (each model's inference thread asks for its own), up to that model's batch limit, one frame
+per camera per round in round-robin order so no camera starves, waiting at most `max_wait_ms` after
+the first frame. Frames left waiting never vanish: the board hands every frame
 it drops to `on_drop(frame, reason)`.
 """
 
@@ -73,17 +74,20 @@ class FrameBoard:
                 elif frame.part is None:
                     old, reason = waiting.popleft(), DropReason.STALE
                 waiting.append(frame)
-                self._cond.notify()
+                self._cond.notify_all()  # every model's inference thread waits here for frames of its own
         if old is not None:
             self._on_drop(old, reason)
 
-    def wait(self, min_frames: int, timeout: float) -> bool:
-        """Wait until at least `min_frames` cameras have a frame waiting (or timeout, or close); True if they do."""
+    def wait(self, min_frames: int, timeout: float, mine: Callable[[str], bool] | None = None) -> bool:
+        """Wait until at least `min_frames` cameras (those `mine(camera)` says, default any) have a frame waiting
+        (or timeout, or close); True if they do."""
+
+        def enough() -> bool:
+            waiting = len(self._slots) if mine is None else sum(1 for cam in self._slots if mine(cam))
+            return self._closed or waiting >= min_frames
+
         with self._cond:
-            return (
-                self._cond.wait_for(lambda: self._closed or len(self._slots) >= min_frames, timeout=max(0.0, timeout))
-                and not self._closed
-            )
+            return self._cond.wait_for(enough, timeout=max(0.0, timeout)) and not self._closed
 
     def wake(self) -> None:
         """Wake a waiting batcher (used at shutdown)."""
@@ -148,16 +152,18 @@ class FrameBoard:
 
 
 class Batcher:
-    """Forms batches from the board: one frame per camera per round, cameras in round-robin order.
+    """Forms batches from the board: the frames of one model's cameras, one frame per camera per round, cameras in
+    round-robin order.
 
-    Not a thread: the pipeline's inference thread calls `next_batch(limit, max_wait_s)` with the
-    settings of the inference context it will run the batch with, so a batch always fits its engine.
+    Not a thread: each model's inference thread calls `next_batch(model, model_of, limit, max_wait_s)` with the
+    camera-to-model map and the batch limit of the inference context it will run the batch with, so a batch
+    always fits its engine.
     """
 
     def __init__(self, board: FrameBoard):
         self.board = board
-        self._rr: list[str] = []  # round-robin order of cameras
-        self._lock = threading.Lock()  # forget() comes from another thread than next_batch()
+        self._rr: list[str] = []  # round-robin order of cameras (of every model: a batch takes its model's)
+        self._lock = threading.Lock()  # forget() and the other models' threads
 
     def _order(self) -> list[str]:
         waiting = self.board.cameras()
@@ -176,16 +182,29 @@ class Batcher:
         with self._lock:
             self._rr = [c for c in self._rr if c != camera]
 
-    def next_batch(self, limit: int, max_wait_s: float, idle_wait_s: float = 0.2) -> Batch | None:
-        """Wait (at most idle_wait_s) for a first frame, then up to max_wait_s for more, or a full batch."""
-        if not self.board.wait(1, idle_wait_s):
+    def next_batch(
+        self,
+        model: str,
+        model_of: Callable[[str], str],
+        limit: int,
+        max_wait_s: float,
+        idle_wait_s: float = 0.2,
+    ) -> Batch | None:
+        """Wait (at most idle_wait_s) for a first frame of `model`'s cameras, then up to max_wait_s for more of
+        them, or a full batch."""
+
+        def mine(camera: str) -> bool:
+            return model_of(camera) == model
+
+        if not self.board.wait(1, idle_wait_s, mine):
             return None
+        cameras = [cam for cam in self._order() if mine(cam)]
         # A batch can hold one frame per camera: with fewer cameras than the limit, waiting for
         # `limit` frames would only add max_wait to every batch.
-        target = min(limit, len(self._order()))
+        target = min(limit, len(cameras))
         deadline = time.monotonic() + max_wait_s
-        self.board.wait(target, deadline - time.monotonic())
-        taken = self.board.take(self._order(), limit)
+        self.board.wait(target, deadline - time.monotonic(), mine)
+        taken = self.board.take([cam for cam in self._order() if mine(cam)], limit)
         if not taken:
             return None
         self._rotate(taken)

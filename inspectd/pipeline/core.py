@@ -6,8 +6,10 @@
     pipeline.swap(new_context)                           # a reload: one assignment, between batches
     pipeline.stop(timeout=10)                            # finish the batch in flight, drain post-processing
 
-Threads: the capture threads call `put`; one inference thread (`inference`) forms a batch with the
-current context's batch limit and runs it with that same context; a pool of post-processing
+Threads: the capture threads call `put`; an inference thread per model (`inference-<model id>`, a
+"lane") forms a batch of its model's cameras with the current context's limit for that model and
+runs it with that same context (a thread per model, not one serving the models in turn: measured
+in docs/models.md); a pool of post-processing
 threads turns each result into an Inspection; each camera's inspections are then handed on in
 capture order (a frame whose post-processing finished early waits for the ones before it), through
 the camera's defect-episode tracker, to the publisher, which never blocks.
@@ -30,6 +32,7 @@ import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -37,10 +40,11 @@ import numpy as np
 from inspectd.frames import Batch, DropReason, Frame, Inspection, PartResult, Verdict
 from inspectd.metrics import Metrics
 from inspectd.pipeline.batching import Batcher, FrameBoard
-from inspectd.pipeline.context import InferenceContext
+from inspectd.pipeline.context import InferenceContext, ModelRun
 from inspectd.pipeline.episodes import Episode, EpisodeTracker
 from inspectd.pipeline.parts import REASONS, PartLedger
 from inspectd.pipeline.postprocess import InspectOptions, inspect
+from inspectd.pipeline.shadow import Shadow, ShadowJob, ShadowStore, store_dir
 from inspectd.threads import name_this_thread
 
 log = logging.getLogger("inspectd.pipeline")
@@ -59,7 +63,7 @@ class InspectionSink(Protocol):
 
 
 Observer = Callable[[Frame, float, np.ndarray, InspectOptions], None]
-PartSink = Callable[[PartResult, dict], None]  # a part's verdict and the model ({"name", "sha256"}): must never block
+PartSink = Callable[[PartResult, dict], None]  # a part's verdict and its model ({"id", "name", "sha256"}): never blocks
 
 _DEADLINE_TICK_S = 0.2  # the deadline thread wakes at least this often (stop requests)
 
@@ -68,6 +72,20 @@ def _part_reason(reason: DropReason) -> str:
     """A part whose frame is dropped for `reason` ends not_inspected for the same reason (the names are shared);
     a reason parts cannot have (stale, fps_limit) would be a bug: `error`."""
     return reason.value if reason.value in REASONS else "error"
+
+
+class _Lane:
+    """One model's inference thread, and what the watchdog and the frame accounts read of it."""
+
+    def __init__(self, model: str, target: Callable[[_Lane], None]):
+        self.model = model
+        self.thread = threading.Thread(target=target, args=(self,), name=f"inference-{model}"[:64], daemon=True)
+        self.retired = threading.Event()  # the model was removed by a reload: the thread ends after its batch
+        self.running: Batch | None = None  # the batch inside the model call (in flight)
+        self.busy_since: float | None = None  # set while inside the model call: a hung inference shows here
+        self.heartbeat_mono = time.monotonic()  # loop liveness, for the watchdog
+        self.model_s = 0.0  # the model's recent seconds per batch (its thread only)
+        self.shadow_credit = 0.0  # its shadow's sample: a frame is handed over each time this reaches 1
 
 
 class Pipeline:
@@ -82,6 +100,7 @@ class Pipeline:
         observer: Observer | None = None,
         parts: PartSink | None = None,
         late: Callable[[Inspection, PartResult], None] = lambda insp, result: None,
+        shadow_dir: Path | None = None,
     ):
         """`observer(frame, score, cam_logits, options)`: each inferred frame, on the inference thread, before its
         post-processing (the live view keeps a reference; it must return at once). `parts(result, model)`: every
@@ -101,22 +120,21 @@ class Pipeline:
         # cameras' slots turn stale (counted) instead of a queue growing.
         self._handoff = threading.BoundedSemaphore(4 * workers)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
-        self._running: Batch | None = None  # the batch inside the model call (in flight)
-        self._model_s = 0.0  # the model's recent seconds per batch (inference thread only)
+        self._lanes: dict[str, _Lane] = {}  # model id -> its inference thread (a removed model's until it ended)
+        self._lanes_lock = threading.Lock()
+        self._shadows: dict[tuple[str, str, str, str], Shadow] = {}  # (model, shadow, their sha256s) -> its thread
+        self._shadow_dir = shadow_dir  # [archive] dir: where shadows keep their measurements and disagreements
         self._freeze_file = os.environ.get(FREEZE_ENV)
         # Per camera, the post-processing jobs in capture order: delivered from the front when done.
-        self._order: dict[str, deque[tuple[Future, Frame, InferenceContext]]] = defaultdict(deque)
+        self._order: dict[str, deque[tuple[Future, Frame, InferenceContext, dict]]] = defaultdict(deque)
         self._trackers: dict[str, EpisodeTracker] = {}
         self._episode_counts: dict[str, int] = {}  # per camera for the whole run: numbers never repeat
         self._deliver_lock = threading.Lock()  # one delivery at a time: trackers and order queues
-        self.heartbeat_mono = time.monotonic()  # loop liveness, for the watchdog
-        self.busy_since: float | None = None  # set while inside the model call: a hung inference shows here
         self.last_defect = "none"
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread.start()
+        self._sync_lanes(self._context)
         self._deadlines.start()
 
     def stop(self, timeout: float) -> None:
@@ -124,20 +142,37 @@ class Pipeline:
         without a verdict then (its batch outlived the timeout) is not_inspected (`shutdown`)."""
         self._stop.set()
         self.board.close()  # also wakes the inference thread if it waits for frames
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            log.error("the batch in flight did not finish within %.0f s", timeout)
+        deadline = time.monotonic() + timeout
+        for lane in self._all_lanes():
+            lane.thread.join(max(0.0, deadline - time.monotonic()))
+            if lane.thread.is_alive():
+                log.error("model %s: the batch in flight did not finish within %.0f s", lane.model, timeout)
+        with self._lanes_lock:
+            shadows, self._shadows = list(self._shadows.values()), {}
+        for shadow in shadows:
+            shadow.stop(max(0.0, deadline - time.monotonic()))
         self._pool.shutdown(wait=True)
         with self._deliver_lock:  # every frame delivered: cut the episodes still open
             for tracker in self._trackers.values():
-                self._publish_episode(tracker.close("shutdown"), self._context)
+                self._publish_episode(tracker.close("shutdown"), self._context.run_for(tracker.camera).model)
         self.parts.wake()
         self._deadlines.join(timeout)
         self.parts.close("shutdown")
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        """Every model's inference thread runs (but those of models a reload removed, which end)."""
+        return all(lane.thread.is_alive() for lane in self._all_lanes() if not lane.retired.is_set())
+
+    @property
+    def busy_since(self) -> float | None:
+        """Since when the longest model call still running began (None: none is in the model): a hung inference."""
+        return min((t for lane in self._all_lanes() if (t := lane.busy_since) is not None), default=None)
+
+    @property
+    def heartbeat_mono(self) -> float:
+        """The oldest loop heartbeat of the inference threads (each beats at least every 0.2 s while it loops)."""
+        return min((lane.heartbeat_mono for lane in self._all_lanes() if not lane.retired.is_set()), default=time.monotonic())
 
     # -- what the daemon calls -----------------------------------------------------------------
     def put(self, frame: Frame) -> None:
@@ -166,8 +201,52 @@ class Pipeline:
         return self._context
 
     def swap(self, context: InferenceContext) -> None:
-        """Use `context` from the next batch on; the batch in flight finishes with the old one."""
-        self._context = context  # one assignment: the inference thread reads it once per batch
+        """Use `context` from the next batch on; the batch in flight finishes with the old one. A model new in it
+        gets its inference thread; a model no longer in it has its thread end after its batch in flight."""
+        self._context = context  # one assignment: each inference thread reads it once per batch
+        self._sync_lanes(context)
+
+    def _sync_lanes(self, context: InferenceContext) -> None:
+        """An inference thread per model cameras' frames go to, a shadow thread per shadow model."""
+        with self._lanes_lock:
+            for model, lane in list(self._lanes.items()):
+                if model not in context.production:
+                    lane.retired.set()
+                    if not lane.thread.is_alive():
+                        del self._lanes[model]
+            for model in context.production:
+                old = self._lanes.get(model)
+                if old is not None and not old.retired.is_set():
+                    continue
+                if old is not None:  # removed and added back while its thread ended
+                    old.thread.join()  # its batch in flight (a reload is not on the inference path)
+                self._lanes[model] = lane = _Lane(model, self._run)
+                if not self._stop.is_set():
+                    lane.thread.start()
+            stopped = self._sync_shadows(context)
+        for shadow in stopped:  # outside the lock: each finishes the batch in hand first
+            shadow.stop(timeout=5.0)
+
+    def _sync_shadows(self, context: InferenceContext) -> list[Shadow]:
+        """Start the shadows new in `context` (a model file changed: a new one, measured afresh); the old ones
+        are returned, to be stopped."""
+        wanted = {
+            (model, shadow, context.runs[model].deployable.sha256, context.runs[shadow].deployable.sha256)
+            for model, shadow in context.shadows.items()
+        }
+        stopped = [self._shadows.pop(key) for key in list(self._shadows) if key not in wanted]
+        for key in wanted - set(self._shadows):
+            model, shadow, model_sha, shadow_sha = key
+            store = ShadowStore(store_dir(self._shadow_dir, *key)) if self._shadow_dir is not None else None
+            meta = {"production_sha256": model_sha, "shadow_sha256": shadow_sha}
+            self._shadows[key] = Shadow(model, shadow, self.metrics, store, lambda: bool(self.board.cameras()), meta=meta)
+            if not self._stop.is_set():
+                self._shadows[key].start()
+        return stopped
+
+    def _all_lanes(self) -> list[_Lane]:
+        with self._lanes_lock:
+            return list(self._lanes.values())
 
     def remove_camera(self, camera: str, reason: str = "camera_stopped") -> None:
         """Drop a stopped camera's waiting frame (`shutdown`) and its place in the round robin; end its
@@ -178,7 +257,7 @@ class Pipeline:
             tracker = self._trackers.pop(camera, None)
             if tracker is not None:
                 self._episode_counts[camera] = tracker.count
-                self._publish_episode(tracker.close(reason), self._context)
+                self._publish_episode(tracker.close(reason), self._context.run_for(camera).model)
             if not self._order.get(camera):
                 self._order.pop(camera, None)
 
@@ -192,38 +271,43 @@ class Pipeline:
         with self._deliver_lock:
             for camera, tracker in self._trackers.items():
                 if not busy.get(camera) and not self._order.get(camera):
-                    self._publish_episode(tracker.expire(now, context.options_for(camera).episodes), context)
+                    self._publish_episode(
+                        tracker.expire(now, context.options_for(camera).episodes), context.run_for(camera).model
+                    )
 
     def in_flight(self) -> dict[str, int]:
         """Frames per camera neither inferred nor dropped yet: waiting on the board or inside the model call.
 
         Exact once stopped (then empty); a live snapshot may miss a frame that is being handed from
         the board to the model call."""
-        running = self._running
         counts = Counter(self.board.waiting())
-        counts.update(f.camera for f in (running.frames if running is not None else ()))
+        for lane in self._all_lanes():
+            running = lane.running
+            counts.update(f.camera for f in (running.frames if running is not None else ()))
         return dict(counts)
 
-    # -- the inference thread ------------------------------------------------------------------
-    def _run(self) -> None:
-        name_this_thread("inference")
-        while not self._stop.is_set():
-            self.heartbeat_mono = time.monotonic()
+    # -- the inference threads (a lane per model) --------------------------------------------------
+    def _run(self, lane: _Lane) -> None:
+        name_this_thread(lane.thread.name)
+        while not self._stop.is_set() and not lane.retired.is_set():
+            lane.heartbeat_mono = time.monotonic()
             context = self._context  # read once: the batch is formed for, and run with, this context
-            batch = self.batcher.next_batch(context.max_batch, context.max_wait_s)
+            if lane.model not in context.runs:
+                break  # removed by a reload (retired is set right after the swap)
+            batch = self.batcher.next_batch(lane.model, context.model_of, context.limit(lane.model), context.max_wait_s)
             if batch is not None:
-                batch = self._without_hopeless_parts(batch)
+                batch = self._without_hopeless_parts(batch, lane)
             if batch is not None:
-                self._run_batch(batch, context)
+                self._run_batch(batch, context.runs[lane.model], context, lane)
 
-    def _without_hopeless_parts(self, batch: Batch) -> Batch | None:
+    def _without_hopeless_parts(self, batch: Batch, lane: _Lane) -> Batch | None:
         """Parts whose deadline passes before the model could finish them (its recent time per batch) are not
         started: not_inspected (`deadline`) now, and the model's time goes to parts that can still make it.
         Measured on an overloaded line, these were 43 % of the model's work (docs/parts.md)."""
-        if not self._model_s:
+        if not lane.model_s:
             return batch
         now = time.monotonic()
-        hopeless = [f for f in batch.frames if f.part is not None and f.part.deadline_mono < now + self._model_s]
+        hopeless = [f for f in batch.frames if f.part is not None and f.part.deadline_mono < now + lane.model_s]
         for frame in hopeless:
             self.metrics.frames_dropped.labels(camera=frame.camera, reason=DropReason.DEADLINE.value).inc()
             self.parts.fail(frame, "deadline")
@@ -232,17 +316,18 @@ class Pipeline:
         kept = tuple(f for f in batch.frames if f not in hopeless)
         return Batch(kept) if kept else None
 
-    def _run_batch(self, batch: Batch, context: InferenceContext) -> None:
-        self._running, self.busy_since = batch, time.monotonic()
+    def _run_batch(self, batch: Batch, run: ModelRun, context: InferenceContext, lane: _Lane) -> None:
+        lane.running, lane.busy_since = batch, time.monotonic()
         try:
-            scores, cams = self._infer(batch, context)
+            scores, cams = self._infer(batch, run, lane)
         except Exception:
             log.exception("inference failed for a batch of %d frame(s); continuing", len(batch.frames))
             for frame in batch.frames:
                 self._count_drop(frame, DropReason.ERROR)
             return
         finally:
-            self._running, self.busy_since = None, None
+            lane.running, lane.busy_since = None, None
+        self._to_shadow(batch, scores, cams, run, context, lane)
         for frame, score, cam in zip(batch.frames, scores, cams):
             if self._observer is not None:
                 self._observer(frame, float(score), cam, context.options_for(frame.camera))
@@ -254,20 +339,49 @@ class Pipeline:
                 log.error("camera %s frame %d inferred after shutdown; not published", frame.camera, frame.seq)
                 continue
             with self._deliver_lock:
-                self._order[frame.camera].append((future, frame, context))
+                self._order[frame.camera].append((future, frame, context, run.model))
             future.add_done_callback(functools.partial(self._drain_done, frame.camera))
 
-    def _infer(self, batch: Batch, context: InferenceContext):
+    def _to_shadow(self, batch: Batch, scores, cams, run: ModelRun, context: InferenceContext, lane: _Lane) -> None:
+        """Hand the shadow of this batch's model (if it has one) its sample of the batch: a reference, never a wait."""
+        shadow_id = context.shadows.get(run.id)
+        if shadow_id is None:
+            return
+        shadow_run = context.runs[shadow_id]
+        shadow = self._shadows.get((run.id, shadow_id, run.deployable.sha256, shadow_run.deployable.sha256))
+        if shadow is None:
+            return  # the context changed since this batch began: the next one finds it
+        picked = []
+        for i in range(len(batch.frames)):  # exactly `sample` of the frames, evenly: a credit that fills up
+            lane.shadow_credit += context.sample.get(shadow_id, 1.0)
+            if lane.shadow_credit >= 1.0:
+                lane.shadow_credit -= 1.0
+                picked.append(i)
+        if picked:
+            frames = tuple(batch.frames[i] for i in picked)
+            shadow.offer(
+                ShadowJob(
+                    frames,
+                    tuple(float(scores[i]) for i in picked),
+                    tuple(cams[i] for i in picked),
+                    tuple(context.options_for(f.camera) for f in frames),
+                    run,
+                    shadow_run,
+                    context.options[shadow_id],
+                )
+            )
+
+    def _infer(self, batch: Batch, run: ModelRun, lane: _Lane):
         t0 = time.monotonic()
         while self._freeze_file and os.path.exists(self._freeze_file):
             time.sleep(0.1)  # test-only hook (FREEZE_ENV): a hung inference call
-        scores, cams = context.engine.infer([f.image for f in batch.frames])
+        scores, cams = run.engine.infer([f.image for f in batch.frames])
         took = time.monotonic() - t0
         # The model's recent time per batch (a moving average over about 10 batches), for the parts' deadlines.
-        self._model_s = took if not self._model_s else 0.9 * self._model_s + 0.1 * took
+        lane.model_s = took if not lane.model_s else 0.9 * lane.model_s + 0.1 * took
         m = self.metrics
-        m.inference_seconds.observe(took)
-        m.batch_size.observe(len(batch.frames))
+        m.inference_seconds.labels(model=run.id).observe(took)
+        m.batch_size.labels(model=run.id).observe(len(batch.frames))
         for frame, score in zip(batch.frames, scores):
             m.frames_inferred.labels(camera=frame.camera).inc()
             m.score.labels(camera=frame.camera).observe(float(score))
@@ -285,7 +399,9 @@ class Pipeline:
             while pending and pending[0][0].done():
                 self._deliver(*pending.popleft())
 
-    def _deliver(self, future: Future, frame: Frame, context: InferenceContext) -> None:
+    def _deliver(self, future: Future, frame: Frame, context: InferenceContext, model: dict) -> None:
+        """One inspection out, in its camera's order: the part's verdict, the episode step, the publisher. `model`:
+        the one whose engine inferred it ({"id", "name", "sha256"})."""
         try:
             try:
                 insp: Inspection = future.result()
@@ -300,9 +416,9 @@ class Pipeline:
             if camera not in self._trackers:
                 self._trackers[camera] = EpisodeTracker(camera, self._episode_counts.get(camera, 0))
             step = self._trackers[camera].observe(insp, opts.episodes, opts.episode_mode)
-            self._publish_episode(step.ended, context)
+            self._publish_episode(step.ended, model)
             insp = step.inspection
-            self._sink.publish_inspection(insp, context.model, results=opts.results, defect_event=step.mode == "frames")
+            self._sink.publish_inspection(insp, model, results=opts.results, defect_event=step.mode == "frames")
             if insp.is_defect:
                 self.metrics.defects.labels(camera=frame.camera).inc()
                 self.last_defect = f"{frame.camera} #{frame.seq} score {insp.score:.2f}"
@@ -312,9 +428,9 @@ class Pipeline:
         finally:
             self._handoff.release()
 
-    def _publish_episode(self, episode: Episode | None, context: InferenceContext) -> None:
+    def _publish_episode(self, episode: Episode | None, model: dict) -> None:
         if episode is not None:
-            self._sink.publish_episode(episode, context.model, best_event=episode.mode == "episode")
+            self._sink.publish_episode(episode, model, best_event=episode.mode == "episode")
             self.metrics.episodes.labels(camera=episode.camera, end=episode.end_reason).inc()
 
     def _count_drop(self, frame: Frame, reason: DropReason) -> None:
@@ -345,6 +461,6 @@ class Pipeline:
             m.parts_not_inspected.labels(camera=result.camera, reason=result.reason).inc()
         m.part_latency_seconds.labels(camera=result.camera).observe(result.latency_s)
         try:
-            self._parts_sink(result, self._context.model)
+            self._parts_sink(result, self._context.run_for(result.camera).model)
         except Exception:
             log.exception("camera %s: handing on part %s's verdict failed", result.camera, result.part_id)

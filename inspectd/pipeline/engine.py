@@ -106,7 +106,10 @@ class InferenceEngine:
         precision: str = "float32",
         runtime: str = "tensorflow",
         cache_dir: Path | None = None,
+        threads: int = 0,
     ):
+        """`threads` > 0: ONNX Runtime / OpenVINO use at most this many CPU threads per call (1: the caller's
+        thread alone, so that its priority is the call's: a shadow model); 0: their own choice."""
         import tensorflow as tf
 
         self.deployable = deployable
@@ -117,6 +120,7 @@ class InferenceEngine:
         self._size = (h, w)
         self._tf = tf
         self._session = None
+        self._threads = threads
         if self.runtime != "tensorflow":
             self._session = self._open_exported(cache_dir, fallback=runtime == "auto")
         if self._session is None:
@@ -146,7 +150,7 @@ class InferenceEngine:
             for refresh in (False, True):
                 exported = export.cached_export(self.deployable, runtimes.FORMAT_OF[self.runtime], cache_dir, refresh=refresh)
                 try:
-                    return self._checked(runtimes.open_session(self.runtime, exported, self.device))
+                    return self._checked(runtimes.open_session(self.runtime, exported, self.device, self._threads))
                 except InspectdError:
                     raise
                 except Exception:  # noqa: BLE001 - the runtimes raise their own classes: convert afresh once

@@ -59,7 +59,7 @@ def resolve_runtime(requested: str, tf_device: str, precision: str = "float32", 
     return requested, "configured"
 
 
-def _onnxruntime(path: Path, tf_device: str) -> Session:
+def _onnxruntime(path: Path, tf_device: str, threads: int = 0) -> Session:
     import onnxruntime as ort
 
     providers: list[str | tuple[str, dict[str, int]]] = ["CPUExecutionProvider"]
@@ -73,6 +73,11 @@ def _onnxruntime(path: Path, tf_device: str) -> Session:
         providers = [("CUDAExecutionProvider", {"device_id": int(tf_device.rsplit(":", 1)[1])}), "CPUExecutionProvider"]
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: its warnings about unused initializers are noise here
+    # No spinning: after each run ONNX Runtime's intra-op threads would busy-wait for the next one, taking the
+    # cores from everything else: another model's session (two models in turn: 117 ms per pair of calls
+    # spinning, 64 ms not), post-processing, the cameras. One model alone: the same within noise (docs/models.md).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.intra_op_num_threads = threads  # 0: one per core; 1: the calling thread alone (a shadow model)
     session = ort.InferenceSession(str(path), options, providers=providers)
     if tf_device.startswith("/GPU") and "CUDAExecutionProvider" not in session.get_providers():
         raise UnavailableError(
@@ -89,8 +94,9 @@ def _onnxruntime(path: Path, tf_device: str) -> Session:
     return run
 
 
-def compile_openvino(path: Path):
-    """The OpenVINO model `path` compiled for the CPU, precision float32 on every CPU."""
+def compile_openvino(path: Path, threads: int = 0):
+    """The OpenVINO model `path` compiled for the CPU, precision float32 on every CPU; `threads` > 0 caps the
+    threads one inference uses (0: the plugin's choice)."""
     import openvino as ov
 
     # LATENCY: one request at a time uses all cores (the daemon runs one batch at a time). No pinning of its
@@ -98,13 +104,14 @@ def compile_openvino(path: Path):
     # pinned, EfficientNetV2B0 752x480, docs/performance.md). Precision pinned to float32: the CPU plugin's
     # default is bfloat16 on CPUs that have it (AVX-512 BF16, AMX), which moves scores by up to 5e-3 and
     # would make the daemon's outputs depend on the CPU it happens to run on.
-    return ov.Core().compile_model(
-        str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False, "INFERENCE_PRECISION_HINT": "f32"}
-    )
+    config = {"PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False, "INFERENCE_PRECISION_HINT": "f32"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return ov.Core().compile_model(str(path), "CPU", config)
 
 
-def _openvino(path: Path, tf_device: str) -> Session:
-    compiled = compile_openvino(path)
+def _openvino(path: Path, tf_device: str, threads: int = 0) -> Session:
+    compiled = compile_openvino(path, threads)
     request = compiled.create_infer_request()
     score, cam_logits = compiled.output("score"), compiled.output("cam_logits")
 
@@ -115,6 +122,6 @@ def _openvino(path: Path, tf_device: str) -> Session:
     return run
 
 
-def open_session(runtime: str, path: Path, tf_device: str) -> Session:
-    """A callable running the exported model file `path` with `runtime`."""
-    return {"onnxruntime": _onnxruntime, "openvino": _openvino}[runtime](path, tf_device)
+def open_session(runtime: str, path: Path, tf_device: str, threads: int = 0) -> Session:
+    """A callable running the exported model file `path` with `runtime`; `threads` > 0 caps its CPU threads."""
+    return {"onnxruntime": _onnxruntime, "openvino": _openvino}[runtime](path, tf_device, threads)

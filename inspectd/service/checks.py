@@ -33,7 +33,8 @@ def check_dependencies(settings: Settings) -> None:
     the extra): `[model] runtime` onnxruntime or openvino, a camera with a GStreamer `pipeline` or backend, or a
     genicam:// camera (Aravis, through PyGObject).
     Found without importing them (importlib.util.find_spec): a check costs no start-up time."""
-    wanted = {"onnxruntime": ("onnxruntime", "onnx", "tf2onnx"), "openvino": ("openvino",)}.get(settings.model.runtime, ())
+    runtimes = {"onnxruntime": ("onnxruntime", "onnx", "tf2onnx"), "openvino": ("openvino",)}
+    wanted = tuple(module for entry in settings.model_entries for module in runtimes.get(entry.runtime, ()))
     if any(
         cam.pipeline is not None or cam.backend == "gstreamer" or (cam.url or "").lower().startswith("genicam:")
         for cam in settings.cameras
@@ -46,11 +47,12 @@ def check_dependencies(settings: Settings) -> None:
             raise missing
 
 
-def check_model(cfg: ModelConfig) -> list[str]:
+def check_model(cfg: ModelConfig, key: str = "model") -> list[str]:
     """Load the configured model as the daemon would (safe mode) and describe it; the daemon's exit codes on failure.
 
     NoInputError (66) for a missing file, ModelFileError (65) for anything that is not a deployable
-    model. The metadata is read first, so a bad path fails before TensorFlow is imported.
+    model; errors name the table (`key`: "model", or "models.ID" for a [[models]] table). The metadata
+    is read first, so a bad path fails before TensorFlow is imported.
     """
     path = resolve_model_path(cfg.path)
     try:
@@ -58,7 +60,7 @@ def check_model(cfg: ModelConfig) -> list[str]:
         import_tensorflow()
         model = load_model(path)
     except (NoInputError, ModelFileError) as exc:  # the same error and exit code as `run`, naming the key
-        raise type(exc)(f"model.path: {exc}") from None
+        raise type(exc)(f"{key}.path: {exc}") from None
     outputs = model.model.output if isinstance(model.model.output, dict) else {}
     missing = sorted({"score", "cam_logits"} - set(outputs))
     if missing:
@@ -70,17 +72,17 @@ def check_model(cfg: ModelConfig) -> list[str]:
     thresholds = ", ".join(
         f"{what} {own}" if mine is None else f"{what} {mine} ({key}; the model's {own})"
         for what, key, mine, own in (
-            ("score", "model.threshold", cfg.threshold, model.threshold),
+            ("score", f"{key}.threshold", cfg.threshold, model.threshold),
             (
                 "mask rule",
-                "model.mask_rule",
+                f"{key}.mask_rule",
                 cfg.mask_rule or (None if cfg.mask_threshold is None else f"probability:{cfg.mask_threshold:g}"),
                 model.mask_rule,
             ),
         )
     )
     return [
-        f"model {cfg.path}: {path} (loaded in Keras safe mode)",
+        f"{key} {cfg.path}: {path} (loaded in Keras safe mode)",
         f"  name {model.name}, backbone {model.meta.get('backbone', 'unknown')}, input {width}x{height} RGB 0..255",
         f"  outputs {shapes}, pooling {model.pooling}",
         f"  thresholds {thresholds}",

@@ -121,7 +121,8 @@ class Daemon:
         self.metrics_server.start()
         self._stack.callback(self.metrics_server.stop)
         self.ui_server = self._bind_ui()
-        deployable = self._load_model()
+        deployables = self._load_models()
+        first = deployables[s.model_entries[0].id]
         outputs = Fanout()  # the outputs beside ZeroMQ: each hears what became of every message published
         self.archive = self._start_archive(outputs)
         if self.archive is not None:
@@ -136,7 +137,7 @@ class Daemon:
             s.publish,
             self.metrics,
             self.run_id,
-            {"name": deployable.name, "sha256": deployable.sha256},
+            {"id": s.model_entries[0].id, "name": first.name, "sha256": first.sha256},
             stats=self.stats,
             keys=keys,
             outcome=outputs,
@@ -149,7 +150,7 @@ class Daemon:
             ).start()
             self._stack.callback(self.replay.stop)
         self._warn_exposed(keys, self.publisher)
-        context = build_context(s, deployable)
+        context = build_context(s, deployables)
         self._set_model_info(context)
         self.pipeline = Pipeline(
             context,
@@ -159,6 +160,7 @@ class Daemon:
             observer=self.live.offer if self.live is not None else None,
             parts=self._publish_part,
             late=self.partlog.late if self.partlog is not None else (lambda insp, result: None),
+            shadow_dir=Path(s.archive.dir) if s.archive.dir else None,
         )
         self.pipeline.start()
         self._stack.callback(self._log_frame_accounts)
@@ -171,14 +173,14 @@ class Daemon:
             self.start_camera(cam)
         self.ready = True
         self.notifier.ready()
-        engine = self.pipeline.context.engine
         log.info(
-            "ready: %d camera(s), model %s, batches %s on %s with %s, events on %s, replay %s, metrics on :%d, live view %s",
+            "ready: %d camera(s), %s, events on %s, replay %s, metrics on :%d, live view %s",
             len(self.cameras),
-            deployable.name,
-            engine.buckets,
-            engine.device,
-            engine.runtime,
+            "; ".join(
+                f"model {run.id} {run.deployable.name} batches {run.engine.buckets} on {run.engine.device} "
+                f"with {run.engine.runtime}"
+                for run in context.runs.values()
+            ),
             self.publisher.endpoint,
             f"on {self.replay.endpoint}" if self.replay else "off",
             self.metrics_server.port,
@@ -321,6 +323,7 @@ class Daemon:
         """The cameras as the live view shows them: state, its detail, frame counters (totals)."""
         by_camera = {a.camera: a for a in accounts(self.metrics)}
         reconnects = {key[0]: value for key, value in self.metrics.camera_reconnects.values().items()}
+        context = self.pipeline.context if self.pipeline is not None else None
         cameras = []
         for camera, state in list(self.camera_states.items()):
             account = by_camera.get(camera) or FrameAccount(camera)
@@ -333,9 +336,10 @@ class Daemon:
                     "inspected": account.inferred,
                     "dropped": sum(account.dropped.values()),
                     "reconnects": int(reconnects.get(camera, 0)),
+                    "model": context.run_for(camera).model if context is not None else {},
                 }
             )
-        model = self.pipeline.context.model if self.pipeline is not None else {}
+        model = context.default.model if context is not None else {}
         return {
             "cameras": cameras,
             "model": model,
@@ -346,14 +350,15 @@ class Daemon:
             "saturated": self.saturated,
         }
 
-    def _load_model(self) -> Deployable:
+    def _load_models(self) -> dict[str, Deployable]:
+        """Every model's file, by id (safe mode)."""
 
         import_tensorflow()
-        return load_model(resolve_model_path(self.settings.model.path))
+        return {entry.id: load_model(resolve_model_path(entry.path)) for entry in self.settings.model_entries}
 
     def _set_model_info(self, context: InferenceContext) -> None:
-        d, engine = context.deployable, context.engine
-        self.metrics.set_model(d.name, d.sha256, d.meta.get("backbone", "unknown"), d.input_size, engine.runtime, engine.device)
+        self.metrics.set_models(context.runs.values(), {shadow: model for model, shadow in context.shadows.items()})
+        self.metrics.set_cameras({cam.id: (context.model_of(cam.id), cam.mode) for cam in self.settings.cameras})
 
     def _start_archive(self, outputs: Fanout) -> Archive | None:
         """The archive's writer (None when `[archive] dir` is empty), listening to the publisher; stopped after it."""
@@ -494,11 +499,10 @@ class Daemon:
         plan = prepared.plan
         if prepared.context is not None:
             self._pipeline.swap(prepared.context)
-            if plan.load_model:
-                self._set_model_info(prepared.context)
         for camera in plan.stop_cameras + tuple(c.id for c in plan.restart_cameras):
             self.stop_camera(camera)
         self.settings = plan.effective
+        self._set_model_info(self._pipeline.context)
         for cfg in plan.restart_cameras + plan.start_cameras:
             self.start_camera(cfg)
         for line in plan.describe():
@@ -522,7 +526,12 @@ class Daemon:
             "last_defect": self.pipeline.last_defect if self.pipeline else "none",
         }
         if self.pipeline is not None:
-            out["model"] = self.pipeline.context.model
+            context = self.pipeline.context
+            out["model"] = context.default.model
+            out["models"] = {
+                run.id: {"name": run.deployable.name, "sha256": run.deployable.sha256} for run in context.runs.values()
+            }
+            out["camera_models"] = {cam: context.model_of(cam) for cam, _ in states}
         return out
 
     def problems(self) -> list[str]:

@@ -49,7 +49,7 @@ function makeTile(id) {
   const stats = el("div", { class: "stats" });
   const fields = {};
   for (const [key, label] of [["verdict", "last"], ["score", "score"], ["fps", "inspected"], ["dropped", "dropped"],
-                              ["seq", "frame"], ["reconnects", "reconnects"]]) {
+                              ["seq", "frame"], ["reconnects", "reconnects"], ["model", "model"]]) {
     const cell = el("div", {}, label + ": ");
     fields[key] = el("span", { class: key });
     cell.append(fields[key]);
@@ -103,6 +103,9 @@ function updateTile(tile, cam) {
   tile.fields.dropped.textContent = cam.dropped_fps.toFixed(1) + "/s (" + cam.dropped + " in all)";
   tile.fields.seq.textContent = last ? "#" + last.frame_seq + (last.age_s > 2 ? ", " + last.age_s.toFixed(0) + " s ago" : "") : "–";
   tile.fields.reconnects.textContent = String(cam.reconnects);
+  const m = cam.model || {};
+  tile.fields.model.textContent = m.id ? m.id + (m.name && m.name !== m.id ? " (" + m.name + ")" : "") : "–";
+  tile.fields.model.title = m.sha256 ? "sha256 " + m.sha256 : "";
   tile.detail.textContent = cam.state === "up" ? "" : (cam.state === "down" ? "reconnecting: " : "") + (cam.detail || "");
   tile.root.classList.toggle("defect", Boolean(last && last.is_defect));
   if (collect && !tile.collect) { tile.collect = collectRow(cam.id); tile.root.append(tile.collect); }
@@ -128,13 +131,14 @@ async function refreshState() {
     }
     runId = s.run_id;
     answering = true;
-    const model = s.model && s.model.name ? "model " + s.model.name : "model loading";
+    const ids = [...new Set(s.cameras.map((c) => (c.model || {}).id).filter(Boolean))];
+    const model = ids.length > 1 ? "models " + ids.join(", ") : (s.model && s.model.name ? "model " + s.model.name : "model loading");
     document.getElementById("summary").textContent = model + " · " + s.fps.toFixed(1) + " frames/s inspected · inspectd " +
       s.version + (s.saturated ? " · inspection saturated (frames dropped): live pictures slowed to 1/s"
                                : " · live pictures at most " + s.max_fps + "/s");
-    const ids = s.cameras.map((c) => c.id);
+    const cameraIds = s.cameras.map((c) => c.id);
     for (const [id, tile] of tiles) {
-      if (!ids.includes(id)) { clearTimeout(tile.refresh); tile.img.removeAttribute("src"); tile.root.remove(); tiles.delete(id); }
+      if (!cameraIds.includes(id)) { clearTimeout(tile.refresh); tile.img.removeAttribute("src"); tile.root.remove(); tiles.delete(id); }
     }
     const container = document.getElementById("cameras");
     for (const cam of s.cameras) {
@@ -142,7 +146,7 @@ async function refreshState() {
       if (!tile.root.isConnected) container.append(tile.root);
       updateTile(tile, cam);
     }
-    updateFilter(ids);
+    updateFilter(cameraIds);
   } catch (e) {
     answering = false;
     document.getElementById("summary").textContent = "daemon not answering (" + e.message + "); retrying";
