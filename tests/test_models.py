@@ -4,9 +4,14 @@ model, and a reload of one model leaves the other model and every camera as they
 from __future__ import annotations
 
 import signal
+import threading
+import time
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from daemon_util import DaemonProcess, camera_toml, daemon_config
+from prometheus_client import CollectorRegistry
 from support import collect_events, scrape
 
 from inspectd.client import Subscriber
@@ -110,3 +115,59 @@ def test_the_short_form_is_one_model_called_default():
         cameras=[{"id": "c", "url": "synthetic://"}, {"id": "d", "url": "synthetic://", "model": "y"}],
     )
     assert [two.model_of(c) for c in two.cameras] == ["x", "y"]  # without `model`: the first
+
+
+class _SlowEngine:
+    """Fake engine (a stand-in for a model call, so that the test measures the scheduling, not a model):
+    each call takes 30 ms and is logged with its start and end."""
+
+    buckets = (1,)
+
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def infer(self, images, interrupt=None):
+        start = time.monotonic()
+        time.sleep(0.03)
+        self.calls.append((start, time.monotonic()))
+        n = len(images)
+        return np.full(n, 0.1, np.float32), np.zeros((n, 4, 4), np.float32)
+
+
+@pytest.mark.parametrize("concurrent", [True, False])
+def test_each_model_has_its_own_thread_and_calls_at_once_or_one_at_a_time(concurrent):
+    """Two models, a camera each, always a frame ready: both models' calls go on; with concurrent_models they
+    overlap in time (a thread each), without it they never do."""
+    from inspectd.frames import Frame
+    from inspectd.metrics import Metrics
+    from inspectd.pipeline.context import InferenceContext, ModelRun
+    from inspectd.pipeline.core import Pipeline
+    from inspectd.pipeline.postprocess import InspectOptions
+
+    calls: dict[str, list] = {"a": [], "b": []}
+    runs = {m: ModelRun(m, _SlowEngine(calls[m]), SimpleNamespace(name=m, sha256=m * 64)) for m in ("a", "b")}
+    opts = InspectOptions(threshold=0.5)
+    context = InferenceContext(runs, {"a": opts, "b": opts}, 0.0, {"cam-a": "a", "cam-b": "b"}, concurrent=concurrent)  # type: ignore[arg-type]
+
+    class Sink:
+        def publish_inspection(self, insp, model, results=False, defect_event=True): ...
+
+        def publish_episode(self, episode, model, best_event): ...
+
+    pipeline = Pipeline(context, Metrics(CollectorRegistry()), Sink(), workers=1)
+    pipeline.start()
+    image = np.zeros((8, 8, 3), np.uint8)
+    seq = 0
+    try:
+        deadline = time.monotonic() + 30
+        while min(len(c) for c in calls.values()) < 10:
+            assert time.monotonic() < deadline, {m: len(c) for m, c in calls.items()}
+            seq += 1
+            for cam in ("cam-a", "cam-b"):
+                pipeline.put(Frame(cam, seq, time.time(), time.monotonic(), image))
+            time.sleep(0.005)
+    finally:
+        pipeline.stop(timeout=5)
+    overlaps = sum(1 for s1, e1 in calls["a"] for s2, e2 in calls["b"] if s1 < e2 and s2 < e1)
+    assert (overlaps > 0) == concurrent, overlaps
+    assert {t.name for t in threading.enumerate()} & {"inference-a", "inference-b"} == set()  # ended at stop

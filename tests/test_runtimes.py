@@ -214,3 +214,26 @@ def test_export_command(engines, tmp_path, capsys):
     # argparse's own check, in a subprocess: it exits.
     bad = run_cli("export", "builtin:demo", "--format", "tflite")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_an_onnxruntime_call_can_be_interrupted_from_outside(engines):
+    """A shadow model's call ends when production needs the cores (runtimes.Interrupt): ONNX Runtime stops and
+    the call raises Interrupted; an interrupt never set changes nothing; set() with no call in flight is a no-op."""
+    engine = engines[0]["onnxruntime"]
+    frames = _frames(4, 128, 160, seed=5)
+    ref_scores, _ = engine.infer(frames)
+
+    class SetAtStart(runtimes.Interrupt):
+        """As if a production frame arrived the moment the call began."""
+
+        def arm(self, options):
+            super().arm(options)
+            self.set()
+            return options
+
+    with pytest.raises(runtimes.Interrupted):
+        engine.infer(frames, SetAtStart())
+    quiet = runtimes.Interrupt()
+    quiet.set()  # no call in flight: nothing to end, and the next call is not ended by it
+    scores, _ = engine.infer(frames, quiet)
+    assert np.array_equal(scores, ref_scores) and not quiet.is_set()

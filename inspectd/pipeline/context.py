@@ -66,6 +66,7 @@ class InferenceContext:
     max_wait_s: float = 0.01  # [batching] max_wait_ms: how long a batch waits for more frames after the first
     cameras: Mapping[str, str] = field(default_factory=dict)  # camera -> model id (a camera not here: the default)
     per_camera: Mapping[str, InspectOptions] = field(default_factory=dict)  # cameras with overrides of their own
+    concurrent: bool = True  # [batching] concurrent_models: models called at once (else one call at a time)
     shadows: Mapping[str, str] = field(default_factory=dict)  # model id -> the id of its shadow model
     sample: Mapping[str, float] = field(default_factory=dict)  # shadow id -> the share of its model's frames it runs
 
@@ -167,7 +168,7 @@ def resolve_max_batch(s: Settings, device: str) -> int:
 
 def build_run(s: Settings, entry: ModelEntry, deployable: Deployable) -> ModelRun:
     """A model's engine for its [[models]] table and the batching settings, warmed up (every batch size run once)
-    when asked. A shadow's engine uses one CPU thread, its caller's, which runs at the lowest priority."""
+    when asked."""
     engine = InferenceEngine(
         deployable,
         buckets_for(resolve_max_batch(s, entry.device)),
@@ -176,7 +177,6 @@ def build_run(s: Settings, entry: ModelEntry, deployable: Deployable) -> ModelRu
         entry.precision,
         entry.runtime,
         Path(entry.cache_dir) if entry.cache_dir else None,
-        threads=1 if entry.shadow_of is not None else 0,
     )
     log.info(
         "model %s (%s) runs with %s on %s (%s)", entry.id, deployable.name, engine.runtime, engine.device, engine.runtime_reason
@@ -198,6 +198,7 @@ def assemble(s: Settings, runs: Mapping[str, ModelRun]) -> InferenceContext:
         s.batching.max_wait_ms / 1000.0,
         {cam.id: s.model_of(cam) for cam in s.cameras},
         camera_options(s, options),
+        s.batching.concurrent_models,
         {e.shadow_of: e.id for e in entries.values() if e.shadow_of is not None},
         {e.id: e.sample for e in entries.values() if e.shadow_of is not None},
     )

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 __all__ = ["Pipeline", "FREEZE_ENV"]
 
+import contextlib
 import functools
 import logging
 import os
@@ -119,6 +120,9 @@ class Pipeline:
         # Bounded hand-off to post-processing: when it falls behind, inference waits, and the
         # cameras' slots turn stale (counted) instead of a queue growing.
         self._handoff = threading.BoundedSemaphore(4 * workers)
+        self._one_call = threading.Lock()  # [batching] concurrent_models = false: one model call at a time
+        self._postprocessing = 0  # frames handed to post-processing and not delivered yet (a shadow waits for 0)
+        self._postprocessing_lock = threading.Lock()
         self._stop = threading.Event()
         self._lanes: dict[str, _Lane] = {}  # model id -> its inference thread (a removed model's until it ended)
         self._lanes_lock = threading.Lock()
@@ -181,6 +185,8 @@ class Pipeline:
         if frame.part is not None:
             self.parts.admit(frame)
         self.board.put(frame)
+        for shadow in self._shadows.values():  # production needs the cores: a shadow's call in flight ends
+            shadow.interrupt.set()
 
     def lost(self, frame: Frame, reason: DropReason) -> None:
         """A part whose image never became a frame (`inspectd.frames.lost_frame`): not_inspected now. The
@@ -239,7 +245,7 @@ class Pipeline:
             model, shadow, model_sha, shadow_sha = key
             store = ShadowStore(store_dir(self._shadow_dir, *key)) if self._shadow_dir is not None else None
             meta = {"production_sha256": model_sha, "shadow_sha256": shadow_sha}
-            self._shadows[key] = Shadow(model, shadow, self.metrics, store, lambda: bool(self.board.cameras()), meta=meta)
+            self._shadows[key] = Shadow(model, shadow, self.metrics, store, self.production_idle, meta=meta)
             if not self._stop.is_set():
                 self._shadows[key].start()
         return stopped
@@ -319,7 +325,8 @@ class Pipeline:
     def _run_batch(self, batch: Batch, run: ModelRun, context: InferenceContext, lane: _Lane) -> None:
         lane.running, lane.busy_since = batch, time.monotonic()
         try:
-            scores, cams = self._infer(batch, run, lane)
+            with contextlib.nullcontext() if context.concurrent else self._one_call:
+                scores, cams = self._infer(batch, run, lane)
         except Exception:
             log.exception("inference failed for a batch of %d frame(s); continuing", len(batch.frames))
             for frame in batch.frames:
@@ -332,9 +339,11 @@ class Pipeline:
             if self._observer is not None:
                 self._observer(frame, float(score), cam, context.options_for(frame.camera))
             self._handoff.acquire()
+            self._count_postprocessing(+1)
             try:
                 future = self._pool.submit(inspect, frame, float(score), cam, context.options_for(frame.camera))
             except RuntimeError:  # the pool was shut down: a batch that outlived stop()'s timeout
+                self._count_postprocessing(-1)
                 self._handoff.release()
                 log.error("camera %s frame %d inferred after shutdown; not published", frame.camera, frame.seq)
                 continue
@@ -426,7 +435,19 @@ class Pipeline:
         except Exception:
             log.exception("post-processing failed")
         finally:
+            self._count_postprocessing(-1)
             self._handoff.release()
+
+    def _count_postprocessing(self, change: int) -> None:
+        with self._postprocessing_lock:
+            self._postprocessing += change
+
+    def production_idle(self) -> bool:
+        """Nothing of production's in progress: no frame waiting, no model call, nothing in post-processing (when a
+        shadow may take the cores)."""
+        with self._postprocessing_lock:
+            postprocessing = self._postprocessing
+        return not postprocessing and not self.board.cameras() and all(lane.running is None for lane in self._all_lanes())
 
     def _publish_episode(self, episode: Episode | None, model: dict) -> None:
         if episode is not None:

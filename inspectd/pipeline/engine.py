@@ -106,10 +106,7 @@ class InferenceEngine:
         precision: str = "float32",
         runtime: str = "tensorflow",
         cache_dir: Path | None = None,
-        threads: int = 0,
     ):
-        """`threads` > 0: ONNX Runtime / OpenVINO use at most this many CPU threads per call (1: the caller's
-        thread alone, so that its priority is the call's: a shadow model); 0: their own choice."""
         import tensorflow as tf
 
         self.deployable = deployable
@@ -120,7 +117,6 @@ class InferenceEngine:
         self._size = (h, w)
         self._tf = tf
         self._session = None
-        self._threads = threads
         if self.runtime != "tensorflow":
             self._session = self._open_exported(cache_dir, fallback=runtime == "auto")
         if self._session is None:
@@ -150,7 +146,7 @@ class InferenceEngine:
             for refresh in (False, True):
                 exported = export.cached_export(self.deployable, runtimes.FORMAT_OF[self.runtime], cache_dir, refresh=refresh)
                 try:
-                    return self._checked(runtimes.open_session(self.runtime, exported, self.device, self._threads))
+                    return self._checked(runtimes.open_session(self.runtime, exported, self.device))
                 except InspectdError:
                     raise
                 except Exception:  # noqa: BLE001 - the runtimes raise their own classes: convert afresh once
@@ -194,12 +190,13 @@ class InferenceEngine:
         batch[: len(images)] = images
         return batch
 
-    def infer(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and cam_logits for up to max(buckets) RGB uint8 frames."""
+    def infer(self, images: list[np.ndarray], interrupt: runtimes.Interrupt | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and cam_logits for up to max(buckets) RGB uint8 frames. `interrupt`: another thread may end the
+        call early (ONNX Runtime only; it raises `runtimes.Interrupted`)."""
         if len(images) > self.buckets[-1]:
             raise ValueError(f"{len(images)} frames > largest bucket {self.buckets[-1]}")
         if self._session is not None:  # nothing is traced there, so no padding (a padded frame costs as a real one)
-            return self._session(self._model_input(self._stack(images, len(images))))
+            return self._session(self._model_input(self._stack(images, len(images))), interrupt)
         batch = self._stack(images, self.bucket(len(images)))
         with self._tf.device(self.device):
             scores, cams = self._run(batch)

@@ -7,9 +7,20 @@ resizes before, the same way for every runtime) and returns (score [n], cam_logi
 
 from __future__ import annotations
 
-__all__ = ["RUNTIMES", "AUTO_ORDER", "FORMAT_OF", "resolve_runtime", "open_session", "installed", "compile_openvino"]
+__all__ = [
+    "RUNTIMES",
+    "AUTO_ORDER",
+    "FORMAT_OF",
+    "resolve_runtime",
+    "open_session",
+    "installed",
+    "compile_openvino",
+    "Interrupt",
+    "Interrupted",
+]
 
 import importlib.util
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +36,7 @@ _EXTRA = {"onnxruntime": "onnx", "openvino": "openvino"}
 # CPU (docs/performance.md, "Runtimes"); TensorFlow when neither is installed.
 AUTO_ORDER = ("onnxruntime", "openvino")
 
-Session = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+Session = Callable[..., tuple[np.ndarray, np.ndarray]]  # (batch, interrupt=None) -> (score, cam_logits)
 
 
 def installed(runtime: str) -> bool:
@@ -59,7 +70,43 @@ def resolve_runtime(requested: str, tf_device: str, precision: str = "float32", 
     return requested, "configured"
 
 
-def _onnxruntime(path: Path, tf_device: str, threads: int = 0) -> Session:
+class Interrupted(Exception):
+    """A model call ended early by its `Interrupt`."""
+
+
+class Interrupt:
+    """Ends a model call in flight from another thread (a shadow model's call, when production needs the cores).
+
+    ONNX Runtime stops between two operators (`RunOptions.terminate`); the other runtimes run the call to its end.
+    `set()` is safe from any thread and a no-op when no call is in flight; the call then raises `Interrupted`.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._options = None  # the RunOptions of the call in flight
+        self._set = False
+
+    def arm(self, options):
+        with self._lock:
+            self._options, self._set = options, False
+        return options
+
+    def disarm(self) -> None:
+        with self._lock:
+            self._options = None
+
+    def set(self) -> None:
+        with self._lock:
+            if self._options is not None:
+                self._options.terminate = True
+                self._set = True
+
+    def is_set(self) -> bool:
+        with self._lock:
+            return self._set
+
+
+def _onnxruntime(path: Path, tf_device: str) -> Session:
     import onnxruntime as ort
 
     providers: list[str | tuple[str, dict[str, int]]] = ["CPUExecutionProvider"]
@@ -77,7 +124,6 @@ def _onnxruntime(path: Path, tf_device: str, threads: int = 0) -> Session:
     # cores from everything else: another model's session (two models in turn: 117 ms per pair of calls
     # spinning, 64 ms not), post-processing, the cameras. One model alone: the same within noise (docs/models.md).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.intra_op_num_threads = threads  # 0: one per core; 1: the calling thread alone (a shadow model)
     session = ort.InferenceSession(str(path), options, providers=providers)
     if tf_device.startswith("/GPU") and "CUDAExecutionProvider" not in session.get_providers():
         raise UnavailableError(
@@ -87,16 +133,24 @@ def _onnxruntime(path: Path, tf_device: str, threads: int = 0) -> Session:
     feed = session.get_inputs()[0].name
     names = [o.name for o in session.get_outputs()]
 
-    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = dict(zip(names, session.run(None, {feed: x})))
+    def run(x: np.ndarray, interrupt: Interrupt | None = None) -> tuple[np.ndarray, np.ndarray]:
+        options = interrupt.arm(ort.RunOptions()) if interrupt is not None else None
+        try:
+            out = dict(zip(names, session.run(None, {feed: x}, options)))
+        except Exception:
+            if interrupt is not None and interrupt.is_set():
+                raise Interrupted("the call was interrupted") from None
+            raise
+        finally:
+            if interrupt is not None:
+                interrupt.disarm()
         return out["score"], out["cam_logits"]
 
     return run
 
 
-def compile_openvino(path: Path, threads: int = 0):
-    """The OpenVINO model `path` compiled for the CPU, precision float32 on every CPU; `threads` > 0 caps the
-    threads one inference uses (0: the plugin's choice)."""
+def compile_openvino(path: Path):
+    """The OpenVINO model `path` compiled for the CPU, precision float32 on every CPU."""
     import openvino as ov
 
     # LATENCY: one request at a time uses all cores (the daemon runs one batch at a time). No pinning of its
@@ -104,24 +158,24 @@ def compile_openvino(path: Path, threads: int = 0):
     # pinned, EfficientNetV2B0 752x480, docs/performance.md). Precision pinned to float32: the CPU plugin's
     # default is bfloat16 on CPUs that have it (AVX-512 BF16, AMX), which moves scores by up to 5e-3 and
     # would make the daemon's outputs depend on the CPU it happens to run on.
-    config = {"PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False, "INFERENCE_PRECISION_HINT": "f32"}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = threads
-    return ov.Core().compile_model(str(path), "CPU", config)
+    return ov.Core().compile_model(
+        str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False, "INFERENCE_PRECISION_HINT": "f32"}
+    )
 
 
-def _openvino(path: Path, tf_device: str, threads: int = 0) -> Session:
-    compiled = compile_openvino(path, threads)
+def _openvino(path: Path, tf_device: str) -> Session:
+    compiled = compile_openvino(path)
     request = compiled.create_infer_request()
     score, cam_logits = compiled.output("score"), compiled.output("cam_logits")
 
-    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = request.infer({0: x})  # copies the outputs (share_outputs=False)
+    def run(x: np.ndarray, interrupt: Interrupt | None = None) -> tuple[np.ndarray, np.ndarray]:
+        out = request.infer({0: x})  # copies the outputs (share_outputs=False); runs to its end, interrupt or not
         return out[score], out[cam_logits]
 
     return run
 
 
-def open_session(runtime: str, path: Path, tf_device: str, threads: int = 0) -> Session:
-    """A callable running the exported model file `path` with `runtime`; `threads` > 0 caps its CPU threads."""
-    return {"onnxruntime": _onnxruntime, "openvino": _openvino}[runtime](path, tf_device, threads)
+def open_session(runtime: str, path: Path, tf_device: str) -> Session:
+    """A callable `(batch, interrupt=None) -> (score, cam_logits)` running the exported model file `path` with
+    `runtime`."""
+    return {"onnxruntime": _onnxruntime, "openvino": _openvino}[runtime](path, tf_device)

@@ -1,15 +1,19 @@
 """A shadow model: run on (a sample of) a production model's frames, never publishing; how often and how well it
 agrees with the production model, measured on the line's own frames (docs/models.md#a-shadow-model).
 
-    shadow = Shadow("top", "top-v2", metrics, store, production_waiting=lambda: bool(board.waiting()))
+    shadow = Shadow("top", "top-v2", metrics, store, production_idle=pipeline.production_idle)
     shadow.start()
     shadow.offer(job)         # from the production model's inference thread, after its batch: never blocks
     shadow.stop(timeout=5)    # the measurements saved
 
-The shadow yields to production: its thread runs at the lowest CPU priority (nice 19) with an engine that uses
-that thread alone (ONNX Runtime / OpenVINO with one thread), it skips a job while production frames wait for a
-model (`yield`), and a job that finds its queue full is skipped (`busy`); both are counted. Nothing of it is on
-the production path but the hand-over of a reference to the batch.
+The shadow yields to production: it starts a job only once production is idle (no frame waiting, no model
+call, nothing in post-processing; a job that waits for that longer than YIELD_WAIT_S is skipped), and its model
+call in flight ends when a production frame arrives (ONNX Runtime, the CPU default: `runtimes.Interrupt`), both
+counted as `yield`; after either it backs off (jobs skipped as `yield` for 1 s, doubling up to 30 s while it
+keeps being cut off: a line too busy for it costs production almost nothing). A job that finds its
+queue full is skipped (`busy`). Its thread runs at the lowest CPU priority (nice 19), which is what is left
+with the other runtimes. Nothing of it is on the production path but the hand-over of a reference to the
+batch and, per frame captured, one flag set (docs/models.md measures what it costs).
 
 Per frame it compares the two verdicts (a confusion count), the two scores (their correlation) and, when both
 say defect, the two models' regions (their IoU, on the frame scaled to at most 160 pixels wide). A frame where
@@ -40,6 +44,7 @@ from inspectd.imageio import encode_jpeg, encode_png
 from inspectd.metrics import Metrics
 from inspectd.pipeline.context import ModelRun
 from inspectd.pipeline.postprocess import InspectOptions, locate, probability, to_mask_u8, upsample
+from inspectd.pipeline.runtimes import Interrupt, Interrupted
 from inspectd.threads import name_this_thread
 
 log = logging.getLogger("inspectd.pipeline.shadow")
@@ -48,6 +53,8 @@ SHADOW_DIR = ".shadow"  # under [archive] dir: hidden from the archive's own ent
 KEEP_DISAGREEMENTS = 1000  # per pair of model files: the oldest go first (a frame JPEG and two PNGs each)
 IOU_WIDTH = 160  # regions are compared on the frame scaled to this width (at most)
 SAVE_EVERY_S = 10.0  # the summary is written this often (and at stop)
+YIELD_WAIT_S = 0.5  # a job waits at most this long for production to be idle, then it is skipped (`yield`)
+BACKOFF_S = (1.0, 30.0)  # after an interrupted call, jobs are skipped this long, doubling while calls keep being cut
 VERDICTS = ("defect", "ok")
 _IDLE = object()  # what the thread's queue wait gives when nothing came: time to save the summary
 
@@ -188,12 +195,15 @@ class Shadow:
         shadow: str,
         metrics: Metrics,
         store: ShadowStore | None,
-        production_waiting: Callable[[], bool],
+        production_idle: Callable[[], bool],
         queue_size: int = 2,
         meta: dict | None = None,
     ):
         self.model, self.shadow, self.metrics, self.store = model, shadow, metrics, store
-        self._production_waiting = production_waiting
+        self._production_idle = production_idle
+        self.interrupt = Interrupt()  # set by the pipeline when a production frame arrives: the shadow's call ends
+        self._backoff_s = 0.0  # 0, or how long the last back-off was
+        self._resume_at = 0.0  # monotonic: jobs before this are skipped (`yield`)
         self._jobs: queue.Queue[object] = queue.Queue(queue_size)  # ShadowJob, _IDLE never, None: stop
         self._thread = threading.Thread(target=self._run, name=f"shadow-{shadow}"[:64], daemon=True)
         self._meta = meta or {}
@@ -269,17 +279,35 @@ class Shadow:
                 saved = time.monotonic()
 
     def _handle(self, job: ShadowJob) -> None:
-        if self._production_waiting():
-            self._skip("yield", len(job.frames))  # production is behind: its frames first
+        if time.monotonic() < self._resume_at:  # backing off: production's gaps were too short for a call
+            self._skip("yield", len(job.frames))
             return
+        give_up = time.monotonic() + YIELD_WAIT_S
+        while not self._production_idle():  # production's frames first (a few ms at a moderate load)
+            if time.monotonic() > give_up:  # a busy line: skip, and back off as after an interrupted call
+                self._skip("yield", len(job.frames))
+                self._back_off()
+                return
+            time.sleep(0.01)
         try:
             self._compare(job)
         except Exception:
             log.exception("shadow %s of %s: a batch failed; going on", self.shadow, self.model)
 
+    def _back_off(self) -> None:
+        """Skip the jobs of the next 1 s, 2 s, 4 s ... up to 30 s while production keeps needing the cores."""
+        self._backoff_s = min(BACKOFF_S[1], 2 * self._backoff_s) if self._backoff_s else BACKOFF_S[0]
+        self._resume_at = time.monotonic() + self._backoff_s
+
     def _compare(self, job: ShadowJob) -> None:
         t0 = time.monotonic()
-        scores, cams = job.shadow.engine.infer([f.image for f in job.frames])
+        try:
+            scores, cams = job.shadow.engine.infer([f.image for f in job.frames], self.interrupt)
+        except Interrupted:  # a production frame came: the cores are its; try again later, later each time
+            self._skip("yield", len(job.frames))
+            self._back_off()
+            return
+        self._backoff_s = 0.0
         self.metrics.inference_seconds.labels(model=self.shadow).observe(time.monotonic() - t0)
         for i, frame in enumerate(job.frames):
             p_opts, s_opts = job.options[i], job.shadow_options
