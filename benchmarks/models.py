@@ -102,13 +102,13 @@ def thread_each(engines: dict, seconds: float) -> dict[str, float]:
     return {name: n / elapsed for name, n in counts.items()}
 
 
-def _settings(models: dict[str, str], cameras: dict[str, tuple[str, float]], concurrent: bool = True):
+def _settings(models: dict[str, str], cameras: dict[str, tuple[str, float]]):
     from inspectd.config import MetricsConfig, PublishConfig, Settings
 
     url = "synthetic://?fps={fps}&width={w}&height={h}&defect_rate=0.3&repeat=8&seed={seed}"
     return Settings(
         models=[{"id": mid, "path": path, "device": "cpu"} for mid, path in models.items()],
-        batching={"max_batch": 1, "concurrent_models": concurrent},
+        batching={"max_batch": 1},
         cameras=[
             {"id": cam, "model": mid, "url": url.format(fps=round(fps, 2), w=SIZE[0], h=SIZE[1], seed=i)}
             for i, (cam, (mid, fps)) in enumerate(cameras.items())
@@ -129,11 +129,11 @@ def _e2e(registry, cameras: list[str], q: float) -> float | None:
     return histogram_quantile(sorted(sums.items()), q)
 
 
-def run_daemon(models: dict[str, str], cameras: dict[str, tuple[str, float]], seconds: float, concurrent: bool = True) -> dict:
+def run_daemon(models: dict[str, str], cameras: dict[str, tuple[str, float]], seconds: float) -> dict:
     """Per model: offered and inferred frames/s, end-to-end p50/p99; the residual of every camera's account."""
     from inspectd.service.daemon import Daemon
 
-    daemon = Daemon(_settings(models, cameras, concurrent))
+    daemon = Daemon(_settings(models, cameras))
     try:
         daemon.startup()
         time.sleep(3.0)  # cameras connected, first batches through
@@ -169,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-b", default="builtin:demo")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--load", type=float, default=0.8, help="the cameras' share of the combined capacity")
-    parser.add_argument("--serial", action="store_true", help="also run both with [batching] concurrent_models = false")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     from inspectd.tfload import import_tensorflow
@@ -185,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# Two models on one machine ({platform.processor() or platform.machine()}, "
         f"{len(__import__('os').sched_getaffinity(0))} cores)",
         "",
-        f"`python benchmarks/models.py --model-a {args.model_a} --model-b {args.model_b} --seconds {args.seconds:g}"
-        f"{' --serial' if args.serial else ''}`, "
+        f"`python benchmarks/models.py --model-a {args.model_a} --model-b {args.model_b} --seconds {args.seconds:g}`, "
         f"frames {SIZE[0]}x{SIZE[1]}, batch 1, runtime auto.",
         "",
         "| model | file | time per frame alone |",
@@ -221,8 +219,6 @@ def main(argv: list[str] | None = None) -> int:
         runs[f"{mid} alone"] = ({mid: paths[mid]}, {f"{mid}{i}": (mid, fps) for i in (1, 2)})
     # both: each model's two cameras offer load/2 of its own capacity
     runs["both"] = (paths, {f"{mid}{i}": (mid, args.load / 2 * capacity[mid] / 2) for mid in paths for i in (1, 2)})
-    if args.serial:
-        runs["both, one call at a time"] = runs["both"]
     lines[-4:-4] = [
         "Capacity through the daemon (each model alone, two cameras offering twice the bare model's frames/s): "
         + ", ".join(f"{mid} {capacity[mid]:.1f} frames/s" for mid in paths)
@@ -231,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     residuals = {}
     for name, (models, cameras) in runs.items():
-        res = run_daemon(models, cameras, args.seconds, concurrent="one call at a time" not in name)
+        res = run_daemon(models, cameras, args.seconds)
         residuals[name] = res.pop("residual")
         for mid, r in res.items():
             lines.append(

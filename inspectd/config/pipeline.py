@@ -18,13 +18,6 @@ class BatchingConfig(Section):
         "auto", reload=E, description="largest batch; auto = 1 on CPU (batching lowers CPU throughput), 8 on GPU"
     )
     max_wait_ms: float = setting(10, reload=C, ge=0, le=1000, description="how long to wait for more frames after the first")
-    concurrent_models: bool = setting(
-        True,
-        reload=C,
-        description="several models: true = each model's thread calls its model at once with the others (a cheap "
-        "model never waits behind a slow one); false = one model call at a time (models of similar cost on a "
-        "CPU: lower latency; measured in docs/models.md)",
-    )
 
 
 class PostprocessConfig(Section):

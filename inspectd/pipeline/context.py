@@ -66,7 +66,6 @@ class InferenceContext:
     max_wait_s: float = 0.01  # [batching] max_wait_ms: how long a batch waits for more frames after the first
     cameras: Mapping[str, str] = field(default_factory=dict)  # camera -> model id (a camera not here: the default)
     per_camera: Mapping[str, InspectOptions] = field(default_factory=dict)  # cameras with overrides of their own
-    concurrent: bool = True  # [batching] concurrent_models: models called at once (else one call at a time)
     shadows: Mapping[str, str] = field(default_factory=dict)  # model id -> the id of its shadow model
     sample: Mapping[str, float] = field(default_factory=dict)  # shadow id -> the share of its model's frames it runs
 
@@ -198,7 +197,6 @@ def assemble(s: Settings, runs: Mapping[str, ModelRun]) -> InferenceContext:
         s.batching.max_wait_ms / 1000.0,
         {cam.id: s.model_of(cam) for cam in s.cameras},
         camera_options(s, options),
-        s.batching.concurrent_models,
         {e.shadow_of: e.id for e in entries.values() if e.shadow_of is not None},
         {e.id: e.sample for e in entries.values() if e.shadow_of is not None},
     )

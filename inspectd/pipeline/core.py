@@ -24,7 +24,6 @@ from __future__ import annotations
 
 __all__ = ["Pipeline", "FREEZE_ENV"]
 
-import contextlib
 import functools
 import logging
 import os
@@ -120,7 +119,6 @@ class Pipeline:
         # Bounded hand-off to post-processing: when it falls behind, inference waits, and the
         # cameras' slots turn stale (counted) instead of a queue growing.
         self._handoff = threading.BoundedSemaphore(4 * workers)
-        self._one_call = threading.Lock()  # [batching] concurrent_models = false: one model call at a time
         self._postprocessing = 0  # frames handed to post-processing and not delivered yet (a shadow waits for 0)
         self._postprocessing_lock = threading.Lock()
         self._stop = threading.Event()
@@ -325,8 +323,7 @@ class Pipeline:
     def _run_batch(self, batch: Batch, run: ModelRun, context: InferenceContext, lane: _Lane) -> None:
         lane.running, lane.busy_since = batch, time.monotonic()
         try:
-            with contextlib.nullcontext() if context.concurrent else self._one_call:
-                scores, cams = self._infer(batch, run, lane)
+            scores, cams = self._infer(batch, run, lane)
         except Exception:
             log.exception("inference failed for a batch of %d frame(s); continuing", len(batch.frames))
             for frame in batch.frames:
