@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from inspectd.config import CameraConfig, Settings
+from inspectd.config import CameraConfig, ModelEntry, Settings
 
 CAMERA = '[[cameras]]\nid = "a"\nurl = "synthetic://?fps=5"\n'
 
@@ -105,13 +105,15 @@ def test_environment_variables_are_named_in_their_errors(tmp_path, monkeypatch, 
 # -- every number at its edges -----------------------------------------------------------------------------------
 
 
-def _numeric_keys(cameras: bool = False) -> list[tuple[str, str, float | None, float | None, type]]:
-    """(section, key, lowest allowed, highest allowed, int or float) of every numeric key outside [[cameras]]
-    (with `cameras`, of a camera table's)."""
+def _numeric_keys(tables: bool = False) -> list[tuple[str, str, float | None, float | None, type]]:
+    """(section, key, lowest allowed, highest allowed, int or float) of every numeric key outside [[cameras]] and
+    [[models]] (with `tables`, of a camera's and a model's table)."""
     keys = []
-    sections = {"cameras": CameraConfig} if cameras else {s: f.annotation for s, f in Settings.model_fields.items()}
+    sections = (
+        {"cameras": CameraConfig, "models": ModelEntry} if tables else {s: f.annotation for s, f in Settings.model_fields.items()}
+    )
     for section, model in sections.items():
-        if section == "cameras" and not cameras:
+        if section in ("cameras", "models") and not tables:
             continue
         for key, info in model.model_fields.items():  # type: ignore[union-attr]
             if info.annotation not in (int, float):
@@ -131,7 +133,7 @@ NUMERIC = _numeric_keys()
 
 def test_every_number_has_a_range():
     """No numeric key is unbounded: 1e300 or 1e-300 is refused wherever the daemon would overflow or spin."""
-    unbounded = [f"{s}.{k}" for s, k, low, high, _ in NUMERIC + _numeric_keys(cameras=True) if low is None or high is None]
+    unbounded = [f"{s}.{k}" for s, k, low, high, _ in NUMERIC + _numeric_keys(tables=True) if low is None or high is None]
     assert unbounded == []
 
 

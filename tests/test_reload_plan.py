@@ -77,8 +77,8 @@ CASES = [
         ("postprocess.workers",),
         ((), (), ()),
     ),
-    ("camera added", Settings(cameras=[CAM_A, CAM_B]), SHA, N, False, (), (), ((), ("cam-b",), ())),
-    ("camera removed", Settings(cameras=[]), SHA, N, False, (), (), (("cam-a",), (), ())),
+    ("camera added", Settings(cameras=[CAM_A, CAM_B]), SHA, N, True, (), (), ((), ("cam-b",), ())),
+    ("camera removed", Settings(cameras=[]), SHA, N, True, (), (), (("cam-a",), (), ())),
     ("camera changed", Settings(cameras=[{**CAM_A, "fps_limit": 5}]), SHA, N, False, (), (), ((), (), ("cam-a",))),
     (
         "a camera's threshold and mask rule: the context swaps, the camera keeps running",
@@ -231,3 +231,12 @@ def test_plan_per_model(name, new, hashes, load, swap, applied, restarted):
     assert plan.applied == applied
     assert tuple(c.id for c in plan.restart_cameras) == restarted
     assert plan.needs_restart == () and plan.stop_cameras == () and plan.start_cameras == ()
+
+
+def test_a_camera_added_on_another_model_swaps_the_context():
+    """The context says which model a camera's frames go to: a new camera naming model side needs a new one
+    (without it, its frames would go to the default model)."""
+    cam_new = {"id": "cam-new", "url": "synthetic://?seed=3", "model": "side"}
+    plan = plan_reload(two(), two(cameras=[CAM_TOP, CAM_SIDE, cam_new]), HASHES, HASHES)
+    assert plan.swap_context and plan.load_models == () and [c.id for c in plan.start_cameras] == ["cam-new"]
+    assert plan.effective.model_of(plan.effective.cameras[-1]) == "side"

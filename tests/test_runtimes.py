@@ -218,7 +218,7 @@ def test_export_command(engines, tmp_path, capsys):
 
 def test_an_onnxruntime_call_can_be_interrupted_from_outside(engines):
     """A shadow model's call ends when production needs the cores (runtimes.Interrupt): ONNX Runtime stops and
-    the call raises Interrupted; an interrupt never set changes nothing; set() with no call in flight is a no-op."""
+    the call raises Interrupted, also when set() came just before the call; clear() forgets an earlier set()."""
     engine = engines[0]["onnxruntime"]
     frames = _frames(4, 128, 160, seed=5)
     ref_scores, _ = engine.infer(frames)
@@ -233,7 +233,12 @@ def test_an_onnxruntime_call_can_be_interrupted_from_outside(engines):
 
     with pytest.raises(runtimes.Interrupted):
         engine.infer(frames, SetAtStart())
+    early = runtimes.Interrupt()
+    early.set()  # while the caller was getting ready: the next call ends at once
+    with pytest.raises(runtimes.Interrupted):
+        engine.infer(frames, early)
     quiet = runtimes.Interrupt()
-    quiet.set()  # no call in flight: nothing to end, and the next call is not ended by it
+    quiet.set()
+    quiet.clear()  # forgotten: the caller decided to call after it
     scores, _ = engine.infer(frames, quiet)
     assert np.array_equal(scores, ref_scores) and not quiet.is_set()

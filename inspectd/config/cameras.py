@@ -54,7 +54,9 @@ class CameraConfig(Section):
         "reject", description="parts: what the line does with a not_inspected part (reject: fail-safe)"
     )
     model: str | None = Field(
-        None, pattern=MODEL_ID, description="the id of the [[models]] table this camera's frames go to (default: the first)"
+        None,
+        pattern=MODEL_ID,
+        description="the id of the [[models]] table this camera's frames go to (default: the first that is not a shadow)",
     )
     threshold: float | None = Field(
         None, ge=0, le=1, description="this camera's image-level threshold on the score (default: its model's threshold)"

@@ -66,6 +66,7 @@ Observer = Callable[[Frame, float, np.ndarray, InspectOptions], None]
 PartSink = Callable[[PartResult, dict], None]  # a part's verdict and its model ({"id", "name", "sha256"}): never blocks
 
 _DEADLINE_TICK_S = 0.2  # the deadline thread wakes at least this often (stop requests)
+_RETIRE_WAIT_S = 5.0  # a reload waits this long at most for a removed model's or shadow's call in flight
 
 
 def _part_reason(reason: DropReason) -> str:
@@ -149,8 +150,7 @@ class Pipeline:
             lane.thread.join(max(0.0, deadline - time.monotonic()))
             if lane.thread.is_alive():
                 log.error("model %s: the batch in flight did not finish within %.0f s", lane.model, timeout)
-        with self._lanes_lock:
-            shadows, self._shadows = list(self._shadows.values()), {}
+        shadows, self._shadows = list(self._shadows.values()), {}
         for shadow in shadows:
             shadow.stop(max(0.0, deadline - time.monotonic()))
         self._pool.shutdown(wait=True)
@@ -222,31 +222,37 @@ class Pipeline:
                 old = self._lanes.get(model)
                 if old is not None and not old.retired.is_set():
                     continue
-                if old is not None:  # removed and added back while its thread ended
-                    old.thread.join()  # its batch in flight (a reload is not on the inference path)
+                if old is not None:  # removed and added back (two reloads) while its last batch ran
+                    old.thread.join(_RETIRE_WAIT_S)  # the same engine must not be called by two threads at once
+                    if old.thread.is_alive():
+                        log.error("model %s: its retired thread is still in a model call; a second one starts", model)
                 self._lanes[model] = lane = _Lane(model, self._run)
                 if not self._stop.is_set():
                     lane.thread.start()
-            stopped = self._sync_shadows(context)
-        for shadow in stopped:  # outside the lock: each finishes the batch in hand first
-            shadow.stop(timeout=5.0)
+        self._sync_shadows(context)
 
-    def _sync_shadows(self, context: InferenceContext) -> list[Shadow]:
-        """Start the shadows new in `context` (a model file changed: a new one, measured afresh); the old ones
-        are returned, to be stopped."""
+    def _sync_shadows(self, context: InferenceContext) -> None:
+        """Stop the shadows no longer in `context`, then start the new ones (a model file changed: a new one,
+        measured afresh). Called by the thread that swaps contexts only; `_shadows` is replaced, never changed in
+        place, because capture threads read it (`put`)."""
         wanted = {
             (model, shadow, context.runs[model].deployable.sha256, context.runs[shadow].deployable.sha256)
             for model, shadow in context.shadows.items()
         }
-        stopped = [self._shadows.pop(key) for key in list(self._shadows) if key not in wanted]
-        for key in wanted - set(self._shadows):
-            model, shadow, model_sha, shadow_sha = key
+        kept = {key: shadow for key, shadow in self._shadows.items() if key in wanted}
+        stopped = [shadow for key, shadow in self._shadows.items() if key not in wanted]
+        self._shadows = kept
+        for shadow in stopped:  # first: a new shadow of the same ids registers the same metric series
+            shadow.stop(timeout=_RETIRE_WAIT_S)
+        started = dict(kept)
+        for key in wanted - set(kept):
+            model, shadow_id, model_sha, shadow_sha = key
             store = ShadowStore(store_dir(self._shadow_dir, *key)) if self._shadow_dir is not None else None
             meta = {"production_sha256": model_sha, "shadow_sha256": shadow_sha}
-            self._shadows[key] = Shadow(model, shadow, self.metrics, store, self.production_idle, meta=meta)
+            started[key] = Shadow(model, shadow_id, self.metrics, store, self.production_idle, meta=meta)
             if not self._stop.is_set():
-                self._shadows[key].start()
-        return stopped
+                started[key].start()
+        self._shadows = started
 
     def _all_lanes(self) -> list[_Lane]:
         with self._lanes_lock:
@@ -331,7 +337,6 @@ class Pipeline:
             return
         finally:
             lane.running, lane.busy_since = None, None
-        self._to_shadow(batch, scores, cams, run, context, lane)
         for frame, score, cam in zip(batch.frames, scores, cams):
             if self._observer is not None:
                 self._observer(frame, float(score), cam, context.options_for(frame.camera))
@@ -347,6 +352,10 @@ class Pipeline:
             with self._deliver_lock:
                 self._order[frame.camera].append((future, frame, context, run.model))
             future.add_done_callback(functools.partial(self._drain_done, frame.camera))
+        try:  # after post-processing was handed the batch: the shadow waits for production to be idle
+            self._to_shadow(batch, scores, cams, run, context, lane)
+        except Exception:
+            log.exception("model %s: handing a batch to its shadow failed", run.id)
 
     def _to_shadow(self, batch: Batch, scores, cams, run: ModelRun, context: InferenceContext, lane: _Lane) -> None:
         """Hand the shadow of this batch's model (if it has one) its sample of the batch: a reference, never a wait."""

@@ -78,28 +78,39 @@ class Interrupt:
     """Ends a model call in flight from another thread (a shadow model's call, when production needs the cores).
 
     ONNX Runtime stops between two operators (`RunOptions.terminate`); the other runtimes run the call to its end.
-    `set()` is safe from any thread and a no-op when no call is in flight; the call then raises `Interrupted`.
+    `set()` is safe from any thread; the call in flight, or the next one if none is (a set() that came while the
+    caller was getting ready), then raises `Interrupted`, until `clear()`.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._options = None  # the RunOptions of the call in flight
+        self._pending = False  # set() with no call in flight: the next call ends at once
         self._set = False
+
+    def clear(self) -> None:
+        """Forget a set() that came before now (the caller is about to decide whether to call)."""
+        with self._lock:
+            self._pending = False
 
     def arm(self, options):
         with self._lock:
-            self._options, self._set = options, False
+            self._options, self._set = options, self._pending
+            if self._pending:
+                options.terminate = True
         return options
 
     def disarm(self) -> None:
         with self._lock:
-            self._options = None
+            self._options, self._pending = None, False
 
     def set(self) -> None:
         with self._lock:
             if self._options is not None:
                 self._options.terminate = True
                 self._set = True
+            else:
+                self._pending = True
 
     def is_set(self) -> bool:
         with self._lock:

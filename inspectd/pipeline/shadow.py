@@ -237,7 +237,11 @@ class Shadow:
                 self._jobs.get_nowait()
             except queue.Empty:
                 break
-        self._jobs.put(None)
+        self.interrupt.set()  # the call in hand ends now (ONNX Runtime)
+        try:
+            self._jobs.put(None, timeout=timeout)
+        except queue.Full:  # a production thread refilled it meanwhile: the thread is a daemon, it goes with us
+            pass
         if self._thread.ident is not None:  # started
             self._thread.join(timeout)
         self._save()
@@ -282,6 +286,7 @@ class Shadow:
         if time.monotonic() < self._resume_at:  # backing off: production's gaps were too short for a call
             self._skip("yield", len(job.frames))
             return
+        self.interrupt.clear()  # from here on, a production frame ends the call (even before it begins)
         give_up = time.monotonic() + YIELD_WAIT_S
         while not self._production_idle():  # production's frames first (a few ms at a moderate load)
             if time.monotonic() > give_up:  # a busy line: skip, and back off as after an interrupted call

@@ -149,7 +149,9 @@ def plan_reload(old: Settings, new: Settings, running_sha256: Mapping[str, str],
     return ReloadPlan(
         effective=effective,
         load_models=tuple(load),
-        swap_context=bool(load) or bool(model_applied) or any(k in CONTEXT_KEYS for k in keys) or bool(overrides),
+        # A camera added or removed changes the context too: which model its frames go to, its overrides.
+        swap_context=bool(load or model_applied or overrides or set(before) != set(after))
+        or any(k in CONTEXT_KEYS for k in keys),
         applied=tuple(applied + overrides),
         needs_restart=tuple(restart),
         stop_cameras=tuple(cid for cid in before if cid not in after),

@@ -145,19 +145,43 @@ def promote(config: Path, model: str, dry_run: bool = False) -> Promotion:
             del production[key]  # the shadow was measured with the file's own: so is the promoted model
     tables.remove(shadow)
     text = tomlkit.dumps(doc)
-    check = config.with_name(f".{config.name}.promote-check")
     try:
-        check.write_text(text)
-        shutil.copymode(config, check)  # a config holding passwords must not be readable by others: nor is this
-        load_settings(check)  # as the daemon will read it (relative paths from the same folder)
-    finally:
-        check.unlink(missing_ok=True)
-    if dry_run:
-        return Promotion(model, str(shadow["id"]), old_path, new_path, None, text)
-    backup = config.with_name(config.name + ".before-promote")
-    shutil.copy2(config, backup)
-    temp = config.with_name(f".{config.name}.promote")
-    temp.write_text(text)
-    shutil.copymode(config, temp)
-    os.replace(temp, config)
+        check = _private_copy(config, f".{config.name}.promote-check", text)
+        try:
+            load_settings(check)  # as the daemon will read it (relative paths from the same folder)
+        finally:
+            check.unlink(missing_ok=True)
+        if dry_run:
+            return Promotion(model, str(shadow["id"]), old_path, new_path, None, text)
+        backup = config.with_name(config.name + ".before-promote")
+        shutil.copy2(config, backup)
+        _keep_owner(config, backup)
+        os.replace(_private_copy(config, f".{config.name}.promote", text), config)
+    except OSError as exc:
+        raise ConfigError(f"{config}: cannot write beside it: {exc.strerror or exc} (run as the config's owner)") from None
     return Promotion(model, str(shadow["id"]), old_path, new_path, backup, text)
+
+
+def _private_copy(config: Path, name: str, text: str) -> Path:
+    """`text` in a new file beside `config`, created 0600, then given the config's mode and owner, synced."""
+    path = config.with_name(name)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # secrets (camera passwords) never readable
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.copymode(config, path)
+        _keep_owner(config, path)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _keep_owner(config: Path, path: Path) -> None:
+    """The config's owner and group (root:inspectd 0640: the daemon's user must still read it)."""
+    st = config.stat()
+    if (path.stat().st_uid, path.stat().st_gid) != (st.st_uid, st.st_gid):
+        os.chown(path, st.st_uid, st.st_gid)
