@@ -102,20 +102,30 @@ def thread_each(engines: dict, seconds: float) -> dict[str, float]:
     return {name: n / elapsed for name, n in counts.items()}
 
 
-def _settings(models: dict[str, str], cameras: dict[str, tuple[str, float]]):
+def daemon_settings(models: list[dict], cameras: dict[str, tuple[str, float]], first_seed: int = 0, results: bool = False):
+    """A daemon on the CPU, batch 1, with these [[models]] tables and synthetic cameras {id: (model id, fps)}
+    (seeds from `first_seed`), free ports; `results`: publish every verdict."""
     from inspectd.config import MetricsConfig, PublishConfig, Settings
 
     url = "synthetic://?fps={fps}&width={w}&height={h}&defect_rate=0.3&repeat=8&seed={seed}"
     return Settings(
-        models=[{"id": mid, "path": path, "device": "cpu"} for mid, path in models.items()],
+        models=[{"device": "cpu", **m} for m in models],
         batching={"max_batch": 1},
         cameras=[
-            {"id": cam, "model": mid, "url": url.format(fps=round(fps, 2), w=SIZE[0], h=SIZE[1], seed=i)}
+            {"id": cam, "model": mid, "url": url.format(fps=round(fps, 2), w=SIZE[0], h=SIZE[1], seed=first_seed + i)}
             for i, (cam, (mid, fps)) in enumerate(cameras.items())
         ],
-        publish=PublishConfig(endpoint=f"tcp://127.0.0.1:{_free_port()}"),
+        publish=PublishConfig(endpoint=f"tcp://127.0.0.1:{_free_port()}", results=results),
         metrics=MetricsConfig(port=0),
     )
+
+
+def write_report(lines: list[str], out: Path | None) -> None:
+    """The Markdown report on stdout, and in `out` when given."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        out.write_text(text)
 
 
 def _e2e(registry, cameras: list[str], q: float) -> float | None:
@@ -133,7 +143,7 @@ def run_daemon(models: dict[str, str], cameras: dict[str, tuple[str, float]], se
     """Per model: offered and inferred frames/s, end-to-end p50/p99; the residual of every camera's account."""
     from inspectd.service.daemon import Daemon
 
-    daemon = Daemon(_settings(models, cameras))
+    daemon = Daemon(daemon_settings([{"id": mid, "path": path} for mid, path in models.items()], cameras))
     try:
         daemon.startup()
         time.sleep(3.0)  # cameras connected, first batches through
@@ -243,10 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         + ".",
         "End-to-end quantiles are read from the daemon's histogram buckets (an upper bound, as Prometheus' histogram_quantile).",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    write_report(lines, args.out)
     return 0
 
 

@@ -24,23 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-from models import SIZE, _engine, _free_port, time_per_frame  # noqa: E402  (benchmarks/models.py)
+from models import SIZE, _engine, daemon_settings, time_per_frame, write_report  # noqa: E402  (benchmarks/models.py)
 
 
 def _settings(model: str, shadow: str | None, fps: float):
-    from inspectd.config import MetricsConfig, PublishConfig, Settings
-
-    url = "synthetic://?fps={fps}&width={w}&height={h}&defect_rate=0.3&repeat=8&seed={seed}"
-    models: list[dict] = [{"id": "prod", "path": model, "device": "cpu"}]
+    models: list[dict] = [{"id": "prod", "path": model}]
     if shadow is not None:
-        models.append({"id": "cand", "path": shadow, "device": "cpu", "shadow_of": "prod", "sample": 1.0})
-    return Settings(
-        models=models,
-        batching={"max_batch": 1},
-        cameras=[{"id": f"cam{i}", "url": url.format(fps=round(fps, 2), w=SIZE[0], h=SIZE[1], seed=i)} for i in (1, 2)],
-        publish=PublishConfig(endpoint=f"tcp://127.0.0.1:{_free_port()}", results=True),
-        metrics=MetricsConfig(port=0),
-    )
+        models.append({"id": "cand", "path": shadow, "shadow_of": "prod", "sample": 1.0})
+    return daemon_settings(models, {"cam1": ("prod", fps), "cam2": ("prod", fps)}, first_seed=1, results=True)
 
 
 def run(model: str, shadow: str | None, fps: float, seconds: float) -> dict:
@@ -155,10 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "Offered, inferred, stale and the shadow's counts over the measured seconds; end-to-end = published_at -",
         "captured_at of every result event in them (exact). Without and with the shadow alternate, to see this machine's noise.",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    write_report(lines, args.out)
     return 0
 
 

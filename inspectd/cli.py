@@ -16,17 +16,24 @@ from inspectd.errors import ExitCode, InspectdError, UsageError, missing_extra
 from inspectd.imageio import parse_size
 
 
-def _settings(args):
-    from inspectd.config import DEFAULT_CONFIG, load_settings
+def _config_path(args) -> Path:
+    """--config, else the default config, which must be there."""
+    from inspectd.config import DEFAULT_CONFIG
     from inspectd.errors import ConfigError
 
-    path = args.config
-    if path is None:
-        if not DEFAULT_CONFIG.is_file():  # never a demo by accident: a line PC would publish synthetic defects
-            raise ConfigError(
-                f"{DEFAULT_CONFIG} not found: give --config FILE (a source checkout's config.example.toml runs the demo)"
-            )
-        path = DEFAULT_CONFIG
+    if args.config is not None:
+        return args.config
+    if not DEFAULT_CONFIG.is_file():  # never a demo by accident: a line PC would publish synthetic defects
+        raise ConfigError(
+            f"{DEFAULT_CONFIG} not found: give --config FILE (a source checkout's config.example.toml runs the demo)"
+        )
+    return DEFAULT_CONFIG
+
+
+def _settings(args):
+    from inspectd.config import load_settings
+
+    path = _config_path(args)
     return load_settings(path), path
 
 
@@ -146,7 +153,7 @@ def _cmd_shadow(args) -> int:
         else:
             print(format_reports(reports), end="")
         return 0
-    _, config = _settings(args)  # the config must be valid as it is; the default path as `run` takes it
+    config = _config_path(args)  # promote reads and checks it
     done = promote(config, args.model, dry_run=args.dry_run)
     if args.dry_run:
         print(done.text, end="")

@@ -75,34 +75,38 @@ def synth_test(tmp_path_factory) -> Path:
     return out
 
 
+def tiny_recipe(dataset: Path, out: Path, epochs: int = 12, seed: int = 0):
+    """The tests' tiny training recipe, not train's defaults (pretrained Lite0, minmax mask rule, docs/quality.md): from
+    scratch, the paper's backbone and a fixed probability mask, so the quality floors stay those of that recipe."""
+    from inspectd.toolkit.train import TrainOptions
+
+    return TrainOptions(
+        dataset=dataset,
+        out=out,
+        input_size=TRAIN_SIZE,
+        epochs=epochs,
+        batch_size=16,
+        lr=2e-3,
+        weights="none",
+        seed=seed,
+        verbose=0,
+        backbone="efficientnetv2b0",
+        stride=16,
+        mask_rule="probability",
+    )
+
+
 @pytest.fixture(scope="session")
 def trained(tf, synth_train, tmp_path_factory):
     """One small model trained from scratch (weights none) with the real `train`; shared by tests."""
-    from inspectd.toolkit.train import TrainOptions, train
+    from inspectd.toolkit.train import train
 
     out = tmp_path_factory.mktemp("model") / "tiny.keras"
     # Deterministic kernels make it the same model on every run of a machine, so the quality floors test
     # the recipe, not the luck of thread timing. It cannot be switched off again: the tests after this one
     # run with it too, their random ops seeded by train's global seed (unseeded random ops would fail).
     tf.config.experimental.enable_op_determinism()
-    # The tests' tiny recipe, not train's defaults (pretrained Lite0, minmax mask rule, docs/quality.md): from scratch,
-    # the paper's backbone and a fixed probability mask, so the quality floors stay those of that recipe.
-    return train(
-        TrainOptions(
-            dataset=synth_train,
-            out=out,
-            input_size=TRAIN_SIZE,
-            epochs=12,
-            batch_size=16,
-            lr=2e-3,
-            weights="none",
-            seed=0,
-            verbose=0,
-            backbone="efficientnetv2b0",
-            stride=16,
-            mask_rule="probability",
-        )
-    )
+    return train(tiny_recipe(synth_train, out))
 
 
 @pytest.fixture()

@@ -8,7 +8,7 @@ import signal
 
 import numpy as np
 import pytest
-from conftest import TRAIN_SIZE, run_cli
+from conftest import TRAIN_SIZE, run_cli, tiny_recipe
 from daemon_util import DaemonProcess, camera_toml, daemon_config
 from support import collect_events, scrape, wait_until
 
@@ -79,24 +79,9 @@ def test_a_shadow_is_checked_when_the_config_is_read():
 @pytest.fixture(scope="module")
 def weak(tf, synth_train, tmp_path_factory):
     """A second real model, trained one epoch only: the weaker of the two."""
-    from inspectd.toolkit.train import TrainOptions, train
+    from inspectd.toolkit.train import train
 
-    out = tmp_path_factory.mktemp("weak") / "weak.keras"
-    opts = TrainOptions(
-        dataset=synth_train,
-        out=out,
-        input_size=TRAIN_SIZE,
-        epochs=1,
-        batch_size=16,
-        lr=2e-3,
-        weights="none",
-        seed=1,
-        verbose=0,
-        backbone="efficientnetv2b0",
-        stride=16,
-        mask_rule="probability",
-    )
-    return train(opts).model_path
+    return train(tiny_recipe(synth_train, tmp_path_factory.mktemp("weak") / "weak.keras", epochs=1, seed=1)).model_path
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import cast
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
@@ -88,21 +88,14 @@ class Settings(BaseSettings):
     ui: UiConfig = UiConfig()
     daemon: DaemonConfig = DaemonConfig()
 
-    @field_validator("cameras")
+    @field_validator("cameras", "models")
     @classmethod
-    def _unique_ids(cls, cameras: list[CameraConfig]) -> list[CameraConfig]:
-        dupes = repeated([c.id for c in cameras])
+    def _unique_ids(cls, tables: list, info: ValidationInfo) -> list:
+        """Camera ids and model ids name one table each."""
+        dupes = repeated([t.id for t in tables])
         if dupes:
-            raise ValueError(f"camera ids must be unique; repeated: {', '.join(dupes)}")
-        return cameras
-
-    @field_validator("models")
-    @classmethod
-    def _unique_model_ids(cls, models: list[ModelEntry]) -> list[ModelEntry]:
-        dupes = repeated([m.id for m in models])
-        if dupes:
-            raise ValueError(f"model ids must be unique; repeated: {', '.join(dupes)}")
-        return models
+            raise ValueError(f"{str(info.field_name)[:-1]} ids must be unique; repeated: {', '.join(dupes)}")
+        return tables
 
     @model_validator(mode="after")
     def _cameras_name_models(self) -> Settings:

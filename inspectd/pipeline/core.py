@@ -338,12 +338,13 @@ class Pipeline:
         finally:
             lane.running, lane.busy_since = None, None
         for frame, score, cam in zip(batch.frames, scores, cams):
+            options = context.options_for(frame.camera)
             if self._observer is not None:
-                self._observer(frame, float(score), cam, context.options_for(frame.camera))
+                self._observer(frame, float(score), cam, options)
             self._handoff.acquire()
             self._count_postprocessing(+1)
             try:
-                future = self._pool.submit(inspect, frame, float(score), cam, context.options_for(frame.camera))
+                future = self._pool.submit(inspect, frame, float(score), cam, options)
             except RuntimeError:  # the pool was shut down: a batch that outlived stop()'s timeout
                 self._count_postprocessing(-1)
                 self._handoff.release()
