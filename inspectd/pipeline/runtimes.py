@@ -132,8 +132,8 @@ def _onnxruntime(path: Path, tf_device: str) -> Session:
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: its warnings about unused initializers are noise here
     # No spinning: after each run ONNX Runtime's intra-op threads would busy-wait for the next one, taking the
-    # cores from everything else: another model's session (two models in turn: 117 ms per pair of calls
-    # spinning, 64 ms not), post-processing, the cameras. One model alone: the same within noise (docs/models.md).
+    # cores from everything else: another model's session (two models in turn: 10.3 frames/s each spinning, 13-15
+    # not), post-processing, the cameras. One model alone: the same within noise (docs/models.md).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=providers)
     if tf_device.startswith("/GPU") and "CUDAExecutionProvider" not in session.get_providers():
