@@ -176,6 +176,7 @@ def child_bare(args) -> dict:
         precision=args.precision,
         xla=args.xla,
         runtime=args.runtime,
+        gated=False,  # speed only: a precision's quality is the gate's to measure (inspectd export --precision)
     )
     engine.warmup((args.width, args.height))
     frames = _frames(args.batch, args.width, args.height)
@@ -702,7 +703,11 @@ def main() -> None:
     )
     ap.add_argument("--device", default="cpu", help="[model] device for everything measured: cpu or gpu:N")
     ap.add_argument(
-        "--precision", default="float32", choices=["float32", "mixed_float16"], help="[model] precision (TensorFlow only)"
+        "--precision",
+        default="float32",
+        choices=["float32", "bfloat16", "float16", "int8"],
+        help="[model] precision. The bare model runs it unchecked (speed only); the pipeline's daemon needs its passed "
+        "quality gate in the cache (inspectd export --precision, docs/daemon.md#precision)",
     )
     ap.add_argument("--xla", action="store_true", help="[model] xla (TensorFlow only)")
     ap.add_argument("--child", help=argparse.SUPPRESS)

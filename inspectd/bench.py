@@ -17,6 +17,7 @@ import math
 import socket
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -32,6 +33,8 @@ class BenchOptions:
     seconds: float = 20.0
     device: str = "auto"
     runtime: str = "auto"
+    precision: str = "float32"
+    cache_dir: Path | None = None
 
 
 OFFERED = 1.2  # the cameras' frames/s over the bare model's, by default: just above its capacity
@@ -46,9 +49,19 @@ def _free_port() -> int:
 def bare_model(opts: BenchOptions) -> dict:
     """Frames/s of the engine alone, full batches of `opts.batch` frames, after warm-up."""
     from inspectd.model.deployable import load_model, resolve_model_path
+    from inspectd.pipeline import autotune
     from inspectd.pipeline.engine import InferenceEngine
 
-    engine = InferenceEngine(load_model(resolve_model_path(opts.model)), (opts.batch,), opts.device, runtime=opts.runtime)
+    # With runtime auto the engine measures the candidates at this batch size (or reads the cache); the daemon
+    # below, at the same max_batch, reads the same measurement, so both run the same choice.
+    engine = InferenceEngine(
+        load_model(resolve_model_path(opts.model)),
+        (opts.batch,),
+        opts.device,
+        precision=opts.precision,
+        runtime=opts.runtime,
+        cache_dir=opts.cache_dir,
+    )
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (opts.height, opts.width, 3), dtype=np.uint8) for _ in range(opts.batch)]
     engine.warmup((opts.width, opts.height))
@@ -63,6 +76,9 @@ def bare_model(opts: BenchOptions) -> dict:
         "fps": round(n / elapsed, 2),
         "device": engine.device,
         "runtime": engine.runtime,
+        "hint": engine.hint if engine.runtime == "openvino" else None,
+        "precision": engine.precision,
+        "auto": None if engine.choice is None else autotune.format_table(engine.choice),
     }
 
 
@@ -74,7 +90,13 @@ def _settings(opts: BenchOptions):
     url = f"synthetic://?fps={opts.camera_fps}&width={opts.width}&height={opts.height}&defect_rate=0.3&repeat=8&seed="
     cams = [CameraConfig(id=f"bench{i}", url=url + str(i)) for i in range(opts.cameras)]
     return Settings(
-        model=ModelConfig(path=opts.model, device=opts.device, runtime=opts.runtime),
+        model=ModelConfig(
+            path=opts.model,
+            device=opts.device,
+            runtime=opts.runtime,
+            precision=opts.precision,
+            cache_dir=str(opts.cache_dir) if opts.cache_dir else "",
+        ),
         batching=BatchingConfig(max_batch=opts.batch, max_wait_ms=10),
         cameras=cams,
         publish=PublishConfig(endpoint=f"tcp://127.0.0.1:{_free_port()}"),
@@ -158,16 +180,20 @@ def bench(opts: BenchOptions) -> dict:
     bare = bare_model(opts)
     if opts.camera_fps is None:
         opts = replace(opts, camera_fps=round(OFFERED * bare["fps"] / opts.cameras, 1))
-    return {"options": opts.__dict__, "bare_model": bare, "pipeline": full_pipeline(opts)}
+    options = {**opts.__dict__, "cache_dir": str(opts.cache_dir) if opts.cache_dir else None}  # JSON-ready
+    return {"options": options, "bare_model": bare, "pipeline": full_pipeline(opts)}
 
 
 def format_bench(res: dict) -> str:
     o, bare, pipe = res["options"], res["bare_model"], res["pipeline"]
     ratio = pipe["fps"] / bare["fps"] if bare["fps"] else float("nan")
+    hint = f" ({bare['hint'].lower()})" if bare.get("hint") else ""
     return "\n".join(
         [
+            *([bare["auto"]] if bare.get("auto") else []),
             f"model {o['model']}  batch {o['batch']}  {o['cameras']} synthetic cameras at {o['camera_fps']} fps, "
-            f"{o['width']}x{o['height']}  device {bare['device']}  runtime {bare['runtime']}",
+            f"{o['width']}x{o['height']}  device {bare['device']}  runtime {bare['runtime']}{hint}  "
+            f"precision {bare['precision']}",
             f"bare model     {bare['fps']:8.2f} frames/s  ({bare['frames']} frames in {bare['seconds']} s)",
             f"full pipeline  {pipe['fps']:8.2f} frames/s  ({pipe['frames']} frames in {pipe['seconds']} s) = "
             f"{100 * ratio:.0f} % of the bare model",

@@ -91,6 +91,8 @@ def _cmd_bench(args) -> int:
             seconds=args.seconds,
             device=args.device,
             runtime=args.runtime,
+            precision=args.precision,
+            cache_dir=args.cache_dir,
         )
     )
     print(json.dumps(res) if args.json else format_bench(res))
@@ -259,20 +261,20 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from inspectd.model.deployable import load_model, resolve_model_path
-    from inspectd.model.export import cached_export, default_cache_dir, export
+    from inspectd.toolkit.deploy import ExportOptions, run_export
+    from inspectd.toolkit.gate import Tolerance
 
-    deployable = load_model(resolve_model_path(args.model))
-    print(f"inspectd export: converting {deployable.name} to {args.format} (tens of seconds)", file=sys.stderr, flush=True)
-    if args.out:
-        target = export(deployable, args.format, args.out)
-        where = "a copy for other tools"
-    else:
-        target = cached_export(deployable, args.format, args.cache_dir)
-        where = f"in the cache {args.cache_dir or default_cache_dir()}: a daemon using it will not convert again"
-    w, h = deployable.input_size
-    print(f"wrote {target} ({where}); input 'image' float32 [N,{h},{w},3] RGB 0..255, outputs 'score' [N] and 'cam_logits'")
-    return 0
+    runtime = args.runtime or {"onnx": "onnxruntime", "openvino": "openvino", None: None}[args.format]
+    if runtime is None:
+        raise UsageError("export: give --runtime (auto | onnxruntime | openvino | tensorflow) or --format")
+    precision = "int8" if args.int8 else args.precision
+    if args.int8 and args.precision not in ("float32", "int8"):
+        raise UsageError(f"--int8 and --precision {args.precision}: one precision at a time")
+    tolerance = Tolerance(args.max_image_auc_drop, args.max_pixel_auc_drop, args.max_iou_drop)
+    options = ExportOptions(
+        args.model, runtime, precision, args.cache_dir, args.out, args.calibration, args.validation, tolerance, args.seconds
+    )
+    return run_export(options)
 
 
 def _cmd_infer(args) -> int:
@@ -419,13 +421,43 @@ def _add_convert(sub) -> None:
 def _add_export(sub) -> None:
     p = sub.add_parser(
         "export",
-        help="convert the deployable model for onnxruntime or openvino, once (the daemon would at start-up)",
-        description="Writes the model converted to FORMAT into the cache the "
-        "daemon reads ([model] cache_dir), or with --out into a folder of your choice.",
+        help="get a model ready for the daemon: convert it, measure runtime auto, check a precision (INT8: quantize)",
+        description="Writes into the cache the daemon reads ([model] cache_dir): the model converted for a runtime; "
+        "with --runtime auto, every runtime measured and the choice cached; with --precision other than float32, "
+        "the quality gate against float32 (INT8: the calibrated model, kept only if it passes). "
+        "See docs/performance.md#precision.",
     )
     p.add_argument("model", help="deployable .keras model, or builtin:demo")
     p.add_argument(
-        "--format", required=True, choices=("onnx", "openvino"), help="onnx (for model.runtime onnxruntime) | openvino"
+        "--runtime",
+        choices=("auto", "onnxruntime", "openvino", "tensorflow"),
+        help="the runtime to get ready for (auto: measure them all and print the table)",
+    )
+    p.add_argument("--format", choices=("onnx", "openvino"), help="the same as --runtime onnxruntime | openvino")
+    p.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16", "float16", "int8"),
+        default="float32",
+        help="anything but float32 is measured against float32 on labelled images first (the quality gate)",
+    )
+    p.add_argument("--int8", action="store_true", help="the same as --precision int8: calibrate, quantize, gate")
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        metavar="DIR",
+        help="INT8: images to calibrate on (any folder of images; default: the model's training split)",
+    )
+    p.add_argument(
+        "--validation",
+        type=Path,
+        metavar="DATASET",
+        help="the gate's labelled images (DATASET/ok|defect[, masks/]; default: the training run's validation split)",
+    )
+    p.add_argument("--max-image-auc-drop", type=float, default=0.01, help="the gate: largest image ROC-AUC drop allowed")
+    p.add_argument("--max-pixel-auc-drop", type=float, default=0.01, help="the gate: largest pixel ROC-AUC drop allowed")
+    p.add_argument("--max-iou-drop", type=float, default=0.02, help="the gate: largest region IoU drop allowed")
+    p.add_argument(
+        "--seconds", type=float, default=2.0, help="--runtime auto: measuring time per candidate (runtime, hint, batch size)"
     )
     p.add_argument(
         "--cache-dir",
@@ -433,7 +465,7 @@ def _add_export(sub) -> None:
         help="the daemon's [model] cache_dir (default: $CACHE_DIRECTORY, "
         "else ~/.cache/inspectd; for the service, /var/cache/inspectd)",
     )
-    p.add_argument("--out", type=Path, help="write to this folder instead of the cache")
+    p.add_argument("--out", type=Path, help="float32: write the conversion to this folder instead of the cache")
     p.set_defaults(func=_cmd_export)
 
 
@@ -521,8 +553,15 @@ def _add_bench(sub) -> None:
         "--runtime",
         default="auto",
         choices=("auto", "tensorflow", "onnxruntime", "openvino"),
-        help="what runs the model, for both measurements ([model] runtime)",
+        help="what runs the model, for both measurements ([model] runtime; auto prints its measurement)",
     )
+    p.add_argument(
+        "--precision",
+        default="float32",
+        choices=("float32", "bfloat16", "float16", "int8"),
+        help="[model] precision; anything but float32 needs its quality gate (inspectd export --precision)",
+    )
+    p.add_argument("--cache-dir", type=Path, help="[model] cache_dir: conversions, INT8 models, gates, auto's measurements")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=_cmd_bench)
 

@@ -220,8 +220,9 @@ class Metrics:
         self.model_info = Gauge(
             "model_info",
             "The loaded models (value 1 each; model = its id in the config, shadow_of = the model a shadow follows, "
-            "else empty) and the runtime running each",
-            ["model", "shadow_of", "name", "sha256", "backbone", "input", "runtime", "device"],
+            "else empty), the runtime running each at which precision and largest batch, and with runtime auto what was "
+            "measured (auto: the candidates' frames/s, fastest first)",
+            ["model", "shadow_of", "name", "sha256", "backbone", "input", "runtime", "precision", "max_batch", "device", "auto"],
             **r,
         )
         shadow = ["model", "shadow"]  # a shadow model (docs/models.md#a-shadow-model): the model it follows, its id
@@ -298,7 +299,10 @@ class Metrics:
                 backbone=d.meta.get("backbone", "unknown"),
                 input=f"{w}x{h}",
                 runtime=engine.runtime,
+                precision=engine.precision,
+                max_batch=str(engine.buckets[-1]),
                 device=engine.device,
+                auto=engine.choice.summary() if engine.choice is not None else "",
             ).set(1)
             self.inference_seconds.labels(model=run.id)  # every model's series from the start
             self.batch_size.labels(model=run.id)

@@ -55,7 +55,12 @@ def test_two_synthetic_cameras_publish_defects_and_metrics(tmp_path):
             "cam-b": "default",
         }
         assert info.labels["backbone"] == "efficientnet_lite0" and info.labels["name"] == "demo"
-        assert info.labels["runtime"] == "onnxruntime"  # runtime auto on a CPU, onnxruntime installed (dev extra)
+        # runtime auto: measured at the first start (the table in the label, the winner first), float32 by default
+        assert info.labels["precision"] == "float32" and info.labels["auto"].startswith(info.labels["runtime"])
+        assert info.labels["runtime"] in ("onnxruntime", "openvino", "tensorflow") and "/s" in info.labels["auto"]
+        assert {(ev.header["model"]["runtime"], ev.header["model"]["precision"]) for ev in defects} == {
+            (info.labels["runtime"], "float32")
+        }
         assert m.find("inspectd_build_info")
         assert m.value("process_resident_memory_bytes") > 0
         assert http_get(urls["metrics"] + "/healthz")[0] == 200

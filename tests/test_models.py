@@ -122,6 +122,7 @@ class _SlowEngine:
     each call takes 30 ms and is logged with its start and end."""
 
     buckets = (1,)
+    runtime, precision = "fake", "float32"
 
     def __init__(self, calls: list):
         self.calls = calls

@@ -128,21 +128,25 @@ def test_conversion_is_cached_by_model_hash(demo, engines, tmp_path, caplog):
     assert oct(xml.stat().st_mode & 0o777) == "0o644" and oct(xml.parent.stat().st_mode & 0o777) == "0o755"
 
 
-def test_auto_falls_back_to_tensorflow_when_conversion_fails(demo, tmp_path, caplog):
+def test_auto_measures_without_a_runtime_that_cannot_convert(demo, tmp_path, caplog):
+    """A cache dir that cannot be used: the exported runtimes fail their trial (with the reason in the table),
+    TensorFlow runs; a named runtime stops with the one-line error."""
     from inspectd.pipeline.engine import InferenceEngine
 
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
     with caplog.at_level(logging.WARNING):
         engine = InferenceEngine(demo, (1,), "cpu", runtime="auto", cache_dir=not_a_dir)
-    assert engine.runtime == "tensorflow" and "failed" in engine.runtime_reason
-    assert "using tensorflow" in caplog.text
+    assert engine.runtime == "tensorflow" and engine.choice is not None
+    failed = {t.candidate.runtime: t.error for t in engine.choice.trials if t.fps is None}
+    assert set(failed) == {"onnxruntime", "openvino"} and all("model.cache_dir" in e for e in failed.values())
+    assert "cannot cache the measurement" in caplog.text
     assert engine.infer(_frames(1, 128, 160, 0))[0].shape == (1,)
     with pytest.raises(ConfigError, match="model.cache_dir"):
         InferenceEngine(demo, (1,), "cpu", runtime="onnxruntime", cache_dir=not_a_dir)
 
 
-def test_a_runtime_error_of_its_own_class_falls_back_or_stops(demo, engines, monkeypatch, caplog):
+def test_a_runtime_error_of_its_own_class_loses_or_stops(demo, engines, monkeypatch, tmp_path):
     """ONNX Runtime raises its own exception classes (not RuntimeError) for a graph it cannot load. Such a graph
     cannot be made on demand, so the session is made to fail with that class here."""
     from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph
@@ -157,35 +161,61 @@ def test_a_runtime_error_of_its_own_class_falls_back_or_stops(demo, engines, mon
     converted = []
     monkeypatch.setattr(runtimes, "open_session", refuse)
     monkeypatch.setattr(export, "cached_export", lambda *args, **kw: converted.append(kw) or engines[1] / "none.onnx")
-    with caplog.at_level(logging.WARNING):
-        engine = InferenceEngine(demo, (1,), "cpu", runtime="auto")
-    assert engine.runtime == "tensorflow" and "INVALID_GRAPH" in engine.runtime_reason
-    assert converted == [{"refresh": False}, {"refresh": True}]  # the cached conversion, then once afresh
+    engine = InferenceEngine(demo, (1,), "cpu", runtime="auto", cache_dir=tmp_path)
+    assert engine.runtime == "tensorflow"
+    assert all("INVALID_GRAPH" in t.error for t in engine.choice.trials if t.candidate.runtime != "tensorflow")
+    # onnxruntime, openvino/latency, openvino/throughput: each the cached conversion, then once afresh
+    assert converted == [{"refresh": False}, {"refresh": True}] * 3
     with pytest.raises(ModelFileError, match="model.runtime onnxruntime: cannot run the converted model: InvalidGraph"):
         InferenceEngine(demo, (1,), "cpu", runtime="onnxruntime")
 
 
-def test_resolve_runtime_auto():
-    assert resolve_runtime("auto", "/CPU:0")[0] == "onnxruntime"  # both are installed in the test environment
-    assert resolve_runtime("auto", "/GPU:0")[0] == "tensorflow"
-    assert resolve_runtime("auto", "/CPU:0", precision="mixed_float16")[0] == "tensorflow"
-    assert resolve_runtime("auto", "/CPU:0", xla=True) == ("tensorflow", "auto: model.xla are TensorFlow settings")
+def test_a_cached_choice_that_no_longer_opens_is_measured_again(demo, engines, monkeypatch, tmp_path, caplog):
+    from inspectd.pipeline.engine import InferenceEngine
+
+    first = InferenceEngine(demo, (1,), "cpu", runtime="auto", cache_dir=tmp_path)
+    assert first.runtime in ("onnxruntime", "openvino") and not first.choice.cached
+    real = runtimes.open_session
+
+    def refuse_the_winner(runtime, *args):
+        if runtime == first.runtime:
+            raise RuntimeError("a library upgrade broke it")
+        return real(runtime, *args)
+
+    monkeypatch.setattr(runtimes, "open_session", refuse_the_winner)
+    with caplog.at_level(logging.WARNING):
+        again = InferenceEngine(demo, (1,), "cpu", runtime="auto", cache_dir=tmp_path)
+    assert "does not open" in caplog.text and again.runtime != first.runtime and not again.choice.cached
+    assert again.infer(_frames(1, 128, 160, 0))[0].shape == (1,)
+
+
+def test_candidates_and_named_runtimes():
+    assert resolve_runtime("auto", "/CPU:0") == ("auto", "auto: measured")
+    assert runtimes.candidates("/CPU:0", "float32") == ["onnxruntime", "openvino", "tensorflow"]  # all installed here
+    assert runtimes.candidates("/GPU:0", "float32") == ["onnxruntime", "tensorflow"]
+    assert runtimes.candidates("/CPU:0", "int8") == ["onnxruntime", "openvino"]
+    assert runtimes.candidates("/CPU:0", "float32", xla=True) == ["tensorflow"]
     assert resolve_runtime("openvino", "/CPU:0") == ("openvino", "configured")
-    with pytest.raises(ConfigError, match="model.xla: TensorFlow settings, but model.runtime is onnxruntime"):
+    with pytest.raises(ConfigError, match="model.xla: a TensorFlow setting, but model.runtime is onnxruntime"):
         resolve_runtime("onnxruntime", "/CPU:0", xla=True)
     with pytest.raises(ConfigError, match="openvino runs on the CPU"):
         resolve_runtime("openvino", "/GPU:0")
+    with pytest.raises(ConfigError, match="onnxruntime does not run it"):
+        resolve_runtime("onnxruntime", "/CPU:0", precision="bfloat16")
+    with pytest.raises(ConfigError, match="tensorflow does not run it"):
+        resolve_runtime("tensorflow", "/CPU:0", precision="int8")
+    with pytest.raises(ConfigError, match="float16 with tensorflow needs a GPU"):
+        resolve_runtime("tensorflow", "/CPU:0", precision="float16")
 
 
-def test_resolve_runtime_without_the_packages(monkeypatch):
+def test_runtimes_without_the_packages(monkeypatch):
     # The packages are installed here; a plant's TensorFlow-only install is simulated by hiding them.
     monkeypatch.setattr(runtimes, "installed", lambda name: name == "tensorflow")
-    runtime, why = resolve_runtime("auto", "/CPU:0")
-    assert runtime == "tensorflow" and "pip install 'inspectd[onnx]'" in why
+    assert runtimes.candidates("/CPU:0", "float32") == ["tensorflow"]
     with pytest.raises(UnavailableError, match=r"pip install 'inspectd\[openvino\]'"):
         resolve_runtime("openvino", "/CPU:0")
-    monkeypatch.setattr(runtimes, "installed", lambda name: name != "onnxruntime")
-    assert resolve_runtime("auto", "/CPU:0")[0] == "openvino"
+    with pytest.raises(UnavailableError, match="no installed runtime runs precision int8"):
+        resolve_runtime("auto", "/CPU:0", precision="int8")
 
 
 def test_export_command(engines, tmp_path, capsys):
@@ -242,3 +272,36 @@ def test_an_onnxruntime_call_can_be_interrupted_from_outside(engines):
     quiet.clear()  # forgotten: the caller decided to call after it
     scores, _ = engine.infer(frames, quiet)
     assert np.array_equal(scores, ref_scores) and not quiet.is_set()
+
+
+_SIGTERM_AFTER_OPENVINO = """
+import faulthandler, os, signal, sys, time
+faulthandler.enable()  # as `inspectd run`: its alternate signal stack is the one OpenVINO's plugin replaced
+handled = []
+signal.signal(signal.SIGTERM, lambda signum, frame: handled.append(signum))
+from inspectd.model.deployable import load_model, resolve_model_path
+from inspectd.pipeline import runtimes
+from inspectd.pipeline.engine import tune
+
+runtimes.candidates = lambda *args, **kw: ["openvino"]  # auto measuring OpenVINO's two hints, in this thread
+tune(load_model(resolve_model_path("builtin:demo")), "cpu", False, "float32", sys.argv[1], (1,), seconds=0.05)
+os.kill(os.getpid(), signal.SIGTERM)
+deadline = time.monotonic() + 10
+while not handled and time.monotonic() < deadline:
+    time.sleep(0.01)
+print("handled", handled)
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_after_openvino_models_come_and_go_is_handled(tmp_path):
+    """Regression: with a CPU plugin per OpenVINO Core, models made and destroyed out of order left the thread's
+    alternate signal stack unmapped, and SIGTERM then killed the process with SIGSEGV (exit -11) before the
+    daemon's handler ran. One Core per process (runtimes.openvino_core) keeps the stack valid."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_AFTER_OPENVINO, str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and "handled [15]" in proc.stdout, (proc.returncode, proc.stderr[-2000:])

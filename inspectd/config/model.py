@@ -10,7 +10,7 @@ __all__ = ["ModelConfig", "ModelEntry", "MaskRuleText", "MODEL_ID", "DEFAULT_MOD
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from inspectd.config.base import PathText, Reload, Section, setting
 from inspectd.model.deployable import BUILTIN_DEMO_MODEL
@@ -53,8 +53,13 @@ class ModelConfig(Section):
         "docs/model.md)",
     )
     device: str = setting("auto", reload=E, pattern=r"^(auto|cpu|gpu:\d+)$", description="auto | cpu | gpu:N")
-    precision: Literal["float32", "mixed_float16"] = setting(
-        "float32", reload=E, description="mixed_float16 on GPUs with tensor cores"
+    precision: Literal["float32", "bfloat16", "float16", "int8"] = setting(
+        "float32",
+        reload=E,
+        description="what the model computes in: float32 (the same outputs on every CPU) | bfloat16 (openvino on "
+        "CPUs with it; tensorflow) | float16 (tensorflow on a GPU; openvino where the CPU has it) | int8 (onnxruntime, "
+        "openvino: the calibrated model `inspectd export --int8` left in the cache); anything but float32 runs only "
+        "after `inspectd export --precision` passed its quality gate (docs/performance.md#precision)",
     )
     xla: bool = setting(
         False, reload=E, description="jit_compile the model (the resize before it stays outside; slower on CPU, measured)"
@@ -62,13 +67,18 @@ class ModelConfig(Section):
     runtime: Literal["auto", "tensorflow", "onnxruntime", "openvino"] = setting(
         "auto",
         reload=E,
-        description="what runs the model: auto = the fastest installed for the device (on a CPU "
-        "onnxruntime, then openvino, else tensorflow; on a GPU, or with precision/xla set, tensorflow); the .keras "
-        "file is converted once and cached",
+        description="what runs the model: auto = measured on the first start (each installed runtime, OpenVINO's "
+        "hint and, with batching.max_batch auto, the batch size, at this precision; the fastest wins and the choice "
+        "is cached per model and machine); the .keras file is converted once and cached",
     )
     cache_dir: PathText = setting(
         "", reload=E, description="where converted models are kept (default: systemd's CacheDirectory, else ~/.cache/inspectd)"
     )
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _old_name(cls, value):
+        return "float16" if value == "mixed_float16" else value  # its name before precision covered every runtime
 
     @model_validator(mode="after")
     def _one_mask_setting(self) -> ModelConfig:

@@ -15,7 +15,10 @@ E, C, R = Reload.ENGINE, Reload.CONTEXT, Reload.RESTART
 
 class BatchingConfig(Section):
     max_batch: Literal["auto"] | Annotated[int, Field(ge=1, le=256)] = setting(
-        "auto", reload=E, description="largest batch; auto = 1 on CPU (batching lowers CPU throughput), 8 on GPU"
+        "auto",
+        reload=E,
+        description="largest batch; auto = with model.runtime auto the fastest measured, up to the model's camera "
+        "count (1, 2, 4 or 8), else 1 on a CPU and 8 on a GPU",
     )
     max_wait_ms: float = setting(10, reload=C, ge=0, le=1000, description="how long to wait for more frames after the first")
 

@@ -15,7 +15,18 @@ OpenVINO through `openvino.convert_model`, weights kept in float32.
 
 from __future__ import annotations
 
-__all__ = ["FORMATS", "EXTRAS", "default_cache_dir", "export", "cached_export", "converter_version"]
+__all__ = [
+    "FORMATS",
+    "EXTRAS",
+    "default_cache_dir",
+    "cache_root",
+    "export",
+    "cached_export",
+    "converter_version",
+    "int8_entry",
+    "cached_int8",
+    "store_entry",
+]
 
 import json
 import logging
@@ -49,6 +60,10 @@ def default_cache_dir() -> Path:
         return Path(os.environ["CACHE_DIRECTORY"].split(":")[0])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "inspectd"
+
+
+def cache_root(cache_dir: Path | None) -> Path:
+    return Path(cache_dir) if cache_dir else default_cache_dir()
 
 
 def converter_version(fmt: str) -> str:
@@ -119,7 +134,7 @@ def cached_export(deployable: Deployable, fmt: str, cache_dir: Path | None = Non
     temporary folder and renamed into place, so a crash or a second daemon never leaves half a model
     under the key; an entry is complete when its STAMP is there. `refresh`:
     an entry that would not load is moved aside and the model converted again."""
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    root = cache_root(cache_dir)
     entry = root / "models" / f"{deployable.sha256[:32]}-{fmt}-{converter_version(fmt)}"
     target = entry / _FILES[fmt]
     try:
@@ -177,3 +192,46 @@ def _sweep(models: Path) -> None:
     for path in models.iterdir():
         if path.name.startswith(".") and now - path.stat().st_mtime > STALE_TMP_S:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _quantizer_version(fmt: str) -> str:
+    package = "nncf" if fmt == "openvino" else "onnxruntime"
+    try:
+        return f"{package}{metadata.version(package)}"
+    except metadata.PackageNotFoundError:
+        raise UnavailableError(f"INT8 for {fmt} needs {package}: pip install 'inspectd[int8]'") from None
+
+
+def int8_entry(deployable: Deployable, fmt: str, cache_dir: Path | None) -> Path:
+    """The cache folder of the model's calibrated INT8 graph for `fmt` (written by `inspectd export --int8`)."""
+    key = f"{deployable.sha256[:32]}-{fmt}-int8-{converter_version(fmt)}-{_quantizer_version(fmt)}"
+    return cache_root(cache_dir) / "models" / key
+
+
+def cached_int8(deployable: Deployable, fmt: str, cache_dir: Path | None) -> Path:
+    """The INT8 model file from the cache, or ConfigError naming the command that makes it."""
+    entry = int8_entry(deployable, fmt, cache_dir)
+    if not (entry / STAMP).is_file():
+        runtime = {"onnx": "onnxruntime", "openvino": "openvino"}[fmt]
+        raise ConfigError(
+            f"model.precision int8: no calibrated INT8 model of {deployable.name} for {runtime} in {entry.parent}; "
+            f"run `inspectd export MODEL --runtime {runtime} --int8` with the same cache_dir"
+        )
+    return entry / _FILES[fmt]
+
+
+def store_entry(entry: Path, write) -> Path:
+    """Fill a new cache entry through `write(folder)` (which must write STAMP last) in a temporary folder, then
+    rename it into place, replacing what was there."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    try:
+        write(tmp)
+        _readable(tmp)
+        if entry.exists():
+            os.replace(entry, entry.with_name(f".old-{entry.name}.{time.time_ns()}"))
+        os.replace(tmp, entry)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _sweep(entry.parent)
+    return entry

@@ -106,10 +106,14 @@ def parse_rfc3339(text: str) -> float:
 
 
 def model_header(model: dict) -> dict:
-    """The `model` object of a header: {id, name, sha256} (id: the model's [[models]] id; absent before models had ids)."""
+    """The `model` object of a header: {id, name, sha256, runtime, precision} (id: the model's [[models]] id; runtime
+    and precision: what ran it; each absent in events from versions before it)."""
     out = {"name": str(model.get("name", "")), "sha256": str(model.get("sha256", ""))}
     if "id" in model:
         out = {"id": str(model["id"]), **out}
+    for key in ("runtime", "precision"):
+        if key in model:
+            out[key] = str(model[key])
     return out
 
 

@@ -17,6 +17,7 @@ __all__ = [
     "inspect_options",
     "camera_options",
     "resolve_max_batch",
+    "tuned_batches",
     "CAMERA_OPTION_KEYS",
 ]
 
@@ -24,13 +25,15 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 from inspectd.config import DEFAULT_MODEL_ID, ModelConfig, ModelEntry, Settings
 from inspectd.model.deployable import Deployable
 from inspectd.model.masks import MaskRule
+from inspectd.pipeline import autotune
 from inspectd.pipeline.batching import buckets_for
-from inspectd.pipeline.engine import InferenceEngine, select_device
+from inspectd.pipeline.engine import InferenceEngine, select_device, tune
 from inspectd.pipeline.episodes import EpisodeRules
 from inspectd.pipeline.postprocess import InspectOptions
 
@@ -50,10 +53,11 @@ class ModelRun:
     def max_batch(self) -> int:
         return self.engine.buckets[-1]
 
-    @property
+    @cached_property  # asked for each frame; a run's engine never changes (a reload makes a new run)
     def model(self) -> dict:
-        """The model as events name it: {"id", "name", "sha256"}."""
-        return {"id": self.id, "name": self.deployable.name, "sha256": self.deployable.sha256}
+        """The model as events name it: {"id", "name", "sha256", "runtime", "precision"}."""
+        d, engine = self.deployable, self.engine
+        return {"id": self.id, "name": d.name, "sha256": d.sha256, "runtime": engine.runtime, "precision": engine.precision}
 
 
 @dataclass(frozen=True)
@@ -159,27 +163,59 @@ def mask_rule(entry: ModelConfig, deployable: Deployable) -> MaskRule:
 
 
 def resolve_max_batch(s: Settings, device: str) -> int:
-    """`max_batch = "auto"`: 1 on a CPU (batching lowers CPU throughput, measured), 8 on a GPU."""
+    """`max_batch = "auto"` without `runtime = "auto"` to measure it: 1 on a CPU (batching lowered CPU throughput
+    where measured), 8 on a GPU."""
     if s.batching.max_batch != "auto":
         return int(s.batching.max_batch)
     return 1 if select_device(device).startswith("/CPU") else 8
 
 
+TUNED_BATCHES = (1, 2, 4, 8)  # the batch sizes `auto` measures, up to the number of the model's cameras
+
+
+def tuned_batches(s: Settings, entry: ModelEntry) -> tuple[int, ...]:
+    """The batch sizes `runtime = "auto"` measures for a model: its `max_batch` when set, else the sizes up to the
+    number of cameras feeding it (a batch takes at most one frame per camera; a shadow: its model's cameras)."""
+    if s.batching.max_batch != "auto":
+        return (int(s.batching.max_batch),)
+    feeds = entry.shadow_of or entry.id
+    cameras = sum(1 for cam in s.cameras if s.model_of(cam) == feeds)
+    return tuple(b for b in TUNED_BATCHES if b <= max(1, cameras))
+
+
 def build_run(s: Settings, entry: ModelEntry, deployable: Deployable) -> ModelRun:
     """A model's engine for its [[models]] table and the batching settings, warmed up (every batch size run once)
-    when asked."""
+    when asked. `runtime = "auto"` measures (or reads from the cache) the runtime and, with `max_batch = "auto"`,
+    the batch size."""
+    cache_dir = Path(entry.cache_dir) if entry.cache_dir else None
+    choice = None
+    batch = resolve_max_batch(s, entry.device)
+    if entry.runtime == "auto":
+        choice = tune(deployable, entry.device, entry.xla, entry.precision, cache_dir, tuned_batches(s, entry))
+        batch = choice.best.batch
+        log.info("model %s: %s", entry.id, autotune.format_table(choice))
     engine = InferenceEngine(
         deployable,
-        buckets_for(resolve_max_batch(s, entry.device)),
+        buckets_for(batch),
         entry.device,
         entry.xla,
         entry.precision,
         entry.runtime,
-        Path(entry.cache_dir) if entry.cache_dir else None,
+        cache_dir,
+        choice=choice,
     )
     log.info(
-        "model %s (%s) runs with %s on %s (%s)", entry.id, deployable.name, engine.runtime, engine.device, engine.runtime_reason
+        "model %s (%s) runs with %s at %s, batches up to %d, on %s (%s)",
+        entry.id,
+        deployable.name,
+        engine.runtime,
+        engine.precision,
+        batch,
+        engine.device,
+        engine.runtime_reason,
     )
+    if engine.gate is not None:
+        log.info("model %s: precision %s passed its quality gate: %s", entry.id, engine.precision, engine.gate.get("why", ""))
     if s.daemon.warmup:
         t0 = time.monotonic()
         engine.warmup()

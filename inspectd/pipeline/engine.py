@@ -13,7 +13,7 @@ The daemon uses `InferenceEngine` directly, the offline tools through `Predictor
 
 from __future__ import annotations
 
-__all__ = ["RESIZE", "Prediction", "Predictor", "InferenceEngine", "preprocess", "select_device", "with_policy"]
+__all__ = ["RESIZE", "Prediction", "Predictor", "InferenceEngine", "preprocess", "select_device", "with_policy", "tune"]
 
 import logging
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,10 +23,11 @@ from typing import TypeVar
 
 import numpy as np
 
+from inspectd import __version__
 from inspectd.errors import ConfigError, InspectdError, ModelFileError
-from inspectd.model import export
+from inspectd.model import export, gates
 from inspectd.model.deployable import Deployable, config_nodes
-from inspectd.pipeline import runtimes  # modules, not names: their functions are looked up at each call
+from inspectd.pipeline import autotune, runtimes  # modules, not names: their functions are looked up at each call
 
 log = logging.getLogger("inspectd.pipeline.engine")
 
@@ -85,13 +86,82 @@ def select_device(device: str) -> str:
     return f"/GPU:{index}"
 
 
+def _policy(precision: str) -> str | None:
+    """The Keras dtype policy TensorFlow runs `precision` with (None: float32 as saved)."""
+    return {"float32": None, "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}[precision]
+
+
+def tune(
+    deployable: Deployable,
+    device: str,
+    xla: bool,
+    precision: str,
+    cache_dir: Path | None,
+    batches: Sequence[int],
+    seconds: float = autotune.SECONDS,
+    fresh: bool = False,
+) -> autotune.Choice:
+    """`runtime = "auto"`: the fastest (runtime, OpenVINO hint, batch size) for this model here, measured once per
+    model, precision and machine (`inspectd.pipeline.autotune`). A precision other than float32 counts only the
+    runtimes whose quality gate it passed; the table says why a candidate is missing."""
+    tf_device = select_device(device)
+    root = export.cache_root(cache_dir)
+    usable, skipped = [], []
+    for runtime in runtimes.candidates(tf_device, precision, xla):
+        try:
+            if precision != "float32":
+                gates.require_gate(root, deployable.sha256, deployable.name, runtime, precision)
+            if precision == "int8":
+                export.cached_int8(deployable, runtimes.FORMAT_OF[runtime], cache_dir)
+            usable.append(runtime)
+        except InspectdError as exc:
+            skipped.append(exc)
+    if not usable:
+        raise skipped[0] if skipped else ConfigError(f"model.runtime auto: nothing runs precision {precision} here")
+    wanted = [
+        autotune.Candidate(runtime, batch, hint)
+        for runtime in usable
+        for hint in (runtimes.OPENVINO_HINTS if runtime == "openvino" else ("",))
+        for batch in sorted(set(batches))
+    ]
+
+    def opener(runtime: str, hint: str):
+        engine = InferenceEngine(
+            deployable, tuple(sorted(set(batches))), device, xla, precision, runtime, cache_dir, hint or "LATENCY"
+        )
+        return engine.infer
+
+    w, h = deployable.input_size
+    frame = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    try:
+        choice = autotune.choose(
+            opener,
+            wanted,
+            frame,
+            sha256=deployable.sha256,
+            precision=precision,
+            tf_device=tf_device,
+            versions={**runtimes.versions(), "inspectd": __version__},
+            cache_root=root,
+            seconds=seconds,
+            fresh=fresh,
+        )
+    except RuntimeError as exc:
+        raise ModelFileError(f"model.runtime auto: {exc}") from None
+    for reason in skipped:
+        log.info("runtime auto: not a candidate: %s", reason)
+    return choice
+
+
 class InferenceEngine:
     """The daemon's model call: uint8 frames -> (score [n], cam_logits [n, h, w]).
 
     `runtime` tensorflow: one `tf.function` does `preprocess` and the forward pass on the device.
     onnxruntime / openvino: the model converted once (`inspectd.model.export`, cached in
-    `cache_dir`) runs in that runtime after `preprocess`; `auto` picks one (`runtime` and
-    `runtime_reason` say which and why). TensorFlow's batches are zero-padded to one of a few sizes
+    `cache_dir`) runs in that runtime after `preprocess`; `auto` measures which is fastest here
+    (`tune`; `choice` keeps the table, `runtime_reason` says why). `precision` is float32 unless
+    set, in every runtime; another precision needs its passed quality gate (`gated=False`: the gate
+    itself, measuring it). TensorFlow's batches are zero-padded to one of a few sizes
     ("buckets", as TF Serving's allowed_batch_sizes), all run at warm-up (the others take any batch
     size as it is); the signatures are shape-polymorphic, so every function is traced once, and
     `traces()` lets tests prove nothing is retraced afterwards.
@@ -106,62 +176,97 @@ class InferenceEngine:
         precision: str = "float32",
         runtime: str = "tensorflow",
         cache_dir: Path | None = None,
+        hint: str = "LATENCY",
+        gated: bool = True,
+        choice: autotune.Choice | None = None,
     ):
         import tensorflow as tf
 
         self.deployable = deployable
         self.buckets = tuple(sorted(buckets))
         self.device = select_device(device)
-        self.runtime, self.runtime_reason = runtimes.resolve_runtime(runtime, self.device, precision, xla)
+        self.precision = precision
+        self.choice = None
+        self.gate: dict | None = None
+        runtime, self.runtime_reason = runtimes.resolve_runtime(runtime, self.device, precision, xla)
+        auto = runtime == "auto"
+        if auto:
+            self.choice = choice or tune(deployable, device, xla, precision, cache_dir, (self.buckets[-1],))
+            runtime, hint = self.choice.best.runtime, self.choice.best.hint or hint
+        self.runtime, self.hint = runtime, hint
+        if precision != "float32" and gated:
+            root = export.cache_root(cache_dir)
+            self.gate = gates.require_gate(root, deployable.sha256, deployable.name, runtime, precision)
         w, h = deployable.input_size
         self._size = (h, w)
         self._tf = tf
         self._session = None
         if self.runtime != "tensorflow":
-            self._session = self._open_exported(cache_dir, fallback=runtime == "auto")
-        if self._session is None:
-            model = deployable.model if precision == "float32" else with_policy(deployable.model, precision)
-
-            # XLA compiles the model only: the antialiased resize (ScaleAndTranslate) has no XLA kernel.
-            @tf.function(jit_compile=xla)
-            def forward(x):
-                out = model(x, training=False)
-                return tf.cast(out["score"], tf.float32), tf.cast(out["cam_logits"], tf.float32)
-
-            @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
-            def run(batch):
-                return forward(preprocess(batch, (h, w)))
-
-            self._run = run
-        else:
+            self._session = self._open_auto(cache_dir, xla) if auto else self._open_exported(cache_dir)
+        if self.choice is not None:
+            self.runtime_reason = f"auto: the fastest measured here: {self.choice.summary()}"
+        if self.runtime != "tensorflow":
             self._run = tf.function(
                 lambda batch: preprocess(batch, (h, w)), input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)]
             )
+            return
+        policy = _policy(precision)
+        model = deployable.model if policy is None else with_policy(deployable.model, policy)
 
-    def _open_exported(self, cache_dir: Path | None, fallback: bool):
-        """The ONNX Runtime / OpenVINO session on the cached export, checked on one frame; None (TensorFlow) if
-        `auto` cannot have it. A cached conversion that does not load is converted again, once."""
+        # XLA compiles the model only: the antialiased resize (ScaleAndTranslate) has no XLA kernel.
+        @tf.function(jit_compile=xla)
+        def forward(x):
+            out = model(x, training=False)
+            return tf.cast(out["score"], tf.float32), tf.cast(out["cam_logits"], tf.float32)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+        def run(batch):
+            return forward(preprocess(batch, (h, w)))
+
+        self._run = run
+
+    def _open_auto(self, cache_dir: Path | None, xla: bool):
+        """`auto`'s choice opened; if a cached choice no longer opens (a damaged cache, a changed library), it is
+        measured again, the failing runtime losing, and what wins is opened (TensorFlow: no session)."""
+        try:
+            return self._open_exported(cache_dir)
+        except InspectdError as exc:
+            if self.choice is None or not self.choice.cached:
+                raise
+            log.warning("runtime auto: the cached choice %s does not open (%s); measuring again", self.runtime, exc)
+        d = self.deployable
+        device = "cpu" if self.device.startswith("/CPU") else "gpu:" + self.device.rsplit(":", 1)[1]
+        self.choice = tune(d, device, xla, self.precision, cache_dir, (self.buckets[-1],), fresh=True)
+        self.runtime, self.hint = self.choice.best.runtime, self.choice.best.hint or "LATENCY"
+        return None if self.runtime == "tensorflow" else self._open_exported(cache_dir)
+
+    def _open_exported(self, cache_dir: Path | None):
+        """The ONNX Runtime / OpenVINO session on the cached export, checked on one frame. A cached float32
+        conversion that does not load is converted again, once; an INT8 one is `inspectd export`'s to remake."""
+        fmt = runtimes.FORMAT_OF[self.runtime]
+
+        def session(path: Path):
+            return self._checked(runtimes.open_session(self.runtime, path, self.device, self.precision, self.hint))
 
         try:
+            if self.precision == "int8":
+                return session(export.cached_int8(self.deployable, fmt, cache_dir))
             for refresh in (False, True):
-                exported = export.cached_export(self.deployable, runtimes.FORMAT_OF[self.runtime], cache_dir, refresh=refresh)
+                exported = export.cached_export(self.deployable, fmt, cache_dir, refresh=refresh)
                 try:
-                    return self._checked(runtimes.open_session(self.runtime, exported, self.device))
+                    return session(exported)
                 except InspectdError:
                     raise
                 except Exception:  # noqa: BLE001 - the runtimes raise their own classes: convert afresh once
                     if refresh:
                         raise
-        except Exception as exc:  # noqa: BLE001 - any failure: `auto` runs TensorFlow; a named runtime stops
-            if not fallback:
-                if isinstance(exc, InspectdError):
-                    raise
-                raise ModelFileError(
-                    f"model.runtime {self.runtime}: cannot run the converted model: {type(exc).__name__}: {exc}"
-                ) from None
-            log.warning("runtime auto: %s failed (%s); using tensorflow", self.runtime, exc)
-            self.runtime, self.runtime_reason = "tensorflow", f"auto: {self.runtime} failed: {exc}"
-            return None
+        except InspectdError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of the runtime, in one line
+            raise ModelFileError(
+                f"model.runtime {self.runtime}: cannot run the converted model: {type(exc).__name__}: {exc}"
+            ) from None
+        raise AssertionError("unreachable")
 
     def _checked(self, session):
         """The session, after one frame gave outputs of the deployable model's shapes."""
@@ -225,11 +330,12 @@ class Predictor:
     >>> [pred.score for pred in p.predict([image_a, image_b])]
     """
 
-    def __init__(self, deployable: Deployable, batch_size: int = 8):
+    def __init__(self, deployable: Deployable, batch_size: int = 8, **engine):
         self.deployable = deployable
         self.batch_size = batch_size
-        # The daemon's engine, so `infer`/`evaluate` preprocess exactly as production does.
-        self._engine = InferenceEngine(deployable, (batch_size,))
+        # The daemon's engine, so `infer`/`evaluate` preprocess exactly as production does (TensorFlow unless
+        # `engine` names another runtime: InferenceEngine's keyword arguments).
+        self._engine = InferenceEngine(deployable, (batch_size,), **engine)
 
     def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
         """Predict any number of HxWx3 RGB uint8 images (the last batch is zero-padded)."""

@@ -2,16 +2,26 @@
 
 A session takes float32 [n, h, w, 3] RGB 0..255 at the model's input size (the engine casts and
 resizes before, the same way for every runtime) and returns (score [n], cam_logits [n, h', w']).
-`resolve_runtime` turns `[model] runtime` ("auto" included) into one name and says why.
+`resolve_runtime` checks a named `[model] runtime` against the device and precision; `candidates`
+lists what `auto` measures (`inspectd.pipeline.autotune`).
+
+Precision is explicit (`[model] precision`): float32 unless configured, pinned in every runtime
+(OpenVINO's CPU plugin would otherwise run bfloat16 on CPUs that have it), so the outputs are the
+same on every CPU. `SUPPORTED` says which runtime runs which precision.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "RUNTIMES",
-    "AUTO_ORDER",
+    "PRECISIONS",
+    "SUPPORTED",
+    "OPENVINO_HINTS",
     "FORMAT_OF",
     "resolve_runtime",
+    "check_precision",
+    "candidates",
+    "versions",
     "open_session",
     "installed",
     "compile_openvino",
@@ -30,36 +40,92 @@ from inspectd.errors import ConfigError, UnavailableError
 
 RUNTIMES = ("auto", "tensorflow", "onnxruntime", "openvino")
 FORMAT_OF = {"onnxruntime": "onnx", "openvino": "openvino"}
-_PACKAGE = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+_PACKAGE = {"tensorflow": "tensorflow", "onnxruntime": "onnxruntime", "openvino": "openvino"}
 _EXTRA = {"onnxruntime": "onnx", "openvino": "openvino"}
-# `auto` on a CPU: the first of these that is installed. The order is what measured fastest on a
-# CPU (docs/performance.md, "Runtimes"); TensorFlow when neither is installed.
-AUTO_ORDER = ("onnxruntime", "openvino")
+PRECISIONS = ("float32", "bfloat16", "float16", "int8")
+# Which runtime runs which precision. TensorFlow: Keras' mixed policies (float16 for GPUs with tensor cores);
+# ONNX Runtime's CPU provider has no bfloat16/float16 kernels worth the name, but runs a statically quantized
+# INT8 graph; OpenVINO: its inference precision hint (bf16/f16 where the CPU has them), INT8 from NNCF.
+SUPPORTED = {
+    "tensorflow": ("float32", "bfloat16", "float16"),
+    "onnxruntime": ("float32", "int8"),
+    "openvino": ("float32", "bfloat16", "float16", "int8"),
+}
+# OpenVINO's INFERENCE_PRECISION_HINT per precision (an INT8 graph carries its own quantized operations; what
+# is left of it runs float32) and the CPU capability each needs.
+_OV_HINT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "int8": "f32"}
+_OV_CAPABILITY = {"bfloat16": "BF16", "float16": "FP16"}
+# OpenVINO's PERFORMANCE_HINT values `auto` measures. LATENCY (the default): one request uses every core.
+OPENVINO_HINTS = ("LATENCY", "THROUGHPUT")
 
 Session = Callable[..., tuple[np.ndarray, np.ndarray]]  # (batch, interrupt=None) -> (score, cam_logits)
 
 
 def installed(runtime: str) -> bool:
-    return runtime == "tensorflow" or importlib.util.find_spec(_PACKAGE[runtime]) is not None
+    return importlib.util.find_spec(_PACKAGE[runtime]) is not None
+
+
+def versions() -> dict[str, str]:
+    """{package: version} of the installed runtimes (part of `auto`'s cache key: an upgrade measures again)."""
+    from importlib import metadata
+
+    out = {}
+    for package in ("tensorflow", "onnxruntime", "openvino"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def check_precision(runtime: str, precision: str, tf_device: str = "/CPU:0") -> None:
+    """ConfigError/UnavailableError, one line, when `runtime` cannot run `precision` on `tf_device`."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"model.precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision not in SUPPORTED[runtime]:
+        can = [name for name, ok in SUPPORTED.items() if precision in ok]
+        raise ConfigError(f"model.precision {precision}: {runtime} does not run it (use model.runtime {' or '.join(can)})")
+    if runtime == "openvino" and precision in _OV_CAPABILITY:
+        core = openvino_core()
+        if _OV_CAPABILITY[precision] not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            raise UnavailableError(
+                f"model.precision {precision}: this CPU ({core.get_property('CPU', 'FULL_DEVICE_NAME')}) "
+                f"has no {precision} support in OpenVINO; use float32 or int8"
+            )
+    if runtime == "tensorflow" and precision == "float16" and not tf_device.startswith("/GPU"):
+        raise ConfigError("model.precision float16 with tensorflow needs a GPU (on a CPU: runtime openvino)")
+
+
+def candidates(tf_device: str, precision: str, xla: bool = False) -> list[str]:
+    """The runtimes `auto` may measure for this device and precision: installed, able to run it."""
+    if xla:
+        return ["tensorflow"]
+    out = []
+    for runtime in ("onnxruntime", "openvino", "tensorflow"):
+        if not installed(runtime) or precision not in SUPPORTED[runtime]:
+            continue
+        if tf_device.startswith("/GPU") and runtime == "openvino":
+            continue  # its GPU plugin is Intel's; the CUDA path is TensorFlow's or ONNX Runtime's
+        try:
+            check_precision(runtime, precision, tf_device)
+        except (ConfigError, UnavailableError):
+            continue
+        out.append(runtime)
+    return out
 
 
 def resolve_runtime(requested: str, tf_device: str, precision: str = "float32", xla: bool = False) -> tuple[str, str]:
-    """(runtime, why) for `[model] runtime` on `tf_device` ("/CPU:0" or "/GPU:N")."""
+    """(runtime, why) for a named `[model] runtime` on `tf_device` ("/CPU:0" or "/GPU:N"); "auto" stays "auto"
+    (what it runs is measured: `inspectd.pipeline.autotune`)."""
     if requested not in RUNTIMES:
         raise ConfigError(f"model.runtime {requested!r}: use one of {', '.join(RUNTIMES)}")
-    tf_only = [name for name, on in (("precision " + precision, precision != "float32"), ("xla", xla)) if on]
     if requested == "auto":
-        if tf_device.startswith("/GPU"):
-            return "tensorflow", "auto: a GPU (TensorFlow's CUDA path; the others run here on the CPU)"
-        if tf_only:
-            return "tensorflow", f"auto: model.{' and '.join(tf_only)} are TensorFlow settings"
-        for runtime in AUTO_ORDER:
-            if installed(runtime):
-                return runtime, "auto: the fastest installed runtime on a CPU (measured, docs/performance.md)"
-        return "tensorflow", "auto: neither onnxruntime nor openvino is installed (pip install 'inspectd[onnx]')"
+        if not candidates(tf_device, precision, xla):
+            raise UnavailableError(f"model.runtime auto: no installed runtime runs precision {precision} here")
+        return "auto", "auto: measured"
     if requested != "tensorflow":
-        if tf_only:
-            raise ConfigError(f"model.{' and '.join(tf_only)}: TensorFlow settings, but model.runtime is {requested}")
+        if xla:
+            raise ConfigError(f"model.xla: a TensorFlow setting, but model.runtime is {requested}")
         if tf_device.startswith("/GPU") and requested == "openvino":
             raise ConfigError("model.runtime openvino runs on the CPU here; set model.device cpu, or runtime tensorflow")
         if not installed(requested):
@@ -67,6 +133,7 @@ def resolve_runtime(requested: str, tf_device: str, precision: str = "float32", 
                 f"model.runtime {requested}: the {_PACKAGE[requested]} package is not installed: "
                 f"pip install 'inspectd[{_EXTRA[requested]}]'"
             )
+    check_precision(requested, precision, tf_device)
     return requested, "configured"
 
 
@@ -117,7 +184,7 @@ class Interrupt:
             return self._set
 
 
-def _onnxruntime(path: Path, tf_device: str) -> Session:
+def _onnxruntime(path: Path, tf_device: str, precision: str, hint: str) -> Session:
     import onnxruntime as ort
 
     providers: list[str | tuple[str, dict[str, int]]] = ["CPUExecutionProvider"]
@@ -160,22 +227,43 @@ def _onnxruntime(path: Path, tf_device: str) -> Session:
     return run
 
 
-def compile_openvino(path: Path):
-    """The OpenVINO model `path` compiled for the CPU, precision float32 on every CPU."""
-    import openvino as ov
+_core_lock = threading.Lock()
+_core = None
 
+
+def openvino_core():
+    """The process's one `openvino.Core`, made at first use and kept until exit.
+
+    One, not one per model: each Core loads its own CPU plugin, and the plugin installs an alternate signal
+    stack (mmap'ed, for AMX state) in the thread that creates it, restoring the previous one when it is
+    destroyed. Two plugins made and destroyed out of order in one thread (auto measuring both hints, a
+    reload) left that thread's alternate stack pointing at unmapped memory, and the next SIGTERM killed the
+    daemon with SIGSEGV instead of a clean stop (OpenVINO 2026.4; tests/test_runtimes.py reproduces it)."""
+    global _core
+    with _core_lock:
+        if _core is None:
+            import openvino as ov
+
+            _core = ov.Core()
+        return _core
+
+
+def compile_openvino(path: Path, precision: str = "float32", hint: str = "LATENCY"):
+    """The OpenVINO model `path` compiled for the CPU at `precision` (float32: on every CPU)."""
     # LATENCY: one request at a time uses all cores (the daemon runs one batch at a time). No pinning of its
     # threads to cores: the daemon's own threads share them (pipeline 9.85 and 10.25 vs 9.3 and 9.47 frames/s
-    # pinned, EfficientNetV2B0 752x480, docs/performance.md). Precision pinned to float32: the CPU plugin's
+    # pinned, EfficientNetV2B0 752x480, docs/performance.md). Precision always set: the CPU plugin's
     # default is bfloat16 on CPUs that have it (AVX-512 BF16, AMX), which moves scores by up to 5e-3 and
     # would make the daemon's outputs depend on the CPU it happens to run on.
-    return ov.Core().compile_model(
-        str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False, "INFERENCE_PRECISION_HINT": "f32"}
+    return openvino_core().compile_model(
+        str(path),
+        "CPU",
+        {"PERFORMANCE_HINT": hint, "ENABLE_CPU_PINNING": False, "INFERENCE_PRECISION_HINT": _OV_HINT[precision]},
     )
 
 
-def _openvino(path: Path, tf_device: str) -> Session:
-    compiled = compile_openvino(path)
+def _openvino(path: Path, tf_device: str, precision: str, hint: str) -> Session:
+    compiled = compile_openvino(path, precision, hint)
     request = compiled.create_infer_request()
     score, cam_logits = compiled.output("score"), compiled.output("cam_logits")
 
@@ -186,7 +274,7 @@ def _openvino(path: Path, tf_device: str) -> Session:
     return run
 
 
-def open_session(runtime: str, path: Path, tf_device: str) -> Session:
+def open_session(runtime: str, path: Path, tf_device: str, precision: str = "float32", hint: str = "LATENCY") -> Session:
     """A callable `(batch, interrupt=None) -> (score, cam_logits)` running the exported model file `path` with
-    `runtime`."""
-    return {"onnxruntime": _onnxruntime, "openvino": _openvino}[runtime](path, tf_device)
+    `runtime` at `precision` (`hint`: OpenVINO's PERFORMANCE_HINT)."""
+    return {"onnxruntime": _onnxruntime, "openvino": _openvino}[runtime](path, tf_device, precision, hint)

@@ -528,9 +528,7 @@ class Daemon:
         if self.pipeline is not None:
             context = self.pipeline.context
             out["model"] = context.default.model
-            out["models"] = {
-                run.id: {"name": run.deployable.name, "sha256": run.deployable.sha256} for run in context.runs.values()
-            }
+            out["models"] = {run.id: {k: v for k, v in run.model.items() if k != "id"} for run in context.runs.values()}
             out["camera_models"] = {cam: context.model_of(cam) for cam, _ in states}
         return out
 
