@@ -40,6 +40,7 @@ def _models(events) -> set[str]:
 
 def test_model_swap_keeps_events_flowing(tmp_path, second_model):
     config, urls = daemon_config(tmp_path, CAM_A)
+    config.write_text(config.read_text().replace('path = "builtin:demo"', 'path = "builtin:demo"\nruntime = "onnxruntime"'))
     notify = NotifySocket(tmp_path / "n.sock")
     with (
         DaemonProcess(config, tmp_path / "d.log", env={"NOTIFY_SOCKET": str(notify.path)}) as daemon,
@@ -49,9 +50,10 @@ def test_model_swap_keeps_events_flowing(tmp_path, second_model):
         before = collect_events(sub, 3, timeout=60, message=daemon.log)
         assert _models(before) == {"demo"}
         [info] = scrape(urls["metrics"]).find("inspectd_model_info")
-        assert info.labels["runtime"] == "onnxruntime" and info.labels["device"] == "/CPU:0"  # auto, on a CPU
+        assert info.labels["runtime"] == "onnxruntime" and info.labels["device"] == "/CPU:0"
         # A new model file and another runtime in one reload (the new model is converted on the reload thread).
-        config.write_text(config.read_text().replace('path = "builtin:demo"', f'path = "{second_model}"\nruntime = "openvino"'))
+        new = f'path = "{second_model}"\nruntime = "openvino"'
+        config.write_text(config.read_text().replace('path = "builtin:demo"\nruntime = "onnxruntime"', new))
         daemon.proc.send_signal(signal.SIGHUP)
         events = collect_events(sub, lambda evs: "demo-b" in _models(evs), timeout=60, message=daemon.log)
         after = [ev for ev in events if ev.header["model"]["name"] == "demo-b"]
