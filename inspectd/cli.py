@@ -270,7 +270,7 @@ def _cmd_export(args) -> int:
     precision = "int8" if args.int8 else args.precision
     if args.int8 and args.precision not in ("float32", "int8"):
         raise UsageError(f"--int8 and --precision {args.precision}: one precision at a time")
-    tolerance = Tolerance(args.max_image_auc_drop, args.max_pixel_auc_drop, args.max_iou_drop)
+    tolerance = Tolerance(args.max_image_auc_drop, args.max_pixel_auc_drop, args.max_iou_drop, args.max_verdict_change)
     options = ExportOptions(
         args.model, runtime, precision, args.cache_dir, args.out, args.calibration, args.validation, tolerance, args.seconds
     )
@@ -456,6 +456,12 @@ def _add_export(sub) -> None:
     p.add_argument("--max-image-auc-drop", type=float, default=0.01, help="the gate: largest image ROC-AUC drop allowed")
     p.add_argument("--max-pixel-auc-drop", type=float, default=0.01, help="the gate: largest pixel ROC-AUC drop allowed")
     p.add_argument("--max-iou-drop", type=float, default=0.02, help="the gate: largest region IoU drop allowed")
+    p.add_argument(
+        "--max-verdict-change",
+        type=float,
+        default=0.02,
+        help="the gate: largest share of validation images whose verdict at the model's threshold may change",
+    )
     p.add_argument(
         "--seconds", type=float, default=2.0, help="--runtime auto: measuring time per candidate (runtime, hint, batch size)"
     )

@@ -9,6 +9,7 @@ gate against a calibration broken on purpose.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import numpy as np
@@ -125,7 +126,7 @@ def test_precision_config_values():
 
 # --- INT8 with the real quantizers on the tests' tiny model ---------------------------------------------------------
 
-LOOSE = ("--max-image-auc-drop", "0.2", "--max-pixel-auc-drop", "0.2", "--max-iou-drop", "0.3")
+LOOSE = ("--max-image-auc-drop", "0.2", "--max-pixel-auc-drop", "0.2", "--max-iou-drop", "0.3", "--max-verdict-change", "0.5")
 
 
 def _gate(cache, trained, runtime):
@@ -236,3 +237,53 @@ def test_export_auto_prints_the_table_the_daemon_then_reads(tmp_path):
     engine = InferenceEngine(load_model(resolve_model_path("builtin:demo")), (4,), "cpu", runtime="auto", cache_dir=tmp_path)
     assert engine.choice is not None and engine.choice.cached
     assert engine.choice.best.label() in run.stdout
+
+
+def test_the_gate_refuses_what_it_could_not_measure_and_a_shift_of_every_score():
+    """ROC-AUC is blind to a shift of all scores and NaN compares False with any tolerance: both must refuse."""
+    from inspectd.toolkit.gate import Quality, Tolerance, _drops
+
+    scores = tuple(np.linspace(0.05, 0.95, 40).tolist())
+    ref = Quality(0.99, 0.95, 0.30, scores)
+    assert _drops(ref, Quality(0.99, 0.95, 0.30, scores), Tolerance(), 0.5)[1] == []
+    shifted = tuple(min(1.0, x + 0.1) for x in scores)  # the same ranking, every score 0.1 higher
+    drops, failed = _drops(ref, Quality(0.99, 0.95, 0.30, shifted), Tolerance(), 0.5)
+    assert failed == ["verdict_change"] and drops["verdict_change"] == pytest.approx(0.1)
+    drops, failed = _drops(ref, Quality(0.99, float("nan"), float("nan"), scores), Tolerance(), 0.5)
+    assert failed == ["pixel_auc", "region_iou"] and drops["pixel_auc"] is None
+
+
+def test_the_gate_needs_enough_validation_images_apart_from_the_calibration(synth_test, tmp_path):
+    few = tmp_path / "few"
+    for label, n in (("ok", 12), ("defect", 3)):
+        (few / label).mkdir(parents=True)
+        for path in sorted((synth_test / label).iterdir())[:n]:
+            shutil.copy(path, few / label / path.name)
+    run = run_cli(
+        "export",
+        "builtin:demo",
+        "--runtime",
+        "openvino",
+        "--precision",
+        "bfloat16",
+        "--validation",
+        few,
+        "--cache-dir",
+        tmp_path / "c",
+    )
+    assert run.returncode == ExitCode.DATA and "at least 10 ok and 10 defect images, found 12 and 3" in run.stderr
+    assert not (tmp_path / "c" / "gates").exists()  # refused before anything was written
+    run = run_cli(
+        "export",
+        "builtin:demo",
+        "--runtime",
+        "openvino",
+        "--int8",
+        "--validation",
+        synth_test,
+        "--calibration",
+        synth_test / "ok",
+        "--cache-dir",
+        tmp_path / "c",
+    )
+    assert run.returncode == ExitCode.USAGE and "overlap" in run.stderr, run.stderr

@@ -194,7 +194,8 @@ def _sweep(models: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _quantizer_version(fmt: str) -> str:
+def quantizer_version(fmt: str) -> str:
+    """The quantizer `inspectd export --int8` uses for `fmt` and its version (recorded in the entry's stamp)."""
     package = "nncf" if fmt == "openvino" else "onnxruntime"
     try:
         return f"{package}{metadata.version(package)}"
@@ -203,8 +204,9 @@ def _quantizer_version(fmt: str) -> str:
 
 
 def int8_entry(deployable: Deployable, fmt: str, cache_dir: Path | None) -> Path:
-    """The cache folder of the model's calibrated INT8 graph for `fmt` (written by `inspectd export --int8`)."""
-    key = f"{deployable.sha256[:32]}-{fmt}-int8-{converter_version(fmt)}-{_quantizer_version(fmt)}"
+    """The cache folder of the model's calibrated INT8 graph for `fmt` (written by `inspectd export --int8`). The
+    quantizer's version is in the stamp, not the key: the daemon runs the INT8 model without NNCF installed."""
+    key = f"{deployable.sha256[:32]}-{fmt}-int8-{converter_version(fmt)}"
     return cache_root(cache_dir) / "models" / key
 
 
@@ -223,14 +225,19 @@ def cached_int8(deployable: Deployable, fmt: str, cache_dir: Path | None) -> Pat
 def store_entry(entry: Path, write) -> Path:
     """Fill a new cache entry through `write(folder)` (which must write STAMP last) in a temporary folder, then
     rename it into place, replacing what was there."""
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    except OSError as exc:
+        raise ConfigError(f"model.cache_dir {str(entry.parent)!r}: cannot write into it: {exc.strerror or exc}") from None
     try:
         write(tmp)
         _readable(tmp)
         if entry.exists():
             os.replace(entry, entry.with_name(f".old-{entry.name}.{time.time_ns()}"))
         os.replace(tmp, entry)
+    except OSError as exc:
+        raise ConfigError(f"model.cache_dir {str(entry.parent)!r}: cannot store {entry.name}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _sweep(entry.parent)

@@ -35,7 +35,9 @@ def _openvino(fp32: Path, calibration: list[np.ndarray], out: Path) -> None:
         raise UnavailableError("INT8 for openvino needs NNCF: pip install 'inspectd[int8]'") from None
     import openvino as ov
 
-    model = ov.Core().read_model(str(fp32))
+    from inspectd.pipeline.runtimes import openvino_core
+
+    model = openvino_core().read_model(str(fp32))  # the process's one Core (runtimes.openvino_core says why)
     quantized = nncf.quantize(model, nncf.Dataset(calibration), subset_size=len(calibration))
     ov.save_model(quantized, str(out), compress_to_fp16=False)
 

@@ -65,7 +65,7 @@ class Choice:
         return ", ".join(f"{t.candidate.label()} {t.fps:.1f}/s" for t in ranked)
 
 
-# (runtime, hint, batch sizes) -> a callable running one batch of uint8 frames; raising: the candidate fails
+# (runtime, hint) -> a callable running one batch of uint8 frames (any batch size); raising: the candidate fails
 Opener = Callable[[str, str], Callable[[list[np.ndarray]], object]]
 
 
@@ -167,14 +167,18 @@ def choose(
     `fresh`: measure all of them again."""
     device = device_name(tf_device)
     path = _cache_file(cache_root, sha256, precision, device, versions) if cache_root is not None else None
-    known = _load(path) if path is not None and not fresh else ()
+    known = _load(path) if path is not None else ()
+    if fresh:  # measured again: the wanted ones; what else the cache holds (other batch sizes) stays
+        known = tuple(t for t in known if t.candidate not in set(wanted))
+    # A candidate that failed stays failed (opening it again could mean a conversion at every start) until the
+    # versions change or `inspectd export --runtime auto` measures afresh; the table says why it failed.
     missing = [c for c in wanted if c not in {t.candidate for t in known}]
     cached = not missing
     trials = known
     if missing:  # measured now, added to what the cache had (another model table asked for other batch sizes)
         log.info("runtime auto: measuring %d candidates, up to %.0f s each (once per model and machine)", len(missing), seconds)
         measured = _trials(opener, missing, frame, seconds, max_calls)
-        trials = (*known, *measured)
+        trials = (*(t for t in known if t.candidate not in set(missing)), *measured)
         if path is not None and any(t.fps for t in measured):
             _save(path, trials, device, versions)
     ranked = [t for t in trials if t.candidate in set(wanted) and t.fps]

@@ -141,7 +141,7 @@ def tune(
             sha256=deployable.sha256,
             precision=precision,
             tf_device=tf_device,
-            versions={**runtimes.versions(), "inspectd": __version__},
+            versions={**runtimes.versions(), "inspectd": __version__, "xla": str(xla)},  # the key: XLA's numbers differ
             cache_root=root,
             seconds=seconds,
             fresh=fresh,

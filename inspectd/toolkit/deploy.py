@@ -1,8 +1,9 @@
 """`inspectd export`: get a model ready for the daemon ahead of time, into the cache it reads.
 
 - float32 with a named runtime: the conversion (ONNX, OpenVINO IR), as the daemon would do at start.
-- `--runtime auto`: every installed runtime converted and measured (`inspectd.pipeline.autotune`),
-  the table printed and cached: the daemon then starts on the choice without measuring.
+- `--runtime auto`: every installed runtime converted and measured on the CPU at float32
+  (`inspectd.pipeline.autotune`), the table printed and cached: a daemon at float32 on the CPU then
+  starts on the choice without measuring.
 - `--precision bfloat16|float16`: the quality gate against float32 (`inspectd.toolkit.gate`); its
   record lets the daemon run that precision.
 - `--precision int8` (`--int8`): calibrate and quantize (`inspectd.model.quantize`), then the gate;
@@ -24,7 +25,7 @@ from inspectd.model import export, gates, quantize
 from inspectd.model.deployable import Deployable, load_model, resolve_model_path
 from inspectd.pipeline import autotune, runtimes
 from inspectd.pipeline.context import TUNED_BATCHES
-from inspectd.pipeline.engine import tune
+from inspectd.pipeline.engine import select_device, tune
 from inspectd.toolkit import gate as gating
 
 FORMAT_OF_RUNTIME = {"onnxruntime": "onnx", "openvino": "openvino"}
@@ -50,8 +51,10 @@ def _say(text: str) -> None:
 def run_export(opts: ExportOptions) -> int:
     """Do what the options ask; print what was written (and the tables) on stdout. Exit code 0, or an error."""
     deployable = load_model(resolve_model_path(opts.model))
-    try:  # a one-line error before any work
-        runtimes.resolve_runtime(opts.runtime, "/CPU:0", opts.precision)
+    # a one-line error before any work; TensorFlow's float16 runs on a GPU: checked on the device the gate will use
+    device = select_device("auto") if opts.runtime == "tensorflow" else "/CPU:0"
+    try:
+        runtimes.resolve_runtime(opts.runtime, device, opts.precision)
     except ConfigError as exc:  # said in the config's words; here it is the command line that asked
         raise UsageError(f"--runtime {opts.runtime} --precision {opts.precision}: {exc}") from None
     if opts.out is not None and (opts.precision != "float32" or opts.runtime in ("auto", "tensorflow")):
@@ -89,16 +92,42 @@ def _auto(deployable: Deployable, opts: ExportOptions) -> int:
     return 0
 
 
+def _disjoint(opts: ExportOptions) -> None:
+    """The gate measures on images the calibration never saw: two folders given must not hold each other."""
+    if opts.calibration is None or opts.validation is None:
+        return  # the defaults are the training run's train and validation splits, apart by construction
+    cal, val = opts.calibration.resolve(), opts.validation.resolve()
+    if cal == val or cal in val.parents or val in cal.parents:
+        raise UsageError(
+            f"--calibration {opts.calibration} and --validation {opts.validation} overlap: the gate must "
+            "measure on images the calibration did not see"
+        )
+
+
 def _gated(deployable: Deployable, opts: ExportOptions) -> int:
     root = export.cache_root(opts.cache_dir)
+    _disjoint(opts)
     data = gating.validation_set(deployable, opts.validation)
     source = str(opts.validation) if opts.validation else f"the validation split of {deployable.meta['training']['dataset']}"
-    pending = {"sha256": deployable.sha256, "runtime": opts.runtime, "precision": opts.precision}
-    gates.save_gate(root, {**pending, "name": deployable.name, "passed": False, "why": "being measured"})
+    gating.check_validation(data, source)  # before anything is written or replaced
+    record_of = {"sha256": deployable.sha256, "runtime": opts.runtime, "precision": opts.precision, "name": deployable.name}
+    gate = gates.gate_file(root, deployable.sha256, opts.runtime, opts.precision)
+    previous = gate.read_text() if gate.is_file() else None
     entry = None
-    if opts.precision == "int8":
-        entry = _int8(deployable, opts)
-    record = gating.run_gate(deployable, opts.runtime, opts.precision, data, opts.tolerance, opts.cache_dir, source)
+    try:
+        if opts.precision == "int8":
+            # Replacing the INT8 model voids its old record: until the gate passes, no daemon may run the new one.
+            gates.save_gate(root, {**record_of, "passed": False, "why": "a new INT8 model is being measured"})
+            entry = _int8(deployable, opts)
+        record = gating.run_gate(deployable, opts.runtime, opts.precision, data, opts.tolerance, opts.cache_dir, source)
+    except BaseException as exc:  # a crash, Ctrl-C: no unmeasured INT8 model stays; an earlier record comes back
+        if entry is not None:
+            shutil.rmtree(entry, ignore_errors=True)
+        if opts.precision == "int8":
+            gates.save_gate(root, {**record_of, "passed": False, "why": f"export stopped: {type(exc).__name__}: {exc}"[:300]})
+        elif previous is not None:
+            gate.write_text(previous)
+        raise
     if entry is not None:
         record["calibration"] = json.loads((entry / export.STAMP).read_text())["calibration"]
     path = gates.save_gate(root, record)
@@ -108,7 +137,8 @@ def _gated(deployable: Deployable, opts: ExportOptions) -> int:
             shutil.rmtree(entry, ignore_errors=True)
         raise DataError(
             f"quality gate refused {opts.precision} for {deployable.name} with {opts.runtime}: {record['why']} "
-            f"(the record: {path}; tolerances: --max-image-auc-drop, --max-pixel-auc-drop, --max-iou-drop)"
+            f"(the record: {path}; tolerances: --max-image-auc-drop, --max-pixel-auc-drop, --max-iou-drop, "
+            "--max-verdict-change)"
         )
     kept = f"the INT8 model {entry}" if entry is not None else f"precision {opts.precision}"
     print(f'passed: {kept} may run (model.precision = "{opts.precision}", model.runtime = "{opts.runtime}"); record {path}')
@@ -130,6 +160,7 @@ def _int8(deployable: Deployable, opts: ExportOptions) -> Path:
         "format": fmt,
         "precision": "int8",
         "calibration": {"source": source, "images": len(images)},
+        "quantizer": export.quantizer_version(fmt),
     }
 
     def write(folder: Path) -> None:

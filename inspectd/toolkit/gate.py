@@ -5,7 +5,8 @@
 the calibration images), once at float32 and once at P, both with R and the daemon's own engine,
 and compares what the line depends on:
 
-- image ROC-AUC (the verdict),
+- image ROC-AUC (how well scores rank defects above good parts),
+- the verdicts: the share of images judged otherwise at the model's threshold,
 - pixel ROC-AUC of the calibrated map (the mask's ranking; images with masks only),
 - region IoU: the mean IoU of the published mask (the model's own rule, regions on images judged
   defective only) with the truth, over defect images with masks.
@@ -17,8 +18,18 @@ Metrics come from scikit-learn and our tested IoU (inspectd.toolkit.scoring).
 
 from __future__ import annotations
 
-__all__ = ["Tolerance", "Quality", "quality", "run_gate", "format_gate", "validation_set", "calibration_images"]
+__all__ = [
+    "Tolerance",
+    "Quality",
+    "quality",
+    "run_gate",
+    "format_gate",
+    "validation_set",
+    "check_validation",
+    "calibration_images",
+]
 
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -49,6 +60,7 @@ class Tolerance:
     image_auc: float = 0.01
     pixel_auc: float = 0.01
     region_iou: float = 0.02
+    verdict_change: float = 0.02  # the share of images whose verdict (score >= the model's threshold) changes
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,19 @@ def _training_split(deployable: Deployable) -> tuple[datasets.Dataset, datasets.
     return datasets.stratified_split(data, float(training.get("val_fraction", 0.2)), int(training.get("seed", 0)))
 
 
+MIN_PER_CLASS = 10  # validation images of each class: fewer cannot show an ROC-AUC drop of 0.01
+
+
+def check_validation(data: datasets.Dataset, source: str) -> None:
+    """DataError unless `data` has at least MIN_PER_CLASS ok and defect images."""
+    counts = data.counts()
+    if min(counts.get("ok", 0), counts.get("defect", 0)) < MIN_PER_CLASS:
+        raise DataError(
+            f"{source}: the quality gate needs at least {MIN_PER_CLASS} ok and {MIN_PER_CLASS} defect images, "
+            f"found {counts.get('ok', 0)} and {counts.get('defect', 0)}"
+        )
+
+
 def validation_set(deployable: Deployable, folder: Path | None) -> datasets.Dataset:
     """The labelled images the gate measures on: `folder`, else the training run's validation split."""
     return datasets.scan(folder) if folder is not None else _training_split(deployable)[1]
@@ -102,14 +127,18 @@ def _pixels(logits: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarr
     h, w = truth.shape
     size = (max(1, w // PIXEL_SCALE), max(1, h // PIXEL_SCALE))
     small = cv2.resize(logits.astype(np.float32), size, interpolation=cv2.INTER_AREA)
-    return small.ravel(), cv2.resize(truth.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).ravel()
+    # a defect pixel of the small truth: any defect pixel under it (nearest-neighbour would lose thin scratches)
+    return small.ravel(), (cv2.resize(truth.astype(np.float32), size, interpolation=cv2.INTER_AREA) > 0).ravel()
 
 
 def quality(deployable: Deployable, data: datasets.Dataset, images: list[np.ndarray], **engine) -> Quality:
     """The three measures for the model run by InferenceEngine(**engine) (runtime, precision, cache_dir, ...)."""
-    preds = Predictor(deployable, 8, device="cpu", gated=False, **engine).predict(images)
+    preds = Predictor(deployable, 8, gated=False, **engine).predict(images)
     labels = data.labels
     scores = np.array([p.score for p in preds])
+    if not (np.isfinite(scores).all() and all(np.isfinite(p.cam_logits).all() for p in preds)):
+        nan = math.nan if data.has_masks else None  # overflowed: nothing to measure, and the gate refuses a NaN
+        return Quality(math.nan, nan, nan, tuple(scores.tolist()))
     image_auc = float(metrics.roc_auc_score(labels, scores))
     with_truth = [(it, im, p) for it, im, p in zip(data.items, images, preds) if it.label == 0 or it.mask is not None]
     if not data.has_masks or not any(it.label == 1 for it, _, _ in with_truth):
@@ -130,16 +159,25 @@ def quality(deployable: Deployable, data: datasets.Dataset, images: list[np.ndar
     return Quality(image_auc, pixel_auc, float(np.mean(ious)), tuple(scores.tolist()))
 
 
-def _drops(ref: Quality, cand: Quality, tol: Tolerance) -> tuple[dict, list[str]]:
-    """{measure: drop} and the measures beyond their tolerance."""
-    drops, failed = {}, []
+def _drops(ref: Quality, cand: Quality, tol: Tolerance, threshold: float) -> tuple[dict, list[str]]:
+    """{measure: drop} and the measures beyond their tolerance. A measure that is not a number (NaN: one class
+    only among the pixels, a model whose scores overflowed) fails: a gate passes only what it measured. The
+    verdict change is the share of images judged otherwise at the model's threshold: ROC-AUC is blind to a
+    shift of every score, the line's verdict is not."""
+    drops: dict[str, float | None] = {}
+    failed: list[str] = []
     for name in ("image_auc", "pixel_auc", "region_iou"):
         a, b = getattr(ref, name), getattr(cand, name)
         if a is None or b is None:
             continue
-        drops[name] = round(a - b, 6)
-        if a - b > getattr(tol, name) + 1e-12:
+        drops[name] = round(a - b, 6) if math.isfinite(a - b) else None
+        if not math.isfinite(a - b) or a - b > getattr(tol, name) + 1e-12:
             failed.append(name)
+    ref_verdict, cand_verdict = np.array(ref.scores) >= threshold, np.array(cand.scores) >= threshold
+    changed = round(float(np.mean(ref_verdict != cand_verdict)), 6)
+    drops["verdict_change"] = changed
+    if changed > tol.verdict_change + 1e-12 or not np.isfinite(cand.scores).all():
+        failed.append("verdict_change")
     return drops, failed
 
 
@@ -153,20 +191,27 @@ def run_gate(
     validation: str,
 ) -> dict:
     """Measure float32 and `precision` with `runtime` on `data`; the gate record (passed or not, with the table)."""
-    if len(set(data.labels.tolist())) < 2:
-        raise DataError(f"{validation}: the quality gate needs both ok and defect images")
+    check_validation(data, validation)
     print(f"inspectd export: quality gate on {len(data.items)} validation images ({validation})", file=sys.stderr, flush=True)
     images = [read_rgb(item.path) for item in data.items]
     t0 = time.monotonic()
-    ref = quality(deployable, data, images, runtime=runtime, precision="float32", cache_dir=cache_dir)
-    cand = quality(deployable, data, images, runtime=runtime, precision=precision, cache_dir=cache_dir)
-    drops, failed = _drops(ref, cand, tolerance)
-    spread = min(np.std(ref.scores), np.std(cand.scores))  # a constant score (a broken model) has no correlation
+    # TensorFlow's float16 needs the GPU, so the gate runs where the daemon would; the others run on the CPU.
+    device = "auto" if runtime == "tensorflow" else "cpu"
+    engine = {"runtime": runtime, "cache_dir": cache_dir, "device": device}
+    ref = quality(deployable, data, images, precision="float32", **engine)
+    cand = quality(deployable, data, images, precision=precision, **engine)
+    drops, failed = _drops(ref, cand, tolerance, deployable.threshold)
+    finite = np.isfinite(ref.scores).all() and np.isfinite(cand.scores).all()
+    spread = min(np.std(ref.scores), np.std(cand.scores)) if finite else 0.0  # a constant score: no correlation
     corr = float(np.corrcoef(ref.scores, cand.scores)[0, 1]) if spread > 0 else None
+
+    def shown(name: str) -> str:
+        return "not a number" if drops[name] is None else f"{drops[name]:+.4f}"
+
     if failed:
-        why = "drop beyond tolerance: " + ", ".join(f"{n} {drops[n]:+.4f} > {getattr(tolerance, n)}" for n in failed)
+        why = "drop beyond tolerance: " + ", ".join(f"{n} {shown(n)} > {getattr(tolerance, n)}" for n in failed)
     else:
-        why = "within tolerance: " + ", ".join(f"{n} {d:+.4f}" for n, d in drops.items())
+        why = "within tolerance: " + ", ".join(f"{n} {shown(n)}" for n in drops)
     if ref.pixel_auc is None:
         why += " (no masks in the validation set: image ROC-AUC only)"
     return {
@@ -181,7 +226,9 @@ def run_gate(
         precision: {k: v for k, v in asdict(cand).items() if k != "scores"},
         "drop": drops,
         "score_correlation": None if corr is None else round(corr, 6),
-        "max_score_difference": float(np.max(np.abs(np.array(ref.scores) - np.array(cand.scores)))),
+        "max_score_difference": float(np.max(np.abs(np.array(ref.scores) - np.array(cand.scores)))) if finite else None,
+        "threshold": deployable.threshold,
+        "device": device,
         "validation": {"source": validation, "images": len(data.items), "counts": data.counts()},
         "seconds": round(time.monotonic() - t0, 1),
         "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -203,8 +250,14 @@ def format_gate(record: dict) -> str:
             continue
         drop = ref[name] - cand[name]
         lines.append(f"  {name:<12} {ref[name]:8.4f} {cand[name]:8.4f} {drop:+8.4f} {tol[name]:8.3f}")
-    corr = record["score_correlation"]
+    change = record["drop"]["verdict_change"]
+    lines.append(
+        f"  {'verdicts':<12} {'':>8} {'':>8} {change:8.2%} {tol['verdict_change']:8.2%}  changed at threshold "
+        f"{record['threshold']:.3f}"
+    )
+    corr, diff = record["score_correlation"], record["max_score_difference"]
     corr_text = "n/a (a constant score)" if corr is None else f"{corr:.4f}"
-    lines.append(f"  score correlation {corr_text}, largest score difference {record['max_score_difference']:.4f}")
+    diff_text = "not a number" if diff is None else f"{diff:.4f}"
+    lines.append(f"  score correlation {corr_text}, largest score difference {diff_text}")
     lines.append(f"  {'PASSED' if record['passed'] else 'REFUSED'}: {record['why']}")
     return "\n".join(lines)
