@@ -167,6 +167,11 @@ def test_int8_export_passes_its_gate_and_the_daemon_runs_it(trained, synth_train
     assert qm.shape == fm.shape and not np.array_equal(qm, fm)  # another model, not float32 under another name
     labels = [0] * 8 + [1] * 8
     assert np.corrcoef(qs, fs)[0, 1] > 0.9 and roc_auc_score(labels, qs) >= roc_auc_score(labels, fs) - 0.1
+    # an INT8 model replaced after its gate (another export that did not finish) is not run on this gate's pass
+    stamp = int8.parent / export.STAMP
+    stamp.write_text(json.dumps({**json.loads(stamp.read_text()), "id": "another"}))
+    with pytest.raises(ConfigError, match="not the one its quality gate measured"):
+        InferenceEngine(d, (16,), "cpu", precision="int8", runtime=runtime, cache_dir=cache)
 
 
 @pytest.mark.slow

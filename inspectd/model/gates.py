@@ -9,13 +9,14 @@ naming the command that makes it). This module is on the daemon's path: JSON onl
 
 from __future__ import annotations
 
-__all__ = ["gate_file", "save_gate", "require_gate", "GATE_FORMAT"]
+__all__ = ["gate_file", "save_gate", "require_gate", "check_int8", "GATE_FORMAT"]
 
 import json
 import os
 from pathlib import Path
 
 from inspectd.errors import ConfigError
+from inspectd.model.export import STAMP
 
 GATE_FORMAT = "inspectd.gate/1"
 _FORMAT_OF = {"onnxruntime": "onnx", "openvino": "openvino", "tensorflow": "tensorflow"}
@@ -55,3 +56,18 @@ def require_gate(cache_root: Path, sha256: str, name: str, runtime: str, precisi
             f"({record.get('why', 'see ' + str(path))}); use float32"
         )
     return record
+
+
+def check_int8(record: dict, entry: Path, name: str) -> None:
+    """ConfigError unless the INT8 model in `entry` is the one the gate `record` measured: each INT8 export writes
+    a new id into the model's stamp and its gate record, so a model replaced after its gate (a second export into
+    the same cache that did not finish) is never run on the first one's pass."""
+    try:
+        made = json.loads((entry / STAMP).read_text()).get("id")
+    except (OSError, ValueError):
+        made = None
+    if made is None or record.get("int8_id") != made:
+        raise ConfigError(
+            f"model.precision int8: the INT8 model of {name} in {entry} is not the one its quality gate measured; "
+            "run `inspectd export MODEL --runtime R --int8` again"
+        )

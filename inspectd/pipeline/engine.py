@@ -250,7 +250,10 @@ class InferenceEngine:
 
         try:
             if self.precision == "int8":
-                return session(export.cached_int8(self.deployable, fmt, cache_dir))
+                model = export.cached_int8(self.deployable, fmt, cache_dir)
+                if self.gate is not None:
+                    gates.check_int8(self.gate, model.parent, self.deployable.name)
+                return session(model)
             for refresh in (False, True):
                 exported = export.cached_export(self.deployable, fmt, cache_dir, refresh=refresh)
                 try:

@@ -17,6 +17,7 @@ __all__ = ["ExportOptions", "run_export"]
 import json
 import shutil
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,7 +130,8 @@ def _gated(deployable: Deployable, opts: ExportOptions) -> int:
             gate.write_text(previous)
         raise
     if entry is not None:
-        record["calibration"] = json.loads((entry / export.STAMP).read_text())["calibration"]
+        stamp = json.loads((entry / export.STAMP).read_text())
+        record["calibration"], record["int8_id"] = stamp["calibration"], stamp["id"]  # the model this gate measured
     path = gates.save_gate(root, record)
     print(gating.format_gate(record))
     if not record["passed"]:
@@ -161,6 +163,7 @@ def _int8(deployable: Deployable, opts: ExportOptions) -> Path:
         "precision": "int8",
         "calibration": {"source": source, "images": len(images)},
         "quantizer": export.quantizer_version(fmt),
+        "id": uuid.uuid4().hex,  # this INT8 model; its gate record names it (gates.check_int8)
     }
 
     def write(folder: Path) -> None:
