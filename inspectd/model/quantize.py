@@ -35,7 +35,7 @@ def _openvino(fp32: Path, calibration: list[np.ndarray], out: Path) -> None:
         raise UnavailableError("INT8 for openvino needs NNCF: pip install 'inspectd[int8]'") from None
     import openvino as ov
 
-    from inspectd.pipeline.runtimes import openvino_core
+    from inspectd.model.ovcore import openvino_core
 
     model = openvino_core().read_model(str(fp32))  # the process's one Core (runtimes.openvino_core says why)
     quantized = nncf.quantize(model, nncf.Dataset(calibration), subset_size=len(calibration))

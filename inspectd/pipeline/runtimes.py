@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from inspectd.errors import ConfigError, UnavailableError
+from inspectd.model.ovcore import openvino_core
 
 RUNTIMES = ("auto", "tensorflow", "onnxruntime", "openvino")
 FORMAT_OF = {"onnxruntime": "onnx", "openvino": "openvino"}
@@ -225,27 +226,6 @@ def _onnxruntime(path: Path, tf_device: str, precision: str, hint: str) -> Sessi
         return out["score"], out["cam_logits"]
 
     return run
-
-
-_core_lock = threading.Lock()
-_core = None
-
-
-def openvino_core():
-    """The process's one `openvino.Core`, made at first use and kept until exit.
-
-    One, not one per model: each Core loads its own CPU plugin, and the plugin installs an alternate signal
-    stack (mmap'ed, for AMX state) in the thread that creates it, restoring the previous one when it is
-    destroyed. Two plugins made and destroyed out of order in one thread (auto measuring both hints, a
-    reload) left that thread's alternate stack pointing at unmapped memory, and the next SIGTERM killed the
-    daemon with SIGSEGV instead of a clean stop (OpenVINO 2026.4; tests/test_runtimes.py reproduces it)."""
-    global _core
-    with _core_lock:
-        if _core is None:
-            import openvino as ov
-
-            _core = ov.Core()
-        return _core
 
 
 def compile_openvino(path: Path, precision: str = "float32", hint: str = "LATENCY"):
