@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install or upgrade inspectd as a systemd service (Debian 12 / Ubuntu 22.04+), as root:
 #
-#   deploy/install.sh [--gstreamer] [--gpu] [--onnx] [--openvino] [--bridges] [--source DIR|WHEEL] [--no-enable] [--no-start]
+#   deploy/install.sh [--slim] [--gstreamer] [--gpu] [--onnx] [--openvino] [--bridges] [--source DIR|WHEEL] [--no-enable] [--no-start]
 #   deploy/install.sh --rollback
 #
 # Layout (see deploy/README.md):
@@ -41,6 +41,10 @@ Usage: deploy/install.sh [OPTIONS]        (as root; DESTDIR=DIR to install into 
 
 Install or upgrade inspectd as the systemd service "inspectd".
 
+  --slim                    no TensorFlow: the slim extra (ONNX Runtime and OpenVINO) runs exported models only
+                            (model.path = a folder from `inspectd export MODEL --runtime onnxruntime --out DIR`;
+                            builtin:demo is bundled exported); about 560 MB instead of 2.8 GB. Without it the
+                            tensorflow extra is installed, which runs .keras models
   --gstreamer               install the gstreamer extra (PyGObject: GStreamer pipelines as cameras, rtsp:// via GStreamer)
                             and the Debian packages it builds and runs with
   --gpu                     install the gpu extra (tensorflow[and-cuda]; needs the NVIDIA driver)
@@ -65,6 +69,7 @@ EOF
 
 # ---- options -------------------------------------------------------------------------------------
 extras=()
+slim=0
 source_arg="$repo"
 python=""
 system_site=0
@@ -73,6 +78,7 @@ start=1
 rollback=0
 while (($#)); do
     case "$1" in
+        --slim) slim=1 ;;
         --gstreamer) extras+=(gstreamer) ;;
         --gpu) extras+=(gpu) ;;
         --onnx) extras+=(onnx) ;;
@@ -91,6 +97,13 @@ while (($#)); do
     esac
     shift
 done
+
+if ((slim)); then
+    [[ " ${extras[*]} " != *" gpu "* ]] || die "--slim and --gpu: the gpu extra is TensorFlow's; a slim install runs on the CPU"
+    extras+=(slim)
+else
+    extras=(tensorflow "${extras[@]}")
+fi
 
 destdir="${DESTDIR:-}"
 destdir="${destdir%/}"
@@ -296,7 +309,7 @@ case "$base" in
 esac
 pip() { env -u PYTHONPATH -u PYTHONHOME "$release/bin/python" -m pip --disable-pip-version-check "$@"; }
 pip install -q --upgrade pip "${pip_args[@]}"
-say "installing $spec${pip_args[*]:+ (pip args: ${pip_args[*]})} (TensorFlow is large: minutes on a fresh cache)"
+say "installing $spec${pip_args[*]:+ (pip args: ${pip_args[*]})}$( ((slim)) || echo ' (TensorFlow is large: minutes on a fresh cache)')"
 pip install -q "${pip_args[@]}" "$spec"
 version="$(env -u PYTHONPATH "$release/bin/python" -c 'import importlib.metadata as m; print(m.version("inspectd"))')"
 install -d -m 0755 "$release/share/inspectd"

@@ -174,10 +174,7 @@ def full_pipeline(opts: BenchOptions) -> dict:
 
 
 def bench(opts: BenchOptions) -> dict:
-    from inspectd.tfload import import_tensorflow
-
-    import_tensorflow()
-    bare = bare_model(opts)
+    bare = bare_model(opts)  # a .keras model imports TensorFlow as it loads; an exported one needs none
     if opts.camera_fps is None:
         opts = replace(opts, camera_fps=round(OFFERED * bare["fps"] / opts.cameras, 1))
     options = {**opts.__dict__, "cache_dir": str(opts.cache_dir) if opts.cache_dir else None}  # JSON-ready

@@ -64,6 +64,8 @@ EXTRA_OF_MODULE = {
     "tf2onnx": "onnx",
     "openvino": "openvino",
     "gi": "gstreamer",
+    "tensorflow": "tensorflow",
+    "keras": "tensorflow",
 }
 
 

@@ -56,7 +56,7 @@ installed() {
     [[ "${have%% *}" == "${want%% *}" && "${have#* }" == "dev" ]] || return 1
     local extra
     for extra in ${extras//,/ }; do
-        [[ " toolkit gstreamer pretrained onnx openvino int8 bridges " == *" $extra "* ]] || return 1
+        [[ " tensorflow toolkit gstreamer pretrained onnx openvino int8 bridges " == *" $extra "* ]] || return 1
     done
 }
 if ! installed; then

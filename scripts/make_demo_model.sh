@@ -16,3 +16,6 @@ work="${1:-$root/runs/demo-model}"
 "$venv/bin/inspectd" evaluate "$work/demo.keras" "$work/test" --report "$work/report"
 cp "$work/demo.keras" "$root/inspectd/assets/demo.keras"
 echo "demo model: $root/inspectd/assets/demo.keras ($(du -h "$root/inspectd/assets/demo.keras" | cut -f1))"
+# The same model exported for an install without TensorFlow (builtin:demo there; its manifest names demo.keras' sha256).
+rm -rf "$root/inspectd/assets/demo-onnx"
+"$venv/bin/inspectd" export "$root/inspectd/assets/demo.keras" --runtime onnxruntime --out "$root/inspectd/assets/demo-onnx"

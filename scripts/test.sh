@@ -15,6 +15,11 @@ export INSPECTD_APT_PACKAGES="gcc python3-dev pkg-config libgirepository1.0-dev 
  gir1.2-aravis-0.8 aravis-tools aravis-tools-cli"
 "$root/scripts/bootstrap.sh" dev
 venv="${INSPECTD_VENV:-$root/.venv}"
+# A second install with the `slim` extra only (no TensorFlow, no Keras): tests/test_slim.py runs the daemon in it and
+# checks it publishes the events the TensorFlow path does.
+slim="${INSPECTD_SLIM_VENV:-$root/.venv-slim}"
+INSPECTD_VENV="$slim" INSPECTD_APT_PACKAGES="" "$root/scripts/bootstrap.sh" slim
+export TEST_SLIM_PYTHON="$slim/bin/python"
 cd "$root"
 # Lint, format check and type-check first (pyproject's [tool.ruff] and [tool.mypy]): a finding fails the run before the
 # 15-minute suite starts.

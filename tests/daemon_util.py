@@ -45,15 +45,21 @@ def camera_toml(cam_id: str, url: str, **extra) -> str:
 
 
 def daemon_config(
-    tmp_path: Path, cameras: str, model: str = "builtin:demo", models: list[dict] | None = None, **sections: dict
+    tmp_path: Path,
+    cameras: str,
+    model: str = "builtin:demo",
+    models: list[dict] | None = None,
+    model_keys: dict | None = None,
+    **sections: dict,
 ) -> tuple[Path, dict]:
     """Write a config with free ports; returns (path, {"metrics": url, "events": endpoint}). `models`: [[models]]
-    tables (each a dict of keys) instead of [model] path = `model`."""
+    tables (each a dict of keys) instead of [model] path = `model`; `model_keys`: more [model] keys."""
     metrics_port, events_port = free_port(), free_port()
     publish = {"endpoint": f"tcp://127.0.0.1:{events_port}", "heartbeat_s": 0.5, **sections.pop("publish", {})}
     tables = "".join("[[models]]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in m.items()) + "\n" for m in models or [])
+    keys = "".join(f"{k} = {_toml(v)}\n" for k, v in (model_keys or {}).items())
     parts = [
-        tables or f'[model]\npath = "{model}"\n',
+        tables or f'[model]\npath = "{model}"\n{keys}',
         f'[metrics]\nhost = "127.0.0.1"\nport = {metrics_port}\n',
         "[publish]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in publish.items()),
     ]
@@ -75,13 +81,15 @@ def _toml(v) -> str:
 class DaemonProcess:
     """`python -m inspectd run --config PATH` with stderr captured to a file; always stopped."""
 
-    def __init__(self, config: Path, log: Path, env: dict | None = None, prefix: tuple[str, ...] = ()):
+    def __init__(
+        self, config: Path, log: Path, env: dict | None = None, prefix: tuple[str, ...] = (), python: str = sys.executable
+    ):
         """`prefix`: a command the daemon's argv is appended to (e.g. a private mount namespace); it must
-        pass SIGTERM on to the daemon and exit with its status."""
+        pass SIGTERM on to the daemon and exit with its status. `python`: another install's interpreter."""
         self.log_path = log
         self._log = open(log, "w")
         self.proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "inspectd", "run", "--config", str(config)],
+            [*prefix, python, "-m", "inspectd", "run", "--config", str(config)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,

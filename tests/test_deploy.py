@@ -186,6 +186,15 @@ def test_install_sh_help_and_bad_options():
     )
     assert proc.returncode != 0 and "unknown option: --frobnicate" in proc.stderr
     assert not os.path.exists("/nonexistent-should-not-be-created")
+    proc = subprocess.run(
+        [str(INSTALL), "--slim", "--gpu"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "DESTDIR": "/nonexistent-should-not-be-created"},
+    )
+    assert proc.returncode != 0 and "--slim and --gpu" in proc.stderr
+    assert not os.path.exists("/nonexistent-should-not-be-created")
 
 
 # ---- install.sh --------------------------------------------------------------------------------------
@@ -285,7 +294,8 @@ def test_install_into_destdir_is_idempotent_and_keeps_the_config(wheel, tmp_path
     assert not os.path.lexists(opt / "venv.previous")
     entry = dest / ENTRY_POINT
     assert os.access(entry, os.X_OK) and mode(opt) == 0o755
-    assert "version=" in (opt / "venv" / "share" / "inspectd" / "release.txt").read_text()
+    release_txt = (opt / "venv" / "share" / "inspectd" / "release.txt").read_text()
+    assert "version=" in release_txt and "extras=tensorflow\n" in release_txt  # runs .keras models unless --slim
 
     # The installed entry point runs, from the venv under DESTDIR, with the package installed there.
     proc = run_installed(dest, str(entry), "--help")

@@ -185,3 +185,75 @@ def test_bad_metadata_is_one_clear_error(classifier, tmp_path, edit, message):
     with pytest.raises(ModelFileError, match=message):
         read_metadata(bad)
     read_metadata(path)  # the unedited file is fine
+
+
+# ---- exported model folders (inspectd export --out; the bundled demo-onnx) --------------------------------------
+
+
+def _demo_export(tmp_path):
+    import shutil
+
+    from inspectd.model.deployable import _ASSETS
+
+    folder = tmp_path / "demo-onnx"
+    shutil.copytree(_ASSETS / "demo-onnx", folder)
+    return folder
+
+
+def test_the_bundled_export_is_the_bundled_model():
+    """builtin:demo without Keras is inspectd/assets/demo-onnx: the same model as demo.keras (scripts/make_demo_model.sh
+    makes both); a demo.keras retrained without exporting again fails here."""
+    from inspectd.model.deployable import _ASSETS, file_sha256, load_exported
+
+    exported = load_exported(_ASSETS / "demo-onnx")
+    assert exported.sha256 == file_sha256(_ASSETS / "demo.keras")
+    assert exported.meta == read_metadata(_ASSETS / "demo.keras")
+    assert exported.model is None and exported.graph_format == "onnx" and exported.graph.name == "model.onnx"
+
+
+def test_an_exported_folder_loads_without_keras_and_is_checked(tmp_path):
+    from inspectd.model.deployable import EXPORT_MANIFEST, model_sha256
+
+    folder = _demo_export(tmp_path)
+    model = load_model(folder)
+    assert model.name == "demo" and model.input_size == (160, 128) and model_sha256(folder) == model.sha256
+    assert read_metadata(folder) == model.meta
+    graph = folder / "model.onnx"
+    data = bytearray(graph.read_bytes())
+    data[-100] ^= 0xFF  # a damaged or replaced graph
+    graph.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="sha256 differs"):
+        load_model(folder)
+    graph.unlink()
+    with pytest.raises(ModelFileError, match="model.onnx named by .* is missing"):
+        load_model(folder)
+    manifest = folder / EXPORT_MANIFEST
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "artifact": "something else"}))
+    with pytest.raises(ModelFileError, match="not an exported inspectd model"):
+        load_model(folder)
+    manifest.write_text("{")
+    with pytest.raises(ModelFileError, match="damaged"):
+        load_model(folder)
+    manifest.unlink()
+    with pytest.raises(ModelFileError, match="is a folder, not a model file"):
+        read_metadata(folder)
+
+
+def test_an_exported_folder_with_bad_metadata_is_one_error(tmp_path):
+    from inspectd.model.deployable import EXPORT_MANIFEST
+
+    folder = _demo_export(tmp_path)
+    manifest = folder / EXPORT_MANIFEST
+    data = json.loads(manifest.read_text())
+    data["meta"]["thresholds"]["score"] = 2
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(ModelFileError, match=r"thresholds.score 2 is not a number in \[0, 1\]"):
+        load_model(folder)
+
+
+def test_tensorflow_does_not_run_an_exported_model(tmp_path):
+    from inspectd.errors import ConfigError
+    from inspectd.pipeline.engine import InferenceEngine
+
+    with pytest.raises(ConfigError, match="exported onnx graph, which onnxruntime or openvino runs"):
+        InferenceEngine(load_model(_demo_export(tmp_path)), (1,), "cpu", runtime="tensorflow")

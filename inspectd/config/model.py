@@ -31,7 +31,12 @@ MaskRuleText = Annotated[str, AfterValidator(_mask_rule)]  # probability:P | rel
 
 class ModelConfig(Section):
     path: PathText = setting(
-        BUILTIN_DEMO_MODEL, reload=E, description="deployable .keras model; 'builtin:demo' is the bundled demo model"
+        BUILTIN_DEMO_MODEL,
+        reload=E,
+        description=(
+            "deployable .keras model, or an exported model folder (inspectd export --out; runs without TensorFlow); "
+            "'builtin:demo' is the bundled demo model"
+        ),
     )
     threshold: float | None = setting(
         None, reload=C, ge=0, le=1, description="image-level decision on the score (default: the model's)"

@@ -53,6 +53,7 @@ NON_CONFIG_ENV = frozenset(
         "INSPECTD_DEBUG",  # cli.py: tracebacks instead of one-line internal errors
         "INSPECTD_TEST_FREEZE_INFERENCE",  # pipeline/core.py: test hook that blocks inference
         "INSPECTD_VENV",  # scripts/*.sh: the virtual environment
+        "INSPECTD_SLIM_VENV",  # scripts/test.sh: the install without TensorFlow tests/test_slim.py runs in
         "INSPECTD_APT_PACKAGES",  # scripts/bootstrap.sh
         "INSPECTD_PIP_ARGS",  # deploy/install.sh
     }

@@ -4,7 +4,13 @@
 `mean(cam_logits)` is exactly the classifier's logit and `sigmoid(cam_logits)` is a per-location
 defect probability. The file is a standard `.keras` archive plus an `inspectd.json` entry with the
 metadata; loading always uses Keras' safe mode. This module is on the daemon's path: it imports
-no training-only packages.
+no training-only packages, and Keras only for a `.keras` file.
+
+An exported model (`inspectd export --out DIR`, and every entry of the conversion cache) is a
+folder: the ONNX or OpenVINO graph and `inspectd-export.json` (EXPORT_MANIFEST) with the source
+model's metadata, its sha256 and the graph files' sha256. It loads without TensorFlow or Keras
+(`Deployable.model` is None, `graph` the file a runtime opens) and carries the source's identity:
+events, gates and caches name the `.keras` model it came from.
 """
 
 from __future__ import annotations
@@ -23,9 +29,14 @@ __all__ = [
     "config_nodes",
     "BUILTIN_DEMO_MODEL",
     "resolve_model_path",
+    "EXPORT_FORMAT",
+    "EXPORT_MANIFEST",
+    "model_sha256",
+    "keras_missing",
 ]
 
 import hashlib
+import importlib.util
 import json
 import os
 import zipfile
@@ -39,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from inspectd import __version__
-from inspectd.errors import ModelFileError, NoInputError, UsageError
+from inspectd.errors import ModelFileError, NoInputError, UnavailableError, UsageError
 from inspectd.model.head import Pooling, cam_head, deployable_outputs, register
 from inspectd.model.masks import MaskRule
 
@@ -47,6 +58,8 @@ FORMAT = "inspectd.model/1"
 BUILTIN_DEMO_MODEL = "builtin:demo"  # the bundled demo model, as [model] path and the commands name it
 _ASSETS = Path(__file__).resolve().parents[1] / "assets"
 META_ENTRY = "inspectd.json"
+EXPORT_FORMAT = "inspectd.exported/1"  # an exported model folder's manifest (`artifact`)
+EXPORT_MANIFEST = "inspectd-export.json"  # written last: a folder with it is complete
 # What the wrapped classifier expects -> (scale, offset) applied to 0..255 input.
 INPUT_RANGES = {"0-255": None, "0-1": (1 / 255.0, 0.0), "-1-1": (1 / 127.5, -1.0)}
 
@@ -62,10 +75,17 @@ class Head:
 
 @dataclass(frozen=True)
 class Deployable:
-    model: Any  # keras.Model with outputs {"score", "cam_logits"}
+    model: Any  # keras.Model with outputs {"score", "cam_logits"}; None for an exported model
     meta: dict
     path: Path
-    sha256: str
+    sha256: str  # of the .keras file (an exported model: of the file it was exported from)
+    graph: Path | None = None  # an exported model's graph file (model.onnx or model.xml)
+    exported: dict | None = None  # an exported model's manifest
+
+    @property
+    def graph_format(self) -> str | None:
+        """ "onnx" or "openvino" for an exported model, None for a .keras one."""
+        return None if self.exported is None else str(self.exported["format"])
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -183,9 +203,10 @@ def build_deployable(classifier, input_range: str = "0-255"):
 
 
 def resolve_model_path(path: str) -> Path:
-    """'builtin:demo' -> the bundled demo model; anything else is a file path (~ expanded)."""
+    """'builtin:demo' -> the bundled demo model (its .keras file; without Keras installed, its ONNX export, the
+    same model); anything else is a file or exported folder path (~ expanded)."""
     if path == BUILTIN_DEMO_MODEL:
-        return _ASSETS / "demo.keras"
+        return _ASSETS / "demo.keras" if importlib.util.find_spec("keras") is not None else _ASSETS / "demo-onnx"
     return Path(os.path.expanduser(path))
 
 
@@ -238,10 +259,7 @@ def read_metadata(path: Path) -> dict:
     """The metadata alone, without TensorFlow (cheap: for `inspectd` tools and the daemon)."""
     path = Path(path)
     if path.is_dir():
-        raise ModelFileError(
-            f"{path}: is a folder, not a model file (a SavedModel folder? turn it into a "
-            "deployable model with `inspectd convert`)"
-        )
+        return read_manifest(path)["meta"]
     if not path.exists():
         raise NoInputError(f"{path}: no such model file")
     if not path.is_file():
@@ -298,12 +316,80 @@ def _check_metadata(path: Path, meta: dict) -> None:
         raise ModelFileError(f"{path}: bad inspectd metadata: {exc}") from None
 
 
+def read_manifest(folder: Path) -> dict:
+    """An exported model folder's manifest, its metadata checked as a .keras file's; ModelFileError otherwise."""
+    manifest = folder / EXPORT_MANIFEST
+    if not manifest.is_file():
+        raise ModelFileError(
+            f"{folder}: is a folder, not a model file (a SavedModel folder? turn it into a deployable model with "
+            f"`inspectd convert`; an exported model folder holds {EXPORT_MANIFEST})"
+        )
+    if not os.access(manifest, os.R_OK):
+        raise NoInputError(f"{manifest}: cannot read it: permission denied")
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{manifest}: damaged ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict) or data.get("artifact") != EXPORT_FORMAT or not isinstance(data.get("meta"), dict):
+        raise ModelFileError(
+            f"{folder}: not an exported inspectd model (a cache entry of another kind, or written by an older "
+            f"inspectd: export it again with `inspectd export MODEL --runtime R --out {folder}`)"
+        )
+    if data.get("format") not in ("onnx", "openvino") or not isinstance(data.get("files"), dict) or not data["files"]:
+        raise ModelFileError(f"{manifest}: bad manifest: format {data.get('format')!r}, files {data.get('files')!r}")
+    if data["meta"].get("format") != FORMAT:
+        raise ModelFileError(f"{folder}: model format {data['meta'].get('format')!r}, this inspectd reads {FORMAT!r}")
+    _check_metadata(folder, data["meta"])
+    return data
+
+
+def load_exported(folder: Path) -> Deployable:
+    """An exported model folder, its graph files checked against the manifest's sha256 (a graph copied halfway or
+    replaced is refused here, not half-run). Imports no TensorFlow, Keras or runtime."""
+    data = read_manifest(folder)
+    for name, digest in data["files"].items():
+        file = folder / name
+        if not file.is_file():
+            raise ModelFileError(f"{folder}: the graph file {name} named by {EXPORT_MANIFEST} is missing")
+        if file_sha256(file) != digest:
+            raise ModelFileError(f"{file}: its sha256 differs from {EXPORT_MANIFEST}'s: damaged or replaced; export again")
+    graph = folder / ("model.onnx" if data["format"] == "onnx" else "model.xml")
+    if graph.name not in data["files"]:
+        raise ModelFileError(f"{folder}: {EXPORT_MANIFEST} does not name {graph.name}")
+    return Deployable(None, data["meta"], folder, str(data["sha256"]), graph, data)
+
+
+def model_sha256(path: Path) -> str:
+    """A model's identity as `Deployable.sha256` has it: a .keras file's own sha256, an exported folder's source's."""
+    path = Path(path)
+    if path.is_dir():
+        return str(read_manifest(path)["sha256"])
+    return file_sha256(path)
+
+
+def keras_missing(path: Path) -> UnavailableError:
+    """The one-line error for a .keras model on an install without Keras (exit 69), naming both ways out."""
+    return UnavailableError(
+        f"{path}: a .keras model needs TensorFlow to run (pip install 'inspectd[tensorflow]'); this install runs "
+        "exported models: `inspectd export MODEL --runtime onnxruntime --out DIR` where TensorFlow is, then "
+        "model.path = DIR"
+    )
+
+
 def load_model(path: Path) -> Deployable:
-    """Load a deployable model in Keras safe mode (a model file can never run code)."""
+    """Load a deployable model: a .keras file in Keras safe mode (a model file can never run code), or an exported
+    model folder without Keras."""
+    path = Path(path)
+    if path.is_dir():
+        return load_exported(path)
+    meta = read_metadata(path)
+    if importlib.util.find_spec("keras") is None:
+        raise keras_missing(path)
+    from inspectd.tfload import import_tensorflow
+
+    import_tensorflow()  # quietly, and before GStreamer (inspectd.sources.gstreamer)
     import keras
 
-    path = Path(path)
-    meta = read_metadata(path)
     register()  # the pooling layers of inspectd's own (registered, safe-mode loadable)
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)

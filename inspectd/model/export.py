@@ -11,6 +11,11 @@ Both conversions start from a TensorFlow SavedModel of the Keras model. ONNX goe
 tf2onnx's command line (its documented interface; Keras' own `export(format="onnx")` and
 `tf2onnx.from_function` turn the Normalization layer's constants into graph inputs, measured),
 OpenVINO through `openvino.convert_model`, weights kept in float32.
+
+Every conversion is an exported model (`inspectd.model.deployable`): the graph and a manifest
+(STAMP) with the model's metadata, so a cache entry, or a folder written with `--out`, is what a
+daemon without TensorFlow runs. An exported model as the source needs no conversion: ONNX Runtime
+runs its ONNX graph, OpenVINO either graph.
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from inspectd import __version__
 from inspectd.errors import ConfigError, ModelFileError, UnavailableError
-from inspectd.model.deployable import Deployable
+from inspectd.model.deployable import EXPORT_FORMAT, EXPORT_MANIFEST, Deployable, file_sha256
 
 log = logging.getLogger("inspectd.model.export")
 
@@ -51,7 +57,7 @@ ONNX_OPSET = 17
 CONVERT_TIMEOUT_S = 1800  # a 752x480 EfficientNetV2B0 takes 28 s on 2 cores
 STALE_TMP_S = 3600  # a temporary folder this old was left by a conversion that was killed
 _FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
-STAMP = "inspectd-export.json"  # written last: an entry with it is complete
+STAMP = EXPORT_MANIFEST  # written last: an entry with it is complete
 
 
 def default_cache_dir() -> Path:
@@ -66,8 +72,11 @@ def cache_root(cache_dir: Path | None) -> Path:
     return Path(cache_dir) if cache_dir else default_cache_dir()
 
 
-def converter_version(fmt: str) -> str:
-    """The converter packages' versions: part of the cache key, so an upgrade converts again."""
+def converter_version(fmt: str, deployable: Deployable | None = None) -> str:
+    """The converter packages' versions: part of the cache key, so an upgrade converts again. An exported model's
+    own graph: the converter that wrote it (its manifest; the converter need not be installed here)."""
+    if deployable is not None and deployable.graph_format == fmt:
+        return str(deployable.exported["converter"])  # type: ignore[index]
     packages, extra = EXTRAS[fmt]
     try:
         versions = "-".join(f"{p}{metadata.version(p)}" for p in packages)
@@ -102,12 +111,15 @@ def _to_openvino(saved: Path, out: Path) -> None:
 
 def _stamp(deployable: Deployable, fmt: str) -> dict:
     return {
-        "source": str(deployable.path),
+        "artifact": EXPORT_FORMAT,
+        "source": deployable.path.name,  # the file it came from (its sha256 below is its identity)
         "sha256": deployable.sha256,
         "name": deployable.name,
         "format": fmt,
         "converter": converter_version(fmt),
+        "inspectd_version": __version__,
         "input": {"width": deployable.input_size[0], "height": deployable.input_size[1]},
+        "meta": deployable.meta,  # what the daemon needs besides the graph: thresholds, mask rule, pooling, cam size
     }
 
 
@@ -115,6 +127,8 @@ def export(deployable: Deployable, fmt: str, out_dir: Path) -> Path:
     """Convert to `fmt` into the new folder `out_dir` (model file + STAMP); returns the model file."""
     if fmt not in FORMATS:
         raise ConfigError(f"export format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if deployable.model is None:
+        raise ConfigError(f"{deployable.path}: already an exported model; export the .keras file it came from")
     stamp = _stamp(deployable, fmt)  # fails early, with the pip line, when the converter is missing
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / _FILES[fmt]
@@ -123,6 +137,7 @@ def export(deployable: Deployable, fmt: str, out_dir: Path) -> Path:
         saved = _saved_model(deployable, Path(tmp))
         (_to_onnx if fmt == "onnx" else _to_openvino)(saved, target)
     stamp["seconds"] = round(time.monotonic() - t0, 1)
+    stamp["files"] = {f.name: file_sha256(f) for f in sorted(out_dir.iterdir()) if f.is_file() and f.name != STAMP}
     (out_dir / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
     return target
 
@@ -134,6 +149,8 @@ def cached_export(deployable: Deployable, fmt: str, cache_dir: Path | None = Non
     temporary folder and renamed into place, so a crash or a second daemon never leaves half a model
     under the key; an entry is complete when its STAMP is there. `refresh`:
     an entry that would not load is moved aside and the model converted again."""
+    if deployable.graph is not None:
+        return exported_graph(deployable, fmt)
     root = cache_root(cache_dir)
     entry = root / "models" / f"{deployable.sha256[:32]}-{fmt}-{converter_version(fmt)}"
     target = entry / _FILES[fmt]
@@ -159,6 +176,18 @@ def cached_export(deployable: Deployable, fmt: str, cache_dir: Path | None = Non
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted model %s to %s in %s", deployable.name, fmt, entry)
     return target
+
+
+def exported_graph(deployable: Deployable, fmt: str) -> Path:
+    """An exported model's own graph for a runtime that reads `fmt` ("onnx": ONNX Runtime; "openvino": OpenVINO,
+    which reads an ONNX graph as well as its own IR)."""
+    assert deployable.graph is not None
+    if fmt == "onnx" and deployable.graph_format != "onnx":
+        raise ConfigError(
+            f"model {deployable.name}: {deployable.path} is an OpenVINO model; ONNX Runtime needs an ONNX export "
+            "(inspectd export MODEL --runtime onnxruntime --out DIR), or set model.runtime openvino"
+        )
+    return deployable.graph
 
 
 def _convert_into(deployable: Deployable, fmt: str, tmp: Path, entry: Path, root: Path) -> None:
@@ -206,7 +235,7 @@ def quantizer_version(fmt: str) -> str:
 def int8_entry(deployable: Deployable, fmt: str, cache_dir: Path | None) -> Path:
     """The cache folder of the model's calibrated INT8 graph for `fmt` (written by `inspectd export --int8`). The
     quantizer's version is in the stamp, not the key: the daemon runs the INT8 model without NNCF installed."""
-    key = f"{deployable.sha256[:32]}-{fmt}-int8-{converter_version(fmt)}"
+    key = f"{deployable.sha256[:32]}-{fmt}-int8-{converter_version(fmt, deployable)}"
     return cache_root(cache_dir) / "models" / key
 
 

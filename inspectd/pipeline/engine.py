@@ -1,13 +1,13 @@
 """Batched single-pass inference: RGB uint8 images of any size -> score and cam_logits per image.
 
-Preprocessing is one function, `preprocess` (uint8 -> float, antialiased bilinear resize to the
-model input; the input normalization is inside the model), whatever the runtime. With TensorFlow
-it runs with the forward pass in one shape-polymorphic `tf.function` on the device; with ONNX
-Runtime or OpenVINO (runtimes.py) it runs as its own `tf.function` on the CPU and the runtime gets
-float32 at the model's input size: TensorFlow's antialiased resize (the one training used) has no
-ONNX or OpenVINO equivalent (ONNX `Resize` with antialias differs by up to 12 grey levels from
-it on noise, OpenVINO ignores the flag; measured), and a frame already at the input size is only
-cast. Every function is traced once; batches are padded to a few sizes ("buckets").
+Preprocessing is uint8 -> float, antialiased bilinear resize to the model input (the input
+normalization is inside the model), the same kernel whatever the runtime. With TensorFlow it is
+`preprocess`, run with the forward pass in one shape-polymorphic `tf.function` on the device
+(every function traced once; batches padded to a few sizes, "buckets"). With ONNX Runtime or
+OpenVINO (runtimes.py) it is `inspectd.pipeline.resize`, TensorFlow's kernel in NumPy (within
+2e-3 grey levels of it; no ONNX or OpenVINO operator has it: ONNX `Resize` with antialias differs
+by up to 12 grey levels, OpenVINO ignores the flag; measured), so those runtimes need no
+TensorFlow at all; a frame already at the input size is only cast.
 The daemon uses `InferenceEngine` directly, the offline tools through `Predictor`.
 """
 
@@ -19,7 +19,7 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -27,7 +27,7 @@ from inspectd import __version__
 from inspectd.errors import ConfigError, InspectdError, ModelFileError
 from inspectd.model import export, gates
 from inspectd.model.deployable import Deployable, config_nodes
-from inspectd.pipeline import autotune, runtimes  # modules, not names: their functions are looked up at each call
+from inspectd.pipeline import autotune, resize, runtimes  # modules, not names: their functions are looked up at each call
 
 log = logging.getLogger("inspectd.pipeline.engine")
 
@@ -69,7 +69,10 @@ def with_policy(model, policy: str):
 
 
 def select_device(device: str) -> str:
-    """'auto' -> the first GPU when TensorFlow sees one (memory growth on), else the CPU."""
+    """'auto' -> the first GPU when TensorFlow sees one (memory growth on), else the CPU. Without TensorFlow (an
+    install for exported models) 'auto' is the CPU and "gpu:N" is passed on to ONNX Runtime's CUDA provider."""
+    if not runtimes.installed("tensorflow"):
+        return "/CPU:0" if device in ("auto", "cpu") else f"/GPU:{int(device.split(':')[1])}"
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -107,7 +110,7 @@ def tune(
     tf_device = select_device(device)
     root = export.cache_root(cache_dir)
     usable, skipped = [], []
-    for runtime in runtimes.candidates(tf_device, precision, xla):
+    for runtime in runtimes.candidates(tf_device, precision, xla, deployable.graph_format):
         try:
             if precision != "float32":
                 gates.require_gate(root, deployable.sha256, deployable.name, runtime, precision)
@@ -180,15 +183,13 @@ class InferenceEngine:
         gated: bool = True,
         choice: autotune.Choice | None = None,
     ):
-        import tensorflow as tf
-
         self.deployable = deployable
         self.buckets = tuple(sorted(buckets))
         self.device = select_device(device)
         self.precision = precision
         self.choice = None
         self.gate: dict | None = None
-        runtime, self.runtime_reason = runtimes.resolve_runtime(runtime, self.device, precision, xla)
+        runtime, self.runtime_reason = runtimes.resolve_runtime(runtime, self.device, precision, xla, deployable.graph_format)
         auto = runtime == "auto"
         if auto:
             self.choice = choice or tune(deployable, device, xla, precision, cache_dir, (self.buckets[-1],))
@@ -199,17 +200,17 @@ class InferenceEngine:
             self.gate = gates.require_gate(root, deployable.sha256, deployable.name, runtime, precision)
         w, h = deployable.input_size
         self._size = (h, w)
-        self._tf = tf
         self._session = None
+        self._run: Any = None  # the TensorFlow runtime's tf.function
         if self.runtime != "tensorflow":
             self._session = self._open_auto(cache_dir, xla) if auto else self._open_exported(cache_dir)
         if self.choice is not None:
             self.runtime_reason = f"auto: the fastest measured here: {self.choice.summary()}"
-        if self.runtime != "tensorflow":
-            self._run = tf.function(
-                lambda batch: preprocess(batch, (h, w)), input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)]
-            )
+        if self._session is not None:
             return
+        import tensorflow as tf
+
+        self._tf = tf
         policy = _policy(precision)
         model = deployable.model if policy is None else with_policy(deployable.model, policy)
 
@@ -281,7 +282,8 @@ class InferenceEngine:
         return session
 
     def traces(self) -> int:
-        return int(self._run.experimental_get_tracing_count())
+        """How often TensorFlow traced the model call (0 for the other runtimes: nothing is traced there)."""
+        return 0 if self._run is None else int(self._run.experimental_get_tracing_count())
 
     def bucket(self, n: int) -> int:
         return next((b for b in self.buckets if b >= n), self.buckets[-1])
@@ -291,7 +293,7 @@ class InferenceEngine:
 
         One copy at most: a single frame that needs no padding goes as a view of itself."""
         if any(im.shape != images[0].shape for im in images):
-            images = [preprocess(im, self._size).numpy().round().clip(0, 255).astype(np.uint8) for im in images]
+            images = [resize.resize(im[None], self._size)[0].round().clip(0, 255).astype(np.uint8) for im in images]
         if size == len(images):
             return images[0][None] if size == 1 else np.stack(images)
         batch = np.zeros((size, *images[0].shape), np.uint8)
@@ -311,19 +313,15 @@ class InferenceEngine:
         return scores.numpy()[: len(images)], cams.numpy()[: len(images)]
 
     def _model_input(self, batch: np.ndarray) -> np.ndarray:
-        """`preprocess` for the exported runtimes, on the CPU; a batch already at the input size is only cast."""
-        if batch.shape[1:3] == self._size:
-            return batch.astype(np.float32)
-        with self._tf.device("/CPU:0"):
-            return self._run(batch).numpy()
+        """The resize for the exported runtimes (`inspectd.pipeline.resize`); a batch already at the input size is
+        only cast."""
+        return resize.resize(batch, self._size)
 
     def warmup(self, frame_size: tuple[int, int] | None = None) -> None:
         """Trace and run every bucket once (frame_size (w, h) defaults to the model input)."""
         w, h = frame_size or self.deployable.input_size
         for size in self.buckets:
             self.infer([np.zeros((h, w, 3), np.uint8)] * size)
-        if self._session is not None and (h, w) == self._size:  # trace the resize too, for cameras of another size
-            self._model_input(np.zeros((1, h + 2, w + 2, 3), np.uint8))
 
 
 class Predictor:

@@ -18,6 +18,7 @@ __all__ = [
     "SUPPORTED",
     "OPENVINO_HINTS",
     "FORMAT_OF",
+    "READS",
     "resolve_runtime",
     "check_precision",
     "candidates",
@@ -97,13 +98,20 @@ def check_precision(runtime: str, precision: str, tf_device: str = "/CPU:0") -> 
         raise ConfigError("model.precision float16 with tensorflow needs a GPU (on a CPU: runtime openvino)")
 
 
-def candidates(tf_device: str, precision: str, xla: bool = False) -> list[str]:
-    """The runtimes `auto` may measure for this device and precision: installed, able to run it."""
+# What reads an exported model's graph (`graph_format`): ONNX Runtime ONNX, OpenVINO both; TensorFlow neither.
+READS = {"onnxruntime": ("onnx",), "openvino": ("onnx", "openvino"), "tensorflow": ()}
+
+
+def candidates(tf_device: str, precision: str, xla: bool = False, graph_format: str | None = None) -> list[str]:
+    """The runtimes `auto` may measure for this device and precision: installed, able to run it (and, for an
+    exported model, able to read its `graph_format`)."""
     if xla:
         return ["tensorflow"]
     out = []
     for runtime in ("onnxruntime", "openvino", "tensorflow"):
         if not installed(runtime) or precision not in SUPPORTED[runtime]:
+            continue
+        if graph_format is not None and graph_format not in READS[runtime]:
             continue
         if tf_device.startswith("/GPU") and runtime == "openvino":
             continue  # its GPU plugin is Intel's; the CUDA path is TensorFlow's or ONNX Runtime's
@@ -115,25 +123,32 @@ def candidates(tf_device: str, precision: str, xla: bool = False) -> list[str]:
     return out
 
 
-def resolve_runtime(requested: str, tf_device: str, precision: str = "float32", xla: bool = False) -> tuple[str, str]:
+def resolve_runtime(
+    requested: str, tf_device: str, precision: str = "float32", xla: bool = False, graph_format: str | None = None
+) -> tuple[str, str]:
     """(runtime, why) for a named `[model] runtime` on `tf_device` ("/CPU:0" or "/GPU:N"); "auto" stays "auto"
-    (what it runs is measured: `inspectd.pipeline.autotune`)."""
+    (what it runs is measured: `inspectd.pipeline.autotune`). `graph_format`: an exported model's ("onnx",
+    "openvino"), which only some runtimes read."""
     if requested not in RUNTIMES:
         raise ConfigError(f"model.runtime {requested!r}: use one of {', '.join(RUNTIMES)}")
     if requested == "auto":
-        if not candidates(tf_device, precision, xla):
-            raise UnavailableError(f"model.runtime auto: no installed runtime runs precision {precision} here")
+        if not candidates(tf_device, precision, xla, graph_format):
+            what = f" an exported {graph_format} model at" if graph_format else ""
+            raise UnavailableError(f"model.runtime auto: no installed runtime runs{what} precision {precision} here")
         return "auto", "auto: measured"
+    if graph_format is not None and graph_format not in READS[requested]:
+        readers = " or ".join(r for r, formats in READS.items() if graph_format in formats)
+        raise ConfigError(f"model.runtime {requested}: the model is an exported {graph_format} graph, which {readers} runs")
     if requested != "tensorflow":
         if xla:
             raise ConfigError(f"model.xla: a TensorFlow setting, but model.runtime is {requested}")
         if tf_device.startswith("/GPU") and requested == "openvino":
             raise ConfigError("model.runtime openvino runs on the CPU here; set model.device cpu, or runtime tensorflow")
-        if not installed(requested):
-            raise UnavailableError(
-                f"model.runtime {requested}: the {_PACKAGE[requested]} package is not installed: "
-                f"pip install 'inspectd[{_EXTRA[requested]}]'"
-            )
+    if not installed(requested):
+        extra = _EXTRA.get(requested, requested)
+        raise UnavailableError(
+            f"model.runtime {requested}: the {_PACKAGE[requested]} package is not installed: pip install 'inspectd[{extra}]'"
+        )
     check_precision(requested, precision, tf_device)
     return requested, "configured"
 

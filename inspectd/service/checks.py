@@ -9,13 +9,13 @@ from __future__ import annotations
 __all__ = ["check_model", "check_security", "check_dependencies"]
 
 import importlib.util
+from pathlib import Path
 
 from inspectd.config import ModelConfig, Settings
-from inspectd.errors import ModelFileError, NoInputError, missing_extra
-from inspectd.model.deployable import load_model, read_metadata, resolve_model_path
+from inspectd.errors import ModelFileError, NoInputError, UnavailableError, missing_extra
+from inspectd.model.deployable import Deployable, keras_missing, load_model, read_metadata, resolve_model_path
 from inspectd.security import ServerKeys
 from inspectd.service.web import web_security
-from inspectd.tfload import import_tensorflow
 
 
 def check_security(settings: Settings) -> None:
@@ -29,12 +29,19 @@ def check_security(settings: Settings) -> None:
 
 
 def check_dependencies(settings: Settings) -> None:
-    """The optional packages the configuration asks for by name are installed (UnavailableError, exit 69, naming
-    the extra): `[model] runtime` onnxruntime or openvino, a camera with a GStreamer `pipeline` or backend, or a
+    """The optional packages the configuration asks for are installed (UnavailableError, exit 69, naming the
+    extra): TensorFlow for a .keras model (an exported model folder needs none), `[model] runtime` onnxruntime
+    (and its converter for a .keras model) or openvino, a camera with a GStreamer `pipeline` or backend, or a
     genicam:// camera (Aravis, through PyGObject).
     Found without importing them (importlib.util.find_spec): a check costs no start-up time."""
-    runtimes = {"onnxruntime": ("onnxruntime", "onnx", "tf2onnx"), "openvino": ("openvino",)}
-    wanted = tuple(module for entry in settings.model_entries for module in runtimes.get(entry.runtime, ()))
+    wanted: tuple[str, ...] = ()
+    for entry in settings.model_entries:
+        path = resolve_model_path(entry.path)
+        exported = path.is_dir()
+        if not exported and importlib.util.find_spec("keras") is None:
+            raise keras_missing(path)
+        runtimes = {"onnxruntime": ("onnxruntime",) + (() if exported else ("onnx", "tf2onnx")), "openvino": ("openvino",)}
+        wanted += runtimes.get(entry.runtime, ())
     if any(
         cam.pipeline is not None or cam.backend == "gstreamer" or (cam.url or "").lower().startswith("genicam:")
         for cam in settings.cameras
@@ -57,17 +64,10 @@ def check_model(cfg: ModelConfig, key: str = "model") -> list[str]:
     path = resolve_model_path(cfg.path)
     try:
         read_metadata(path)
-        import_tensorflow()
         model = load_model(path)
-    except (NoInputError, ModelFileError) as exc:  # the same error and exit code as `run`, naming the key
+    except (NoInputError, ModelFileError, UnavailableError) as exc:  # the same error and exit code as `run`, naming the key
         raise type(exc)(f"{key}.path: {exc}") from None
-    outputs = model.model.output if isinstance(model.model.output, dict) else {}
-    missing = sorted({"score", "cam_logits"} - set(outputs))
-    if missing:
-        raise ModelFileError(f"{path}: the model has no output {', '.join(missing)}; not an inspectd deployable model")
-    shapes = ", ".join(
-        f"{name} [{', '.join('B' if d is None else str(d) for d in outputs[name].shape)}]" for name in ("score", "cam_logits")
-    )
+    shapes = _output_shapes(model, path)
     width, height = model.input_size
     thresholds = ", ".join(
         f"{what} {own}" if mine is None else f"{what} {mine} ({key}; the model's {own})"
@@ -81,10 +81,24 @@ def check_model(cfg: ModelConfig, key: str = "model") -> list[str]:
             ),
         )
     )
+    how = "loaded in Keras safe mode" if model.model is not None else f"exported {model.graph_format} model of {model.name}"
     return [
-        f"{key} {cfg.path}: {path} (loaded in Keras safe mode)",
+        f"{key} {cfg.path}: {path} ({how})",
         f"  name {model.name}, backbone {model.meta.get('backbone', 'unknown')}, input {width}x{height} RGB 0..255",
         f"  outputs {shapes}, pooling {model.pooling}",
         f"  thresholds {thresholds}",
         f"  sha256 {model.sha256[:16]}",
     ]
+
+
+def _output_shapes(model: Deployable, path: Path) -> str:
+    """ "score [B], cam_logits [B, h, w]" from the Keras graph, or from an exported model's metadata."""
+    if model.model is None:
+        return f"score [B], cam_logits [B, {model.meta['cam']['height']}, {model.meta['cam']['width']}]"
+    outputs = model.model.output if isinstance(model.model.output, dict) else {}
+    missing = sorted({"score", "cam_logits"} - set(outputs))
+    if missing:
+        raise ModelFileError(f"{path}: the model has no output {', '.join(missing)}; not an inspectd deployable model")
+    return ", ".join(
+        f"{name} [{', '.join('B' if d is None else str(d) for d in outputs[name].shape)}]" for name in ("score", "cam_logits")
+    )

@@ -50,7 +50,6 @@ from inspectd.service.reload import PreparedReload, prepare_reload
 from inspectd.service.trigger import TriggerServer
 from inspectd.service.web import WebServer, web_security
 from inspectd.sources.camera import CameraWorker
-from inspectd.tfload import import_tensorflow
 
 if TYPE_CHECKING:
     from inspectd.outputs.ui import UiApp
@@ -351,9 +350,7 @@ class Daemon:
         }
 
     def _load_models(self) -> dict[str, Deployable]:
-        """Every model's file, by id (safe mode)."""
-
-        import_tensorflow()
+        """Every model's file, by id (.keras: safe mode, TensorFlow imported; exported folders: neither)."""
         return {entry.id: load_model(resolve_model_path(entry.path)) for entry in self.settings.model_entries}
 
     def _set_model_info(self, context: InferenceContext) -> None:

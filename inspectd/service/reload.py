@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inspectd.config import CameraConfig, Reload, Settings, load_settings, reload_table
-from inspectd.model.deployable import file_sha256, load_model, resolve_model_path
+from inspectd.model.deployable import load_model, model_sha256, resolve_model_path
 from inspectd.pipeline.context import CAMERA_OPTION_KEYS, InferenceContext, assemble, build_run
 
 log = logging.getLogger("inspectd.service.reload")
@@ -178,7 +178,7 @@ def model_hashes(settings: Settings) -> dict[str, str]:
     out = {}
     for entry in settings.model_entries:
         path = resolve_model_path(entry.path)
-        out[entry.id] = file_sha256(path) if path.is_file() else f"missing:{path}"
+        out[entry.id] = model_sha256(path) if path.exists() else f"missing:{path}"
     return out
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from inspectd.config import Settings, load_settings
 from inspectd.errors import ConfigError, NoInputError
-from inspectd.model.deployable import file_sha256, resolve_model_path
+from inspectd.model.deployable import model_sha256, resolve_model_path
 from inspectd.pipeline.shadow import store_dir
 
 VERDICT_KEYS = ("threshold", "mask_rule", "mask_threshold")  # what decides a verdict: promoted with the file
@@ -45,9 +45,9 @@ class ShadowReport:
 
 def _sha(path: str) -> str:
     resolved = resolve_model_path(path)
-    if not resolved.is_file():
+    if not resolved.exists():
         raise NoInputError(f"{path}: no such model file")
-    return file_sha256(resolved)
+    return model_sha256(resolved)
 
 
 def shadow_reports(settings: Settings) -> list[ShadowReport]:

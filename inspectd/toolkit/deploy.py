@@ -76,7 +76,7 @@ def _float32(deployable: Deployable, opts: ExportOptions) -> int:
     _say(f"converting {deployable.name} to {fmt} (tens of seconds)")
     if opts.out:
         target = export.export(deployable, fmt, opts.out)
-        where = "a copy for other tools"
+        where = f'an exported model: model.path = "{opts.out}" runs it, no TensorFlow needed'
     else:
         target = export.cached_export(deployable, fmt, opts.cache_dir)
         where = f"in the cache {export.cache_root(opts.cache_dir)}: a daemon using it will not convert again"
