@@ -8,10 +8,12 @@
 # Installs into a venv of its own (/tmp/inspectd-gpu-venv): inspectd[gpu,onnx,toolkit] (TensorFlow with its
 # CUDA libraries from pip) and onnxruntime-gpu in place of onnxruntime (ONNX Runtime finds CUDA and cuDNN in
 # the same nvidia-* pip packages). TensorRT is not tried: inspectd does not open ONNX Runtime's TensorRT
-# provider. Then benchmarks/performance.py, three times (about 2-3 minutes each, 8 in all on a machine with
+# provider, so INT8 is not measured on a GPU (the CUDA provider runs most of a QDQ graph in float). Then benchmarks/performance.py, three times (about 2-3 minutes each, 8 in all on a machine with
 # 16 cores; the installs take longer on a fresh pip cache):
 #   1. float32, XLA off: TensorFlow vs ONNX Runtime CUDA, batch 1/8/32; the daemon at max_batch 4 with 4 cameras;
-#   2. float16 (mixed_float16): TensorFlow, batch 1/8/32; the daemon at max_batch 16 with 16 cameras;
+#   2. float16 (mixed_float16) beside float32: TensorFlow, batch 1/8/32, after float16's quality gate on 60
+#      synthetic images of the camera size (a random-weights model may well be refused: then float32 only);
+#      the daemon (float32) at max_batch 16 with 16 cameras;
 #   3. XLA on (float32): TensorFlow, batch 1/8/32; the daemon at max_batch 16 with 16 cameras.
 # Each run: one round (--repeat 1), 5 s per measurement, the 752x480 EfficientNetV2B0 of docs/performance.md
 # (made here with random weights: its speed is real, its outputs are not) unless MODEL/SIZE say otherwise.
@@ -66,7 +68,9 @@ run() {  # name, then performance.py options; returns performance.py's exit stat
 # With 16 cameras the RTSP pipeline's 16 x264 servers share the machine's CPU cores with the daemon.
 run float32 --runtimes tensorflow,onnxruntime --cameras 4 --pipeline-batch 4 ||
     run float32-tensorflow --runtimes tensorflow --cameras 4 --pipeline-batch 4 || failed=$((failed + 1))
-run float16 --runtimes tensorflow --precision float16 --cameras 16 --pipeline-batch 16 || failed=$((failed + 1))
+"$py" -m inspectd synth "$OUT/gpu-gate-data" --n 60 --size "$size" --seed 12 >/dev/null || failed=$((failed + 1))
+run float16 --runtimes tensorflow --precisions float32,float16 --validation "$OUT/gpu-gate-data" --cameras 16 \
+    --pipeline-batch 16 || failed=$((failed + 1))
 run xla --runtimes tensorflow --xla --cameras 16 --pipeline-batch 16 || failed=$((failed + 1))
 echo "results: $OUT/gpu-runtimes-$tag-*.md; $failed run(s) failed"
 exit $((failed > 0))

@@ -4,7 +4,8 @@ with synthetic and with RTSP cameras; one JSON, one Markdown table, one PNG plot
     .venv/bin/python benchmarks/performance.py [--model builtin:demo] [--size 320x240] [--seconds 15]
         [--batches 1,4] [--runtimes tensorflow,onnxruntime,openvino] [--cameras 4] [--offered 1.2]
         [--pipeline-runtime R] [--pipeline-batch 1] [--repeat 3] [--profile]
-        [--out benchmarks/results/performance]  # -> .json, .md, .png
+        [--precisions float32,bfloat16,int8 [--calibration DIR] [--validation DATASET]]
+        [--out benchmarks/results/performance]  # -> .json, .md, .png (and OUT-cache/: conversions, gates, INT8)
 
 Every measurement runs in a process of its own (this script with --child), so CPU % and peak RSS are
 that measurement's alone:
@@ -24,6 +25,12 @@ that measurement's alone:
   in the first round.
 - --repeat rounds of (bare model at the pipeline's runtime and batch, pipeline synthetic, pipeline RTSP),
   interleaved: the ratios are the rounds' median, each round's pipeline over its own bare measurement.
+- --precisions beyond float32: first each one's quality gate, `inspectd export MODEL --runtime R --precision P`
+  (`--int8`: calibrated on --calibration, default the model's training split) for every runtime but TensorFlow
+  that runs it, on --validation (default the training run's validation split; for builtin:demo both default to
+  synthetic sets of two seeds it was not trained on), into OUT-cache/; then the bare model at each precision that
+  passed, per runtime and batch size, beside float32 (ratios in the gates table). A precision this CPU lacks
+  (bfloat16 without AVX-512 BF16 or AMX) is a row saying so.
 - CPU per thread (bare and pipelines): every thread's CPU time and involuntary context switches from
   /proc over the window, Python threads named through `py-spy dump`, native ones (the runtimes' pools,
   TensorFlow's, GStreamer's) by their OS name. --profile adds py-spy's samples of the Python threads.
@@ -176,6 +183,7 @@ def child_bare(args) -> dict:
         precision=args.precision,
         xla=args.xla,
         runtime=args.runtime,
+        cache_dir=args.cache_dir,  # the INT8 models of the gates step
         gated=False,  # speed only: a precision's quality is the gate's to measure (inspectd export --precision)
     )
     engine.warmup((args.width, args.height))
@@ -189,6 +197,7 @@ def child_bare(args) -> dict:
     out["cpu_percent"] = round(100 * (time.process_time() - c0) / (time.monotonic() - t0), 1)
     out["retraced"] = engine.traces() - traces
     out["runtime"] = engine.runtime
+    out["precision"] = args.precision
     out["peak_rss_mb"] = _peak_rss_mb(os.getpid())
     return out
 
@@ -204,7 +213,7 @@ def _config(urls: list[str], args, metrics_port: int, publish_port: int) -> str:
     cams = "\n".join(f'[[cameras]]\nid = "cam{i}"\nurl = "{url}"\n' for i, url in enumerate(urls))
     return (
         f'[model]\npath = "{args.model}"\nruntime = "{args.pipeline_runtime}"\ndevice = "{args.device}"\n'
-        f'precision = "{args.precision}"\nxla = {str(args.xla).lower()}\n'
+        f'precision = "{args.precision}"\nxla = {str(args.xla).lower()}\ncache_dir = "{args.cache_dir}"\n'
         f"[batching]\nmax_batch = {args.pipeline_batch}\nmax_wait_ms = 10\n"
         f'[publish]\nendpoint = "tcp://127.0.0.1:{publish_port}"\n[metrics]\nhost = "127.0.0.1"\n'
         f"port = {metrics_port}\n{cams}"
@@ -427,7 +436,9 @@ def child(args, kind: str, **extra) -> dict:
         "--device",
         args.device,
         "--precision",
-        args.precision,
+        extra.pop("precision", args.precision),
+        "--cache-dir",
+        str(args.cache_dir),
         *(["--xla"] if args.xla else []),
     ] + [f"--{k}={v}" for k, v in extra.items()]
     print(f"  {kind} {extra or ''} ...", file=sys.stderr, flush=True)
@@ -492,6 +503,59 @@ def _median_round(rounds: list[dict]) -> int:
     return order[(len(order) - 1) // 2]
 
 
+def _gate_data(args) -> tuple[list[str], list[str]]:
+    """(--calibration, --validation) for `inspectd export`; for builtin:demo, synthetic sets of seeds it never saw."""
+    if args.model == "builtin:demo":  # its training set is not on this machine: synthetic sets stand in
+        data = args.cache_dir / "gate-data"
+        for name, seed, n in (("calibration", 11, 300), ("validation", 12, 200)):
+            if getattr(args, name) is None:
+                if not (data / name).is_dir():
+                    size, folder = f"{args.width}x{args.height}", str(data / name)
+                    cmd = [sys.executable, "-m", "inspectd", "synth", folder, "--n", str(n), "--size", size, "--seed", str(seed)]
+                    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+                setattr(args, name, data / name)
+    calibration = ["--calibration", str(args.calibration)] if args.calibration else []
+    return calibration, ["--validation", str(args.validation)] if args.validation else []
+
+
+def run_gates(args) -> list[dict]:
+    """Each precision of --precisions but float32, per runtime that runs it (TensorFlow only on a GPU: its
+    bfloat16 on a CPU is an emulation), through `inspectd export`'s quality gate; its record, or why there is none."""
+    from inspectd.model.deployable import model_sha256, resolve_model_path
+    from inspectd.model.gates import gate_file
+    from inspectd.pipeline.runtimes import SUPPORTED
+
+    tf_ok = args.device.startswith("gpu")
+    runs = [r for r in args.runtimes if tf_ok or r != "tensorflow"]
+    wanted = [(r, p) for p in args.precisions if p != "float32" for r in runs if p in SUPPORTED.get(r, ())]
+    if not wanted:
+        return []
+    sha = model_sha256(resolve_model_path(args.model))
+    calibration, validation = _gate_data(args)
+    out = []
+    for runtime, precision in wanted:
+        print(f"  gate {runtime} {precision} ...", file=sys.stderr, flush=True)
+        record, started = gate_file(args.cache_dir, sha, runtime, precision), time.time() - 1
+        record.unlink(missing_ok=True)  # an earlier run's record must not stand for this one
+        what = ["--int8", *calibration] if precision == "int8" else ["--precision", precision]
+        cmd = [sys.executable, "-m", "inspectd", "export", args.model, "--runtime", runtime, *what, *validation]
+        done = subprocess.run([*cmd, "--cache-dir", str(args.cache_dir)], capture_output=True, text=True, cwd=ROOT)
+        if record.is_file() and done.returncode in (0, 65) and record.stat().st_mtime >= started:
+            rec = json.loads(record.read_text())
+            out.append({**rec, "runtime": runtime, "precision": precision, "passed": done.returncode == 0})
+        else:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            out.append({"runtime": runtime, "precision": precision, "passed": False, "why": f"exit {done.returncode}: {last}"})
+    return out
+
+
+def _best_vs_tensorflow(bare: list[dict]) -> float | None:
+    """The fastest float32 runtime at batch 1 over TensorFlow's (None when TensorFlow was not measured)."""
+    tf = next((r["fps"] for r in bare if r["runtime"] == "tensorflow" and r["batch"] == 1), None)
+    best = max((r["fps"] for r in bare if r["batch"] == 1 and r["precision"] == "float32"), default=None)
+    return round(best / tf, 2) if tf and best else None
+
+
 def measure(args) -> dict:
     res = {
         "command": " ".join(["benchmarks/performance.py", *sys.argv[1:]]),
@@ -502,16 +566,23 @@ def measure(args) -> dict:
     }
     print("reference loop", file=sys.stderr)
     res["reference"] = child(args, "reference")
+    res["gates"] = run_gates(args)
     res["bare"] = []
     for runtime in args.runtimes:
         for batch in args.batches:
-            row = child(args, "bare", runtime=runtime, batch=batch)
+            row = child(args, "bare", runtime=runtime, batch=batch, precision="float32")
             res["bare"].append({"runtime": runtime, "batch": batch, **row})
+    for gate in (g for g in res["gates"] if g["passed"]):
+        for batch in args.batches:
+            row = child(args, "bare", runtime=gate["runtime"], batch=batch, precision=gate["precision"])
+            res["bare"].append({"runtime": gate["runtime"], "batch": batch, **row})
     b = args.pipeline_batch
-    best = max((r for r in res["bare"] if r["batch"] == b), key=lambda r: r["fps"])
+    best = max((r for r in res["bare"] if r["batch"] == b and r["precision"] == args.precision), key=lambda r: r["fps"])
     res["best_bare"] = {"runtime": best["runtime"], "batch": b, "fps": best["fps"], "batch_p50_ms": best["batch_p50_ms"]}
     args.pipeline_runtime = args.pipeline_runtime or best["runtime"]
-    same = next(r for r in res["bare"] if r["batch"] == b and r["runtime"] == args.pipeline_runtime)
+    same = next(
+        r for r in res["bare"] if r["batch"] == b and r["runtime"] == args.pipeline_runtime and r["precision"] == args.precision
+    )
     camera_fps = args.offered * same["fps"] / args.cameras
     res["camera_fps"] = round(camera_fps, 1)
     print(
@@ -551,11 +622,7 @@ def measure(args) -> dict:
         "synthetic_vs_bare": round(median(ratio("synthetic")), 3),
         "rtsp_vs_bare": round(median(ratio("rtsp")), 3),
         "synthetic_vs_reference": round(res["pipeline_synthetic"]["fps"] / res["reference"]["fps"], 2),
-        "best_bare_vs_tensorflow_b1": round(
-            max(r["fps"] for r in res["bare"] if r["batch"] == 1)
-            / next(r["fps"] for r in res["bare"] if r["runtime"] == "tensorflow" and r["batch"] == 1),
-            2,
-        ),
+        "best_bare_vs_tensorflow_b1": _best_vs_tensorflow(res["bare"]),
         "p99_bound_s": round(bound, 4),
         "p99_s": [max(r["synthetic"]["end_to_end_p99_s"] or 9, r["rtsp"]["end_to_end_p99_s"] or 9) for r in rounds],
     }
@@ -580,6 +647,43 @@ def _threads_table(res: dict) -> list[str]:
     return lines
 
 
+def _gates_table(res: dict) -> list[str]:
+    """Each precision's gate against float32 (the measures, what the gate said) and its speed-up over float32 on the
+    same runtime at each batch size."""
+
+    def fps(runtime: str, precision: str, batch: int) -> float | None:
+        key = (runtime, precision, batch)
+        return next((r["fps"] for r in res["bare"] if (r["runtime"], r.get("precision"), r["batch"]) == key), None)
+
+    batches = sorted({r["batch"] for r in res["bare"]})
+    head = "| runtime, precision | image ROC-AUC (float32) | pixel ROC-AUC | region IoU | verdicts changed | gate |"
+    lines = [
+        "Precisions: the quality gate (`inspectd export --precision`, on images the calibration did not see) and the bare "
+        "model's frames/s over float32 on the same runtime:",
+        "",
+        head + "".join(f" b{b} frames/s (x float32) |" for b in batches),
+        "|---" * (6 + len(batches)) + "|",
+    ]
+    for g in res["gates"]:
+        rt, p = g["runtime"], g["precision"]
+        if "drop" not in g:
+            lines.append(f"| {rt} {p} | - | - | - | - | {g['why']} |" + " - |" * len(batches))
+            continue
+        ref, cand = g["float32"], g[p]
+        measures = ("image_auc", "pixel_auc", "region_iou")
+        cell = {k: "-" if cand.get(k) is None else f"{cand[k]:.4f} ({ref[k]:.4f})" for k in measures}
+        speeds = ""
+        for b in batches:
+            base, mine = fps(rt, "float32", b), fps(rt, p, b)
+            speeds += f" {mine} (x{mine / base:.2f}) |" if base and mine else " - |"
+        verdict = "passed" if g["passed"] else "refused"
+        lines.append(
+            f"| {rt} {p} | {cell['image_auc']} | {cell['pixel_auc']} | {cell['region_iou']} | "
+            f"{g['drop']['verdict_change']:.1%} | {verdict} |{speeds}"
+        )
+    return lines
+
+
 def markdown(res: dict) -> str:
     o, r = res["options"], res["ratios"]
     n = len(res["rounds"])
@@ -597,9 +701,11 @@ def markdown(res: dict) -> str:
         f"{ref['batch_p99_ms']} | - | {ref['cpu_percent']} | - | - |"
     )
     for row in res["bare"]:
+        precision = row.get("precision", "float32")
         lines.append(
-            f"| bare model | {row['runtime']} | {row['batch']} | {row['fps']} | {row['batch_p50_ms']} / "
-            f"{row['batch_p99_ms']} | - | {row['cpu_percent']} | {row['peak_rss_mb']} | - |"
+            f"| bare model{'' if precision == 'float32' else ', ' + precision} | {row['runtime']} | {row['batch']} | "
+            f"{row['fps']} | {row['batch_p50_ms']} / {row['batch_p99_ms']} | - | {row['cpu_percent']} | "
+            f"{row['peak_rss_mb']} | - |"
         )
     spread = lambda key: ", ".join(str(x[key]["fps"]) for x in res["rounds"])  # noqa: E731
     which = f"round {res['median_round'] + 1} of {n}, the median synthetic ratio" if n > 1 else ""
@@ -640,6 +746,8 @@ def markdown(res: dict) -> str:
         f"(synthetic), {rtsp['end_to_end_p99_s']} (RTSP) | {ok(max(r['p99_s']) <= r['p99_bound_s'])} |",
         f"| accounting residual 0 | {syn['residual']}, {rtsp['residual']} | {ok(syn['residual'] == rtsp['residual'] == 0)} |",
     ]
+    if res.get("gates"):
+        lines += ["", *_gates_table(res)]
     if syn.get("threads"):
         lines += [
             "",
@@ -656,14 +764,16 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["reference"] + [f"{r['runtime']} b{r['batch']}" for r in res["bare"]] + ["pipeline synthetic", "pipeline RTSP"]
+    label = lambda r: f"{r['runtime']} {'' if r.get('precision', 'float32') == 'float32' else r['precision'] + ' '}b{r['batch']}"  # noqa: E731
+    names = ["reference"] + [label(r) for r in res["bare"]] + ["pipeline synthetic", "pipeline RTSP"]
     fps = (
         [res["reference"]["fps"]]
         + [r["fps"] for r in res["bare"]]
         + [res["pipeline_synthetic"]["fps"], res["pipeline_rtsp"]["fps"]]
     )
-    colors = ["grey"] + ["tab:blue"] * len(res["bare"]) + ["tab:green", "tab:olive"]
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    shade = {"float32": "tab:blue", "bfloat16": "tab:purple", "float16": "tab:purple", "int8": "tab:red"}
+    colors = ["grey"] + [shade[r.get("precision", "float32")] for r in res["bare"]] + ["tab:green", "tab:olive"]
+    fig, ax = plt.subplots(figsize=(10, 4.5 + 0.2 * max(0, len(names) - 10)))
     ax.barh(names[::-1], fps[::-1], color=colors[::-1])
     for i, v in enumerate(fps[::-1]):
         ax.text(v, i, f" {v:.0f}", va="center")
@@ -710,6 +820,14 @@ def main() -> None:
         "quality gate in the cache (inspectd export --precision, docs/daemon.md#precision)",
     )
     ap.add_argument("--xla", action="store_true", help="[model] xla (TensorFlow only)")
+    ap.add_argument(
+        "--precisions",
+        default="float32",
+        help="precisions of the bare model: float32 plus any of bfloat16, float16, int8, each after its quality gate",
+    )
+    ap.add_argument("--calibration", type=Path, help="INT8 calibration images (default: the model's training split)")
+    ap.add_argument("--validation", type=Path, help="the gates' labelled images (default: the training validation split)")
+    ap.add_argument("--cache-dir", type=Path, help="the runs' model cache (default: OUT-cache next to --out)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--runtime", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
@@ -723,6 +841,13 @@ def main() -> None:
         return
     args.batches = sorted({int(b) for b in args.batches.split(",")} | {args.pipeline_batch})  # the pipeline's ceiling
     args.runtimes = args.runtimes.split(",")
+    args.precisions = [p for p in args.precisions.split(",") if p]
+    known = ("float32", "bfloat16", "float16", "int8")
+    if any(p not in known for p in args.precisions) or "float32" not in args.precisions:
+        ap.error(f"--precisions {','.join(args.precisions)}: float32 and any of {', '.join(known[1:])}")
+    if args.precision not in args.precisions:
+        ap.error(f"--precision {args.precision}: the pipeline's precision needs its gate: add it to --precisions")
+    args.cache_dir = (args.cache_dir or args.out.with_name(args.out.name + "-cache")).resolve()
     res = measure(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str) + "\n")

@@ -60,7 +60,7 @@ installed() {
     done
 }
 if ! installed; then
-    say "installing inspectd[$extras] into $venv (first time: a few minutes, TensorFlow is large)"
+    say "installing inspectd[$extras] into $venv (first time: a few minutes$([[ $extras == slim ]] || echo ", TensorFlow is large"))"
     "$venv/bin/python" -m pip install -q --upgrade pip
     "$venv/bin/python" -m pip install -q -e "${root}[${extras}]"
     echo "$want" > "$stamp"

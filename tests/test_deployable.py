@@ -257,3 +257,65 @@ def test_tensorflow_does_not_run_an_exported_model(tmp_path):
 
     with pytest.raises(ConfigError, match="exported onnx graph, which onnxruntime or openvino runs"):
         InferenceEngine(load_model(_demo_export(tmp_path)), (1,), "cpu", runtime="tensorflow")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "error"),
+    [
+        ("sha256", None, "sha256 None is not a SHA-256"),
+        ("sha256", "abc", "sha256 'abc' is not a SHA-256"),
+        ("converter", 3, "converter 3"),
+        ("format", "tflite", "format 'tflite'"),
+    ],
+)
+def test_an_incomplete_manifest_is_one_error(tmp_path, key, value, error):
+    from inspectd.model.deployable import EXPORT_MANIFEST
+
+    folder = _demo_export(tmp_path)
+    manifest = folder / EXPORT_MANIFEST
+    data = json.loads(manifest.read_text())
+    data.pop(key) if value is None else data.update({key: value})
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(ModelFileError, match=error):
+        load_model(folder)
+    data = json.loads((_demo_export(tmp_path / "again") / EXPORT_MANIFEST).read_text())
+    del data["meta"]["cam"]
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(ModelFileError, match="cam None is not a positive height and width"):
+        load_model(folder)
+
+
+def test_a_new_export_into_the_folder_is_a_new_revision_of_the_same_model(tmp_path):
+    """Reload's change detection (revision) sees a re-export of the same .keras file; the identity (sha256) stays."""
+    from inspectd.model.deployable import EXPORT_MANIFEST, model_revision, model_sha256
+
+    folder = _demo_export(tmp_path)
+    before = load_model(folder)
+    assert model_revision(folder) == before.revision != before.sha256
+    manifest = folder / EXPORT_MANIFEST
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "converter": "tf2onnx9.9-onnx9.9-opset99"}))
+    assert model_revision(folder) != before.revision and model_sha256(folder) == before.sha256
+    assert load_model(folder).revision == model_revision(folder)
+
+
+def test_an_exported_model_on_a_full_install_never_imports_tensorflow(tmp_path):
+    """TensorFlow is installed here; the daemon's path for an exported model (load, device, resize, ONNX Runtime and
+    OpenVINO) must still not import it (start-up seconds and memory on a full install)."""
+    import subprocess
+    import sys
+
+    folder = _demo_export(tmp_path)
+    probe = f"""
+import sys, numpy as np
+from inspectd.model.deployable import load_model
+from inspectd.pipeline.engine import InferenceEngine
+model = load_model({str(folder)!r})
+for runtime in ("onnxruntime", "openvino", "auto"):
+    engine = InferenceEngine(model, (2,), "auto", runtime=runtime, cache_dir={str(tmp_path / "cache")!r})
+    scores, cams = engine.infer([np.zeros((240, 320, 3), np.uint8), np.zeros((100, 90, 3), np.uint8)])
+    assert scores.shape == (2,) and engine.device == "/CPU:0", (scores.shape, engine.device)
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras")))
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout

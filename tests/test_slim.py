@@ -107,6 +107,23 @@ def test_a_keras_model_on_the_slim_install_is_one_line_naming_both_ways_out(slim
         assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("model", "runtime", "code", "said"),
+    [
+        ("builtin:demo", "tensorflow", 78, "cannot run"),  # check-config must refuse what `run` would
+        ("/nonexistent/model-folder", "auto", 66, "no such model file"),
+    ],
+)
+def test_check_config_on_the_slim_install_refuses_what_run_would(slim_python, tmp_path, model, runtime, code, said):
+    config, _ = daemon_config(tmp_path, camera_toml("cam", "synthetic://"), model=model, model_keys={"runtime": runtime})
+    for command in ("check-config", "run"):
+        done = subprocess.run(
+            [slim_python, "-m", "inspectd", command, "--config", str(config)], capture_output=True, text=True, timeout=120
+        )
+        lines = [line for line in done.stderr.splitlines() if " error: " in line]
+        assert done.returncode == code and len(lines) == 1 and said in lines[0], (command, done.returncode, done.stderr)
+
+
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
 def test_the_slim_daemon_publishes_the_tensorflow_paths_events(slim_python, tmp_path, frames, tensorflow_events, runtime):
     slim = _results(tmp_path, frames, slim_python, runtime=runtime, cache_dir=str(tmp_path / "cache"))

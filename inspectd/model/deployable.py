@@ -32,13 +32,17 @@ __all__ = [
     "EXPORT_FORMAT",
     "EXPORT_MANIFEST",
     "model_sha256",
+    "model_revision",
     "keras_missing",
+    "read_manifest",
+    "load_exported",
 ]
 
 import hashlib
 import importlib.util
 import json
 import os
+import re
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -81,6 +85,12 @@ class Deployable:
     sha256: str  # of the .keras file (an exported model: of the file it was exported from)
     graph: Path | None = None  # an exported model's graph file (model.onnx or model.xml)
     exported: dict | None = None  # an exported model's manifest
+
+    @property
+    def revision(self) -> str:
+        """The file's own version (reload's change detection): the sha256 for a .keras file, the manifest's for an
+        exported folder (`sha256` stays the source's: the model's identity)."""
+        return self.sha256 if self.exported is None else "export:" + str(self.exported["manifest_sha256"])
 
     @property
     def graph_format(self) -> str | None:
@@ -337,9 +347,16 @@ def read_manifest(folder: Path) -> dict:
         )
     if data.get("format") not in ("onnx", "openvino") or not isinstance(data.get("files"), dict) or not data["files"]:
         raise ModelFileError(f"{manifest}: bad manifest: format {data.get('format')!r}, files {data.get('files')!r}")
+    if not isinstance(data.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", data["sha256"]):
+        raise ModelFileError(f"{manifest}: bad manifest: sha256 {data.get('sha256')!r} is not a SHA-256 in hex")
+    if not isinstance(data.get("converter"), str) or not data["converter"]:
+        raise ModelFileError(f"{manifest}: bad manifest: converter {data.get('converter')!r}")
     if data["meta"].get("format") != FORMAT:
         raise ModelFileError(f"{folder}: model format {data['meta'].get('format')!r}, this inspectd reads {FORMAT!r}")
     _check_metadata(folder, data["meta"])
+    cam = data["meta"].get("cam")
+    if not isinstance(cam, dict) or not all(isinstance(cam.get(k), int) and cam[k] > 0 for k in ("height", "width")):
+        raise ModelFileError(f"{manifest}: bad inspectd metadata: cam {cam!r} is not a positive height and width")
     return data
 
 
@@ -356,6 +373,7 @@ def load_exported(folder: Path) -> Deployable:
     graph = folder / ("model.onnx" if data["format"] == "onnx" else "model.xml")
     if graph.name not in data["files"]:
         raise ModelFileError(f"{folder}: {EXPORT_MANIFEST} does not name {graph.name}")
+    data["manifest_sha256"] = file_sha256(folder / EXPORT_MANIFEST)
     return Deployable(None, data["meta"], folder, str(data["sha256"]), graph, data)
 
 
@@ -364,6 +382,16 @@ def model_sha256(path: Path) -> str:
     path = Path(path)
     if path.is_dir():
         return str(read_manifest(path)["sha256"])
+    return file_sha256(path)
+
+
+def model_revision(path: Path) -> str:
+    """What changes when the file or folder does (`Deployable.revision`): a .keras file's sha256; an exported
+    folder's manifest's, which names its graph files' sha256 (a new export of the same model into it is new)."""
+    path = Path(path)
+    if path.is_dir():
+        read_manifest(path)
+        return "export:" + file_sha256(path / EXPORT_MANIFEST)
     return file_sha256(path)
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "default_cache_dir",
     "cache_root",
     "export",
+    "export_folder",
     "cached_export",
     "converter_version",
     "int8_entry",
@@ -45,7 +46,7 @@ from importlib import metadata
 from pathlib import Path
 
 from inspectd import __version__
-from inspectd.errors import ConfigError, ModelFileError, UnavailableError
+from inspectd.errors import ConfigError, ModelFileError, UnavailableError, UsageError
 from inspectd.model.deployable import EXPORT_FORMAT, EXPORT_MANIFEST, Deployable, file_sha256
 
 log = logging.getLogger("inspectd.model.export")
@@ -137,9 +138,36 @@ def export(deployable: Deployable, fmt: str, out_dir: Path) -> Path:
         saved = _saved_model(deployable, Path(tmp))
         (_to_onnx if fmt == "onnx" else _to_openvino)(saved, target)
     stamp["seconds"] = round(time.monotonic() - t0, 1)
-    stamp["files"] = {f.name: file_sha256(f) for f in sorted(out_dir.iterdir()) if f.is_file() and f.name != STAMP}
+    written = [target, target.with_suffix(".bin")] if fmt == "openvino" else [target]  # the converter's files only
+    stamp["files"] = {f.name: file_sha256(f) for f in written}
     (out_dir / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
     return target
+
+
+def export_folder(deployable: Deployable, fmt: str, out: Path) -> Path:
+    """`inspectd export --out DIR`: the exported model written beside `out` and renamed into place, replacing an
+    exported model there (never a folder of anything else); returns the graph file."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / STAMP).is_file())):
+        raise UsageError(f"--out {out}: exists and is not an exported model; give a new folder (or an earlier export's)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot write beside it: {exc.strerror or exc}") from None
+    aside = out.with_name(f".{out.name}.old.{time.time_ns()}")
+    try:
+        export(deployable, fmt, tmp)
+        _readable(tmp)
+        if out.exists():
+            os.replace(out, aside)
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot write the export: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)
+    return out / _FILES[fmt]
 
 
 def cached_export(deployable: Deployable, fmt: str, cache_dir: Path | None = None, refresh: bool = False) -> Path:

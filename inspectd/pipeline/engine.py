@@ -68,10 +68,11 @@ def with_policy(model, policy: str):
     return clone
 
 
-def select_device(device: str) -> str:
-    """'auto' -> the first GPU when TensorFlow sees one (memory growth on), else the CPU. Without TensorFlow (an
-    install for exported models) 'auto' is the CPU and "gpu:N" is passed on to ONNX Runtime's CUDA provider."""
-    if not runtimes.installed("tensorflow"):
+def select_device(device: str, tensorflow: bool = True) -> str:
+    """'auto' -> the first GPU when TensorFlow sees one (memory growth on), else the CPU. For an exported model
+    (`tensorflow=False`) or without TensorFlow, TensorFlow is not asked (nor imported): 'auto' is the CPU and
+    "gpu:N" is passed on to ONNX Runtime's CUDA provider."""
+    if not tensorflow or not runtimes.installed("tensorflow"):
         return "/CPU:0" if device in ("auto", "cpu") else f"/GPU:{int(device.split(':')[1])}"
     import tensorflow as tf
 
@@ -107,7 +108,7 @@ def tune(
     """`runtime = "auto"`: the fastest (runtime, OpenVINO hint, batch size) for this model here, measured once per
     model, precision and machine (`inspectd.pipeline.autotune`). A precision other than float32 counts only the
     runtimes whose quality gate it passed; the table says why a candidate is missing."""
-    tf_device = select_device(device)
+    tf_device = select_device(device, tensorflow=deployable.model is not None)
     root = export.cache_root(cache_dir)
     usable, skipped = [], []
     for runtime in runtimes.candidates(tf_device, precision, xla, deployable.graph_format):
@@ -144,7 +145,13 @@ def tune(
             sha256=deployable.sha256,
             precision=precision,
             tf_device=tf_device,
-            versions={**runtimes.versions(), "inspectd": __version__, "xla": str(xla)},  # the key: XLA's numbers differ
+            # the key: XLA's numbers differ; an exported graph has other candidates than its .keras source
+            versions={
+                **runtimes.versions(),
+                "inspectd": __version__,
+                "xla": str(xla),
+                "graph": deployable.graph_format or "keras",
+            },
             cache_root=root,
             seconds=seconds,
             fresh=fresh,
@@ -185,7 +192,7 @@ class InferenceEngine:
     ):
         self.deployable = deployable
         self.buckets = tuple(sorted(buckets))
-        self.device = select_device(device)
+        self.device = select_device(device, tensorflow=deployable.model is not None)
         self.precision = precision
         self.choice = None
         self.gate: dict | None = None
@@ -335,7 +342,10 @@ class Predictor:
         self.deployable = deployable
         self.batch_size = batch_size
         # The daemon's engine, so `infer`/`evaluate` preprocess exactly as production does (TensorFlow unless
-        # `engine` names another runtime: InferenceEngine's keyword arguments).
+        # `engine` names another runtime: InferenceEngine's keyword arguments; an exported model: the runtime that
+        # reads its graph).
+        if deployable.model is None and "runtime" not in engine:
+            engine["runtime"] = "onnxruntime" if deployable.graph_format == "onnx" else "openvino"
         self._engine = InferenceEngine(deployable, (batch_size,), **engine)
 
     def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:

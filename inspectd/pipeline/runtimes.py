@@ -106,7 +106,7 @@ def candidates(tf_device: str, precision: str, xla: bool = False, graph_format: 
     """The runtimes `auto` may measure for this device and precision: installed, able to run it (and, for an
     exported model, able to read its `graph_format`)."""
     if xla:
-        return ["tensorflow"]
+        return [] if graph_format is not None else ["tensorflow"]  # XLA is TensorFlow's; an exported graph is not
     out = []
     for runtime in ("onnxruntime", "openvino", "tensorflow"):
         if not installed(runtime) or precision not in SUPPORTED[runtime]:
@@ -145,7 +145,7 @@ def resolve_runtime(
         if tf_device.startswith("/GPU") and requested == "openvino":
             raise ConfigError("model.runtime openvino runs on the CPU here; set model.device cpu, or runtime tensorflow")
     if not installed(requested):
-        extra = _EXTRA.get(requested, requested)
+        extra = "slim" if graph_format is not None else _EXTRA.get(requested, requested)
         raise UnavailableError(
             f"model.runtime {requested}: the {_PACKAGE[requested]} package is not installed: pip install 'inspectd[{extra}]'"
         )

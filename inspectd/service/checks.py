@@ -12,8 +12,17 @@ import importlib.util
 from pathlib import Path
 
 from inspectd.config import ModelConfig, Settings
-from inspectd.errors import ModelFileError, NoInputError, UnavailableError, missing_extra
-from inspectd.model.deployable import Deployable, keras_missing, load_model, read_metadata, resolve_model_path
+from inspectd.errors import ConfigError, ModelFileError, NoInputError, UnavailableError, missing_extra
+from inspectd.model.deployable import (
+    BUILTIN_DEMO_MODEL,
+    Deployable,
+    keras_missing,
+    load_model,
+    read_manifest,
+    read_metadata,
+    resolve_model_path,
+)
+from inspectd.pipeline.runtimes import READS
 from inspectd.security import ServerKeys
 from inspectd.service.web import web_security
 
@@ -30,17 +39,19 @@ def check_security(settings: Settings) -> None:
 
 def check_dependencies(settings: Settings) -> None:
     """The optional packages the configuration asks for are installed (UnavailableError, exit 69, naming the
-    extra): TensorFlow for a .keras model (an exported model folder needs none), `[model] runtime` onnxruntime
-    (and its converter for a .keras model) or openvino, a camera with a GStreamer `pipeline` or backend, or a
-    genicam:// camera (Aravis, through PyGObject).
+    extra): TensorFlow for a .keras model (an exported model folder needs none, and no runtime but the ones that
+    read it: ConfigError otherwise), `[model] runtime` onnxruntime (and its converter for a .keras model) or
+    openvino, a camera with a GStreamer `pipeline` or backend, or a genicam:// camera (Aravis, through PyGObject).
     Found without importing them (importlib.util.find_spec): a check costs no start-up time."""
     wanted: tuple[str, ...] = ()
     for entry in settings.model_entries:
         path = resolve_model_path(entry.path)
-        exported = path.is_dir()
-        if not exported and importlib.util.find_spec("keras") is None:
+        if path.is_dir():
+            _check_exported(entry.runtime, path, entry.path == BUILTIN_DEMO_MODEL)
+            continue
+        if path.is_file() and importlib.util.find_spec("keras") is None:
             raise keras_missing(path)
-        runtimes = {"onnxruntime": ("onnxruntime",) + (() if exported else ("onnx", "tf2onnx")), "openvino": ("openvino",)}
+        runtimes = {"onnxruntime": ("onnxruntime", "onnx", "tf2onnx"), "openvino": ("openvino",)}
         wanted += runtimes.get(entry.runtime, ())
     if any(
         cam.pipeline is not None or cam.backend == "gstreamer" or (cam.url or "").lower().startswith("genicam:")
@@ -52,6 +63,25 @@ def check_dependencies(settings: Settings) -> None:
             missing = missing_extra(ModuleNotFoundError(name=module))
             assert missing is not None, module  # every module above is an extra's
             raise missing
+
+
+def _check_exported(runtime: str, path: Path, builtin: bool) -> None:
+    """`runtime` can run the exported model folder `path`, and is installed (a bad folder is check_model's to say)."""
+    try:
+        fmt = str(read_manifest(path)["format"])
+    except (ModelFileError, NoInputError):
+        return
+    readers = [r for r, formats in READS.items() if fmt in formats]
+    if runtime not in ("auto", *readers):
+        hint = " (builtin:demo is the .keras file where TensorFlow is installed: pip install 'inspectd[tensorflow]')"
+        raise ConfigError(
+            f"model.runtime {runtime} cannot run {path}: an exported {fmt} model, which {' or '.join(readers)} runs"
+            + (hint if builtin and runtime == "tensorflow" else "")
+        )
+    installed = [r for r in readers if importlib.util.find_spec(r) is not None]
+    if runtime == "auto" and not installed or runtime != "auto" and runtime not in installed:
+        what = f"{runtime} is" if runtime != "auto" else f"neither {' nor '.join(readers)} is"
+        raise UnavailableError(f"model.runtime {runtime}: {what} installed to run {path}: pip install 'inspectd[slim]'")
 
 
 def check_model(cfg: ModelConfig, key: str = "model") -> list[str]:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inspectd.config import CameraConfig, Reload, Settings, load_settings, reload_table
-from inspectd.model.deployable import load_model, model_sha256, resolve_model_path
+from inspectd.model.deployable import load_model, model_revision, resolve_model_path
 from inspectd.pipeline.context import CAMERA_OPTION_KEYS, InferenceContext, assemble, build_run
 
 log = logging.getLogger("inspectd.service.reload")
@@ -174,11 +174,12 @@ class PreparedReload:
 
 
 def model_hashes(settings: Settings) -> dict[str, str]:
-    """The sha256 of each model's file, by model id ("missing:PATH" for a file that is not there)."""
+    """Each model's revision (a .keras file's sha256, an exported folder's manifest's), by model id ("missing:PATH"
+    for a file that is not there)."""
     out = {}
     for entry in settings.model_entries:
         path = resolve_model_path(entry.path)
-        out[entry.id] = model_sha256(path) if path.exists() else f"missing:{path}"
+        out[entry.id] = model_revision(path) if path.exists() else f"missing:{path}"
     return out
 
 
@@ -188,7 +189,7 @@ def prepare_reload(config_path: Path, old: Settings, running: InferenceContext) 
 
     Slow (seconds for a warm-up) and fallible: runs on the reload thread, touches nothing that runs."""
     new = load_settings(config_path)
-    running_sha = {mid: run.deployable.sha256 for mid, run in running.runs.items()}
+    running_sha = {mid: run.deployable.revision for mid, run in running.runs.items()}
     plan = plan_reload(old, new, running_sha, model_hashes(new))
     if not plan.swap_context:
         return PreparedReload(plan, None)

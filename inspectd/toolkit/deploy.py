@@ -58,6 +58,11 @@ def run_export(opts: ExportOptions) -> int:
         runtimes.resolve_runtime(opts.runtime, device, opts.precision)
     except ConfigError as exc:  # said in the config's words; here it is the command line that asked
         raise UsageError(f"--runtime {opts.runtime} --precision {opts.precision}: {exc}") from None
+    if deployable.model is None and (opts.precision == "int8" or (opts.precision == "float32" and opts.runtime != "auto")):
+        raise UsageError(
+            f"{opts.model}: an exported model already; convert and quantize from the .keras file it came from "
+            "(an exported model takes --runtime auto, or --precision bfloat16|float16 for its gate)"
+        )
     if opts.out is not None and (opts.precision != "float32" or opts.runtime in ("auto", "tensorflow")):
         raise UsageError("--out writes one float32 conversion: give --runtime onnxruntime or openvino, no --precision")
     if opts.runtime == "auto":
@@ -75,7 +80,7 @@ def _float32(deployable: Deployable, opts: ExportOptions) -> int:
     fmt = FORMAT_OF_RUNTIME[opts.runtime]
     _say(f"converting {deployable.name} to {fmt} (tens of seconds)")
     if opts.out:
-        target = export.export(deployable, fmt, opts.out)
+        target = export.export_folder(deployable, fmt, opts.out)
         where = f'an exported model: model.path = "{opts.out}" runs it, no TensorFlow needed'
     else:
         target = export.cached_export(deployable, fmt, opts.cache_dir)
