@@ -134,11 +134,14 @@ def resolve_runtime(
     if requested == "auto":
         if not candidates(tf_device, precision, xla, graph_format):
             what = f" an exported {graph_format} model at" if graph_format else ""
-            raise UnavailableError(f"model.runtime auto: no installed runtime runs{what} precision {precision} here")
+            hint = ": pip install 'inspectd[slim]'" if graph_format else ""
+            raise UnavailableError(f"model.runtime auto: no installed runtime runs{what} precision {precision} here{hint}")
         return "auto", "auto: measured"
     if graph_format is not None and graph_format not in READS[requested]:
         readers = " or ".join(r for r, formats in READS.items() if graph_format in formats)
-        raise ConfigError(f"model.runtime {requested}: the model is an exported {graph_format} graph, which {readers} runs")
+        raise ConfigError(
+            f"model.runtime {requested} cannot run the model: an exported {graph_format} graph, which {readers} runs"
+        )
     if requested != "tensorflow":
         if xla:
             raise ConfigError(f"model.xla: a TensorFlow setting, but model.runtime is {requested}")

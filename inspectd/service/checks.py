@@ -22,7 +22,7 @@ from inspectd.model.deployable import (
     read_metadata,
     resolve_model_path,
 )
-from inspectd.pipeline.runtimes import READS
+from inspectd.pipeline.runtimes import resolve_runtime
 from inspectd.security import ServerKeys
 from inspectd.service.web import web_security
 
@@ -43,6 +43,7 @@ def check_dependencies(settings: Settings) -> None:
     read it: ConfigError otherwise), `[model] runtime` onnxruntime (and its converter for a .keras model) or
     openvino, a camera with a GStreamer `pipeline` or backend, or a genicam:// camera (Aravis, through PyGObject).
     Found without importing them (importlib.util.find_spec): a check costs no start-up time."""
+    runtimes = {"onnxruntime": ("onnxruntime", "onnx", "tf2onnx"), "openvino": ("openvino",)}  # for a .keras model
     wanted: tuple[str, ...] = ()
     for entry in settings.model_entries:
         path = resolve_model_path(entry.path)
@@ -51,7 +52,6 @@ def check_dependencies(settings: Settings) -> None:
             continue
         if path.is_file() and importlib.util.find_spec("keras") is None:
             raise keras_missing(path)
-        runtimes = {"onnxruntime": ("onnxruntime", "onnx", "tf2onnx"), "openvino": ("openvino",)}
         wanted += runtimes.get(entry.runtime, ())
     if any(
         cam.pipeline is not None or cam.backend == "gstreamer" or (cam.url or "").lower().startswith("genicam:")
@@ -66,22 +66,19 @@ def check_dependencies(settings: Settings) -> None:
 
 
 def _check_exported(runtime: str, path: Path, builtin: bool) -> None:
-    """`runtime` can run the exported model folder `path`, and is installed (a bad folder is check_model's to say)."""
+    """`runtime` reads the exported model folder `path` and is installed, as the engine will resolve it (a bad
+    folder is check_model's to say)."""
     try:
         fmt = str(read_manifest(path)["format"])
     except (ModelFileError, NoInputError):
         return
-    readers = [r for r, formats in READS.items() if fmt in formats]
-    if runtime not in ("auto", *readers):
-        hint = " (builtin:demo is the .keras file where TensorFlow is installed: pip install 'inspectd[tensorflow]')"
-        raise ConfigError(
-            f"model.runtime {runtime} cannot run {path}: an exported {fmt} model, which {' or '.join(readers)} runs"
-            + (hint if builtin and runtime == "tensorflow" else "")
-        )
-    installed = [r for r in readers if importlib.util.find_spec(r) is not None]
-    if runtime == "auto" and not installed or runtime != "auto" and runtime not in installed:
-        what = f"{runtime} is" if runtime != "auto" else f"neither {' nor '.join(readers)} is"
-        raise UnavailableError(f"model.runtime {runtime}: {what} installed to run {path}: pip install 'inspectd[slim]'")
+    try:
+        resolve_runtime(runtime, "/CPU:0", graph_format=fmt)
+    except ConfigError as exc:
+        if builtin and runtime == "tensorflow":
+            hint = "builtin:demo is the .keras file where TensorFlow is installed: pip install 'inspectd[tensorflow]'"
+            raise ConfigError(f"{exc} ({hint})") from None
+        raise
 
 
 def check_model(cfg: ModelConfig, key: str = "model") -> list[str]:
