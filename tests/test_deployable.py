@@ -319,3 +319,26 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
+
+
+@pytest.mark.slow
+def test_export_out_replaces_an_earlier_export_and_refuses_a_foreign_folder(tmp_path):
+    """`inspectd export --out DIR`: written beside and renamed in; a second export replaces the first with nothing
+    left behind; a folder holding anything else is never written into."""
+    from inspectd.model.deployable import EXPORT_MANIFEST, resolve_model_path
+    from inspectd.model.export import export_folder
+
+    keras_model = load_model(resolve_model_path("builtin:demo"))
+    out = tmp_path / "models" / "demo"
+    graph = export_folder(keras_model, "openvino", out)
+    assert graph == out / "model.xml" and load_model(out).sha256 == keras_model.sha256
+    (out / "left-from-before").write_text("x")  # an earlier export's folder is replaced whole, not written into
+    export_folder(keras_model, "openvino", out)
+    assert sorted(p.name for p in out.iterdir()) == [EXPORT_MANIFEST, "model.bin", "model.xml"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["demo"]  # no temporary or old folder beside it
+    foreign = tmp_path / "models" / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(UsageError, match="exists and is not an exported model"):
+        export_folder(keras_model, "openvino", foreign)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]

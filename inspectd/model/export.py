@@ -150,24 +150,33 @@ def export_folder(deployable: Deployable, fmt: str, out: Path) -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / STAMP).is_file())):
         raise UsageError(f"--out {out}: exists and is not an exported model; give a new folder (or an earlier export's)")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    except OSError as exc:
-        raise ConfigError(f"--out {out}: cannot write beside it: {exc.strerror or exc}") from None
-    aside = out.with_name(f".{out.name}.old.{time.time_ns()}")
-    try:
-        export(deployable, fmt, tmp)
-        _readable(tmp)
-        if out.exists():
-            os.replace(out, aside)
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise ConfigError(f"--out {out}: cannot write the export: {exc.strerror or exc}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    aside = _replace_folder(out, lambda tmp: export(deployable, fmt, tmp), f"--out {out}")
+    if aside is not None:  # the user's folder: nothing is left behind to sweep
         shutil.rmtree(aside, ignore_errors=True)
     return out / _FILES[fmt]
+
+
+def _replace_folder(target: Path, write, what: str) -> Path | None:
+    """Fill a temporary folder beside `target` through `write(folder)`, make it readable and rename it to `target`;
+    what was there is renamed aside and returned (None: nothing was). OSError -> ConfigError naming `what`."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot write into {str(target.parent)!r}: {exc.strerror or exc}") from None
+    aside = None
+    try:
+        write(tmp)
+        _readable(tmp)
+        if target.exists():
+            aside = target.with_name(f".old-{target.name}.{time.time_ns()}")
+            os.replace(target, aside)
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot store {target.name}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return aside
 
 
 def cached_export(deployable: Deployable, fmt: str, cache_dir: Path | None = None, refresh: bool = False) -> Path:
@@ -281,21 +290,7 @@ def cached_int8(deployable: Deployable, fmt: str, cache_dir: Path | None) -> Pat
 
 def store_entry(entry: Path, write) -> Path:
     """Fill a new cache entry through `write(folder)` (which must write STAMP last) in a temporary folder, then
-    rename it into place, replacing what was there."""
-    try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
-    except OSError as exc:
-        raise ConfigError(f"model.cache_dir {str(entry.parent)!r}: cannot write into it: {exc.strerror or exc}") from None
-    try:
-        write(tmp)
-        _readable(tmp)
-        if entry.exists():
-            os.replace(entry, entry.with_name(f".old-{entry.name}.{time.time_ns()}"))
-        os.replace(tmp, entry)
-    except OSError as exc:
-        raise ConfigError(f"model.cache_dir {str(entry.parent)!r}: cannot store {entry.name}: {exc.strerror or exc}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    rename it into place, replacing what was there (the old entry is swept later: a daemon may still read it)."""
+    _replace_folder(entry, write, f"model.cache_dir {str(entry.parent)!r}")
     _sweep(entry.parent)
     return entry
