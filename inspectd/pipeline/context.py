@@ -193,6 +193,8 @@ def build_run(s: Settings, entry: ModelEntry, deployable: Deployable) -> ModelRu
     if entry.runtime == "auto":
         choice = tune(deployable, entry.device, entry.xla, entry.precision, cache_dir, tuned_batches(s, entry))
         batch = choice.best.batch
+        if entry.shadow_of is not None:  # it is handed its model's batches, whatever batch size that model measured
+            batch = max(batch, *tuned_batches(s, entry))
         log.info("model %s: %s", entry.id, autotune.format_table(choice))
     engine = InferenceEngine(
         deployable,
