@@ -237,6 +237,13 @@ def _cmd_train(args) -> int:
         augment=not args.no_augment,
         pooling=args.pooling,
         mask_rule=args.mask_rule,
+        loss=args.loss,
+        select=args.select,
+        pixel_weight=args.pixel_weight,
+        pixel_resolution=args.pixel_resolution,
+        pixel_balanced=args.pixel_loss == "balanced",
+        ok_negatives=not args.no_ok_negatives,
+        pixel_head=args.pixel_head,
     )
     result = train(opts)
     print(
@@ -290,6 +297,7 @@ def _cmd_infer(args) -> int:
         threshold=args.threshold,
         mask_threshold=args.mask_threshold,
         mask_rule=args.mask_rule,
+        map_mode=args.map,
     )
     written, skipped = infer(opts)
     print(f"wrote {written} overlay/mask pairs and results.jsonl to {args.out}")
@@ -400,6 +408,40 @@ def _add_train(sub) -> None:
         "quantile | minmax; its parameter is picked on the validation masks when there are any (KIND:PARAM "
         "fixes it); see docs/model.md",
     )
+    p.add_argument("--loss", default="focal", choices=("focal", "bce"), help="the image-level loss")
+    p.add_argument(
+        "--select",
+        default="best",
+        choices=("best", "last"),
+        help="the epoch kept: best validation ROC-AUC (ties: lower loss), or the last",
+    )
+    g = p.add_argument_group(
+        "mask supervision",
+        "when DATASET/masks/ holds masks (any number), they train cam_logits beside the image labels; see docs/cli.md",
+    )
+    g.add_argument(
+        "--pixel-weight", type=float, default=1.0, help="weight of the pixel loss against the image loss; 0: labels only"
+    )
+    g.add_argument(
+        "--pixel-resolution",
+        type=int,
+        default=4,
+        choices=(1, 2, 4, 8, 16),
+        help="input pixels per cell of the pixel loss's grid (the map is upsampled to it)",
+    )
+    g.add_argument(
+        "--pixel-loss",
+        default="balanced",
+        choices=("balanced", "plain"),
+        help="balanced: defect and background pixels weigh half each; plain: every pixel the same",
+    )
+    g.add_argument("--no-ok-negatives", action="store_true", help="do not use ok images' maps as all-background pixel targets")
+    g.add_argument(
+        "--pixel-head",
+        default="centred",
+        choices=("raw", "affine", "centred"),
+        help="what the pixel loss sees: the map (raw), a*map+b, or a*(map - its mean)+b; a, b learnt, not deployed",
+    )
     p.set_defaults(func=_cmd_train)
 
 
@@ -499,6 +541,13 @@ def _add_infer(sub) -> None:
         "--mask-rule",
         help="how the map becomes regions: probability:P | relative:D | quantile:Q | "
         "minmax:M (default: the model's own rule; see docs/model.md)",
+    )
+    p.add_argument(
+        "--map",
+        default="relative",
+        choices=("relative", "probability"),
+        help="the overlays' map: relative to each image's mask threshold (green = where regions are cut, drawn "
+        "on defects only), or the calibrated probability sigmoid(cam_logits) on every image",
     )
     p.set_defaults(func=_cmd_infer)
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from inspectd.client import Event, EventKind, Subscriber
+from inspectd.drawing import logit_of, logits_of_u8
 from inspectd.errors import DataError, UsageError
 from inspectd.imageio import write_png
 from inspectd.outputs.wire import DEFAULT_ENDPOINT, parse_rfc3339
@@ -68,6 +69,12 @@ def add_parser(subparsers) -> None:
         type=Path,
         metavar="DIR",
         help="write CAMERA_FRAMESEQ_mask.png and _regions.png, and with an attached frame _frame.jpg and _overlay.png",
+    )
+    p.add_argument(
+        "--map",
+        default="relative",
+        choices=("relative", "probability"),
+        help="the saved overlays' map: relative to the event's mask threshold, or the calibrated probability",
     )
     p.add_argument("--json", action="store_true", help="print each event's header as one JSON line")
     p.add_argument("--count", type=int, metavar="N", help="exit 0 after N printed events")
@@ -269,7 +276,7 @@ def _loop(
         try:
             print(line + ("  [replayed]" if event.replayed and not args.json else ""), flush=True)
             if args.save is not None:
-                _save(event, args.save)
+                _save(event, args.save, args.map)
             if args.state is not None:
                 _save_state(args.state, sub.positions)
             shown += 1
@@ -337,7 +344,7 @@ def describe(event: Event) -> str:
     return f"{_local_time(h['published_at'])}  {event.topic}  fps {fps}  cameras {cameras}  uptime {h['uptime_s']:.0f} s"
 
 
-def _save(event: Event, folder: Path) -> None:
+def _save(event: Event, folder: Path, map_mode: str = "relative") -> None:
     """The masks as sent; with a frame, the frame as sent and an overlay of the mask and regions on it."""
     if "mask" not in event.raw:
         return
@@ -361,9 +368,12 @@ def _save(event: Event, folder: Path) -> None:
                 mask = event.regions_mask > 0  # exact
             else:  # a daemon from before the regions attachment
                 mask = prob >= float(h.get("mask_threshold", 0.5))
-            write_png(
-                Path(f"{stem}_overlay.png"),
-                overlay(event.frame, prob, h["score"], h["threshold"], mask=mask, regions=tuple(h.get("regions") or ())),
-            )
+            cut = logit_of(float(h.get("mask_threshold", 0.5)))
+            regions = tuple(h.get("regions") or ())
+            logits = logits_of_u8(event.mask)
+            if logits.shape != (height, width):  # upsampled as logits, as the daemon upsamples
+                logits = upsample(logits, width, height)
+            picture = overlay(event.frame, logits, h["score"], h["threshold"], cut, mask, regions, map_mode)
+            write_png(Path(f"{stem}_overlay.png"), picture)
     except OSError as exc:  # keep watching: a full disk must not hide the events themselves
         print(f"inspectd watch: cannot save {stem}_*: {exc.strerror}", file=sys.stderr, flush=True)

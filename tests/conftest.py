@@ -77,7 +77,9 @@ def synth_test(tmp_path_factory) -> Path:
 
 def tiny_recipe(dataset: Path, out: Path, epochs: int = 12, seed: int = 0):
     """The tests' tiny training recipe, not train's defaults (pretrained Lite0, minmax mask rule, docs/quality.md): from
-    scratch, the paper's backbone and a fixed probability mask, so the quality floors stay those of that recipe."""
+    scratch, the paper's backbone and a fixed probability mask, so the quality floors stay those of that recipe.
+    Image labels only (pixel_weight 0), although the synthetic datasets have masks: tests/test_supervision.py
+    switches mask supervision on."""
     from inspectd.toolkit.train import TrainOptions
 
     return TrainOptions(
@@ -93,6 +95,7 @@ def tiny_recipe(dataset: Path, out: Path, epochs: int = 12, seed: int = 0):
         backbone="efficientnetv2b0",
         stride=16,
         mask_rule="probability",
+        pixel_weight=0.0,
     )
 
 

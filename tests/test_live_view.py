@@ -172,7 +172,7 @@ def test_very_negative_logits_are_drawn_blue_not_red():
     frame = Frame("cam-a", 1, time.time(), time.monotonic(), np.full((120, 160, 3), 128, np.uint8))
     pictures = {}
     for logit in (-20.0, -8.0, 8.0, 20.0):
-        jpeg = render(Seen(frame, 0.1, np.full((6, 8), logit, np.float32), OPTS), 160)
+        jpeg = render(Seen(frame, 0.1, np.full((6, 8), logit, np.float32), OPTS), 160, "probability")
         pictures[logit] = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)[60:100, 20:100].mean(axis=(0, 1))
     for cold in (-20.0, -8.0):  # BGR: blue over red
         assert pictures[cold][0] > pictures[cold][2] + 30, pictures
@@ -198,7 +198,7 @@ def test_live_regions_skip_components_smaller_than_min_region_px():
 # -- recent defects ------------------------------------------------------------------------------------
 
 
-def _defect_message(camera: str, seq: int, frame_seq: int, captured_at: float, mask: np.ndarray) -> list[bytes]:
+def _defect_message(camera: str, seq: int, frame_seq: int, captured_at: float, mask: np.ndarray, **extra) -> list[bytes]:
     body = {
         "camera": camera,
         "frame_seq": frame_seq,
@@ -213,6 +213,7 @@ def _defect_message(camera: str, seq: int, frame_seq: int, captured_at: float, m
     from inspectd.outputs.wire import rfc3339
 
     body["captured_at"] = rfc3339(captured_at)
+    body.update(extra)
     return encode_message(f"defect.{camera}", "run1", seq, body, [encode_png(mask)])
 
 
@@ -461,6 +462,29 @@ def test_recent_defects_over_http(view):
         assert status == 200 and image.shape == shape, (name, status, headers)
     assert view.request("GET", f"/defect/thumb?id={record_id}")[0] == 200
     assert view.request("GET", "/defect/frame?id=m-999")[0] == 404
+
+
+def test_a_defect_overlay_in_either_map(view):
+    """[ui] map is relative (the default): /api/state says so, and a defect's overlay shows its map relative to the
+    event's mask threshold; `map=probability` gives the calibrated map, one click away in the detail view. The patch
+    at probability 0.78 is under the event's mask threshold 0.9: orange-red as a probability, blue-green (outside
+    the mask) as a relative map."""
+    assert json.loads(view.request("GET", "/api/state")[2])["map"] == "relative"
+    mask = np.zeros((120, 160), np.uint8)
+    mask[20:100, 20:140] = 200
+    parts = _defect_message("cam-a", 1, 1, time.time(), mask, mask_threshold=0.9)
+    view.ring.add(parts[1], parts[2:], np.full((120, 160, 3), 128, np.uint8))
+    record_id = view.ring.recent()[0].id
+    pictures = {}
+    for query in ("", "&map=relative", "&map=probability"):
+        status, _, data = view.request("GET", f"/defect/overlay?id={record_id}{query}")
+        assert status == 200, query
+        pictures[query] = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[50:70, 50:110].mean(axis=(0, 1))
+    blue, red = 0, 2  # BGR
+    assert pictures["&map=probability"][red] > pictures["&map=probability"][blue] + 40, pictures
+    for relative in ("", "&map=relative"):
+        assert pictures[relative][blue] > pictures[relative][red] + 20, pictures
+    assert view.request("GET", f"/defect/overlay?id={record_id}&map=jet")[0] == 400
 
 
 # -- collection ---------------------------------------------------------------------------------------

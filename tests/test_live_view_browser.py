@@ -146,6 +146,15 @@ def test_the_page_shows_every_camera_live_with_recent_defects(daemon, browser, t
     assert header["camera"] == camera and header["is_defect"] is True and header["topic"] == f"defect.{camera}"
     for image_id in ("detail-overlay", "detail-frame", "detail-mask"):
         wait_until(lambda i=image_id: _loaded(browser, browser.find_element(By.ID, i)), 10, image_id)
+    # The legend names the map drawn ([ui] map: relative by default); the probability map is one click away.
+    assert browser.find_element(By.ID, "legend-low").text == "map: out"
+    overlay = browser.find_element(By.ID, "detail-overlay")
+    assert "map=relative" in overlay.get_attribute("src")
+    relative = overlay.screenshot_as_png
+    browser.find_element(By.ID, "detail-other-map").click()
+    wait_until(lambda: "map=probability" in overlay.get_attribute("src") and _loaded(browser, overlay), 10, "the other map")
+    wait_until(lambda: overlay.screenshot_as_png != relative, 10, "the probability overlay drawn")
+    assert browser.find_element(By.ID, "detail-other-map").text == "show the map relative to the mask threshold"
     browser.find_element(By.ID, "detail-close").click()
 
     # The camera filter lists only that camera's defects.

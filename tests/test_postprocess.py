@@ -5,6 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from inspectd.drawing import MAP_MODES
 from inspectd.pipeline.postprocess import find_regions, overlay, probability, to_mask_u8, upsample
 
 
@@ -39,13 +40,55 @@ def test_mask_encoding_and_upsample():
 
 def test_overlay_marks_the_hot_area():
     image = np.full((120, 160, 3), 128, np.uint8)
-    prob = np.zeros((120, 160), np.float32)
-    prob[60:100, 100:150] = 1.0
-    out = overlay(image, prob, score=0.9, threshold=0.5)
-    assert out.shape == image.shape and out.dtype == np.uint8
-    hot, cold = out[80, 125], out[100, 20]
-    assert hot[0] > hot[2] and cold[2] > cold[0]  # jet: red where the defect is, blue elsewhere
-    assert not np.array_equal(out[:12, :40], cv2.addWeighted(image, 0.65, image, 0.35, 0)[:12, :40])  # label drawn
+    logits = np.full((120, 160), -8.0, np.float32)
+    logits[60:100, 100:150] = 8.0
+    for mode in MAP_MODES:
+        out = overlay(image, logits, 0.9, 0.5, 0.0, mode=mode)
+        assert out.shape == image.shape and out.dtype == np.uint8
+        hot, cold = out[80, 125], out[100, 20]
+        assert hot[0] > hot[2] and cold[2] > cold[0], mode  # jet: red where the defect is, blue elsewhere
+        assert not np.array_equal(out[:12, :40], cv2.addWeighted(image, 0.65, image, 0.35, 0)[:12, :40])  # label drawn
+
+
+def _red(picture: np.ndarray) -> np.ndarray:
+    """Pixels the jet map made red (RGB): red well above blue."""
+    return picture[..., 0].astype(int) > picture[..., 2].astype(int) + 40
+
+
+def test_the_relative_map_is_red_where_the_regions_are_cut_not_over_a_confident_frame():
+    """A confident defect frame: every logit >= 3 (probability > 0.95), a hot spot at 9, the rule minmax:0.85. The
+    probability map is red nearly everywhere; the relative map only inside the published region, green at its
+    edge, blue elsewhere."""
+    from inspectd.model.masks import MaskRule
+    from inspectd.pipeline.postprocess import locate
+
+    image = np.full((120, 160, 3), 128, np.uint8)
+    cam = np.full((6, 8), 3.0, np.float32)
+    cam[2:4, 5:7] = 9.0
+    found = locate(cam, 160, 120, MaskRule("minmax", 0.85), True)
+    region = found.kept > 0
+    assert 0.02 < region.mean() < 0.15
+    probability = overlay(image, found.logits, 0.99, 0.5, found.mask_logit, region, found.regions, mode="probability")
+    relative = overlay(image, found.logits, 0.99, 0.5, found.mask_logit, region, found.regions, mode="relative")
+    assert _red(probability).mean() > 0.8
+    body = cv2.erode(region.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0  # away from the white contour
+    assert _red(relative)[body].mean() > 0.9
+    outside = cv2.dilate(region.astype(np.uint8), np.ones((9, 9), np.uint8)) == 0
+    outside[80:, 100:] = outside[:25, :] = False  # the legend and the verdict (red text)
+    assert _red(relative)[outside].mean() < 0.01
+
+
+def test_the_relative_map_leaves_a_frame_judged_ok_unpainted():
+    """An ok frame publishes no mask: the relative overlay blends no map (the frame shows through unchanged away from
+    the verdict and the legend); the probability overlay does."""
+    image = np.full((120, 160, 3), 128, np.uint8)
+    logits = np.full((120, 160), -2.0, np.float32)
+    logits[60:100, 100:150] = 4.0
+    middle = (slice(30, 70), slice(20, 90))
+    relative = overlay(image, logits, 0.2, 0.5, 1.0, mode="relative")
+    probability = overlay(image, logits, 0.2, 0.5, 1.0, mode="probability")
+    np.testing.assert_array_equal(relative[middle], image[middle])
+    assert np.abs(probability[middle].astype(int) - 128).mean() > 20
 
 
 def test_regions_attachment_reproduces_the_regions_where_the_probability_png_cannot():
@@ -126,9 +169,10 @@ def test_infer_and_the_live_view_draw_the_same_picture():
     logits = np.full((15, 20), -5.0, np.float32)
     logits[4:8, 10:15] = 5.0
     opts = InspectOptions(threshold=0.5)
-    jpeg = render(Seen(Frame("cam", 1, time.time(), time.monotonic(), image), 0.9, logits, opts), 320)
-    live = cv2.cvtColor(cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB).astype(int)
     found = locate(logits, 320, 240, opts.mask_rule, True)
-    drawn = overlay(image, found.prob, 0.9, 0.5, mask=found.kept, regions=found.regions).astype(int)
-    assert np.abs(drawn - live).mean() < 4 and np.percentile(np.abs(drawn - live), 99) < 40
-    assert np.abs(image.astype(int) - live).mean() > 30
+    for mode in MAP_MODES:
+        jpeg = render(Seen(Frame("cam", 1, time.time(), time.monotonic(), image), 0.9, logits, opts), 320, mode)
+        live = cv2.cvtColor(cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB).astype(int)
+        drawn = overlay(image, found.logits, 0.9, 0.5, found.mask_logit, found.kept, found.regions, mode).astype(int)
+        assert np.abs(drawn - live).mean() < 4 and np.percentile(np.abs(drawn - live), 99) < 40, mode
+        assert np.abs(image.astype(int) - live).mean() > 30

@@ -101,7 +101,9 @@ def test_a_shadow_measures_its_agreement_keeps_disagreements_and_is_promoted(tmp
     )
     config.write_text("# the line's config: this comment stays through a promotion\n" + config.read_text())
     with DaemonProcess(config, tmp_path / "d.log") as daemon, Subscriber(urls["events"], topics=["result."]) as sub:
-        daemon.wait_ready(urls["metrics"])
+        # `runtime auto` converts both models twice and times 8 candidates each before the daemon is ready: about a
+        # minute on an idle 2-core machine, past two on a busy one.
+        daemon.wait_ready(urls["metrics"], timeout=300)
 
         def compared() -> float:
             return sum(s.value for s in scrape(urls["metrics"]).find("inspectd_shadow_frames_total", model="top", shadow="cand"))

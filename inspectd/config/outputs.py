@@ -198,6 +198,12 @@ class UiConfig(WebServerConfig):
         5.0, reload=R, gt=0, le=30, description="live images per second per camera, at most (rendered only while someone watches)"
     )
     width: int = setting(640, reload=R, ge=64, le=4096, description="live images are scaled down to this width at most")
+    map: Literal["relative", "probability"] = setting(
+        "relative",
+        reload=R,
+        description="the map blended into live pictures and defect overlays: relative to each frame's mask threshold "
+        "(green = where regions are cut; defects only), or the calibrated probability sigmoid(cam_logits)",
+    )
     recent: int = setting(50, reload=R, ge=1, le=1000, description="recent defects listed (archive off: kept in memory)")
     recent_bytes: int = setting(
         64_000_000,

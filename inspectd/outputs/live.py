@@ -8,7 +8,8 @@
 
 `offer` only keeps a reference to the newest (frame, score, CAM) of each camera: inference never
 waits for, and never pays for, the live view. The render thread draws a camera's picture (the frame,
-the probability map blended in, the mask's contours and the regions' boxes, score and verdict, the
+the map blended in: relative to the frame's mask threshold by default, the mask's contours and the
+regions' boxes, score and verdict, the
 map's colour legend: `inspectd.drawing.draw`, as `inspectd infer` and `watch --save` draw) only
 while a viewer streams that camera, at most `max_fps` times a second, once for all its viewers, at
 most `width` pixels wide, at a lower CPU priority than inference, and at most SATURATED_FPS while
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from inspectd.drawing import draw
+from inspectd.drawing import SIGMOID_JET, draw, map_index
 from inspectd.frames import Frame
 from inspectd.imageio import encode_jpeg
 from inspectd.pipeline.postprocess import InspectOptions
@@ -76,26 +77,12 @@ class Picture:
     seen: Seen  # what it shows
 
 
-# The map's colours straight from a logit: a logit quantized to 0..255 over [-_LOGIT_SPAN, +_LOGIT_SPAN] indexes
-# the jet colour of its sigmoid, so one cv2.applyColorMap draws sigmoid + colour map in a single C call.
-_LOGIT_SPAN = 8.0
-
-
-def _sigmoid_jet() -> np.ndarray:
-    logits = np.linspace(-_LOGIT_SPAN, _LOGIT_SPAN, 256)
-    prob = np.rint(255.0 / (1.0 + np.exp(-logits))).astype(np.uint8)
-    return cv2.applyColorMap(prob.reshape(256, 1), cv2.COLORMAP_JET).reshape(256, 1, 3)  # BGR
-
-
-_SIGMOID_JET = _sigmoid_jet()
-
-
-def render(seen: Seen, width: int) -> bytes:
-    """The live picture of one result as JPEG: the frame scaled to at most `width`, the probability map
-    blended in, the mask's contours and the regions' boxes when judged defective, score and verdict, the
-    legend (`inspectd.drawing.draw`, as infer and watch draw). Everything is scaled down first and the map
-    coloured straight from the logits, so a picture costs about a dozen OpenCV calls, each of which lets go
-    of the GIL (docs/performance.md). The mask is the published one's rule at the picture's size: logits
+def render(seen: Seen, width: int, mode: str = "relative") -> bytes:
+    """The live picture of one result as JPEG: the frame scaled to at most `width`, the map blended in (`mode`, a
+    MAP_MODES entry of inspectd.drawing), the mask's contours and the regions' boxes when judged defective, score
+    and verdict, the legend (`inspectd.drawing.draw`, as infer and watch draw). Everything is scaled down first
+    and the map coloured straight from the logits, so a picture costs about a dozen OpenCV calls, each of which
+    lets go of the GIL (docs/performance.md). The mask is the published one's rule at the picture's size: logits
     upsampled bilinearly, at or above the frame's logit threshold (`MaskRule.logit_threshold`)."""
     image = seen.frame.image
     h, w = image.shape[:2]
@@ -103,24 +90,23 @@ def render(seen: Seen, width: int) -> bytes:
         w, h = width, max(1, round(h * width / w))
         image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
     logits = cv2.resize(np.asarray(seen.cam_logits, np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
-    # convertScaleAbs takes |x|: clip first, so that a very negative logit is blue, not red.
-    index = cv2.convertScaleAbs(np.clip(logits, -_LOGIT_SPAN, _LOGIT_SPAN), alpha=127.5 / _LOGIT_SPAN, beta=127.5)
-    mask, boxes = _regions(logits, seen, (w / seen.frame.width) ** 2) if seen.is_defect else (None, [])
+    cut = seen.options.mask_rule.logit_threshold(seen.cam_logits)
+    mask, boxes = _regions(logits, seen, cut, (w / seen.frame.width) ** 2) if seen.is_defect else (None, [])
     picture = draw(
         cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
-        index,
-        _SIGMOID_JET,
+        map_index(logits, mode, cut, seen.is_defect),
+        SIGMOID_JET,
         mask=mask,
         boxes=boxes,
         verdict=(seen.score, seen.options.threshold),
+        legend=mode,
     )
     return encode_jpeg(picture, _JPEG_QUALITY, rgb=False)
 
 
-def _regions(logits: np.ndarray, seen: Seen, area_scale: float) -> tuple[np.ndarray | None, list]:
-    """(the mask to outline, the regions' boxes): the components of logits >= the frame's threshold with at
+def _regions(logits: np.ndarray, seen: Seen, t: float, area_scale: float) -> tuple[np.ndarray | None, list]:
+    """(the mask to outline, the regions' boxes): the components of logits >= the frame's threshold `t` with at
     least min_region_px pixels (scaled to the picture), as `postprocess.locate` finds them."""
-    t = seen.options.mask_rule.logit_threshold(seen.cam_logits)
     if t == float("inf"):
         return None, []
     above = cv2.compare(logits, float(t), cv2.CMP_GE)  # type: ignore[call-overload]  # a scalar src2 works; stubs want arrays
@@ -146,10 +132,14 @@ def placeholder(text: str, width: int = 320, height: int = 240) -> bytes:
 class LiveView:
     """The newest result per camera (`offer`), and pictures of it for the cameras someone watches."""
 
-    def __init__(self, max_fps: float = 5.0, width: int = 640, saturated: Callable[[], bool] = lambda: False):
-        """`saturated()`: inspection cannot keep up right now; pictures are then drawn at SATURATED_FPS at most."""
+    def __init__(
+        self, max_fps: float = 5.0, width: int = 640, saturated: Callable[[], bool] = lambda: False, map_mode: str = "relative"
+    ):
+        """`saturated()`: inspection cannot keep up right now; pictures are then drawn at SATURATED_FPS at most.
+        `map_mode`: the map blended in (inspectd.drawing.MAP_MODES)."""
         self.max_fps = max_fps
         self.width = width
+        self.map_mode = map_mode
         self.saturated = saturated
         self._latest: dict[str, Seen] = {}  # written by the inference thread only; a dict store is atomic
         self._cameras: set[str] = set()  # the cameras running now (add/forget): offers of others are ignored
@@ -291,7 +281,7 @@ class LiveView:
         if seen is None or (drawn is not None and drawn.seen is seen):
             return  # nothing new since the last picture
         try:
-            jpeg = render(seen, self.width)
+            jpeg = render(seen, self.width, self.map_mode)
         except Exception:  # a picture is not worth the thread: say so, go on with the next
             log.exception("live view: cannot draw camera %s frame %d", camera, seen.frame.seq)
             return

@@ -13,6 +13,7 @@ Routes (GET unless said):
     /api/defects?camera=ID  recent defect events, newest first
     /api/defect?id=ID       one event's header JSON, as sent
     /defect/{frame,mask,regions,overlay,thumb}?id=ID   its frame, probability mask, regions, the two drawn
+                            (overlay&map=probability|relative: that map instead of [ui] map)
     POST /api/collect       {"camera": ID, "label": "ok"|"defect"}: save the camera's current frame for training
                             (only with [ui] collect_dir; the page's only write)
 
@@ -46,7 +47,7 @@ from urllib.parse import parse_qs
 import cv2
 import numpy as np
 
-from inspectd.drawing import draw
+from inspectd.drawing import MAP_MODES, SIGMOID_JET, draw, logit_of, logits_of_u8, map_index
 from inspectd.imageio import encode_jpeg, encode_png
 from inspectd.outputs.archive import safe_component
 from inspectd.outputs.live import LiveView, Seen
@@ -137,8 +138,8 @@ def _frame_of(record: DefectRecord) -> np.ndarray | None:
     return None
 
 
-def defect_overlay(record: DefectRecord) -> np.ndarray:
-    """A defect event drawn as the live view and `watch --save` draw it: frame, map, regions, verdict."""
+def defect_overlay(record: DefectRecord, map_mode: str = "relative") -> np.ndarray:
+    """A defect event drawn as the live view and `watch --save` draw it: frame, map (`map_mode`), regions, verdict."""
     h = record.header
     frame_info = h.get("frame") or {}
     image = _frame_of(record)
@@ -147,25 +148,25 @@ def defect_overlay(record: DefectRecord) -> np.ndarray:
         size = (int(frame_info.get("width") or 320), int(frame_info.get("height") or 240))
         image = np.zeros((size[1], size[0], 3), np.uint8)
     height, width = image.shape[:2]
-    prob = (
-        np.zeros((height, width), np.float32)
-        if mask is None
-        else cv2.resize(mask, (width, height), interpolation=cv2.INTER_LINEAR).astype(np.float32) / 255.0
+    prob_u8 = (
+        np.zeros((height, width), np.uint8) if mask is None else cv2.resize(mask, (width, height), interpolation=cv2.INTER_LINEAR)
     )
     kept = _decode(record.files.get("regions.png", b""), cv2.IMREAD_GRAYSCALE)
     if kept is not None and kept.shape != (height, width):
         kept = cv2.resize(kept, (width, height), interpolation=cv2.INTER_NEAREST)
     return overlay(
         image,
-        prob,
+        logits_of_u8(prob_u8),
         float(h.get("score") or 0.0),
         float(h.get("threshold") or 0.0),
+        logit_of(float(h.get("mask_threshold", 0.5))),
         mask=kept,
         regions=tuple(h.get("regions") or ()),
+        mode=map_mode,
     )
 
 
-def defect_thumbnail(record: DefectRecord, width: int = 240) -> np.ndarray:
+def defect_thumbnail(record: DefectRecord, width: int = 240, map_mode: str = "relative") -> np.ndarray:
     """A small picture of a defect event: the frame at `width`, the map blended in, the regions' contours and
     boxes; no text or legend (the list says the score; the page shows the legend). Everything is scaled down
     first, in a few OpenCV calls: a page asks for several at once, next to the inspection's own threads."""
@@ -186,13 +187,19 @@ def defect_thumbnail(record: DefectRecord, width: int = 240) -> np.ndarray:
     kept = _decode(record.files.get("regions.png", b""), cv2.IMREAD_GRAYSCALE)
     scale = size[0] / full_w
     boxes = [tuple(round(v * scale) for v in region["bbox"]) for region in h.get("regions") or ()]
-    picture = draw(
-        picture,
-        None if mask is None else cv2.resize(mask, size, interpolation=cv2.INTER_LINEAR),
-        mask=None if kept is None else cv2.resize(kept, size, interpolation=cv2.INTER_NEAREST),
-        boxes=boxes,
-        legend=False,
+    kept = None if kept is None else cv2.resize(kept, size, interpolation=cv2.INTER_NEAREST)
+    heat = (
+        None
+        if mask is None
+        else map_index(
+            logits_of_u8(cv2.resize(mask, size, interpolation=cv2.INTER_LINEAR)),
+            map_mode,
+            logit_of(float(h.get("mask_threshold", 0.5))),
+            True,  # a defect event
+            kept,
+        )
     )
+    picture = draw(picture, heat, SIGMOID_JET, mask=kept, boxes=boxes, legend=None)
     return cv2.cvtColor(picture, cv2.COLOR_BGR2RGB)
 
 
@@ -336,7 +343,7 @@ class UiApp:
         if path == "/api/defect":
             return "200 OK", "application/json", self._record(query).header_json
         if path.startswith("/defect/"):
-            return self._defect_file(path.removeprefix("/defect/"), self._record(query))
+            return self._defect_file(path.removeprefix("/defect/"), self._record(query), query)
         raise HttpError("404 Not Found", "no such page")
 
     def _state(self) -> dict:
@@ -357,7 +364,7 @@ class UiApp:
                     "age_s": round(max(0.0, time.time() - seen.frame.captured_at), 2),
                 }
             )
-        return {**state, "collect": self.collect_dir is not None, "max_fps": self.live.max_fps}
+        return {**state, "collect": self.collect_dir is not None, "max_fps": self.live.max_fps, "map": self.live.map_mode}
 
     def _record(self, query: dict[str, str]) -> DefectRecord:
         record = self.recent.get(query.get("id", ""))
@@ -365,7 +372,7 @@ class UiApp:
             raise HttpError("404 Not Found", "no such defect (expired, or from before a restart without the archive)")
         return record
 
-    def _defect_file(self, name: str, record: DefectRecord) -> tuple[str, str, bytes, bool]:
+    def _defect_file(self, name: str, record: DefectRecord, query: dict[str, str]) -> tuple[str, str, bytes, bool]:
         if name == "frame":
             for file in ("frame.jpg", "frame.png"):
                 if file in record.files:
@@ -380,9 +387,14 @@ class UiApp:
                 raise HttpError("404 Not Found", f"this event has no {name} attachment")
             return "200 OK", "image/png", data, True
         if name == "overlay":
-            return "200 OK", "image/jpeg", self._drawn_once(record, name, lambda: encode_jpeg(defect_overlay(record))), True
+            mode = query.get("map") or self.live.map_mode
+            if mode not in MAP_MODES:
+                raise HttpError("400 Bad Request", f"map={mode}: choose {' or '.join(MAP_MODES)}")
+            draw_it = lambda: encode_jpeg(defect_overlay(record, mode))  # noqa: E731
+            return "200 OK", "image/jpeg", self._drawn_once(record, f"overlay-{mode}", draw_it), True
         if name == "thumb":
-            return "200 OK", "image/jpeg", self._drawn_once(record, name, lambda: encode_jpeg(defect_thumbnail(record))), True
+            thumb = lambda: encode_jpeg(defect_thumbnail(record, map_mode=self.live.map_mode))  # noqa: E731
+            return "200 OK", "image/jpeg", self._drawn_once(record, name, thumb), True
         raise HttpError("404 Not Found", "no such file")
 
     def _drawn_once(self, record: DefectRecord, kind: str, draw: Callable[[], bytes]) -> bytes:

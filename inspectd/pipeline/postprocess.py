@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-from inspectd.drawing import draw
+from inspectd.drawing import SIGMOID_JET, draw, map_index
 from inspectd.frames import Inspection, published_probability
 from inspectd.imageio import encode_jpeg, encode_png
 from inspectd.model.masks import MASK_RULES, MaskRule, logit_to_probability
@@ -85,6 +85,8 @@ class Located:
 
     prob: np.ndarray  # sigmoid of the upsampled logits
     mask_threshold: float  # this image's probability threshold under the rule
+    logits: np.ndarray  # the upsampled logits prob was made from
+    mask_logit: float  # the rule's logit threshold (the cut; inf: a flat map, no mask)
     regions: tuple = ()  # tuple[Region, ...], largest first; empty when judged ok
     kept: np.ndarray | None = None  # uint8 0/255: exactly the regions (None when judged ok)
 
@@ -100,9 +102,9 @@ def locate(cam_logits: np.ndarray, width: int, height: int, rule: MaskRule, is_d
     t = rule.logit_threshold(cam_logits)  # once: a quantile rule sorts the map
     mask_threshold = logit_to_probability(t)
     if not is_defect:
-        return Located(prob, mask_threshold)
+        return Located(prob, mask_threshold, logits, t)
     regions, kept = label_regions(prob, mask_threshold, min_region_px, logits >= t)
-    return Located(prob, mask_threshold, tuple(regions), kept)
+    return Located(prob, mask_threshold, logits, t, tuple(regions), kept)
 
 
 def to_mask_u8(prob: np.ndarray) -> np.ndarray:
@@ -111,13 +113,29 @@ def to_mask_u8(prob: np.ndarray) -> np.ndarray:
 
 
 def overlay(
-    image_rgb: np.ndarray, prob: np.ndarray, score: float, threshold: float, mask: np.ndarray | None = None, regions: tuple = ()
+    image_rgb: np.ndarray,
+    logits: np.ndarray,
+    score: float,
+    threshold: float,
+    mask_logit: float,
+    mask: np.ndarray | None = None,
+    regions: tuple = (),
+    mode: str = "relative",
 ) -> np.ndarray:
-    """RGB image + jet map of the probability map (at image size), the mask's contours, the regions' boxes,
-    a colour legend, score and verdict (`inspectd.drawing.draw`, as the live view draws)."""
+    """RGB image + the map (`logits` at image size, drawn as `mode`: relative to the frame's mask threshold
+    `mask_logit`, or the probability; inspectd.drawing.MAP_MODES), the mask's contours, the regions' boxes, a colour
+    legend, score and verdict (`inspectd.drawing.draw`, as the live view draws). The relative map agrees with
+    `mask` (the published regions) where it is given (`map_index`)."""
     boxes = [tuple(r.bbox if hasattr(r, "bbox") else r["bbox"]) for r in regions]
+    heat = map_index(logits, mode, mask_logit, score >= threshold, mask)
     picture = draw(
-        cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), to_mask_u8(prob), mask=mask, boxes=boxes, verdict=(score, threshold)
+        cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR),
+        heat,
+        SIGMOID_JET,
+        mask=mask,
+        boxes=boxes,
+        verdict=(score, threshold),
+        legend=mode,
     )
     return cv2.cvtColor(picture, cv2.COLOR_BGR2RGB)
 

@@ -273,7 +273,7 @@ class Daemon:
             return None
         from inspectd.outputs.ui import UiApp
 
-        self.live = LiveView(cfg.max_fps, cfg.width, saturated=lambda: self.saturated)
+        self.live = LiveView(cfg.max_fps, cfg.width, saturated=lambda: self.saturated, map_mode=cfg.map)
         web = web_security(cfg, "ui")
         self._ui_app = UiApp(
             self.live,

@@ -1,7 +1,8 @@
 """The reference's augmentations (Albumentations in the notebook), as TensorFlow ops for tf.data.
 
 flip V/H (p 0.5 each), brightness/contrast (p 0.2), gamma (p 0.2), shift/scale/rotate (p 0.2,
-shift +-10 %, scale +-5 %, rotate +-5 deg). Images are float32 RGB in 0..255. Written with plain
+shift +-10 %, scale +-5 %, rotate +-5 deg). Images are float32 RGB in 0..255; pixel targets (mask
+supervision) move with the image through the geometric ones. Written with plain
 tf.image / ImageProjectiveTransformV3 ops so they run inside the input pipeline's threads.
 """
 
@@ -71,11 +72,21 @@ def _shift_scale_rotate(image, spec: AugmentSpec):
     return out[0]
 
 
-def augment(image, spec: AugmentSpec = AugmentSpec()):
-    """One random augmentation of an HxWx3 float32 image (0..255)."""
-    image = _maybe(spec.p_flip, tf.image.flip_left_right, image)
-    image = _maybe(spec.p_flip, tf.image.flip_up_down, image)
-    image = _maybe(spec.p_brightness_contrast, lambda x: _brightness_contrast(x, spec), image)
-    image = _maybe(spec.p_gamma, lambda x: _gamma(x, spec), image)
-    image = _maybe(spec.p_affine, lambda x: _shift_scale_rotate(x, spec), image)
-    return image
+def _photometric(fn):
+    """Apply `fn` to the image's 3 channels only, leaving any stacked pixel targets as they are."""
+    return lambda x: tf.concat([fn(x[..., :3]), x[..., 3:]], axis=-1)
+
+
+def augment(image, spec: AugmentSpec = AugmentSpec(), targets=None):
+    """One random augmentation of an HxWx3 float32 image (0..255).
+
+    With `targets` (HxWxK float32 pixel targets, e.g. a defect mask and its weight) the geometric
+    transforms (flips, shift/scale/rotate) move the targets with the image and the photometric ones
+    leave them alone; returns (image, targets) then. The random draws are the same either way."""
+    x = image if targets is None else tf.concat([image, targets], axis=-1)
+    x = _maybe(spec.p_flip, tf.image.flip_left_right, x)
+    x = _maybe(spec.p_flip, tf.image.flip_up_down, x)
+    x = _maybe(spec.p_brightness_contrast, _photometric(lambda v: _brightness_contrast(v, spec)), x)
+    x = _maybe(spec.p_gamma, _photometric(lambda v: _gamma(v, spec)), x)
+    x = _maybe(spec.p_affine, lambda v: _shift_scale_rotate(v, spec), x)
+    return x if targets is None else (x[..., :3], x[..., 3:])

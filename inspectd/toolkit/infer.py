@@ -38,6 +38,7 @@ class InferOptions:
     threshold: float | None = None  # None = the model's own
     mask_threshold: float | None = None  # shorthand for mask_rule probability:VALUE
     mask_rule: str | None = None  # e.g. "relative:2"; None = the model's own rule
+    map_mode: str = "relative"  # the overlays' map (inspectd.drawing.MAP_MODES)
 
 
 @dataclass(frozen=True)
@@ -123,11 +124,12 @@ def _items(files: list[_Input], opts: InferOptions, errors: list[dict]) -> Itera
             errors.append({"input": str(path), "error": str(exc)})
 
 
-def _record(key: _Key, image: np.ndarray, pred, out: Path, thr: float, rule: MaskRule) -> dict:
+def _record(key: _Key, image: np.ndarray, pred, out: Path, thr: float, rule: MaskRule, map_mode: str) -> dict:
     h, w = image.shape[:2]
     found = locate(pred.cam_logits, w, h, rule, pred.score >= thr)  # as the daemon does
     mask = found.kept > 0 if found.regions and found.kept is not None else None  # regions: kept is not None
-    write_png(out / f"{key.name}_overlay.png", overlay(image, found.prob, pred.score, thr, mask=mask, regions=found.regions))
+    picture = overlay(image, found.logits, pred.score, thr, found.mask_logit, mask, found.regions, map_mode)
+    write_png(out / f"{key.name}_overlay.png", picture)
     write_png(out / f"{key.name}_mask.png", to_mask_u8(found.prob), rgb=False)
     if found.kept is not None:  # defects: exactly the regions (the 8-bit probability can saturate above the threshold)
         write_png(out / f"{key.name}_regions.png", found.kept, rgb=False)
@@ -196,7 +198,7 @@ def infer(opts: InferOptions) -> tuple[int, int]:
         warned: set = set()
         for key, image, pred in Predictor(model, opts.batch_size).stream(_items(files, opts, errors)):
             _warn_scale(key, image, model.input_size, warned)
-            results.write(json.dumps(_record(key, image, pred, opts.out, thr, rule)) + "\n")
+            results.write(json.dumps(_record(key, image, pred, opts.out, thr, rule, opts.map_mode)) + "\n")
             results.flush()
             written += 1
             print(f"inspectd infer: {key.name}: score {pred.score:.3f}", file=sys.stderr)

@@ -1,10 +1,12 @@
-"""tf.data input pipelines for training and validation: decode, resize, cache, balance, augment."""
+"""tf.data input pipelines for training and validation: decode, resize, cache, balance, augment (and the pixel
+targets of mask supervision: a defect mask and its weight, moved with the image)."""
 
 from __future__ import annotations
 
-__all__ = ["decode_check", "train_pipeline", "eval_pipeline"]
+__all__ = ["PixelTargets", "decode_check", "train_pipeline", "eval_pipeline"]
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
@@ -12,7 +14,19 @@ import tensorflow as tf
 from inspectd.errors import DataError
 from inspectd.pipeline.engine import RESIZE
 from inspectd.toolkit.augment import AugmentSpec, augment
-from inspectd.toolkit.dataset import Dataset
+from inspectd.toolkit.dataset import Dataset, Item
+
+
+@dataclass(frozen=True)
+class PixelTargets:
+    """Which images get pixel supervision on cam_logits: defects with a mask, and ok images (all background) when
+    `ok_negatives`; every other image weighs 0 in the pixel loss."""
+
+    ok_negatives: bool = True
+
+    def uses(self, item: Item) -> bool:
+        return item.mask is not None if item.label == 1 else self.ok_negatives
+
 
 # Keep decoded, resized images in RAM when they fit this budget (uint8), else decode each epoch.
 CACHE_BUDGET_BYTES = 2 << 30
@@ -47,35 +61,84 @@ def _loader(size: tuple[int, int]):
     return load
 
 
-def _source(ds: Dataset, size: tuple[int, int]) -> tf.data.Dataset:
+def _target_loader(size: tuple[int, int]):
+    """(mask path or "", supervised 0/1) -> uint8 [h, w, 2]: the defect's share of each pixel at the input size
+    (0..255, the mask resized as the image is) and the pixel loss's weight (255 where supervised)."""
+    w, h = size
+
+    def load(mask_path, supervised):
+        def read():
+            mask = tf.io.decode_image(tf.io.read_file(mask_path), channels=1, dtype=tf.uint8, expand_animations=False)
+            mask.set_shape([None, None, 1])
+            mask = tf.cast(mask > 0, tf.float32) * 255.0
+            return tf.image.resize(mask, (h, w), **RESIZE)
+
+        mask = tf.cond(tf.strings.length(mask_path) > 0, read, lambda: tf.zeros((h, w, 1), tf.float32))
+        weight = tf.fill((h, w, 1), 255.0 * supervised)
+        return tf.cast(tf.clip_by_value(tf.round(tf.concat([mask, weight], -1)), 0, 255), tf.uint8)
+
+    return load
+
+
+def _source(ds: Dataset, size: tuple[int, int], pixels: PixelTargets | None = None) -> tf.data.Dataset:
+    """(image uint8, label) per item, or (image, label, targets uint8 [h, w, 2]) with pixel supervision."""
     paths = [str(it.path) for it in ds.items]
     labels = ds.labels.astype(np.float32)
-    out = tf.data.Dataset.from_tensor_slices((paths, labels)).map(_loader(size), num_parallel_calls=tf.data.AUTOTUNE)
-    if len(paths) * size[0] * size[1] * 3 <= CACHE_BUDGET_BYTES:
+    images = tf.data.Dataset.from_tensor_slices((paths, labels)).map(_loader(size), num_parallel_calls=tf.data.AUTOTUNE)
+    if pixels is None:
+        out = images
+    else:
+        masks = [str(it.mask) if pixels.uses(it) and it.mask is not None else "" for it in ds.items]
+        supervised = np.array([float(pixels.uses(it)) for it in ds.items], np.float32)
+        targets = tf.data.Dataset.from_tensor_slices((masks, supervised)).map(
+            _target_loader(size), num_parallel_calls=tf.data.AUTOTUNE
+        )
+        out = tf.data.Dataset.zip((images, targets)).map(lambda il, t: (il[0], il[1], t))
+    if len(paths) * size[0] * size[1] * (3 if pixels is None else 5) <= CACHE_BUDGET_BYTES:
         out = out.cache()
     return out
 
 
-def _to_float(image, label):
-    return tf.cast(image, tf.float32), label
+def _to_float(image, label, targets=None):
+    if targets is None:
+        return tf.cast(image, tf.float32), label
+    return tf.cast(image, tf.float32), label, tf.cast(targets, tf.float32) / 255.0
+
+
+def _as_xy(image, label, targets=None):
+    """Keras' (x, y): y is the label, or {"score": label, "cam": targets} with pixel supervision."""
+    return (image, label) if targets is None else (image, {"score": label, "cam": targets})
 
 
 def train_pipeline(
-    ds: Dataset, size, batch_size: int, balance: bool, seed: int, spec: AugmentSpec | None = AugmentSpec()
+    ds: Dataset,
+    size,
+    batch_size: int,
+    balance: bool,
+    seed: int,
+    spec: AugmentSpec | None = AugmentSpec(),
+    pixels: PixelTargets | None = None,
 ) -> tf.data.Dataset:
-    """Endless shuffled (optionally class-balanced) augmented batches."""
+    """Endless shuffled (optionally class-balanced) augmented batches; with `pixels`, the pixel targets too."""
     if balance:
-        parts = [_source(ds.subset(np.flatnonzero(ds.labels == c)), size) for c in (0, 1)]
+        parts = [_source(ds.subset(np.flatnonzero(ds.labels == c)), size, pixels) for c in (0, 1)]
         parts = [p.shuffle(4096, seed=seed + c, reshuffle_each_iteration=True).repeat() for c, p in enumerate(parts)]
         out = tf.data.Dataset.sample_from_datasets(parts, weights=[0.5, 0.5], seed=seed)
     else:
-        out = _source(ds, size).shuffle(4096, seed=seed, reshuffle_each_iteration=True).repeat()
+        out = _source(ds, size, pixels).shuffle(4096, seed=seed, reshuffle_each_iteration=True).repeat()
     out = out.map(_to_float, num_parallel_calls=tf.data.AUTOTUNE)
-    if spec is not None:
+    if spec is not None and pixels is None:
         out = out.map(lambda x, y: (augment(x, spec), y), num_parallel_calls=tf.data.AUTOTUNE)
-    return out.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    elif spec is not None:
+        out = out.map(lambda x, y, t: (*_swap(augment(x, spec, t), y),), num_parallel_calls=tf.data.AUTOTUNE)
+    return out.map(_as_xy).batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-def eval_pipeline(ds: Dataset, size, batch_size: int) -> tf.data.Dataset:
-    """Every image once, in order, unaugmented."""
-    return _source(ds, size).map(_to_float).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+def _swap(image_targets, label):
+    image, targets = image_targets
+    return image, label, targets
+
+
+def eval_pipeline(ds: Dataset, size, batch_size: int, pixels: PixelTargets | None = None) -> tf.data.Dataset:
+    """Every image once, in order, unaugmented; with `pixels`, the pixel targets too (validation loss)."""
+    return _source(ds, size, pixels).map(_to_float).map(_as_xy).batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -12,14 +12,23 @@ matplotlib.use("Agg")  # files only; a line PC has no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-_PANELS = (("loss", "loss"), ("accuracy", "accuracy"), ("precision", "precision"), ("recall", "recall"), ("auc", "ROC-AUC"))
+_PANELS = (
+    ("loss", "loss"),
+    ("cam_loss", "pixel loss (mask supervision)"),
+    ("accuracy", "accuracy"),
+    ("precision", "precision"),
+    ("recall", "recall"),
+    ("auc", "ROC-AUC"),
+)
 
 
 def plot_training(epochs: list[dict], best_epoch: int, out: Path) -> Path:
-    """Train/validation curves per metric with the kept (best) epoch marked, as the reference plotted."""
+    """Train/validation curves per metric with the kept (best) epoch marked, as the reference plotted; the pixel
+    loss's panel only when the run had mask supervision."""
     x = [e["epoch"] for e in epochs]
-    fig, axes = plt.subplots(1, len(_PANELS), figsize=(4 * len(_PANELS), 3.2), constrained_layout=True)
-    for ax, (key, title) in zip(axes, _PANELS):
+    panels = [(key, title) for key, title in _PANELS if key in epochs[0]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), constrained_layout=True)
+    for ax, (key, title) in zip(axes, panels):
         for prefix, style in (("", "-"), ("val_", "--")):
             if prefix + key in epochs[0]:
                 ax.plot(x, [e[prefix + key] for e in epochs], style, label="validation" if prefix else "train")

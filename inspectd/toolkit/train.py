@@ -1,8 +1,9 @@
-"""`inspectd train`: the seed's recipe (focal loss, warm-up/hold/cosine, augmentations) -> deployable model."""
+"""`inspectd train`: the seed's recipe (focal loss, warm-up/hold/cosine, augmentations) -> deployable model, with mask
+supervision on cam_logits when the dataset has masks (inspectd.toolkit.supervision)."""
 
 from __future__ import annotations
 
-__all__ = ["TrainOptions", "TrainResult", "train"]
+__all__ = ["LOSSES", "PIXEL_HEADS", "TrainOptions", "TrainResult", "pixel_loss", "train"]
 
 import json
 import math
@@ -38,6 +39,14 @@ class TrainOptions:
     augment: bool = True
     pooling: str = "gap"  # the head's pooling of cam_logits into the image logit (inspectd.model.head)
     mask_rule: str = "minmax"  # a rule kind (its parameter picked on validation masks) or kind:param (fixed)
+    loss: str = "focal"  # the image-level loss: focal (the seed's) | bce
+    select: str = "best"  # the epoch kept: best (validation ROC-AUC, then loss) | last
+    # Mask supervision (inspectd.toolkit.supervision), on when the training split has masks and pixel_weight > 0
+    pixel_weight: float = 1.0
+    pixel_resolution: int = 4
+    pixel_balanced: bool = True
+    ok_negatives: bool = True
+    pixel_head: str = "centred"  # what the pixel loss sees (_pixel_logits)
     verbose: int | None = None  # Keras fit verbosity; None = bar on a terminal, a line per epoch otherwise
 
 
@@ -62,8 +71,9 @@ def _auto_size(sizes: list[tuple[int, int]], stride: int) -> tuple[int, int]:
     return width, height
 
 
-def _classifier(opts: TrainOptions, size):
-    """(classifier image -> score [B, 1] to train, deployable model) sharing every layer and weight."""
+def _classifier(opts: TrainOptions, size, pixels: bool):
+    """(model to train, deployable model) sharing every layer and weight. The model to train outputs the score
+    [B, 1], or {"score", "cam": cam logits [B, h, w, 1]} with mask supervision."""
     import keras
 
     from inspectd.model.head import cam_head, deployable_outputs
@@ -71,10 +81,46 @@ def _classifier(opts: TrainOptions, size):
     features = build_features(opts.backbone, opts.stride, size, opts.weights)
     image = keras.Input((size[1], size[0], 3), name="image")
     cam, score = cam_head(features(image), parse_pooling(opts.pooling))
+    outputs = {"score": score, "cam": _pixel_logits(cam, opts.pixel_head)} if pixels else score
     return (
-        keras.Model(image, score, name=f"classifier_{opts.backbone}"),
+        keras.Model(image, outputs, name=f"classifier_{opts.backbone}"),
         keras.Model(image, deployable_outputs(cam, score), name="inspectd_cam"),
     )
+
+
+PIXEL_HEADS = ("raw", "affine", "centred")
+PIXEL_PRIOR_LOGIT = -4.0  # ~ log(0.02 / 0.98)
+
+
+def _pixel_logits(cam, head: str):
+    """What the pixel loss sees: the map itself (`raw`), a * cam_logits + b (`affine`), or a * (cam_logits - the
+    image's mean logit) + b (`centred`), a and b two scalars learnt beside the model and not part of it.
+
+    The head's pooling ties the map's level to the score: with `gap` a defect image's score needs a positive mean
+    logit, while its pixel targets say most of it is background. `affine` lets the map keep that level with the
+    pixel targets met through b; `centred` takes the level out of the pixel loss altogether, leaving it only the
+    shape (where the defect is against the rest of the image). Either way the deployable model is the same graph:
+    the mask rules it ships cut each map relative to itself (minmax and quantile are unchanged by an affine map).
+    Which works is measured (docs/quality.md)."""
+    import keras
+
+    if head == "raw":
+        return cam
+    if head == "centred":
+        cam = keras.layers.Subtract(name="pixel_centred")([cam, keras.ops.mean(cam, axis=(1, 2), keepdims=True)])
+    # b starts at the prior of a rare defect pixel (log(p / (1 - p)) at p = 2 %, as RetinaNet starts its classifier):
+    # a scalar under Adam moves about the learning rate per step, far too slowly to get there from 0.
+    prior = keras.initializers.Constant(PIXEL_PRIOR_LOGIT)
+    return keras.layers.Dense(1, kernel_initializer="ones", bias_initializer=prior, name="pixel_affine", dtype="float32")(cam)
+
+
+def pixel_loss(opts: TrainOptions, train_ds):
+    """The mask supervision this run gets (PixelLoss), or None: no masks in the training split or pixel_weight 0."""
+    from inspectd.toolkit.supervision import PixelLoss
+
+    if opts.pixel_weight <= 0 or not train_ds.has_masks:
+        return None
+    return PixelLoss(opts.pixel_weight, opts.pixel_resolution, opts.pixel_balanced, opts.ok_negatives)
 
 
 class _BestWeights:
@@ -97,7 +143,8 @@ class _BestWeights:
         self.weights = None
 
     def update(self, model, epoch: int, logs: dict) -> None:
-        key = (round(float(logs.get("val_auc", 0.0)), 6), -float(logs.get("val_loss", math.inf)))
+        auc = logs.get("val_auc", logs.get("val_score_auc", 0.0))  # the second name with mask supervision
+        key = (round(float(auc), 6), -float(logs.get("val_loss", math.inf)))
         if key > self.best_key:
             self.best_key, self.best_epoch = key, epoch + 1
             self.weights = [w.copy() for w in model.get_weights()]
@@ -111,6 +158,16 @@ def _prepare(opts: TrainOptions):
         raise UsageError(f"--backbone {opts.backbone}: choose one of {', '.join(BACKBONES)}")
     if opts.epochs < 1 or opts.batch_size < 1 or opts.lr <= 0:
         raise UsageError("--epochs, --batch-size and --lr must be positive")
+    if opts.loss not in LOSSES:
+        raise UsageError(f"--loss {opts.loss}: choose one of {', '.join(LOSSES)}")
+    if opts.select not in ("best", "last"):
+        raise UsageError(f"--select {opts.select}: choose best or last")
+    if not (opts.pixel_weight >= 0 and math.isfinite(opts.pixel_weight)):
+        raise UsageError(f"--pixel-weight {opts.pixel_weight}: must be 0 (off) or positive")
+    if opts.pixel_head not in PIXEL_HEADS:
+        raise UsageError(f"--pixel-head {opts.pixel_head}: choose one of {', '.join(PIXEL_HEADS)}")
+    if opts.pixel_resolution not in (1, 2, 4, 8, 16):
+        raise UsageError(f"--pixel-resolution {opts.pixel_resolution}: choose 1, 2, 4, 8 or 16 (input pixels per loss cell)")
     try:
         parse_pooling(opts.pooling)
     except ValueError as exc:
@@ -148,28 +205,45 @@ def _balance(opts: TrainOptions, train_ds) -> bool:
     return False
 
 
-def _fit(opts: TrainOptions, train_ds, val_ds, size, balance: bool):
+LOSSES = ("focal", "bce")
+
+
+def _image_loss(name: str):
+    import keras
+
+    return keras.losses.BinaryFocalCrossentropy() if name == "focal" else keras.losses.BinaryCrossentropy()
+
+
+def _fit(opts: TrainOptions, train_ds, val_ds, size, balance: bool, pixels):
     import keras
 
     from inspectd.toolkit.augment import AugmentSpec
-    from inspectd.toolkit.pipeline import eval_pipeline, train_pipeline
+    from inspectd.toolkit.pipeline import PixelTargets, eval_pipeline, train_pipeline
     from inspectd.toolkit.schedule import WarmupHoldCosine
 
-    model, deployable = _classifier(opts, size)
+    model, deployable = _classifier(opts, size, pixels is not None)
     steps = max(1, math.ceil(len(train_ds.items) / opts.batch_size))
-    model.compile(
-        optimizer=keras.optimizers.Adam(WarmupHoldCosine(opts.lr, steps * opts.epochs)),
-        loss=keras.losses.BinaryFocalCrossentropy(),
-        metrics=[
-            keras.metrics.BinaryAccuracy(name="accuracy"),
-            keras.metrics.Precision(name="precision"),
-            keras.metrics.Recall(name="recall"),
-            keras.metrics.AUC(name="auc"),
-        ],
-    )
+    metrics = [
+        keras.metrics.BinaryAccuracy(name="accuracy"),
+        keras.metrics.Precision(name="precision"),
+        keras.metrics.Recall(name="recall"),
+        keras.metrics.AUC(name="auc"),
+    ]
+    targets = None
+    if pixels is None:
+        losses: dict | keras.losses.Loss = _image_loss(opts.loss)
+        compiled: dict = {"loss": losses, "metrics": metrics}
+    else:
+        targets = PixelTargets(pixels.ok_negatives)
+        compiled = {
+            "loss": {"score": _image_loss(opts.loss), "cam": pixels.loss(size)},
+            "loss_weights": {"score": 1.0, "cam": pixels.weight},
+            "metrics": {"score": metrics},
+        }
+    model.compile(optimizer=keras.optimizers.Adam(WarmupHoldCosine(opts.lr, steps * opts.epochs)), **compiled)
     best = _BestWeights()
     spec = AugmentSpec() if opts.augment else None
-    train_data = train_pipeline(train_ds, size, opts.batch_size, balance, opts.seed, spec)
+    train_data = train_pipeline(train_ds, size, opts.batch_size, balance, opts.seed, spec, targets)
     verbose = opts.verbose if opts.verbose is not None else (1 if sys.stderr.isatty() else 2)
     # Keras warns that shuffle=True is ignored for tf.data input; ours is shuffled in the pipeline.
     warnings.filterwarnings("ignore", message=r".*`shuffle=True` was passed.*")
@@ -178,17 +252,35 @@ def _fit(opts: TrainOptions, train_ds, val_ds, size, balance: bool):
         steps_per_epoch=steps,
         epochs=opts.epochs,
         verbose=verbose,
-        validation_data=eval_pipeline(val_ds, size, opts.batch_size),
+        validation_data=eval_pipeline(val_ds, size, opts.batch_size, targets),
         callbacks=[best.callback],
     )
-    model.set_weights(best.weights)
-    return model, deployable, history.history, best.best_epoch
+    if opts.select == "best":
+        model.set_weights(best.weights)
+        return model, deployable, _plain_names(history.history), best.best_epoch
+    return model, deployable, _plain_names(history.history), opts.epochs
 
 
-def _val_scores(model, val_ds, size, batch_size: int) -> np.ndarray:
+def _plain_names(history: dict) -> dict:
+    """Keras names the score's metrics `score_auc` etc. when the model has a second output; the history file and
+    the curves keep one set of names (`auc`, `val_auc`; `loss` stays the total), plus `image_loss` and `cam_loss`
+    (the pixel loss)."""
+    out = {}
+    for key, values in history.items():
+        prefix = "val_" if key.startswith("val_") else ""
+        name = key[len(prefix) :]
+        if name == "score_loss":
+            name = "image_loss"
+        elif name.startswith("score_"):
+            name = name[len("score_") :]
+        out[prefix + name] = values
+    return out
+
+
+def _val_scores(deployable, val_ds, size, batch_size: int) -> np.ndarray:
     from inspectd.toolkit.pipeline import eval_pipeline
 
-    return np.concatenate([model(x, training=False).numpy()[:, 0] for x, _ in eval_pipeline(val_ds, size, batch_size)])
+    return np.concatenate([deployable(x, training=False)["score"].numpy() for x, _ in eval_pipeline(val_ds, size, batch_size)])
 
 
 def _pick_mask_rule(opts: TrainOptions, deployable, val_ds, size):
@@ -243,9 +335,17 @@ def train(opts: TrainOptions) -> TrainResult:
         f"{opts.backbone} stride {opts.stride}, weights {opts.weights}"
     )
     balance = _balance(opts, train_ds)
-    model, deployable, history, best_epoch = _fit(opts, train_ds, val_ds, size, balance)
-    val = image_metrics(val_ds.labels, _val_scores(model, val_ds, size, opts.batch_size))
-    _log(f"best epoch {best_epoch}: val ROC-AUC {val['roc_auc']:.3f}, F1@0.5 {val['f1']:.3f}")
+    pixels = pixel_loss(opts, train_ds)
+    n_masks = sum(it.mask is not None for it in train_ds.items)
+    _log(
+        f"mask supervision on {n_masks} masks: {pixels}"
+        if pixels
+        else "image labels only" + (" (--pixel-weight 0)" if n_masks else " (no masks in the training split)")
+    )
+    model, deployable, history, best_epoch = _fit(opts, train_ds, val_ds, size, balance, pixels)
+    val = image_metrics(val_ds.labels, _val_scores(deployable, val_ds, size, opts.batch_size))
+    kept = "best" if opts.select == "best" else "last"
+    _log(f"{kept} epoch {best_epoch}: val ROC-AUC {val['roc_auc']:.3f}, F1@0.5 {val['f1']:.3f}")
     meta = {
         "name": out.stem,
         "source": {"kind": "train"},
@@ -256,6 +356,7 @@ def train(opts: TrainOptions) -> TrainResult:
             "input_size": list(size),
             "best_epoch": best_epoch,
             "balanced_sampling": balance,
+            "mask_supervision": None if pixels is None else {**asdict(pixels), "masks": n_masks},
             "train_counts": train_ds.counts(),
             "val_counts": val_ds.counts(),
         },

@@ -125,6 +125,7 @@ async function refreshState() {
   try {
     const s = await getJSON("/api/state");
     collect = s.collect;
+    setMapMode(s.map || "relative");
     snapshotMs = Math.max(200, 1000 / s.max_fps);
     if ((runId !== null && s.run_id !== runId) || !answering) {
       for (const tile of tiles.values()) openPicture(tile); // the daemon restarted or came back: new streams
@@ -153,12 +154,38 @@ async function refreshState() {
   }
 }
 
+// The map the daemon draws ([ui] map): relative to each frame's mask threshold, or the calibrated probability.
+const LEGENDS = {
+  relative: ["map: out", "in", "the map blended into each defective frame, relative to its own mask threshold: " +
+    "green is where the regions are cut, yellow to red inside them, blue outside; ok frames show no map"],
+  probability: ["map: p 0", "1", "the calibrated defect probability sigmoid(cam_logits), blended into each picture"],
+};
+let mapMode = "relative";
+
+function setMapMode(mode) {
+  if (!(mode in LEGENDS)) return;
+  mapMode = mode;
+  const [low, high, title] = LEGENDS[mode];
+  document.getElementById("legend-low").textContent = low;
+  document.getElementById("legend-high").textContent = high;
+  document.getElementById("legend").title = title;
+}
+
+function showDetailMap(id, mode) {
+  document.getElementById("detail-overlay").src = "/defect/overlay?" + id + "&" + q("map", mode);
+  const other = mode === "relative" ? "probability" : "relative";
+  const link = document.getElementById("detail-other-map");
+  link.textContent = other === "probability" ? "show the probability map" : "show the map relative to the mask threshold";
+  link.dataset.map = other;
+  link.dataset.id = id;
+}
+
 function openDetail(d) {
   const dialog = document.getElementById("detail");
   document.getElementById("detail-title").textContent = d.camera + " · frame #" + d.frame_seq + " · score " +
     Number(d.score).toFixed(3) + " · " + d.captured_at;
   const id = q("id", d.id);
-  document.getElementById("detail-overlay").src = "/defect/overlay?" + id;
+  showDetailMap(id, mapMode);
   document.getElementById("detail-frame").src = "/defect/frame?" + id;
   document.getElementById("detail-frame-link").href = "/defect/frame?" + id;
   document.getElementById("detail-mask").src = "/defect/mask?" + id;
@@ -204,6 +231,10 @@ async function refreshDefects() {
 
 document.addEventListener("DOMContentLoaded", () => {
   document.getElementById("detail-close").addEventListener("click", () => document.getElementById("detail").close());
+  document.getElementById("detail-other-map").addEventListener("click", (e) => {
+    e.preventDefault();
+    showDetailMap(e.target.dataset.id, e.target.dataset.map);
+  });
   document.getElementById("camera-filter").addEventListener("change", refreshDefects);
   // Each poll is asked for again only once the last one answered: a slow daemon never gets a pile of them.
   const every = (poll, ms) => { const run = () => poll().finally(() => setTimeout(run, ms)); run(); };
