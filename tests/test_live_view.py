@@ -548,6 +548,49 @@ def test_a_collect_body_shorter_than_its_length_is_a_quick_400_not_a_traceback(v
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
+def _collect_defect(view, record_id: str, header: bool = True):
+    headers = {"Content-Type": "application/json", **({"X-Inspectd-Collect": "1"} if header else {})}
+    return view.request("POST", "/api/collect-defect", json.dumps({"id": record_id}).encode(), headers)
+
+
+def test_a_recent_defect_is_saved_with_its_regions_as_the_mask(view):
+    """The operator accepts a defect's region: its frame lands in defect/ and the published regions in masks/
+    under the same name, which `inspectd train` reads as a defect with a mask (mask supervision)."""
+    from inspectd.toolkit.dataset import scan
+
+    regions = np.zeros((120, 160), np.uint8)
+    regions[30:50, 40:90] = 255
+    frame = _frame("cam-a", 7).image
+    specs = [{"kind": kind, "encoding": "png", "width": 160, "height": 120} for kind in ("mask", "regions")]
+    parts = _defect_message("cam-a", 3, 7, time.time(), np.full((120, 160), 200, np.uint8), attachments=specs)
+    view.ring.add(parts[1], [*parts[2:], encode_png(regions)], frame)
+    record = view.ring.recent()[0]
+    assert "regions.png" in record.files
+    status, _, body = _collect_defect(view, record.id)
+    assert status == 200, body
+    saved = json.loads(body)
+    image = cv2.cvtColor(cv2.imread(str(view.collect_dir / saved["saved"])), cv2.COLOR_BGR2RGB)
+    mask = cv2.imread(str(view.collect_dir / saved["mask"]), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(image, frame) and np.array_equal(mask, regions)
+    (ok := view.collect_dir / "ok").mkdir()
+    cv2.imwrite(str(ok / "good.png"), frame)
+    (item,) = [it for it in scan(view.collect_dir).items if it.label == 1]
+    assert item.mask == view.collect_dir / saved["mask"]
+    assert not [p for p in view.collect_dir.rglob(".*")]  # no temporary left
+
+
+def test_a_defect_without_regions_or_frame_is_not_saved(view):
+    parts = _defect_message("cam-a", 4, 8, time.time(), np.zeros((120, 160), np.uint8))
+    view.ring.add(parts[1], parts[2:], _frame("cam-a", 8).image)  # no regions attachment
+    record = view.ring.recent()[0]
+    status, _, body = _collect_defect(view, record.id)
+    assert status == 409 and b"no regions attachment" in body
+    assert _collect_defect(view, "run1-999")[0] == 404
+    assert _collect_defect(view, record.id, header=False)[0] == 403
+    assert view.request("POST", "/api/collect-defect", b"[1]", {"X-Inspectd-Collect": "1"})[0] == 400
+    assert not view.collect_dir.exists()
+
+
 def test_collection_is_absent_unless_configured(live, tmp_path):
     v = View(live, tmp_path, collect=False)
     try:

@@ -197,8 +197,20 @@ def test_the_collection_buttons_save_frames_train_reads(daemon, browser, tmp_pat
             10,
             "a new frame saved",
         )
+    # A recent defect accepted with its regions as the mask: the frame into defect/, the regions into masks/.
+    wait_until(lambda: _open_first_recent(browser), 60, "a recent defect to open")
+    wait_until(lambda: browser.find_element(By.ID, "detail-save-mask").is_displayed(), 10, "the save-with-mask button")
+    browser.find_element(By.ID, "detail-save-mask").click()
+    result = browser.find_element(By.ID, "detail-save-result")
+    wait_until(lambda: result.text not in ("", "saving…"), 10, "the save to answer")
+    assert result.text.startswith("saved defect/") and result.text.endswith(" with its mask"), result.text
+    (mask,) = (daemon.collect_dir / "masks").glob("*.png")
+    assert (daemon.collect_dir / "defect" / mask.name).is_file()
+    regions = cv2.imread(str(mask), cv2.IMREAD_UNCHANGED)
+    assert regions.shape == (240, 320) and set(np.unique(regions)) == {0, 255}
+    browser.find_element(By.ID, "detail-close").click()
     saved = {label: sorted((daemon.collect_dir / label).glob("*.png")) for label in ("ok", "defect")}
-    assert [len(v) for v in saved.values()] == [4, 4], saved
+    assert [len(v) for v in saved.values()] == [4, 5], saved
     for path in saved["ok"] + saved["defect"]:
         assert cv2.imread(str(path)).shape == (240, 320, 3)
     assert not [p for p in daemon.collect_dir.rglob("*") if p.is_file() and p.suffix != ".png"]
@@ -221,7 +233,7 @@ def test_the_collection_buttons_save_frames_train_reads(daemon, browser, tmp_pat
         "0.25",
     )
     assert run.returncode == 0, run.stderr
-    assert "checking 8 images" in run.stderr and "train 6 images: 3 ok, 3 defect" in run.stderr, run.stderr
+    assert "checking 9 images" in run.stderr and "train 7 images: 3 ok, 4 defect" in run.stderr, run.stderr
     assert (tmp_path / "m.keras").stat().st_size > 0
 
 

@@ -15,7 +15,8 @@ Routes (GET unless said):
     /defect/{frame,mask,regions,overlay,thumb}?id=ID   its frame, probability mask, regions, the two drawn
                             (overlay&map=probability|relative: that map instead of [ui] map)
     POST /api/collect       {"camera": ID, "label": "ok"|"defect"}: save the camera's current frame for training
-                            (only with [ui] collect_dir; the page's only write)
+    POST /api/collect-defect  {"id": ID}: save a recent defect's frame with its published regions as its mask
+                            (both only with [ui] collect_dir; the page's only writes)
 
 Safety: read-only but for collection; the page builds every element with textContent and escaped URLs;
 camera ids are looked up, never used as paths (file names use `safe_component`); responses carry a
@@ -27,7 +28,7 @@ site cannot send without a CORS preflight this server never grants.
 
 from __future__ import annotations
 
-__all__ = ["UiApp", "collect_frame", "defect_overlay", "defect_thumbnail", "STATIC", "MAX_STREAMS"]
+__all__ = ["UiApp", "collect_defect", "collect_frame", "defect_overlay", "defect_thumbnail", "STATIC", "MAX_STREAMS"]
 
 import errno
 import ipaddress
@@ -52,6 +53,7 @@ from inspectd.imageio import encode_jpeg, encode_png
 from inspectd.outputs.archive import safe_component
 from inspectd.outputs.live import LiveView, Seen
 from inspectd.outputs.recent import DefectLog, DefectRecord
+from inspectd.outputs.wire import parse_rfc3339
 from inspectd.pipeline.postprocess import overlay
 
 log = logging.getLogger("inspectd.outputs.ui")
@@ -95,15 +97,48 @@ def collect_frame(root: Path, seen: Seen, label: str) -> Path:
     lossless, written to a temporary name and renamed: a file with an image suffix is always whole."""
     if label not in LABELS:
         raise ValueError(f"label {label!r}: ok or defect expected")
-    folder = Path(root) / label
-    folder.mkdir(parents=True, exist_ok=True)
     frame = seen.frame
-    when = datetime.fromtimestamp(frame.captured_at, tz=timezone.utc)
-    path = folder / f"{safe_component(frame.camera)}_{when:%Y%m%dT%H%M%S.%fZ}_{frame.seq}.png"
-    data = encode_png(frame.image)
-    # A unique temporary name without an image suffix: `train` never reads a half-written file, and two saves
-    # of the same frame never share one.
-    fd, temp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
+    path = Path(root) / label / _collected_name(frame.camera, frame.captured_at, frame.seq)
+    _write_whole(path, encode_png(frame.image))
+    return path
+
+
+def collect_defect(root: Path, record: DefectRecord) -> tuple[Path, Path]:
+    """Save a defect event as a training example with its mask: ROOT/defect/NAME.png (its frame) and
+    ROOT/masks/NAME.png (its published regions, 255 = defect), the layout `inspectd train` reads for mask
+    supervision. The mask is written first, so the image never appears without it. ValueError when the event
+    kept no frame or has no regions attachment."""
+    image = _frame_of(record)
+    regions = _decode(record.files.get("regions.png", b""), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise ValueError("this event kept no frame (publish.attach_frame, or the archive's frames)")
+    if regions is None:
+        raise ValueError("this event has no regions attachment to save as its mask")
+    height, width = image.shape[:2]
+    if regions.shape != (height, width):
+        regions = cv2.resize(regions, (width, height), interpolation=cv2.INTER_NEAREST)
+    h = record.header
+    try:
+        when = parse_rfc3339(str(h.get("captured_at")))
+    except (TypeError, ValueError):  # an unsent event's header may lack it: the save time then names the file
+        when = time.time()
+    name = _collected_name(str(h.get("camera") or "camera"), when, int(h.get("frame_seq") or 0))
+    mask_path, image_path = Path(root) / "masks" / name, Path(root) / "defect" / name
+    _write_whole(mask_path, encode_png(np.where(regions > 0, 255, 0).astype(np.uint8)))
+    _write_whole(image_path, encode_png(image))
+    return image_path, mask_path
+
+
+def _collected_name(camera: str, captured_at: float, seq: int) -> str:
+    when = datetime.fromtimestamp(captured_at, tz=timezone.utc)
+    return f"{safe_component(camera)}_{when:%Y%m%dT%H%M%S.%fZ}_{seq}.png"
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """Write to a unique temporary name without an image suffix, then rename: `train` never reads a half-written
+    file, and two saves of the same frame never share one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -114,7 +149,6 @@ def collect_frame(root: Path, seen: Seen, label: str) -> Path:
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
-    return path
 
 
 # -- drawing a recent defect -------------------------------------------------------------------------
@@ -281,10 +315,11 @@ class UiApp:
                 )
             method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "/")
             query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
-            if path == "/api/collect":
+            if path in ("/api/collect", "/api/collect-defect"):
                 if method != "POST":
                     raise HttpError("405 Method Not Allowed", "POST only", allow="POST")
-                return self._respond(start_response, *self._collect(environ))
+                collect = self._collect if path == "/api/collect" else self._collect_defect
+                return self._respond(start_response, *collect(environ))
             if method not in ("GET", "HEAD"):
                 raise HttpError("405 Method Not Allowed", "GET only", allow="GET, HEAD")
             if path == "/stream":
@@ -453,7 +488,8 @@ class UiApp:
             pictures.close()
 
     # -- collection ------------------------------------------------------------------------------
-    def _collect(self, environ) -> tuple[str, str, bytes]:
+    def _collect_request(self, environ, expected: str) -> dict:
+        """The JSON body of a collection request (collection on, the custom header present), or HttpError."""
         if self.collect_dir is None:
             raise HttpError("404 Not Found", "frame collection is off (set [ui] collect_dir)")
         if environ.get(COLLECT_HEADER) != "1":
@@ -464,31 +500,62 @@ class UiApp:
             if len(body) < length:
                 raise HttpError("400 Bad Request", f"the body ended after {len(body)} of its {length} bytes")
             request = json.loads(body)
-            camera, label = str(request["camera"]), str(request["label"])
+            if not isinstance(request, dict):
+                raise TypeError
+            return request
         except OSError:  # the client sent less than its Content-Length and waits: the read timed out
             raise HttpError(
                 "400 Bad Request", f"the body did not arrive ({environ.get('CONTENT_LENGTH')} bytes announced)"
             ) from None
-        except (ValueError, KeyError, TypeError, RecursionError):
-            raise HttpError("400 Bad Request", 'expected JSON {"camera": ID, "label": "ok" | "defect"}') from None
+        except (ValueError, TypeError, RecursionError):
+            raise HttpError("400 Bad Request", f"expected JSON {expected}") from None
+
+    def _save_failed(self, exc: OSError) -> HttpError:
+        log.error("live view: cannot save into %s: %s", self.collect_dir, exc)
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        return HttpError(
+            "507 Insufficient Storage" if full else "500 Internal Server Error",
+            f"cannot save into [ui] collect_dir: {exc.strerror or exc}",
+        )
+
+    def _collect(self, environ) -> tuple[str, str, bytes]:
+        expected = '{"camera": ID, "label": "ok" | "defect"}'
+        request = self._collect_request(environ, expected)
+        try:
+            camera, label = str(request["camera"]), str(request["label"])
+        except KeyError:
+            raise HttpError("400 Bad Request", f"expected JSON {expected}") from None
         if label not in LABELS:
             raise HttpError("400 Bad Request", f"label {label!r}: ok or defect expected")
         self._camera(camera)
         seen = self.live.shown(camera)  # the frame on the operator's screen, not a newer one
         if seen is None:
             raise HttpError("409 Conflict", "this camera has no inspected frame yet")
+        assert self.collect_dir is not None  # _collect_request checked
         try:
             path = collect_frame(self.collect_dir, seen, label)
         except OSError as exc:
-            log.error("live view: cannot save a frame into %s: %s", self.collect_dir, exc)
-            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-            raise HttpError(
-                "507 Insufficient Storage" if full else "500 Internal Server Error",
-                f"cannot save the frame into [ui] collect_dir: {exc.strerror or exc}",
-            ) from None
+            raise self._save_failed(exc) from None
         self.collected += 1
         log.info("live view: saved camera %s frame %d as %s: %s", camera, seen.frame.seq, label, path)
         return "200 OK", "application/json", _json({"saved": f"{label}/{path.name}", "frame_seq": seen.frame.seq})
+
+    def _collect_defect(self, environ) -> tuple[str, str, bytes]:
+        """A recent defect saved with its published regions as the mask (defect/NAME.png + masks/NAME.png): the
+        operator accepts the region, and `inspectd train` learns the map from it (mask supervision)."""
+        request = self._collect_request(environ, '{"id": DEFECT_ID}')
+        record = self._record({"id": str(request.get("id", ""))})
+        assert self.collect_dir is not None  # _collect_request checked
+        try:
+            image_path, mask_path = collect_defect(self.collect_dir, record)
+        except ValueError as exc:
+            raise HttpError("409 Conflict", str(exc)) from None
+        except OSError as exc:
+            raise self._save_failed(exc) from None
+        self.collected += 1
+        log.info("live view: saved defect %s with its regions as the mask: %s, %s", record.id, image_path, mask_path)
+        saved = {"saved": f"defect/{image_path.name}", "mask": f"masks/{mask_path.name}"}
+        return "200 OK", "application/json", _json(saved)
 
 
 class _Stream:

@@ -186,6 +186,9 @@ function openDetail(d) {
     Number(d.score).toFixed(3) + " · " + d.captured_at;
   const id = q("id", d.id);
   showDetailMap(id, mapMode);
+  document.getElementById("detail-collect").hidden = !collect;
+  document.getElementById("detail-save-mask").dataset.id = d.id;
+  document.getElementById("detail-save-result").textContent = "";
   document.getElementById("detail-frame").src = "/defect/frame?" + id;
   document.getElementById("detail-frame-link").href = "/defect/frame?" + id;
   document.getElementById("detail-mask").src = "/defect/mask?" + id;
@@ -231,6 +234,15 @@ async function refreshDefects() {
 
 document.addEventListener("DOMContentLoaded", () => {
   document.getElementById("detail-close").addEventListener("click", () => document.getElementById("detail").close());
+  document.getElementById("detail-save-mask").addEventListener("click", async (e) => {
+    const result = document.getElementById("detail-save-result");
+    result.textContent = "saving…";
+    try {
+      const r = await fetch("/api/collect-defect", { method: "POST", headers: { "Content-Type": "application/json",
+        "X-Inspectd-Collect": "1" }, body: JSON.stringify({ id: e.target.dataset.id }) });
+      result.textContent = r.ok ? "saved " + (await r.json()).saved + " with its mask" : "not saved: " + (await r.text());
+    } catch (err) { result.textContent = "not saved: " + err; }
+  });
   document.getElementById("detail-other-map").addEventListener("click", (e) => {
     e.preventDefault();
     showDetailMap(e.target.dataset.id, e.target.dataset.map);
