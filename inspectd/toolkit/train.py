@@ -17,7 +17,7 @@ import numpy as np
 from inspectd.errors import UsageError
 from inspectd.model.head import parse_pooling
 from inspectd.toolkit import dataset as datasets
-from inspectd.toolkit.backbones import BACKBONES, build_features, check_input_size
+from inspectd.toolkit.backbones import BACKBONES, auto_input_size, build_features, check_input_size
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,9 @@ class TrainOptions:
     pixel_balanced: bool = True
     ok_negatives: bool = True
     pixel_head: str = "centred"  # what the pixel loss sees (_pixel_logits)
+    # A first model from ok images only (inspectd.toolkit.okonly); its threshold aims at `far` false alarms.
+    ok_only: bool = False
+    far: float = 0.02
     verbose: int | None = None  # Keras fit verbosity; None = bar on a terminal, a line per epoch otherwise
 
 
@@ -61,14 +64,6 @@ class TrainResult:
 
 def _log(msg: str) -> None:
     print(f"inspectd train: {msg}", file=sys.stderr, flush=True)
-
-
-def _auto_size(sizes: list[tuple[int, int]], stride: int) -> tuple[int, int]:
-    """Median image size, rounded to the nearest multiple of 32 and capped at 768 on the long side."""
-    w, h = np.median(np.array(sizes), axis=0)
-    scale = min(1.0, 768 / max(w, h))
-    width, height = (int(max(2, round(v * scale / 32)) * 32) for v in (w, h))
-    return width, height
 
 
 def _classifier(opts: TrainOptions, size, pixels: bool):
@@ -190,7 +185,7 @@ def _prepare(opts: TrainOptions):
         train_ds, val_ds = datasets.stratified_split(data, opts.val_fraction, opts.seed)
     _log(f"checking {len(train_ds.items) + len(val_ds.items)} images")
     sizes = decode_check(train_ds) + decode_check(val_ds)
-    size = opts.input_size or _auto_size(sizes, opts.stride)
+    size = opts.input_size or auto_input_size(sizes)
     check_input_size(size, opts.stride)
     return train_ds, val_ds, size
 
@@ -329,6 +324,12 @@ def train(opts: TrainOptions) -> TrainResult:
     if out.suffix != ".keras":
         raise UsageError(f"--out {out}: the model file name must end in .keras")
     keras.utils.set_random_seed(opts.seed)
+    if opts.ok_only:
+        from inspectd.toolkit.okonly import fit_ok_only
+
+        _, history_path, curves_path, record = fit_ok_only(opts, out)
+        measured = {"roc_auc": record.get("image_roc_auc_held_back_vs_defects"), "far": record["far_on_held_back"]}
+        return TrainResult(out, history_path, curves_path, 0, measured)
     train_ds, val_ds, size = _prepare(opts)
     _log(
         f"train {train_ds.describe()}; val {val_ds.describe()}; input {size[0]}x{size[1]}, "
