@@ -301,15 +301,27 @@ def _pick_mask_rule(opts: TrainOptions, deployable, val_ds, size):
         Sample(p.cam_logits, p.score, truth_mask(it, im.shape[:2])) for it, im, p in zip(items, images, predictor.predict(images))
     ]
     best, curve = pick_mask_rule(samples, rule.kind, 0.5)
-    _log(
-        f"mask rule {best} (mean defect IoU {curve[best.param]:.3f} on {sum(s.truth.any() for s in samples)} "
-        "validation images with masks)"
-    )
-    return best, {
-        "how": "best mean defect IoU on the validation masks",
-        "iou": curve[best.param],
-        "curve": {f"{k:g}": round(v, 4) for k, v in curve.items()},
-    }
+    chosen, how = rule_from_search(rule.kind, best, curve)
+    _log(f"mask rule {chosen} ({how['why']} on {sum(s.truth.any() for s in samples)} validation images with masks)")
+    return chosen, how
+
+
+def rule_from_search(kind: str, best, curve: dict[float, float]):
+    """(the rule train stores, its record) from a validation search: the best parameter, unless no parameter gave
+    any overlap (no validation defect judged defective, or none touched): the search then says nothing, and its
+    first grid value, the lowest, would cut nearly the whole map. The kind's default then."""
+    from inspectd.model.masks import MASK_RULES, MaskRule
+
+    rounded = {f"{k:g}": round(v, 4) for k, v in curve.items()}
+    if not curve[best.param] > 0:
+        why = "the default: no parameter gave any overlap"
+        return MaskRule(kind, MASK_RULES[kind][2]), {
+            "how": "default (no overlap on the validation masks)",
+            "why": why,
+            "curve": rounded,
+        }
+    why = f"mean defect IoU {curve[best.param]:.3f}"
+    return best, {"how": "best mean defect IoU on the validation masks", "why": why, "iou": curve[best.param], "curve": rounded}
 
 
 def train(opts: TrainOptions) -> TrainResult:
