@@ -35,18 +35,19 @@ from quality import split_tiles
 ROOT = Path(__file__).resolve().parents[1]
 
 # name -> extra `inspectd train` arguments (on top of train's defaults, --epochs and --input-size). With masks,
-# train's default is the centred pixel head, the balanced loss at 1/4 of the input and ok images as background.
+# train's default is the centred pixel head at weight 0.25, the balanced loss at 1/4 of the input and ok images as
+# background.
 RECIPES = {
     "default": [],
     "labels-only": ["--pixel-weight", "0"],  # masks only pick the rule's parameter, as before mask supervision
-    "raw": ["--pixel-head", "raw"],  # the pixel loss on the map itself
-    "affine": ["--pixel-head", "affine"],
-    "centred": ["--pixel-head", "centred"],  # train's default, named
+    "raw": ["--pixel-head", "raw", "--pixel-weight", "1"],  # the pixel loss on the map itself
+    "affine": ["--pixel-head", "affine", "--pixel-weight", "1"],
+    "centred": ["--pixel-head", "centred", "--pixel-weight", "1"],  # train's default head at weight 1
     "plain": ["--pixel-loss", "plain"],
     "map-resolution": ["--pixel-resolution", "16"],  # the loss on the map's own grid
     "stride-8": ["--stride", "8"],  # atrous Lite0: a 2x finer map for the masks to shape
     "no-ok-negatives": ["--no-ok-negatives"],
-    "weight-0.25": ["--pixel-weight", "0.25"],
+    "weight-0.25": ["--pixel-weight", "0.25"],  # train's default with masks, named
     "bce": ["--loss", "bce"],
     "last-epoch": ["--select", "last"],
     "no-augment": ["--no-augment"],

@@ -422,7 +422,7 @@ def _add_train(sub) -> None:
         "when DATASET/masks/ holds masks (any number), they train cam_logits beside the image labels; see docs/cli.md",
     )
     g.add_argument(
-        "--pixel-weight", type=float, default=1.0, help="weight of the pixel loss against the image loss; 0: labels only"
+        "--pixel-weight", type=float, default=0.25, help="weight of the pixel loss against the image loss; 0: labels only"
     )
     g.add_argument(
         "--pixel-resolution",

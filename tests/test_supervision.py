@@ -31,8 +31,9 @@ def _with_masks(src, out, keep: int):
 @pytest.fixture(scope="module")
 def supervised(tf, trained, synth_train, tmp_path_factory):
     """{masks in the training set: the trained model's path}: the tests' tiny recipe on the same images and seed,
-    with mask supervision on (train's default pixel loss). 0 masks is the shared `trained` model (the same recipe
-    with image labels only)."""
+    with mask supervision on (train's pixel loss at weight 1: a tiny model from scratch in 12 epochs needs more
+    pull than train's default 0.25, chosen on pretrained Lite0). 0 masks is the shared `trained` model (the same
+    recipe with image labels only)."""
     from inspectd.toolkit.train import train
 
     tf.config.experimental.enable_op_determinism()
