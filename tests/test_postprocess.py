@@ -76,6 +76,9 @@ def test_the_relative_map_is_red_where_the_regions_are_cut_not_over_a_confident_
     outside = cv2.dilate(region.astype(np.uint8), np.ones((9, 9), np.uint8)) == 0
     outside[80:, 100:] = outside[:25, :] = False  # the legend and the verdict (red text)
     assert _red(relative)[outside].mean() < 0.01
+    # The same from the logits alone, without the regions to agree with (the live view draws it so).
+    alone = overlay(image, found.logits, 0.99, 0.5, found.mask_logit, None, found.regions, mode="relative")
+    assert _red(alone)[body].mean() > 0.9 and _red(alone)[outside].mean() < 0.01
 
 
 def test_the_relative_map_leaves_a_frame_judged_ok_unpainted():

@@ -9,7 +9,7 @@
 
 A Gaussian of the pretrained features of ok images, as PaDiM (Defard et al. 2021) fits one, with
 the mid-level features and local averaging PatchCore (Roth et al. 2022) found to matter; one mean
-and one covariance for every location rather than PaDiM's per location, so that parts need not
+and one covariance shared by all locations rather than PaDiM's per location, so that parts need not
 sit at the same place in every frame. The Mahalanobis distance of each location, standardised by
 its mean m and spread s at that location over the ok images fitted (the borders sit far from the
 pooled Gaussian on every image: zero padding, the part's edge), is the map; the largest is the
@@ -17,13 +17,14 @@ image's evidence. tau is the value that `far` of the held-back ok images exceed 
 location (the false-alarm rate aimed at, measured on images the model was not fitted on), sigma the
 spread of those images' worst values, so a logit of 1 is one such spread.
 
-Everything is standard Keras layers with fixed weights: `infer`, `evaluate`, export to ONNX Runtime
-and OpenVINO, the daemon, events and live view run it as they run a supervised model. Its mask rule
-is `probability:0.5`: the regions are the locations above the image threshold.
+Everything is Keras layers with fixed weights: standard ones, and `cam`, inspectd's registered
+LocationAffine (a multiply and an add). `infer`, `evaluate`, export to ONNX Runtime and OpenVINO,
+the daemon, events and live view run it as they run a supervised model. Its mask rule is
+`probability:0.5`: the regions are the locations above the image threshold.
 
 Why not a memory bank (PatchCore's nearest neighbour): one Gaussian is a 152 x 152 matrix in the
-graph, where a bank is thousands of patches per image location to compare on a line PC's CPU;
-measured side by side in docs/quality.md.
+graph, where a bank is thousands of patches per image location to compare on a line PC's CPU. That
+is the argument; a bank was not built or measured beside it.
 """
 
 from __future__ import annotations
@@ -39,9 +40,8 @@ import numpy as np
 
 from inspectd.errors import DataError, UsageError
 
-# Lite0 layers whose outputs are the features (stride 8, stride 16), and the stride of the map.
+# Lite0 layers whose outputs are the features (stride 8, stride 16); the map is at stride 8.
 STAGES = ("block3b_add", "block5c_add")
-STRIDE = 8
 MIN_OK = 10  # fewer ok images than this cannot say what normal looks like, nor set a threshold
 
 
