@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import ROOT, TEST_MODEL, NotifySocket, wait_until
+from support import ROOT, TEST_MODEL, NotifySocket, dies_with_tests, wait_until
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Converted models (runtime onnxruntime/openvino) go to one cache per test session, shared by every daemon
@@ -158,7 +158,9 @@ DEVICE = f"Aravis-Fake-{SERIAL}"  # the id Aravis gives the fake camera (arv-too
 def fake_camera():
     """Aravis' fake GigE Vision camera on 127.0.0.1 (real GVCP/GVSP over UDP), found by discovery as DEVICE."""
     assert shutil.which(FAKE), f"{FAKE} is missing: apt-get install aravis-tools (scripts/test.sh does)"
-    proc = subprocess.Popen([FAKE, "-i", "127.0.0.1", "-s", SERIAL], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        dies_with_tests([FAKE, "-i", "127.0.0.1", "-s", SERIAL]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         from inspectd.sources.genicam import import_aravis
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from support import ROOT, free_port, http_get, wait_until
+from support import ROOT, dies_with_tests, free_port, http_get, wait_until
 
 __all__ = ["ROOT", "DaemonProcess", "assert_on_defect", "camera_toml", "daemon_config", "free_port", "http_get"]
 
@@ -89,7 +89,7 @@ class DaemonProcess:
         self.log_path = log
         self._log = open(log, "w")
         self.proc = subprocess.Popen(
-            [*prefix, python, "-m", "inspectd", "run", "--config", str(config)],
+            dies_with_tests([*prefix, python, "-m", "inspectd", "run", "--config", str(config)]),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,

@@ -16,7 +16,7 @@ import subprocess
 import threading
 from pathlib import Path
 
-from support import free_port, wait_until
+from support import dies_with_tests, free_port, wait_until
 
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd")
@@ -60,7 +60,9 @@ class Mosquitto:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Mosquitto:
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            dies_with_tests([MOSQUITTO, "-c", str(self.conf)]), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
         return self
 
     def wait_ready(self, timeout: float = 10.0) -> None:

@@ -20,7 +20,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from support import ROOT, free_port
+from support import ROOT, dies_with_tests, free_port
 
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
@@ -83,14 +83,16 @@ class PrometheusServer:
     def start(self) -> PrometheusServer:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [
-                PROMETHEUS,
-                f"--config.file={self.config_path}",
-                f"--storage.tsdb.path={self.workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-                "--storage.tsdb.retention.time=1h",
-                "--log.level=warn",
-            ],
+            dies_with_tests(
+                [
+                    PROMETHEUS,
+                    f"--config.file={self.config_path}",
+                    f"--storage.tsdb.path={self.workdir / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                    "--storage.tsdb.retention.time=1h",
+                    "--log.level=warn",
+                ]
+            ),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=self.workdir,

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from support import free_port, wait_until  # re-exported: tests import them from here too
+from support import dies_with_tests, free_port, wait_until  # re-exported: tests import them from here too
 
 __all__ = [
     "RtspServer",
@@ -211,7 +211,9 @@ class RtspServer:
         cmd += ["--auth", f"{self.auth[0]}\n{self.auth[1]}"] if self.auth else []
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))}
         self.size = (self.width, self.height)
-        self._proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._proc = subprocess.Popen(
+            dies_with_tests(cmd), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         self._wait_listening(timeout)
         return self
 

@@ -35,6 +35,17 @@ ROOT = Path(__file__).resolve().parents[1]
 Message = str | Callable[[], str]
 
 
+# util-linux's setpriv sets the parent-death signal and execs the command (same pid, no extra process).
+SETPRIV = shutil.which("setpriv")
+
+
+def dies_with_tests(argv: list[str]) -> list[str]:
+    """`argv` run so that the kernel sends it SIGTERM when the test process dies: a pytest killed by a
+    timeout or ^C skips its fixtures' teardown, and a daemon, broker or camera it started would be left
+    running with its ports and the CPU. Normal teardown still stops each process itself."""
+    return [SETPRIV, "--pdeathsig", "TERM", "--", *argv] if SETPRIV else list(argv)
+
+
 def _say(message: Message) -> str:
     return message() if callable(message) else message
 

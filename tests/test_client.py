@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import pytest
 import zmq
-from support import ROOT, TEST_MODEL, finishes_within, make_inspection, next_event, wait_connected
+from support import ROOT, TEST_MODEL, dies_with_tests, finishes_within, make_inspection, next_event, wait_connected
 
 from inspectd.client import EventKind, SeqTracker, Subscriber, decode_event
 from inspectd.errors import UsageError
@@ -238,7 +238,7 @@ class Watch:
         # SIGINT as at a terminal: a suite started in the background by a shell without job control
         # inherits SIGINT ignored, and a child would then (rightly) ignore Ctrl-C.
         self.proc = subprocess.Popen(
-            argv,
+            dies_with_tests(argv),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

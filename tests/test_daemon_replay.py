@@ -11,7 +11,7 @@ import time
 
 import pytest
 from daemon_util import ROOT, DaemonProcess, camera_toml, daemon_config
-from support import free_port, scrape, wait_until
+from support import dies_with_tests, free_port, scrape, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ class Watch:
         self.out = tmp_path / f"{name}.jsonl"
         self.err = tmp_path / f"{name}.err"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "inspectd", "watch", *args, "--json"],
+            dies_with_tests([sys.executable, "-m", "inspectd", "watch", *args, "--json"]),
             cwd=ROOT,
             stdout=open(self.out, "w"),
             stderr=open(self.err, "w"),

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from daemon_util import DaemonProcess, camera_toml, daemon_config
 from mqtt_util import Mosquitto, Recorder
-from support import ROOT, LateRelay, free_port, metric_value, wait_until
+from support import ROOT, LateRelay, dies_with_tests, free_port, metric_value, wait_until
 
 from inspectd.bridges.config import MqttConfig
 from inspectd.bridges.mqtt import Positions, topics_for
@@ -58,7 +58,7 @@ class Bridge:
         self.log_path = log
         self._log = open(log, "a")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "inspectd", "bridge", "mqtt", "--config", str(config)],
+            dies_with_tests([sys.executable, "-m", "inspectd", "bridge", "mqtt", "--config", str(config)]),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
-from support import ROOT, free_port, make_inspection
+from support import ROOT, dies_with_tests, free_port, make_inspection
 
 from inspectd.bridges.opcua import NODE_VARIABLES
 from inspectd.config import PublishConfig
@@ -58,7 +58,7 @@ class BridgeProcess:
         self.log_path = tmp_path / "opcua.log"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "inspectd", "bridge", "opcua", "--config", str(config)],
+            dies_with_tests([sys.executable, "-m", "inspectd", "bridge", "opcua", "--config", str(config)]),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,

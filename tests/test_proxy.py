@@ -17,7 +17,7 @@ import pytest
 from conftest import run_cli
 from daemon_util import DaemonProcess, camera_toml, daemon_config
 from prometheus_client import CollectorRegistry
-from support import ROOT, free_port, make_inspection, wait_until
+from support import ROOT, dies_with_tests, free_port, make_inspection, wait_until
 
 from inspectd.bridges.config import load_bridge_settings
 from inspectd.bridges.proxy import Proxy
@@ -176,7 +176,10 @@ def test_three_daemons_and_one_proxy_process_every_defect_event_no_gap(tmp_path,
         config = _bridges_toml(tmp_path, endpoints, keyring, proxy_port)
         log = open(tmp_path / "proxy.log", "w")
         proxy = subprocess.Popen(
-            [sys.executable, "-m", "inspectd", "proxy", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+            dies_with_tests([sys.executable, "-m", "inspectd", "proxy", "--config", str(config)]),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
         )
         try:
             consumer = ClientKeys.load(keyring / "consumer.key_secret", keyring / "proxy.key")

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 import zmq
-from support import ROOT
+from support import ROOT, dies_with_tests
 
 from inspectd import client
 from inspectd.client import MAX_IMAGE_PIXELS, Subscriber, decode_event, image_size
@@ -201,7 +201,7 @@ def start_watch():
 
     def start(*args: str) -> Lines:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "inspectd", "watch", *args],
+            dies_with_tests([sys.executable, "-m", "inspectd", "watch", *args]),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
