@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from inspectd.errors import UnavailableError, UsageError
-from inspectd.toolkit.backbones import BACKBONES, build_features, check_input_size
+from inspectd.toolkit.backbones import BACKBONES, auto_input_size, build_features, check_input_size
 
 # Channel counts of F at the cut (docs/model.md) and of the full networks.
 CHANNELS = {
@@ -63,3 +63,16 @@ def test_imagenet_offline_error_names_alternatives(tf, monkeypatch, tmp_path):
 
 def test_all_backbones_listed():
     assert set(BACKBONES) == {"efficientnetv2b0", "convnext_tiny", "mobilenetv3large", "efficientnet_lite0"}
+
+
+@pytest.mark.parametrize(
+    "sizes,longest,expected",
+    [
+        ([(752, 480)] * 3, 768, (768, 480)),  # the median, rounded to multiples of 32
+        ([(752, 480), (200, 100), (1600, 1200)], 768, (768, 480)),  # the median image, not the largest
+        ([(752, 480)], 384, (384, 256)),  # --ok-only's cap: 384 on the long side, the aspect kept
+        ([(200, 300)], 384, (192, 288)),  # small images are not enlarged
+    ],
+)
+def test_the_default_input_size(sizes, longest, expected):
+    assert auto_input_size(sizes, longest=longest) == expected

@@ -89,3 +89,21 @@ def test_a_bad_false_alarm_rate_is_a_usage_error(synth_train, tmp_path):
     assert r.stderr.strip().splitlines() == [
         "inspectd train: error: --far 0.7: the false-alarm rate aimed at must be between 0 and 0.5, e.g. 0.02"
     ]
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_the_exported_runtimes_run_the_per_location_gaussian(ok_only, synth_test, runtime):
+    """LocationWhiten (a matrix per location, one einsum) converts: ONNX Runtime and OpenVINO give TensorFlow's
+    scores and maps on held-out images (the tolerance of test_runtimes.py)."""
+    from inspectd.imageio import read_rgb
+    from inspectd.pipeline.engine import InferenceEngine
+    from inspectd.toolkit.dataset import scan
+
+    model = load_model(ok_only[0])
+    frames = [read_rgb(it.path) for it in scan(synth_test).items[:8]]
+    ref_scores, ref_cams = InferenceEngine(model, (8,), "cpu", runtime="tensorflow").infer(frames)
+    engine = InferenceEngine(model, (8,), "cpu", runtime=runtime)
+    scores, cams = engine.infer(frames)
+    assert engine.runtime == runtime and cams.shape == ref_cams.shape
+    assert np.abs(scores - ref_scores).max() <= 1e-4 and np.abs(cams - ref_cams).max() <= 1e-3
+    assert np.ptp(ref_cams) > 0.1  # not a constant map, which any runtime would match

@@ -76,6 +76,10 @@ def test_metadata_records_the_supervision(supervised):
     assert meta[0] is None  # image labels only (pixel_weight 0), although the synthetic set has masks
     assert meta[12]["masks"] < 12 and meta[1000]["masks"] > meta[12]["masks"]  # the validation split took some
     assert meta[1000]["weight"] == 1.0 and meta[1000]["ok_negatives"] is True
+    # The mask rule's search: under 5 masked validation images it borrows the training split's; with plenty, not.
+    search = {k: read_metadata(p)["mask_rule_search"]["images"] for k, p in supervised.items() if k}
+    assert search[12]["validation"] < 5 and search[12]["training"] == meta[12]["masks"], search
+    assert search[1000]["validation"] >= 5 and search[1000]["training"] == 0, search
 
 
 def test_the_deployable_contract_is_unchanged(supervised, synth_test):

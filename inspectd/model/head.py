@@ -24,6 +24,7 @@ __all__ = [
     "cam_head",
     "deployable_outputs",
     "location_affine",
+    "location_whiten",
     "register",
 ]
 
@@ -112,9 +113,9 @@ def _location_affine_layer():
 
     @keras.saving.register_keras_serializable(package="inspectd")
     class LocationAffine(keras.layers.Layer):
-        """x [B, h, w, 1] -> x * scale[h, w] + offset[h, w]: a scale and an offset of its own at every location
-        (an ok-only model's per-location normalisation of its distance map, inspectd.toolkit.okonly). The two
-        maps are weights, set after building; plain multiply and add, so every runtime exports it."""
+        """x [B, h, w, 1] -> x * scale[h, w] + offset[h, w]: a scale and an offset of its own at every location.
+        The first ok-only models (a Gaussian shared by all locations) standardised their distance map with it;
+        kept so that their files still load. The two maps are weights, set after building."""
 
         def build(self, input_shape):
             h, w = int(input_shape[1]), int(input_shape[2])
@@ -127,9 +128,31 @@ def _location_affine_layer():
     return LocationAffine
 
 
+def _location_whiten_layer():
+    import keras
+
+    @keras.saving.register_keras_serializable(package="inspectd")
+    class LocationWhiten(keras.layers.Layer):
+        """x [B, h, w, C] -> z[b, i, j] = kernel[i, j] @ x[b, i, j] + bias[i, j]: a C x C matrix and an offset of
+        its own at every location (an ok-only model's per-location Gaussian, inspectd.toolkit.okonly: z is the
+        whitened feature, |z|^2 the Mahalanobis distance). Weights set after building; one einsum, which
+        TensorFlow, ONNX (Einsum) and OpenVINO all run."""
+
+        def build(self, input_shape):
+            h, w, c = (int(v) for v in input_shape[1:])
+            self.kernel = self.add_weight(shape=(h, w, c, c), initializer="zeros", trainable=False, name="kernel")
+            self.bias = self.add_weight(shape=(h, w, c), initializer="zeros", trainable=False, name="bias")
+
+        def call(self, x):
+            return keras.ops.einsum("bhwd,hwcd->bhwc", x, self.kernel) + self.bias
+
+    return LocationWhiten
+
+
 # The Keras classes, made on first use: this module imports without Keras (the daemon's metadata path).
 _TOPK: list[type] = []
 _AFFINE: list[type] = []
+_WHITEN: list[type] = []
 
 
 def register():
@@ -137,6 +160,7 @@ def register():
     if not _TOPK:
         _TOPK.append(_topk_layer())
     location_affine()
+    location_whiten()
     return _TOPK[0]
 
 
@@ -145,6 +169,13 @@ def location_affine():
     if not _AFFINE:
         _AFFINE.append(_location_affine_layer())
     return _AFFINE[0]
+
+
+def location_whiten():
+    """The LocationWhiten layer class (registered with Keras on first use)."""
+    if not _WHITEN:
+        _WHITEN.append(_location_whiten_layer())
+    return _WHITEN[0]
 
 
 def pool_logit(cam, pooling: Pooling):

@@ -71,13 +71,13 @@ def check_input_size(size: tuple[int, int], stride: int) -> None:
         )
 
 
-def auto_input_size(sizes: list[tuple[int, int]]) -> tuple[int, int]:
+def auto_input_size(sizes: list[tuple[int, int]], longest: int = 768) -> tuple[int, int]:
     """The input size when none is given: the median (width, height) of the images, rounded to the nearest multiple
-    of 32 and capped at 768 on the long side."""
+    of 32 and capped at `longest` on the long side."""
     import numpy as np
 
     w, h = np.median(np.array(sizes), axis=0)
-    scale = min(1.0, 768 / max(w, h))
+    scale = min(1.0, longest / max(w, h))
     width, height = (int(max(2, round(v * scale / 32)) * 32) for v in (w, h))
     return width, height
 

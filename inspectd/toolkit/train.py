@@ -19,6 +19,9 @@ from inspectd.model.head import parse_pooling
 from inspectd.toolkit import dataset as datasets
 from inspectd.toolkit.backbones import BACKBONES, auto_input_size, build_features, check_input_size
 
+# Below this many masked validation images the mask rule's search also uses the training split's masks.
+MIN_RULE_MASKS = 5
+
 
 @dataclass(frozen=True)
 class TrainOptions:
@@ -278,9 +281,12 @@ def _val_scores(deployable, val_ds, size, batch_size: int) -> np.ndarray:
     return np.concatenate([deployable(x, training=False)["score"].numpy() for x, _ in eval_pipeline(val_ds, size, batch_size)])
 
 
-def _pick_mask_rule(opts: TrainOptions, deployable, val_ds, size):
+def _pick_mask_rule(opts: TrainOptions, deployable, val_ds, train_ds, size):
     """The mask rule stored in the model: `kind:param` as given, else the kind's parameter with the best
-    mean defect IoU on the validation images' masks, else the kind's default (no masks)."""
+    mean defect IoU on the validation images' masks, else the kind's default (no masks). With fewer than
+    MIN_RULE_MASKS masked validation images the training split's masked defect images join the search: a
+    parameter picked on two masks follows their shapes, and the rule's parameter is a shape (how much of the
+    peak the region keeps) more than a fit."""
     from inspectd.imageio import read_rgb
     from inspectd.model.deployable import Deployable
     from inspectd.model.masks import MASK_RULES, MaskRule
@@ -292,18 +298,22 @@ def _pick_mask_rule(opts: TrainOptions, deployable, val_ds, size):
     if ":" in opts.mask_rule:
         return rule, {"how": "given"}
     items = [it for it in val_ds.items if it.label == 0 or it.mask is not None]
-    if not any(it.mask is not None for it in items):
+    n_val = sum(it.mask is not None for it in items)
+    borrowed = [it for it in train_ds.items if it.mask is not None] if n_val < MIN_RULE_MASKS else []
+    if not n_val and not borrowed:
         return rule, {"how": f"default (no validation masks): {MASK_RULES[rule.kind][0]}"}
     meta = {"input": {"width": size[0], "height": size[1]}}
     predictor = Predictor(Deployable(deployable, meta, Path("."), ""), opts.batch_size)
+    items += borrowed
     images = [read_rgb(it.path) for it in items]
     samples = [
         Sample(p.cam_logits, p.score, truth_mask(it, im.shape[:2])) for it, im, p in zip(items, images, predictor.predict(images))
     ]
     best, curve = pick_mask_rule(samples, rule.kind, 0.5)
     chosen, how = rule_from_search(rule.kind, best, curve)
-    _log(f"mask rule {chosen} ({how['why']} on {sum(s.truth.any() for s in samples)} validation images with masks)")
-    return chosen, how
+    on = f"{n_val} validation images with masks" + (f" and {len(borrowed)} training images with masks" if borrowed else "")
+    _log(f"mask rule {chosen} ({how['why']} on {on})")
+    return chosen, {**how, "images": {"validation": n_val, "training": len(borrowed)}}
 
 
 def rule_from_search(kind: str, best, curve: dict[float, float]):
@@ -375,7 +385,7 @@ def train(opts: TrainOptions) -> TrainResult:
         },
         "metrics": {"val": val},
     }
-    rule, search = _pick_mask_rule(opts, deployable, val_ds, size)
+    rule, search = _pick_mask_rule(opts, deployable, val_ds, train_ds, size)
     meta["mask_rule"] = rule.as_meta()
     meta["mask_rule_search"] = search
     if rule.kind == "probability":
