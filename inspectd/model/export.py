@@ -104,8 +104,9 @@ def _to_onnx(saved: Path, out: Path) -> None:
 
 
 def _to_openvino(saved: Path, out: Path) -> None:
-    import openvino as ov
+    from inspectd.model.ovcore import import_openvino
 
+    ov = import_openvino()
     # compress_to_fp16=False: save_model halves the weights by default, which would move the outputs.
     ov.save_model(ov.convert_model(str(saved)), str(out), compress_to_fp16=False)
 

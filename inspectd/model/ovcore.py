@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
-__all__ = ["openvino_core"]
+__all__ = ["import_openvino", "openvino_core"]
 
+import sys
 import threading
 
 _core_lock = threading.Lock()
 _core = None
+
+
+def import_openvino():
+    """`openvino`, with its telemetry kept out of the process. OpenVINO's converter (and NNCF) send usage events to
+    Google Analytics unless a consent file in the user's home says no, from a `multiprocessing` child forked off
+    the daemon's threads: on a line PC with no route out, that child deadlocked on a lock copied mid-use, ignored
+    the SIGTERM meant to end it (it inherits the daemon's handler), and outlived the daemon. Both fall back to
+    sending nothing when `openvino_telemetry` cannot be imported; None in sys.modules makes it so."""
+    if "openvino_telemetry" not in sys.modules:
+        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]
+    import openvino
+
+    return openvino
 
 
 def openvino_core():
@@ -21,7 +35,5 @@ def openvino_core():
     global _core
     with _core_lock:
         if _core is None:
-            import openvino as ov
-
-            _core = ov.Core()
+            _core = import_openvino().Core()
         return _core

@@ -29,13 +29,13 @@ def quantize(fmt: str, fp32: Path, calibration: Sequence[np.ndarray], out: Path)
 
 
 def _openvino(fp32: Path, calibration: list[np.ndarray], out: Path) -> None:
+    from inspectd.model.ovcore import import_openvino, openvino_core
+
+    ov = import_openvino()  # first: NNCF imports OpenVINO's telemetry too
     try:
         import nncf
     except ImportError:
         raise UnavailableError("INT8 for openvino needs NNCF: pip install 'inspectd[int8]'") from None
-    import openvino as ov
-
-    from inspectd.model.ovcore import openvino_core
 
     model = openvino_core().read_model(str(fp32))  # the process's one Core (runtimes.openvino_core says why)
     # fast_bias_correction=False: NNCF's slower, more exact bias correction. On a magnetic-tile Lite0 model it changed
