@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from okonly import features  # benchmarks/ is the script's own folder
+from okonly import features, stacked  # benchmarks/ is the script's own folder
 from quality import split_tiles
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,17 +44,8 @@ PROBES = {  # name -> (stages, grid stride, hidden units, masks used: None = all
 
 
 def hypercolumn(d: dict, stages, grid: int) -> np.ndarray:
-    import tensorflow as tf
-
-    parts = []
-    for s in stages:
-        x = d[s].astype(np.float32)
-        if x.shape[1] > grid:
-            x = tf.nn.avg_pool2d(x, x.shape[1] // grid, x.shape[1] // grid, "VALID").numpy()
-        elif x.shape[1] < grid:
-            x = tf.image.resize(x, (grid, grid), "bilinear").numpy()
-        parts.append(x)
-    return np.concatenate(parts, -1)
+    """The stages' features on a grid x grid map (okonly.py's stacking, no local means)."""
+    return stacked(d, stages, False, grid)
 
 
 def probe(feats: dict, size: int, stages, stride: int, hidden: int, masks: int | None) -> dict:

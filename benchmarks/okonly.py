@@ -90,7 +90,8 @@ def features(split: Path, out: Path, size: int) -> dict:
 
 
 def stacked(d: dict, stages, mean3: bool, grid: int) -> np.ndarray:
-    """The stages' features at stride 8 (finer ones average-pooled, coarser ones upsampled bilinearly), float32."""
+    """The stages' features on a grid x grid map (finer ones average-pooled, coarser ones upsampled bilinearly),
+    float32."""
     import tensorflow as tf
 
     parts = []
