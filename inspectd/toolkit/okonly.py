@@ -47,7 +47,6 @@ from inspectd.errors import DataError, UsageError
 # Lite0 layers whose outputs are the features (strides 8, 16, 32); the map is at stride 8.
 STAGES = ("block3b_add", "block5c_add", "block6d_add")
 CHANNELS = 100  # PaDiM's random subset: a C x C matrix per location, and enough ok images to estimate it
-CHANNELS_IN = 40 + 112 + 192  # the three stages' channels
 NEIGHBOURS = 1  # a location's Gaussian pools the locations within 1 cell (3 x 3) of it
 # The default input's long side: the file holds a C x C matrix per location (40 KB), 92 MB at 384 x 384.
 MAX_AUTO_SIDE = 384
@@ -58,8 +57,9 @@ def _log(msg: str) -> None:
     print(f"inspectd train --ok-only: {msg}", file=sys.stderr, flush=True)
 
 
-def _features(size: tuple[int, int], weights: str, keep: np.ndarray):
-    """Keras model: RGB 0..255 -> the stride-8, 16 and 32 features at stride 8, channels `keep` of them."""
+def _features(size: tuple[int, int], weights: str, rng: np.random.Generator):
+    """(Keras model: RGB 0..255 -> the stride-8, 16 and 32 features at stride 8, CHANNELS of them drawn by `rng`,
+    the channels kept)."""
     import keras
 
     from inspectd.toolkit.efficientnet_lite0 import EfficientNetLite0
@@ -70,12 +70,13 @@ def _features(size: tuple[int, int], weights: str, keep: np.ndarray):
     mid = keras.layers.UpSampling2D(2, interpolation="bilinear", name="okonly_mid_up")(mid)
     coarse = keras.layers.UpSampling2D(4, interpolation="bilinear", name="okonly_coarse_up")(coarse)
     features = keras.layers.Concatenate(name="okonly_features")([fine, mid, coarse])
-    select = keras.layers.Conv2D(len(keep), 1, use_bias=False, name="okonly_select", dtype="float32")
+    keep = np.sort(rng.choice(features.shape[-1], CHANNELS, replace=False))
+    select = keras.layers.Conv2D(CHANNELS, 1, use_bias=False, name="okonly_select", dtype="float32")
     picked = select(features)
-    pick = np.zeros((features.shape[-1], len(keep)), np.float32)
-    pick[keep, np.arange(len(keep))] = 1.0
+    pick = np.zeros((features.shape[-1], CHANNELS), np.float32)
+    pick[keep, np.arange(CHANNELS)] = 1.0
     select.set_weights([pick[None, None]])
-    return keras.Model(app.input, picked, name="okonly_features")
+    return keras.Model(app.input, picked, name="okonly_features"), keep
 
 
 def _batches(items, size, batch_size: int):
@@ -191,8 +192,7 @@ def fit_ok_only(opts, out: Path):
         + (f", {len(defects)} defect images only measure it" if defects else "")
         + f"; input {size[0]}x{size[1]}, efficientnet_lite0 (ImageNet) {' + '.join(STAGES)}"
     )
-    keep = np.sort(rng.choice(CHANNELS_IN, CHANNELS, replace=False))
-    features = _features(size, opts.weights, keep)
+    features, keep = _features(size, opts.weights, rng)
     grid = features.output.shape[1:3]
     _log(
         f"a {grid[1]}x{grid[0]} map: a Gaussian of {CHANNELS} channels at each location, "
