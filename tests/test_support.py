@@ -30,12 +30,21 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
 @pytest.mark.skipif(SETPRIV is None, reason="util-linux's setpriv is missing")
 def test_a_process_started_by_a_killed_test_run_stops():
     parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(ROOT / "tests")], stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
     try:
-        assert not _gone(child)
+        # setpriv sets the death signal and then execs: once the child runs `sleep`, it is set (killing the parent
+        # before that would race setpriv on a loaded machine).
+        wait_until(lambda: _command(child) == "sleep", 10, f"child {child} to exec sleep")
         parent.send_signal(signal.SIGKILL)  # as a timeout kills pytest: no teardown runs
         parent.wait()
         wait_until(lambda: _gone(child), 10, f"the orphaned child {child} to get SIGTERM")
