@@ -51,6 +51,11 @@ RECIPES = {
     "bce": ["--loss", "bce"],
     "last-epoch": ["--select", "last"],
     "no-augment": ["--no-augment"],
+    # Lite0's stages at stride 4 and a hidden layer (train's head defaults: lse:5 pooling, raw pixel head at weight 1,
+    # probability mask rule)
+    "hypercolumn": ["--head", "hypercolumn"],
+    "hypercolumn-max": ["--head", "hypercolumn", "--pooling", "max"],
+    "hypercolumn-gap": ["--head", "hypercolumn", "--pooling", "gap", "--pixel-head", "centred"],
 }
 # Runs of an earlier version of a recipe, kept under their own name: their rows say what they were.
 RENAMED = {"affine-b0": "affine, b starting at 0"}
@@ -76,14 +81,13 @@ def with_masks(train_dir: Path, out: Path, keep: int | None, seed: int = 0) -> P
 
 def one(recipe: str, keep: int | None, train_dir: Path, test_dir: Path, out: Path, args) -> None:
     """Train (unless the model exists) and evaluate one recipe with `keep` masks; the report lands in its folder."""
-    name = f"{recipe}-{'all' if keep is None else keep}"
+    name = recipe + (f"_seed{args.seed}" if args.seed else "") + f"-{'all' if keep is None else keep}"
     folder = out / name
     model = folder / f"{name}.keras"
     data = with_masks(train_dir, out / "data" / f"masks-{'all' if keep is None else keep}", keep)
     if not model.exists():
-        seconds = run(
-            "train", data, "--out", model, "--epochs", args.epochs, "--input-size", args.size, "--seed", 0, *RECIPES[recipe]
-        )
+        fixed = ["--epochs", args.epochs, "--input-size", args.size, "--seed", args.seed]
+        seconds = run("train", data, "--out", model, *fixed, *RECIPES[recipe])
         (folder / "train_seconds.txt").write_text(f"{seconds:.0f}\n")
     run("evaluate", model, test_dir, "--report", folder / "report")
 
@@ -96,11 +100,13 @@ def collect(out: Path) -> dict:
         for report in sorted((out / sub).glob("*/report/report.json")):
             folder = report.parents[1]
             recipe, _, masks = folder.name.rpartition("-")
+            recipe, _, seed = recipe.partition("_seed")
             seconds = folder / "train_seconds.txt"
             data = out / sub / "data" / f"masks-{masks}" / "masks"
             rows.append(
                 {
                     "recipe": RENAMED.get(recipe, recipe),
+                    "seed": int(seed or 0),
                     "masks": masks,
                     "masks_in_training": len(list(data.iterdir())) if data.is_dir() else None,
                     "train_minutes": round(float(seconds.read_text()) / 60, 1) if seconds.exists() else None,
@@ -108,7 +114,7 @@ def collect(out: Path) -> dict:
                 }
             )
         order = list(RECIPES) + list(RENAMED.values())
-        rows.sort(key=lambda r: (order.index(r["recipe"]) if r["recipe"] in order else 99, _count(r["masks"])))
+        rows.sort(key=lambda r: (order.index(r["recipe"]) if r["recipe"] in order else 99, _count(r["masks"]), r["seed"]))
         if rows:
             results[title] = rows
     return results
@@ -127,8 +133,9 @@ def _row(r: dict) -> str:
     def f(v):
         return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
+    seed = f" (seed {r['seed']})" if r["seed"] else ""
     return (
-        f"| {r['recipe']} | {r['masks']} | {f(img.get('roc_auc'))} | {f(cal.get('roc_auc'))} | {f(cal.get('aupro'))} | "
+        f"| {r['recipe']}{seed} | {r['masks']} | {f(img.get('roc_auc'))} | {f(cal.get('roc_auc'))} | {f(cal.get('aupro'))} | "
         f"{f(pub.get('iou'))} ({pub.get('mask_rule')}) | {f(pub.get('region_recall'))} | {f(pub.get('region_precision'))} | "
         f"{f(pub.get('false_region_rate'))} | {f(oracle.get('iou'))} | "
         f"{'-' if r['train_minutes'] is None else format(r['train_minutes'], '.1f')} |"
@@ -156,6 +163,7 @@ def main() -> int:
     ap.add_argument("--recipes", nargs="+", default=["default"], choices=sorted(RECIPES))
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--size", default="256x256", help="training input WxH")
+    ap.add_argument("--seed", type=int, default=0, help="train's seed (split, sampling, weights), not the masks'")
     ap.add_argument("--holdout", action="store_true", help="also train on blowholes, test on cracks")
     ap.add_argument("--only-holdout", action="store_true", help="only the held-out defect type")
     args = ap.parse_args()

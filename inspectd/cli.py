@@ -225,6 +225,7 @@ def _cmd_train(args) -> int:
         out=args.out,
         backbone=args.backbone,
         stride=args.stride,
+        head=args.head,
         input_size=parse_size(args.input_size) if args.input_size else None,
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -377,6 +378,14 @@ def _add_train(sub) -> None:
         choices=(8, 16, 32),
         help="16: truncated as in the paper; 8: atrous, a 2x finer map (efficientnet_lite0 only); 32: full",
     )
+    p.add_argument(
+        "--head",
+        default="auto",
+        choices=("auto", "cam", "hypercolumn"),
+        help="the map: cam (a 1x1 convolution on the stride cut, the paper's) or hypercolumn (efficientnet_lite0's "
+        "stages at stride 4 and a hidden layer: a 4x finer map); auto: hypercolumn when masks train the map, "
+        "else cam; see docs/model.md",
+    )
     p.add_argument("--input-size", help="WxH, multiples of the stride (default: median image size, rounded to 32)")
     p.add_argument("--epochs", type=int, default=30, help="training epochs")
     p.add_argument("--batch-size", type=int, default=8, help="images per training step")
@@ -398,17 +407,15 @@ def _add_train(sub) -> None:
     p.add_argument("--no-augment", action="store_true", help="switch the seed's augmentations off")
     p.add_argument(
         "--pooling",
-        default="gap",
-        help="how the head pools cam_logits into the score: gap (the paper), "
+        help="how the head pools cam_logits into the score (default: gap with the cam head, lse:5 with hypercolumn): gap, "
         "lse:R (log-mean-exp, sharpness R), topk:F (mean of the top F share of cells), max; "
         "see docs/model.md",
     )
     p.add_argument(
         "--mask-rule",
-        default="minmax",
-        help="how the map becomes a mask: probability | relative | "
-        "quantile | minmax; its parameter is picked on the validation masks when there are any (KIND:PARAM "
-        "fixes it); see docs/model.md",
+        help="how the map becomes a mask (default: minmax with the cam head, probability with hypercolumn): "
+        "probability | relative | quantile | minmax; its parameter is picked on the validation masks when there are "
+        "any (KIND:PARAM fixes it); see docs/model.md",
     )
     p.add_argument("--loss", default="focal", choices=("focal", "bce"), help="the image-level loss")
     p.add_argument(
@@ -422,7 +429,10 @@ def _add_train(sub) -> None:
         "when DATASET/masks/ holds masks (any number), they train cam_logits beside the image labels; see docs/cli.md",
     )
     g.add_argument(
-        "--pixel-weight", type=float, default=0.25, help="weight of the pixel loss against the image loss; 0: labels only"
+        "--pixel-weight",
+        type=float,
+        help="weight of the pixel loss against the image loss (default: 0.25 with the cam head, 1 with hypercolumn); "
+        "0: labels only",
     )
     g.add_argument(
         "--pixel-resolution",
@@ -455,9 +465,9 @@ def _add_train(sub) -> None:
     )
     g.add_argument(
         "--pixel-head",
-        default="centred",
         choices=("raw", "affine", "centred"),
-        help="what the pixel loss sees: the map (raw), a*map+b, or a*(map - its mean)+b; a, b learnt, not deployed",
+        help="what the pixel loss sees: the map (raw), a*map+b, or a*(map - its mean)+b; a, b learnt, not deployed "
+        "(default: centred with the cam head, raw with hypercolumn)",
     )
     p.set_defaults(func=_cmd_train)
 

@@ -198,11 +198,20 @@ def pool_logit(cam, pooling: Pooling):
     return keras.layers.Rescaling(1.0 / r, offset=-math.log(n) / r, name="logit")(mean)
 
 
-def cam_head(fmap, pooling: Pooling):
-    """Feature map [B, h, w, C] -> (cam logits [B, h, w, 1], score [B, 1]): the 1x1 convolution and the pooling."""
+def cam_head(fmap, pooling: Pooling, hidden: int = 0, bias: float = 0.0):
+    """Feature map [B, h, w, C] -> (cam logits [B, h, w, 1], score [B, 1]): the 1x1 convolution and the pooling.
+
+    `hidden` > 0 puts a normalisation and a 1x1 convolution of that many ReLU units before it (the hypercolumn
+    head: stages of very different scales side by side, and a per-pixel decision a linear map cannot make;
+    still one pass, and still `cam_logits` from the last convolution). `bias` starts the map there (the
+    hypercolumn head starts at a rare defect pixel's prior, as RetinaNet starts its classifier)."""
     import keras
 
-    cam = keras.layers.Conv2D(1, 1, name="cam", dtype="float32")(fmap)
+    if hidden:
+        fmap = keras.layers.BatchNormalization(name="cam_norm")(fmap)
+        fmap = keras.layers.Conv2D(hidden, 1, activation="relu", name="cam_hidden")(fmap)
+    init = keras.initializers.Constant(bias)
+    cam = keras.layers.Conv2D(1, 1, bias_initializer=init, name="cam", dtype="float32")(fmap)
     score = keras.layers.Activation("sigmoid", name="prob", dtype="float32")(pool_logit(cam, pooling))
     return cam, score
 

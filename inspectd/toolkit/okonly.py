@@ -53,6 +53,10 @@ MAX_AUTO_SIDE = 384
 MIN_OK = 10  # fewer ok images than this cannot say what normal looks like, nor set a threshold
 
 
+# train's options that only a trained head takes: the file's own pooling and mask rule say what this model does.
+_NOT_OURS = ("out", "verbose", "head", "pooling", "mask_rule", "pixel_weight", "pixel_head")
+
+
 def _log(msg: str) -> None:
     print(f"inspectd train --ok-only: {msg}", file=sys.stderr, flush=True)
 
@@ -245,7 +249,7 @@ def fit_ok_only(opts, out: Path):
         "mask_rule": {"kind": "probability", "param": 0.5},
         "mask_rule_search": {"how": "the image threshold: the regions are the locations above it"},
         "training": {
-            **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items() if k not in ("out", "verbose")},
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items() if k not in _NOT_OURS},
             "input_size": list(size),
             "ok_only": record,
         },

