@@ -579,6 +579,102 @@ def test_a_recent_defect_is_saved_with_its_regions_as_the_mask(view):
     assert not [p for p in view.collect_dir.rglob(".*")]  # no temporary left
 
 
+def _painted(mask: np.ndarray, data_url: bool = True) -> str:
+    """A mask as the page sends its canvas: painted pixels opaque red, the rest transparent black (RGBA PNG)."""
+    import base64
+
+    rgba = np.zeros((*mask.shape, 4), np.uint8)
+    rgba[mask > 0] = (0, 0, 255, 255)  # BGRA for OpenCV: red
+    text = base64.b64encode(cv2.imencode(".png", rgba)[1].tobytes()).decode()
+    return "data:image/png;base64," + text if data_url else text
+
+
+def _save_painted(view, record_id: str, mask) -> tuple:
+    body = json.dumps({"id": record_id, "mask": mask}).encode()
+    return view.request("POST", "/api/collect-defect", body, {"Content-Type": "application/json", "X-Inspectd-Collect": "1"})
+
+
+def _recent_defect(view, seq: int, regions: bool = True):
+    frame = _frame("cam-a", seq).image
+    kinds = ("mask", "regions") if regions else ("mask",)
+    specs = [{"kind": kind, "encoding": "png", "width": 160, "height": 120} for kind in kinds]
+    parts = _defect_message("cam-a", seq, seq, time.time(), np.full((120, 160), 200, np.uint8), attachments=specs)
+    published = np.zeros((120, 160), np.uint8)
+    published[30:50, 40:90] = 255
+    view.ring.add(parts[1], [*parts[2:], *([encode_png(published)] if regions else [])], frame)
+    return view.ring.recent()[0], frame
+
+
+@pytest.mark.parametrize("data_url", [True, False])
+def test_a_painted_mask_is_saved_instead_of_the_regions(view, data_url):
+    """The operator paints the mask in the detail view (the page's canvas, sent as a PNG): it is saved as the
+    defect's mask, 255 where painted and 0 elsewhere, whatever the published regions were; also for an event
+    with no regions at all (a defect the model found but did not outline)."""
+    for seq, regions in ((11, True), (12, False)):
+        record, frame = _recent_defect(view, seq, regions)
+        painted = np.zeros((120, 160), np.uint8)
+        painted[70:100, 10:30] = 1  # elsewhere than the published regions
+        status, _, body = _save_painted(view, record.id, _painted(painted, data_url))
+        assert status == 200, body
+        saved = json.loads(body)
+        mask = cv2.imread(str(view.collect_dir / saved["mask"]), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(mask, np.where(painted > 0, 255, 0).astype(np.uint8))
+        image = cv2.cvtColor(cv2.imread(str(view.collect_dir / saved["saved"])), cv2.COLOR_BGR2RGB)
+        assert np.array_equal(image, frame)
+
+
+def _png_declaring(width: int, height: int) -> str:
+    """A PNG's signature and header chunk declaring width x height, and nothing else."""
+    import base64
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return base64.b64encode(b"\x89PNG\r\n\x1a\n" + chunk).decode()
+
+
+@pytest.mark.parametrize(
+    ("mask", "message"),
+    [
+        (lambda: _painted(np.zeros((120, 160), np.uint8)), "the painted mask is empty: paint the defect, or save the regions"),
+        (lambda: _painted(np.ones((60, 80), np.uint8)), "the painted mask is 80x60; the frame is 160x120"),
+        (lambda: "data:image/jpeg;base64,AAAA", "mask: a PNG expected (data:image/png;base64,...)"),
+        (lambda: "not base64!", "mask: not base64"),
+        (lambda: "aGVsbG8=", "mask: not a PNG image"),
+        (lambda: 7, "mask: a base64 PNG expected"),
+        (lambda: _png_declaring(100_000, 100_000), "mask: 100000x100000 is larger than any frame the daemon keeps"),
+    ],
+)
+def test_a_bad_painted_mask_is_a_400_that_saves_nothing(view, mask, message):
+    record, _ = _recent_defect(view, 13)
+    status, _, body = _save_painted(view, record.id, mask())
+    assert (status, body.decode().strip()) == (400, message)
+    assert not view.collect_dir.exists()
+
+
+def _announce(view, path: str, length: int, body: bytes = b"") -> tuple[int, str]:
+    """A POST that announces `length` bytes and sends only `body` (the headers, then the answer is read)."""
+    conn = http.client.HTTPConnection("127.0.0.1", view.server.port, timeout=10)
+    conn.putrequest("POST", path)
+    for name, value in (("Content-Type", "application/json"), ("X-Inspectd-Collect", "1"), ("Content-Length", str(length))):
+        conn.putheader(name, value)
+    conn.endheaders(body or None)
+    response = conn.getresponse()
+    return response.status, response.read().decode().strip()
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(view):
+    """A painted mask may take 8 MiB, any other collection request 4096 bytes; beyond, 413 at once, from the
+    announced length (nothing of the body is read)."""
+    assert _announce(view, "/api/collect-defect", 9_000_000) == (413, "the body is 9000000 bytes; at most 8388608")
+    assert _announce(view, "/api/collect", 5000) == (413, "the body is 5000 bytes; at most 4096")
+    record, _ = _recent_defect(view, 14)
+    small = json.dumps({"id": record.id}).encode()  # under both limits: saved with its regions
+    assert _announce(view, "/api/collect-defect", len(small), small)[0] == 200
+    assert len(list((view.collect_dir / "masks").iterdir())) == 1
+
+
 def test_a_defect_without_regions_or_frame_is_not_saved(view):
     parts = _defect_message("cam-a", 4, 8, time.time(), np.zeros((120, 160), np.uint8))
     view.ring.add(parts[1], parts[2:], _frame("cam-a", 8).image)  # no regions attachment

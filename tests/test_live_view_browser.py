@@ -237,6 +237,44 @@ def test_the_collection_buttons_save_frames_train_reads(daemon, browser, tmp_pat
     assert (tmp_path / "m.keras").stat().st_size > 0
 
 
+def test_the_painter_saves_the_mask_a_person_paints(daemon, browser):
+    """The detail view's painter: clear the regions, paint a horizontal stroke with the mouse, erase its middle
+    with a vertical one, save: the mask saved beside the frame is the stroke less the erased part, at the frame's
+    size (320 x 240), 0 or 255, nothing painted elsewhere."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    browser.get(daemon.url)
+    wait_until(lambda: _open_first_recent(browser), 60, "a recent defect to open")
+    canvas = browser.find_element(By.ID, "painter-mask")
+    wait_until(lambda: browser.execute_script("return arguments[0].width", canvas) == 320, 10, "the canvas at the frame's size")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
+    browser.find_element(By.ID, "painter-clear").click()
+    browser.execute_script("const s = document.getElementById('brush-size'); s.value = 8; s.dispatchEvent(new Event('input'))")
+    assert browser.find_element(By.ID, "brush-size-value").text == "8"
+    scale = 320 / canvas.rect["width"]  # frame pixels per CSS pixel; offsets below are from the canvas' centre
+    ActionChains(browser).move_to_element_with_offset(canvas, -60, 0).click_and_hold().move_by_offset(120, 0).release().perform()
+    browser.find_element(By.CSS_SELECTOR, "input[name=brush][value=erase]").click()
+    ActionChains(browser).move_to_element_with_offset(canvas, 0, -20).click_and_hold().move_by_offset(0, 40).release().perform()
+    masks = daemon.collect_dir / "masks"
+    before = set(masks.glob("*.png")) if masks.is_dir() else set()
+    browser.find_element(By.ID, "painter-save").click()
+    result = browser.find_element(By.ID, "painter-result")
+    wait_until(lambda: result.text not in ("", "saving…"), 10, "the save to answer")
+    assert result.text.startswith("saved defect/") and result.text.endswith(" with the painted mask"), result.text
+    (path,) = set(masks.glob("*.png")) - before
+    assert (daemon.collect_dir / "defect" / path.name).is_file()
+    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert mask.shape == (240, 320) and set(np.unique(mask)) == {0, 255}
+    cx, cy, reach = 160, 120, round(60 * scale)
+    assert mask[cy, cx - reach // 2] == 255 and mask[cy, cx + reach // 2] == 255  # the stroke
+    assert mask[cy, cx] == 0  # erased
+    ys, xs = np.nonzero(mask)
+    assert cy - 6 <= ys.min() and ys.max() <= cy + 6, (ys.min(), ys.max())  # a brush of 8: 4 either side, +1 rounding
+    assert cx - reach - 6 <= xs.min() and xs.max() <= cx + reach + 6, (xs.min(), xs.max())
+    browser.find_element(By.ID, "detail-close").click()
+
+
 def test_the_page_never_builds_html_from_data():
     """Everything the daemon sends is put on the page as text (textContent), never parsed as HTML."""
     script = (STATIC / "live.js").read_text()

@@ -15,8 +15,9 @@ Routes (GET unless said):
     /defect/{frame,mask,regions,overlay,thumb}?id=ID   its frame, probability mask, regions, the two drawn
                             (overlay&map=probability|relative: that map instead of [ui] map)
     POST /api/collect       {"camera": ID, "label": "ok"|"defect"}: save the camera's current frame for training
-    POST /api/collect-defect  {"id": ID}: save a recent defect's frame with its published regions as its mask
-                            (both only with [ui] collect_dir; the page's only writes)
+    POST /api/collect-defect  {"id": ID[, "mask": PNG]}: save a recent defect's frame with its published regions as
+                            its mask, or with the mask the operator painted (base64 PNG, a data URL too, the
+                            frame's size, non-zero = defect); both only with [ui] collect_dir, the page's only writes
 
 Safety: read-only but for collection; the page builds every element with textContent and escaped URLs;
 camera ids are looked up, never used as paths (file names use `safe_component`); responses carry a
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 __all__ = ["UiApp", "collect_defect", "collect_frame", "defect_overlay", "defect_thumbnail", "STATIC", "MAX_STREAMS"]
 
+import base64
 import errno
 import ipaddress
 import json
@@ -68,6 +70,11 @@ MAX_STREAMS = 16  # MJPEG connections at once: each holds a thread
 BOUNDARY = "inspectd-frame"
 COLLECT_HEADER = "HTTP_X_INSPECTD_COLLECT"  # X-Inspectd-Collect: 1
 LABELS = ("ok", "defect")
+# A collection request's body, at most: a camera and a label, or an event id with a painted mask (a PNG of a mostly
+# empty 4K frame is tens of kB; base64 adds a third).
+_MAX_BODY = 4096
+_MAX_MASK_BODY = 8 * 1024 * 1024
+_MAX_MASK_PIXELS = 8192 * 8192
 _DRAWN_BYTES = 32_000_000  # drawings of recent defects kept (a page lists the same ones every poll)
 _CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
@@ -103,18 +110,24 @@ def collect_frame(root: Path, seen: Seen, label: str) -> Path:
     return path
 
 
-def collect_defect(root: Path, record: DefectRecord) -> tuple[Path, Path]:
+def collect_defect(root: Path, record: DefectRecord, painted: np.ndarray | None = None) -> tuple[Path, Path]:
     """Save a defect event as a training example with its mask: ROOT/defect/NAME.png (its frame) and
-    ROOT/masks/NAME.png (its published regions, 255 = defect), the layout `inspectd train` reads for mask
-    supervision. The mask is written first, so the image never appears without it. ValueError when the event
-    kept no frame or has no regions attachment."""
+    ROOT/masks/NAME.png (its published regions, or the mask the operator `painted` at the frame's size;
+    255 = defect), the layout `inspectd train` reads for mask supervision. The mask is written first, so the
+    image never appears without it. ValueError when the event kept no frame or has no regions attachment (and
+    no painted mask), or when the painted mask is not the frame's size or empty."""
     image = _frame_of(record)
-    regions = _decode(record.files.get("regions.png", b""), cv2.IMREAD_GRAYSCALE)
     if image is None:
         raise ValueError("this event kept no frame (publish.attach_frame, or the archive's frames)")
+    height, width = image.shape[:2]
+    if painted is not None:
+        if painted.shape[:2] != (height, width):
+            raise ValueError(f"the painted mask is {painted.shape[1]}x{painted.shape[0]}; the frame is {width}x{height}")
+        if not painted.any():
+            raise ValueError("the painted mask is empty: paint the defect, or save the regions")
+    regions = painted if painted is not None else _decode(record.files.get("regions.png", b""), cv2.IMREAD_GRAYSCALE)
     if regions is None:
         raise ValueError("this event has no regions attachment to save as its mask")
-    height, width = image.shape[:2]
     if regions.shape != (height, width):
         regions = cv2.resize(regions, (width, height), interpolation=cv2.INTER_NEAREST)
     h = record.header
@@ -488,15 +501,18 @@ class UiApp:
             pictures.close()
 
     # -- collection ------------------------------------------------------------------------------
-    def _collect_request(self, environ, expected: str) -> dict:
-        """The JSON body of a collection request (collection on, the custom header present), or HttpError."""
+    def _collect_request(self, environ, expected: str, limit: int = _MAX_BODY) -> dict:
+        """The JSON body of a collection request (collection on, the custom header present, at most `limit`
+        bytes), or HttpError."""
         if self.collect_dir is None:
             raise HttpError("404 Not Found", "frame collection is off (set [ui] collect_dir)")
         if environ.get(COLLECT_HEADER) != "1":
             raise HttpError("403 Forbidden", "collection needs the header X-Inspectd-Collect: 1 (the page sends it)")
         try:
             length = int(environ.get("CONTENT_LENGTH") or 0)
-            body = environ["wsgi.input"].read(length) if 0 < length <= 4096 else b""
+            if length > limit:
+                raise HttpError("413 Content Too Large", f"the body is {length} bytes; at most {limit}")
+            body = environ["wsgi.input"].read(length) if length > 0 else b""
             if len(body) < length:
                 raise HttpError("400 Bad Request", f"the body ended after {len(body)} of its {length} bytes")
             request = json.loads(body)
@@ -543,19 +559,47 @@ class UiApp:
     def _collect_defect(self, environ) -> tuple[str, str, bytes]:
         """A recent defect saved with its published regions as the mask (defect/NAME.png + masks/NAME.png): the
         operator accepts the region, and `inspectd train` learns the map from it (mask supervision)."""
-        request = self._collect_request(environ, '{"id": DEFECT_ID}')
+        request = self._collect_request(environ, '{"id": DEFECT_ID, "mask": PNG (optional)}', _MAX_MASK_BODY)
         record = self._record({"id": str(request.get("id", ""))})
+        painted = None if request.get("mask") is None else _painted_mask(request["mask"])
         assert self.collect_dir is not None  # _collect_request checked
         try:
-            image_path, mask_path = collect_defect(self.collect_dir, record)
+            image_path, mask_path = collect_defect(self.collect_dir, record, painted)
         except ValueError as exc:
-            raise HttpError("409 Conflict", str(exc)) from None
+            raise HttpError("400 Bad Request" if painted is not None else "409 Conflict", str(exc)) from None
         except OSError as exc:
             raise self._save_failed(exc) from None
         self.collected += 1
-        log.info("live view: saved defect %s with its regions as the mask: %s, %s", record.id, image_path, mask_path)
+        how = "a painted mask" if painted is not None else "its regions as the mask"
+        log.info("live view: saved defect %s with %s: %s, %s", record.id, how, image_path, mask_path)
         saved = {"saved": f"defect/{image_path.name}", "mask": f"masks/{mask_path.name}"}
         return "200 OK", "application/json", _json(saved)
+
+
+def _painted_mask(value) -> np.ndarray:
+    """A painted mask from a request: a base64 PNG (or a data URL of one) -> a grey image, or HttpError 400. The
+    page sends its canvas: painted pixels are red, erased ones transparent black, so grey > 0 is the defect."""
+    if not isinstance(value, str):
+        raise HttpError("400 Bad Request", "mask: a base64 PNG expected")
+    text = value
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if header != "data:image/png;base64":
+            raise HttpError("400 Bad Request", "mask: a PNG expected (data:image/png;base64,...)")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except ValueError:
+        raise HttpError("400 Bad Request", "mask: not base64") from None
+    if not data.startswith(b"\x89PNG\r\n\x1a\n") or len(data) < 24:
+        raise HttpError("400 Bad Request", "mask: not a PNG image")
+    # The size its header declares, before decoding: a small PNG can declare a picture of gigabytes.
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if width * height > _MAX_MASK_PIXELS:
+        raise HttpError("400 Bad Request", f"mask: {width}x{height} is larger than any frame the daemon keeps")
+    image = _decode(data, cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise HttpError("400 Bad Request", "mask: not a PNG image")
+    return image
 
 
 class _Stream:

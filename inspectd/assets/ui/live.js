@@ -187,6 +187,7 @@ function openDetail(d) {
   const id = q("id", d.id);
   showDetailMap(id, mapMode);
   document.getElementById("detail-collect").hidden = !collect;
+  if (collect) openPainter(d.id);
   document.getElementById("detail-save-mask").dataset.id = d.id;
   document.getElementById("detail-save-result").textContent = "";
   document.getElementById("detail-frame").src = "/defect/frame?" + id;
@@ -198,6 +199,111 @@ function openDetail(d) {
   getJSON("/api/defect?" + id).then((h) => { pre.textContent = JSON.stringify(h, null, 2); })
     .catch((e) => { pre.textContent = String(e); });
   if (!dialog.open) dialog.showModal();
+}
+
+// The mask painter: the defect's frame with a canvas of its size over it, red where the mask is. It starts from
+// the published regions; pointer strokes paint or erase; the save sends the canvas as a PNG (red = defect).
+const painter = { id: null, last: null };
+
+function painterCanvas() { return document.getElementById("painter-mask"); }
+
+async function painterFromRegions() {
+  const canvas = painterCanvas();
+  const ctx = canvas.getContext("2d");
+  ctx.globalCompositeOperation = "source-over";
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  const regions = new Image();
+  regions.src = "/defect/regions?" + q("id", painter.id);
+  try { await regions.decode(); } catch (e) { return; } // no regions published: an empty mask
+  const work = el("canvas", { width: canvas.width, height: canvas.height });
+  const wctx = work.getContext("2d");
+  wctx.drawImage(regions, 0, 0, canvas.width, canvas.height);
+  ctx.putImageData(binaryMask(wctx.getImageData(0, 0, canvas.width, canvas.height), (px, i) => px[i] > 127), 0, 0);
+}
+
+// Every pixel opaque red where `on` says so, transparent elsewhere: what is shown and what is saved.
+function binaryMask(image, on) {
+  const px = image.data;
+  for (let i = 0; i < px.length; i += 4) {
+    const set = on(px, i);
+    px[i] = set ? 255 : 0; px[i + 1] = 0; px[i + 2] = 0; px[i + 3] = set ? 255 : 0;
+  }
+  return image;
+}
+
+function openPainter(id) {
+  painter.id = id;
+  painter.last = null;
+  document.getElementById("painter-result").textContent = "";
+  const frame = document.getElementById("painter-frame");
+  frame.onload = () => {
+    const canvas = painterCanvas();
+    canvas.width = frame.naturalWidth;
+    canvas.height = frame.naturalHeight;
+    painterFromRegions();
+  };
+  frame.src = "/defect/frame?" + q("id", id);
+}
+
+function canvasPoint(e) {
+  const canvas = painterCanvas();
+  const box = canvas.getBoundingClientRect();
+  return [(e.clientX - box.left) * canvas.width / box.width, (e.clientY - box.top) * canvas.height / box.height];
+}
+
+function stroke(from, to) {
+  const ctx = painterCanvas().getContext("2d");
+  const erase = document.querySelector("input[name=brush]:checked").value === "erase";
+  ctx.globalCompositeOperation = erase ? "destination-out" : "source-over";
+  ctx.strokeStyle = ctx.fillStyle = "#ff0000";
+  ctx.lineWidth = Number(document.getElementById("brush-size").value);
+  ctx.lineCap = ctx.lineJoin = "round";
+  ctx.beginPath();
+  ctx.arc(to[0], to[1], ctx.lineWidth / 2, 0, 2 * Math.PI); // a click alone leaves a dot
+  ctx.fill();
+  ctx.beginPath();
+  ctx.moveTo(from[0], from[1]);
+  ctx.lineTo(to[0], to[1]);
+  ctx.stroke();
+}
+
+async function savePainted() {
+  const result = document.getElementById("painter-result");
+  const canvas = painterCanvas();
+  // Antialiased edges are half transparent: cut at half, so the mask saved is the one shown, with no faint rim.
+  const out = el("canvas", { width: canvas.width, height: canvas.height });
+  const image = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height);
+  out.getContext("2d").putImageData(binaryMask(image, (px, i) => px[i + 3] >= 128), 0, 0);
+  result.textContent = "saving…";
+  try {
+    const r = await fetch("/api/collect-defect", { method: "POST", headers: { "Content-Type": "application/json",
+      "X-Inspectd-Collect": "1" }, body: JSON.stringify({ id: painter.id, mask: out.toDataURL("image/png") }) });
+    result.textContent = r.ok ? "saved " + (await r.json()).saved + " with the painted mask" : "not saved: " + (await r.text());
+  } catch (err) { result.textContent = "not saved: " + err; }
+}
+
+function setUpPainter() {
+  const canvas = painterCanvas();
+  canvas.addEventListener("pointerdown", (e) => {
+    canvas.setPointerCapture(e.pointerId);
+    painter.last = canvasPoint(e);
+    stroke(painter.last, painter.last);
+  });
+  canvas.addEventListener("pointermove", (e) => {
+    if (!painter.last) return;
+    const point = canvasPoint(e);
+    stroke(painter.last, point);
+    painter.last = point;
+  });
+  for (const type of ["pointerup", "pointercancel"]) canvas.addEventListener(type, () => { painter.last = null; });
+  const size = document.getElementById("brush-size");
+  size.addEventListener("input", () => { document.getElementById("brush-size-value").textContent = size.value; });
+  document.getElementById("painter-regions").addEventListener("click", painterFromRegions);
+  document.getElementById("painter-clear").addEventListener("click", () => {
+    const ctx = canvas.getContext("2d");
+    ctx.clearRect(0, 0, canvas.width, canvas.height);
+  });
+  document.getElementById("painter-save").addEventListener("click", savePainted);
 }
 
 function defectItem(d) {
@@ -234,6 +340,7 @@ async function refreshDefects() {
 
 document.addEventListener("DOMContentLoaded", () => {
   document.getElementById("detail-close").addEventListener("click", () => document.getElementById("detail").close());
+  setUpPainter();
   document.getElementById("detail-save-mask").addEventListener("click", async (e) => {
     const result = document.getElementById("detail-save-result");
     result.textContent = "saving…";
