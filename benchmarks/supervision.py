@@ -56,6 +56,7 @@ RECIPES = {
     "hypercolumn": ["--head", "hypercolumn"],
     "hypercolumn-max": ["--head", "hypercolumn", "--pooling", "max"],
     "hypercolumn-gap": ["--head", "hypercolumn", "--pooling", "gap", "--pixel-head", "centred"],
+    "hypercolumn-share": ["--head", "hypercolumn", "--mask-share", "0.25"],  # the masked images a quarter of each batch
 }
 # Runs of an earlier version of a recipe, kept under their own name: their rows say what they were.
 RENAMED = {"affine-b0": "affine, b starting at 0"}

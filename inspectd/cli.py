@@ -245,6 +245,7 @@ def _cmd_train(args) -> int:
         pixel_balanced=args.pixel_loss == "balanced",
         ok_negatives=not args.no_ok_negatives,
         pixel_head=args.pixel_head,
+        mask_share=args.mask_share,
         ok_only=args.ok_only,
         far=args.far,
     )
@@ -448,6 +449,12 @@ def _add_train(sub) -> None:
         help="balanced: defect and background pixels weigh half each; plain: every pixel the same",
     )
     g.add_argument("--no-ok-negatives", action="store_true", help="do not use ok images' maps as all-background pixel targets")
+    g.add_argument(
+        "--mask-share",
+        type=float,
+        help="draw the defect images with a mask as at least this share of the images (at most half the defects' share; "
+        "0: as found)",
+    )
     o = p.add_argument_group(
         "a first model from good parts only",
         "no labelled defects needed: DATASET/ok/ alone (defect/ images, when present, only measure the model); see docs/cli.md",

@@ -146,3 +146,53 @@ def test_given_options_win_over_the_heads_defaults(tmp_path):
 
     opts = resolved(TrainOptions(tmp_path, tmp_path / "m.keras", pooling="max", mask_rule="minmax:0.5"), True)
     assert (opts.head, opts.pooling, opts.mask_rule, opts.pixel_head) == ("hypercolumn", "max", "minmax:0.5", "raw")
+
+
+def _items(ok: int, masked: int, plain: int):
+    from pathlib import Path
+
+    from inspectd.toolkit.dataset import Dataset, Item
+
+    items = [Item(Path(f"ok{i}.png"), 0) for i in range(ok)]
+    items += [Item(Path(f"m{i}.png"), 1, Path(f"masks/m{i}.png")) for i in range(masked)]
+    items += [Item(Path(f"d{i}.png"), 1) for i in range(plain)]
+    return Dataset(Path("."), tuple(items))
+
+
+@pytest.mark.parametrize(
+    ("counts", "balance", "share", "expected"),
+    [
+        ((30, 10, 90), True, 0.25, [0.5, 0.25, 0.25]),  # 10 masks of 100 defects: a quarter, not a twentieth
+        ((30, 10, 90), True, 0.0, [0.5, 0.5]),  # off: the classes only
+        ((30, 60, 40), True, 0.25, [0.5, 0.3, 0.2]),  # already more than asked: as found
+        ((50, 10, 40), False, 0.25, [0.5, 0.25, 0.25]),  # no class balance: the defects' own share is split
+        ((30, 10, 0), True, 0.25, [0.5, 0.5]),  # every defect masked: nothing to boost
+        ((80, 2, 18), False, 0.25, [0.8, 0.1, 0.1]),  # at most half the defects' share: the ok images keep theirs
+    ],
+)
+def test_masked_images_get_their_share_of_the_batches(counts, balance, share, expected):
+    from inspectd.toolkit.pipeline import sampling_groups
+
+    groups = sampling_groups(_items(*counts), balance, share)
+    assert [round(s, 6) for _, s in groups] == expected
+    assert sorted(np.concatenate([index for index, _ in groups]).tolist()) == list(range(sum(counts)))
+
+
+@pytest.mark.slow
+def test_the_training_batches_draw_the_masked_images_at_their_share(tf, synth_train, tmp_path):
+    """The real pipeline on the synthetic images with masks kept for 4 of its defect images: about a quarter of the
+    images drawn carry a defect mask (a pixel target with a defect in it), where as found it would be 4 in 240."""
+    from inspectd.toolkit.dataset import scan
+    from inspectd.toolkit.pipeline import PixelTargets, train_pipeline
+
+    data = tmp_path / "data"
+    for sub in ("ok", "defect", "masks"):
+        (data / sub).mkdir(parents=True)
+    for sub in ("ok", "defect"):
+        for f in sorted((synth_train / sub).iterdir()):
+            (data / sub / f.name).symlink_to(f)
+    for f in sorted((synth_train / "masks").iterdir())[:4]:
+        (data / "masks" / f.name).symlink_to(f)
+    batches = train_pipeline(scan(data), TRAIN_SIZE, 16, True, 0, None, PixelTargets(), 0.25).take(40)
+    drawn = np.concatenate([y["cam"].numpy()[..., 0].reshape(16, -1).max(1) > 0 for _, y in batches])
+    assert 0.17 <= drawn.mean() <= 0.33, drawn.mean()

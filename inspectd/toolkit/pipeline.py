@@ -3,7 +3,7 @@ targets of mask supervision: a defect mask and its weight, moved with the image)
 
 from __future__ import annotations
 
-__all__ = ["PixelTargets", "decode_check", "train_pipeline", "eval_pipeline"]
+__all__ = ["PixelTargets", "decode_check", "sampling_groups", "train_pipeline", "eval_pipeline"]
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -110,6 +110,29 @@ def _as_xy(image, label, targets=None):
     return (image, label) if targets is None else (image, {"score": label, "cam": targets})
 
 
+def sampling_groups(ds: Dataset, balance: bool, mask_share: float = 0.0) -> list[tuple[np.ndarray, float]]:
+    """(item indices, share of the batches) to draw from: the classes at 50/50 with `balance`, else as found; with
+    `mask_share` > 0 the defect images with a mask are drawn apart, at least that share of all images (taken from
+    the defect images' share, at most half of it): ten masks among a hundred defects would otherwise come once in
+    twenty images."""
+    labels = ds.labels
+    shares = [0.5, 0.5] if balance else [float(np.mean(labels == c)) for c in (0, 1)]
+    masked = np.array([it.label == 1 and it.mask is not None for it in ds.items])
+    plain = (labels == 1) & ~masked
+    if mask_share <= 0 or not masked.any() or not plain.any():
+        groups = [(np.flatnonzero(labels == c), shares[c]) for c in (0, 1)] if balance else [(np.arange(len(labels)), 1.0)]
+        return [(index, share) for index, share in groups if len(index)]
+    natural = shares[1] * masked.sum() / (masked.sum() + plain.sum())
+    # Never above half the defects' share (unless found so): the defects without a mask keep the verdict's half.
+    boosted = min(max(natural, mask_share), max(natural, shares[1] / 2))
+    groups = [
+        (np.flatnonzero(labels == 0), shares[0]),
+        (np.flatnonzero(masked), boosted),
+        (np.flatnonzero(plain), shares[1] - boosted),
+    ]
+    return [(index, share) for index, share in groups if len(index) and share > 0]
+
+
 def train_pipeline(
     ds: Dataset,
     size,
@@ -118,12 +141,15 @@ def train_pipeline(
     seed: int,
     spec: AugmentSpec | None = AugmentSpec(),
     pixels: PixelTargets | None = None,
+    mask_share: float = 0.0,
 ) -> tf.data.Dataset:
-    """Endless shuffled (optionally class-balanced) augmented batches; with `pixels`, the pixel targets too."""
-    if balance:
-        parts = [_source(ds.subset(np.flatnonzero(ds.labels == c)), size, pixels) for c in (0, 1)]
+    """Endless shuffled (optionally class-balanced) augmented batches; with `pixels`, the pixel targets too, and the
+    masked defect images drawn at `mask_share` at least (sampling_groups)."""
+    groups = sampling_groups(ds, balance, mask_share if pixels is not None else 0.0)
+    if len(groups) > 1:
+        parts = [_source(ds.subset(index), size, pixels) for index, _ in groups]
         parts = [p.shuffle(4096, seed=seed + c, reshuffle_each_iteration=True).repeat() for c, p in enumerate(parts)]
-        out = tf.data.Dataset.sample_from_datasets(parts, weights=[0.5, 0.5], seed=seed)
+        out = tf.data.Dataset.sample_from_datasets(parts, weights=[share for _, share in groups], seed=seed)
     else:
         out = _source(ds, size, pixels).shuffle(4096, seed=seed, reshuffle_each_iteration=True).repeat()
     out = out.map(_to_float, num_parallel_calls=tf.data.AUTOTUNE)

@@ -26,8 +26,8 @@ from inspectd.toolkit.backbones import BACKBONES, auto_input_size, build_feature
 # - hypercolumn: Lite0's five stages on the stride-4 grid, a hidden layer of HIDDEN units, the score a soft maximum
 #   of the map (lse); the pixel loss sees the map itself, so a cell's probability means what it says.
 HEADS: dict[str, dict[str, Any]] = {
-    "cam": {"pooling": "gap", "pixel_head": "centred", "mask_rule": "minmax", "pixel_weight": 0.25},
-    "hypercolumn": {"pooling": "lse:5", "pixel_head": "raw", "mask_rule": "probability", "pixel_weight": 1.0},
+    "cam": {"pooling": "gap", "pixel_head": "centred", "mask_rule": "minmax", "pixel_weight": 0.25, "mask_share": 0.0},
+    "hypercolumn": {"pooling": "lse:5", "pixel_head": "raw", "mask_rule": "probability", "pixel_weight": 1.0, "mask_share": 0.0},
 }
 HYPERCOLUMN_ONLY = "--head hypercolumn: built on efficientnet_lite0's stages at stride 4; leave --backbone and --stride out"
 HIDDEN = 64  # the hypercolumn head's hidden units (benchmarks/hypercolumn.py's probe)
@@ -65,6 +65,7 @@ class TrainOptions:
     pixel_balanced: bool = True
     ok_negatives: bool = True
     pixel_head: str | None = None  # what the pixel loss sees (_pixel_logits)
+    mask_share: float | None = None  # masked defect images' share of the batches, at least (pipeline.sampling_groups)
     # A first model from ok images only (inspectd.toolkit.okonly); its threshold aims at `far` false alarms.
     ok_only: bool = False
     far: float = 0.02
@@ -207,6 +208,8 @@ def _prepare(opts: TrainOptions):
         raise UsageError(HYPERCOLUMN_ONLY)
     if opts.pixel_weight is not None and not (opts.pixel_weight >= 0 and math.isfinite(opts.pixel_weight)):
         raise UsageError(f"--pixel-weight {opts.pixel_weight}: must be 0 (off) or positive")
+    if opts.mask_share is not None and not 0 <= opts.mask_share <= 0.5:
+        raise UsageError(f"--mask-share {opts.mask_share}: a share of the batches between 0 (as found) and 0.5")
     if opts.pixel_head is not None and opts.pixel_head not in PIXEL_HEADS:
         raise UsageError(f"--pixel-head {opts.pixel_head}: choose one of {', '.join(PIXEL_HEADS)}")
     if opts.pixel_resolution not in (1, 2, 4, 8, 16):
@@ -291,7 +294,8 @@ def _fit(opts: TrainOptions, train_ds, val_ds, size, balance: bool, pixels):
     model.compile(optimizer=keras.optimizers.Adam(WarmupHoldCosine(opts.lr, steps * opts.epochs)), **compiled)
     best = _BestWeights()
     spec = AugmentSpec() if opts.augment else None
-    train_data = train_pipeline(train_ds, size, opts.batch_size, balance, opts.seed, spec, targets)
+    share = float(opts.mask_share or 0.0)
+    train_data = train_pipeline(train_ds, size, opts.batch_size, balance, opts.seed, spec, targets, share)
     verbose = opts.verbose if opts.verbose is not None else (1 if sys.stderr.isatty() else 2)
     # Keras warns that shuffle=True is ignored for tf.data input; ours is shuffled in the pipeline.
     warnings.filterwarnings("ignore", message=r".*`shuffle=True` was passed.*")
