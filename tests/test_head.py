@@ -74,3 +74,47 @@ def test_poolings_differ():
     values = {p: pool_numpy(x, parse_pooling(p)) for p in POOLINGS if p != "topk:1"}
     assert len({round(v, 6) for v in values.values()}) == len(values)
     assert pool_numpy(x, parse_pooling("topk:1")) == pytest.approx(values["gap"])
+
+
+def _whitening_model(storage: str | None, kernel: np.ndarray, bias: np.ndarray):
+    import keras
+
+    from inspectd.model.head import location_whiten
+
+    x = keras.Input(kernel.shape[:2] + kernel.shape[3:])
+    layer = location_whiten()(name="whiten", **({} if storage is None else {"storage": storage}))
+    model = keras.Model(x, layer(x))
+    layer.set_weights([kernel, bias])
+    return model
+
+
+def test_whitening_matrices_in_float16_give_float32s_result_in_half_the_file(tf, tmp_path):
+    """LocationWhiten's storage: float16 matrices (the ok-only model's, most of its file) are stored as such, load
+    in safe mode, and give the float32 layer's output to 1e-3 of its range with matrices like an ok-only model's
+    (entries up to about 1.5, most near 1e-3); a layer saved without the option is float32, as the first files."""
+    import keras
+
+    from inspectd.model.deployable import load_model, save_model
+
+    rng = np.random.default_rng(0)
+    kernel = (rng.normal(0, 1e-3, (4, 3, 16, 16)) + np.eye(16) * rng.uniform(0.2, 1.5, (4, 3, 1, 1))).astype(np.float32)
+    bias = rng.normal(0, 3, (4, 3, 16)).astype(np.float32)
+    x = rng.normal(0, 2, (5, 4, 3, 16)).astype(np.float32)
+    reference = _whitening_model(None, kernel, bias)
+    half = _whitening_model("float16", kernel.astype(np.float16), bias)
+    assert reference.get_layer("whiten").kernel.dtype == "float32" and half.get_layer("whiten").kernel.dtype == "float16"
+    expected = np.einsum("bhwd,hwcd->bhwc", x.astype(np.float64), kernel.astype(np.float64)) + bias
+    np.testing.assert_allclose(reference(x).numpy(), expected, atol=1e-4)
+    sizes = {}
+    for name, model in (("float32", reference), ("float16", half)):
+        total = keras.layers.Conv2D(1, 1, kernel_initializer="ones", use_bias=False)(model.output)  # the channels' sum
+        score = keras.layers.Reshape((), name="score")(keras.layers.GlobalAveragePooling2D()(total))
+        full = keras.Model(model.input, {"score": score, "cam_logits": keras.layers.Reshape((4, 3), name="cam_logits")(total)})
+        path = save_model(full, tmp_path / f"{name}.keras", {"name": name})
+        sizes[name] = path.stat().st_size
+        got = load_model(path).model(x)["cam_logits"].numpy()
+        want = expected.sum(-1)
+        assert np.abs(got - want).max() <= 1e-3 * np.ptp(want), (name, np.abs(got - want).max(), np.ptp(want))
+    assert sizes["float16"] < sizes["float32"]
+    with pytest.raises(ValueError, match="storage 'int8': float32 or float16"):
+        _whitening_model("int8", kernel, bias)

@@ -136,15 +136,28 @@ def _location_whiten_layer():
         """x [B, h, w, C] -> z[b, i, j] = kernel[i, j] @ x[b, i, j] + bias[i, j]: a C x C matrix and an offset of
         its own at every location (an ok-only model's per-location Gaussian, inspectd.toolkit.okonly: z is the
         whitened feature, |z|^2 the Mahalanobis distance). Weights set after building; one einsum, which
-        TensorFlow, ONNX (Einsum) and OpenVINO all run."""
+        TensorFlow, ONNX (Einsum) and OpenVINO all run. `storage` float16 keeps the matrices at half the bytes
+        (most of an ok-only model file) and computes in float32; files without it are float32."""
+
+        def __init__(self, storage: str = "float32", **kwargs):
+            super().__init__(**kwargs)
+            if storage not in ("float32", "float16"):
+                raise ValueError(f"LocationWhiten storage {storage!r}: float32 or float16")
+            self.storage = storage
 
         def build(self, input_shape):
             h, w, c = (int(v) for v in input_shape[1:])
-            self.kernel = self.add_weight(shape=(h, w, c, c), initializer="zeros", trainable=False, name="kernel")
+            self.kernel = self.add_weight(
+                shape=(h, w, c, c), initializer="zeros", trainable=False, name="kernel", dtype=self.storage
+            )
             self.bias = self.add_weight(shape=(h, w, c), initializer="zeros", trainable=False, name="bias")
 
         def call(self, x):
-            return keras.ops.einsum("bhwd,hwcd->bhwc", x, self.kernel) + self.bias
+            kernel = self.kernel if self.storage == "float32" else keras.ops.cast(self.kernel, "float32")
+            return keras.ops.einsum("bhwd,hwcd->bhwc", x, kernel) + self.bias
+
+        def get_config(self):
+            return {**super().get_config(), "storage": self.storage}
 
     return LocationWhiten
 
