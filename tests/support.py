@@ -468,3 +468,22 @@ def self_signed_cert(folder: Path, name: str = "metrics") -> tuple[Path, Path]:
     )
     os.chmod(key, 0o600)
     return cert, key
+
+
+def assert_runtime_matches_tensorflow(model_path: Path, folder: Path, runtime: str, n: int = 8) -> None:
+    """ONNX Runtime or OpenVINO give TensorFlow's scores (1e-4) and maps (1e-3) for a model on the first `n` images
+    of a dataset folder (the tolerance of test_runtimes.py), and the maps are not constant (any runtime would
+    match a constant)."""
+    from inspectd.imageio import read_rgb
+    from inspectd.model.deployable import load_model
+    from inspectd.pipeline.engine import InferenceEngine
+    from inspectd.toolkit.dataset import scan
+
+    model = load_model(model_path)
+    frames = [read_rgb(it.path) for it in scan(folder).items[:n]]
+    ref_scores, ref_cams = InferenceEngine(model, (n,), "cpu", runtime="tensorflow").infer(frames)
+    engine = InferenceEngine(model, (n,), "cpu", runtime=runtime)
+    scores, cams = engine.infer(frames)
+    assert engine.runtime == runtime and cams.shape == ref_cams.shape
+    assert np.abs(scores - ref_scores).max() <= 1e-4 and np.abs(cams - ref_cams).max() <= 1e-3
+    assert np.ptp(ref_cams) > 0.1

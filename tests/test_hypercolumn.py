@@ -9,6 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 from conftest import TRAIN_SIZE, run_cli
+from support import assert_runtime_matches_tensorflow
 
 from inspectd.model.deployable import load_model, read_metadata
 from inspectd.model.head import Pooling, pool_numpy
@@ -85,18 +86,7 @@ def test_masks_sharpen_the_map(hyper, synth_test):
 def test_the_exported_runtimes_run_the_hypercolumn(hyper, synth_test, runtime):
     """The upsampled stages, the normalisation and the hidden layer convert: ONNX Runtime and OpenVINO give
     TensorFlow's scores and maps on held-out images (the tolerance of test_runtimes.py)."""
-    from inspectd.imageio import read_rgb
-    from inspectd.pipeline.engine import InferenceEngine
-    from inspectd.toolkit.dataset import scan
-
-    model = load_model(hyper["masks"])
-    frames = [read_rgb(it.path) for it in scan(synth_test).items[:8]]
-    ref_scores, ref_cams = InferenceEngine(model, (8,), "cpu", runtime="tensorflow").infer(frames)
-    engine = InferenceEngine(model, (8,), "cpu", runtime=runtime)
-    scores, cams = engine.infer(frames)
-    assert engine.runtime == runtime and cams.shape == ref_cams.shape
-    assert np.abs(scores - ref_scores).max() <= 1e-4 and np.abs(cams - ref_cams).max() <= 1e-3
-    assert np.ptp(ref_cams) > 0.1  # not a constant map, which any runtime would match
+    assert_runtime_matches_tensorflow(hyper["masks"], synth_test, runtime)
 
 
 SIZE = (

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import TRAIN_SIZE, run_cli
 from daemon_util import DaemonProcess, camera_toml, daemon_config
-from support import collect_events
+from support import assert_runtime_matches_tensorflow, collect_events
 
 from inspectd.client import Subscriber
 from inspectd.model.deployable import load_model, read_metadata
@@ -95,15 +95,4 @@ def test_a_bad_false_alarm_rate_is_a_usage_error(synth_train, tmp_path):
 def test_the_exported_runtimes_run_the_per_location_gaussian(ok_only, synth_test, runtime):
     """LocationWhiten (a matrix per location, one einsum) converts: ONNX Runtime and OpenVINO give TensorFlow's
     scores and maps on held-out images (the tolerance of test_runtimes.py)."""
-    from inspectd.imageio import read_rgb
-    from inspectd.pipeline.engine import InferenceEngine
-    from inspectd.toolkit.dataset import scan
-
-    model = load_model(ok_only[0])
-    frames = [read_rgb(it.path) for it in scan(synth_test).items[:8]]
-    ref_scores, ref_cams = InferenceEngine(model, (8,), "cpu", runtime="tensorflow").infer(frames)
-    engine = InferenceEngine(model, (8,), "cpu", runtime=runtime)
-    scores, cams = engine.infer(frames)
-    assert engine.runtime == runtime and cams.shape == ref_cams.shape
-    assert np.abs(scores - ref_scores).max() <= 1e-4 and np.abs(cams - ref_cams).max() <= 1e-3
-    assert np.ptp(ref_cams) > 0.1  # not a constant map, which any runtime would match
+    assert_runtime_matches_tensorflow(ok_only[0], synth_test, runtime)
