@@ -453,7 +453,7 @@ def _add_train(sub) -> None:
         "--mask-share",
         type=float,
         help="draw the defect images with a mask as at least this share of the images (at most half the defects' share; "
-        "0: as found)",
+        "0: as found; default 0.25 with the hypercolumn head, 0 with cam)",
     )
     o = p.add_argument_group(
         "a first model from good parts only",

@@ -24,10 +24,11 @@ from inspectd.toolkit.backbones import BACKBONES, auto_input_size, build_feature
 # - cam: the paper's 1x1 convolution on the backbone's stride-16 cut, the mean as the score; masks only shape it
 #   through a centred pixel head, and each map is cut relative to itself (minmax);
 # - hypercolumn: Lite0's five stages on the stride-4 grid, a hidden layer of HIDDEN units, the score a soft maximum
-#   of the map (lse); the pixel loss sees the map itself, so a cell's probability means what it says.
+#   of the map (lse); the pixel loss sees the map itself, so a cell's probability means what it says; the masked
+#   defect images are drawn as a quarter of the images (with 10 masks of 100 defects: IoU 0.36 against 0.25).
 HEADS: dict[str, dict[str, Any]] = {
     "cam": {"pooling": "gap", "pixel_head": "centred", "mask_rule": "minmax", "pixel_weight": 0.25, "mask_share": 0.0},
-    "hypercolumn": {"pooling": "lse:5", "pixel_head": "raw", "mask_rule": "probability", "pixel_weight": 1.0, "mask_share": 0.0},
+    "hypercolumn": {"pooling": "lse:5", "pixel_head": "raw", "mask_rule": "probability", "pixel_weight": 1.0, "mask_share": 0.25},
 }
 HYPERCOLUMN_ONLY = "--head hypercolumn: built on efficientnet_lite0's stages at stride 4; leave --backbone and --stride out"
 HIDDEN = 64  # the hypercolumn head's hidden units (benchmarks/hypercolumn.py's probe)
