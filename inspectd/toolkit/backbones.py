@@ -21,6 +21,7 @@ __all__ = [
     "build_features",
     "build_hypercolumn",
     "check_input_size",
+    "stages_on_grid",
 ]
 
 from collections.abc import Callable
@@ -135,27 +136,27 @@ def build_features(name: str, stride: int, size: tuple[int, int], weights: str =
 HYPERCOLUMN_STAGES = ("block2b_add", "block3b_add", "block4c_add", "block5c_add", "block6d_add")
 
 
-def build_hypercolumn(size: tuple[int, int], weights: str = "none"):
-    """Keras model: RGB 0..255 [B, H, W, 3] -> [B, H/4, W/4, 448], Lite0's five stages from stride 4 to 32 on the
-    stride-4 grid (the coarser ones upsampled bilinearly, as the okonly features are) and concatenated: a map fine
-    enough for a crack's outline, with the deep stages' view of what a defect is (Hariharan et al. 2015's
-    hypercolumns). The width and height must be multiples of 32 (the deepest stage)."""
+def stages_on_grid(size: tuple[int, int], stages, stride: int, weights: str, prefix: str, name: str):
+    """Keras model `name`: RGB 0..255 [B, H, W, 3] -> the outputs of Lite0's layers `stages`, the coarser ones upsampled
+    bilinearly onto the stride-`stride` grid, concatenated (layer `prefix`; the upsamplings `PREFIX_blockNN_up`).
+    The width and height must be multiples of 32 (Lite0's full depth, checked by build_features)."""
     import keras
 
-    w, h = size
-    check_input_size(size, 32)
-    try:
-        app = EfficientNetLite0(include_top=False, weights=_weights_arg(weights), input_shape=(h, w, 3))
-    except InspectdError:
-        raise
-    except Exception as exc:  # a weights file of another architecture
-        raise UsageError(f"--weights {weights}: could not load into efficientnet_lite0: {exc}") from None
-    grid = h // 4
+    app = build_features("efficientnet_lite0", 32, size, weights)
+    grid = size[1] // stride
     maps = []
-    for name in HYPERCOLUMN_STAGES:
-        tensor = app.get_layer(name).output
+    for stage in stages:
+        tensor = app.get_layer(stage).output
         factor = grid // int(tensor.shape[1])
         if factor > 1:
-            tensor = keras.layers.UpSampling2D(factor, interpolation="bilinear", name=f"hypercolumn_{name[:6]}_up")(tensor)
+            tensor = keras.layers.UpSampling2D(factor, interpolation="bilinear", name=f"{prefix}_{stage[:6]}_up")(tensor)
         maps.append(tensor)
-    return keras.Model(app.input, keras.layers.Concatenate(name="hypercolumn")(maps), name="efficientnet_lite0_hypercolumn")
+    return keras.Model(app.input, keras.layers.Concatenate(name=prefix)(maps), name=name)
+
+
+def build_hypercolumn(size: tuple[int, int], weights: str = "none"):
+    """Keras model: RGB 0..255 [B, H, W, 3] -> [B, H/4, W/4, 448], Lite0's five stages from stride 4 to 32 on the
+    stride-4 grid (stages_on_grid, as the okonly features are at stride 8) and concatenated: a map fine enough for a
+    crack's outline, with the deep stages' view of what a defect is (Hariharan et al. 2015's hypercolumns). The
+    width and height must be multiples of 32 (the deepest stage)."""
+    return stages_on_grid(size, HYPERCOLUMN_STAGES, 4, weights, "hypercolumn", "efficientnet_lite0_hypercolumn")

@@ -66,21 +66,17 @@ def _features(size: tuple[int, int], weights: str, rng: np.random.Generator):
     the channels kept)."""
     import keras
 
-    from inspectd.toolkit.efficientnet_lite0 import EfficientNetLite0
+    from inspectd.toolkit.backbones import stages_on_grid
 
-    w, h = size
-    app = EfficientNetLite0(include_top=False, weights=weights if weights != "none" else None, input_shape=(h, w, 3))
-    fine, mid, coarse = (app.get_layer(name).output for name in STAGES)
-    mid = keras.layers.UpSampling2D(2, interpolation="bilinear", name="okonly_mid_up")(mid)
-    coarse = keras.layers.UpSampling2D(4, interpolation="bilinear", name="okonly_coarse_up")(coarse)
-    features = keras.layers.Concatenate(name="okonly_features")([fine, mid, coarse])
+    stacked = stages_on_grid(size, STAGES, 8, weights, "okonly_features", "okonly_stages")
+    features = stacked.output
     keep = np.sort(rng.choice(features.shape[-1], CHANNELS, replace=False))
     select = keras.layers.Conv2D(CHANNELS, 1, use_bias=False, name="okonly_select", dtype="float32")
     picked = select(features)
     pick = np.zeros((features.shape[-1], CHANNELS), np.float32)
     pick[keep, np.arange(CHANNELS)] = 1.0
     select.set_weights([pick[None, None]])
-    return keras.Model(app.input, picked, name="okonly_features"), keep
+    return keras.Model(stacked.input, picked, name="okonly_features"), keep
 
 
 def _batches(items, size, batch_size: int):
